@@ -1,0 +1,86 @@
+"""Dense GPT block spec: the base that attention / MoE / mHC specs swap parts of.
+
+Built from Megatron's local tensor-parallel linears, this project's SDPA core attention and its
+sequence-parallel-aware norm, so it runs unchanged on CPU (gloo) and GPU, with or without
+Transformer Engine and apex.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_ext.modules.core_attention import SDPACoreAttention
+from megatron_ext.modules.norm import Norm
+
+
+def self_attention_spec(qk_layernorm: bool = False) -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.causal},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=SDPACoreAttention,
+            linear_proj=RowParallelLinear,
+            q_layernorm=Norm if qk_layernorm else IdentityOp,
+            k_layernorm=Norm if qk_layernorm else IdentityOp,
+        ),
+    )
+
+
+def dense_mlp_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=MLP,
+        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+    )
+
+
+def stock_moe_spec() -> ModuleSpec:
+    """Megatron's MoELayer with per-expert MLPs (SequentialMLP): the baseline the fused MoE replaces."""
+    expert = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return ModuleSpec(
+        module=MoELayer,
+        submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP, submodules=expert)),
+    )
+
+
+def dense_layer_spec(qk_layernorm: bool = False, mlp: ModuleSpec | None = None) -> ModuleSpec:
+    """One pre-norm transformer layer: norm -> attention -> +res -> norm -> MLP -> +res."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=Norm,
+            self_attention=self_attention_spec(qk_layernorm),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=Norm,
+            mlp=mlp or dense_mlp_spec(),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def block_spec(config, layer_spec: ModuleSpec, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers plus the final norm."""
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=Norm)
+
+
+def gpt_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """``--spec layer_specs.gpt gpt_block_spec``: the baseline block, dense or (with
+    ``num_moe_experts``) Megatron's stock MoE in every layer."""
+    mlp = stock_moe_spec() if getattr(config, "num_moe_experts", None) else None
+    return block_spec(config, dense_layer_spec(getattr(config, "qk_layernorm", False), mlp), vp_stage)

@@ -1,0 +1,87 @@
+"""One dispatcher for every op's backend: requested -> observed, with the reason.
+
+An op asks :func:`resolve` with what the user requested (``"auto"`` or a name) and its candidates in
+preference order, each with a probe that returns ``None`` when usable or a reason string when not.
+The choice is recorded (the run receipt lists every record) and a fallback is logged once.
+
+A backend requested by name that cannot run is an error, not a fallback: the user asked for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+log = logging.getLogger("megatron_ext.backends")
+
+Probe = Callable[[], Optional[str]]
+
+
+@dataclasses.dataclass
+class BackendRecord:
+    op: str
+    requested: str
+    observed: str
+    reason: str
+    count: int = 1
+
+
+_RECORDS: Dict[Tuple[str, str, str], BackendRecord] = {}
+
+
+class BackendUnavailable(ValueError):
+    pass
+
+
+def resolve(op: str, requested: str, candidates: Sequence[Tuple[str, Probe]]) -> str:
+    """Pick the backend for ``op``.
+
+    ``candidates`` is ``[(name, probe), ...]`` in preference order for ``"auto"``; a probe returns
+    ``None`` if the backend can run here, else why not.
+    """
+    names = [name for name, _ in candidates]
+    if requested != "auto" and requested not in names:
+        raise BackendUnavailable(f"backend={requested!r} for {op}: unknown; use one of {['auto'] + names}")
+    reasons = []
+    for name, probe in candidates:
+        if requested != "auto" and name != requested:
+            continue
+        why = probe()
+        if why is None:
+            reason = "requested" if requested == name else (
+                "first usable" if not reasons else "; ".join(reasons))
+            _record(op, requested, name, reason)
+            return name
+        if requested != "auto":
+            raise BackendUnavailable(f"backend={requested!r} for {op}: not usable here ({why}); "
+                                     f"use backend='auto' or one of {names}")
+        reasons.append(f"{name}: {why}")
+    raise BackendUnavailable(f"no backend for {op} can run here: {'; '.join(reasons)}")
+
+
+def _record(op: str, requested: str, observed: str, reason: str) -> None:
+    key = (op, requested, observed)
+    rec = _RECORDS.get(key)
+    if rec is not None:
+        rec.count += 1
+        return
+    _RECORDS[key] = BackendRecord(op, requested, observed, reason)
+    fallback = requested not in (observed,) and reason not in ("requested", "first usable")
+    if fallback:
+        log.warning("backend for %s: requested %r, using %r (%s)", op, requested, observed, reason)
+    else:
+        log.info("backend for %s: requested %r, using %r", op, requested, observed)
+
+
+def note(op: str, requested: str, observed: str, reason: str) -> None:
+    """Record a choice made outside :func:`resolve` (e.g. a Megatron-side default)."""
+    _record(op, requested, observed, reason)
+
+
+def records() -> List[dict]:
+    return [dataclasses.asdict(r) for r in _RECORDS.values()]
+
+
+def reset() -> None:
+    _RECORDS.clear()

@@ -1,0 +1,138 @@
+"""``megatron-ext`` command line.
+
+``megatron-ext train [--preset NAME] [--megatron-style-flags ...]`` trains a GPT built from this
+project's layer spec. Flags follow Megatron's spelling (``--num-layers``, ``--tensor-model-parallel-size``,
+``--sequence-parallel`` ...). Every input problem is reported as one line before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
+from typing import List, Optional
+
+from megatron_ext.config import PRESETS, ConfigError, TrainConfig, from_preset, validate
+
+_HELP = {
+    "preset": f"embedded preset: {', '.join(sorted(PRESETS))} (default tiny)",
+    "data_path": "a .txt file or a Megatron .bin/.idx prefix (default: the corpus shipped in the package)",
+    "run_dir": "run folder (default: <runs-root>/<preset>-<timestamp>)",
+    "resume": "continue the newest checkpoint of --run-dir (default: the newest run of this preset)",
+    "save_interval": "save a distributed checkpoint every N iterations (and at the end)",
+    "progress": "auto: a bar on a terminal, log lines otherwise",
+    "device": "auto: CUDA when visible, else CPU with gloo",
+    "exit_after_iters": "stop after this iteration (as if the job were killed); resume continues it",
+    "bf16": "bf16 parameters and compute (default on for CUDA; the CPU lane is fp32)",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+        help_text = _HELP.get(f.name, "")
+        if base is bool:
+            p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text or f"(default {getattr(defaults, f.name)})")
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=base, default=None, metavar=base.__name__.upper(),
+                           help=help_text or "(default: from the preset)")
+    p.add_argument("--nproc-per-node", default="auto",
+                   help="processes on this node when not started by torchrun (auto: one per GPU, 1 on CPU)")
+
+
+def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="megatron-ext", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a GPT built from this project's layer spec")
+    _add_train_args(train)
+    return parser.parse_args(argv)
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if f.name != "preset" and getattr(args, f.name) is not None}
+    return from_preset(args.preset or "tiny", **overrides)
+
+
+def _nproc(args, lane: str) -> int:
+    if args.nproc_per_node == "auto":
+        if lane == "cuda":
+            import torch
+
+            return max(1, torch.cuda.device_count())
+        return 1
+    try:
+        n = int(args.nproc_per_node)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"nproc_per_node={args.nproc_per_node!r}: not a positive integer; "
+                          "use 'auto' or an integer >= 1")
+    return n
+
+
+def _relaunch_with_torchrun(nproc: int, argv: List[str]) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_ext", *argv, "--nproc-per-node", "1"]
+    print(f"megatron-ext: launching {nproc} processes: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
+
+
+def _quiet_import_warnings() -> None:
+    # megatron-core warns at import that TE / apex are missing; the run logs and records that itself.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_import_warnings()
+    args = parse(argv)
+    try:
+        cfg = _config_from_args(args)
+        from megatron_ext.training.distributed import env_local_world_size, env_world_size, pick_lane
+
+        try:
+            lane = pick_lane(cfg.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        under_torchrun = "WORLD_SIZE" in os.environ
+        nproc = 1 if under_torchrun else _nproc(args, lane)
+        world = env_world_size() if under_torchrun else nproc
+        local = env_local_world_size() if under_torchrun else nproc
+        dp = validate(cfg, world, gpus_per_node=local if lane == "cuda" else None, lane=lane)
+        if not under_torchrun and nproc > 1:
+            return _relaunch_with_torchrun(nproc, argv)
+        from megatron_ext import compat
+        from megatron_ext.training.distributed import shutdown
+        from megatron_ext.training.loop import resolve_run_dir, train
+
+        if cfg.resume:  # deterministic on every rank, so it is checked here, before any set-up
+            cfg.run_dir = str(resolve_run_dir(cfg))
+        try:
+            train(cfg, dp)
+        finally:
+            compat.destroy_model_parallel()
+            shutdown()
+    except ConfigError as e:
+        print(f"megatron-ext: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

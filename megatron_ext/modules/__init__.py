@@ -1,0 +1,1 @@
+"""Megatron modules (own parameters; TP/SP/EP aware) used by the layer specs."""

@@ -1,0 +1,1 @@
+"""Run receipts, goodput/badput accounting, progress display and the loss plot."""

@@ -1,0 +1,1 @@
+"""Pure tensor ops (torch reference + Triton kernels + autograd glue). No Megatron import here."""

@@ -1,0 +1,88 @@
+"""Megatron distributed checkpoints: ``<root>/iter_NNNNNNN`` plus a tracker file naming the newest.
+
+A save writes into ``iter_NNNNNNN.partial`` and is renamed once every rank has finished, and the
+tracker is replaced atomically after that, so a job killed mid-save leaves the previous checkpoint
+as the one ``--resume`` loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from megatron_ext.training.distributed import barrier
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def iteration_dir(root: Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root: Path) -> Optional[int]:
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise ValueError(f"checkpoint tracker={str(tracker)!r}: holds {text!r}, not an iteration; "
+                         "delete it or point --run-dir at a folder with a valid checkpoint")
+    return int(text)
+
+
+def _state(model, optimizer, is_loading: bool) -> Dict[str, Any]:
+    model_sd = model.sharded_state_dict()
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+
+
+def save(root: Path, iteration: int, model, optimizer, scheduler, extra: Dict[str, Any]) -> Path:
+    """Collective: every rank calls it. ``model`` is the unwrapped GPTModel chunk."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    partial = final.with_name(final.name + ".partial")
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    barrier()
+    state = _state(model, optimizer, is_loading=False)
+    state["scheduler"] = scheduler.state_dict()
+    state["iteration"] = iteration
+    state["extra"] = extra
+    dist_checkpointing.save(state, str(partial))
+    barrier()
+    if _is_rank0():
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        tmp = root / (TRACKER + ".tmp")
+        tmp.write_text(str(iteration))
+        os.replace(tmp, root / TRACKER)
+    barrier()
+    return final
+
+
+def load(root: Path, model, optimizer, scheduler) -> Optional[Tuple[int, Dict[str, Any]]]:
+    """Load the newest checkpoint under ``root`` in place; None when there is none."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return None
+    path = iteration_dir(root, iteration)
+    # Non-sharded entries (scheduler, iteration, extra) come back from the common state file.
+    state = _state(model, optimizer, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    model.load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    return int(loaded["iteration"]), dict(loaded["extra"])

@@ -1,0 +1,338 @@
+"""``megatron-ext train``: set up, train, checkpoint, resume, and write the run folder.
+
+Order matters for the user: the config is validated before this module is entered; here the run
+folder is created only after the process group, data and model are up, so a failure in set-up
+leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+
+from megatron_ext import backends, compat
+from megatron_ext.config import ConfigError, TrainConfig
+from megatron_ext.observability.plot import plot_loss
+from megatron_ext.observability.progress import Progress
+from megatron_ext.observability.receipt import (
+    Clock,
+    build_receipt,
+    device_name,
+    peak_memory_bytes,
+    write_json_atomic,
+)
+from megatron_ext.training import checkpoint
+from megatron_ext.training.distributed import DistEnv, barrier, init_distributed
+from megatron_ext.training.model import build_gpt, count_parameters, transformer_config
+
+log = logging.getLogger("megatron_ext.train")
+
+
+def resolve_run_dir(cfg: TrainConfig) -> Path:
+    """The folder of this run: explicit, the newest of this preset when resuming, or a new one."""
+    if cfg.run_dir is not None:
+        return Path(cfg.run_dir)
+    root = Path(cfg.runs_root)
+    if cfg.resume:
+        candidates = sorted(p for p in root.glob(f"{cfg.preset}-*")
+                            if checkpoint.latest_iteration(p / "checkpoints") is not None)
+        if candidates:
+            return candidates[-1]
+        raise ConfigError(f"resume=True: no run of preset {cfg.preset!r} with a checkpoint under "
+                         f"{str(root)!r}; run without --resume first, or pass --run-dir")
+    return root / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _broadcast_str(value: str, env: DistEnv) -> str:
+    obj = [value]
+    torch.distributed.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+class _Batches:
+    """Moves micro-batches to the device and accounts the time spent waiting for data."""
+
+    def __init__(self, it: Iterator[Dict[str, torch.Tensor]], device: torch.device):
+        self.it, self.device = it, device
+        self.seconds = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.it)
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss = (per_token_loss.reshape(-1).float() * mask).sum() / mask.sum().clamp(min=1)
+    # clone: the schedule divides the returned loss in place by the micro-batch count
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(_loss_func, batch["loss_mask"])
+
+
+def _reduce_loss(losses: List[dict], env: DistEnv) -> float:
+    """Mean lm loss over micro-batches and data-parallel replicas, visible on every rank."""
+    from megatron.core import parallel_state as ps
+
+    value = torch.zeros(2, dtype=torch.float64, device=env.device)
+    reporter = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+                and ps.get_context_parallel_rank() == 0)
+    if reporter and losses:
+        value[0] = torch.stack([d["lm loss"].double() for d in losses]).mean()
+        value[1] = 1.0
+    torch.distributed.all_reduce(value)
+    return float(value[0] / value[1].clamp(min=1))
+
+
+def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
+    clock = Clock()
+    startup = time.perf_counter()
+    from megatron_ext.training.distributed import pick_lane
+
+    lane = pick_lane(cfg.device)
+    env = init_distributed(lane)
+    rank0 = env.rank == 0
+    logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
+                        format="[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Megatron logs every parameter and the whole optimizer config at INFO; keep its warnings.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for name, present in (("Transformer Engine", compat.HAVE_TE), ("apex", compat.HAVE_APEX)):
+        log.info("%s: %s", name, "present, used where the spec asks for it" if present
+                 else "absent; the layer spec uses its own norm and SDPA attention")
+
+    from patches import apply_patches
+
+    patches_applied = apply_patches(lane)
+    compat.check_mcore_supported()
+    compat.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                                     cfg.expert_model_parallel_size, cfg.context_parallel_size)
+    compat.seed_model_parallel(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    from megatron.core import parallel_state as ps
+
+    run_dir = Path(_broadcast_str(str(resolve_run_dir(cfg)), env))
+    bf16 = cfg.bf16 if cfg.bf16 is not None else lane == "cuda"
+
+    # Data through Megatron's pipeline (IndexedDataset .bin/.idx -> GPTDataset).
+    from megatron_ext import data as mdata
+
+    with clock.phase("data"):
+        tokenizer = mdata.ByteTokenizer()
+        cache_dir = Path(cfg.data_cache_dir or Path(cfg.runs_root) / ".data-cache")
+        prefix = mdata.resolve_data(cfg.data_path, cache_dir, tokenizer)
+        train_samples = cfg.train_iters * cfg.global_batch_size
+        eval_rounds = cfg.train_iters // cfg.eval_interval + 1
+        valid_samples = max(1, eval_rounds * cfg.eval_iters * cfg.global_batch_size)
+        train_ds, valid_ds = mdata.build_gpt_datasets(
+            prefix, tokenizer, cfg.seq_length, cfg.seed, train_samples, valid_samples, cache_dir)
+
+    tconfig = transformer_config(cfg, lane, bf16)
+    model = build_gpt(cfg, tconfig, tokenizer.vocab_size)
+    if lane == "cuda":
+        model.cuda(env.device)
+    n_params = count_parameters(model)
+
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+    from megatron.core.optimizer import get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    module = model
+    if bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        module = Float16Module(tconfig, model)
+    ddp = DistributedDataParallel(
+        tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                   use_distributed_optimizer=False), module)
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        compat.optimizer_config(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr,
+                                weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+                                adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, bf16=bf16,
+                                params_dtype=tconfig.params_dtype, use_distributed_optimizer=False),
+        [ddp])
+    gbs = cfg.global_batch_size
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters * gbs, lr_decay_steps=cfg.train_iters * gbs,
+        lr_decay_style=cfg.lr_decay_style, start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=cfg.train_iters * gbs, wd_incr_style="constant")
+    fwd_bwd = get_forward_backward_func()
+    num_micro = gbs // (cfg.micro_batch_size * dp_size)
+
+    ckpt_root = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    start_iter, consumed = 0, 0
+    if cfg.resume:
+        with clock.phase("checkpoint"):
+            loaded = checkpoint.load(ckpt_root, ddp.module, optimizer, scheduler)
+        if loaded is None:
+            raise ConfigError(f"resume=True: no checkpoint in {str(ckpt_root)!r}; "
+                             "run without --resume to start fresh")
+        start_iter, extra = loaded
+        consumed = int(extra["consumed_samples"])
+        if int(extra["global_batch_size"]) != gbs or int(extra["seq_length"]) != cfg.seq_length:
+            raise ConfigError(f"global_batch_size={gbs}, seq_length={cfg.seq_length}: differ from the "
+                             f"checkpoint's {extra['global_batch_size']}, {extra['seq_length']}; "
+                             "resume with the same batch and sequence length")
+
+    dp_rank = ps.get_data_parallel_rank()
+    train_it = _Batches(mdata.make_data_iterator(train_ds, cfg.micro_batch_size, dp_rank, dp_size,
+                                                 consumed), env.device)
+
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:  # keep the curve up to the resumed iteration; later points are re-made
+            rows = [r for r in _read_jsonl(metrics_path) if r["step"] <= start_iter]
+            _write_jsonl(metrics_path, rows)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    barrier()
+    clock.add("startup", time.perf_counter() - startup - clock.phases.get("data", 0.0)
+              - clock.phases.get("checkpoint", 0.0))
+
+    tokens_per_step = gbs * cfg.seq_length
+    progress = Progress(cfg.train_iters, start_iter, cfg.progress, rank0, cfg.log_interval)
+    progress.write(f"megatron-ext train | preset {cfg.preset} | {n_params / 1e6:.2f}M params on this rank "
+                   f"| lane tp={cfg.tensor_model_parallel_size} pp={cfg.pipeline_model_parallel_size} "
+                   f"ep={cfg.expert_model_parallel_size} dp={dp_size} sp={cfg.sequence_parallel} "
+                   f"| {env.lane} ({device_name(env.lane)}) | {'bf16' if bf16 else 'fp32'} "
+                   f"| run folder {run_dir}")
+    if cfg.resume:
+        progress.write(f"resumed from iteration {start_iter} ({consumed} samples consumed)")
+
+    step_times: List[float] = []
+    first_loss: Optional[float] = None
+    loss = float("nan")
+    eval_loss: Optional[float] = None
+    stop_at = cfg.train_iters if cfg.exit_after_iters is None else min(cfg.train_iters, cfg.exit_after_iters)
+    iteration = start_iter
+    while iteration < stop_at:
+        t0 = time.perf_counter()
+        data_before = train_it.seconds
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        losses = fwd_bwd(forward_step_func=_forward_step, data_iterator=train_it, model=[ddp],
+                         num_microbatches=num_micro, seq_length=cfg.seq_length,
+                         micro_batch_size=cfg.micro_batch_size, forward_only=False)
+        ok, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=gbs)
+        loss = _reduce_loss(losses, env)
+        iteration += 1
+        consumed += gbs
+        dt = time.perf_counter() - t0
+        data_dt = train_it.seconds - data_before
+        clock.add("data", data_dt)
+        clock.add("train", dt - data_dt)
+        step_times.append(dt)
+        first_loss = loss if first_loss is None else first_loss
+        lr = optimizer.param_groups[0]["lr"]
+        if rank0:
+            _append_jsonl(metrics_path, {"kind": "train", "step": iteration, "loss": loss, "lr": lr,
+                                         "grad_norm": grad_norm, "step_s": dt})
+        progress.update(iteration, loss, tokens_per_step / dt, lr, grad_norm)
+        if cfg.eval_iters and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
+            with clock.phase("eval"):
+                eval_loss = _evaluate(cfg, ddp, fwd_bwd, valid_ds, env, dp_rank, dp_size, num_micro)
+            if rank0:
+                _append_jsonl(metrics_path, {"kind": "eval", "step": iteration, "loss": eval_loss})
+            progress.write(f"iter {iteration:>6} | validation loss {eval_loss:.4f}")
+        if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters:
+            with clock.phase("checkpoint"):
+                checkpoint.save(ckpt_root, iteration, ddp.module, optimizer, scheduler,
+                                {"consumed_samples": consumed, "global_batch_size": gbs,
+                                 "seq_length": cfg.seq_length, "preset": cfg.preset})
+            progress.write(f"iter {iteration:>6} | saved checkpoint {checkpoint.iteration_dir(ckpt_root, iteration)}")
+    progress.close()
+
+    receipt = build_receipt(
+        config=dataclasses.asdict(cfg),
+        versions=compat.package_versions(),
+        runtime={**compat.runtime_flags(), "python": _python_version(),
+                 "parameters_on_rank0": n_params, "dtype": "bf16" if bf16 else "fp32"},
+        device=device_name(env.lane),
+        lane={"tp": cfg.tensor_model_parallel_size, "pp": cfg.pipeline_model_parallel_size,
+              "cp": cfg.context_parallel_size, "ep": cfg.expert_model_parallel_size, "dp": dp_size,
+              "sp": cfg.sequence_parallel, "world_size": env.world_size, "backend": env.backend,
+              "device_lane": env.lane},
+        backends=backends.records(),
+        patches=patches_applied,
+        clock=clock,
+        step_times=step_times,
+        tokens_per_step=tokens_per_step,
+        losses={"first": first_loss, "final": loss, "final_validation": eval_loss,
+                "start_iteration": start_iter, "final_iteration": iteration},
+        memory=peak_memory_bytes(env.lane),
+    )
+    if rank0:
+        plot_loss(metrics_path, run_dir / "loss.png",
+                  f"{cfg.preset}: byte-level GPT, {n_params / 1e6:.2f}M params ({env.lane})")
+        write_json_atomic(run_dir / "receipt.json", receipt)
+        progress.write(f"done: loss {first_loss if first_loss is not None else float('nan'):.4f} -> "
+                       f"{loss:.4f} | {receipt['throughput']['tokens_per_s'] or 0:,.0f} tok/s | goodput "
+                       f"{receipt['goodput']['goodput_fraction']:.0%} | wrote {run_dir / 'receipt.json'}, "
+                       f"{run_dir / 'loss.png'}")
+    receipt["run_dir"] = str(run_dir)
+    return receipt
+
+
+def _evaluate(cfg, ddp, fwd_bwd, valid_ds, env, dp_rank, dp_size, num_micro) -> float:
+    from megatron_ext import data as mdata
+
+    # Every evaluation reads the same validation samples so the curve is comparable across steps.
+    it = _Batches(mdata.make_data_iterator(valid_ds, cfg.micro_batch_size, dp_rank, dp_size, 0),
+                  env.device)
+    ddp.eval()
+    values = []
+    with torch.no_grad():
+        for _ in range(cfg.eval_iters):
+            losses = fwd_bwd(forward_step_func=_forward_step, data_iterator=it, model=[ddp],
+                             num_microbatches=num_micro, seq_length=cfg.seq_length,
+                             micro_batch_size=cfg.micro_batch_size, forward_only=True)
+            values.append(_reduce_loss(losses, env))
+    ddp.train()
+    return sum(values) / len(values)
+
+
+def _python_version() -> str:
+    import platform
+
+    return platform.python_version()
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_jsonl(path: Path, rows: List[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")

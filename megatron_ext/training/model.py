@@ -1,0 +1,93 @@
+"""TrainConfig -> TransformerConfig -> Megatron GPTModel built from this project's block spec."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_ext import compat
+from megatron_ext.config import TrainConfig, ffn_hidden_size
+
+
+def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
+    step = multiple * tp
+    return (vocab_size + step - 1) // step * step
+
+
+def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
+    fields = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=ffn_hidden_size(cfg),
+        normalization=cfg.normalization,
+        gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel,
+        use_cpu_initialization=lane == "cpu",
+        perform_initialization=True,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
+        transformer_impl="local",
+        # The fused kernels these flags select need apex/TE or CUDA; the spec's own modules fuse.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+    if cfg.num_experts:
+        fields.update(
+            num_moe_experts=cfg.num_experts,
+            moe_router_topk=cfg.moe_router_topk,
+            moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or ffn_hidden_size(cfg),
+            moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+            moe_token_dispatcher_type="alltoall",
+            moe_grouped_gemm=False,
+            moe_router_dtype="fp32",
+        )
+    return compat.make_transformer_config(**fields)
+
+
+def build_gpt(cfg: TrainConfig, tconfig, vocab_size: int):
+    """One GPTModel chunk for this pipeline stage (virtual pipeline is not used)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from layer_specs.gpt import gpt_block_spec
+
+    pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=gpt_block_spec(tconfig),
+        vocab_size=padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by,
+                                     cfg.tensor_model_parallel_size),
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        # Tied embeddings across pipeline stages need an embedding all-reduce between the first
+        # and last stage; keep them tied only when one stage holds both.
+        share_embeddings_and_output_weights=(not cfg.untie_embeddings_and_output_weights
+                                             and cfg.pipeline_model_parallel_size == 1),
+        position_embedding_type=cfg.position_embedding_type,
+    )
+    return model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,198 @@
+"""CPU lane: route megatron-core's CUDA-only calls to the CPU (torch CPU build, gloo).
+
+Applied only when the run has no CUDA device. Each patch names the megatron-core code it works
+around; see docs/cpu_lane.md for the measured behaviour with and without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import types
+
+import torch
+
+from patches import patch
+
+
+@patch("cpu_rng_tracker", lane="cpu",
+       reason="tensor_parallel/random.py CudaRNGStatesTracker.add() calls torch.cuda.get_rng_state(); "
+              "a tracker with the same API keeps per-name CPU generator states instead")
+def _rng_tracker():
+    from megatron.core.tensor_parallel import random as mr
+
+    class CPURNGStatesTracker(mr.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise RuntimeError(f"rng seed {seed} already exists")
+            if name in self.states_:
+                raise RuntimeError(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mr._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise RuntimeError(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    mr._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+    mr._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+@patch("cpu_current_device", lane="cpu",
+       reason="about 40 sites allocate on torch.cuda.current_device() (GlobalMemoryBuffer, TP/SP/EP "
+              "communication buffers, router gating, RotaryEmbedding.get_emb, DDP grad buffers)")
+def _current_device():
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+@patch("cpu_default_causal_mask", lane="cpu",
+       reason="transformer/utils.py get_default_causal_mask builds the mask with device='cuda'")
+def _causal_mask():
+    import megatron.core.fusions.fused_softmax as fs
+    import megatron.core.transformer.utils as tu
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    tu.get_default_causal_mask = fs.get_default_causal_mask = get_default_causal_mask
+
+
+@patch("cpu_streams", lane="cpu",
+       reason="moe/token_dispatcher.py (alltoall) creates torch.cuda.Stream() and records events")
+def _streams():
+    class _Event:
+        def synchronize(self):
+            pass
+
+        def wait(self, *args, **kwargs):
+            pass
+
+    class _Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, *args, **kwargs):
+            pass
+
+        def record_event(self, *args, **kwargs):
+            return _Event()
+
+        def synchronize(self):
+            pass
+
+        def __eq__(self, other):
+            return isinstance(other, _Stream)
+
+        __hash__ = object.__hash__
+
+    default = _Stream()
+    torch.cuda.Stream = _Stream
+    torch.cuda.current_stream = torch.cuda.default_stream = lambda *a, **k: default
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+
+
+@patch("cpu_a2a_split_sizes", lane="cpu",
+       reason="moe_utils.maybe_move_tensor_to_cpu converts only CUDA tensors, so on CPU the "
+              "all-to-all split sizes stay tensors and all_to_all_single raises TypeError")
+def _split_sizes():
+    import megatron.core.transformer.moe.moe_utils as mu
+    import megatron.core.transformer.moe.token_dispatcher as td
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor):
+            tensor = tensor.to("cpu")
+            return tensor.numpy() if as_numpy else tensor
+        return tensor
+
+    mu.maybe_move_tensor_to_cpu = td.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+@patch("cpu_torch_norm_sp", lane="cpu",
+       reason="transformer/torch_norm.py WrappedTorchNorm asserts not sequence_parallel (the apex-less "
+              "local norm); build it with SP off and mark its params so grads are TP-all-reduced")
+def _torch_norm_sp():
+    from megatron.core.transformer import torch_norm as tn
+
+    original_new = tn.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        sp, config.sequence_parallel = config.sequence_parallel, False
+        try:
+            module = original_new(cls, config, hidden_size, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sp
+        for p in module.parameters():
+            p.sequence_parallel = sp
+        return module
+
+    tn.WrappedTorchNorm.__new__ = __new__
+
+
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.utils",
+)
+
+
+@patch("cpu_cuda_literals", lane="cpu",
+       reason="schedules, optimizer, clip_grads, DDP buffers and utils allocate with device='cuda' "
+              "literals; give those modules a torch whose tensor factories map 'cuda' to 'cpu'")
+def _cuda_literals():
+    real = torch
+
+    def to_cpu(kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return kwargs
+
+    class _TorchOnCPU(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    proxy = _TorchOnCPU("torch")
+    for fname in ("zeros", "ones", "empty", "tensor", "full", "arange", "zeros_like", "empty_like",
+                  "ones_like", "full_like"):
+        fn = getattr(real, fname)
+        setattr(proxy, fname, (lambda f: lambda *a, **k: f(*a, **to_cpu(k)))(fn))
+    for modname in _CUDA_LITERAL_MODULES:
+        importlib.import_module(modname).torch = proxy
+
+
+@patch("cpu_clip_grads", lane="cpu",
+       reason="optimizer/clip_grads.py clip_grad_by_total_norm_fp32 asserts grad.type() == "
+              "'torch.cuda.FloatTensor' and scales through apex/TE multi_tensor_applier")
+def _clip_grads():
+    import megatron.core.optimizer.clip_grads as cg
+    import megatron.core.optimizer.optimizer as opt
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0 and grads:
+            torch._foreach_mul_(grads, clip_coeff)
+
+    cg.clip_grad_by_total_norm_fp32 = opt.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+@patch("cpu_cuda_synchronize", lane="cpu",
+       reason="dist_checkpointing/strategies/filesystem_async.py preload_tensors calls "
+              "torch.cuda.synchronize() before writing a checkpoint")
+def _synchronize():
+    torch.cuda.synchronize = lambda *args, **kwargs: None

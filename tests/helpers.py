@@ -1,0 +1,38 @@
+"""Helpers for tests that run ``megatron-ext train`` in-process or under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_inprocess(run_dir: Path, *extra: str) -> int:
+    from megatron_ext.cli import main
+
+    return main(["train", "--preset", "test", "--runs-root", str(run_dir.parent),
+                 "--run-dir", str(run_dir), "--progress", "log",
+                 "--data-cache-dir", str(run_dir.parent / ".data-cache"), *extra])
+
+
+def train_torchrun(run_dir: Path, nproc: int, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_ext", "train", "--preset", "test", "--runs-root", str(run_dir.parent),
+           "--run-dir", str(run_dir), "--progress", "log",
+           "--data-cache-dir", str(run_dir.parent / ".data-cache"), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir: Path) -> List[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+def receipt(run_dir: Path) -> dict:
+    return json.loads((run_dir / "receipt.json").read_text())

@@ -1,0 +1,50 @@
+"""Bad input: one clear line naming field, value and what is allowed; exit 2; nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ext.cli import main
+from tests.helpers import ROOT
+
+CASES = [
+    (["--preset", "huge"], "preset='huge'", "one of ['small', 'test', 'tiny']"),
+    (["--train-iters", "-5"], "train_iters=-5", "an integer >= 1"),
+    (["--global-batch-size", "10"], "global_batch_size=10", "a multiple of 8"),
+    (["--data-path", "/nonexistent/corpus.txt"], "data_path='/nonexistent/corpus.txt'", "file not found"),
+    (["--tensor-model-parallel-size", "3"], "world_size=1", "a multiple of 3"),
+    (["--hidden-size", "66"], "hidden_size=66", "num_attention_heads=4"),
+    (["--sequence-parallel"], "sequence_parallel=True", "tensor_model_parallel_size > 1"),
+    (["--bf16"], "bf16=True", "--no-bf16"),
+    (["--expert-model-parallel-size", "2"], "expert_model_parallel_size=2", "--num-experts"),
+    (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5", "1 <= k <= num_experts"),
+    (["--normalization", "BatchNorm"], "normalization='BatchNorm'", "'LayerNorm', 'RMSNorm'"),
+    (["--lr", "0"], "lr=0.0", "a learning rate > 0"),
+    (["--nproc-per-node", "zero"], "nproc_per_node='zero'", "'auto' or an integer >= 1"),
+]
+
+
+@pytest.mark.parametrize("argv,field,allowed", CASES, ids=[c[1].split("=")[0] for c in CASES])
+def test_bad_input_fails_at_config_time(tmp_path, capsys, argv, field, allowed):
+    runs = tmp_path / "runs"
+    rc = main(["train", "--runs-root", str(runs), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("megatron-ext: error: ")
+    assert field in err[0] and allowed in err[0], err[0]
+    assert not runs.exists(), "a rejected run must leave nothing behind"
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):
+    rc = main(["train", "--preset", "test", "--runs-root", str(tmp_path / "runs"), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "resume=True" in err and "run without --resume first" in err
+
+
+def test_console_script_exits_nonzero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "megatron_ext", "train", "--preset", "nope",
+                           "--runs-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("megatron-ext: error: preset='nope': unknown preset; "
+                                   "use one of ['small', 'test', 'tiny']")
