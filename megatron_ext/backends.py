@@ -51,7 +51,7 @@ def resolve(op: str, requested: str, candidates: Sequence[Tuple[str, Probe]]) ->
         if why is None:
             reason = "requested" if requested == name else (
                 "first usable" if not reasons else "; ".join(reasons))
-            _record(op, requested, name, reason)
+            _record(op, requested, name, reason, fallback=bool(reasons))
             return name
         if requested != "auto":
             raise BackendUnavailable(f"backend={requested!r} for {op}: not usable here ({why}); "
@@ -60,14 +60,13 @@ def resolve(op: str, requested: str, candidates: Sequence[Tuple[str, Probe]]) ->
     raise BackendUnavailable(f"no backend for {op} can run here: {'; '.join(reasons)}")
 
 
-def _record(op: str, requested: str, observed: str, reason: str) -> None:
+def _record(op: str, requested: str, observed: str, reason: str, fallback: bool) -> None:
     key = (op, requested, observed)
     rec = _RECORDS.get(key)
     if rec is not None:
         rec.count += 1
         return
     _RECORDS[key] = BackendRecord(op, requested, observed, reason)
-    fallback = requested not in (observed,) and reason not in ("requested", "first usable")
     if fallback:
         log.warning("backend for %s: requested %r, using %r (%s)", op, requested, observed, reason)
     else:
@@ -75,8 +74,8 @@ def _record(op: str, requested: str, observed: str, reason: str) -> None:
 
 
 def note(op: str, requested: str, observed: str, reason: str) -> None:
-    """Record a choice made outside :func:`resolve` (e.g. a Megatron-side default)."""
-    _record(op, requested, observed, reason)
+    """Record a choice made outside :func:`resolve` (e.g. what a layer spec fixes)."""
+    _record(op, requested, observed, reason, fallback=False)
 
 
 def records() -> List[dict]:

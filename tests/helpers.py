@@ -12,11 +12,12 @@ from typing import List
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_inprocess(run_dir: Path, *extra: str) -> int:
+def train_inprocess(run_dir: Path, *extra: str, device: str = "cpu") -> int:
+    """The CPU lane unless ``device`` says otherwise, so the suite means the same on a GPU host."""
     from megatron_ext.cli import main
 
     return main(["train", "--preset", "test", "--runs-root", str(run_dir.parent),
-                 "--run-dir", str(run_dir), "--progress", "log",
+                 "--run-dir", str(run_dir), "--progress", "log", "--device", device,
                  "--data-cache-dir", str(run_dir.parent / ".data-cache"), *extra])
 
 
@@ -24,7 +25,7 @@ def train_torchrun(run_dir: Path, nproc: int, *extra: str, timeout: int = 300) -
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "megatron_ext", "train", "--preset", "test", "--runs-root", str(run_dir.parent),
-           "--run-dir", str(run_dir), "--progress", "log",
+           "--run-dir", str(run_dir), "--progress", "log", "--device", "cpu",
            "--data-cache-dir", str(run_dir.parent / ".data-cache"), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -118,9 +118,9 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         log.info("%s: %s", name, "present, used where the spec asks for it" if present
                  else "absent; the layer spec uses its own norm and SDPA attention")
 
-    from patches import apply_patches
+    import patches
 
-    patches_applied = apply_patches(lane)
+    patches.apply_patches(lane)
     compat.check_mcore_supported()
     compat.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                                      cfg.expert_model_parallel_size, cfg.context_parallel_size)
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
               "sp": cfg.sequence_parallel, "world_size": env.world_size, "backend": env.backend,
               "device_lane": env.lane},
         backends=backends.records(),
-        patches=patches_applied,
+        patches=patches.applied(),
         clock=clock,
         step_times=step_times,
         tokens_per_step=tokens_per_step,

@@ -1,0 +1,64 @@
+"""What a benchmark is: named :class:`Case` s (one timed callable each) grouped in a :class:`Benchmark`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional
+
+ROLES = ("ours", "anchor", "ref")
+BOUNDS = ("compute", "memory")
+
+
+@dataclasses.dataclass
+class Case:
+    """One timed variant.
+
+    ``setup()`` builds modules and FRESH random inputs (``torch.randn``, never zeros) on the target
+    device and returns the zero-argument callable that is timed; it is called once per case, right
+    before timing, so only one case's tensors are alive at a time. ``flops`` / ``bytes`` are the work
+    of ONE call of that callable (``None`` = not meaningful), used for TFLOP/s and GB/s. ``bound``
+    picks the ceiling for % roofline: "compute" -> bf16 matmul TFLOP/s, "memory" -> copy GB/s.
+    """
+
+    name: str
+    label: str
+    role: str
+    setup: Callable[[], Callable[[], object]]
+    flops: Optional[float] = None
+    bytes: Optional[float] = None
+    bound: str = "compute"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role={self.role!r}: unknown case role; use one of {list(ROLES)}")
+        if self.bound not in BOUNDS:
+            raise ValueError(f"bound={self.bound!r}: unknown roofline bound; use one of {list(BOUNDS)}")
+        for field in ("flops", "bytes"):
+            value = getattr(self, field)
+            if value is not None and not value > 0:
+                raise ValueError(f"{field}={value!r}: work per call must be positive; use a float > 0 or None")
+        if not callable(self.setup):
+            raise ValueError(f"setup={self.setup!r}: not callable; use a function returning the timed callable")
+
+
+@dataclasses.dataclass
+class Benchmark:
+    """A named comparison. ``shape`` is a human-readable string of the problem size (e.g.
+    ``"x[s=4096, b=2, h=2048] bf16"``). The first case with role "anchor" is the ratio baseline."""
+
+    name: str
+    description: str
+    shape: str
+    cases: List[Case]
+
+    def __post_init__(self):
+        if not self.cases:
+            raise ValueError(f"cases={self.cases!r}: a benchmark needs at least one case; use a list of Case")
+        names = [c.name for c in self.cases]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"case names={dupes!r}: duplicated in benchmark {self.name!r}; use unique names")
+
+    @property
+    def anchor(self) -> Optional[Case]:
+        return next((c for c in self.cases if c.role == "anchor"), None)

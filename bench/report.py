@@ -1,0 +1,58 @@
+"""Run metadata (device, versions, date, ceilings) and the report header printed above the table."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from typing import Any, Dict, Optional
+
+from bench.devices import Ceilings, datasheet_ceilings, device_name
+
+
+def collect_meta(cpu: bool, ceilings: Ceilings, timing: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    import torch
+
+    from megatron_ext.compat import package_versions
+
+    versions = {"python": platform.python_version(), **package_versions()}
+    meta: Dict[str, Any] = {
+        "device": device_name(cpu),
+        "mode": "cpu smoke (tiny shapes, wall clock)" if cpu else "cuda (CUDA events, L2 flushed)",
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "ceilings": {"source": ceilings.source, "matmul_tflops": ceilings.matmul_tflops,
+                     "copy_gbs": ceilings.copy_gbs, "detail": ceilings.detail},
+        "ceilings_text": ceilings.describe(),
+        "timing": timing or {},
+    }
+    if not cpu:
+        meta["cuda"] = torch.version.cuda
+        meta["capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
+        sheet = datasheet_ceilings(meta["device"])
+        if ceilings.source != "datasheet" and sheet.source == "datasheet":
+            meta["datasheet_text"] = sheet.describe()
+    return meta
+
+
+def format_header(meta: Dict[str, Any]) -> str:
+    v = meta["versions"]
+    dev = meta["device"]
+    if "cuda" in meta:
+        dev += f" (CUDA {meta['cuda']}, {meta['capability']})"
+    lines = [
+        "## megatron-ext benchmarks",
+        "",
+        f"- device: {dev}",
+        f"- mode: {meta['mode']}",
+        "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "triton", "megatron-core",
+                                                           "transformer-engine", "apex") if k in v),
+        f"- date: {meta['date']}",
+        f"- ceilings used for % roofline: {meta['ceilings_text']}",
+    ]
+    if "datasheet_text" in meta:
+        lines.append(f"- for reference, {meta['datasheet_text']}")
+    lines += [
+        "- ms: median per call (p20–p80 spread); ratio = anchor ms / case ms (>1: faster than the "
+        "anchor); % roofline = TFLOP/s / compute ceiling or GB/s / memory ceiling",
+    ]
+    return "\n".join(lines)

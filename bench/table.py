@@ -1,0 +1,95 @@
+"""Result rows and their derived figures (TFLOP/s, GB/s, ratio vs anchor, % roofline), rendered as
+a Markdown table or JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+from bench.cases import Benchmark
+from bench.devices import Ceilings
+from bench.timing import Timing
+
+RATIO_HEADER = "ratio vs anchor (anchor ms / ms; >1 = faster than anchor)"
+COLUMNS = ("benchmark", "case", "ms (median)", "p20–p80 ms", "TFLOP/s", "GB/s", RATIO_HEADER,
+           "% roofline")
+
+
+@dataclasses.dataclass
+class Row:
+    benchmark: str
+    case: str
+    label: str
+    role: str
+    bound: str
+    ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    flops: Optional[float]
+    bytes: Optional[float]
+    tflops: Optional[float]
+    gbs: Optional[float]
+    ratio: Optional[float]  # anchor_ms / ms; None when the benchmark has no anchor
+    roofline_pct: Optional[float]  # achieved / ceiling of ``bound`` x 100
+
+
+def roofline_pct(bound: str, tflops: Optional[float], gbs: Optional[float],
+                 ceilings: Optional[Ceilings]) -> Optional[float]:
+    """compute: TFLOP/s / matmul ceiling; memory: GB/s / copy ceiling; in percent."""
+    if ceilings is None:
+        return None
+    achieved, ceiling = (tflops, ceilings.matmul_tflops) if bound == "compute" else (gbs, ceilings.copy_gbs)
+    if achieved is None or not ceiling:
+        return None
+    return 100.0 * achieved / ceiling
+
+
+def make_rows(bench: Benchmark, timings: Sequence[Timing], ceilings: Optional[Ceilings]) -> List[Row]:
+    """One row per case of ``bench`` (``timings`` in case order)."""
+    if len(timings) != len(bench.cases):
+        raise ValueError(f"timings={len(timings)}: need one per case of {bench.name!r} "
+                         f"({len(bench.cases)}); use a list aligned with bench.cases")
+    anchor = bench.anchor
+    anchor_ms = timings[bench.cases.index(anchor)].median_ms if anchor is not None else None
+    rows = []
+    for case, t in zip(bench.cases, timings):
+        sec = t.median_ms * 1e-3
+        tflops = case.flops / sec / 1e12 if case.flops else None
+        gbs = case.bytes / sec / 1e9 if case.bytes else None
+        rows.append(Row(
+            benchmark=bench.name, case=case.name, label=case.label, role=case.role, bound=case.bound,
+            ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps, flops=case.flops,
+            bytes=case.bytes, tflops=tflops, gbs=gbs,
+            ratio=anchor_ms / t.median_ms if anchor_ms is not None else None,
+            roofline_pct=roofline_pct(case.bound, tflops, gbs, ceilings)))
+    return rows
+
+
+def _fmt(x: Optional[float], decimals: int) -> str:
+    """Fixed ``decimals`` for |x| >= 1 (and 0), 3 significant digits (zeros kept) below 1; "" for None."""
+    if x is None:
+        return ""
+    if x == 0 or abs(x) >= 1:
+        return f"{x:.{decimals}f}"
+    return f"{x:#.3g}"
+
+
+def format_row(r: Row) -> List[str]:
+    roof = "" if r.roofline_pct is None else f"{_fmt(r.roofline_pct, 1)} ({r.bound})"
+    return [r.benchmark, r.label, _fmt(r.ms, 3), f"{_fmt(r.p20_ms, 3)}–{_fmt(r.p80_ms, 3)}",
+            _fmt(r.tflops, 1), _fmt(r.gbs, 0), _fmt(r.ratio, 2), roof]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in format_row(r)) + " |")
+    return "\n".join(lines)
+
+
+def to_json(rows: Sequence[Row], meta: Optional[Dict[str, Any]] = None) -> str:
+    """``{"meta": {...}, "rows": [Row as dict, ...]}`` as indented JSON text."""
+    return json.dumps({"meta": meta or {}, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2)
