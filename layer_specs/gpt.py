@@ -73,14 +73,20 @@ def dense_layer_spec(qk_layernorm: bool = False, mlp: ModuleSpec | None = None) 
     )
 
 
-def block_spec(config, layer_spec: ModuleSpec, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+def block_spec(config, layer_spec: ModuleSpec, vp_stage: Optional[int] = None,
+               final_norm=Norm) -> TransformerBlockSubmodules:
     """This pipeline stage's layers plus the final norm."""
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=Norm)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=final_norm)
+
+
+def mlp_spec_for(config) -> ModuleSpec:
+    """Megatron's stock MoE when ``num_moe_experts`` is set, else the dense MLP."""
+    return stock_moe_spec() if getattr(config, "num_moe_experts", None) else dense_mlp_spec()
 
 
 def gpt_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """``--spec layer_specs.gpt gpt_block_spec``: the baseline block, dense or (with
     ``num_moe_experts``) Megatron's stock MoE in every layer."""
-    mlp = stock_moe_spec() if getattr(config, "num_moe_experts", None) else None
-    return block_spec(config, dense_layer_spec(getattr(config, "qk_layernorm", False), mlp), vp_stage)
+    layer = dense_layer_spec(getattr(config, "qk_layernorm", False), mlp_spec_for(config))
+    return block_spec(config, layer, vp_stage)

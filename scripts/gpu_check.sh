@@ -29,9 +29,13 @@ if [[ $STEPS == *tests* ]]; then
 fi
 if [[ $STEPS == *train* ]]; then
   rm -rf /tmp/runs
-  timeout 420 python3 -m megatron_ext train --preset small --runs-root /tmp/runs --run-dir /tmp/runs/small \
-    --progress log ${TRAIN_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/train.log" | tail -25
-  cp /tmp/runs/small/receipt.json /tmp/runs/small/loss.png "$OUT/" 2>/dev/null
+  for preset in ${TRAIN_PRESETS:-tiny small}; do
+    timeout 420 python3 -m megatron_ext train --preset "$preset" --runs-root /tmp/runs \
+      --run-dir "/tmp/runs/$preset" --progress log ${TRAIN_ARGS:-} 2>&1 | grep -v Warning \
+      | tee "$OUT/train-$preset.log" | tail -12
+    cp "/tmp/runs/$preset/receipt.json" "$OUT/receipt-$preset.json" 2>/dev/null
+    cp "/tmp/runs/$preset/loss.png" "$OUT/loss-$preset.png" 2>/dev/null
+  done
 fi
 if [[ $STEPS == *bench* ]]; then
   timeout 300 python3 -m bench ${BENCH_ARGS:-} --markdown "$OUT/bench.md" --json "$OUT/bench.json" 2>&1 | tail -30

@@ -12,6 +12,12 @@ from typing import List
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def subprocess_env() -> dict:
+    """This repo first on the path, keeping whatever the caller's PYTHONPATH already holds."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=path)
+
+
 def train_inprocess(run_dir: Path, *extra: str, device: str = "cpu") -> int:
     """The CPU lane unless ``device`` says otherwise, so the suite means the same on a GPU host."""
     from megatron_ext.cli import main
@@ -22,7 +28,7 @@ def train_inprocess(run_dir: Path, *extra: str, device: str = "cpu") -> int:
 
 
 def train_torchrun(run_dir: Path, nproc: int, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "megatron_ext", "train", "--preset", "test", "--runs-root", str(run_dir.parent),
            "--run-dir", str(run_dir), "--progress", "log", "--device", "cpu",

@@ -4,14 +4,13 @@ Runs in a subprocess: CPU-lane tests in this pytest process install CPU-only pat
 no-op torch.cuda.synchronize) that must never meet a CUDA run.
 """
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, receipt, train_losses
+from tests.helpers import ROOT, receipt, subprocess_env, train_losses
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -22,7 +21,7 @@ def test_gpu_lane_trains_in_bf16(tmp_path):
     cmd = [sys.executable, "-m", "megatron_ext", "train", "--preset", "test", "--device", "cuda",
            "--nproc-per-node", "1", "--runs-root", str(tmp_path), "--run-dir", str(run),
            "--train-iters", "30", "--lr-warmup-iters", "3", "--progress", "log"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = train_losses(run)
