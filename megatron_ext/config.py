@@ -90,6 +90,10 @@ class TrainConfig:
     adam_beta2: float = 0.95
     seed: int = 1234
     bf16: Optional[bool] = None  # default: on for CUDA, off on CPU
+    # activation recompute (Megatron's): full layers, uniform chunks of recompute_num_layers
+    recompute_granularity: Optional[str] = None  # None | full | selective
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
     # parallel lanes
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -138,6 +142,8 @@ _CHOICES = {
     "lr_decay_style": ("cosine", "linear", "constant"),
     "progress": ("auto", "bar", "log"),
     "device": ("auto", "cpu", "cuda"),
+    "recompute_granularity": (None, "full", "selective"),
+    "recompute_method": ("uniform", "block"),
 }
 
 
@@ -177,7 +183,8 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
     positive = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
                 "global_batch_size", "train_iters", "save_interval", "eval_interval", "log_interval",
                 "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                "context_parallel_size", "expert_model_parallel_size", "make_vocab_size_divisible_by")
+                "context_parallel_size", "expert_model_parallel_size", "make_vocab_size_divisible_by",
+                "recompute_num_layers")
     for name in positive:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:

@@ -196,3 +196,14 @@ def _clip_grads():
               "torch.cuda.synchronize() before writing a checkpoint")
 def _synchronize():
     torch.cuda.synchronize = lambda *args, **kwargs: None
+
+
+@patch("cpu_recompute_rng", lane="cpu",
+       reason="tensor_parallel/random.py activation recompute saves and restores the CUDA RNG state "
+              "(_get_cuda_rng_state/_set_cuda_rng_state); on the CPU lane only the CPU generator and "
+              "the tracker states exist, which recompute already saves")
+def _recompute_rng():
+    from megatron.core.tensor_parallel import random as mr
+
+    mr._get_cuda_rng_state = lambda *args, **kwargs: None
+    mr._set_cuda_rng_state = lambda *args, **kwargs: None

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def subprocess_env() -> dict:
     """This repo first on the path, keeping whatever the caller's PYTHONPATH already holds."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=path)
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=path)
+    # Kernel tests set TRITON_INTERPRET=1 for this process; a training run must not inherit it.
+    env.pop("TRITON_INTERPRET", None)
+    return env
 
 
 def train_inprocess(run_dir: Path, *extra: str, device: str = "cpu") -> int:

@@ -1,10 +1,13 @@
 """World size 2 on CPU with gloo, launched by torchrun like a user would.
 
-TP=2 + sequence parallel must reproduce world size 1 (same seed, same padded vocab: Megatron pads
-the vocabulary to a multiple of make_vocab_size_divisible_by * TP, so world size 1 uses 256 where
-TP=2 uses 128). PP=2 initialises its stages from different RNG positions and unties embeddings, so
-it is checked for a falling loss and a checkpoint, not for equality.
+TP=2 + sequence parallel must reproduce world size 1 from the same seed (Megatron pads the
+vocabulary to a multiple of make_vocab_size_divisible_by * TP, so world size 1 uses 256 where TP=2
+uses 128). PP=2 stages draw their initial weights from their own RNG positions, so PP is compared
+by resuming a world-size-1 checkpoint on two stages (Megatron's distributed checkpoints reshard
+across lanes) and checking that the next iterations equal world size 1's.
 """
+
+import shutil
 
 import pytest
 
@@ -13,24 +16,46 @@ from tests.helpers import receipt, train_inprocess, train_losses, train_torchrun
 
 pytestmark = pytest.mark.multirank
 ITERS = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1"]
+RESUMABLE = ["--train-iters", "10", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "5",
+             "--untie-embeddings-and-output-weights", "--make-vocab-size-divisible-by", "256"]
 
 
-def test_tp2_sequence_parallel_matches_world_size_1(tmp_path):
-    ws1 = tmp_path / "ws1"
-    assert train_inprocess(ws1, *ITERS, "--make-vocab-size-divisible-by", "256") == 0
-    tp2 = tmp_path / "tp2sp"
-    proc = train_torchrun(tp2, 2, *ITERS, "--tensor-model-parallel-size", "2", "--sequence-parallel")
+def _tp2_matches_ws1(tmp_path, tag, *model):
+    ws1 = tmp_path / f"{tag}_ws1"
+    assert train_inprocess(ws1, *ITERS, *model, "--make-vocab-size-divisible-by", "256") == 0
+    tp2 = tmp_path / f"{tag}_tp2sp"
+    proc = train_torchrun(tp2, 2, *ITERS, *model, "--tensor-model-parallel-size", "2", "--sequence-parallel")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert train_losses(tp2) == pytest.approx(train_losses(ws1), rel=2e-5)
     lane = receipt(tp2)["lane"]
     assert (lane["tp"], lane["sp"], lane["dp"], lane["world_size"]) == (2, True, 1, 2)
 
 
-def test_pp2_trains_and_checkpoints(tmp_path):
-    run = tmp_path / "pp2"
-    proc = train_torchrun(run, 2, *ITERS, "--pipeline-model-parallel-size", "2")
+def _pp2_continues_ws1(tmp_path, tag, *model):
+    ws1 = tmp_path / f"{tag}_ws1_resumable"
+    assert train_inprocess(ws1, *RESUMABLE, *model) == 0
+    pp2 = tmp_path / f"{tag}_pp2"
+    shutil.copytree(ws1, pp2)
+    shutil.rmtree(pp2 / "checkpoints" / "iter_0000010")
+    (pp2 / "checkpoints" / checkpoint.TRACKER).write_text("5")
+    proc = train_torchrun(pp2, 2, *RESUMABLE, *model, "--pipeline-model-parallel-size", "2", "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = train_losses(run)
-    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
-    assert checkpoint.latest_iteration(run / "checkpoints") == 6
-    assert receipt(run)["lane"]["pp"] == 2
+    assert receipt(pp2)["lane"]["pp"] == 2 and receipt(pp2)["loss"]["start_iteration"] == 5
+    assert train_losses(pp2) == pytest.approx(train_losses(ws1), rel=2e-5)
+    assert train_losses(pp2)[-1] < train_losses(pp2)[0] - 0.5
+
+
+def test_tp2_sequence_parallel_matches_world_size_1(tmp_path):
+    _tp2_matches_ws1(tmp_path, "dense")
+
+
+def test_pp2_resumes_a_world_size_1_checkpoint_exactly(tmp_path):
+    _pp2_continues_ws1(tmp_path, "dense")
+
+
+def test_mhc_tp2_sequence_parallel_matches_world_size_1(tmp_path):
+    _tp2_matches_ws1(tmp_path, "mhc", "--mhc-num-streams", "4", "--mhc-backend", "torch")
+
+
+def test_mhc_pp2_carries_the_streams_between_stages(tmp_path):
+    _pp2_continues_ws1(tmp_path, "mhc", "--mhc-num-streams", "4", "--mhc-backend", "torch")

@@ -44,7 +44,7 @@ def test_receipt_records_what_the_issue_asks(full_run):
     assert 0 < t["step_time_s"]["p50"] <= t["step_time_s"]["p90"] <= t["step_time_s"]["p99"]
     g = r["goodput"]
     assert 0 < g["goodput_fraction"] < 1
-    assert {"startup", "data", "checkpoint", "eval"} <= set(g["badput_s"])
+    assert {"startup", "data", "checkpoint", "eval", "compile_warmup"} <= set(g["badput_s"])
     assert g["goodput_s"] + sum(g["badput_s"].values()) == pytest.approx(g["wall_s"], rel=0.01)
     assert r["memory_bytes"]["host_max_rss"] > 0
     assert r["loss"]["final"] == pytest.approx(train_losses(full_run)[-1])

@@ -56,8 +56,9 @@ def _anchor_spec():
     return get_gpt_layer_local_spec()
 
 
-def _layer_setup(spec_fn, d: Dims, device: str):
-    """Build the layer and fresh ``x, grad [s, b, h]``; the timed call is fwd + bwd."""
+def _layer_setup(spec_fn, d: Dims, device: str, width: int | None = None, layer_number: int = 1):
+    """Build the layer and fresh ``x, grad [s, b, width]`` (width defaults to h); the timed call
+    is fwd + bwd."""
     import torch
 
     from bench.parallel import ensure_model_parallel
@@ -65,11 +66,12 @@ def _layer_setup(spec_fn, d: Dims, device: str):
     ensure_model_parallel(cpu=device == "cpu")
     from megatron.core.transformer.spec_utils import build_module
 
-    layer = build_module(spec_fn(), config=layer_config(d), layer_number=1)
+    layer = build_module(spec_fn(), config=layer_config(d), layer_number=layer_number)
     layer = layer.to(device=device, dtype=torch.bfloat16).train()
     params = list(layer.parameters())
-    x = torch.randn(d.s, d.b, d.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(d.s, d.b, d.hidden, device=device, dtype=torch.bfloat16)
+    width = width or d.hidden
+    x = torch.randn(d.s, d.b, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(d.s, d.b, width, device=device, dtype=torch.bfloat16)
 
     def step():
         for p in params:

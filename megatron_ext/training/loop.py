@@ -265,6 +265,12 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
                                  "seq_length": cfg.seq_length, "preset": cfg.preset})
             progress.write(f"iter {iteration:>6} | saved checkpoint {checkpoint.iteration_dir(ckpt_root, iteration)}")
     progress.close()
+    # The first step pays one-time costs (kernel selection, lazy init, any torch.compile of
+    # Megatron's fused helpers): count its excess over the median step as compile/warm-up badput.
+    if len(step_times) > 1:
+        excess = max(0.0, step_times[0] - sorted(step_times)[len(step_times) // 2])
+        clock.add("train", -excess)
+        clock.add("compile_warmup", excess)
 
     receipt = build_receipt(
         config=dataclasses.asdict(cfg),

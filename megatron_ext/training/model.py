@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext import compat
-from megatron_ext.config import TrainConfig, ffn_hidden_size
+from megatron_ext.config import TrainConfig, ffn_hidden_size, mhc_config
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -49,6 +49,10 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
     )
+    if cfg.recompute_granularity is not None:
+        fields.update(recompute_granularity=cfg.recompute_granularity)
+        if cfg.recompute_granularity == "full":
+            fields.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
     if cfg.num_experts:
         fields.update(
             num_moe_experts=cfg.num_experts,
@@ -60,7 +64,10 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_grouped_gemm=False,
             moe_router_dtype="fp32",
         )
-    return compat.make_transformer_config(**fields)
+    tconfig = compat.make_transformer_config(**fields)
+    # This project's knobs ride on the config object (the narrow adapter the specs read).
+    tconfig.mhc = mhc_config(cfg)
+    return tconfig
 
 
 def build_gpt(cfg: TrainConfig, tconfig, vocab_size: int):
@@ -69,11 +76,13 @@ def build_gpt(cfg: TrainConfig, tconfig, vocab_size: int):
     from megatron.core.models.gpt import GPTModel
 
     from layer_specs.gpt import gpt_block_spec
+    from layer_specs.mhc import mhc_block_spec
 
+    spec_fn = mhc_block_spec if tconfig.mhc is not None else gpt_block_spec
     pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=gpt_block_spec(tconfig),
+        transformer_layer_spec=spec_fn(tconfig),
         vocab_size=padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by,
                                      cfg.tensor_model_parallel_size),
         max_sequence_length=cfg.seq_length,

@@ -1,0 +1,50 @@
+"""``mhc_layer``: a whole Megatron TransformerLayer with mHC n=4 vs the same layer with a plain
+residual, forward + backward, bf16, TP=1 (the paper reports 6.7% overhead; target <= 7%).
+
+anchor = the dense layer of ``layer_specs.gpt.dense_layer_spec()`` on ``x [s, b, C]``;
+ours   = ``layer_specs.mhc.mhc_layer_spec`` (fused Triton mixers) on the streams ``[s, b, 4*C]`` of a
+         middle layer (two mixing sites: around attention and around the MLP);
+ref    = the same mHC layer with the torch reference mixers.
+The ratio column is anchor ms / ours ms, so the overhead of mHC is 1/ratio - 1.
+"""
+
+from __future__ import annotations
+
+from bench.benchmarks.dense_layer import FULL, SMALL, Dims, _layer_setup
+from bench.cases import Benchmark, Case
+from bench.flops import layer_fwd_bwd_flops
+from bench.registry import register
+
+STREAMS = 4
+
+
+def _setup(d: Dims, device: str, mhc_backend: str | None):
+    """The plain layer on ``[s, b, C]`` (mhc_backend None) or a middle mHC layer on ``[s, b, 4C]``."""
+    from layer_specs.gpt import dense_layer_spec
+    from layer_specs.mhc import mhc_layer_spec
+    from megatron_ext.config import MHCConfig
+
+    if mhc_backend is None:
+        return _layer_setup(dense_layer_spec, d, device, layer_number=2)
+    return _layer_setup(lambda: mhc_layer_spec(MHCConfig(num_streams=STREAMS, backend=mhc_backend)),
+                        d, device, width=STREAMS * d.hidden, layer_number=2)
+
+
+@register
+def mhc_layer(small: bool = False, device: str = "cuda") -> Benchmark:
+    d = SMALL if small else FULL
+    flops = layer_fwd_bwd_flops(d.s, d.b, d.hidden, d.heads, d.ffn, causal=True)
+    backend = "torch" if device == "cpu" else "triton"
+    return Benchmark(
+        name="mhc_layer",
+        description="TransformerLayer fwd+bwd with mHC n=4 mixers vs a plain residual",
+        shape=(f"x[s={d.s}, b={d.b}, C={d.hidden}] bf16 (mHC: {STREAMS} streams), {d.heads} heads, "
+               f"ffn {d.ffn} gelu, causal, TP=1, fwd+bwd; TFLOP/s counts the layer's matmuls only"),
+        cases=[
+            Case(name="ours", label=f"ours: mHC n=4 layer ({backend} mixers)", role="ours",
+                 setup=lambda: _setup(d, device, backend), flops=flops, bound="compute"),
+            Case(name="ref_torch", label="ref: mHC n=4 layer (torch reference mixers)", role="ref",
+                 setup=lambda: _setup(d, device, "torch"), flops=flops, bound="compute"),
+            Case(name="anchor", label="anchor: same layer, plain residual", role="anchor",
+                 setup=lambda: _setup(d, device, None), flops=flops, bound="compute"),
+        ])

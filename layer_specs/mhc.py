@@ -1,0 +1,33 @@
+"""mHC block spec: every layer an :class:`MHCTransformerLayer`, the final norm collapsing the streams.
+
+``--spec layer_specs.mhc mhc_block_spec``. The mHC knobs come from ``config.mhc`` (an
+``MHCConfig``; defaults: 4 streams, 20 Sinkhorn iterations, dynamic mappings). Attention and MLP
+(dense or MoE) are the ones of the dense spec, so mHC composes with the other specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from layer_specs.gpt import block_spec, dense_layer_spec, mlp_spec_for
+from megatron_ext.config import MHCConfig
+from megatron_ext.modules.mhc import MHCFinalNorm, MHCTransformerLayer, no_residual_bda
+
+
+def mhc_layer_spec(mhc: MHCConfig, qk_layernorm: bool = False, mlp: ModuleSpec | None = None) -> ModuleSpec:
+    base = dense_layer_spec(qk_layernorm, mlp)
+    submodules = dataclasses.replace(base.submodules, self_attn_bda=no_residual_bda, mlp_bda=no_residual_bda)
+    return ModuleSpec(module=MHCTransformerLayer, params={"mhc": mhc}, submodules=submodules)
+
+
+def mhc_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    mhc = getattr(config, "mhc", None) or MHCConfig()
+    mhc.validate(config.hidden_size)
+    # Pipeline p2p buffers are sized from the config; the shape patch reads this to carry n*C.
+    config.mhc_num_streams = mhc.num_streams
+    layer = mhc_layer_spec(mhc, getattr(config, "qk_layernorm", False), mlp_spec_for(config))
+    return block_spec(config, layer, vp_stage, final_norm=MHCFinalNorm)

@@ -1,0 +1,145 @@
+"""mHC stream mixers as a Megatron TransformerLayer (Manifold-Constrained Hyper-Connections,
+DeepSeek, arXiv 2512.24880, eqs. 14-19).
+
+The residual stream is widened to ``n`` streams of width ``C = config.hidden_size``. Around each
+sublayer F (attention, then MLP/MoE), per token:
+
+    u   = sum_i H_pre[i] x_i                      (branch input; F applies its own norm)
+    x'_i = sum_j H_res[i, j] x_j + H_post[i] F(u)  (H_res doubly stochastic via Sinkhorn)
+
+Between layers the streams travel as one ``[s, b, n*C]`` tensor, so Megatron's block, sequence
+parallel, recompute and pipeline p2p (with the shape patch in ``patches/``) carry them unchanged.
+The first layer of the model expands ``[s, b, C]`` into ``n`` copies; :class:`MHCFinalNorm`
+averages the streams before the final norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import make_viewless_tensor
+
+from megatron_ext.config import MHCConfig
+from megatron_ext.modules.norm import Norm
+from megatron_ext.ops import mhc as mhc_ops
+
+
+def no_residual_bda(training: bool, fused: bool):
+    """Bias-dropout without the residual add: the mixer does the residual itself.
+
+    A plain function on purpose: Megatron's build_module returns functions uncalled.
+    """
+
+    def bda(x_with_bias, residual, prob):
+        x, bias = x_with_bias
+        if bias is not None:
+            x = x + bias
+        return torch.nn.functional.dropout(x, p=prob, training=training)
+
+    return bda
+
+
+class StreamMixer(torch.nn.Module):
+    """The mappings of one mHC site: phi ``[n*C, n*n + 2n]``, alpha ``[3]`` and bias
+    ``[n*n + 2n]`` ordered [pre (n), post (n), res (n*n)].
+
+    Initialisation: alpha small (the mappings start nearly token-independent); bias gives
+    H_pre = 1/n (the branch sees the stream mean), H_post = 1, and H_res ~ 0.95 on the diagonal
+    after Sinkhorn (identity-like, doubly stochastic).
+    """
+
+    def __init__(self, config, mhc: MHCConfig):
+        super().__init__()
+        n, c = mhc.num_streams, config.hidden_size
+        self.mhc, self.n, self.c = mhc, n, c
+        width = n * n + 2 * n
+        bias = torch.zeros(width)
+        if n > 1:
+            bias[:n] = math.log(1.0 / (n - 1))  # sigmoid(b) = 1/n
+        bias[2 * n:] = (4.0 * torch.eye(n)).reshape(-1)
+        self.bias = torch.nn.Parameter(bias)
+        if mhc.mode == "dynamic":
+            phi = torch.empty(n * c, width)
+            torch.nn.init.xavier_uniform_(phi)
+            self.phi = torch.nn.Parameter(phi)
+            self.alpha = torch.nn.Parameter(torch.full((3,), float(mhc.alpha_init)))
+        else:
+            self.register_parameter("phi", None)
+            self.register_parameter("alpha", None)
+        for p in self.parameters():
+            # Under sequence parallel each TP rank mixes different tokens: all-reduce the grads.
+            p.sequence_parallel = bool(config.sequence_parallel)
+
+    def pre(self, streams: torch.Tensor):
+        """streams ``[s, b, n, C]`` -> (u ``[s, b, C]``, h_post, h_res) (per token or static)."""
+        m = self.mhc
+        if m.mode == "dynamic":
+            return mhc_ops.mhc_mix_pre(streams, self.phi, self.alpha, self.bias, num_iters=m.sinkhorn_iters,
+                                       eps=m.eps, backend=m.backend)
+        n = self.n
+        b = self.bias.to(torch.promote_types(self.bias.dtype, torch.float32))  # fp32 math, fp64 kept
+        h_pre = torch.sigmoid(b[:n])
+        h_post = 2.0 * torch.sigmoid(b[n:2 * n])
+        h_res = mhc_ops.sinkhorn(b[2 * n:].view(n, n), num_iters=m.sinkhorn_iters, eps=m.eps, backend="torch")
+        return mhc_ops.mhc_pre(streams, h_pre, backend=m.backend), h_post, h_res
+
+    def post(self, streams, h_res, h_post, branch_out):
+        return mhc_ops.mhc_post_res(streams, h_res, h_post, branch_out, backend=self.mhc.backend)
+
+
+class MHCTransformerLayer(TransformerLayer):
+    """TransformerLayer whose two residual connections are mHC stream mixers.
+
+    The stock ``_forward_attention`` / ``_forward_mlp`` run unchanged on the branch input ``u``
+    (with a no-residual bda from the spec); this class adds the mixing around them.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, mhc: MHCConfig | None = None, **kwargs):
+        super().__init__(config, submodules, layer_number=layer_number, **kwargs)
+        self.mhc = mhc or MHCConfig()
+        self.mhc.validate(config.hidden_size)
+        self.attn_mixer = StreamMixer(config, self.mhc)
+        self.mlp_mixer = StreamMixer(config, self.mhc)
+
+    def _streams(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        s, b, width = hidden_states.shape
+        n, c = self.mhc.num_streams, self.config.hidden_size
+        if width == c:  # first layer of the model: expand the embedding into n copies
+            return hidden_states.unsqueeze(2).expand(s, b, n, c).contiguous()
+        if width != n * c:
+            raise ValueError(f"hidden_states width={width}: expected hidden_size={c} (first layer) or "
+                             f"num_streams*hidden_size={n * c}; use the mHC block spec for every layer")
+        return hidden_states.view(s, b, n, c)
+
+    def _mix(self, mixer: StreamMixer, streams, branch, *args, **kwargs):
+        u, h_post, h_res = mixer.pre(streams)
+        out = branch(u, *args, **kwargs)
+        extra = None
+        if isinstance(out, tuple):
+            out, extra = out
+        s, b, n, c = streams.shape
+        new = mixer.post(streams, h_res, h_post, out).reshape(s, b, n * c)
+        # Pipeline stages deallocate their outputs and require them not to be views.
+        new = make_viewless_tensor(inp=new, requires_grad=new.requires_grad, keep_graph=True)
+        return new, extra
+
+    def _forward_attention(self, hidden_states, *args, **kwargs):
+        streams = self._streams(hidden_states)
+        return self._mix(self.attn_mixer, streams, super()._forward_attention, *args, **kwargs)
+
+    def _forward_mlp(self, hidden_states, *args, **kwargs):
+        streams = self._streams(hidden_states)
+        out, _ = self._mix(self.mlp_mixer, streams, super()._forward_mlp, *args, **kwargs)
+        return out
+
+
+class MHCFinalNorm(Norm):
+    """The block's final norm: average the n streams (``[s, b, n*C]`` -> ``[s, b, C]``), then norm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.hidden_size:
+            s, b, width = x.shape
+            x = x.view(s, b, width // self.hidden_size, self.hidden_size).mean(dim=2)
+        return super().forward(x)

@@ -1,0 +1,147 @@
+"""mHC stream mixers (Manifold-Constrained Hyper-Connections, arXiv 2512.24880): public entry points.
+
+Each op takes ``backend="auto" | "triton" | "torch"``; "auto" resolves through
+:func:`megatron_ext.backends.resolve` (Triton when it can run here, else the torch reference,
+logged once and recorded). The Triton kernels cover n = 4 streams in bf16/fp16/fp32 on CUDA, or
+on CPU under ``TRITON_INTERPRET=1`` (the test lane). ``reference.py`` is the spec of every op.
+
+Layouts: streams ``[s, b, n, C]`` (the layer's ``[s, b, n*C]`` viewed, no copy), branch input and
+output ``[s, b, C]``, dynamic mappings per token ``[s, b, n]`` / ``[s, b, n, n]``, static mappings
+``[n]`` / ``[n, n]``. Mapping parameters: ``phi [n*C, n*n + 2n]``, ``alpha [3]`` (pre, post, res),
+``bias [n*n + 2n]``, columns ordered [pre(n), post(n), res(n*n) row-major].
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_ext import backends
+from megatron_ext.ops.mhc import reference
+from megatron_ext.ops.mhc.reference import branch_mix_weights, mhc_mappings
+
+__all__ = ["sinkhorn", "mhc_pre", "mhc_post_res", "mhc_mix_pre", "mhc_mappings",
+           "branch_mix_weights", "TRITON_NUM_STREAMS", "TRITON_DTYPES"]
+
+Tensor = torch.Tensor
+TRITON_NUM_STREAMS = 4
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _triton_probe(tensors: Sequence[Tensor], n: int, dtype: torch.dtype) -> Callable[[], Optional[str]]:
+    def probe() -> Optional[str]:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        devices = sorted({t.device.type for t in tensors})
+        if devices == ["cpu"]:
+            if os.environ.get("TRITON_INTERPRET", "0") != "1":
+                return "tensors are on CPU and TRITON_INTERPRET is not '1'"
+        elif devices != ["cuda"]:
+            return f"devices={devices}: the kernels need all tensors on one CUDA device (or CPU " \
+                   f"with TRITON_INTERPRET=1)"
+        if n != TRITON_NUM_STREAMS:
+            return f"num_streams={n}: the fused kernels are built for n={TRITON_NUM_STREAMS}"
+        if dtype not in TRITON_DTYPES:
+            return f"dtype={dtype}: the kernels take {[str(d) for d in TRITON_DTYPES]}"
+        from megatron_ext.ops.mhc._triton_util import kernels_interpreted
+
+        if kernels_interpreted() != (devices == ["cpu"]):
+            return (f"the mHC kernels were imported {'with' if devices == ['cuda'] else 'without'} "
+                    f"TRITON_INTERPRET=1 (triton.jit fixes that at import), unusable for "
+                    f"{devices[0]} tensors; set it before the first mHC Triton call")
+        return None
+    return probe
+
+
+def _torch_probe() -> Optional[str]:
+    return None
+
+
+def _resolve(op: str, backend: str, tensors: Sequence[Tensor], n: int, dtype: torch.dtype) -> str:
+    return backends.resolve(op, backend, [("triton", _triton_probe(tensors, n, dtype)),
+                                          ("torch", _torch_probe)])
+
+
+def _check_shape(field: str, tensor: Tensor, allowed: Sequence[Tuple[int, ...]], why: str) -> None:
+    if tuple(tensor.shape) not in [tuple(a) for a in allowed]:
+        raise ValueError(f"{field}.shape={tuple(tensor.shape)}: {why}; use one of "
+                         f"{[tuple(a) for a in allowed]}")
+
+
+def _check_streams(streams: Tensor) -> Tuple[int, int, int, int]:
+    if streams.dim() != 4:
+        raise ValueError(f"streams.shape={tuple(streams.shape)}: the streams must be 4-d; use "
+                         f"[s, b, n, C] (view the layer's [s, b, n*C] tensor)")
+    return tuple(streams.shape)
+
+
+def sinkhorn(logits: Tensor, num_iters: int = 20, eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """``logits [..., n, n]`` -> fp32 doubly stochastic ``[..., n, n]`` (see reference.sinkhorn)."""
+    reference.check_num_iters(num_iters)
+    if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"logits.shape={tuple(logits.shape)}: Sinkhorn needs square matrices; "
+                         f"use [..., n, n]")
+    if _resolve("mhc_sinkhorn", backend, [logits], logits.shape[-1], logits.dtype) == "torch":
+        return reference.sinkhorn(logits, num_iters, eps)
+    from megatron_ext.ops.mhc.autograd import SinkhornFn
+
+    return SinkhornFn.apply(logits, num_iters, eps)
+
+
+def mhc_pre(streams: Tensor, h_pre: Tensor, backend: str = "auto") -> Tensor:
+    """``u [s, b, C] = sum_i h_pre[i] x_i``; ``streams [s, b, n, C]``, ``h_pre [s, b, n]`` (dynamic)
+    or ``[n]`` (static). fp32 accumulation, stream dtype out."""
+    s, b, n, _ = _check_streams(streams)
+    _check_shape("h_pre", h_pre, [(s, b, n), (n,)], "one weight per stream, per token or shared")
+    if _resolve("mhc_pre", backend, [streams, h_pre], n, streams.dtype) == "torch":
+        return reference.mhc_pre(streams, h_pre)
+    from megatron_ext.ops.mhc.autograd import PreFn
+
+    return PreFn.apply(streams, h_pre)
+
+
+def mhc_post_res(streams: Tensor, h_res: Tensor, h_post: Tensor, branch_out: Tensor,
+                 backend: str = "auto") -> Tensor:
+    """New streams ``[s, b, n, C]``: ``x'_i = sum_j h_res[i, j] x_j + h_post[i] * branch_out``.
+
+    ``h_res [s, b, n, n]`` or static ``[n, n]``; ``h_post [s, b, n]`` or static ``[n]``;
+    ``branch_out [s, b, C]`` (its dtype may differ from the streams'; the output has the streams')."""
+    s, b, n, c = _check_streams(streams)
+    _check_shape("h_res", h_res, [(s, b, n, n), (n, n)], "an n x n mix per token or shared")
+    _check_shape("h_post", h_post, [(s, b, n), (n,)], "one weight per stream, per token or shared")
+    _check_shape("branch_out", branch_out, [(s, b, c)], "the sublayer output of the site")
+    if _resolve("mhc_post_res", backend, [streams, h_res, h_post, branch_out], n,
+                streams.dtype) == "torch":
+        return reference.mhc_post_res(streams, h_res, h_post, branch_out)
+    from megatron_ext.ops.mhc.autograd import PostResFn
+
+    return PostResFn.apply(streams, h_res, h_post, branch_out)
+
+
+def mhc_mix_pre(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, num_iters: int = 20,
+                eps: float = 1e-6, rms_eps: float = 1e-6,
+                backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused dynamic mappings + pre-aggregation of one sublayer site.
+
+    ``streams [s, b, n, C]``, ``phi [n*C, n*n + 2n]``, ``alpha [3]``, ``bias [n*n + 2n]`` ->
+    ``(u [s, b, C] stream dtype, h_post [s, b, n] fp32, h_res [s, b, n, n] fp32)``; feed h_post /
+    h_res to :func:`mhc_post_res`. Gradients flow to streams, phi, alpha and bias (fp32 math; the
+    parameter grads come back in each parameter's dtype). ``eps``: Sinkhorn sum clamp;
+    ``rms_eps``: inside the RMS square root."""
+    reference.check_num_iters(num_iters)
+    s, b, n, c = _check_streams(streams)
+    m = n * n + 2 * n
+    _check_shape("phi", phi, [(n * c, m)], "the mapping projection of the flattened streams")
+    _check_shape("alpha", alpha, [(3,)], "the pre, post and res gating scales")
+    _check_shape("bias", bias, [(m,)], "the mapping bias, ordered [pre(n), post(n), res(n*n)]")
+    if _resolve("mhc_mix_pre", backend, [streams, phi, alpha, bias], n,
+                streams.dtype) == "torch":
+        return reference.mhc_mix_pre(streams, phi, alpha, bias, num_iters, eps, rms_eps)
+    from megatron_ext.ops.mhc.autograd import MixPreFn
+
+    return MixPreFn.apply(streams, phi.float(), alpha.float(), bias.float(), num_iters, eps,
+                          rms_eps)

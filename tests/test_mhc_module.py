@@ -1,0 +1,110 @@
+"""mHC as a Megatron layer: initial mappings, gradients of a mixing site, training on the CPU lane
+(dense, MoE inside mHC, static mode), and config errors."""
+
+import pytest
+import torch
+
+from megatron_ext.config import MHCConfig
+from tests.helpers import receipt, train_inprocess, train_losses
+
+# Training runs use the torch mixers: the kernel tests set TRITON_INTERPRET=1 for the whole pytest
+# process, and the interpreter is far too slow for a model; the kernels are tested in test_ops_mhc.
+TORCH = ["--mhc-backend", "torch"]
+
+
+class _Cfg:
+    hidden_size = 6
+    sequence_parallel = False
+
+
+def _mixer(mode="dynamic", n=4):
+    from megatron_ext.modules.mhc import StreamMixer
+
+    return StreamMixer(_Cfg(), MHCConfig(num_streams=n, mode=mode, backend="torch")).double()
+
+
+def test_initial_mappings_are_mean_in_identity_like_residual():
+    mixer = _mixer()
+    streams = torch.randn(3, 2, 4, 6, dtype=torch.float64)
+    u, h_post, h_res = mixer.pre(streams)
+    # alpha=0.01 makes the token-dependent part small: near 1/n, 1 and an identity-like H_res
+    torch.testing.assert_close(u, streams.mean(dim=2), atol=0.05, rtol=0.05)
+    torch.testing.assert_close(h_post, torch.ones_like(h_post), atol=0.05, rtol=0)
+    assert (torch.diagonal(h_res, dim1=-2, dim2=-1) > 0.9).all()
+    # 20 Sinkhorn iterations end on a column normalisation: columns exact, rows within the
+    # finite-iteration error, which is largest for the diagonal-heavy start
+    ones = torch.ones(3, 2, 4, dtype=h_res.dtype)
+    torch.testing.assert_close(h_res.sum(-2), ones, atol=1e-6, rtol=0)
+    torch.testing.assert_close(h_res.sum(-1), ones, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_mixing_site_gradcheck(mode):
+    mixer = _mixer(mode)
+    with torch.no_grad():  # move away from the symmetric init so every path carries gradient
+        for p in mixer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    streams = torch.randn(2, 1, 4, 6, dtype=torch.float64, requires_grad=True)
+    branch = torch.randn(2, 1, 6, dtype=torch.float64, requires_grad=True)
+    params = [p for p in mixer.parameters()]
+
+    def site(x, f, *ps):
+        u, h_post, h_res = mixer.pre(x)
+        return mixer.post(x, h_res, h_post, f * u.tanh())
+
+    assert torch.autograd.gradcheck(site, (streams, branch, *params), eps=1e-6, atol=1e-5)
+
+
+def test_mhc_model_trains(tmp_path):
+    run = tmp_path / "mhc"
+    assert train_inprocess(run, "--mhc-num-streams", "4", *TORCH, "--train-iters", "12", "--eval-iters", "0") == 0
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 1.5
+    assert any(b["op"].startswith("mhc") for b in receipt(run)["backends"])
+
+
+def test_full_activation_recompute_gives_the_same_losses(tmp_path, monkeypatch):
+    from megatron.core import tensor_parallel
+
+    calls = []
+    original = tensor_parallel.checkpoint
+
+    def counting_checkpoint(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(tensor_parallel, "checkpoint", counting_checkpoint)
+    args = ["--mhc-num-streams", "4", *TORCH, "--train-iters", "4", "--eval-iters", "0"]
+    plain = tmp_path / "plain"
+    assert train_inprocess(plain, *args) == 0
+    recomputed = tmp_path / "recompute"
+    assert train_inprocess(recomputed, *args, "--recompute-granularity", "full",
+                           "--recompute-num-layers", "1") == 0
+    assert train_losses(recomputed) == pytest.approx(train_losses(plain), rel=1e-6)
+    assert len(calls) == 4 * 2 * 2  # iterations x micro-batches x layers: every layer recomputed
+    assert receipt(recomputed)["config"]["recompute_granularity"] == "full"
+
+
+def test_moe_inside_mhc_and_static_mode_train(tmp_path):
+    moe = tmp_path / "moe"
+    assert train_inprocess(moe, "--mhc-num-streams", "4", *TORCH, "--num-experts", "4", "--train-iters", "8",
+                           "--eval-iters", "0") == 0
+    assert train_losses(moe)[-1] < train_losses(moe)[0] - 1.0
+    static = tmp_path / "static"
+    assert train_inprocess(static, "--mhc-num-streams", "3", *TORCH, "--mhc-mode", "static", "--train-iters", "8",
+                           "--eval-iters", "0") == 0
+    assert train_losses(static)[-1] < train_losses(static)[0] - 1.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mhc-num-streams", "0"], "mhc_num_streams=0: must be a positive integer"),
+    (["--mhc-num-streams", "4", "--mhc-sinkhorn-iters", "0"], "mhc_sinkhorn_iters=0"),
+    (["--mhc-num-streams", "3", "--mhc-backend", "triton"], "mhc_backend='triton': the fused Triton lane is for num_streams=4, not 3"),
+    (["--mhc-num-streams", "4", "--mhc-mode", "sometimes"], "mhc_mode='sometimes'"),
+])
+def test_mhc_config_errors(tmp_path, capsys, argv, message):
+    from megatron_ext.cli import main
+
+    assert main(["train", "--runs-root", str(tmp_path / "r"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
