@@ -4,4 +4,4 @@ To add one: a module here with ``@register def name(small: bool = False, device:
 -> Benchmark`` and an import line below.
 """
 
-from bench.benchmarks import calibration, dense_layer, mhc, mhc_layer  # noqa: F401
+from bench.benchmarks import calibration, dense_layer, mhc, mhc_layer, sparse_attention  # noqa: F401

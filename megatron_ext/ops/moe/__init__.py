@@ -1,0 +1,121 @@
+"""Fused MoE ops: router (``routing.py``) and the expert FFN ``moe_ffn`` (one dispatcher).
+
+``moe_ffn(x, probs, indices, w1, w2, activation, backend)``: x [T, H], probs [T, k] float,
+indices [T, k] int, w1 [E, H, 2F] (gated: swiglu/geglu, [gate | up]) or [E, H, F] (plain),
+w2 [E, F, H] -> [T, H] = sum_j probs[t, j] * FFN_{indices[t, j]}(x[t]).
+
+Backends (``backend="auto" | "grouped_mm" | "torch"``, resolved by
+:func:`megatron_ext.backends.resolve`): "grouped_mm" = permute -> ``grouped_mm(x_sorted, w1,
+offs)`` -> activation -> ``grouped_mm(h, w2, offs)`` -> weighted unpermute, on the CUTLASS grouped
+GEMM (CUDA, bf16, sm >= 90); "torch" = the per-expert loop in ``reference.py`` (the spec).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from megatron_ext import backends
+from megatron_ext.ops.moe import reference
+from megatron_ext.ops.moe.reference import (ACTIVATIONS, GATED_ACTIVATIONS, expert_activation,
+                                            moe_ffn_reference, permute, unpermute)
+from megatron_ext.ops.moe.routing import (RouterConfig, RoutingResult, route, seq_ids_for_layout,
+                                          seq_ids_from_lengths, sinkhorn_balance,
+                                          update_expert_bias)
+
+__all__ = ["moe_ffn", "moe_ffn_reference", "permute", "unpermute", "expert_activation",
+           "RouterConfig", "RoutingResult", "route", "sinkhorn_balance", "update_expert_bias",
+           "seq_ids_for_layout", "seq_ids_from_lengths", "ACTIVATIONS"]
+
+Tensor = torch.Tensor
+
+
+def _grouped_mm_fn() -> Optional[Callable]:
+    fn = getattr(torch.nn.functional, "grouped_mm", None)
+    return fn if fn is not None else getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optional[str]]:
+    def probe() -> Optional[str]:
+        if _grouped_mm_fn() is None:
+            return f"torch {torch.__version__} has neither F.grouped_mm nor torch._grouped_mm"
+        devices = {t.device.type for t in (x, w1, w2)}
+        if devices != {"cuda"}:
+            return f"devices={sorted(devices)}: the grouped GEMM runs on CUDA tensors only"
+        dtypes = {t.dtype for t in (x, w1, w2)}
+        if dtypes != {torch.bfloat16}:
+            return f"dtypes={sorted(str(d) for d in dtypes)}: the grouped GEMM lane is bf16 only"
+        cap = torch.cuda.get_device_capability(x.device)
+        if cap < (9, 0):
+            # on sm < 90 torch falls back to a per-expert loop with host syncs (pytorch #186620)
+            return f"compute capability {cap[0]}.{cap[1]}: the CUTLASS grouped GEMM needs >= 9.0"
+        if any(d % 8 for d in (w1.shape[1], w1.shape[2], w2.shape[1], w2.shape[2])):
+            return (f"w1.shape={tuple(w1.shape)}, w2.shape={tuple(w2.shape)}: grouped_mm needs "
+                    f"every GEMM dim a multiple of 8 (16-byte rows in bf16)")
+        return None
+    return probe
+
+
+def _torch_probe() -> Optional[str]:
+    return None
+
+
+def _check(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
+           activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: unknown expert activation; use one of "
+                         f"{list(ACTIVATIONS)}")
+    if x.dim() != 2:
+        raise ValueError(f"x.shape={tuple(x.shape)}: tokens must be flattened; use [T, H]")
+    T, H = x.shape
+    if indices.dim() != 2 or indices.shape[0] != T:
+        raise ValueError(f"indices.shape={tuple(indices.shape)}: one row of expert ids per token "
+                         f"of x [{T}, {H}]; use [{T}, k]")
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise ValueError(f"indices.dtype={indices.dtype}: expert ids are integers; use int64")
+    if probs.shape != indices.shape or not probs.dtype.is_floating_point:
+        raise ValueError(f"probs.shape={tuple(probs.shape)}, dtype={probs.dtype}: one float "
+                         f"weight per (token, choice); use {tuple(indices.shape)} float")
+    if w1.dim() != 3 or w1.shape[1] != H:
+        raise ValueError(f"w1.shape={tuple(w1.shape)}: the first expert GEMM maps H={H}; use "
+                         f"[E, {H}, 2F] (gated) or [E, {H}, F]")
+    E = w1.shape[0]
+    if w2.dim() != 3 or w2.shape[0] != E or w2.shape[2] != H:
+        raise ValueError(f"w2.shape={tuple(w2.shape)}: the second expert GEMM maps F back to "
+                         f"H={H} for E={E} experts; use [{E}, F, {H}]")
+    ffn = w2.shape[1]
+    want = 2 * ffn if activation in GATED_ACTIVATIONS else ffn
+    if w1.shape[2] != want:
+        raise ValueError(f"w1.shape={tuple(w1.shape)}: activation={activation!r} with "
+                         f"w2.shape={tuple(w2.shape)} (F={ffn}) needs w1's last dim {want}"
+                         f"{' ([gate | up])' if want != ffn else ''}; use [{E}, {H}, {want}]")
+    # range check only on CPU: on CUDA it would cost a host sync every step
+    if indices.device.type == "cpu" and indices.numel() and \
+            (int(indices.min()) < 0 or int(indices.max()) >= E):
+        raise ValueError(f"indices in [{int(indices.min())}, {int(indices.max())}]: expert ids "
+                         f"out of range for E={E}; use 0 <= indices < {E}")
+
+
+def _moe_ffn_grouped_mm(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
+                        activation: str) -> Tensor:
+    gmm = _grouped_mm_fn()
+    x_sorted, order, tokens_per_expert = permute(x, indices, w1.shape[0])
+    # offs = end row of each group; offs[-1] == rows, so no garbage padding rows
+    # (torchtitan #1237: rows past offs[-1] come back as inf/NaN)
+    offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+    h = expert_activation(gmm(x_sorted, w1, offs=offs), activation)
+    y = gmm(h, w2, offs=offs)
+    return unpermute(y, order, probs, x.shape[0])
+
+
+def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
+            activation: str = "swiglu", backend: str = "auto") -> Tensor:
+    """Routed expert FFN, see the module docstring for shapes; differentiable in x, probs,
+    w1, w2 on every backend."""
+    _check(x, probs, indices, w1, w2, activation)
+    name = backends.resolve("moe_ffn", backend, [("grouped_mm", _grouped_mm_probe(x, w1, w2)),
+                                                 ("torch", _torch_probe)])
+    if name == "grouped_mm":
+        return _moe_ffn_grouped_mm(x, probs, indices, w1, w2, activation)
+    return reference.moe_ffn_reference(x, probs, indices, w1, w2, activation)

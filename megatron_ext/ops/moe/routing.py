@@ -1,0 +1,413 @@
+"""MoE router as one pure function: logits ``[T, E]`` -> top-k probs/indices, losses and load.
+
+Everything runs in fp32 whatever the logits' dtype (Megatron's ``moe_router_dtype`` fp32 lane):
+top-k on bf16 ties and the exp in softmax/Sinkhorn are where low precision hurts routing.
+
+Options (field names follow Megatron's ``moe_router_*`` / ``moe_*`` config, see
+``megatron/core/transformer/moe/{router.py,moe_utils.py}``):
+
+* score function: ``softmax`` (Switch/GShard; ``pre_softmax`` picks top-k on the full softmax,
+  else softmax over the k chosen logits) or ``sigmoid`` (DeepSeek-V3 eq. 15-16: top-k of
+  sigmoid scores, normalised over the k chosen when ``normalize_topk`` and k > 1, times
+  ``topk_scaling_factor``, DeepSeek's ``route_scale``).
+* group-limited routing (DeepSeek-V2 device-limited / DeepSeek-V3 node-limited): experts split into
+  ``num_groups`` equal groups; a group's score is the sum of its top ``max(1, topk // group_topk)``
+  selection scores (Megatron; DeepSeek-V3's top-2 with k=8, 4 groups); the token picks the
+  ``group_topk`` best groups, then its k experts inside them.
+* aux-loss-free balancing (DeepSeek-V3 §2.1.2, arXiv 2408.15664): a per-expert bias is added to the
+  scores for *selection only*; :func:`update_expert_bias` moves it by ``rate * sign(mean - load)``.
+* load-balancing losses (Switch Transformer eq. 4-6, arXiv 2101.03961)::
+
+      aux_loss = coeff * E * sum_e f_e * P_e
+      f_e = (#(token, choice) pairs routed to e) / (T * k)      (fraction over the k choices)
+      P_e = mean_t s[t, e]                                      (mean router prob over tokens)
+
+  with ``s`` the softmax over all E (or, for sigmoid, the sigmoid scores normalised over E,
+  as Megatron does). ``seq_aux_loss`` (DeepSeek-V3 eq. 17-20) applies the same formula within
+  each sequence and averages over sequences. ``global_aux_loss`` (arXiv 2501.11873) takes f_e
+  from counts over the global batch (passed in) and P_e from the local tokens.
+  f_e counts the *actual* selection (bias and groups included, before capacity dropping).
+* router z-loss (ST-MoE eq. 5, arXiv 2202.08906): ``z_loss = coeff * mean_t logsumexp(l_t)^2``.
+* Sinkhorn balancing (BASE layers / Megatron ``sinkhorn``): in training, experts are chosen by
+  top-k of the Sinkhorn-balanced matrix; the gate values are the score function of the raw logits.
+* capacity (Switch Transformer §2.2, GShard): ``capacity = ceil(T * k / E * capacity_factor)``
+  (Megatron's ``get_capacity``); per expert the first ``capacity`` pairs are kept, by descending
+  prob (``drop_policy="probs"``) or by token position (``"position"``); ties broken by position,
+  so the counts are exact and deterministic. Dropped pairs get prob 0 and ``kept=False``: their
+  routed output is zero and the token passes on through the residual (and the shared expert, if
+  the layer has one). ``capacity_factor=None`` is dropless.
+* noise during training only: multiplicative jitter ``Uniform(1-eps, 1+eps)`` (Switch §2.4;
+  Megatron applies it to the router input, we apply it to the logits, which is the same for a
+  bias-free linear router) and additive Gaussian noise ``noise_std * N(0, 1)`` (Shazeer et al.
+  2017 noisy top-k gating). The noisy logits feed everything downstream (selection, gates, losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn")
+DROP_POLICIES = ("probs", "position")
+_AUX_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+
+
+def _bad(field: str, value, why: str, allowed: str) -> ValueError:
+    return ValueError(f"{field}={value!r}: {why}; use {allowed}")
+
+
+@dataclasses.dataclass
+class RouterConfig:
+    """Router options; names follow Megatron's ``TransformerConfig.moe_*`` fields.
+
+    Megatron equivalents: num_experts=num_moe_experts, topk=moe_router_topk,
+    score_function=moe_router_score_function, pre_softmax=moe_router_pre_softmax,
+    topk_scaling_factor=moe_router_topk_scaling_factor, load_balancing_type=
+    moe_router_load_balancing_type, aux_loss_coeff=moe_aux_loss_coeff, z_loss_coeff=
+    moe_z_loss_coeff, enable_expert_bias=moe_router_enable_expert_bias, bias_update_rate=
+    moe_router_bias_update_rate, capacity_factor=moe_expert_capacity_factor, drop_policy=
+    moe_token_drop_policy, pad_to_capacity=moe_pad_expert_input_to_capacity, input_jitter_eps=
+    moe_input_jitter_eps, num_groups=moe_router_num_groups, group_topk=moe_router_group_topk,
+    expert_parallel_size=expert_model_parallel_size. ``normalize_topk``, ``noise_std`` and the
+    ``sinkhorn_*`` knobs are ours (Megatron hard-codes them). ``pad_to_capacity`` is validated
+    here but honoured by the dispatcher (each expert's group padded to ``RoutingResult.capacity``
+    rows for static shapes); :func:`route`'s output does not depend on it.
+    """
+
+    num_experts: int
+    topk: int = 2
+    score_function: str = "softmax"
+    pre_softmax: bool = False
+    topk_scaling_factor: Optional[float] = None
+    normalize_topk: bool = True
+    load_balancing_type: str = "none"
+    aux_loss_coeff: float = 0.0
+    z_loss_coeff: Optional[float] = None
+    enable_expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "probs"
+    pad_to_capacity: bool = False
+    input_jitter_eps: Optional[float] = None
+    noise_std: Optional[float] = None
+    num_groups: Optional[int] = None
+    group_topk: Optional[int] = None
+    expert_parallel_size: int = 1
+    sinkhorn_iters: int = 30
+    sinkhorn_eps: float = 1e-8
+
+    def validate(self) -> "RouterConfig":
+        """Raise ``ValueError(f"{field}={value!r}: {why}; use {allowed}")`` on a bad combination."""
+        E, k = self.num_experts, self.topk
+        if not isinstance(E, int) or E < 1:
+            raise _bad("num_experts", E, "must be a positive int", "num_experts >= 1")
+        if not isinstance(k, int) or not 1 <= k <= E:
+            raise _bad("topk", k, f"each token picks topk distinct experts out of num_experts={E}",
+                       f"1 <= topk <= {E}")
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise _bad("score_function", self.score_function, "unknown score function",
+                       f"one of {list(SCORE_FUNCTIONS)}")
+        if self.pre_softmax and self.score_function != "softmax":
+            raise _bad("pre_softmax", self.pre_softmax, "only meaningful with "
+                       f"score_function='softmax' (got {self.score_function!r})",
+                       "pre_softmax=False")
+        if self.score_function == "softmax" and k == 1 and not self.pre_softmax \
+                and self.load_balancing_type != "sinkhorn":
+            # softmax over a single chosen logit is always 1.0: the router gets no gradient
+            raise _bad("pre_softmax", self.pre_softmax, "topk=1 with softmax after top-k gives "
+                       "every token prob 1.0 (no router gradient)", "pre_softmax=True for topk=1")
+        if self.topk_scaling_factor is not None and not self.topk_scaling_factor > 0:
+            raise _bad("topk_scaling_factor", self.topk_scaling_factor, "must scale by a "
+                       "positive number", "None or a float > 0")
+        if self.load_balancing_type not in LOAD_BALANCING_TYPES:
+            raise _bad("load_balancing_type", self.load_balancing_type, "unknown balancing type",
+                       f"one of {list(LOAD_BALANCING_TYPES)}")
+        if not self.aux_loss_coeff >= 0:
+            raise _bad("aux_loss_coeff", self.aux_loss_coeff, "must be >= 0", "a float >= 0")
+        if self.aux_loss_coeff > 0 and self.load_balancing_type not in _AUX_TYPES:
+            raise _bad("aux_loss_coeff", self.aux_loss_coeff,
+                       f"load_balancing_type={self.load_balancing_type!r} computes no aux loss, "
+                       "the coefficient would be silently ignored",
+                       f"aux_loss_coeff=0 or load_balancing_type in {list(_AUX_TYPES)}")
+        if self.z_loss_coeff is not None and not self.z_loss_coeff >= 0:
+            raise _bad("z_loss_coeff", self.z_loss_coeff, "must be >= 0", "None or a float >= 0")
+        if self.enable_expert_bias:
+            if self.score_function != "sigmoid":
+                # Megatron validates the same: the bias shifts sigmoid scores, which are not
+                # renormalised across experts, so a constant shift has a fixed meaning
+                raise _bad("enable_expert_bias", True, "aux-loss-free balancing biases sigmoid "
+                           f"scores (DeepSeek-V3); score_function={self.score_function!r}",
+                           "score_function='sigmoid' or enable_expert_bias=False")
+            if self.load_balancing_type == "sinkhorn":
+                raise _bad("enable_expert_bias", True, "Sinkhorn already balances the selection",
+                           "enable_expert_bias=False with load_balancing_type='sinkhorn'")
+        if not self.bias_update_rate > 0:
+            raise _bad("bias_update_rate", self.bias_update_rate, "must be > 0", "a float > 0")
+        if self.capacity_factor is not None:
+            if not self.capacity_factor > 0:
+                raise _bad("capacity_factor", self.capacity_factor, "an expert must hold at "
+                           "least one token", "None (dropless) or a float > 0")
+            if self.load_balancing_type == "sinkhorn":
+                raise _bad("capacity_factor", self.capacity_factor, "token dropping is not "
+                           "defined for Sinkhorn routing (Megatron rejects it too)",
+                           "capacity_factor=None with load_balancing_type='sinkhorn'")
+        if self.drop_policy not in DROP_POLICIES:
+            raise _bad("drop_policy", self.drop_policy, "unknown drop policy",
+                       f"one of {list(DROP_POLICIES)}")
+        if self.pad_to_capacity and self.capacity_factor is None:
+            raise _bad("pad_to_capacity", True, "there is no capacity to pad to in dropless mode",
+                       "pad_to_capacity=False or set capacity_factor")
+        if self.input_jitter_eps is not None and not 0 < self.input_jitter_eps < 1:
+            raise _bad("input_jitter_eps", self.input_jitter_eps, "jitter is Uniform(1-eps, "
+                       "1+eps) and must keep the sign", "None or 0 < eps < 1")
+        if self.noise_std is not None and not self.noise_std > 0:
+            raise _bad("noise_std", self.noise_std, "must be > 0", "None or a float > 0")
+        if (self.num_groups is None) != (self.group_topk is None):
+            raise _bad("num_groups" if self.num_groups is not None else "group_topk",
+                       self.num_groups if self.num_groups is not None else self.group_topk,
+                       "group-limited routing needs both num_groups and group_topk",
+                       "both set or both None")
+        if self.num_groups is not None:
+            G, g = self.num_groups, self.group_topk
+            if not isinstance(G, int) or G < 1 or E % G:
+                raise _bad("num_groups", G, f"experts are split into equal groups and "
+                           f"num_experts={E} is not divisible by it",
+                           f"a divisor of {E}")
+            if not isinstance(g, int) or not 1 <= g <= G:
+                raise _bad("group_topk", g, f"picks groups out of num_groups={G}",
+                           f"1 <= group_topk <= {G}")
+            if k > g * (E // G):
+                raise _bad("topk", k, f"group_topk={g} groups of {E // G} experts hold only "
+                           f"{g * (E // G)} experts", f"topk <= {g * (E // G)} or more groups")
+            if self.load_balancing_type == "sinkhorn":
+                raise _bad("num_groups", G, "group-limited selection is not defined for Sinkhorn",
+                           "num_groups=None with load_balancing_type='sinkhorn'")
+        if not isinstance(self.expert_parallel_size, int) or self.expert_parallel_size < 1 \
+                or E % self.expert_parallel_size:
+            raise _bad("expert_parallel_size", self.expert_parallel_size, f"each EP rank holds "
+                       f"the same number of experts and num_experts={E} is not divisible by it",
+                       f"a divisor of {E}")
+        if not isinstance(self.sinkhorn_iters, int) or self.sinkhorn_iters < 1:
+            raise _bad("sinkhorn_iters", self.sinkhorn_iters, "must be a positive int", ">= 1")
+        if not self.sinkhorn_eps > 0:
+            raise _bad("sinkhorn_eps", self.sinkhorn_eps, "clamps denominators", "a float > 0")
+        return self
+
+
+@dataclasses.dataclass
+class RoutingResult:
+    """What :func:`route` returns (T tokens, k choices, E experts).
+
+    probs [T, k] fp32 (0 where dropped), indices [T, k] int64, kept [T, k] bool,
+    tokens_per_expert [E] int64 (kept pairs: what each expert computes), load [E] fp32 (pairs
+    that *chose* each expert before dropping: the signal for :func:`update_expert_bias`),
+    aux_loss and z_loss fp32 scalars (0 when off; they carry grad to the logits), capacity
+    (None when dropless).
+    """
+
+    probs: Tensor
+    indices: Tensor
+    kept: Tensor
+    tokens_per_expert: Tensor
+    load: Tensor
+    aux_loss: Tensor
+    z_loss: Tensor
+    capacity: Optional[int]
+
+    @property
+    def dropped_mask(self) -> Tensor:
+        return ~self.kept
+
+    @property
+    def num_dropped(self) -> int:
+        return int((~self.kept).sum())
+
+
+def sinkhorn_balance(logits: Tensor, iters: int = 30, eps: float = 1e-8) -> Tensor:
+    """Sinkhorn-Knopp on ``exp(logits)`` ``[T, E]`` -> fp32 ``[T, E]``, rows sum to 1, columns
+    to T/E (after the last column step columns are exact, rows within the convergence error).
+
+    Fixed iteration count (no data-dependent loop, no host sync, unlike Megatron's tol loop);
+    the global max is subtracted before exp (the balanced result does not change) and every
+    denominator is clamped at ``eps`` so an all-underflow row or column cannot divide by zero.
+    """
+    cost = torch.exp(logits.float() - logits.float().max())
+    T, E = cost.shape
+    d_row = torch.ones(T, dtype=torch.float32, device=cost.device)
+    d_col = torch.ones(E, dtype=torch.float32, device=cost.device)
+    for _ in range(iters):
+        d_row = 1.0 / (cost @ d_col).clamp_min(eps)
+        d_col = (T / E) / (d_row @ cost).clamp_min(eps)
+    return d_row[:, None] * cost * d_col[None, :]
+
+
+def update_expert_bias(bias: Tensor, tokens_per_expert: Tensor, rate: float) -> Tensor:
+    """DeepSeek-V3 aux-loss-free update (§2.1.2): ``b_e += rate * sign(mean_e(load) - load_e)``.
+
+    ``tokens_per_expert`` [E] is the load summed over whatever window the caller accumulates
+    (Megatron: one global batch, all-reduced over TP x CP x DP). Returns a new fp32 tensor.
+    """
+    load = tokens_per_expert.float()
+    return (bias.float() + rate * torch.sign(load.mean() - load)).detach()
+
+
+def seq_ids_for_layout(seq_length: int, batch_size: int, device=None) -> Tensor:
+    """Sequence id of each token for Megatron's ``[s, b]`` layout flattened s-major: ``[s*b]``."""
+    return torch.arange(batch_size, device=device).repeat(seq_length)
+
+
+def seq_ids_from_lengths(seq_lengths, device=None) -> Tensor:
+    """Sequence id of each token for packed sequences laid end to end: ``[sum(seq_lengths)]``."""
+    lengths = torch.as_tensor(seq_lengths, dtype=torch.int64, device=device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+
+
+def _group_limited_topk(scores: Tensor, k: int, num_groups: int, group_topk: int) -> Tensor:
+    T, E = scores.shape
+    grouped = scores.view(T, num_groups, E // num_groups)
+    per_group = min(max(1, k // group_topk), E // num_groups)
+    group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)            # [T, G]
+    top_groups = group_scores.topk(group_topk, dim=-1).indices               # [T, g]
+    allowed = torch.zeros(T, num_groups, dtype=torch.bool, device=scores.device)
+    allowed.scatter_(1, top_groups, True)
+    allowed = allowed[:, :, None].expand(T, num_groups, E // num_groups).reshape(T, E)
+    return scores.masked_fill(~allowed, float("-inf")).topk(k, dim=-1).indices
+
+
+def _select(scores: Tensor, cfg: RouterConfig) -> Tensor:
+    if cfg.num_groups is not None:
+        return _group_limited_topk(scores, cfg.topk, cfg.num_groups, cfg.group_topk)
+    return scores.topk(cfg.topk, dim=-1).indices
+
+
+def _capacity_keep(probs: Tensor, indices: Tensor, E: int, capacity: int, policy: str) -> Tensor:
+    """kept [T, k]: per expert, the first ``capacity`` pairs in policy order (ties by position)."""
+    T, k = indices.shape
+    flat_e = indices.reshape(-1)
+    order = torch.arange(T * k, device=indices.device)
+    if policy == "probs":
+        # stable sort by descending prob first, so equal probs stay in position order
+        order = torch.sort(probs.reshape(-1), descending=True, stable=True).indices
+    order = order[torch.sort(flat_e[order], stable=True).indices]  # by expert, then policy
+    counts = torch.bincount(flat_e, minlength=E)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(flat_e)
+    rank[order] = torch.arange(T * k, device=indices.device) - starts[flat_e[order]]
+    return (rank < capacity).view(T, k)
+
+
+def _aux_scores(logits: Tensor, cfg: RouterConfig) -> Tensor:
+    if cfg.score_function == "softmax":
+        return torch.softmax(logits, dim=-1)
+    s = torch.sigmoid(logits)
+    return s / (s.sum(-1, keepdim=True) + 1e-20)
+
+
+def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
+          expert_bias: Optional[Tensor] = None, seq_ids: Optional[Tensor] = None,
+          global_tokens_per_expert: Optional[Tensor] = None,
+          global_num_tokens: Optional[int] = None,
+          generator: Optional[torch.Generator] = None) -> RoutingResult:
+    """Route ``logits`` [T, E] (any float dtype) -> :class:`RoutingResult` (fp32 probs).
+
+    ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid scores for
+    selection only. ``seq_ids`` [T] int: sequence of each token, needed for ``seq_aux_loss``
+    (see :func:`seq_ids_for_layout`, :func:`seq_ids_from_lengths`). ``global_tokens_per_expert``
+    [E] and ``global_num_tokens``: counts over the global batch for ``global_aux_loss`` (default:
+    this batch). ``generator`` drives the training noise. Losses are computed whenever configured;
+    the caller attaches them to the loss only in training (Megatron does the same check).
+    """
+    if logits.dim() != 2 or logits.shape[1] != cfg.num_experts:
+        raise ValueError(f"logits.shape={tuple(logits.shape)}: the router takes one row per "
+                         f"token; use [T, num_experts={cfg.num_experts}]")
+    if cfg.enable_expert_bias != (expert_bias is not None):
+        raise ValueError(f"expert_bias={'a tensor' if expert_bias is not None else None}: "
+                         f"enable_expert_bias={cfg.enable_expert_bias}; use "
+                         f"{'a [num_experts] fp32 tensor' if cfg.enable_expert_bias else 'None'}")
+    if cfg.load_balancing_type == "seq_aux_loss" and seq_ids is None:
+        raise ValueError("seq_ids=None: load_balancing_type='seq_aux_loss' needs each token's "
+                         "sequence; use seq_ids_for_layout(s, b) or seq_ids_from_lengths(lengths)")
+    T, E = logits.shape
+    k = cfg.topk
+    logits = logits.float()
+    if training and cfg.input_jitter_eps is not None:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device)
+        logits = logits * (1.0 - cfg.input_jitter_eps + 2.0 * cfg.input_jitter_eps * u)
+    if training and cfg.noise_std is not None:
+        logits = logits + cfg.noise_std * torch.randn(logits.shape, generator=generator,
+                                                      device=logits.device)
+
+    # --- selection and gate values
+    if cfg.load_balancing_type == "sinkhorn":
+        # Megatron: sigmoid for k=1 (a softmax gate over E would be tiny), softmax for k>1
+        scores = torch.sigmoid(logits) if k == 1 else torch.softmax(logits, dim=-1)
+        if training:
+            with torch.no_grad():
+                indices = sinkhorn_balance(logits, cfg.sinkhorn_iters, cfg.sinkhorn_eps) \
+                    .topk(k, dim=-1).indices
+        else:
+            indices = scores.topk(k, dim=-1).indices
+        probs = scores.gather(1, indices)
+    elif cfg.score_function == "softmax":
+        if cfg.pre_softmax:
+            scores = torch.softmax(logits, dim=-1)
+            indices = _select(scores, cfg)
+            probs = scores.gather(1, indices)
+        else:
+            indices = _select(logits, cfg)
+            probs = torch.softmax(logits.gather(1, indices), dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+        sel = scores if expert_bias is None else scores + expert_bias.float().detach()
+        indices = _select(sel, cfg)
+        probs = scores.gather(1, indices)
+        if cfg.normalize_topk and k > 1:
+            probs = probs / (probs.sum(-1, keepdim=True) + 1e-20)
+    if cfg.topk_scaling_factor is not None:
+        probs = probs * cfg.topk_scaling_factor
+
+    load = torch.bincount(indices.reshape(-1), minlength=E).float()
+
+    # --- losses (fp32 scalars with grad to the logits)
+    zero = logits.new_zeros(())
+    aux_loss = zero
+    if cfg.load_balancing_type in _AUX_TYPES and cfg.aux_loss_coeff > 0:
+        s = _aux_scores(logits, cfg)
+        if cfg.load_balancing_type == "aux_loss":
+            aux_loss = cfg.aux_loss_coeff * E * ((load / (T * k)) * s.mean(0)).sum()
+        elif cfg.load_balancing_type == "global_aux_loss":
+            g_load = load if global_tokens_per_expert is None else global_tokens_per_expert.float()
+            g_T = T if global_num_tokens is None else global_num_tokens
+            aux_loss = cfg.aux_loss_coeff * E * ((g_load / (g_T * k)) * s.mean(0)).sum()
+        else:
+            seq_ids = seq_ids.to(logits.device).long()
+            S = int(seq_ids.max()) + 1 if T else 0
+            counts = torch.zeros(S, E, device=logits.device)
+            counts.index_put_((seq_ids[:, None].expand(T, k), indices),
+                              torch.ones(T, k, device=logits.device), accumulate=True)
+            prob_sum = torch.zeros(S, E, device=logits.device).index_add(0, seq_ids, s)
+            n_tok = torch.bincount(seq_ids, minlength=S).float()
+            present = n_tok > 0
+            per_seq = E * (counts * prob_sum).sum(-1)[present] / (k * n_tok[present] ** 2)
+            aux_loss = cfg.aux_loss_coeff * per_seq.mean()
+    z_loss = zero
+    if cfg.z_loss_coeff:
+        z_loss = cfg.z_loss_coeff * torch.logsumexp(logits, dim=-1).square().mean()
+
+    # --- capacity
+    capacity = None
+    kept = torch.ones_like(indices, dtype=torch.bool)
+    if cfg.capacity_factor is not None:
+        capacity = math.ceil(T * k / E * cfg.capacity_factor)
+        kept = _capacity_keep(probs.detach(), indices, E, capacity, cfg.drop_policy)
+        probs = probs * kept
+    tokens_per_expert = torch.bincount(indices[kept], minlength=E)
+    return RoutingResult(probs=probs, indices=indices, kept=kept,
+                         tokens_per_expert=tokens_per_expert, load=load, aux_loss=aux_loss,
+                         z_loss=z_loss, capacity=capacity)

@@ -1,0 +1,589 @@
+"""Triton kernels: causal sliding-window + token-sink + learnable-sink-logit attention, fwd and bwd.
+
+The pattern (see :mod:`.reference`): query ``t`` attends key ``j`` iff ``j <= t`` and
+(``t - j < W`` or ``j < num_sink``); a per-head sink logit joins every softmax denominator with a
+zero value vector. Layout ``q [b, s, hq, d]``, ``k, v [b, s, hkv, d]`` (any strides, last dim
+contiguous), ``lse, delta [b, hq, s]`` fp32 (natural log; ``lse`` includes the sink logit).
+
+Tiling (FlashAttention-2 style online softmax with a stored log-sum-exp):
+
+* **GQA/MQA stacking.** One program owns ``BT`` consecutive query tokens for ``HB`` query heads of
+  ONE kv group, stacked along the tile's M dimension: tile row ``r`` is token ``t0 + r // HB``,
+  head ``hc * HB + r % HB`` (heads fastest, which is also memory order in ``[b, s, hq, d]``, so a
+  q tile is ``BT`` contiguous runs of ``HB * d`` elements). ``BLOCK_M = BT * HB``; ``HB`` is the
+  group size rounded up to a power of two (padded head rows are masked), capped at ``BLOCK_M``
+  (then the group is split over ``N_HC`` head chunks). Every K/V tile is loaded once per group and
+  feeds all its query heads; in the dk/dv kernel the sum over the group's heads happens inside the
+  tile product ``dS^T @ Q`` -- no atomics, no per-head dk/dv buffer.
+* **Block skipping.** For query rows ``[t0, t0 + BT)`` only key blocks overlapping the causal band
+  ``[t0 - W + 1, t0 + BT)`` and the sink blocks ``[0, num_sink)`` are visited, so the work is
+  ``O(S * (W + num_sink))``, not ``O(S^2)``. The band is split into three ranges: a masked lower
+  edge (window boundary), an unmasked interior, and a masked diagonal (causal boundary); sink-only
+  blocks below the band are masked. Masks are ``j <= t & (t - j < W | j < num_sink)``.
+* **Backward** (deterministic, no atomics): a preprocessing kernel computes
+  ``delta = rowsum(dO * O)``; a dq kernel walks key blocks like the forward; a dk/dv kernel owns a
+  key block and walks the query blocks that can see it (``[n0, n0 + BN - 1 + W)``, at most
+  ``W + BN`` rows). Sink keys are seen by EVERY later query, so the sink key blocks' gradient from
+  queries past their band is split over extra "sink chunk" programs (``sink_chunk`` queries each)
+  that write fp32 partials; torch sums the partials in a fixed order. Without that split one
+  program would walk all ``S`` queries and be the critical path at long ``S``.
+  ``d sink_h = -sum_t exp(sink_h - lse_t) * delta_t`` is an O(b * hq * s) torch reduction.
+
+Roofline it aims at (H100 SXM, bf16): a forward program does ``4 * d * BLOCK_M * (W + BT)``
+FLOPs and reads ``2 * d * (W + BT) * 2`` bytes of K/V, i.e. ~``BLOCK_M`` FLOP/byte from memory
+hierarchy -- below the HBM ridge (~295 FLOP/byte), so it relies on L2: programs are launched with the
+token-block index fastest, so neighbouring programs share almost the same K/V band (``2 * W * d * 2``
+bytes = 2 MiB at W=4096, d=128, well inside the 50 MB L2). With K/V served from L2 the kernel is
+tensor-core bound like FlashAttention-2: the target is FA2-class utilisation of the attended pairs
+(~50-60 % of dense bf16 peak forward, lower backward), i.e. time proportional to ``S * W``.
+
+Numerics: fp32 accumulation and softmax state for every input dtype; fp32 inputs use IEEE fp32
+dot products (not TF32). Under ``TRITON_INTERPRET=1`` bf16 operands are upcast to fp32 before
+``tl.dot`` (the interpreter's bf16 dot is wrong); on the GPU they go to the tensor cores as bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes. ``*_block_m`` counts tile ROWS (tokens x stacked heads), ``*_block_n`` keys.
+
+    ``sink_chunk``: queries per sink-gradient program in the dk/dv pass (None: max(W, 1024)).
+    """
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    fwd_warps: int = 4
+    fwd_stages: int = 3
+    dq_block_m: int = 128
+    dq_block_n: int = 32
+    dq_warps: int = 4
+    dq_stages: int = 3
+    dkdv_block_m: int = 32
+    dkdv_block_n: int = 128
+    dkdv_warps: int = 8
+    dkdv_stages: int = 3
+    sink_chunk: Optional[int] = None
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            val = getattr(self, f.name)
+            if f.name == "sink_chunk":
+                if val is not None and (not isinstance(val, int) or val < 1):
+                    raise ValueError(f"sink_chunk={val!r}: queries per sink program; use an int >= 1 or None")
+                continue
+            if f.name.endswith(("_block_m", "_block_n")):
+                if not isinstance(val, int) or val < 16 or val & (val - 1):
+                    raise ValueError(f"{f.name}={val!r}: tile sizes are powers of two >= 16 (tl.dot "
+                                     f"minimum); use 16, 32, 64 or 128")
+
+
+# Per head-dim tiles for H100 (16-bit inputs): (block_m, block_n, warps, stages) for fwd, dq, dk/dv.
+# Starting points from FA2 / the Triton fused-attention tutorial, then picked so that sm_90a ptxas
+# reports no (or < 256 B of) register spills when compiled offline for MQA (group 16):
+#   d=64:  fwd 255 regs / 0 B spill, dq 235 / 0, dkdv 235 / 0
+#   d=128: fwd 201 / 0, dq 216 / 0, dkdv 255 / 208 B (BLOCK_N=128 spilled 1.9 KB)
+#   d=256: fwd 255 / 12, dq 255 / 76, dkdv 238 / 0
+# NOT yet timed on the device: bench/benchmarks/sparse_attention.py is how to retune them.
+H100_CONFIGS = {
+    16: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
+    32: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
+    64: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
+    128: TileConfig(128, 64, 8, 3, 128, 32, 8, 3, 32, 64, 8, 2),
+    256: TileConfig(64, 32, 8, 2, 64, 32, 8, 2, 32, 32, 8, 2),
+}
+# The interpreter runs every tile op in numpy: small tiles keep the CPU tests fast.
+INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
+
+
+def default_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> TileConfig:
+    if interpret:
+        return INTERPRETER_CONFIG
+    cfg = H100_CONFIGS[head_dim]
+    if dtype == torch.float32:
+        # 4-byte operands: halve the tiles to stay inside shared memory. fp32 is the exact
+        # (IEEE-dot, no tensor cores) correctness path; it spills registers and is not tuned.
+        cfg = dataclasses.replace(
+            cfg, fwd_block_m=max(16, cfg.fwd_block_m // 2), fwd_block_n=max(16, cfg.fwd_block_n // 2),
+            dq_block_m=max(16, cfg.dq_block_m // 2), dq_block_n=max(16, cfg.dq_block_n // 2),
+            dkdv_block_m=max(16, cfg.dkdv_block_m // 2), dkdv_block_n=max(16, cfg.dkdv_block_n // 2),
+            fwd_stages=2, dq_stages=2, dkdv_stages=2)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# shared device helpers
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _allowed(t, n, window, num_sink):
+    """``t [M, 1]`` or ``[1, M]`` query positions, ``n`` key positions broadcast against it.
+
+    ``j < s`` needs no test: a real row has ``t < s`` and ``j <= t``; padded rows are never stored.
+    """
+    return (n <= t) & (((t - n) < window) | (n < num_sink))
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, blk_lo, blk_hi,
+               seqlen, window, num_sink, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    for blk in range(blk_lo, blk_hi):
+        n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_ok = n < seqlen
+        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+        qk = _dot(q, tl.trans(k), UPCAST, DOT_PREC) * qk_scale           # [M, N], log2 units
+        if MASK:
+            qk = tl.where(_allowed(t[:, None], n[None, :], window, num_sink), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASK:  # a row may have seen nothing yet: shift by 0 instead of -inf (no nan)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_block_ranges(t0, seqlen, window, num_sink, BT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key-block ranges for query rows ``[t0, t0 + BT)``: sink-only ``[0, sink_hi)``, then the band
+    ``[lo, hi)`` split as masked ``[lo, fl)``, unmasked ``[fl, fh)``, masked ``[fh, hi)``."""
+    lo = tl.maximum(t0 - window + 1, 0) // BLOCK_N
+    hi = tl.cdiv(tl.minimum(t0 + BT, seqlen), BLOCK_N)
+    sink_hi = tl.minimum(tl.cdiv(num_sink, BLOCK_N), lo)
+    # unmasked iff every (row, key) pair is allowed: top row within the window of the block's
+    # first key, block's last key <= first row.
+    fl = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(t0 + BT - window, 0), BLOCK_N), lo), hi)
+    fh = tl.minimum(tl.maximum((t0 + 1) // BLOCK_N, fl), hi)
+    return sink_hi, lo, fl, fh, hi
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, SINK, O, LSE,
+                stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                seqlen, hq, hkv, group, window, num_sink, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HB: tl.constexpr, HAS_SINK: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    BT: tl.constexpr = BLOCK_M // HB
+    pid_t = tl.program_id(0)
+    pid_hc = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = (pid_bg // hkv).to(tl.int64)
+    g = pid_bg % hkv
+    t0 = pid_t * BT
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // HB                      # query position of each tile row
+    hl = pid_hc * HB + r % HB             # head inside the group
+    h = g * group + hl                    # global query head
+    row_ok = (t < seqlen) & (hl < group)
+    d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qs + h[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    if HAS_SINK:  # the sink is a first "key" with logit sink_h and a zero value: m = sink, l = 1
+        m_i = tl.load(SINK + h, mask=hl < group, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    sink_hi, lo, fl, fh, hi = _key_block_ranges(t0, seqlen, window, num_sink, BT, BLOCK_N)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, 0, sink_hi,
+                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, lo, fl,
+                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, fl, fh,
+                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, fh, hi,
+                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padded rows can have l = 0; they are not stored
+    out = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + t[:, None] * stride_os + h[:, None] * stride_oh + d[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + (b * hq + h) * seqlen + t, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob, stride_dos,
+                      stride_doh, seqlen, hq, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``delta[b, h, t] = sum_d dO * O`` (fp32)."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // hq).to(tl.int64)
+    h = pid_bh % hq
+    t = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    ok = t < seqlen
+    d = tl.arange(0, HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + t[:, None] * stride_os + d[None, :],
+                mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + t[:, None] * stride_dos + d[None, :],
+                 mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seqlen + t, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, blk_lo, blk_hi,
+              seqlen, window, num_sink, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    d = tl.arange(0, HEAD_DIM)
+    for blk in range(blk_lo, blk_hi):
+        n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv_ok = n < seqlen
+        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+        qk = _dot(q, tl.trans(k), UPCAST, DOT_PREC) * qk_scale
+        p = tl.math.exp2(qk - lse2[:, None])
+        if MASK:
+            p = tl.where(_allowed(t[:, None], n[None, :], window, num_sink), p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                   stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                   stride_dqb, stride_dqs, stride_dqh,
+                   seqlen, hq, hkv, group, window, num_sink, qk_scale, sm_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HB: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    BT: tl.constexpr = BLOCK_M // HB
+    pid_t = tl.program_id(0)
+    pid_hc = tl.program_id(1)
+    pid_bg = tl.program_id(2)
+    b = (pid_bg // hkv).to(tl.int64)
+    g = pid_bg % hkv
+    t0 = pid_t * BT
+    r = tl.arange(0, BLOCK_M)
+    t = t0 + r // HB
+    hl = pid_hc * HB + r % HB
+    h = g * group + hl
+    row_ok = (t < seqlen) & (hl < group)
+    d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qs + h[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + t[:, None] * stride_dos + h[:, None] * stride_doh + d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    # padded rows: lse = +inf makes p = 0 there
+    lse2 = tl.load(LSE + (b * hq + h) * seqlen + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + (b * hq + h) * seqlen + t, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    sink_hi, lo, fl, fh, hi = _key_block_ranges(t0, seqlen, window, num_sink, BT, BLOCK_N)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, 0, sink_hi,
+                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, lo, fl,
+                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, fl, fh,
+                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PREC)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, fh, hi,
+                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + t[:, None] * stride_dqs + h[:, None] * stride_dqh + d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qh,
+                stride_dos, stride_doh, n, hc, qb_lo, qb_hi, seqlen, group, window, num_sink, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, MASK: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate one key block's dk/dv over query blocks ``[qb_lo, qb_hi)`` of head chunk ``hc``
+    (tiles are transposed, ``[keys, rows]``, so no transpose of P or dS is needed)."""
+    BT: tl.constexpr = BLOCK_M // HB
+    r = tl.arange(0, BLOCK_M)
+    hl = hc * HB + r % HB
+    d = tl.arange(0, HEAD_DIM)
+    for qb in range(qb_lo, qb_hi):
+        t = qb * BT + r // HB
+        ok = (t < seqlen) & (hl < group)
+        q = tl.load(q_base + t[:, None] * stride_qs + hl[:, None] * stride_qh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        do = tl.load(do_base + t[:, None] * stride_dos + hl[:, None] * stride_doh + d[None, :],
+                     mask=ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + hl * seqlen + t, mask=ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + hl * seqlen + t, mask=ok, other=0.0)
+        qkT = _dot(k, tl.trans(q), UPCAST, DOT_PREC) * qk_scale          # [N, M]
+        pT = tl.math.exp2(qkT - lse2[None, :])
+        if MASK:
+            pT = tl.where(_allowed(t[None, :], n[:, None], window, num_sink), pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, UPCAST, DOT_PREC)
+        dpT = _dot(v, tl.trans(do), UPCAST, DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, UPCAST, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _query_band(n0, seqlen, window, BT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query blocks that can see key block ``[n0, n0 + BLOCK_N)`` through the causal window:
+    ``[lo, hi)`` split as masked ``[lo, fl)``, unmasked ``[fl, fh)``, masked ``[fh, hi)``."""
+    lo = n0 // BT
+    hi = tl.cdiv(tl.minimum(n0 + BLOCK_N - 1 + window, seqlen), BT)
+    fl = tl.minimum(tl.maximum(tl.cdiv(n0 + BLOCK_N - 1, BT), lo), hi)
+    fh = tl.minimum(tl.maximum((n0 + window) // BT, fl), hi)
+    return lo, fl, fh, hi
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DKP, DVP,
+                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                     seqlen, hq, hkv, group, window, num_sink, qk_scale, sm_scale,
+                     n_kb, n_sink_blk, sink_rows, chunk_blocks, n_bg,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HB: tl.constexpr, N_HC: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """Programs ``[0, n_kb)``: one key block each, its causal-window band of queries. Programs
+    ``n_kb + c``: sink chunk ``c``, the sink key blocks' gradient from query blocks
+    ``[c * chunk_blocks, (c + 1) * chunk_blocks)`` past their band. Key blocks below ``sink_rows``
+    write fp32 partials ``DKP/DVP [1 + n_chunks, n_bg = b * hkv, sink_rows, d]`` (part 0 = band)
+    instead of DK/DV."""
+    BT: tl.constexpr = BLOCK_M // HB
+    pid = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // hkv).to(tl.int64)
+    g = pid_bg % hkv
+    d = tl.arange(0, HEAD_DIM)
+    q_base = Q + b * stride_qb + (g * group) * stride_qh
+    do_base = DO + b * stride_dob + (g * group) * stride_doh
+    lse_base = LSE + (b * hq + g * group) * seqlen
+    delta_base = DELTA + (b * hq + g * group) * seqlen
+    k_base = K + b * stride_kb + g * stride_kh
+    v_base = V + b * stride_vb + g * stride_vh
+    n_qb = tl.cdiv(seqlen, BT)
+
+    if pid < n_kb:
+        n0 = pid * BLOCK_N
+        n = n0 + tl.arange(0, BLOCK_N)
+        kv_ok = n < seqlen
+        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        lo, fl, fh, hi = _query_band(n0, seqlen, window, BT, BLOCK_N)
+        for hc in range(N_HC):
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
+                                 stride_qh, stride_dos, stride_doh, n, hc, lo, fl, seqlen, group,
+                                 window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, True, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
+                                 stride_qh, stride_dos, stride_doh, n, hc, fl, fh, seqlen, group,
+                                 window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, False, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
+                                 stride_qh, stride_dos, stride_doh, n, hc, fh, hi, seqlen, group,
+                                 window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, True, UPCAST, DOT_PREC)
+        dk = dk * sm_scale
+        if n0 < sink_rows:
+            p_off = (pid_bg.to(tl.int64) * sink_rows + n[:, None]) * HEAD_DIM + d[None, :]
+            tl.store(DKP + p_off, dk)
+            tl.store(DVP + p_off, dv)
+        else:
+            tl.store(DK + b * stride_dkb + g * stride_dkh + n[:, None] * stride_dks + d[None, :],
+                     dk.to(DK.dtype.element_ty), mask=kv_ok[:, None])
+            tl.store(DV + b * stride_dvb + g * stride_dvh + n[:, None] * stride_dvs + d[None, :],
+                     dv.to(DV.dtype.element_ty), mask=kv_ok[:, None])
+    else:
+        c = pid - n_kb
+        part = (c + 1).to(tl.int64)
+        for sb in range(n_sink_blk):
+            n0 = sb * BLOCK_N
+            n = n0 + tl.arange(0, BLOCK_N)
+            kv_ok = n < seqlen
+            k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
+            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+            dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+            dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+            band_lo, band_fl, band_fh, band_hi = _query_band(n0, seqlen, window, BT, BLOCK_N)
+            q_lo = tl.maximum(band_hi, c * chunk_blocks)
+            q_hi = tl.minimum((c + 1) * chunk_blocks, n_qb)
+            for hc in range(N_HC):
+                dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
+                                     stride_qh, stride_dos, stride_doh, n, hc, q_lo, q_hi, seqlen, group,
+                                     window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, True, UPCAST,
+                                     DOT_PREC)
+            dk = dk * sm_scale
+            p_off = ((part * n_bg + pid_bg) * sink_rows + n[:, None]) * HEAD_DIM + d[None, :]
+            tl.store(DKP + p_off, dk)
+            tl.store(DVP + p_off, dv)
+
+
+# --------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------
+
+def interpreted() -> bool:
+    """True when these kernels were built for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _group_tiling(group: int, block_m: int) -> Tuple[int, int, int]:
+    """``(HB, BT, N_HC)``: heads stacked per tile, tokens per tile, head chunks per group."""
+    hb = min(triton.next_power_of_2(group), block_m)
+    return hb, block_m // hb, triton.cdiv(group, hb)
+
+
+def _flags(dtype: torch.dtype):
+    upcast = interpreted() and dtype == torch.bfloat16
+    prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"  # "tf32" is a no-op for 16-bit
+    return upcast, prec
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _pattern(s: int, window_size: Optional[int], num_sink_tokens: int) -> Tuple[int, int]:
+    """Window clamped to ``s`` (``None`` = dense causal), sinks clamped to ``s``."""
+    w = s if window_size is None else min(int(window_size), s)
+    return max(w, 1), min(int(num_sink_tokens), s)
+
+
+def window_attention_fwd(q, k, v, sink_logits, window_size, num_sink_tokens, softmax_scale,
+                         config: Optional[TileConfig] = None):
+    """``out [b, s, hq, d]`` (q's dtype), ``lse [b, hq, s]`` fp32 (natural log, sink included)."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim={d!r}: no Triton tile for it; use one of {list(SUPPORTED_HEAD_DIMS)}")
+    if s * hq * d >= 2 ** 31:
+        raise ValueError(f"s*hq*d={s * hq * d}: per-batch offsets are int32 in these kernels; "
+                         f"use s * hq * head_dim < 2**31 (split the batch or the sequence)")
+    cfg = config or default_config(d, q.dtype, interpreted())
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    w, ns = _pattern(s, window_size, num_sink_tokens)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = torch.empty((b, s, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
+    has_sink = sink_logits is not None
+    sink = sink_logits.detach().float().contiguous() if has_sink else lse  # dummy pointer if absent
+    hb, bt, n_hc = _group_tiling(group, cfg.fwd_block_m)
+    upcast, prec = _flags(q.dtype)
+    grid = (triton.cdiv(s, bt), n_hc, b * hkv)
+    _fwd_kernel[grid](
+        q, k, v, sink, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        s, hq, hkv, group, w, ns, scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, HB=hb, HAS_SINK=has_sink,
+        UPCAST=upcast, DOT_PREC=prec, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    return out, lse
+
+
+def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_sink_tokens,
+                         softmax_scale, config: Optional[TileConfig] = None):
+    """``(dq, dk, dv, dsink)``; deterministic (no atomics). ``dsink`` is None without a sink."""
+    b, s, hq, d = q.shape
+    hkv = k.shape[2]
+    group = hq // hkv
+    cfg = config or default_config(d, q.dtype, interpreted())
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    w, ns = _pattern(s, window_size, num_sink_tokens)
+    q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
+    upcast, prec = _flags(q.dtype)
+    dev = q.device
+
+    delta = torch.empty((b, hq, s), dtype=torch.float32, device=dev)
+    block_s = 16 if interpreted() else 64
+    _bwd_delta_kernel[(triton.cdiv(s, block_s), b * hq)](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), s, hq, HEAD_DIM=d, BLOCK_S=block_s)
+
+    dq = torch.empty((b, s, hq, d), dtype=q.dtype, device=dev)
+    hb, bt, n_hc = _group_tiling(group, cfg.dq_block_m)
+    _bwd_dq_kernel[(triton.cdiv(s, bt), n_hc, b * hkv)](
+        q, k, v, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        s, hq, hkv, group, w, ns, scale * LOG2E, scale,
+        HEAD_DIM=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, HB=hb, UPCAST=upcast,
+        DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+
+    dk = torch.empty((b, s, hkv, d), dtype=k.dtype, device=dev)
+    dv = torch.empty((b, s, hkv, d), dtype=v.dtype, device=dev)
+    bn = cfg.dkdv_block_n
+    hb, bt, n_hc = _group_tiling(group, cfg.dkdv_block_m)
+    n_kb = triton.cdiv(s, bn)
+    n_sink_blk = triton.cdiv(ns, bn)
+    split = ns > 0 and w < s  # otherwise every sink key's band already covers all queries
+    if split:
+        chunk_blocks = triton.cdiv(cfg.sink_chunk or max(w, 1024), bt)
+        n_chunks = triton.cdiv(triton.cdiv(s, bt), chunk_blocks)
+        sink_rows = n_sink_blk * bn
+        dkp = torch.zeros((1 + n_chunks, b * hkv, sink_rows, d), dtype=torch.float32, device=dev)
+        dvp = torch.zeros_like(dkp)
+    else:
+        chunk_blocks, n_chunks, sink_rows = 1, 0, 0
+        dkp = dvp = delta  # dummy pointers, never written
+    _bwd_dkdv_kernel[(n_kb + n_chunks, b * hkv)](
+        q, k, v, do, lse, delta, dk, dv, dkp, dvp,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        s, hq, hkv, group, w, ns, scale * LOG2E, scale,
+        n_kb, n_sink_blk, sink_rows, chunk_blocks, b * hkv,
+        HEAD_DIM=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=bn, HB=hb, N_HC=n_hc, UPCAST=upcast,
+        DOT_PREC=prec, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    if split:  # fixed-order sum of the fp32 partials of the sink key blocks -> deterministic
+        rows = min(s, sink_rows)
+        for full, part in ((dk, dkp), (dv, dvp)):
+            total = part.sum(0)[:, :rows].view(b, hkv, rows, d).transpose(1, 2)
+            full[:, :rows] = total.to(full.dtype)
+
+    dsink = None
+    if sink_logits is not None:
+        # d sink_h = -sum_t exp(sink_h - lse_t) * delta_t  (p0 = the sink's softmax weight)
+        p0 = torch.exp(sink_logits.detach().float().view(1, hq, 1) - lse)
+        dsink = (-(p0 * delta).sum(dim=(0, 2))).to(sink_logits.dtype)
+    return dq, dk, dv, dsink
