@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import importlib.util
 import logging
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict
 
 from packaging.version import Version
 
@@ -69,42 +69,28 @@ def package_versions() -> Dict[str, str]:
 # TransformerConfig across versions
 
 
-def transformer_config_fields() -> set:
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return {f.name for f in dataclasses.fields(TransformerConfig)}
 
 
-def make_transformer_config(config_cls=None, **fields: Any):
-    """Build a TransformerConfig (or subclass), dropping fields this megatron-core lacks.
+def _known_fields(config_cls, fields: Dict[str, Any]):
+    """Instantiate a megatron-core config dataclass with the fields this version has.
 
-    Dropped fields are logged once: they are knobs a newer version added (e.g. on 0.16.1) and
-    their absence never changes numerics of the lanes we run.
+    Dropped fields are logged: they are knobs another version added, and none of them changes the
+    numerics of the lanes we run.
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    config_cls = config_cls or TransformerConfig
     known = {f.name for f in dataclasses.fields(config_cls)}
     dropped = sorted(k for k in fields if k not in known)
     if dropped:
-        log.info("megatron-core %s has no TransformerConfig field(s) %s; ignored",
-                 mcore_version(), ", ".join(dropped))
+        log.info("megatron-core %s has no %s field(s) %s; ignored",
+                 mcore_version(), config_cls.__name__, ", ".join(dropped))
     return config_cls(**{k: v for k, v in fields.items() if k in known})
 
 
-# ------------------------------------------------------------------------------------------------
-# Specs: 0.16.1 uses ModuleSpec everywhere; 0.19.2 uses functools.partial for MLP/MoE slots.
+def make_transformer_config(config_cls=None, **fields: Any):
+    """A TransformerConfig (or subclass such as MLATransformerConfig) valid on this version."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
+    return _known_fields(config_cls or TransformerConfig, fields)
 
-def get_submodules(spec: Any) -> Any:
-    if isinstance(spec, functools.partial):
-        return spec.keywords.get("submodules")
-    return getattr(spec, "submodules", None)
-
-
-def layer_forward_kwargs() -> Tuple[str, ...]:
-    """Constructor kwargs that newer TransformerLayer versions pass and 0.16.1 does not know."""
-    return ("is_mtp_layer", "add_layer_offset", "pp_layer_offset", "name")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,15 +125,13 @@ def destroy_model_parallel() -> None:
 def optimizer_config(**fields: Any):
     from megatron.core.optimizer import OptimizerConfig
 
-    known = {f.name for f in dataclasses.fields(OptimizerConfig)}
-    return OptimizerConfig(**{k: v for k, v in fields.items() if k in known})
+    return _known_fields(OptimizerConfig, fields)
 
 
 def ddp_config(**fields: Any):
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    known = {f.name for f in dataclasses.fields(DistributedDataParallelConfig)}
-    return DistributedDataParallelConfig(**{k: v for k, v in fields.items() if k in known})
+    return _known_fields(DistributedDataParallelConfig, fields)
 
 
 def runtime_flags() -> Dict[str, Any]:
@@ -159,6 +143,3 @@ def runtime_flags() -> Dict[str, Any]:
         "triton": HAVE_TRITON,
     }
 
-
-def unknown_kwargs(kwargs: Dict[str, Any], allowed: List[str]) -> List[str]:
-    return [k for k in kwargs if k not in allowed]

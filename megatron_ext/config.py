@@ -116,10 +116,6 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     exit_after_iters: Optional[int] = None  # stop early (simulates a killed job in tests)
 
-    @property
-    def padded_vocab_note(self) -> str:
-        return f"byte vocabulary padded to a multiple of {self.make_vocab_size_divisible_by}"
-
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # The default: a few hundred steps of a byte-level GPT on the shipped corpus; ~1-2 min on 2 CPU cores.
