@@ -1,0 +1,92 @@
+"""Tile sweep for the window + sink attention kernels on a GPU: forward and backward timed apart.
+
+    PYTHONPATH=. python scripts/tune_sparse_attention.py [--s 16384] [--d 128] [--json out.json]
+
+Each variant changes one kernel's tiles around the current default for the head dim, so the table
+says which kernel holds the time and which tile moves it. Correctness of every variant is checked
+against the default config's output before timing (max abs difference printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def variants(base):
+    out = [("default", base)]
+    for bm, bn, w, st in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 3)]:
+        out.append((f"fwd {bm}x{bn} w{w} s{st}", dataclasses.replace(
+            base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=st)))
+    for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2)]:
+        out.append((f"dq {bm}x{bn} w{w} s{st}", dataclasses.replace(
+            base, dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=st)))
+    for bm, bn, w, st in [(16, 64, 4, 3), (32, 32, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 3)]:
+        out.append((f"dkdv {bm}x{bn} w{w} s{st}", dataclasses.replace(
+            base, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=st)))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--s", type=int, default=16384)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--hq", type=int, default=16)
+    p.add_argument("--hkv", type=int, default=1)
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 1
+    import triton.testing
+
+    from megatron_ext.ops.sparse_attention import triton_window as tw
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape_q, shape_kv = (1, args.s, args.hq, args.d), (1, args.s, args.hkv, args.d)
+    q = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(shape_kv, device="cuda", dtype=torch.bfloat16, generator=g)
+    do = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = args.d ** -0.5
+    base = tw.default_config(args.d, torch.bfloat16, False)
+    ref_out, ref_lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, base)
+    ref_grads = tw.window_attention_bwd(do, q, k, v, ref_out, ref_lse, None, args.window, args.sinks, scale, base)
+    rows = []
+    for name, cfg in variants(base):
+        try:
+            out, lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, cfg)
+            grads = tw.window_attention_bwd(do, q, k, v, out, lse, None, args.window, args.sinks, scale, cfg)
+            err = max(float((out.float() - ref_out.float()).abs().max()),
+                      *(float((a.float() - b.float()).abs().max()) for a, b in zip(grads[:3], ref_grads[:3])))
+            fwd = triton.testing.do_bench(lambda: tw.window_attention_fwd(
+                q, k, v, None, args.window, args.sinks, scale, cfg), warmup=50, rep=300)
+            bwd = triton.testing.do_bench(lambda: tw.window_attention_bwd(
+                do, q, k, v, out, lse, None, args.window, args.sinks, scale, cfg), warmup=50, rep=300)
+            rows.append({"variant": name, "fwd_ms": fwd, "bwd_ms": bwd, "total_ms": fwd + bwd, "max_abs_diff": err})
+        except Exception as e:  # a tile that does not fit shared memory is a result, not a crash
+            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+    print(f"S={args.s} d={args.d} hq={args.hq} hkv={args.hkv} window={args.window} sinks={args.sinks} bf16, "
+          f"{torch.cuda.get_device_name()}")
+    print("| variant | fwd ms | bwd ms | total ms | max abs diff vs default |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | error: {r['error']} | | | |")
+        else:
+            print(f"| {r['variant']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['total_ms']:.3f} | {r['max_abs_diff']:.2e} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
