@@ -50,6 +50,18 @@ N_STREAMS = 4
 N_COLS = N_STREAMS * N_STREAMS + 2 * N_STREAMS  # 24
 
 
+@triton.jit
+def _load_scales(alpha_ptr, bias_ptr, i4):
+    """alpha (pre, post, res) scalars and the bias split as pre ``[4]``, post ``[4]``, res ``[4, 4]``."""
+    a_pre = tl.load(alpha_ptr)
+    a_post = tl.load(alpha_ptr + 1)
+    a_res = tl.load(alpha_ptr + 2)
+    b_pre = tl.load(bias_ptr + i4)
+    b_post = tl.load(bias_ptr + 4 + i4)
+    b_res = tl.load(bias_ptr + 8 + i4[:, None] * 4 + i4[None, :])
+    return a_pre, a_post, a_res, b_pre, b_post, b_res
+
+
 @tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "SUB_T": st, "BLOCK_C": bc}, num_warps=w)
         for bt, bk, st, bc, w in ((16, 128, 4, 256, 4), (16, 64, 2, 512, 4), (32, 64, 4, 256, 4),
                                   (32, 128, 4, 256, 8), (64, 64, 8, 256, 8))],
@@ -98,12 +110,7 @@ def _mix_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, bias_ptr,
     z_pre = tl.sum(tl.where((i4 == 0)[None, :, None], z_pp3, 0.0), axis=1)
     z_post = tl.sum(tl.where((i4 == 1)[None, :, None], z_pp3, 0.0), axis=1)
     z_res = tl.reshape(z_res2, (BLOCK_T, 4, 4))
-    a_pre = tl.load(alpha_ptr)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
-    b_pre = tl.load(bias_ptr + i4)
-    b_post = tl.load(bias_ptr + 4 + i4)
-    b_res = tl.load(bias_ptr + 8 + i4[:, None] * 4 + i4[None, :])
+    a_pre, a_post, a_res, b_pre, b_post, b_res = _load_scales(alpha_ptr, bias_ptr, i4)
     h_pre = tl.sigmoid(a_pre * z_pre + b_pre[None, :])
     h_post = 2.0 * tl.sigmoid(a_post * z_post + b_post[None, :])
     h_res = sinkhorn_tile(a_res * z_res + b_res[None, :, :], num_iters, sk_eps)
@@ -180,12 +187,7 @@ def _mix_pre_bwd_rows_kernel(x_ptr, gu_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr
     z_post = tl.load(z_ptr + rows[:, None] * 24 + 4 + i4[None, :], mask=m2, other=0.0)
     z_res = tl.load(z_ptr + rows[:, None, None] * 24 + 8 + o44, mask=m3, other=0.0)
     inv_r = tl.load(invr_ptr + rows, mask=mask_t, other=0.0)
-    a_pre = tl.load(alpha_ptr)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
-    b_pre = tl.load(bias_ptr + i4)
-    b_post = tl.load(bias_ptr + 4 + i4)
-    b_res = tl.load(bias_ptr + 8 + i4[:, None] * 4 + i4[None, :])
+    a_pre, a_post, a_res, b_pre, b_post, b_res = _load_scales(alpha_ptr, bias_ptr, i4)
     gh_post = tl.load(ghpost_ptr + rows[:, None] * 4 + i4[None, :], mask=m2, other=0.0)
     gh_res = tl.load(ghres_ptr + rows[:, None, None] * 16 + o44, mask=m3, other=0.0)
 

@@ -152,6 +152,14 @@ def _allowed(t, n, window, num_sink):
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok):
+    """K and V tiles ``[BLOCK_N, HEAD_DIM]`` of keys ``n`` (rows past the sequence read as 0)."""
+    k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
+    v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
 def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, blk_lo, blk_hi,
                seqlen, window, num_sink, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
@@ -160,8 +168,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, blk_lo
     for blk in range(blk_lo, blk_hi):
         n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_ok = n < seqlen
-        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
         qk = _dot(q, tl.trans(k), UPCAST, DOT_PREC) * qk_scale           # [M, N], log2 units
         if MASK:
             qk = tl.where(_allowed(t[:, None], n[None, :], window, num_sink), qk, float("-inf"))
@@ -275,8 +282,7 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, b
     for blk in range(blk_lo, blk_hi):
         n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
         kv_ok = n < seqlen
-        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
         qk = _dot(q, tl.trans(k), UPCAST, DOT_PREC) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASK:
@@ -409,8 +415,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DKP, DVP,
         n0 = pid * BLOCK_N
         n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = n < seqlen
-        k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
-        v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo, fl, fh, hi = _query_band(n0, seqlen, window, BT, BLOCK_N)
@@ -441,8 +446,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DKP, DVP,
             n0 = sb * BLOCK_N
             n = n0 + tl.arange(0, BLOCK_N)
             kv_ok = n < seqlen
-            k = tl.load(k_base + n[:, None] * stride_ks + d[None, :], mask=kv_ok[:, None], other=0.0)
-            v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=kv_ok[:, None], other=0.0)
+            k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
             dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
             dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
             band_lo, band_fl, band_fh, band_hi = _query_band(n0, seqlen, window, BT, BLOCK_N)
