@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(path: Path):
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                rows.append(json.loads(line))
-    return rows
+from megatron_ext.observability.files import read_jsonl
 
 
 def plot_loss(metrics_path: Path, out_png: Path, title: str) -> None:
@@ -21,7 +13,7 @@ def plot_loss(metrics_path: Path, out_png: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
+    rows = read_jsonl(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
     evals = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)

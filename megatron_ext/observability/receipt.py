@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import platform
 import resource
 import statistics
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from megatron_ext.observability.files import write_text_atomic
 
 GOODPUT_PHASES = ("train",)
 
@@ -78,10 +79,7 @@ def peak_memory_bytes(lane: str) -> Dict[str, int]:
 
 
 def write_json_atomic(path: Path, payload: Dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def build_receipt(*, config: Dict[str, Any], versions: Dict[str, str], runtime: Dict[str, Any],

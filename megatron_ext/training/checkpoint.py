@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from megatron_ext.observability.files import write_text_atomic
 from megatron_ext.training.distributed import barrier
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -64,9 +65,7 @@ def save(root: Path, iteration: int, model, optimizer, scheduler, extra: Dict[st
     if _is_rank0():
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        tmp = root / (TRACKER + ".tmp")
-        tmp.write_text(str(iteration))
-        os.replace(tmp, root / TRACKER)
+        write_text_atomic(root / TRACKER, str(iteration))
     barrier()
     return final
 

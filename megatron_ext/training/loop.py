@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -20,6 +19,7 @@ import torch
 
 from megatron_ext import backends, compat
 from megatron_ext.config import ConfigError, TrainConfig
+from megatron_ext.observability.files import append_jsonl, read_jsonl, write_jsonl
 from megatron_ext.observability.plot import plot_loss
 from megatron_ext.observability.progress import Progress
 from megatron_ext.observability.receipt import (
@@ -51,7 +51,7 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
     return root / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _broadcast_str(value: str, env: DistEnv) -> str:
+def _broadcast_str(value: str) -> str:
     obj = [value]
     torch.distributed.broadcast_object_list(obj, src=0)
     return obj[0]
@@ -129,7 +129,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
 
     from megatron.core import parallel_state as ps
 
-    run_dir = Path(_broadcast_str(str(resolve_run_dir(cfg)), env))
+    run_dir = Path(_broadcast_str(str(resolve_run_dir(cfg))))
     bf16 = cfg.bf16 if cfg.bf16 is not None else lane == "cuda"
 
     # Data through Megatron's pipeline (IndexedDataset .bin/.idx -> GPTDataset).
@@ -203,8 +203,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume:  # keep the curve up to the resumed iteration; later points are re-made
-            rows = [r for r in _read_jsonl(metrics_path) if r["step"] <= start_iter]
-            _write_jsonl(metrics_path, rows)
+            rows = [r for r in read_jsonl(metrics_path) if r["step"] <= start_iter]
+            write_jsonl(metrics_path, rows)
         elif metrics_path.exists():
             metrics_path.unlink()
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -249,14 +249,14 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         first_loss = loss if first_loss is None else first_loss
         lr = optimizer.param_groups[0]["lr"]
         if rank0:
-            _append_jsonl(metrics_path, {"kind": "train", "step": iteration, "loss": loss, "lr": lr,
+            append_jsonl(metrics_path, {"kind": "train", "step": iteration, "loss": loss, "lr": lr,
                                          "grad_norm": grad_norm, "step_s": dt})
         progress.update(iteration, loss, tokens_per_step / dt, lr, grad_norm)
         if cfg.eval_iters and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
             with clock.phase("eval"):
                 eval_loss = _evaluate(cfg, ddp, fwd_bwd, valid_ds, env, dp_rank, dp_size, num_micro)
             if rank0:
-                _append_jsonl(metrics_path, {"kind": "eval", "step": iteration, "loss": eval_loss})
+                append_jsonl(metrics_path, {"kind": "eval", "step": iteration, "loss": eval_loss})
             progress.write(f"iter {iteration:>6} | validation loss {eval_loss:.4f}")
         if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters:
             with clock.phase("checkpoint"):
@@ -325,20 +325,3 @@ def _python_version() -> str:
     import platform
 
     return platform.python_version()
-
-
-def _read_jsonl(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: List[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
