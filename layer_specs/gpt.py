@@ -22,7 +22,11 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from megatron_ext.modules.core_attention import SDPACoreAttention
 from megatron_ext.modules.norm import Norm
@@ -58,13 +62,14 @@ def stock_moe_spec() -> ModuleSpec:
     )
 
 
-def dense_layer_spec(qk_layernorm: bool = False, mlp: ModuleSpec | None = None) -> ModuleSpec:
+def dense_layer_spec(qk_layernorm: bool = False, mlp: ModuleSpec | None = None,
+                     attention: ModuleSpec | None = None) -> ModuleSpec:
     """One pre-norm transformer layer: norm -> attention -> +res -> norm -> MLP -> +res."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=Norm,
-            self_attention=self_attention_spec(qk_layernorm),
+            self_attention=attention or self_attention_spec(qk_layernorm),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=Norm,
             mlp=mlp or dense_mlp_spec(),
@@ -73,11 +78,23 @@ def dense_layer_spec(qk_layernorm: bool = False, mlp: ModuleSpec | None = None) 
     )
 
 
-def block_spec(config, layer_spec: ModuleSpec, vp_stage: Optional[int] = None,
+def block_spec(config, layer_spec, vp_stage: Optional[int] = None,
                final_norm=Norm) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers plus the final norm."""
+    """This pipeline stage's layers plus the final norm. ``layer_spec`` is one ModuleSpec for
+    every layer, or a function of the global 1-based layer number (per-layer patterns)."""
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec] * n, layer_norm=final_norm)
+    if isinstance(layer_spec, ModuleSpec):
+        specs = [layer_spec] * n
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        specs = [layer_spec(offset + i + 1) for i in range(n)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+
+
+def attention_spec_for(config, layer_number: int = 1) -> ModuleSpec:
+    """The attention this config asks for at global layer ``layer_number`` (1-based; each feature
+    spec adds its branch here): Megatron's SelfAttention with SDPA by default."""
+    return self_attention_spec(getattr(config, "qk_layernorm", False))
 
 
 def mlp_spec_for(config) -> ModuleSpec:
@@ -88,5 +105,6 @@ def mlp_spec_for(config) -> ModuleSpec:
 def gpt_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """``--spec layer_specs.gpt gpt_block_spec``: the baseline block, dense or (with
     ``num_moe_experts``) Megatron's stock MoE in every layer."""
-    layer = dense_layer_spec(getattr(config, "qk_layernorm", False), mlp_spec_for(config))
-    return block_spec(config, layer, vp_stage)
+    mlp = mlp_spec_for(config)
+    return block_spec(config, lambda n: dense_layer_spec(mlp=mlp, attention=attention_spec_for(config, n)),
+                      vp_stage)

@@ -13,13 +13,14 @@ from typing import Optional
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from layer_specs.gpt import block_spec, dense_layer_spec, mlp_spec_for
+from layer_specs.gpt import attention_spec_for, block_spec, dense_layer_spec, mlp_spec_for
 from megatron_ext.config import MHCConfig
 from megatron_ext.modules.mhc import MHCFinalNorm, MHCTransformerLayer, no_residual_bda
 
 
-def mhc_layer_spec(mhc: MHCConfig, qk_layernorm: bool = False, mlp: ModuleSpec | None = None) -> ModuleSpec:
-    base = dense_layer_spec(qk_layernorm, mlp)
+def mhc_layer_spec(mhc: MHCConfig, qk_layernorm: bool = False, mlp: ModuleSpec | None = None,
+                   attention: ModuleSpec | None = None) -> ModuleSpec:
+    base = dense_layer_spec(qk_layernorm, mlp, attention)
     submodules = dataclasses.replace(base.submodules, self_attn_bda=no_residual_bda, mlp_bda=no_residual_bda)
     return ModuleSpec(module=MHCTransformerLayer, params={"mhc": mhc}, submodules=submodules)
 
@@ -29,5 +30,6 @@ def mhc_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSu
     mhc.validate(config.hidden_size)
     # Pipeline p2p buffers are sized from the config; the shape patch reads this to carry n*C.
     config.mhc_num_streams = mhc.num_streams
-    layer = mhc_layer_spec(mhc, getattr(config, "qk_layernorm", False), mlp_spec_for(config))
-    return block_spec(config, layer, vp_stage, final_norm=MHCFinalNorm)
+    mlp = mlp_spec_for(config)
+    return block_spec(config, lambda n: mhc_layer_spec(mhc, mlp=mlp, attention=attention_spec_for(config, n)),
+                      vp_stage, final_norm=MHCFinalNorm)
