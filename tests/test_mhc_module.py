@@ -26,7 +26,8 @@ def _mixer(mode="dynamic", n=4):
 def test_initial_mappings_are_mean_in_identity_like_residual():
     mixer = _mixer()
     streams = torch.randn(3, 2, 4, 6, dtype=torch.float64)
-    u, h_post, h_res = mixer.pre(streams)
+    u, h_post, h_res, linked = mixer.pre(streams)
+    assert torch.equal(linked, streams)
     # alpha=0.01 makes the token-dependent part small: near 1/n, 1 and an identity-like H_res
     torch.testing.assert_close(u, streams.mean(dim=2), atol=0.05, rtol=0.05)
     torch.testing.assert_close(h_post, torch.ones_like(h_post), atol=0.05, rtol=0)
@@ -49,8 +50,8 @@ def test_mixing_site_gradcheck(mode):
     params = [p for p in mixer.parameters()]
 
     def site(x, f, *ps):
-        u, h_post, h_res = mixer.pre(x)
-        return mixer.post(x, h_res, h_post, f * u.tanh())
+        u, h_post, h_res, x_link = mixer.pre(x)
+        return mixer.post(x_link, h_res, h_post, f * u.tanh())
 
     assert torch.autograd.gradcheck(site, (streams, branch, *params), eps=1e-6, atol=1e-5)
 

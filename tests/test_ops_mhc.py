@@ -321,6 +321,27 @@ def test_triton_site_composes_like_the_reference():
     _compare(site, (x, phi, alpha, bias), g, lambda t: TOL[torch.float32])
 
 
+@needs_triton
+def test_triton_linked_site_sums_the_stream_gradients_in_kernel():
+    """The linked form (post_res fed the view mix_pre returns) gives the same values and grads as
+    feeding the streams themselves; with only the link used, dx is the post/res gradient alone."""
+    g = _gen(51)
+    x = _randn(g, 2, 3, 4, 32, grad=True)
+    phi, alpha, bias = _params(g, 4, 32)
+    w = _randn(g, 32, 32, scale=0.2)
+
+    def site(x, phi, alpha, bias, backend):
+        u, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend=backend)
+        return mhc.mhc_post_res(x_link, h_res, h_post, torch.tanh(u @ w), backend=backend)
+
+    _compare(site, (x, phi, alpha, bias), g, lambda t: TOL[torch.float32])
+    x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend="triton")[3]
+    assert torch.equal(x_link, x)
+    gy = _randn(g, *x.shape)
+    (dx,) = torch.autograd.grad(x_link, x, gy)
+    torch.testing.assert_close(dx, gy, atol=0, rtol=0)
+
+
 # ------------------------------------------------------------------ backend selection and errors
 
 

@@ -4,7 +4,8 @@ Streams ``x [s, b, 4, C]`` bf16 (requires grad), phi ``[4C, 24]`` / alpha ``[3]`
 fp32 parameters; the branch is the identity (``f = u``) so only the mHC ops are timed; backward
 takes a random ``[s, b, 4, C]`` gradient. Full: s=4096, b=2, C=2048 (T = 8192 tokens).
 
-ours   = ``megatron_ext.ops.mhc`` Triton kernels (mhc_mix_pre + mhc_post_res);
+ours   = ``megatron_ext.ops.mhc`` Triton kernels (mhc_mix_pre_linked + mhc_post_res, as the layer
+         calls them);
 ref    = the same ops' torch reference; the seed's einsum formulation (bf16 einsums for the stream
          mixes, fp32 mappings); a plain residual add ``x + f`` on ``[s, b, C]`` (the floor);
 anchor = Megatron-LM ``HyperConnectionModule`` (``megatron.core.transformer.hyper_connection``,
@@ -86,9 +87,9 @@ def _ours_setup(d: Dims, device: str, backend: str):
 
     x, phi, alpha, bias, grad = _inputs(d, device)
 
-    def fwd():
-        u, h_post, h_res = mhc.mhc_mix_pre(x, phi, alpha, bias, backend=backend)
-        return mhc.mhc_post_res(x, h_res, h_post, u, backend=backend)
+    def fwd():  # as the layer calls them: post_res takes the linked streams
+        u, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend=backend)
+        return mhc.mhc_post_res(x_link, h_res, h_post, u, backend=backend)
 
     return _step((x, phi, alpha, bias), fwd, grad)
 

@@ -73,17 +73,18 @@ class StreamMixer(torch.nn.Module):
             p.sequence_parallel = bool(config.sequence_parallel)
 
     def pre(self, streams: torch.Tensor):
-        """streams ``[s, b, n, C]`` -> (u ``[s, b, C]``, h_post, h_res) (per token or static)."""
+        """streams ``[s, b, n, C]`` -> (u ``[s, b, C]``, h_post, h_res, streams for :meth:`post`)
+        (mappings per token or static)."""
         m = self.mhc
         if m.mode == "dynamic":
-            return mhc_ops.mhc_mix_pre(streams, self.phi, self.alpha, self.bias, num_iters=m.sinkhorn_iters,
-                                       eps=m.eps, backend=m.backend)
+            return mhc_ops.mhc_mix_pre_linked(streams, self.phi, self.alpha, self.bias,
+                                              num_iters=m.sinkhorn_iters, eps=m.eps, backend=m.backend)
         n = self.n
         b = self.bias.to(torch.promote_types(self.bias.dtype, torch.float32))  # fp32 math, fp64 kept
         h_pre = torch.sigmoid(b[:n])
         h_post = 2.0 * torch.sigmoid(b[n:2 * n])
         h_res = mhc_ops.sinkhorn(b[2 * n:].view(n, n), num_iters=m.sinkhorn_iters, eps=m.eps, backend="torch")
-        return mhc_ops.mhc_pre(streams, h_pre, backend=m.backend), h_post, h_res
+        return mhc_ops.mhc_pre(streams, h_pre, backend=m.backend), h_post, h_res, streams
 
     def post(self, streams, h_res, h_post, branch_out):
         return mhc_ops.mhc_post_res(streams, h_res, h_post, branch_out, backend=self.mhc.backend)
@@ -114,7 +115,7 @@ class MHCTransformerLayer(TransformerLayer):
         return hidden_states.view(s, b, n, c)
 
     def _mix(self, mixer: StreamMixer, streams, branch, *args, **kwargs):
-        u, h_post, h_res = mixer.pre(streams)
+        u, h_post, h_res, streams = mixer.pre(streams)
         out = branch(u, *args, **kwargs)
         extra = None
         if isinstance(out, tuple):

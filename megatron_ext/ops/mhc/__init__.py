@@ -22,7 +22,7 @@ from megatron_ext import backends
 from megatron_ext.ops.mhc import reference
 from megatron_ext.ops.mhc.reference import branch_mix_weights, mhc_mappings
 
-__all__ = ["sinkhorn", "mhc_pre", "mhc_post_res", "mhc_mix_pre", "mhc_mappings",
+__all__ = ["sinkhorn", "mhc_pre", "mhc_post_res", "mhc_mix_pre", "mhc_mix_pre_linked", "mhc_mappings",
            "branch_mix_weights", "TRITON_NUM_STREAMS", "TRITON_DTYPES"]
 
 Tensor = torch.Tensor
@@ -132,6 +132,16 @@ def mhc_mix_pre(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, num_i
     h_res to :func:`mhc_post_res`. Gradients flow to streams, phi, alpha and bias (fp32 math; the
     parameter grads come back in each parameter's dtype). ``eps``: Sinkhorn sum clamp;
     ``rms_eps``: inside the RMS square root."""
+    return mhc_mix_pre_linked(streams, phi, alpha, bias, num_iters, eps, rms_eps, backend)[:3]
+
+
+def mhc_mix_pre_linked(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
+                       num_iters: int = 20, eps: float = 1e-6, rms_eps: float = 1e-6,
+                       backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`mhc_mix_pre` plus a fourth output, the streams to hand to :func:`mhc_post_res` of
+    the same site. Same values as ``streams``; on the Triton lane it is a view whose gradient is
+    summed into the mix-pre backward kernel (one pass over the stream gradient instead of
+    autograd's extra add of the two)."""
     reference.check_num_iters(num_iters)
     s, b, n, c = _check_streams(streams)
     m = n * n + 2 * n
@@ -140,7 +150,7 @@ def mhc_mix_pre(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, num_i
     _check_shape("bias", bias, [(m,)], "the mapping bias, ordered [pre(n), post(n), res(n*n)]")
     if _resolve("mhc_mix_pre", backend, [streams, phi, alpha, bias], n,
                 streams.dtype) == "torch":
-        return reference.mhc_mix_pre(streams, phi, alpha, bias, num_iters, eps, rms_eps)
+        return (*reference.mhc_mix_pre(streams, phi, alpha, bias, num_iters, eps, rms_eps), streams)
     from megatron_ext.ops.mhc.autograd import MixPreFn
 
     return MixPreFn.apply(streams, phi.float(), alpha.float(), bias.float(), num_iters, eps,

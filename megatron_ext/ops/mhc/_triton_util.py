@@ -19,7 +19,7 @@ def kernels_interpreted() -> bool:
     the kernel module is first imported, from the environment at that moment)."""
     from megatron_ext.ops.mhc import triton_mix, triton_sinkhorn, triton_streams
 
-    kernels = (triton_mix._mix_pre_fwd_kernel, triton_streams._pre_fwd_kernel,
+    kernels = (triton_mix._mix_proj_kernel, triton_streams._pre_fwd_kernel,
                triton_sinkhorn._sinkhorn_fwd_kernel)
     return all(type(getattr(k, "fn", k)).__name__ == "InterpretedFunction" for k in kernels)
 

@@ -89,13 +89,17 @@ class PostResFn(torch.autograd.Function):
 
 class MixPreFn(torch.autograd.Function):
     """Fused mappings + pre: ``streams [s, b, 4, C]``, ``phi [4C, 24]``, ``alpha [3]``,
-    ``bias [24]`` (fp32) -> ``(u [s, b, C], h_post [s, b, 4] fp32, h_res [s, b, 4, 4] fp32)``.
+    ``bias [24]`` (fp32) -> ``(u [s, b, C], h_post [s, b, 4] fp32, h_res [s, b, 4, 4] fp32,
+    streams_link)``. ``streams_link`` is a view of the streams: a consumer that uses it instead of
+    the streams (the site's post/res mix) has its stream gradient summed into this backward's dx
+    kernel rather than by a separate autograd add.
 
     Saved for backward: the streams (already alive as the residual) and 116 B/token of fp32
     stats (z, inv_r, h_pre); nothing else is recomputed but the Sinkhorn iterations."""
 
     @staticmethod
     def forward(ctx, streams, phi, alpha, bias, num_iters, eps, rms_eps):
+        ctx.set_materialize_grads(False)
         s_shape = streams.shape
         x = streams.contiguous().view(-1, s_shape[-2] * s_shape[-1])
         phi_c, alpha_c, bias_c = phi.contiguous(), alpha.contiguous(), bias.contiguous()
@@ -104,10 +108,11 @@ class MixPreFn(torch.autograd.Function):
         ctx.save_for_backward(x, phi_c, alpha_c, bias_c, z, inv_r, h_pre)
         ctx.cfg = (num_iters, eps, s_shape)
         lead = tuple(s_shape[:-2])
-        return u.view(*lead, s_shape[-1]), h_post.view(*lead, 4), h_res.view(*lead, 4, 4)
+        return (u.view(*lead, s_shape[-1]), h_post.view(*lead, 4), h_res.view(*lead, 4, 4),
+                streams.view_as(streams))
 
     @staticmethod
-    def backward(ctx, gu, gh_post, gh_res):
+    def backward(ctx, gu, gh_post, gh_res, g_link):
         x, phi, alpha, bias, z, inv_r, h_pre = ctx.saved_tensors
         num_iters, eps, s_shape = ctx.cfg
         T, NC = x.shape
@@ -118,7 +123,9 @@ class MixPreFn(torch.autograd.Function):
                    else gh_post.float().contiguous().view(T, 4))
         gh_res = (torch.zeros(T, 4, 4, **f32) if gh_res is None
                   else gh_res.float().contiguous().view(T, 4, 4))
+        if g_link is not None:
+            g_link = g_link.contiguous().view(T, NC)
         dx, dphi, dalpha, dbias = triton_mix.mix_pre_bwd(
-            x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_iters, eps)
+            x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_iters, eps, g_link)
         return (dx.view(s_shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype),
                 dbias.to(bias.dtype), None, None, None)

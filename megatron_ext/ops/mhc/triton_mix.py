@@ -5,36 +5,38 @@ Per token t (x = the flattened streams row ``[4C]``, phi ``[4C, 24]`` fp32, colu
 l = alpha_vec * z + bias;  h_pre = sigmoid, h_post = 2 sigmoid, h_res = Sinkhorn(l_res);
 u = sum_i h_pre[i] x_i.  (``reference.mhc_mappings`` + ``reference.mhc_pre`` are the spec.)
 
-Forward, ``_mix_pre_fwd_kernel``, grid = T / BLOCK_T, token-major:
-  pass 1 walks the row in BLOCK_K chunks: ``[BLOCK_T, BLOCK_K] @ [BLOCK_K, 16]`` twice (phi split
-  in a pre|post|zero-pad block and the res block, so no column has to be extracted from a tile)
-  plus the sum of squares; then inv_r, sigmoid and 20 Sinkhorn rounds on a ``[BLOCK_T, 4, 4]``
-  register tile; pass 2 re-reads the same rows, SUB_T tokens at a time (``[SUB_T, 4, BLOCK_C]``),
-  for u, with h_pre reloaded from its own store after a CTA barrier.
-  HBM bytes per token: 4C*d read + C*d written (d = dtype bytes) + 116 B of fp32 stats (z, inv_r,
-  h_pre, h_post, h_res). Pass 2 hits L2 only if the rows in flight fit (BLOCK_T x 16 KiB per
-  program at C=2048 bf16, times the programs resident on the GPU, vs 50 MB of L2); otherwise it
-  is one more 4C*d read, i.e. 9C*d instead of 5C*d. phi is re-read from L2 once per program:
-  4C*24*4 B / BLOCK_T per token. The dots are tf32: 2*T*4C*32 flops, ~4.3 GFLOP at T=8192,
-  C=2048. Roofline at S=4096, B=2, C=2048, bf16: 168 MB -> ~56 us at 3 TB/s (~100 us if pass 2
-  misses L2).
+Forward, three kernels:
+  ``_mix_proj_kernel``, grid = (T / BLOCK_T) x (4C / 1024 column splits): ``[BLOCK_T, BLOCK_K] @
+  [BLOCK_K, 16]`` twice (phi split in a pre|post|zero-pad block and the res block, so no column
+  has to be extracted from a tile) plus the sum of squares, written as fp32 partials per split.
+  Splitting the columns gives T/16 x 8 programs at C=2048: every SM streams rows, where one
+  program walking a whole 16 KiB row per token left the loads latency-bound (0.27 ms measured for
+  the former one-kernel forward vs a 56 us traffic floor).
+  ``_mix_maps_kernel`` (BLOCK_T tokens): partials summed in split order (deterministic), inv_r,
+  sigmoid gates and 20 Sinkhorn rounds on a ``[BLOCK_T, 4, 4]`` register tile; stats z, inv_r.
+  ``triton_streams.pre_fwd``: u = sum_i h_pre[i] x_i, one whole row per program.
+  HBM bytes per token: 4C*d read twice (the projection's row is gone from L2 by the time u is
+  formed: 134 MB of streams vs 50 MB of L2 at the size below) + C*d written (d = dtype bytes) +
+  ~0.9 KB of fp32 partials and stats. phi is re-read from L2 once per program. The dots are tf32:
+  2*T*4C*32 flops, ~4.3 GFLOP at T=8192, C=2048. Roofline at S=4096, B=2, C=2048, bf16:
+  302 MB -> ~0.1 ms at 3 TB/s.
 
 Backward, two kernels (the per-token reduction must finish before any dx can be written):
-  ``_mix_pre_bwd_rows_kernel`` (token-major, BLOCK_T tokens): dh_pre = <x_i, du> over the row
-  (SUB_T tokens at a time, through a [T, 4] scratch), sigmoid adjoints, the Sinkhorn adjoint
+  ``triton_streams.pre_bwd`` (dh only): dh_pre = <x_i, du>, one whole row per program.
+  ``_mix_pre_bwd_rows_kernel`` (token-major, BLOCK_T tokens): sigmoid adjoints, the Sinkhorn adjoint
   recomputed from z (triton_sinkhorn), then per token G = inv_r * alpha_vec * dl (= d(x @ phi))
   and coef = -(alpha_vec*dl . z) * inv_r^2 / 4C (the RMS term), and per-program partial sums for
-  d bias and d alpha. Bytes: 4C*d + C*d read. The Sinkhorn adjoint is the compute-heavy part
+  d bias and d alpha. Bytes: 4C*d + C*d read (the dh pass), ~0.3 KB/token of fp32 stats. The Sinkhorn adjoint is the compute-heavy part
   (O(iters^2) rounds); other resident programs stream memory meanwhile.
   ``_mix_pre_bwd_cols_kernel`` (grid = 4C / BLOCK_K column tiles x S token splits): per tile
   dx = h_pre[stream] * du + G @ phi^T + coef * x, and d phi partial = x^T @ G accumulated in
   registers over the split's tokens, written once per split ([S, 4C, 24] fp32, summed in torch:
   deterministic, no atomics). Bytes: 4C*d + 4C*d (du, 4 column tiles share it, mostly L2) read,
-  4C*d written.
+  4C*d written; with a linked stream gradient (``g_link``) one more 4C*d read, instead of a
+  separate 12C*d elementwise sum.
   Backward total ~ 13C*d per token + S*4C*24*4 B of partials; at the site above ~ 0.15 ms.
 
-Registers (sm_90a, ptxas, bf16, no spills in any autotune config): fwd 93-208, bwd rows 66-128,
-bwd cols 141-226; a ``[BLOCK_T, 4, BLOCK_C]`` pass-2 tile instead of the SUB_T blocks spilled.
+Registers (sm_90a, ptxas, bf16, no spills in any autotune config): bwd cols 141-226.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_ext.ops.mhc import triton_streams
 from megatron_ext.ops.mhc._triton_util import DOT_PRECISION, tuned
 from megatron_ext.ops.mhc.triton_sinkhorn import sinkhorn_tile, sinkhorn_tile_vjp
 
@@ -62,96 +65,93 @@ def _load_scales(alpha_ptr, bias_ptr, i4):
     return a_pre, a_post, a_res, b_pre, b_post, b_res
 
 
-@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk, "SUB_T": st, "BLOCK_C": bc}, num_warps=w)
-        for bt, bk, st, bc, w in ((16, 128, 4, 256, 4), (16, 64, 2, 512, 4), (32, 64, 4, 256, 4),
-                                  (32, 128, 4, 256, 8), (64, 64, 8, 256, 8))],
+@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
+        for bt, bk, w, ns in ((16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 8, 3), (64, 64, 4, 3),
+                              (32, 64, 4, 4), (64, 128, 8, 3))],
        key=["C"])
 @triton.jit
-def _mix_pre_fwd_kernel(x_ptr, phi_ptr, alpha_ptr, bias_ptr,
-                        u_ptr, hpre_ptr, hpost_ptr, hres_ptr, z_ptr, invr_ptr,
-                        T, C, num_iters, sk_eps, rms_eps,
-                        DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_K: tl.constexpr, SUB_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
+                     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial ``x @ phi`` and sum of squares of BLOCK_T rows over one column split of ``[4C]``."""
     NC = 4 * C
-    t_first = tl.program_id(0) * BLOCK_T
-    offs_t = t_first + tl.arange(0, BLOCK_T)
+    pid_s = tl.program_id(1)
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     rows = offs_t.to(tl.int64)
-    i4 = tl.arange(0, 4)
     j16 = tl.arange(0, 16)
-
-    # pass 1: projection onto phi (pre|post|pad and res blocks) + sum of squares
     acc_pp = tl.zeros([BLOCK_T, 16], dtype=tl.float32)
     acc_res = tl.zeros([BLOCK_T, 16], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for k0 in range(0, NC, BLOCK_K):
+    k_begin = pid_s * cols_per_split
+    k_end = tl.minimum(k_begin + cols_per_split, NC)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        mk = kk < NC
+        mk = kk < k_end
         xt = tl.load(x_ptr + rows[:, None] * NC + kk[None, :],
                      mask=mask_t[:, None] & mk[None, :], other=0.0).to(tl.float32)
+        # phi split in a pre|post|zero-pad block and the res block: no column extraction later
         p_pp = tl.load(phi_ptr + kk[:, None] * 24 + j16[None, :],
                        mask=mk[:, None] & (j16 < 8)[None, :], other=0.0)
-        p_res = tl.load(phi_ptr + kk[:, None] * 24 + 8 + j16[None, :],
-                        mask=mk[:, None], other=0.0)
+        p_res = tl.load(phi_ptr + kk[:, None] * 24 + 8 + j16[None, :], mask=mk[:, None], other=0.0)
         acc_pp = tl.dot(xt, p_pp, acc_pp, input_precision=DOT_PRECISION)
         acc_res = tl.dot(xt, p_res, acc_res, input_precision=DOT_PRECISION)
         sumsq += tl.sum(xt * xt, axis=1)
+    base = (pid_s.to(tl.int64) * T + rows) * 24
+    tl.store(pz_ptr + base[:, None] + j16[None, :], acc_pp, mask=mask_t[:, None] & (j16 < 8)[None, :])
+    tl.store(pz_ptr + base[:, None] + 8 + j16[None, :], acc_res, mask=mask_t[:, None])
+    tl.store(pss_ptr + pid_s.to(tl.int64) * T + rows, sumsq, mask=mask_t)
 
-    inv_r = tl.rsqrt(sumsq / NC + rms_eps)
-    z_pp = acc_pp * inv_r[:, None]
-    z_res2 = acc_res * inv_r[:, None]
-    tl.store(z_ptr + rows[:, None] * 24 + j16[None, :], z_pp,
-             mask=mask_t[:, None] & (j16 < 8)[None, :])
-    tl.store(z_ptr + rows[:, None] * 24 + 8 + j16[None, :], z_res2, mask=mask_t[:, None])
-    tl.store(invr_ptr + rows, inv_r, mask=mask_t)
 
-    # mappings in registers: rows 0 / 1 of the reshaped pre|post|pad block are pre / post
-    z_pp3 = tl.reshape(z_pp, (BLOCK_T, 4, 4))
-    z_pre = tl.sum(tl.where((i4 == 0)[None, :, None], z_pp3, 0.0), axis=1)
-    z_post = tl.sum(tl.where((i4 == 1)[None, :, None], z_pp3, 0.0), axis=1)
-    z_res = tl.reshape(z_res2, (BLOCK_T, 4, 4))
-    a_pre, a_post, a_res, b_pre, b_post, b_res = _load_scales(alpha_ptr, bias_ptr, i4)
-    h_pre = tl.sigmoid(a_pre * z_pre + b_pre[None, :])
-    h_post = 2.0 * tl.sigmoid(a_post * z_post + b_post[None, :])
-    h_res = sinkhorn_tile(a_res * z_res + b_res[None, :, :], num_iters, sk_eps)
+@triton.jit
+def _mix_maps_kernel(pz_ptr, pss_ptr, alpha_ptr, bias_ptr, hpre_ptr, hpost_ptr, hres_ptr, z_ptr,
+                     invr_ptr, T, NC, n_splits, num_iters, sk_eps, rms_eps, BLOCK_T: tl.constexpr):
+    """Sum the column-split partials in split order (deterministic), then RMS scale, sigmoid
+    gates and Sinkhorn on a ``[BLOCK_T, 4, 4]`` register tile."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    rows = offs_t.to(tl.int64)
+    i4 = tl.arange(0, 4)
     m2 = mask_t[:, None]
-    tl.store(hpre_ptr + rows[:, None] * 4 + i4[None, :], h_pre, mask=m2)
-    tl.store(hpost_ptr + rows[:, None] * 4 + i4[None, :], h_post, mask=m2)
-    tl.store(hres_ptr + rows[:, None, None] * 16 + i4[None, :, None] * 4 + i4[None, None, :],
-             h_res, mask=mask_t[:, None, None])
+    m3 = mask_t[:, None, None]
+    o44 = i4[None, :, None] * 4 + i4[None, None, :]
+    z_pre = tl.zeros([BLOCK_T, 4], dtype=tl.float32)
+    z_post = tl.zeros([BLOCK_T, 4], dtype=tl.float32)
+    z_res = tl.zeros([BLOCK_T, 4, 4], dtype=tl.float32)
+    sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for sp in range(0, n_splits):
+        base = (sp * T + rows) * 24
+        z_pre += tl.load(pz_ptr + base[:, None] + i4[None, :], mask=m2, other=0.0)
+        z_post += tl.load(pz_ptr + base[:, None] + 4 + i4[None, :], mask=m2, other=0.0)
+        z_res += tl.load(pz_ptr + base[:, None, None] + 8 + o44, mask=m3, other=0.0)
+        sumsq += tl.load(pss_ptr + sp * T + rows, mask=mask_t, other=0.0)
+    inv_r = tl.rsqrt(sumsq / NC + rms_eps)
+    z_pre = z_pre * inv_r[:, None]
+    z_post = z_post * inv_r[:, None]
+    z_res = z_res * inv_r[:, None, None]
+    tl.store(z_ptr + rows[:, None] * 24 + i4[None, :], z_pre, mask=m2)
+    tl.store(z_ptr + rows[:, None] * 24 + 4 + i4[None, :], z_post, mask=m2)
+    tl.store(z_ptr + rows[:, None, None] * 24 + 8 + o44, z_res, mask=m3)
+    tl.store(invr_ptr + rows, inv_r, mask=mask_t)
+    a_pre, a_post, a_res, b_pre, b_post, b_res = _load_scales(alpha_ptr, bias_ptr, i4)
+    tl.store(hpre_ptr + rows[:, None] * 4 + i4[None, :], tl.sigmoid(a_pre * z_pre + b_pre[None, :]),
+             mask=m2)
+    tl.store(hpost_ptr + rows[:, None] * 4 + i4[None, :],
+             2.0 * tl.sigmoid(a_post * z_post + b_post[None, :]), mask=m2)
+    tl.store(hres_ptr + rows[:, None, None] * 16 + o44,
+             sinkhorn_tile(a_res * z_res + b_res[None, :, :], num_iters, sk_eps), mask=m3)
 
-    # pass 2: u = sum_i h_pre[i] x_i over the same rows, SUB_T tokens at a time (a [BLOCK_T, 4,
-    # BLOCK_C] tile would need ~255 registers); h_pre comes back from this program's own stores
-    # (after the barrier, through L2: .cg), which also decouples pass 2's register layout from
-    # the Sinkhorn tile's.
-    tl.debug_barrier()
-    for s0 in range(0, BLOCK_T, SUB_T):
-        ot = t_first + s0 + tl.arange(0, SUB_T)
-        mt = ot < T
-        rs = ot.to(tl.int64)
-        hp = tl.load(hpre_ptr + rs[:, None] * 4 + i4[None, :], mask=mt[:, None], other=0.0,
-                     cache_modifier=".cg")
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            mc = cc < C
-            xs = tl.load(x_ptr + rs[:, None, None] * NC + i4[None, :, None] * C + cc[None, None, :],
-                         mask=mt[:, None, None] & mc[None, None, :], other=0.0).to(tl.float32)
-            u = tl.sum(xs * hp[:, :, None], axis=1)
-            tl.store(u_ptr + rs[:, None] * C + cc[None, :], u.to(u_ptr.dtype.element_ty),
-                     mask=mt[:, None] & mc[None, :])
+
+MAPS_BLOCK_T = 32
+PROJ_COLS_PER_SPLIT = 1024  # 8 splits at C=2048: T/16 x 8 programs keep every SM streaming
 
 
 BWD_ROWS_BLOCK_T = 32  # fixed: the partial-sum buffers have one row per program
 
 
-@tuned([triton.Config({"SUB_T": st, "BLOCK_C": bc}, num_warps=w)
-        for st, bc, w in ((2, 512, 4), (4, 256, 4), (1, 1024, 4), (4, 512, 8))],
-       key=["C"])
 @triton.jit
-def _mix_pre_bwd_rows_kernel(x_ptr, gu_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr,
-                             ghpost_ptr, ghres_ptr, dh_ptr, g_ptr, coef_ptr, pbias_ptr,
-                             palpha_ptr, T, C, num_iters, sk_eps, BLOCK_T: tl.constexpr,
-                             SUB_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _mix_pre_bwd_rows_kernel(dh_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr,
+                             ghpost_ptr, ghres_ptr, g_ptr, coef_ptr, pbias_ptr,
+                             palpha_ptr, T, C, num_iters, sk_eps, BLOCK_T: tl.constexpr):
     NC = 4 * C
     pid = tl.program_id(0)
     t_first = pid * BLOCK_T
@@ -163,26 +163,7 @@ def _mix_pre_bwd_rows_kernel(x_ptr, gu_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr
     m3 = mask_t[:, None, None]
     o44 = i4[None, :, None] * 4 + i4[None, None, :]
 
-    # dh_pre[i] = <x_i, du>, SUB_T tokens at a time (register budget, as in the forward's pass 2),
-    # through a [T, 4] scratch reloaded after the barrier (.cg: from L2)
-    for s0 in range(0, BLOCK_T, SUB_T):
-        ot = t_first + s0 + tl.arange(0, SUB_T)
-        mt = ot < T
-        rs = ot.to(tl.int64)
-        acc = tl.zeros([SUB_T, 4], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            mc = cc < C
-            xs = tl.load(x_ptr + rs[:, None, None] * NC + i4[None, :, None] * C + cc[None, None, :],
-                         mask=mt[:, None, None] & mc[None, None, :], other=0.0).to(tl.float32)
-            gu = tl.load(gu_ptr + rs[:, None] * C + cc[None, :], mask=mt[:, None] & mc[None, :],
-                         other=0.0).to(tl.float32)
-            acc += tl.sum(xs * gu[:, None, :], axis=2)
-        tl.store(dh_ptr + rs[:, None] * 4 + i4[None, :], acc, mask=mt[:, None])
-    tl.debug_barrier()
-    dh_pre = tl.load(dh_ptr + rows[:, None] * 4 + i4[None, :], mask=m2, other=0.0,
-                     cache_modifier=".cg")
-
+    dh_pre = tl.load(dh_ptr + rows[:, None] * 4 + i4[None, :], mask=m2, other=0.0)
     z_pre = tl.load(z_ptr + rows[:, None] * 24 + i4[None, :], mask=m2, other=0.0)
     z_post = tl.load(z_ptr + rows[:, None] * 24 + 4 + i4[None, :], mask=m2, other=0.0)
     z_res = tl.load(z_ptr + rows[:, None, None] * 24 + 8 + o44, mask=m3, other=0.0)
@@ -218,14 +199,15 @@ def _mix_pre_bwd_rows_kernel(x_ptr, gu_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr
     tl.store(palpha_ptr + pid * 3 + 2, tl.sum(da_res, axis=0))
 
 
-@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w)
-        for bt, bk, w in ((16, 64, 4), (16, 128, 8), (32, 64, 8), (16, 32, 4), (32, 128, 8))],
+@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
+        for bt, bk, w, ns in ((16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (16, 32, 4, 3),
+                              (32, 128, 8, 3), (64, 64, 8, 3), (32, 256, 8, 3), (16, 128, 4, 5))],
        key=["C"])
 @triton.jit
-def _mix_pre_bwd_cols_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, gx_ptr, pphi_ptr,
-                             T, C, tokens_per_split,
-                             DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+def _mix_pre_bwd_cols_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, glink_ptr, gx_ptr,
+                             pphi_ptr, T, C, tokens_per_split,
+                             DOT_PRECISION: tl.constexpr, HAS_LINK: tl.constexpr,
+                             BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     NC = 4 * C
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -256,6 +238,9 @@ def _mix_pre_bwd_cols_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, 
         g_res = tl.load(g_ptr + rows[:, None] * 24 + 8 + j16[None, :], mask=mt[:, None], other=0.0)
         coef = tl.load(coef_ptr + rows, mask=mt, other=0.0)
         dx = hp * gu + coef[:, None] * xt
+        if HAS_LINK:  # the streams' other gradient (the post/res mix of the same site)
+            dx += tl.load(glink_ptr + rows[:, None] * NC + kk[None, :], mask=m2,
+                          other=0.0).to(tl.float32)
         dx = tl.dot(g_pp, phiT_pp, dx, input_precision=DOT_PRECISION)
         dx = tl.dot(g_res, phiT_res, dx, input_precision=DOT_PRECISION)
         tl.store(gx_ptr + rows[:, None] * NC + kk[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
@@ -282,28 +267,33 @@ def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float)
     C = NC // N_STREAMS
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
-    u = torch.empty(T, C, device=dev, dtype=x.dtype)
     h_pre, h_post = torch.empty(T, 4, **f32), torch.empty(T, 4, **f32)
     h_res, z, inv_r = torch.empty(T, 4, 4, **f32), torch.empty(T, N_COLS, **f32), torch.empty(T, **f32)
+    splits = triton.cdiv(NC, PROJ_COLS_PER_SPLIT)
+    pz, pss = torch.empty(splits, T, N_COLS, **f32), torch.empty(splits, T, **f32)
     if T:
-        _mix_pre_fwd_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),)](
-            x, phi, alpha, bias, u, h_pre, h_post, h_res, z, inv_r,
-            T, C, num_iters, eps, rms_eps, DOT_PRECISION=DOT_PRECISION)
+        _mix_proj_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), splits)](
+            x, phi, pz, pss, T, C, PROJ_COLS_PER_SPLIT, DOT_PRECISION=DOT_PRECISION)
+        _mix_maps_kernel[(triton.cdiv(T, MAPS_BLOCK_T),)](
+            pz, pss, alpha, bias, h_pre, h_post, h_res, z, inv_r, T, NC, splits, num_iters, eps,
+            rms_eps, BLOCK_T=MAPS_BLOCK_T)
+    u = triton_streams.pre_fwd(x.view(T, N_STREAMS, C), h_pre, 4)
     return u, h_pre, h_post, h_res, z, inv_r
 
 
 def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_iters: int,
-                eps: float):
+                eps: float, g_link=None):
     """Adjoint of :func:`mix_pre_fwd`. ``gu [T, C]`` (any float dtype), ``gh_post [T, 4]`` and
     ``gh_res [T, 4, 4]`` fp32, all contiguous -> ``(dx [T, 4C] x dtype, dphi [4C, 24],
-    dalpha [3], dbias [24])`` fp32 for the parameters."""
+    dalpha [3], dbias [24])`` fp32 for the parameters. ``g_link [T, 4C]`` (optional): a gradient
+    of the same streams from elsewhere (the site's post/res mix), added into dx in the same pass,
+    which saves autograd's separate read-read-write sum of the two."""
     T, NC = x.shape
     C = NC // N_STREAMS
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
     n_prog = max(1, triton.cdiv(T, BWD_ROWS_BLOCK_T))
     g = torch.empty(T, N_COLS, **f32)
-    dh = torch.empty(T, 4, **f32)
     coef = torch.empty(T, **f32)
     pbias = torch.zeros(n_prog, N_COLS, **f32)
     palpha = torch.zeros(n_prog, 3, **f32)
@@ -315,10 +305,12 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 64) * 64
     pphi = torch.zeros(splits, NC, N_COLS, **f32)
     if T:
+        # dh_pre[i] = <x_i, du>: one whole row per program (the streams' read of this backward)
+        _, dh = triton_streams.pre_bwd(x.view(T, N_STREAMS, C), h_pre, 4, gu, want_gx=False)
         _mix_pre_bwd_rows_kernel[(n_prog,)](
-            x, gu, z, inv_r, alpha, bias, gh_post, gh_res, dh, g, coef, pbias, palpha,
+            dh, z, inv_r, alpha, bias, gh_post, gh_res, g, coef, pbias, palpha,
             T, C, num_iters, eps, BLOCK_T=BWD_ROWS_BLOCK_T)
         _mix_pre_bwd_cols_kernel[lambda meta: (triton.cdiv(NC, meta["BLOCK_K"]), splits)](
-            x, gu, h_pre, g, coef, phi, dx, pphi, T, C, tokens_per_split,
-            DOT_PRECISION=DOT_PRECISION)
+            x, gu, h_pre, g, coef, phi, x if g_link is None else g_link, dx, pphi, T, C,
+            tokens_per_split, DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None)
     return dx, pphi.sum(0), palpha.sum(0), pbias.sum(0)

@@ -25,8 +25,10 @@ import triton.language as tl
 
 from megatron_ext.ops.mhc._triton_util import tuned
 
+# Whole-row tiles with many warps put every load of a token in flight at once (one token per
+# program leaves little else to overlap); the small tiles cover small C.
 _CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
-            for bc, w in ((256, 4), (512, 4), (1024, 8), (128, 2))]
+            for bc, w in ((256, 4), (512, 4), (1024, 8), (128, 2), (1024, 4), (2048, 8), (2048, 16))]
 
 
 @tuned(_CONFIGS, key=["C"])
@@ -46,7 +48,8 @@ def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
 
 @tuned(_CONFIGS, key=["C"])
 @triton.jit
-def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, BLOCK_C: tl.constexpr):
+def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, WRITE_GX: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     i4 = tl.arange(0, 4)
     h = tl.load(h_ptr + t * h_stride + i4).to(tl.float32)
@@ -57,8 +60,9 @@ def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, BLOCK_C: 
         offs = t * 4 * C + i4[:, None] * C + cc[None, :]
         xs = tl.load(x_ptr + offs, mask=mc[None, :], other=0.0).to(tl.float32)
         gu = tl.load(gu_ptr + t * C + cc, mask=mc, other=0.0).to(tl.float32)
-        tl.store(gx_ptr + offs, (h[:, None] * gu[None, :]).to(gx_ptr.dtype.element_ty),
-                 mask=mc[None, :])
+        if WRITE_GX:
+            tl.store(gx_ptr + offs, (h[:, None] * gu[None, :]).to(gx_ptr.dtype.element_ty),
+                     mask=mc[None, :])
         gh += tl.sum(xs * gu[None, :], axis=1)
     tl.store(gh_ptr + t * 4 + i4, gh)
 
@@ -119,13 +123,13 @@ def pre_fwd(x, h, h_stride: int):
     return u
 
 
-def pre_bwd(x, h, h_stride: int, gu):
-    """-> ``(dx [T, 4, C] x dtype, dh [T, 4] fp32 per token)``."""
+def pre_bwd(x, h, h_stride: int, gu, want_gx: bool = True):
+    """-> ``(dx [T, 4, C] x dtype (None unless want_gx), dh [T, 4] fp32 per token)``."""
     T, _, C = x.shape
-    gx = torch.empty_like(x)
+    gx = torch.empty_like(x) if want_gx else None
     gh = torch.empty(T, 4, device=x.device, dtype=torch.float32)
     if T:
-        _pre_bwd_kernel[(T,)](x, h, gu, gx, gh, C, h_stride)
+        _pre_bwd_kernel[(T,)](x, h, gu, x if gx is None else gx, gh, C, h_stride, WRITE_GX=want_gx)
     return gx, gh
 
 

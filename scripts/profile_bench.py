@@ -1,0 +1,55 @@
+"""Where the time of one benchmark case goes: per-kernel GPU time under torch.profiler.
+
+    python scripts/profile_bench.py mhc ours [--iters 10] [--rows 25]
+
+Builds the case exactly as ``python -m bench`` does (same shapes, same setup), warms it up, then
+profiles ``--iters`` calls and prints the kernels sorted by total device time, with their share of
+the whole. Use it before tuning: the table says which kernel to work on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("benchmark", help="a benchmark name (python -m bench --list)")
+    p.add_argument("case", help="a case name of that benchmark (e.g. ours, anchor)")
+    p.add_argument("--iters", type=int, default=10, help="profiled calls (after 5 warm-up calls)")
+    p.add_argument("--rows", type=int, default=25, help="kernels to print")
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench import harness
+
+    bench = harness.select([args.benchmark])[args.benchmark](small=False, device="cuda")
+    cases = {c.name: c for c in bench.cases}
+    if args.case not in cases:
+        print(f"error: case={args.case!r}: not in benchmark {args.benchmark!r}; use one of "
+              f"{sorted(cases)}", file=sys.stderr)
+        return 2
+    fn = cases[args.case].setup()
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.iters):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    print(f"{bench.name} / {args.case}: {total / args.iters / 1e3:.3f} ms of kernels per call "
+          f"({bench.shape})")
+    print(f"{'ms/call':>9} {'share':>6} {'calls':>6}  kernel")
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:args.rows]:
+        print(f"{e.device_time_total / args.iters / 1e3:9.3f} {e.device_time_total / total:6.1%} "
+              f"{e.count // args.iters:6d}  {e.key[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
