@@ -94,12 +94,28 @@ def block_spec(config, layer_spec, vp_stage: Optional[int] = None,
 def attention_spec_for(config, layer_number: int = 1) -> ModuleSpec:
     """The attention this config asks for at global layer ``layer_number`` (1-based; each feature
     spec adds its branch here): Megatron's SelfAttention with SDPA by default."""
+    if getattr(config, "sparse_attention", None) is not None:
+        from layer_specs.sparse_mqa import sparse_mqa_attention_spec
+
+        return sparse_mqa_attention_spec(config, layer_number)
+    if getattr(config, "gqla", None) is not None:
+        from megatron_ext.modules.gqla import gqla_spec
+
+        return gqla_spec()
     return self_attention_spec(getattr(config, "qk_layernorm", False))
 
 
 def mlp_spec_for(config) -> ModuleSpec:
-    """Megatron's stock MoE when ``num_moe_experts`` is set, else the dense MLP."""
-    return stock_moe_spec() if getattr(config, "num_moe_experts", None) else dense_mlp_spec()
+    """With ``num_moe_experts``: the fused MoE layer (``layer_specs.moe``), or Megatron's stock
+    MoELayer when ``config.moe.impl == "megatron"``; else the dense MLP."""
+    if not getattr(config, "num_moe_experts", None):
+        return dense_mlp_spec()
+    moe = getattr(config, "moe", None)
+    if moe is not None and moe.impl == "megatron":
+        return stock_moe_spec()
+    from layer_specs.moe import fused_moe_spec
+
+    return fused_moe_spec(config)
 
 
 def gpt_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:

@@ -27,6 +27,14 @@ _HELP = {
     "device": "auto: CUDA when visible, else CPU with gloo",
     "exit_after_iters": "stop after this iteration (as if the job were killed); resume continues it",
     "bf16": "bf16 parameters and compute (default on for CUDA; the CPU lane is fp32)",
+    "sparse_attention": "sparse MQA attention in every layer (default: on when --attention-pattern is set)",
+    "attention_pattern": "sparse attention per layer, one letter a layer, repeated: D dense, W window+sinks, "
+                         "T top-k (e.g. WWWD)",
+    "window_size": "keys each query sees in W/T layers, counting itself (1 = only itself)",
+    "num_sink_tokens": "first tokens every query of a W/T layer also sees (StreamingLLM sinks)",
+    "learnable_sink": "a learned per-head sink logit in every softmax denominator (gpt-oss style)",
+    "sparse_topk": "keys per query the lightning indexer picks in T layers",
+    "sparse_attention_backend": "auto | triton | torch (auto: Triton where it can run, else torch)",
 }
 
 
@@ -56,6 +64,14 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a GPT built from this project's layer spec")
     _add_train_args(train)
+    from launch.commands import add_adapt_args, add_plan_args  # launch/: lane planner, recipe adapter
+
+    plan = sub.add_parser("plan", help="print the lane plan (TP/SP/PP/CP/EP/DP, micro-batch, recompute) "
+                                       "with memory and step-time estimates; starts nothing")
+    _add_train_args(plan)
+    add_plan_args(plan)
+    adapt = sub.add_parser("adapt", help="turn a Megatron pretrain recipe into one with this project's layers")
+    add_adapt_args(adapt)
     return parser.parse_args(argv)
 
 
@@ -103,7 +119,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     _quiet_import_warnings()
     args = parse(argv)
     try:
+        if args.command == "adapt":
+            from launch.commands import run_adapt
+
+            return run_adapt(args)
         cfg = _config_from_args(args)
+        if args.command == "plan":
+            from launch.commands import FIELD_TO_LANE, explicit_fields, run_plan
+
+            return run_plan(args, cfg, explicit_fields(args, FIELD_TO_LANE))
         from megatron_ext.training.distributed import env_local_world_size, env_world_size, pick_lane
 
         try:
@@ -114,6 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         nproc = 1 if under_torchrun else _nproc(args, lane)
         world = env_world_size() if under_torchrun else nproc
         local = env_local_world_size() if under_torchrun else nproc
+        if cfg.lanes is not None:  # plan the lanes for this launch; every rank plans the same
+            from launch.commands import FIELD_TO_LANE, apply_lanes, describe_for_log, explicit_fields
+
+            cfg, plan = apply_lanes(cfg, explicit_fields(args, FIELD_TO_LANE), world, local, lane)
+            if os.environ.get("RANK", "0") == "0" and (under_torchrun or nproc == 1):
+                print(describe_for_log(plan, cfg.lanes), file=sys.stderr, flush=True)
         dp = validate(cfg, world, gpus_per_node=local if lane == "cuda" else None, lane=lane)
         if not under_torchrun and nproc > 1:
             return _relaunch_with_torchrun(nproc, argv)

@@ -143,3 +143,53 @@ def runtime_flags() -> Dict[str, Any]:
         "triton": HAVE_TRITON,
     }
 
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE (fused layer): process groups and Megatron's aux-loss tracker
+
+
+def expert_parallel_groups():
+    """(ep_group, ep_rank, ep_size, expert_dp_rank, dp_cp_group) for a layer built outside
+    Megatron's MoELayer (0.16.1 passes it no process-group collection)."""
+    from megatron.core import parallel_state as ps
+
+    ep_group = ps.get_expert_model_parallel_group()
+    edp_rank = ps.get_expert_data_parallel_rank()
+    dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+    return (ep_group, torch_dist_rank(ep_group), torch_dist_size(ep_group), edp_rank, dp_cp)
+
+
+def torch_dist_rank(group) -> int:
+    import torch
+
+    return torch.distributed.get_rank(group) if torch.distributed.is_initialized() else 0
+
+
+def torch_dist_size(group) -> int:
+    import torch
+
+    return torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+
+
+def clear_moe_aux_loss_tracker() -> None:
+    """Reset Megatron's per-layer aux-loss tracker (0.16.1: a dict; 0.19: a metrics object)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = getattr(moe_utils, "get_moe_metrics_tracker", None)
+    if tracker is not None:
+        tracker().clear()
+    else:
+        moe_utils.clear_aux_losses_tracker()
+
+
+def record_moe_aux_loss(name: str, value, layer_number: int, num_layers: int) -> None:
+    """Log an aux loss (divided by its coefficient, as Megatron logs it) into Megatron's tracker."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = getattr(moe_utils, "get_moe_metrics_tracker", None)
+    if tracker is not None:
+        tracker().record(name=name, value=value, layer_number=layer_number, num_layers=num_layers,
+                         reduce_group=None, avg_group=None, needs_dp_avg=True)
+    else:
+        moe_utils.save_to_aux_losses_tracker(name, value, layer_number, num_layers)

@@ -52,6 +52,152 @@ class MHCConfig:
             raise _err("hidden_size", hidden_size, "must be positive", "the per-stream width C")
 
 
+ATTENTION_PATTERN_LETTERS = {"D": "dense causal", "W": "window + sinks", "T": "top-k (+ window/sinks)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig:
+    """Sparse MQA attention knobs (docs/sparse_attention.md), attached as ``tconfig.sparse_attention``.
+
+    Kept off Megatron's TransformerConfig fields on purpose: TransformerConfig has its own
+    ``window_size`` tuple (FlashAttention's ``(left, right)``), which counts one key less.
+    ``pattern`` holds one letter per layer, repeated cyclically over the layers: ``D`` dense causal,
+    ``W`` sliding window + token sinks, ``T`` learned top-k keys (united with the window and sinks).
+    """
+
+    pattern: str = "W"
+    window_size: Optional[int] = None  # keys per query, counting the query itself
+    num_sink_tokens: int = 0
+    learnable_sink: bool = False
+    topk: Optional[int] = None
+    indexer_num_heads: int = 4
+    indexer_head_dim: int = 32
+    indexer_kl_coeff: float = 0.01
+    indexer_dense_warmup_iters: int = 0
+    backend: str = "auto"  # auto | triton | torch
+
+    def letter(self, layer_number: int) -> str:
+        """Pattern letter of global 1-based ``layer_number`` (the pattern repeats cyclically)."""
+        return self.pattern[(layer_number - 1) % len(self.pattern)]
+
+    def validate(self, num_attention_heads: int, num_query_groups: int, head_dim: int,
+                 context_parallel_size: int = 1, lane: Optional[str] = None) -> None:
+        pattern = self.pattern
+        if not isinstance(pattern, str) or not pattern or set(pattern) - set(ATTENTION_PATTERN_LETTERS):
+            allowed = ", ".join(f"{k} ({v})" for k, v in ATTENTION_PATTERN_LETTERS.items())
+            raise _err("attention_pattern", pattern, "one letter per layer, repeated cyclically",
+                       f"a non-empty string of {allowed}, e.g. 'WWWD'")
+        if self.window_size is not None and (isinstance(self.window_size, bool)
+                                             or not isinstance(self.window_size, int) or self.window_size < 1):
+            raise _err("window_size", self.window_size, "the window counts the query itself, so it is >= 1",
+                       "an integer >= 1 (1 = only itself)")
+        if "W" in pattern and self.window_size is None:
+            raise _err("window_size", None, f"attention_pattern={pattern!r} has windowed (W) layers",
+                       "--window-size N (keys per query, the query included)")
+        if not isinstance(self.num_sink_tokens, int) or self.num_sink_tokens < 0:
+            raise _err("num_sink_tokens", self.num_sink_tokens, "must not be negative", "an integer >= 0")
+        if self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
+            raise _err("sparse_topk", self.topk, "must be positive", "an integer >= 1 (keys per query)")
+        if "T" in pattern:
+            if self.topk is None:
+                raise _err("sparse_topk", None, f"attention_pattern={pattern!r} has top-k (T) layers",
+                           "--sparse-topk K")
+            import importlib.util
+
+            if importlib.util.find_spec("megatron_ext.modules.indexer") is None:
+                raise _err("attention_pattern", pattern, "sparse_topk needs the lightning indexer "
+                           "(megatron_ext.modules.indexer), which is not installed",
+                           "only D and W letters")
+            for name in ("indexer_num_heads", "indexer_head_dim"):
+                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                    raise _err(name, getattr(self, name), "must be positive", "an integer >= 1")
+            if self.indexer_kl_coeff < 0:
+                raise _err("indexer_kl_coeff", self.indexer_kl_coeff, "must not be negative", "a value >= 0")
+            if self.indexer_dense_warmup_iters < 0:
+                raise _err("indexer_dense_warmup_iters", self.indexer_dense_warmup_iters,
+                           "must not be negative", "an integer >= 0")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise _err("sparse_attention_backend", self.backend, "unknown backend", "'auto', 'triton' or 'torch'")
+        if num_query_groups < 1 or num_attention_heads % num_query_groups:
+            raise _err("num_query_groups", num_query_groups,
+                       f"must divide num_attention_heads={num_attention_heads}", "a divisor of the head count (1 = MQA)")
+        if self.backend == "triton":
+            from megatron_ext.ops.sparse_attention import _TRITON_HEAD_DIMS
+
+            if head_dim not in _TRITON_HEAD_DIMS:
+                raise _err("sparse_attention_backend", self.backend,
+                           f"head_dim={head_dim} has no Triton tile",
+                           f"a head dim in {list(_TRITON_HEAD_DIMS)}, or backend 'auto'/'torch'")
+            if lane == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "yes", "on"):
+                raise _err("sparse_attention_backend", self.backend,
+                           "the CPU lane runs Triton only under TRITON_INTERPRET=1 (slow)",
+                           "'torch' or 'auto' on CPU")
+        if context_parallel_size > 1:
+            raise _err("context_parallel_size", context_parallel_size,
+                       "sparse attention has no context parallelism yet", "1")
+
+
+ATTENTION_TYPES = ("dense", "gqla")
+
+
+@dataclasses.dataclass(frozen=True)
+class GQLAConfig:
+    """Group-query latent attention (arXiv 2605.15250; docs/gqla.md), attached as ``tconfig.gqla``.
+
+    Field names follow Megatron's MLA (``kv_lora_rank``, ``q_lora_rank``, ``qk_head_dim`` = the
+    no-rope part of a query/key head, ``qk_pos_emb_head_dim`` = the shared rope key, ``v_head_dim``);
+    ``num_query_groups`` is G, the number of K/V up-projection blocks.
+    """
+
+    num_query_groups: int
+    kv_lora_rank: int
+    qk_head_dim: int
+    qk_pos_emb_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None
+    latent_norm: bool = True  # RMSNorm/LayerNorm on the latent c_t, as MLA's kv_layernorm
+    rotary_base: float = 10000.0
+    window_size: Optional[int] = None  # sliding window (keys per query, the query included)
+    num_sink_tokens: int = 0
+    backend: str = "auto"  # the sparse-attention op's backend: auto | triton | torch
+
+    def validate(self, num_attention_heads: int, tensor_model_parallel_size: int = 1) -> None:
+        tp = tensor_model_parallel_size
+        for name in ("num_query_groups", "kv_lora_rank", "qk_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _err(name, value, "must be a positive integer", "an integer >= 1")
+        dr = self.qk_pos_emb_head_dim
+        if isinstance(dr, bool) or not isinstance(dr, int) or dr < 0 or dr % 2:
+            raise _err("qk_pos_emb_head_dim", dr, "RoPE rotates pairs of dims",
+                       "an even integer >= 0 (0: no rope key)")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            raise _err("q_lora_rank", self.q_lora_rank, "must be positive", "an integer >= 1, or None (no q-LoRA)")
+        g = self.num_query_groups
+        if num_attention_heads % g:
+            raise _err("num_query_groups", g, f"GQLA groups must divide num_attention_heads={num_attention_heads}",
+                       "a divisor of the head count (1: MQA over the latent, H: MLA)")
+        if g % tp:
+            raise _err("tensor_model_parallel_size", tp,
+                       f"GQLA shards its num_query_groups={g} up-projection blocks over TP ranks",
+                       "a divisor of num_query_groups")
+        if (self.kv_lora_rank + dr) % tp:
+            raise _err("kv_lora_rank", self.kv_lora_rank,
+                       f"kv_lora_rank + qk_pos_emb_head_dim = {self.kv_lora_rank + dr} is split over "
+                       f"tensor_model_parallel_size={tp}", f"a sum divisible by {tp}")
+        if self.q_lora_rank is not None and self.q_lora_rank % tp:
+            raise _err("q_lora_rank", self.q_lora_rank, f"is split over tensor_model_parallel_size={tp}",
+                       f"a multiple of {tp}")
+        if self.window_size is not None and (isinstance(self.window_size, bool)
+                                             or not isinstance(self.window_size, int) or self.window_size < 1):
+            raise _err("window_size", self.window_size, "the window counts the query itself", "an integer >= 1 or None")
+        if isinstance(self.num_sink_tokens, bool) or not isinstance(self.num_sink_tokens, int) \
+                or self.num_sink_tokens < 0:
+            raise _err("num_sink_tokens", self.num_sink_tokens, "must not be negative", "an integer >= 0")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise _err("gqla_backend", self.backend, "unknown backend", "'auto', 'triton' or 'torch'")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # model (Megatron names)
@@ -71,11 +217,52 @@ class TrainConfig:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None  # default: ffn_hidden_size
     moe_aux_loss_coeff: float = 0.0
+    # MoE (docs/moe.md): router options keep Megatron's names; the rest drive the fused layer
+    moe_impl: str = "fused"  # fused (this project's FusedMoELayer) | megatron (stock MoELayer baseline)
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_load_balancing_type: Optional[str] = None  # default: aux_loss if moe_aux_loss_coeff > 0 else none
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_drop_policy: str = "probs"
+    moe_input_jitter_eps: Optional[float] = None
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_backend: str = "auto"  # auto | triton | grouped_mm | torch
+    moe_deterministic: bool = False
+    moe_routing_trace_out: Optional[str] = None
+    moe_routing_replay: Optional[str] = None
+    moe_monitor_interval: int = 10
     # mHC stream mixers: off unless mhc_num_streams is set; hidden_size is the width of one stream
     mhc_num_streams: Optional[int] = None
     mhc_sinkhorn_iters: int = 20
     mhc_mode: str = "dynamic"
     mhc_backend: str = "auto"
+    # sparse MQA attention: on when sparse_attention or attention_pattern is set
+    sparse_attention: Optional[bool] = None  # None: implied by attention_pattern
+    attention_pattern: Optional[str] = None  # per-layer letters, cyclic: D dense, W window, T top-k
+    window_size: Optional[int] = None  # keys per query, the query included (1 = only itself)
+    num_sink_tokens: int = 0
+    learnable_sink: bool = False
+    sparse_topk: Optional[int] = None
+    indexer_num_heads: int = 4
+    indexer_head_dim: int = 32
+    indexer_kl_coeff: float = 0.01
+    indexer_dense_warmup_iters: int = 0
+    sparse_attention_backend: str = "auto"
+    # GQLA (docs/gqla.md): attention_type gqla; num_query_groups is G; None dims derive from the head dim
+    attention_type: str = "dense"  # dense | gqla
+    kv_lora_rank: Optional[int] = None  # default 4 * head dim
+    q_lora_rank: Optional[int] = None  # None: no q-LoRA
+    qk_head_dim: Optional[int] = None  # default head dim (hidden_size / num_attention_heads)
+    qk_pos_emb_head_dim: Optional[int] = None  # default head dim / 2 with rope, 0 otherwise
+    v_head_dim: Optional[int] = None  # default head dim
+    gqla_latent_norm: bool = True
+    gqla_backend: str = "auto"
     # optimisation
     micro_batch_size: int = 8
     global_batch_size: int = 16
@@ -100,6 +287,9 @@ class TrainConfig:
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # "auto" or an explicit lane spec ("tp2,sp,pp1,ep4,dp2"): planned by launch/plan.py before
+    # validation; the lane fields above are then set from the plan (docs/lanes.md)
+    lanes: Optional[str] = None
     # data
     data_path: Optional[str] = None  # None: the corpus shipped in the package
     data_cache_dir: Optional[str] = None  # default: <runs_root>/.data-cache
@@ -140,6 +330,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "recompute_granularity": (None, "full", "selective"),
     "recompute_method": ("uniform", "block"),
+    "attention_type": ATTENTION_TYPES,
 }
 
 
@@ -160,6 +351,151 @@ def mhc_config(cfg: TrainConfig) -> Optional[MHCConfig]:
         return None
     return MHCConfig(num_streams=cfg.mhc_num_streams, sinkhorn_iters=cfg.mhc_sinkhorn_iters,
                      mode=cfg.mhc_mode, backend=cfg.mhc_backend)
+
+
+def sparse_attention_config(cfg: TrainConfig) -> Optional[SparseAttentionConfig]:
+    """None unless sparse attention is on (``sparse_attention`` or an ``attention_pattern``)."""
+    if cfg.sparse_attention is False:
+        if cfg.attention_pattern is not None:
+            raise _err("sparse_attention", False, f"attention_pattern={cfg.attention_pattern!r} asks for it",
+                       "drop --no-sparse-attention or --attention-pattern")
+        return None
+    if cfg.sparse_attention is None and cfg.attention_pattern is None:
+        return None
+    return SparseAttentionConfig(
+        pattern=cfg.attention_pattern or "W", window_size=cfg.window_size,
+        num_sink_tokens=cfg.num_sink_tokens, learnable_sink=cfg.learnable_sink, topk=cfg.sparse_topk,
+        indexer_num_heads=cfg.indexer_num_heads, indexer_head_dim=cfg.indexer_head_dim,
+        indexer_kl_coeff=cfg.indexer_kl_coeff, indexer_dense_warmup_iters=cfg.indexer_dense_warmup_iters,
+        backend=cfg.sparse_attention_backend)
+
+
+MOE_BACKENDS = ("auto", "triton", "grouped_mm", "torch")
+# TrainConfig / TransformerConfig field (Megatron's name) -> RouterConfig field
+MOE_ROUTER_FIELDS = {
+    "moe_router_topk": "topk", "moe_router_score_function": "score_function",
+    "moe_router_pre_softmax": "pre_softmax", "moe_router_topk_scaling_factor": "topk_scaling_factor",
+    "moe_router_load_balancing_type": "load_balancing_type", "moe_aux_loss_coeff": "aux_loss_coeff",
+    "moe_z_loss_coeff": "z_loss_coeff", "moe_router_enable_expert_bias": "enable_expert_bias",
+    "moe_router_bias_update_rate": "bias_update_rate", "moe_expert_capacity_factor": "capacity_factor",
+    "moe_token_drop_policy": "drop_policy", "moe_input_jitter_eps": "input_jitter_eps",
+    "moe_router_num_groups": "num_groups", "moe_router_group_topk": "group_topk",
+    "expert_model_parallel_size": "expert_parallel_size",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The fused MoE layer's own knobs (not router math), attached as ``tconfig.moe``."""
+
+    impl: str = "fused"
+    backend: str = "auto"
+    deterministic: bool = False
+    routing_trace_out: Optional[str] = None
+    routing_replay: Optional[str] = None
+    monitor_interval: int = 10
+    seed: int = 1234
+
+
+def moe_load_balancing_type(cfg: TrainConfig) -> str:
+    if cfg.moe_router_load_balancing_type is not None:
+        return cfg.moe_router_load_balancing_type
+    return "aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none"
+
+
+def moe_config(cfg: TrainConfig) -> Optional[MoEConfig]:
+    if not cfg.num_experts:
+        return None
+    return MoEConfig(impl=cfg.moe_impl, backend=cfg.moe_backend, deterministic=bool(cfg.moe_deterministic),
+                     routing_trace_out=cfg.moe_routing_trace_out, routing_replay=cfg.moe_routing_replay,
+                     monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
+
+
+def router_config_from(src: Any, num_experts: int):
+    """A validated ``RouterConfig`` from any object with Megatron's ``moe_*`` attribute names
+    (TrainConfig or TransformerConfig); a RouterConfig error is re-raised under Megatron's name."""
+    from megatron_ext.ops.moe.routing import RouterConfig
+
+    values = {ours: getattr(src, theirs) for theirs, ours in MOE_ROUTER_FIELDS.items() if hasattr(src, theirs)}
+    if isinstance(src, TrainConfig):
+        values["load_balancing_type"] = moe_load_balancing_type(src)
+    try:
+        return RouterConfig(num_experts=num_experts, **values).validate()
+    except ValueError as e:
+        field, _, rest = str(e).partition("=")
+        theirs = {v: k for k, v in MOE_ROUTER_FIELDS.items()}.get(field, "num_experts" if field == "num_experts" else field)
+        raise ConfigError(f"{theirs}={rest}") from None
+
+
+def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
+    """MoE checks beyond the router's own (which :func:`router_config_from` runs)."""
+    if cfg.moe_impl not in ("fused", "megatron"):
+        raise _err("moe_impl", cfg.moe_impl, "unknown MoE implementation", "'fused' or 'megatron'")
+    if cfg.moe_backend not in MOE_BACKENDS:
+        raise _err("moe_backend", cfg.moe_backend, "unknown expert backend", f"one of {list(MOE_BACKENDS)}")
+    if not isinstance(cfg.moe_monitor_interval, int) or cfg.moe_monitor_interval < 1:
+        raise _err("moe_monitor_interval", cfg.moe_monitor_interval, "must be a positive integer", "an integer >= 1")
+    if cfg.moe_shared_expert_intermediate_size is not None and cfg.moe_shared_expert_intermediate_size < 1:
+        raise _err("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size,
+                   "must be positive", "None or an integer >= 1")
+    router_config_from(cfg, cfg.num_experts)
+    if cfg.moe_impl == "megatron":
+        for name in ("moe_deterministic", "moe_routing_trace_out", "moe_routing_replay",
+                     "moe_shared_expert_intermediate_size"):
+            if getattr(cfg, name):
+                raise _err(name, getattr(cfg, name), "only the fused MoE layer has it "
+                           "(the stock baseline spec is Megatron's MoELayer + SequentialMLP)",
+                           "--moe-impl fused")
+        return
+    if cfg.tensor_model_parallel_size > 1:
+        raise _err("tensor_model_parallel_size", cfg.tensor_model_parallel_size,
+                   "the fused MoE layer has no expert tensor parallelism yet",
+                   "--moe-impl megatron for TP > 1, or tensor_model_parallel_size 1 (use EP/DP)")
+    if cfg.context_parallel_size > 1:
+        raise _err("context_parallel_size", cfg.context_parallel_size, "not supported by the fused MoE layer", "1")
+    if cfg.moe_routing_trace_out and cfg.moe_routing_replay and \
+            os.path.abspath(cfg.moe_routing_trace_out) == os.path.abspath(cfg.moe_routing_replay):
+        raise _err("moe_routing_trace_out", cfg.moe_routing_trace_out, "would overwrite the trace being replayed",
+                   "another folder than --moe-routing-replay")
+    if (cfg.moe_routing_trace_out or cfg.moe_routing_replay) and cfg.recompute_granularity \
+            and cfg.pipeline_model_parallel_size > 1:
+        raise _err("recompute_granularity", cfg.recompute_granularity, "routing trace/replay count micro-batches "
+                   "in forward order, which recompute under pipeline schedules breaks", "no recompute with PP")
+    if cfg.moe_routing_replay is not None:
+        import json
+
+        meta_path = os.path.join(cfg.moe_routing_replay, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise _err("moe_routing_replay", cfg.moe_routing_replay, "no routing trace there (meta.json missing)",
+                       "the folder a run wrote with --moe-routing-trace-out")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        want = {"num_layers": cfg.num_layers, "num_experts": cfg.num_experts, "topk": cfg.moe_router_topk,
+                "seq_length": cfg.seq_length, "micro_batch_size": cfg.micro_batch_size, "world_size": world_size}
+        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if bad:
+            shown = ", ".join(f"{k}: trace {t} vs run {r}" for k, (t, r) in bad.items())
+            raise _err("moe_routing_replay", cfg.moe_routing_replay, f"trace shape does not match this run ({shown})",
+                       "the same model, batch, sequence length and world size as the traced run")
+
+
+_GQLA_FIELDS = ("kv_lora_rank", "q_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim")
+
+
+def gqla_config(cfg: TrainConfig) -> Optional[GQLAConfig]:
+    """None unless ``attention_type == "gqla"``; unset dims derive from the head dim."""
+    if cfg.attention_type != "gqla":
+        return None
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    rope = cfg.position_embedding_type == "rope"
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return GQLAConfig(
+        num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
+        kv_lora_rank=pick(cfg.kv_lora_rank, 4 * head_dim),
+        qk_head_dim=pick(cfg.qk_head_dim, head_dim),
+        qk_pos_emb_head_dim=pick(cfg.qk_pos_emb_head_dim, head_dim // 2 // 2 * 2 if rope else 0),
+        v_head_dim=pick(cfg.v_head_dim, head_dim),
+        q_lora_rank=cfg.q_lora_rank, latent_norm=cfg.gqla_latent_norm, backend=cfg.gqla_backend)
 
 
 def ffn_hidden_size(cfg: TrainConfig) -> int:
@@ -208,11 +544,51 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
     mhc = mhc_config(cfg)
     if mhc is not None:
         mhc.validate(cfg.hidden_size)
+    gqla = gqla_config(cfg)
+    if gqla is not None:
+        if cfg.attention_pattern is not None or cfg.sparse_attention:
+            raise _err("attention_type", "gqla", "GQLA layers take no sparse-MQA attention pattern",
+                       "either --attention-type gqla or --attention-pattern, not both")
+        gqla.validate(cfg.num_attention_heads, cfg.tensor_model_parallel_size)
+    else:
+        for name in _GQLA_FIELDS:
+            if getattr(cfg, name) is not None:
+                raise _err(name, getattr(cfg, name), "a GQLA dimension, only read by GQLA layers",
+                           "--attention-type gqla, or drop the option")
+    sparse = sparse_attention_config(cfg)
+    if sparse is not None:
+        sparse.validate(cfg.num_attention_heads, groups, cfg.hidden_size // cfg.num_attention_heads,
+                        cfg.context_parallel_size, lane)
+    elif gqla is None and (cfg.window_size is not None or cfg.num_sink_tokens or cfg.learnable_sink
+                           or cfg.sparse_topk):
+        raise _err("attention_pattern", None, "window/sink/top-k options need sparse attention on",
+                   "--attention-pattern (e.g. W) or --sparse-attention")
     if cfg.bf16 and lane == "cpu":
         raise _err("bf16", True, "the CPU lane trains in fp32", "--no-bf16, or run on a GPU")
     if cfg.exit_after_iters is not None and cfg.exit_after_iters < 1:
         raise _err("exit_after_iters", cfg.exit_after_iters, "must be positive", "an integer >= 1")
 
+    if cfg.context_parallel_size > 1:
+        raise _err("context_parallel_size", cfg.context_parallel_size,
+                   "context parallelism is not supported yet", "1")
+    if cfg.resume and cfg.run_dir is not None and not os.path.isdir(cfg.run_dir):
+        raise _err("run_dir", cfg.run_dir, "--resume needs an existing run folder",
+                   "the folder of an earlier run, or omit --run-dir to resume the newest run")
+    if cfg.data_path is not None:
+        from megatron_ext.data import DataError, validate_data_path
+
+        try:
+            validate_data_path(cfg.data_path)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    return check_lanes(cfg, world_size, gpus_per_node)
+
+
+def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = None) -> int:
+    """The lane arithmetic (TP/PP/CP/EP/SP vs world size, heads, layers, batch); returns the
+    data-parallel size. Shared with the lane planner (launch/plan.py), which runs it on every
+    candidate plan, so the planner and ``train`` reject the same lanes with the same words."""
+    groups = cfg.num_query_groups or cfg.num_attention_heads
     tp, pp, cp, ep = (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
                       cfg.context_parallel_size, cfg.expert_model_parallel_size)
     model_parallel = tp * pp * cp
@@ -232,6 +608,7 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
         if not 1 <= cfg.moe_router_topk <= cfg.num_experts:
             raise _err("moe_router_topk", cfg.moe_router_topk,
                        f"must lie in [1, num_experts={cfg.num_experts}]", "1 <= k <= num_experts")
+        _validate_moe(cfg, world_size)
         if tp > 1 and not cfg.sequence_parallel:
             raise _err("sequence_parallel", False, "MoE with tensor parallelism needs sequence parallel",
                        "--sequence-parallel")
@@ -245,9 +622,12 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
     if cfg.num_attention_heads % tp:
         raise _err("tensor_model_parallel_size", tp,
                    f"does not divide num_attention_heads={cfg.num_attention_heads}", "a divisor of the head count")
-    if groups % tp:
+    if groups % tp and tp % groups:
+        # Megatron takes either: KV heads split over TP, or (fewer KV heads than TP ranks) each
+        # group's fused QKV all-gathered so its KV head is shared by tp/groups ranks (MQA).
         raise _err("tensor_model_parallel_size", tp,
-                   f"does not divide num_query_groups={groups}", "a divisor of the KV group count")
+                   f"neither divides nor is a multiple of num_query_groups={groups}",
+                   "a divisor or a multiple of the KV group count")
     if ffn_hidden_size(cfg) % tp:
         raise _err("tensor_model_parallel_size", tp,
                    f"does not divide ffn_hidden_size={ffn_hidden_size(cfg)}", "a divisor of the MLP width")
@@ -261,21 +641,9 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
         raise _err("seq_length", cfg.seq_length,
                    f"not divisible by tensor_model_parallel_size={tp} under sequence parallel",
                    f"a multiple of {tp}")
-    if cp > 1:
-        raise _err("context_parallel_size", cp, "context parallelism is not supported yet", "1")
     step = cfg.micro_batch_size * dp
     if cfg.global_batch_size % step:
         raise _err("global_batch_size", cfg.global_batch_size,
                    f"not divisible by micro_batch_size*data_parallel_size = "
                    f"{cfg.micro_batch_size}*{dp} = {step}", f"a multiple of {step}")
-    if cfg.resume and cfg.run_dir is not None and not os.path.isdir(cfg.run_dir):
-        raise _err("run_dir", cfg.run_dir, "--resume needs an existing run folder",
-                   "the folder of an earlier run, or omit --run-dir to resume the newest run")
-    if cfg.data_path is not None:
-        from megatron_ext.data import DataError, validate_data_path
-
-        try:
-            validate_data_path(cfg.data_path)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
     return dp

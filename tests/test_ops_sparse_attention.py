@@ -337,13 +337,10 @@ def test_auto_falls_back_on_cpu_without_interpreter(monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("kwargs,names", [
-    (dict(topk_indices="topk"), "topk_indices"),
     (dict(causal=False), "causal=False"),
 ])
-def test_triton_unsupported_cases(kwargs, names):
+def test_triton_unsupported_cases(kwargs, names):  # top-k runs on Triton: tests/test_ops_sparse_topk.py
     q, k, v = _qkv(1, 9, 2, 1, 16)
-    if kwargs.get("topk_indices") == "topk":
-        kwargs = dict(topk_indices=_topk(1, 9, 1, 2))
     with pytest.raises(BackendUnavailable, match=names):
         sparse_attention(q, k, v, window_size=3, backend="triton", **kwargs)
     out = sparse_attention(q, k, v, window_size=3, backend="auto", **kwargs)

@@ -4,4 +4,5 @@ To add one: a module here with ``@register def name(small: bool = False, device:
 -> Benchmark`` and an import line below.
 """
 
-from bench.benchmarks import calibration, dense_layer, mhc, mhc_layer, sparse_attention  # noqa: F401
+from bench.benchmarks import (  # noqa: F401
+    calibration, dense_layer, gqla, mhc, mhc_layer, moe, sparse_attention, sparse_topk)

@@ -105,6 +105,7 @@ def _reduce_loss(losses: List[dict], env: DistEnv) -> float:
 def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     clock = Clock()
     startup = time.perf_counter()
+    backends.reset()  # the receipt lists this run's choices, not an earlier run's in this process
     from megatron_ext.training.distributed import pick_lane
 
     lane = pick_lane(cfg.device)
@@ -212,6 +213,10 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     clock.add("startup", time.perf_counter() - startup - clock.phases.get("data", 0.0)
               - clock.phases.get("checkpoint", 0.0))
 
+    from megatron_ext.modules.moe_training import MoETrainingHooks
+
+    moe_hooks = MoETrainingHooks(cfg, tconfig, env.rank, env.world_size, [ddp.module], run_dir)
+    from megatron_ext.modules import indexer as indexer_hooks  # top-k layers: warm-up step + KL log
     tokens_per_step = gbs * cfg.seq_length
     progress = Progress(cfg.train_iters, start_iter, cfg.progress, rank0, cfg.log_interval)
     progress.write(f"megatron-ext train | preset {cfg.preset} | {n_params / 1e6:.2f}M params on this rank "
@@ -233,10 +238,14 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         data_before = train_it.seconds
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
+        moe_hooks.begin_step(iteration + 1)
+        indexer_hooks.begin_step(iteration + 1, num_micro)
         losses = fwd_bwd(forward_step_func=_forward_step, data_iterator=train_it, model=[ddp],
                          num_microbatches=num_micro, seq_length=cfg.seq_length,
                          micro_batch_size=cfg.micro_batch_size, forward_only=False)
         ok, grad_norm, _ = optimizer.step()
+        moe_hooks.end_step(iteration + 1, metrics_path, last=iteration + 1 == stop_at)
+        indexer_hooks.end_step(iteration + 1, metrics_path if rank0 else None)
         scheduler.step(increment=gbs)
         loss = _reduce_loss(losses, env)
         iteration += 1
@@ -291,6 +300,9 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
                 "start_iteration": start_iter, "final_iteration": iteration},
         memory=peak_memory_bytes(env.lane),
     )
+    moe_receipt = moe_hooks.receipt()
+    if moe_receipt is not None:
+        receipt["moe"] = moe_receipt
     if rank0:
         plot_loss(metrics_path, run_dir / "loss.png",
                   f"{cfg.preset}: byte-level GPT, {n_params / 1e6:.2f}M params ({env.lane})")

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext import compat
-from megatron_ext.config import TrainConfig, ffn_hidden_size, mhc_config
+from megatron_ext.config import (TrainConfig, ffn_hidden_size, gqla_config, mhc_config, moe_config,
+                                 moe_load_balancing_type, sparse_attention_config)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -59,7 +60,19 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_router_topk=cfg.moe_router_topk,
             moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or ffn_hidden_size(cfg),
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
-            moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+            moe_router_load_balancing_type=moe_load_balancing_type(cfg),
+            moe_router_score_function=cfg.moe_router_score_function,
+            moe_router_pre_softmax=bool(cfg.moe_router_pre_softmax),
+            moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,
+            moe_z_loss_coeff=cfg.moe_z_loss_coeff,
+            moe_router_enable_expert_bias=bool(cfg.moe_router_enable_expert_bias),
+            moe_router_bias_update_rate=cfg.moe_router_bias_update_rate,
+            moe_expert_capacity_factor=cfg.moe_expert_capacity_factor,
+            moe_token_drop_policy=cfg.moe_token_drop_policy,
+            moe_input_jitter_eps=cfg.moe_input_jitter_eps,
+            moe_router_num_groups=cfg.moe_router_num_groups,
+            moe_router_group_topk=cfg.moe_router_group_topk,
+            moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
             moe_router_dtype="fp32",
@@ -67,6 +80,9 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
     tconfig = compat.make_transformer_config(**fields)
     # This project's knobs ride on the config object (the narrow adapter the specs read).
     tconfig.mhc = mhc_config(cfg)
+    tconfig.moe = moe_config(cfg)
+    tconfig.sparse_attention = sparse_attention_config(cfg)
+    tconfig.gqla = gqla_config(cfg)
     return tconfig
 
 

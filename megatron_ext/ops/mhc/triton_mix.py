@@ -145,7 +145,9 @@ MAPS_BLOCK_T = 32
 PROJ_COLS_PER_SPLIT = 1024  # 8 splits at C=2048: T/16 x 8 programs keep every SM streaming
 
 
-BWD_ROWS_BLOCK_T = 32  # fixed: the partial-sum buffers have one row per program
+# Fixed (the partial-sum buffers have one row per program) and small: the recomputed Sinkhorn
+# adjoint makes this kernel compute-bound, so it wants many programs (T/8), not wide tiles.
+BWD_ROWS_BLOCK_T = 8
 
 
 @triton.jit
@@ -298,10 +300,11 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     pbias = torch.zeros(n_prog, N_COLS, **f32)
     palpha = torch.zeros(n_prog, 3, **f32)
     dx = torch.empty_like(x)
-    # token splits for the d phi partials: ~2 programs per SM with 128-wide column tiles, each
+    # token splits for the d phi partials: ~8 programs per SM with 128-wide column tiles (a
+    # program walks its tokens serially, so many resident programs hide the load latency), each
     # split a multiple of the largest BLOCK_T so the splits never share a token block
     n_ktiles = triton.cdiv(NC, 128)
-    splits = max(1, min(triton.cdiv(2 * _num_sms(dev), n_ktiles), triton.cdiv(T, 64)))
+    splits = max(1, min(triton.cdiv(8 * _num_sms(dev), n_ktiles), triton.cdiv(T, 64)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 64) * 64
     pphi = torch.zeros(splits, NC, N_COLS, **f32)
     if T:
@@ -309,7 +312,7 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
         _, dh = triton_streams.pre_bwd(x.view(T, N_STREAMS, C), h_pre, 4, gu, want_gx=False)
         _mix_pre_bwd_rows_kernel[(n_prog,)](
             dh, z, inv_r, alpha, bias, gh_post, gh_res, g, coef, pbias, palpha,
-            T, C, num_iters, eps, BLOCK_T=BWD_ROWS_BLOCK_T)
+            T, C, num_iters, eps, BLOCK_T=BWD_ROWS_BLOCK_T, num_warps=2)
         _mix_pre_bwd_cols_kernel[lambda meta: (triton.cdiv(NC, meta["BLOCK_K"]), splits)](
             x, gu, h_pre, g, coef, phi, x if g_link is None else g_link, dx, pphi, T, C,
             tokens_per_split, DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None)

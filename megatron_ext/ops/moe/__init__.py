@@ -4,14 +4,19 @@
 indices [T, k] int, w1 [E, H, 2F] (gated: swiglu/geglu, [gate | up]) or [E, H, F] (plain),
 w2 [E, F, H] -> [T, H] = sum_j probs[t, j] * FFN_{indices[t, j]}(x[t]).
 
-Backends (``backend="auto" | "grouped_mm" | "torch"``, resolved by
-:func:`megatron_ext.backends.resolve`): "grouped_mm" = permute -> ``grouped_mm(x_sorted, w1,
-offs)`` -> activation -> ``grouped_mm(h, w2, offs)`` -> weighted unpermute, on the CUTLASS grouped
-GEMM (CUDA, bf16, sm >= 90); "torch" = the per-expert loop in ``reference.py`` (the spec).
+Backends (``backend="auto" | "triton" | "grouped_mm" | "torch"``, resolved by
+:func:`megatron_ext.backends.resolve`, "auto" in that order): "triton" = the fused kernels of
+``triton_moe.py`` (gather fused into grouped GEMM 1 with the activation epilogue, probability in
+grouped GEMM 2's epilogue, fixed-order combine; deterministic and batch-invariant; CUDA, or the CPU
+interpreter when asked for by name); "grouped_mm" = permute -> ``grouped_mm(x_sorted, w1, offs)``
+-> activation -> ``grouped_mm(h, w2, offs)`` -> weighted unpermute, on the CUTLASS grouped GEMM
+(CUDA, bf16, sm >= 90); "torch" = the per-expert loop in ``reference.py`` (the spec).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Callable, Optional
 
 import torch
@@ -59,6 +64,37 @@ def _grouped_mm_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optiona
 
 def _torch_probe() -> Optional[str]:
     return None
+
+
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _triton_probe(x: Tensor, w1: Tensor, w2: Tensor, requested: str) -> Callable[[], Optional[str]]:
+    def probe() -> Optional[str]:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        dtypes = {t.dtype for t in (x, w1, w2)}
+        if len(dtypes) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return (f"dtypes={sorted(str(d) for d in dtypes)}: the Triton kernels take x, w1, w2 "
+                    f"all bfloat16, float16 or float32")
+        devices = {t.device.type for t in (x, w1, w2)}
+        if devices == {"cuda"}:
+            return None
+        if devices != {"cpu"}:
+            return f"devices={sorted(devices)}: the Triton kernels run on CUDA tensors"
+        if requested != "triton":
+            # the interpreter is a test lane, orders of magnitude slower than the torch loop
+            return "devices=['cpu']: the CPU interpreter runs only when backend='triton' is asked for"
+        if not _interpret_env():
+            return "CPU tensors need TRITON_INTERPRET=1 (the Triton CPU interpreter)"
+        from megatron_ext.ops.moe import triton_moe
+
+        if not triton_moe.interpreted():
+            return ("CPU tensors: the kernels were built for the GPU because TRITON_INTERPRET=1 "
+                    "was set only after triton_moe was imported")
+        return None
+    return probe
 
 
 def _check(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
@@ -114,8 +150,13 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
     """Routed expert FFN, see the module docstring for shapes; differentiable in x, probs,
     w1, w2 on every backend."""
     _check(x, probs, indices, w1, w2, activation)
-    name = backends.resolve("moe_ffn", backend, [("grouped_mm", _grouped_mm_probe(x, w1, w2)),
+    name = backends.resolve("moe_ffn", backend, [("triton", _triton_probe(x, w1, w2, backend)),
+                                                 ("grouped_mm", _grouped_mm_probe(x, w1, w2)),
                                                  ("torch", _torch_probe)])
+    if name == "triton":
+        from megatron_ext.ops.moe.autograd import triton_moe_ffn
+
+        return triton_moe_ffn(x, probs, indices, w1, w2, activation)
     if name == "grouped_mm":
         return _moe_ffn_grouped_mm(x, probs, indices, w1, w2, activation)
     return reference.moe_ffn_reference(x, probs, indices, w1, w2, activation)

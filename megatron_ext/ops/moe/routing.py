@@ -313,14 +313,17 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
           expert_bias: Optional[Tensor] = None, seq_ids: Optional[Tensor] = None,
           global_tokens_per_expert: Optional[Tensor] = None,
           global_num_tokens: Optional[int] = None,
-          generator: Optional[torch.Generator] = None) -> RoutingResult:
+          generator: Optional[torch.Generator] = None,
+          replay_indices: Optional[Tensor] = None) -> RoutingResult:
     """Route ``logits`` [T, E] (any float dtype) -> :class:`RoutingResult` (fp32 probs).
 
     ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid scores for
     selection only. ``seq_ids`` [T] int: sequence of each token, needed for ``seq_aux_loss``
     (see :func:`seq_ids_for_layout`, :func:`seq_ids_from_lengths`). ``global_tokens_per_expert``
     [E] and ``global_num_tokens``: counts over the global batch for ``global_aux_loss`` (default:
-    this batch). ``generator`` drives the training noise. Losses are computed whenever configured;
+    this batch). ``generator`` drives the training noise. ``replay_indices`` [T, k] int: use these
+    expert ids instead of selecting (routing replay); gates, losses and capacity are computed for
+    them from the current logits, so gradients flow as in the recorded run. Losses are computed whenever configured;
     the caller attaches them to the loss only in training (Megatron does the same check).
     """
     if logits.dim() != 2 or logits.shape[1] != cfg.num_experts:
@@ -335,6 +338,11 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
                          "sequence; use seq_ids_for_layout(s, b) or seq_ids_from_lengths(lengths)")
     T, E = logits.shape
     k = cfg.topk
+    if replay_indices is not None:
+        if tuple(replay_indices.shape) != (T, k):
+            raise ValueError(f"replay_indices.shape={tuple(replay_indices.shape)}: one row of topk "
+                             f"expert ids per token; use [{T}, {k}]")
+        replay_indices = replay_indices.to(device=logits.device, dtype=torch.int64)
     logits = logits.float()
     if training and cfg.input_jitter_eps is not None:
         u = torch.rand(logits.shape, generator=generator, device=logits.device)
@@ -347,7 +355,9 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     if cfg.load_balancing_type == "sinkhorn":
         # Megatron: sigmoid for k=1 (a softmax gate over E would be tiny), softmax for k>1
         scores = torch.sigmoid(logits) if k == 1 else torch.softmax(logits, dim=-1)
-        if training:
+        if replay_indices is not None:
+            indices = replay_indices
+        elif training:
             with torch.no_grad():
                 indices = sinkhorn_balance(logits, cfg.sinkhorn_iters, cfg.sinkhorn_eps) \
                     .topk(k, dim=-1).indices
@@ -357,15 +367,15 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     elif cfg.score_function == "softmax":
         if cfg.pre_softmax:
             scores = torch.softmax(logits, dim=-1)
-            indices = _select(scores, cfg)
+            indices = _select(scores, cfg) if replay_indices is None else replay_indices
             probs = scores.gather(1, indices)
         else:
-            indices = _select(logits, cfg)
+            indices = _select(logits, cfg) if replay_indices is None else replay_indices
             probs = torch.softmax(logits.gather(1, indices), dim=-1)
     else:
         scores = torch.sigmoid(logits)
         sel = scores if expert_bias is None else scores + expert_bias.float().detach()
-        indices = _select(sel, cfg)
+        indices = _select(sel, cfg) if replay_indices is None else replay_indices
         probs = scores.gather(1, indices)
         if cfg.normalize_topk and k > 1:
             probs = probs / (probs.sum(-1, keepdim=True) + 1e-20)

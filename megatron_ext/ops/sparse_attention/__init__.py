@@ -1,7 +1,9 @@
-"""Sparse MQA/GQA attention: sliding window + token sinks + learnable sink logit (+ top-k, torch only).
+"""Sparse MQA/GQA attention: sliding window + token sinks + learnable sink logit + learned top-k keys.
 
 Public op :func:`sparse_attention`; semantics (the spec) in :mod:`.reference`; Triton kernels for
-the causal window + sink pattern in :mod:`.triton_window`, glued by :mod:`.autograd`. The backend
+the causal window + sink pattern in :mod:`.triton_window`, glued by :mod:`.autograd`, and for the
+gathered top-k keys (united with window/sinks through an lse merge) in :mod:`.triton_topk`; the
+lightning indexer that picks the keys and its KL loss in :mod:`.indexer`. The backend
 is picked by :func:`megatron_ext.backends.resolve` ("auto" prefers Triton, falls back to the torch
 reference with the reason recorded).
 """
@@ -33,8 +35,6 @@ def triton_unusable_reason(q: torch.Tensor, *, topk_indices=None, causal: bool =
     """None if the Triton kernels can run this call, else why not (names the offending value)."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if topk_indices is not None:
-        return "topk_indices is given: the top-k Triton kernel is a later slice"
     if causal is not True:
         return f"causal={causal!r}: the Triton kernels are causal only"
     d = q.shape[-1]
@@ -78,6 +78,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         ("triton", lambda: triton_unusable_reason(q, topk_indices=topk_indices, causal=causal)),
         ("torch", lambda: None),
     ])
+    if chosen == "triton" and topk_indices is not None:
+        from megatron_ext.ops.sparse_attention.triton_topk import sparse_topk_attention
+
+        # deterministic backward (no atomics) when torch.use_deterministic_algorithms(True) is on
+        return sparse_topk_attention(q, k, v, topk_indices, sink_logits, window_size, num_sink_tokens,
+                                     softmax_scale)
     if chosen == "triton":
         from megatron_ext.ops.sparse_attention.autograd import sparse_window_attention
 

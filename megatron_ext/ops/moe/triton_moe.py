@@ -1,0 +1,622 @@
+"""Triton kernels for ``moe_ffn``: route -> sort -> grouped GEMM (fused gather) -> weighted combine.
+
+Math (see :mod:`.reference`, Switch Transformer eq. 2 with Megatron's gated-linear-unit order):
+``out[t] = sum_j p[t, j] * (act(x[t] @ W1[e_tj]) @ W2[e_tj])``, ``e_tj = indices[t, j]``; gated
+activations split ``a = x @ W1[e]`` as ``[gate | up]`` and use ``h = act(gate) * up``.
+
+Pipeline (no host synchronisation: every size the kernels need is read on the device):
+
+1. **Routing metadata** (:func:`routing_metadata`, torch on device): the ``N = T*k`` (token,
+   choice) pairs are stably sorted by expert (``torch.sort(stable=True)``), so rows of one expert
+   stay in token order; ``bounds[e]`` = first sorted row of expert ``e`` (``searchsorted``, no
+   ``bincount``, which syncs on CUDA). A per-``BLOCK_M`` tile table ``[3, max_tiles]`` holds
+   (expert, first row, end row) of every M tile; ``max_tiles = cdiv(N, BLOCK_M) + E`` is a static
+   upper bound (each expert adds at most one partial tile), and the number of real tiles lives in
+   a device scalar that the persistent kernels read as their loop bound.
+2. **GEMM 1** (``_up_kernel``, persistent over (M tile, N tile) work items of all experts): the A
+   tile is GATHERED from ``x`` by the sorted rows' token ids (fused permute, no ``x_sorted``); for
+   gated activations one program owns the gate columns ``[n0, n0+BN)`` AND the matching up columns
+   ``[F+n0, F+n0+BN)`` (two accumulators), so the epilogue writes ``h = act(gate) * up`` directly.
+   It also writes the pre-activation ``a`` (what backward needs); ``h`` is not kept for backward:
+   backward recomputes it from ``a`` (same fp32 formula on the same rounded ``a``: bit-identical),
+   which saves ``N*F`` elements of activation memory.
+3. **GEMM 2** (``_down_kernel``): ``y = h @ W2[e]`` with ``p`` applied in the epilogue; each row is
+   STORED at its pair position ``t*k + j`` (scatter of whole rows, no atomics), then
+   ``_combine_kernel`` sums the ``k`` rows of each token in the fixed order ``j = 0..k-1`` in fp32.
+4. **Backward**: ``_dh_kernel`` gathers ``dout`` rows by token and multiplies by ``W2[e]^T``
+   (``g = dout @ W2^T``); its epilogue recomputes ``h`` from ``a``, writes the ``dprobs`` partial
+   ``rowsum(g * h)`` per N tile (``dp = <dout, y> = <g, h>``, so ``y`` is never stored), and
+   ``da = act'(a) * p * g``. ``_down_kernel`` again for ``dx`` rows (``da @ W1[e]^T``, scattered to
+   pair order, combined over k). ``_wgrad_kernel``: ``dW1[e] = x_e^T @ da_e`` and
+   ``dW2[e] = (p * h)_e^T @ dout_e``, one program per output tile looping over the expert's jagged
+   rows in order (gathering ``x``/``dout`` rows by token on the fly): no atomics, no split-K.
+
+Determinism: no atomics anywhere; every reduction has a fixed order. A token's output row (and its
+``dx`` row) depends only on its own ``x``, ``probs``, ``indices`` and the weights: GEMM rows are
+independent of their neighbours in an M tile, the tile shapes do not depend on ``T``, and the
+combine sums the k rows in choice order. So results are bitwise identical across runs and across
+batch compositions (the same token in another batch gives the same bits). Weight gradients are
+bitwise identical across runs (they depend on the batch by definition).
+
+Roofline (H100 SXM, bf16, T=8192, H=2048, F=1408, E=64, k=6): expert math 2.55 TFLOP fwd+bwd
+(6 GEMMs of ``2*N*H*F'`` FLOPs, see ``bench/benchmarks/moe.py``) = 3.3 ms at ~770 TFLOP/s. The
+GEMMs are compute bound (per expert ~768 rows x 2048 x 2816: ~600 FLOP/byte of HBM traffic with
+weights read once per M-tile wave); the memory-bound rest (a/h/y rows, ~3 GB fwd+bwd) is about
+1 ms at 3 TB/s, part of which overlaps the GEMMs. Work items are ordered M-tile-major, so the
+programs running at once cover a few M tiles of one expert: the gathered A rows and the expert's
+weight panel are served from L2.
+
+Numerics: fp32 accumulation for every input dtype; fp32 inputs use IEEE fp32 dots. Under
+``TRITON_INTERPRET=1`` bf16 operands are upcast before ``tl.dot`` (the interpreter's bf16 dot is
+wrong); on the GPU they go to the tensor cores as bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+# activation codes of the kernels; gated ones apply the code to the gate half
+ACT_CODES = {"swiglu": (True, 0), "geglu": (True, 1), "silu": (False, 0), "gelu": (False, 1),
+             "relu": (False, 2), "squared_relu": (False, 3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmTile:
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"{name}={v!r}: tile sizes are powers of two >= 16 (tl.dot "
+                                 f"minimum); use 16, 32, 64, 128 or 256")
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tiles per kernel. ``up``: x -> a, h (gated: ``block_n`` gate AND ``block_n`` up columns);
+    ``down``: h -> y rows; ``dh``: dout -> da (+ dprobs partials); ``dx``: da -> dx rows;
+    ``wgrad``: dW1 and dW2 (``block_k`` = rows per step of the jagged reduction)."""
+
+    up: GemmTile
+    down: GemmTile
+    dh: GemmTile
+    dx: GemmTile
+    wgrad: GemmTile
+    combine_t: int = 16
+    combine_h: int = 256
+    programs_per_sm: int = 1
+
+    @property
+    def row_tiles(self) -> Tuple[int, ...]:
+        return tuple(sorted({self.up.block_m, self.down.block_m, self.dh.block_m,
+                             self.dx.block_m}))
+
+
+# H100 (16-bit inputs), picked by scripts/tune_moe.py at T=8192, H=2048, F=1408, E=64, top-6
+# (one kernel varied at a time, do_bench medians; TFLOP/s of that kernel's GEMM):
+#   up    128x64(x2 gate/up) k64 w8 s4: 436   128x128(x2) k64 w8 s3: 462 (picked)   w4: 399
+#   down  128x128 k64 w8 s4: 475   128x256 k64 w8 s3: 497 (picked)   256x128: 435
+#   dh    128x64 k64 w8 s4: 226 (picked)   128x128 s3: 209   128x128 s4: 224   64x128 w4: 165
+#   dx    128x128 k64 w8 s4: 420   128x256 k64 w8 s3: 494 (picked)   256x128: 463
+#   wgrad 128x128 k64 w8 s4: 367 (picked)   128x256 s3: 361   256x128: 279   k32 s5: 366
+# Two programs per SM (3 stages) lost 10-20 % everywhere: one program per SM, the persistent grid
+# is the SM count. Shared memory per stage: (BM + BN') * BK * 2 B, at most 48 KB x 3 stages.
+# Tile shapes never depend on T (batch invariance, see above).
+H100_CONFIG = TileConfig(
+    up=GemmTile(128, 128, 64, 8, 3),
+    down=GemmTile(128, 256, 64, 8, 3),
+    dh=GemmTile(128, 64, 64, 8, 4),
+    dx=GemmTile(128, 256, 64, 8, 3),
+    wgrad=GemmTile(128, 128, 64, 8, 4),
+)
+# 4-byte operands: half the tiles to stay in shared memory; fp32 is the exact correctness path.
+FP32_CONFIG = TileConfig(
+    up=GemmTile(64, 32, 32, 4, 2), down=GemmTile(64, 64, 32, 4, 2), dh=GemmTile(64, 32, 32, 4, 2),
+    dx=GemmTile(64, 64, 32, 4, 2), wgrad=GemmTile(64, 64, 32, 4, 2),
+)
+# The interpreter runs every tile op in numpy: small tiles keep the CPU tests fast; 2 programs so
+# the persistent loop runs several work items per program.
+INTERPRETER_CONFIG = TileConfig(
+    up=GemmTile(16, 16, 16, 1, 1), down=GemmTile(16, 16, 16, 1, 1), dh=GemmTile(16, 16, 16, 1, 1),
+    dx=GemmTile(16, 16, 16, 1, 1), wgrad=GemmTile(16, 16, 16, 1, 1), combine_t=16, combine_h=16,
+)
+
+
+def interpreted() -> bool:
+    """True when these kernels were built for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return type(_up_kernel).__name__ == "InterpretedFunction"
+
+
+def default_config(dtype: torch.dtype) -> TileConfig:
+    if interpreted():
+        return INTERPRETER_CONFIG
+    return FP32_CONFIG if dtype == torch.float32 else H100_CONFIG
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_grid(work_bound: int, device: torch.device, cfg: TileConfig) -> Tuple[int]:
+    if interpreted() or device.type != "cuda":
+        return (max(1, min(work_bound, 2)),)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    return (max(1, min(work_bound, _num_sms(idx) * cfg.programs_per_sm)),)
+
+
+def _flags(dtype: torch.dtype) -> Tuple[bool, str]:
+    upcast = interpreted() and dtype == torch.bfloat16
+    prec = "ieee" if (dtype == torch.float32 or upcast) else "tf32"  # "tf32" is a no-op for 16-bit
+    return upcast, prec
+
+
+# --------------------------------------------------------------------------------------------------
+# routing metadata (torch on device, no host sync)
+# --------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Routing:
+    """Sorted-row view of the (token, choice) pairs. ``order[r]`` = pair id ``t*k + j`` of sorted
+    row ``r``; ``token[r] = order[r] // k``; ``prob[r]`` fp32; ``bounds [E+1]`` row offsets;
+    ``tables[block_m] = (table [3, max_tiles] int32, n_tiles [1] int32, max_tiles)``."""
+
+    num_tokens: int
+    topk: int
+    num_experts: int
+    order: Tensor
+    token: Tensor
+    prob: Tensor
+    bounds: Tensor
+    tables: Dict[int, Tuple[Tensor, Tensor, int]]
+
+    @property
+    def rows(self) -> int:
+        return self.order.numel()
+
+
+def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
+                     row_tiles: Tuple[int, ...]) -> Routing:
+    T, k = indices.shape
+    n = T * k
+    dev = indices.device
+    flat = indices.reshape(-1)
+    sorted_e, order = torch.sort(flat, stable=True)
+    experts = torch.arange(num_experts + 1, device=dev, dtype=sorted_e.dtype)
+    bounds = torch.searchsorted(sorted_e, experts).to(torch.int32)     # bounds[E] = N (ids < E)
+    counts = (bounds[1:] - bounds[:-1]).to(torch.int64)
+    tables = {}
+    for bm in row_tiles:
+        tiles = (counts + bm - 1) // bm
+        tile_end = torch.cumsum(tiles, 0)
+        max_tiles = triton.cdiv(n, bm) + num_experts
+        ids = torch.arange(max_tiles, device=dev)
+        e = torch.searchsorted(tile_end, ids, right=True)
+        valid = e < num_experts
+        ec = e.clamp_max(num_experts - 1)
+        first = tile_end[ec] - tiles[ec]
+        row0 = torch.where(valid, bounds[ec].to(torch.int64) + (ids - first) * bm, 0)
+        row_end = torch.where(valid, bounds[ec + 1].to(torch.int64), 0)
+        table = torch.stack([ec, row0, row_end]).to(torch.int32).contiguous()
+        tables[bm] = (table, tile_end[-1:].to(torch.int32), max_tiles)
+    order32 = order.to(torch.int32)
+    token = (order // k).to(torch.int32)
+    prob = probs.reshape(-1)[order].to(torch.float32)
+    return Routing(T, k, num_experts, order32, token, prob, bounds, tables)
+
+
+# --------------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """fp32 in/out: 0 silu, 1 gelu (exact erf form, Megatron's F.gelu), 2 relu, 3 squared relu."""
+    if ACT == 0:
+        return z * tl.sigmoid(z)
+    elif ACT == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        return tl.maximum(z, 0.0)
+    else:
+        r = tl.maximum(z, 0.0)
+        return r * r
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    elif ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACT == 2:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        return 2.0 * tl.maximum(z, 0.0)
+
+
+@triton.jit
+def _tile(TABLE, max_tiles, mt):
+    e = tl.load(TABLE + mt)
+    row0 = tl.load(TABLE + max_tiles + mt)
+    row_end = tl.load(TABLE + 2 * max_tiles + mt)
+    return e, row0, row_end
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _up_kernel(X, W1, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
+               stride_x, stride_we, stride_wk, stride_wn, stride_a, stride_h,
+               GATED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Persistent: work item ``w`` = (M tile ``w // n_tn``, F tile ``w % n_tn``). Writes
+    ``a [N, (2)F]`` and ``h [N, F]`` (sorted row order)."""
+    n_tn = tl.cdiv(ffn, BLOCK_N)
+    total = tl.load(NTILES) * n_tn
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    for w in range(tl.program_id(0), total, tl.num_programs(0)):
+        e, row0, row_end = _tile(TABLE, max_tiles, w // n_tn)
+        rows = row0 + rm
+        row_ok = rows < row_end
+        tok = tl.load(TOKEN + rows, mask=row_ok, other=0).to(tl.int64)
+        cols = (w % n_tn) * BLOCK_N + rn
+        col_ok = cols < ffn
+        x_ptr = X + tok[:, None] * stride_x + rk[None, :]
+        w_ptr = W1 + e.to(tl.int64) * stride_we + rk[:, None] * stride_wk + cols[None, :] * stride_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, n_hidden, BLOCK_K):
+            if EVEN_K:
+                xa = tl.load(x_ptr, mask=row_ok[:, None], other=0.0)
+                wg = tl.load(w_ptr, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + rk) < n_hidden
+                xa = tl.load(x_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wg = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc_g = _dot(xa, wg, acc_g, UPCAST, DOT_PREC)
+            if GATED:
+                if EVEN_K:
+                    wu = tl.load(w_ptr + ffn * stride_wn, mask=col_ok[None, :], other=0.0)
+                else:
+                    wu = tl.load(w_ptr + ffn * stride_wn, mask=k_ok[:, None] & col_ok[None, :],
+                                 other=0.0)
+                acc_u = _dot(xa, wu, acc_u, UPCAST, DOT_PREC)
+            x_ptr += BLOCK_K
+            w_ptr += BLOCK_K * stride_wk
+        ok = row_ok[:, None] & col_ok[None, :]
+        a_ptr = A + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
+        gate = acc_g.to(A.dtype.element_ty)
+        tl.store(a_ptr, gate, mask=ok)
+        # h from the ROUNDED a: backward recomputes it from the stored a bit for bit
+        h = _act(gate.to(tl.float32), ACT)
+        if GATED:
+            up = acc_u.to(A.dtype.element_ty)
+            tl.store(a_ptr + ffn, up, mask=ok)
+            h = h * up.to(tl.float32)
+        tl.store(HOUT + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
+                 h.to(HOUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _down_kernel(A, B, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
+                 stride_a, stride_be, stride_bk, stride_bn, stride_c,
+                 SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Persistent: ``C[order[r]] = (p[r] *) A[r] @ B[e(r)]`` over sorted rows ``r``; B is
+    ``[E, n_in, n_out]`` with any strides (``W2``, or ``W1`` transposed for dx)."""
+    n_tn = tl.cdiv(n_out, BLOCK_N)
+    total = tl.load(NTILES) * n_tn
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    for w in range(tl.program_id(0), total, tl.num_programs(0)):
+        e, row0, row_end = _tile(TABLE, max_tiles, w // n_tn)
+        rows = row0 + rm
+        row_ok = rows < row_end
+        cols = (w % n_tn) * BLOCK_N + rn
+        col_ok = cols < n_out
+        a_ptr = A + rows.to(tl.int64)[:, None] * stride_a + rk[None, :]
+        b_ptr = B + e.to(tl.int64) * stride_be + rk[:, None] * stride_bk + cols[None, :] * stride_bn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptr, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + rk) < n_in
+                a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(a, b, acc, UPCAST, DOT_PREC)
+            a_ptr += BLOCK_K
+            b_ptr += BLOCK_K * stride_bk
+        if SCALE:
+            acc = acc * tl.load(PROB + rows, mask=row_ok, other=0.0)[:, None]
+        dst = tl.load(ORDER + rows, mask=row_ok, other=0).to(tl.int64)
+        tl.store(C + dst[:, None] * stride_c + cols[None, :], acc.to(C.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dh_kernel(DOUT, W2, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, max_tiles, n_hidden, ffn,
+               n_rows, stride_d, stride_we, stride_wf, stride_wh, stride_a, stride_h,
+               GATED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Persistent: ``g = dout[token[r]] @ W2[e]^T`` for F tile ``n``; epilogue (with ``h``
+    recomputed from ``a``): ``DPP[n, r] = sum_f g*h`` (dprobs partial), ``da = act'(a) * p * g``
+    (gated: d gate and d up), and ``p * h`` for dW2 (the prob folded into the A operand there,
+    so dW2's inner loop is a plain GEMM)."""
+    n_tn = tl.cdiv(ffn, BLOCK_N)
+    total = tl.load(NTILES) * n_tn
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    for w in range(tl.program_id(0), total, tl.num_programs(0)):
+        e, row0, row_end = _tile(TABLE, max_tiles, w // n_tn)
+        nt = w % n_tn
+        rows = row0 + rm
+        row_ok = rows < row_end
+        tok = tl.load(TOKEN + rows, mask=row_ok, other=0).to(tl.int64)
+        cols = nt * BLOCK_N + rn
+        col_ok = cols < ffn
+        d_ptr = DOUT + tok[:, None] * stride_d + rk[None, :]
+        w_ptr = W2 + e.to(tl.int64) * stride_we + rk[:, None] * stride_wh + cols[None, :] * stride_wf
+        g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, n_hidden, BLOCK_K):
+            if EVEN_K:
+                d = tl.load(d_ptr, mask=row_ok[:, None], other=0.0)
+                wt = tl.load(w_ptr, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + rk) < n_hidden
+                d = tl.load(d_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            g = _dot(d, wt, g, UPCAST, DOT_PREC)
+            d_ptr += BLOCK_K
+            w_ptr += BLOCK_K * stride_wh
+        ok = row_ok[:, None] & col_ok[None, :]
+        a_ptr = A + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
+        da_ptr = DA + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
+        gate = tl.load(a_ptr, mask=ok, other=0.0).to(tl.float32)
+        s = _act(gate, ACT)
+        p = tl.load(PROB + rows, mask=row_ok, other=0.0)[:, None]
+        dh = g * p
+        if GATED:
+            up = tl.load(a_ptr + ffn, mask=ok, other=0.0).to(tl.float32)
+            h = (s * up).to(HOUT.dtype.element_ty)
+            tl.store(da_ptr, (dh * up * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
+            tl.store(da_ptr + ffn, (dh * s).to(DA.dtype.element_ty), mask=ok)
+        else:
+            h = s.to(HOUT.dtype.element_ty)
+            tl.store(da_ptr, (dh * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
+        tl.store(HOUT + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
+                 (h.to(tl.float32) * p).to(HOUT.dtype.element_ty), mask=ok)
+        tl.store(DPP + nt.to(tl.int64) * n_rows + rows, tl.sum(g * h.to(tl.float32), 1),
+                 mask=row_ok)
+
+
+@triton.jit
+def _wgrad_kernel(A, B, C, A_IDX, B_IDX, BOUNDS, m_dim, n_dim, stride_a, stride_b,
+                  stride_ce, stride_cm, stride_cn,
+                  GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``C[e] = A_e^T @ B_e`` over expert ``e``'s sorted rows ``[bounds[e], bounds[e+1])`` in row
+    order (one program per output tile: deterministic, no split-K). ``A_e`` rows are
+    ``A[A_IDX[r]]`` if GATHER_A else ``A[r]``; likewise B."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    n_tn = tl.cdiv(n_dim, BLOCK_N)
+    m = (pid // n_tn) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = (pid % n_tn) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = m < m_dim
+    n_ok = n < n_dim
+    start = tl.load(BOUNDS + e)
+    end = tl.load(BOUNDS + e + 1)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        r = r0 + rk
+        r_ok = r < end
+        if GATHER_A:
+            ra = tl.load(A_IDX + r, mask=r_ok, other=0).to(tl.int64)
+        else:
+            ra = r.to(tl.int64)
+        if GATHER_B:
+            rb = tl.load(B_IDX + r, mask=r_ok, other=0).to(tl.int64)
+        else:
+            rb = r.to(tl.int64)
+        a_t = tl.load(A + ra[None, :] * stride_a + m[:, None], mask=m_ok[:, None] & r_ok[None, :],
+                      other=0.0)
+        b = tl.load(B + rb[:, None] * stride_b + n[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc = _dot(a_t, b, acc, UPCAST, DOT_PREC)
+    tl.store(C + e.to(tl.int64) * stride_ce + m[:, None] * stride_cm + n[None, :] * stride_cn,
+             acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(Y, OUT, n_tok, width, topk, stride_y, stride_o,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``OUT[t] = sum_{j < k} Y[t*k + j]`` in fp32, j ascending (fixed order: deterministic)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = (t < n_tok)[:, None] & (c < width)[None, :]
+    t64 = t.to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    for j in range(0, topk):
+        acc += tl.load(Y + (t64 * topk + j)[:, None] * stride_y + c[None, :], mask=ok,
+                       other=0.0).to(tl.float32)
+    tl.store(OUT + t64[:, None] * stride_o + c[None, :], acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers (each takes preallocated outputs, so the benchmark can time the GEMMs alone)
+# --------------------------------------------------------------------------------------------------
+
+def launch_up(x, w1, a, h, r: Routing, activation: str, cfg: TileConfig) -> None:
+    gated, act = ACT_CODES[activation]
+    t = cfg.up
+    table, n_tiles, max_tiles = r.tables[t.block_m]
+    ffn = h.shape[1]
+    n_hidden = x.shape[1]
+    upcast, prec = _flags(x.dtype)
+    grid = _persistent_grid(max_tiles * triton.cdiv(ffn, t.block_n), x.device, cfg)
+    _up_kernel[grid](
+        x, w1, a, h, r.token, table, n_tiles, max_tiles, n_hidden, ffn,
+        x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), a.stride(0), h.stride(0),
+        GATED=gated, ACT=act, EVEN_K=n_hidden % t.block_k == 0, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, UPCAST=upcast, DOT_PREC=prec,
+        num_warps=t.warps, num_stages=t.stages)
+
+
+def launch_down(src, b, dst, r: Routing, b_strides, n_in: int, n_out: int, scale: bool,
+                tile: GemmTile, cfg: TileConfig) -> None:
+    """``dst[order[r]] = (p *) src[r] @ B[e]``; ``b_strides`` = (expert, in, out) strides of B."""
+    table, n_tiles, max_tiles = r.tables[tile.block_m]
+    upcast, prec = _flags(src.dtype)
+    grid = _persistent_grid(max_tiles * triton.cdiv(n_out, tile.block_n), src.device, cfg)
+    _down_kernel[grid](
+        src, b, dst, r.order, r.prob, table, n_tiles, max_tiles, n_out, n_in,
+        src.stride(0), b_strides[0], b_strides[1], b_strides[2], dst.stride(0),
+        SCALE=scale, EVEN_K=n_in % tile.block_k == 0, BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, UPCAST=upcast, DOT_PREC=prec,
+        num_warps=tile.warps, num_stages=tile.stages)
+
+
+def launch_dh(dout, w2, a, da, h, dpp, r: Routing, activation: str, cfg: TileConfig) -> None:
+    gated, act = ACT_CODES[activation]
+    t = cfg.dh
+    table, n_tiles, max_tiles = r.tables[t.block_m]
+    ffn = h.shape[1]
+    n_hidden = dout.shape[1]
+    upcast, prec = _flags(dout.dtype)
+    grid = _persistent_grid(max_tiles * triton.cdiv(ffn, t.block_n), dout.device, cfg)
+    _dh_kernel[grid](
+        dout, w2, a, da, h, dpp, r.token, r.prob, table, n_tiles, max_tiles, n_hidden, ffn,
+        r.rows, dout.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), a.stride(0), h.stride(0),
+        GATED=gated, ACT=act, EVEN_K=n_hidden % t.block_k == 0, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, UPCAST=upcast, DOT_PREC=prec,
+        num_warps=t.warps, num_stages=t.stages)
+
+
+def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: Optional[Tensor],
+                 cfg: TileConfig) -> None:
+    """``out[e] = a_src[rows_e]^T @ b_src[rows_e]`` (rows gathered through the index if given)."""
+    t = cfg.wgrad
+    E, m_dim, n_dim = out.shape
+    upcast, prec = _flags(a_src.dtype)
+    grid = (triton.cdiv(m_dim, t.block_m) * triton.cdiv(n_dim, t.block_n), E)
+    _wgrad_kernel[grid](
+        a_src, b_src, out, a_idx if a_idx is not None else r.token,
+        b_idx if b_idx is not None else r.token, r.bounds, m_dim, n_dim,
+        a_src.stride(0), b_src.stride(0), out.stride(0), out.stride(1), out.stride(2),
+        GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, UPCAST=upcast, DOT_PREC=prec,
+        num_warps=t.warps, num_stages=t.stages)
+
+
+def launch_combine(y_pairs, out, topk: int, cfg: TileConfig) -> None:
+    T, width = out.shape
+    grid = (triton.cdiv(T, cfg.combine_t), triton.cdiv(width, cfg.combine_h))
+    _combine_kernel[grid](y_pairs, out, T, width, topk, y_pairs.stride(0), out.stride(0),
+                          BLOCK_T=cfg.combine_t, BLOCK_H=cfg.combine_h)
+
+
+# --------------------------------------------------------------------------------------------------
+# forward / backward
+# --------------------------------------------------------------------------------------------------
+
+def _contig(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def moe_ffn_fwd(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
+                activation: str, config: Optional[TileConfig] = None
+                ) -> Tuple[Tensor, Tensor, Routing]:
+    """``(out [T, H], a [N, N1] (saved for backward), routing)``."""
+    cfg = config or default_config(x.dtype)
+    x, w1, w2 = _contig(x), _contig(w1), _contig(w2)
+    T, H = x.shape
+    E, _, n1 = w1.shape
+    ffn = w2.shape[1]
+    k = indices.shape[1]
+    r = routing_metadata(indices, probs, E, cfg.row_tiles)
+    n = r.rows
+    a = torch.empty((n, n1), dtype=x.dtype, device=x.device)
+    h = torch.empty((n, ffn), dtype=x.dtype, device=x.device)
+    launch_up(x, w1, a, h, r, activation, cfg)
+    y = torch.empty((n, H), dtype=x.dtype, device=x.device)   # pair order t*k + j
+    launch_down(h, w2, y, r, (w2.stride(0), w2.stride(1), w2.stride(2)), ffn, H, True,
+                cfg.down, cfg)
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    launch_combine(y, out, k, cfg)
+    return out, a, r
+
+
+def moe_ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor, r: Routing,
+                activation: str, needs=(True, True, True, True),
+                config: Optional[TileConfig] = None):
+    """``(dx, dprobs [T, k] fp32, dw1, dw2)``; None where ``needs`` says the grad is not wanted."""
+    cfg = config or default_config(x.dtype)
+    dout = _contig(dout).to(x.dtype)
+    x, w1, w2 = _contig(x), _contig(w1), _contig(w2)
+    T, H = x.shape
+    E, _, n1 = w1.shape
+    ffn = w2.shape[1]
+    n = r.rows
+    need_x, need_p, need_w1, need_w2 = needs
+    da = torch.empty_like(a)
+    hp = torch.empty((n, ffn), dtype=x.dtype, device=x.device)       # p * h
+    n_ft = triton.cdiv(ffn, cfg.dh.block_n)
+    dpp = torch.empty((n_ft, n), dtype=torch.float32, device=x.device)
+    launch_dh(dout, w2, a, da, hp, dpp, r, activation, cfg)
+
+    dx = dprobs = dw1 = dw2 = None
+    if need_x:
+        dx_pairs = torch.empty((n, H), dtype=x.dtype, device=x.device)
+        # B = W1[e]^T viewed as [E, n1, H]: (expert, in=n1, out=H) strides of w1 [E, H, n1]
+        launch_down(da, w1, dx_pairs, r, (w1.stride(0), w1.stride(2), w1.stride(1)), n1, H, False,
+                    cfg.dx, cfg)
+        dx = torch.empty((T, H), dtype=x.dtype, device=x.device)
+        launch_combine(dx_pairs, dx, r.topk, cfg)
+    if need_p:
+        dprobs = torch.empty(n, dtype=torch.float32, device=x.device)
+        dprobs[r.order.long()] = dpp.sum(0)      # fixed-order sum over F tiles; unique targets
+        dprobs = dprobs.view(T, r.topk)
+    if need_w1:
+        dw1 = torch.empty((E, H, n1), dtype=w1.dtype, device=x.device)
+        launch_wgrad(x, da, dw1, r, r.token, None, cfg)
+    if need_w2:
+        dw2 = torch.empty((E, ffn, H), dtype=w2.dtype, device=x.device)
+        launch_wgrad(hp, dout, dw2, r, None, r.token, cfg)
+    return dx, dprobs, dw1, dw2

@@ -1,0 +1,140 @@
+"""Streaming decode for window + sink attention: a KV cache of O(num_sink_tokens + window_size).
+
+StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", arXiv
+2309.17453) keeps the first few tokens (the sinks) and a rolling window of the most recent ones.
+This cache holds exactly the keys the training-time pattern lets the newest query see::
+
+    query i attends key j  iff  j <= i  and  (i - j < window_size  or  j < num_sink_tokens)
+
+so decoding token by token gives the same output as the full-sequence forward at every position
+(the paper re-indexes positions inside the cache; here keys are stored *after* RoPE at their absolute
+positions, which is what the model saw in training, so nothing is re-rotated).
+
+Layout: ``k, v [b, t, hkv, d]`` (the op's layout), query ``[b, hq, d]``. Storage: a sink buffer
+``[b, num_sink_tokens, hkv, d]`` filled once, and a ring buffer ``[b, window_size, hkv, d]`` where
+position ``p`` lives in slot ``p % window_size``. A position below ``num_sink_tokens`` is written to
+both; the ring copy is masked at attention time so no key counts twice. ``window_size=None`` (a dense
+layer) keeps every key: that cache grows with the sequence.
+
+Pure torch, no Megatron: the module-level step (projections, RoPE, output projection) is
+``megatron_ext.modules.sparse_mqa.SparseMQAttention.decode_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+
+def _fail(field: str, value, why: str, allowed: str) -> None:
+    raise ValueError(f"{field}={value!r}: {why}; use {allowed}")
+
+
+class StreamingKVCache:
+    """Keys/values of one attention layer for streaming decode (all sequences of the batch advance
+    together). ``length`` is the number of positions appended so far, i.e. the next position."""
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, window_size: Optional[int],
+                 num_sink_tokens: int = 0, dtype: torch.dtype = torch.float32, device=None):
+        for name, value in (("batch", batch), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "must be a positive int", "an int >= 1")
+        if window_size is not None and (isinstance(window_size, bool) or not isinstance(window_size, int)
+                                        or window_size < 1):
+            _fail("window_size", window_size, "the window counts the query itself, so it is >= 1",
+                  "an int >= 1 or None (dense: the cache grows)")
+        if isinstance(num_sink_tokens, bool) or not isinstance(num_sink_tokens, int) or num_sink_tokens < 0:
+            _fail("num_sink_tokens", num_sink_tokens, "must be a non-negative int", "an int >= 0")
+        self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.window_size, self.num_sink_tokens = window_size, num_sink_tokens
+        self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
+        shape = (batch, num_sink_tokens, num_kv_heads, head_dim)
+        self.sink_k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.sink_v = torch.zeros(shape, dtype=dtype, device=self.device)
+        slots = window_size if window_size is not None else 0
+        shape = (batch, slots, num_kv_heads, head_dim)
+        self.ring_k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.ring_v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Absolute position held by each ring slot (-1: empty); drives the masks, not the math.
+        self.ring_pos = torch.full((slots,), -1, dtype=torch.long, device=self.device)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, position: int) -> None:
+        """Store ``k, v [b, t, hkv, d]`` (RoPE already applied) for positions ``position .. +t-1``.
+
+        Positions arrive in order: ``position`` must equal ``length``."""
+        want = (self.batch, self.num_kv_heads, self.head_dim)
+        if k.dim() != 4 or (k.shape[0], k.shape[2], k.shape[3]) != want or tuple(v.shape) != tuple(k.shape):
+            _fail("k.shape/v.shape", (tuple(k.shape), tuple(v.shape)), "does not match the cache",
+                  f"[{self.batch}, t, {self.num_kv_heads}, {self.head_dim}] for both")
+        if position != self.length:
+            _fail("position", position, f"the cache holds positions [0, {self.length})",
+                  f"position={self.length} (tokens are appended in order)")
+        t = k.shape[1]
+        k, v = k.to(self.dtype), v.to(self.dtype)
+        n_sink_new = max(0, min(self.num_sink_tokens, position + t) - position)
+        if n_sink_new:
+            self.sink_k[:, position:position + n_sink_new] = k[:, :n_sink_new]
+            self.sink_v[:, position:position + n_sink_new] = v[:, :n_sink_new]
+        if self.window_size is None:
+            self.ring_k = torch.cat([self.ring_k, k], dim=1)
+            self.ring_v = torch.cat([self.ring_v, v], dim=1)
+            pos = torch.arange(position, position + t, device=self.device)
+            self.ring_pos = torch.cat([self.ring_pos, pos])
+        else:
+            keep = min(t, self.window_size)  # older ones of a long chunk would be overwritten anyway
+            pos = torch.arange(position + t - keep, position + t, device=self.device)
+            slots = pos % self.window_size
+            self.ring_k[:, slots] = k[:, t - keep:]
+            self.ring_v[:, slots] = v[:, t - keep:]
+            self.ring_pos[slots] = pos
+        self.length += t
+
+    def keys_values(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``keys, values [b, n, hkv, d]`` and ``valid [n]`` bool for the newest query
+        (position ``length - 1``): the filled sinks, then the ring slots not already sinks."""
+        n_sink = self.sink_k.shape[1]
+        sink_valid = torch.arange(n_sink, device=self.device) < min(self.num_sink_tokens, self.length)
+        ring_valid = self.ring_pos >= self.num_sink_tokens  # also False for empty slots (-1)
+        keys = torch.cat([self.sink_k, self.ring_k], dim=1)
+        values = torch.cat([self.sink_v, self.ring_v], dim=1)
+        return keys, values, torch.cat([sink_valid, ring_valid])
+
+    def nbytes(self) -> int:
+        """Bytes of key/value storage (constant in the sequence length unless window_size is None)."""
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.ring_k, self.ring_v))
+
+
+def decode_step(q: torch.Tensor, cache: StreamingKVCache, *, softmax_scale: Optional[float] = None,
+                sink_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of the newest query ``q [b, hq, d]`` (RoPE applied, position ``cache.length - 1``,
+    its own key already appended) over the cache -> ``[b, hq, d]`` in q's dtype.
+
+    ``sink_logits [hq]``: the learnable per-head sink logit, a softmax term with a zero value vector.
+    Query head ``h`` reads KV head ``h // (hq // hkv)``. Math in fp32 (fp64 for fp64 inputs).
+    """
+    if q.dim() != 3:
+        _fail("q.shape", tuple(q.shape), "one query token per sequence", "[b, hq, head_dim]")
+    b, hq, d = q.shape
+    hkv = cache.num_kv_heads
+    if b != cache.batch or d != cache.head_dim or hq % hkv:
+        _fail("q.shape", tuple(q.shape), f"does not fit the cache (b={cache.batch}, hkv={hkv}, d={cache.head_dim})",
+              f"[{cache.batch}, a multiple of {hkv}, {cache.head_dim}]")
+    if cache.length == 0:
+        _fail("cache.length", 0, "the cache is empty", "append the query's own key and value first")
+    if sink_logits is not None and tuple(sink_logits.shape) != (hq,):
+        _fail("sink_logits.shape", tuple(sink_logits.shape), "one logit per query head", f"[{hq}]")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keys, values, valid = cache.keys_values()
+    qg = q.to(cdt).view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,bnhd->bhgn", qg, keys.to(cdt)) * scale
+    scores = scores.masked_fill(~valid, float("-inf"))
+    if sink_logits is not None:
+        sink = sink_logits.to(cdt).view(1, hkv, hq // hkv, 1).expand(b, -1, -1, -1)
+        scores = torch.cat([scores, sink], dim=-1)  # the sink's value vector is zero: drop it below
+    p = torch.softmax(scores, dim=-1)[..., :keys.shape[1]]
+    out = torch.einsum("bhgn,bnhd->bhgd", p, values.to(cdt))
+    return out.reshape(b, hq, d).to(q.dtype)

@@ -1,0 +1,343 @@
+"""GQLA attention: the module against an independent per-head torch implementation (forward and
+backward, fp64), both decode paths against the training forward at every position (fp64 and fp32),
+cache sizes, config errors, a tiny model training on the CPU lane, and TP=2 + SP == world size 1."""
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import patches
+from megatron_ext import compat
+from megatron_ext.config import ConfigError, GQLAConfig, from_preset, validate
+from tests.helpers import receipt, subprocess_env, train_inprocess, train_losses
+
+H, HIDDEN = 4, 32
+
+
+@pytest.fixture
+def parallel_state():
+    """Per test: the in-process training test needs model parallel uninitialised."""
+    import torch.distributed as dist
+
+    from megatron_ext.training.distributed import free_port
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    patches.apply_patches("cpu")
+    compat.initialize_model_parallel(1, 1, 1)
+    compat.seed_model_parallel(11)
+    yield
+    compat.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def make_gqla(groups, d_nope=8, d_rope=4, d_v=6, rank=12, q_lora=None, latent_norm=True,
+              window=None, sinks=0, dtype=torch.float64, seed=0, tp=1, sp=False, randomize=True):
+    from megatron_ext.modules.gqla import GQLASelfAttentionSubmodules, GQLAttention
+    from megatron_ext.modules.norm import Norm
+
+    cfg = compat.make_transformer_config(
+        num_layers=1, hidden_size=HIDDEN, num_attention_heads=H, num_query_groups=groups,
+        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, transformer_impl="local", params_dtype=dtype,
+        tensor_model_parallel_size=tp, sequence_parallel=sp)
+    cfg.gqla = GQLAConfig(num_query_groups=groups, kv_lora_rank=rank, qk_head_dim=d_nope,
+                          qk_pos_emb_head_dim=d_rope, v_head_dim=d_v, q_lora_rank=q_lora,
+                          latent_norm=latent_norm, window_size=window, num_sink_tokens=sinks,
+                          backend="torch")
+    torch.manual_seed(seed)
+    module = GQLAttention(cfg, GQLASelfAttentionSubmodules(q_layernorm=Norm, kv_layernorm=Norm)).to(dtype)
+    with torch.no_grad():  # fresh random weights everywhere, norms included (not the ones init)
+        for p in module.parameters() if randomize else ():
+            p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 1 else 1.0 / math.sqrt(p.shape[-1])))
+    return module.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# independent reference: per-head K/V materialised, RoPE as complex rotation, explicit softmax
+
+
+def _rms(x, w, eps=1e-5):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope_complex(x, positions, base=10000.0):
+    """x [s, ..., d]: pairs (i, i + d/2) as complex numbers times exp(i * pos * theta_i)."""
+    d = x.shape[-1]
+    half = d // 2
+    theta = base ** (-torch.arange(half, dtype=torch.float64) * 2 / d)
+    ang = positions.double()[:, None] * theta[None]
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (half,)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(
+        torch.ones_like(ang), ang).view(shape)
+    return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
+
+
+def reference_forward(m, hidden, window=None, sinks=0):
+    """hidden [s, b, h] -> [s, b, h] from the module's weights, one head at a time."""
+    g = m.gqla
+    s, b, _ = hidden.shape
+    dn, dr, dv, r, G = g.qk_head_dim, g.qk_pos_emb_head_dim, g.v_head_dim, g.kv_lora_rank, g.num_query_groups
+    pos = torch.arange(s)
+    if g.q_lora_rank is None:
+        q = hidden @ m.linear_q_proj.weight.T
+    else:
+        q = _rms(hidden @ m.linear_q_down_proj.weight.T, m.q_layernorm.weight) @ m.linear_q_up_proj.weight.T
+    q = q.view(s, b, H, dn + dr)
+    kv = hidden @ m.linear_kv_down_proj.weight.T
+    c, kr = kv[..., :r], kv[..., r:]
+    if g.latent_norm:
+        c = _rms(c, m.kv_layernorm.weight)
+    if dr:
+        kr = _rope_complex(kr, pos)
+    w_up = m.linear_kv_up_proj.weight.view(G, dn + dv, r)
+    i, j = pos[:, None], pos[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & ((i - j < window) | (j < sinks))
+    heads = []
+    for h in range(H):
+        grp = h // (H // G)
+        qh = q[:, :, h]
+        if dr:
+            qh = torch.cat([qh[..., :dn], _rope_complex(qh[..., dn:], pos)], dim=-1)
+        kh = torch.cat([c @ w_up[grp, :dn].T, kr], dim=-1)            # [s, b, dn + dr]
+        vh = c @ w_up[grp, dn:].T                                       # [s, b, dv]
+        scores = torch.einsum("ibd,jbd->bij", qh, kh) / math.sqrt(dn + dr)
+        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        heads.append(torch.einsum("bij,jbd->ibd", p, vh))
+    return torch.cat(heads, dim=-1) @ m.linear_proj.weight.T
+
+
+CASES = [  # (G, q_lora, latent_norm, d_rope): G=1 is MQA over the latent, G=H is MLA
+    (1, None, True, 4), (2, None, True, 4), (4, 6, True, 4), (2, 6, False, 0), (4, None, False, 4)]
+
+
+@pytest.mark.parametrize("groups,q_lora,latent_norm,d_rope", CASES)
+def test_forward_backward_match_per_head_reference(parallel_state, groups, q_lora, latent_norm, d_rope):
+    m = make_gqla(groups, d_rope=d_rope, q_lora=q_lora, latent_norm=latent_norm)
+    x = torch.randn(7, 2, HIDDEN, dtype=torch.float64, requires_grad=True)
+    out, bias = m(x)
+    assert bias is None and out.shape == x.shape
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = reference_forward(m, x_ref)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    dout = torch.randn_like(out)
+    params = [p for p in m.parameters()]
+    grads = torch.autograd.grad(out, [x] + params, dout)
+    grads_ref = torch.autograd.grad(ref, [x_ref] + params, dout)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_window_and_sinks_match_reference(parallel_state):
+    m = make_gqla(2, window=3, sinks=1)
+    x = torch.randn(9, 2, HIDDEN, dtype=torch.float64)
+    torch.testing.assert_close(m(x)[0], reference_forward(m, x, window=3, sinks=1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 3])
+def test_decode_paths_equal_training_forward_at_every_position(parallel_state, dtype, tol, groups, window):
+    m = make_gqla(groups, q_lora=6 if groups == 2 else None, window=window, sinks=1 if window else 0,
+                  dtype=dtype, seed=groups)
+    s, b, prompt = 9, 3, 4
+    x = torch.randn(s, b, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        full = m(x)[0]
+    for path in ("gqa", "absorb"):
+        cache = m.init_cache(b, s, path=path)
+        pre = m.prefill(x[:prompt], cache)[0]
+        torch.testing.assert_close(pre, full[:prompt], rtol=tol, atol=tol)
+        for t in range(prompt, s):
+            step = m.decode_step(x[t:t + 1], cache, t)[0]
+            torch.testing.assert_close(step[0], full[t], rtol=tol, atol=tol, msg=f"{path} position {t}")
+        assert cache.length == s
+
+
+def test_cache_bytes_per_token(parallel_state):
+    m = make_gqla(2, d_nope=8, d_rope=4, d_v=6, rank=12)
+    assert m.cache_bytes_per_token("gqa") == 8 * (2 * (8 + 6) + 4)  # fp64: G*(d_nope + d_v) + d_rope
+    assert m.cache_bytes_per_token("absorb") == 8 * (12 + 4)        # r_kv + d_rope
+    assert m.cache_bytes_per_token("absorb", torch.bfloat16) == 2 * 16
+    for path in ("gqa", "absorb"):
+        cache = m.init_cache(2, 10, path=path)
+        assert cache.nbytes() == 2 * 10 * m.cache_bytes_per_token(path)
+    with pytest.raises(ValueError, match="path='mla'"):
+        m.init_cache(2, 10, path="mla")
+
+
+def test_decode_input_errors(parallel_state):
+    m = make_gqla(2)
+    cache = m.init_cache(2, 4, path="absorb")
+    x = torch.randn(1, 2, HIDDEN, dtype=torch.float64)
+    with pytest.raises(ValueError, match="position=2: decode appends at cache.length=0"):
+        m.decode_step(x, cache, 2)
+    for t in range(4):
+        m.decode_step(x, cache, t)
+    with pytest.raises(ValueError, match="max_len=4"):
+        m.decode_step(x, cache, 4)
+    with pytest.raises(ValueError, match="prefill starts an empty cache"):
+        m.prefill(x, cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(num_query_groups=3), "num_query_groups=3: GQLA groups must divide num_attention_heads=4"),
+    (dict(qk_pos_emb_head_dim=3), "qk_pos_emb_head_dim=3: RoPE rotates pairs"),
+    (dict(kv_lora_rank=0), "kv_lora_rank=0: must be a positive integer"),
+    (dict(backend="cuda"), "gqla_backend='cuda'"),
+])
+def test_gqla_config_errors(fields, match):
+    base = dict(num_query_groups=2, kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8)
+    with pytest.raises(ConfigError, match=match):
+        GQLAConfig(**{**base, **fields}).validate(4, 1)
+
+
+def test_gqla_config_tp_errors():
+    cfg = GQLAConfig(num_query_groups=2, kv_lora_rank=7, qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8)
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size=4: GQLA shards its num_query_groups=2"):
+        cfg.validate(8, 4)
+    with pytest.raises(ConfigError, match="kv_lora_rank=7: kv_lora_rank \\+ qk_pos_emb_head_dim = 11"):
+        cfg.validate(8, 2)
+
+
+def test_train_config_gqla_errors():
+    ok = from_preset("test", attention_type="gqla", num_query_groups=2)
+    assert validate(ok, 1) == 1
+    with pytest.raises(ConfigError, match="kv_lora_rank=16: a GQLA dimension"):
+        validate(from_preset("test", kv_lora_rank=16), 1)
+    with pytest.raises(ConfigError, match="attention_type='mla'"):
+        validate(from_preset("test", attention_type="mla"), 1)
+    with pytest.raises(ConfigError, match="tensor_model_parallel_size=4: GQLA shards"):
+        validate(from_preset("test", attention_type="gqla", num_query_groups=2, tensor_model_parallel_size=4), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# a model on the CPU lane
+
+GQLA = ["--attention-type", "gqla", "--num-query-groups", "2", "--kv-lora-rank", "32",
+        "--qk-pos-emb-head-dim", "8", "--gqla-backend", "torch"]
+
+
+def test_gqla_model_trains(tmp_path):
+    run = tmp_path / "gqla"
+    assert train_inprocess(run, *GQLA, "--q-lora-rank", "32", "--train-iters", "16", "--eval-iters", "0") == 0
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert receipt(run)["lane"]["tp"] == 1
+
+
+@pytest.mark.multirank
+def test_tp2_and_sequence_parallel_equal_world_size_1():
+    """One torchrun spawn (this file as the worker): TP=2 without and with SP, the sharded module's
+    output, input gradient and every parameter-shard gradient equal the world-size-1 reference on the
+    gathered weights; both decode paths at TP=2 equal it at every position."""
+    env = subprocess_env()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("GQLA-TP-OK") == 2, proc.stdout[-2000:]
+
+
+def _tp_worker():
+    import types
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    patches.apply_patches("cpu")
+    compat.initialize_model_parallel(2, 1, 1)
+    compat.seed_model_parallel(5)
+    rank, tp = dist.get_rank(), 2
+    for sp, q_lora in ((False, None), (True, 6)):
+        m = make_gqla(2, q_lora=q_lora, tp=tp, sp=sp, randomize=False)
+        gen = torch.Generator().manual_seed(17)
+        full, local = {}, {}
+        for name, p in m.named_parameters():
+            dim = getattr(p, "partition_dim", 0) if getattr(p, "tensor_model_parallel", False) else None
+            shape = list(p.shape)
+            if dim is not None:
+                shape[dim] *= tp
+            w = torch.randn(shape, generator=gen, dtype=torch.float64) / (1 if len(shape) == 1 else math.sqrt(shape[-1]))
+            full[name] = w.clone().requires_grad_(True)
+            local[name] = dim
+            with torch.no_grad():
+                p.copy_(w if dim is None else w.chunk(tp, dim=dim)[rank])
+        ref_mod = types.SimpleNamespace(gqla=m.gqla)
+        for name, w in full.items():
+            owner, attr = name.rsplit(".", 1)
+            setattr(ref_mod, owner, types.SimpleNamespace(**{**getattr(ref_mod, owner, types.SimpleNamespace()).__dict__,
+                                                            attr: w}))
+        x = torch.randn(8, 2, HIDDEN, generator=gen, dtype=torch.float64)
+        dout = torch.randn(8, 2, HIDDEN, generator=gen, dtype=torch.float64)
+        shard = (lambda t: t.chunk(tp, dim=0)[rank]) if sp else (lambda t: t)
+        x_ref = x.clone().requires_grad_(True)
+        ref = reference_forward(ref_mod, x_ref)
+        ref.backward(dout)
+        x_loc = shard(x).clone().requires_grad_(True)
+        out = m(x_loc)[0]
+        out.backward(shard(dout))
+        torch.testing.assert_close(out, shard(ref), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(x_loc.grad, shard(x_ref.grad), rtol=1e-9, atol=1e-10)
+        for name, p in m.named_parameters():
+            dim, want = local[name], full[name].grad
+            want = want if dim is None else want.chunk(tp, dim=dim)[rank]
+            torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-10, msg=f"sp={sp} {name}")
+        if not sp:
+            with torch.no_grad():
+                for path in ("gqa", "absorb"):
+                    cache = m.init_cache(2, 8, path=path)
+                    m.prefill(x[:3], cache)
+                    for t in range(3, 8):
+                        step = m.decode_step(x[t:t + 1], cache, t)[0]
+                        torch.testing.assert_close(step[0], ref[t], rtol=1e-10, atol=1e-10)
+    print("GQLA-TP-OK", flush=True)
+    compat.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: bf16 through the Triton kernels (head dims padded to a tile) against the fp64 reference
+
+
+@pytest.mark.gpu
+def test_gqla_bf16_cuda_matches_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("triton")
+    import torch.distributed as dist
+
+    from megatron_ext.training.distributed import free_port
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    compat.initialize_model_parallel(1, 1, 1)
+    try:
+        m = make_gqla(2, d_nope=48, d_rope=16, d_v=32, rank=64, dtype=torch.float64).cuda()
+        x = torch.randn(256, 2, HIDDEN, dtype=torch.float64, device="cuda")
+        ref = reference_forward(m.cpu(), x.cpu()).cuda()
+        m = m.cuda().to(torch.bfloat16)
+        m.gqla = dataclasses.replace(m.gqla, backend="triton")
+        out = m(x.to(torch.bfloat16))[0].double()
+        torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+        cache = m.init_cache(2, 256, path="absorb")
+        m.prefill(x[:255].to(torch.bfloat16), cache)
+        step = m.decode_step(x[255:].to(torch.bfloat16), cache, 255)[0].double()
+        torch.testing.assert_close(step[0], ref[255], rtol=0.05, atol=0.05 * ref.abs().max().item())
+    finally:
+        compat.destroy_model_parallel()
+
+
+if __name__ == "__main__":
+    _tp_worker()

@@ -1,0 +1,235 @@
+"""launch/: `plan` CLI, `train --lanes` (errors in-process, one world-size-2 gloo launch), recipe
+adapter round trips, the knob file of Megatron's pretrain CLI, and the launch scripts' dry runs."""
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from megatron_ext.cli import main
+from tests.helpers import ROOT, receipt, subprocess_env, train_torchrun
+
+DENSE = ["--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32",
+         "--ffn-hidden-size", "11008", "--seq-length", "4096", "--global-batch-size", "512", "--vocab-size", "32000"]
+
+
+def test_plan_prints_the_table_and_estimates(capsys):
+    assert main(["plan", *DENSE, "--nodes", "2", "--gpus-per-node", "8", "--hardware", "h200-141g"]) == 0
+    out = capsys.readouterr().out
+    assert "2 nodes x 8 x h200-141g (world 16)" in out and "target train" in out
+    for lane in ("tp ", "sp ", "pp ", "vpp ", "cp ", "ep ", "etp ", "dp ", "micro_batch_size ", "recompute "):
+        assert any(line.startswith(lane) for line in out.splitlines()), lane
+    assert "memory per GPU (GiB): weights" in out and "(fits)" in out
+    assert "step time (s): compute" in out and "tokens/s, MFU" in out
+
+
+def test_plan_json_is_machine_readable(capsys):
+    assert main(["plan", *DENSE, "--hardware", "b200-192g", "--target", "megatron", "--json",
+                 "--lanes", "tp2,sp"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["lanes"]["tp"] == 2 and plan["lanes"]["sp"] is True and plan["pinned"] == "tp2,sp"
+    assert plan["cluster"] == {"nodes": 1, "gpus_per_node": 8, "world_size": 8, "hardware": "b200-192g"}
+    mem = plan["memory_gib"]
+    parts = ("weights", "grads", "optimizer", "activations", "attention_workspace", "overhead")
+    assert mem["total"] == pytest.approx(sum(mem[k] for k in parts)) and mem["total"] < mem["capacity"]
+    assert plan["time_s"]["step"] > plan["time_s"]["compute"] > 0 and plan["tokens_per_s"] > 0
+    assert plan["reasons"]["tp"].startswith("pinned")
+
+
+def test_plan_explicit_flags_pin_lanes(capsys):
+    assert main(["plan", *DENSE, "--tensor-model-parallel-size", "4", "--sequence-parallel", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["lanes"]["tp"], plan["lanes"]["sp"], plan["lanes"]["dp"]) == (4, True, 2)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["plan", *DENSE, "--lanes", "tp3"], "lanes='tp3': tp*pp*cp = 3*1*1 = 3 does not divide the world size 8"),
+    (["plan", *DENSE, "--hardware", "a100"], "hardware='a100': unknown hardware profile"),
+    (["plan", *DENSE, "--lanes", "tp2", "--tensor-model-parallel-size", "4"],
+     "lanes='tp2': pins tp2 but --tensor-model-parallel-size 4 was also given; use one of them"),
+    (["train", "--preset", "test", "--lanes", "fsdp2", "--device", "cpu", "--nproc-per-node", "2"],
+     "lanes='fsdp2': fsdp2 lane not yet wired into train; use dp; nearest valid choice: dp"),
+    (["train", "--preset", "test", "--lanes", "tp2,nosp", "--sequence-parallel", "--device", "cpu",
+      "--nproc-per-node", "2"], "lanes='tp2,nosp': pins nosp but --sequence-parallel was also given"),
+    (["train", "--preset", "test", "--lanes", "tp2,bogus", "--device", "cpu"], "unknown token 'bogus'"),
+])
+def test_lane_errors_are_one_line_before_any_launch(tmp_path, capsys, argv, expected):
+    rc = main([*argv, "--runs-root", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("megatron-ext: error: "), err
+    assert expected in err[0], err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.multirank
+def test_lanes_map_onto_a_world_size_2_gloo_launch(tmp_path):
+    run = tmp_path / "lanes_tp2sp"
+    proc = train_torchrun(run, 2, "--lanes", "tp2,sp", "--train-iters", "4", "--eval-iters", "0",
+                          "--lr-warmup-iters", "1", "--save-interval", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "lanes tp2,sp,pp1,cp1,ep1,etp1,dp1,mbs4,recompute-none" in proc.stderr
+    lane = receipt(run)["lane"]
+    assert (lane["tp"], lane["sp"], lane["pp"], lane["dp"], lane["world_size"]) == (2, True, 1, 1, 2)
+    config = json.loads((run / "config.json").read_text())
+    assert config["lanes"] == "tp2,sp" and config["tensor_model_parallel_size"] == 2
+
+
+# -- recipe adapter ---------------------------------------------------------------------------------
+
+RECIPES = ROOT / "launch" / "recipes"
+
+
+def _adapt(tmp_path, capsys, recipe, *swaps):
+    out = tmp_path / f"{recipe}.adapted.args"
+    assert main(["adapt", "--from", str(RECIPES / f"{recipe}.args"), *swaps, "--out", str(out)]) == 0
+    return out, capsys.readouterr().out
+
+
+def test_adapter_mixtral_round_trip(tmp_path, capsys):
+    from launch.adapt import read_args
+
+    out, report = _adapt(tmp_path, capsys, "mixtral_8x7b", "--attention", "sparse-mqa", "--moe", "fused", "--mhc", "4")
+    assert "changed  --transformer-impl transformer_engine -> local" in report
+    assert "removed  --attention-backend flash" in report and "removed  --moe-grouped-gemm" in report
+    assert "changed  --num-query-groups 8 -> 1" in report
+    assert "added    --spec layer_specs.pretrain mhc_block_spec" in report
+    assert "kept, unknown to the adapter: --log-throughput" in report
+    _, src = read_args(str(RECIPES / "mixtral_8x7b.args"))
+    _, new = read_args(str(out))
+    src_d, new_d = dict(src), dict(new)
+    # everything not in the diff is carried over verbatim, unknown flags included
+    for flag in ("--num-layers", "--num-experts", "--expert-model-parallel-size", "--data-path", "--log-throughput"):
+        assert new_d[flag] == src_d[flag]
+    assert "--moe-grouped-gemm" not in new_d and new_d["--spec"] == ["layer_specs.pretrain", "mhc_block_spec"]
+    from layer_specs.knobs import load
+
+    knobs = load(str(out.with_suffix("")) + ".megatron_ext.yaml")
+    assert knobs == {"mhc": {"num_streams": 4}, "moe": {"backend": "auto", "impl": "fused"},
+                     "sparse_attention": {"pattern": "W"}}
+    # adapting the adapted recipe again changes nothing
+    again = tmp_path / "again.args"
+    assert main(["adapt", "--from", str(out), "--attention", "sparse-mqa", "--moe", "fused", "--mhc", "4",
+                 "--out", str(again)]) == 0
+    assert "(no changes" in capsys.readouterr().out and read_args(str(again))[1] == new
+
+
+def test_adapter_deepseek_mla_becomes_gqla(tmp_path, capsys):
+    from launch.adapt import read_args
+    from layer_specs.knobs import load
+
+    out, report = _adapt(tmp_path, capsys, "deepseek_v2_lite", "--attention", "gqla", "--moe", "fused")
+    assert "removed  --multi-latent-attention" in report and "moved to the knob file" in report
+    assert "changed  --moe-token-dispatcher-type flex -> alltoall" in report
+    new = dict(read_args(str(out))[1])
+    assert "--kv-lora-rank" not in new and new["--num-query-groups"] == ["8"]
+    assert new["--moe-layer-freq"] == ["([0]+[1]*26)"]  # quoting survives the round trip
+    assert load(str(out.with_suffix("")) + ".megatron_ext.yaml")["gqla"] == {
+        "kv_lora_rank": 512, "qk_head_dim": 128, "qk_pos_emb_head_dim": 64, "v_head_dim": 128}
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--from", "deepseek_v2_lite"], "multi_latent_attention=True: the recipe asks for MLA"),
+    (["--from", "missing"], "cannot read the argument file"),
+    (["--from", "mixtral_8x7b", "--mhc", "0"], "mhc=0: the stream count must be positive"),
+])
+def test_adapter_errors(tmp_path, capsys, argv, expected):
+    argv = [a if a not in ("deepseek_v2_lite", "missing", "mixtral_8x7b") else str(RECIPES / f"{a}.args")
+            for a in argv]
+    assert main(["adapt", *argv, "--out", str(tmp_path / "x.args")]) == 2
+    assert expected in capsys.readouterr().err
+
+
+# -- knob file for Megatron's pretrain CLI ------------------------------------------------------------
+
+def test_knobs_reach_the_transformer_config(tmp_path, monkeypatch):
+    from layer_specs import knobs
+    from megatron_ext.config import ConfigError, MHCConfig, MoEConfig
+
+    path = tmp_path / "k.yaml"
+    path.write_text("mhc:\n  num_streams: 2\n  sinkhorn_iters: 5\nmoe:\n  impl: fused\n")
+    monkeypatch.setenv(knobs.ENV, str(path))
+    transformer = types.SimpleNamespace(hidden_size=64, num_attention_heads=4, num_query_groups=None)
+    model_config = types.SimpleNamespace(transformer=transformer)  # the 0.19 GPTModelConfig shape
+    knobs.apply(model_config)
+    assert transformer.mhc == MHCConfig(num_streams=2, sinkhorn_iters=5) and transformer.mhc_num_streams == 2
+    assert transformer.moe == MoEConfig(impl="fused") and transformer.gqla is None
+    # a config that already carries a knob (the megatron-ext train path) keeps it
+    own = types.SimpleNamespace(hidden_size=64, num_attention_heads=4, mhc=MHCConfig(num_streams=4))
+    assert knobs.knobs_for(own)["mhc"].num_streams == 4
+    path.write_text("mhc:\n  streams: 2\n")
+    with pytest.raises(ConfigError, match=r"mhc.streams=2: unknown knob; use one of \[.*'num_streams'"):
+        knobs.knobs_for(types.SimpleNamespace(hidden_size=64))
+    path.write_text("attention: {}\n")
+    with pytest.raises(ConfigError, match=r"unknown section 'attention'"):
+        knobs.knobs_for(types.SimpleNamespace(hidden_size=64))
+    monkeypatch.delenv(knobs.ENV)
+    assert all(v is None for v in knobs.knobs_for(types.SimpleNamespace(hidden_size=64)).values())
+
+
+# -- scripts ----------------------------------------------------------------------------------------
+
+def _bash(*argv, env=None):
+    return subprocess.run(["bash", *argv], cwd=ROOT, capture_output=True, text=True, env=env or subprocess_env(),
+                          timeout=60)
+
+
+def test_single_node_script_dry_run():
+    proc = _bash("launch/torchrun_single.sh", "--gpus", "4", "--hardware", "h200", "--dry-run", "--",
+                 "--preset", "small", "--lanes", "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "NCCL_NVLS_ENABLE=0" in proc.stdout and "CUDA_DEVICE_MAX_CONNECTIONS=1" in proc.stdout
+    assert ("-m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 4 -m megatron_ext train "
+            "--preset small --lanes auto") in proc.stdout
+
+
+def test_multi_node_script_dry_run_static_and_c10d():
+    # MASTER_PORT may be left in this process's environment by an earlier in-process run
+    env = dict(subprocess_env(), NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29500")
+    proc = _bash("launch/torchrun_multi.sh", "--dry-run", "--", "--lanes", "auto", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert ("--nnodes 2 --nproc-per-node 8 --node-rank 1 --master-addr node0 --master-port 29500 "
+            "-m megatron_ext train --lanes auto") in proc.stdout
+    proc = _bash("launch/torchrun_multi.sh", "--nnodes", "4", "--rdzv-endpoint", "head:29400", "--dry-run")
+    assert "--rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id megatron-ext" in proc.stdout
+    bad = _bash("launch/torchrun_multi.sh", "--nnodes", "2", "--dry-run")
+    assert bad.returncode == 2 and "master_addr unset" in bad.stderr and "usage:" in bad.stderr
+
+
+def test_slurm_example_dry_run_and_nccl_profiles():
+    proc = _bash("launch/slurm_example.sbatch", "--lanes", "auto", env=dict(subprocess_env(), DRY_RUN="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert "srun --ntasks-per-node=1" in proc.stdout and "--rdzv-backend c10d" in proc.stdout
+    bad = _bash("launch/nccl_env.sh", "a100")
+    assert bad.returncode == 2 and "profile=a100: unknown" in bad.stderr
+    for script in ("torchrun_single.sh", "torchrun_multi.sh", "nccl_env.sh", "slurm_example.sbatch"):
+        assert "set -euo pipefail" in (ROOT / "launch" / script).read_text()
+
+
+# -- Megatron's own pretrain CLI with --spec (GPU lane, megatron-core >= 0.19) ----------------------
+
+@pytest.mark.gpu
+def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("megatron.training", reason="megatron.training ships with megatron-core >= 0.19")
+    knobs = tmp_path / "knobs.yaml"
+    knobs.write_text("mhc:\n  num_streams: 4\n")
+    env = dict(subprocess_env(), MEGATRON_EXT_CONFIG=str(knobs), CUDA_DEVICE_MAX_CONNECTIONS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+           "-m", "launch.pretrain_gpt", "--spec", "layer_specs.pretrain", "mhc_block_spec",
+           "--transformer-impl", "local", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
+           "--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
+           "--max-position-embeddings", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
+           "--train-iters", "10", "--lr", "1e-3", "--bf16", "--normalization", "RMSNorm", "--swiglu",
+           "--disable-bias-linear", "--position-embedding-type", "rope", "--no-gradient-accumulation-fusion",
+           "--eval-iters", "0", "--log-interval", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "10"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "iteration       10/      10" in log.replace("iteration        10/", "iteration       10/") or \
+        " 10/      10 " in log, log[-2000:]
+    assert "MHCTransformerLayer" in log or "lm loss" in log

@@ -1,0 +1,277 @@
+"""Fused MoE layer (megatron_ext.modules.moe): equality with Megatron's stock MoELayer +
+SequentialMLP, replay, deterministic batch invariance, config errors, and training runs that
+exercise the router options, monitoring, trace/replay and deterministic mode end to end."""
+
+import json
+
+import pytest
+import torch
+
+from megatron_ext import compat
+from tests.helpers import receipt, train_inprocess, train_losses
+
+S, B, H, E, F = 8, 2, 32, 4, 48
+RUN = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "100",
+       "--num-layers", "2", "--hidden-size", "32", "--seq-length", "32", "--micro-batch-size", "2",
+       "--global-batch-size", "4"]
+
+
+@pytest.fixture
+def megatron_world():
+    import patches
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron_ext.training.distributed import init_distributed
+
+    init_distributed("cpu")
+    patches.apply_patches("cpu")
+    compat.initialize_model_parallel(1, 1, 1)
+    compat.seed_model_parallel(1234)
+    yield
+    compat.destroy_model_parallel()
+    compat.clear_moe_aux_loss_tracker()
+    # A backward without a schedule makes Megatron create a 0-d loss scale that the schedule's
+    # later set_loss_scale (a [1] tensor) cannot copy into: leave none behind for in-process runs.
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
+def _tconfig(**moe):
+    from megatron_ext.config import from_preset
+    from megatron_ext.training.model import transformer_config
+
+    cfg = from_preset("test", hidden_size=H, num_attention_heads=4, num_experts=E, moe_ffn_hidden_size=F,
+                      moe_router_topk=2, **moe)
+    return transformer_config(cfg, "cpu", False)
+
+
+def _layers(tconfig):
+    from layer_specs.gpt import stock_moe_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    stock = build_module(stock_moe_spec(), config=tconfig, pg_collection=get_default_pg_collection())
+    stock.set_layer_number(1)
+    fused = FusedMoELayer(tconfig)
+    fused.set_layer_number(1)
+    with torch.no_grad():
+        fused.router_weight.copy_(stock.router.weight)
+        for e, mlp in enumerate(stock.experts.local_experts):
+            fused.w1[e].copy_(mlp.linear_fc1.weight.t())
+            fused.w2[e].copy_(mlp.linear_fc2.weight.t())
+    return stock, fused
+
+
+@pytest.mark.parametrize("moe", [
+    dict(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001),
+    dict(moe_router_score_function="sigmoid", moe_router_topk_scaling_factor=2.5,
+         moe_router_num_groups=2, moe_router_group_topk=1),
+    dict(moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0, moe_aux_loss_coeff=0.1,
+         moe_token_drop_policy="probs"),
+], ids=["softmax_aux_z", "sigmoid_groups_scaled", "pre_softmax_capacity"])
+def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
+    stock, fused = _layers(_tconfig(**moe))
+    x = torch.randn(S, B, H, dtype=torch.float64).float()
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ys, _ = stock(xs)
+    yf, bias = fused(xf)
+    assert bias is None and yf.shape == (S, B, H)
+    torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ys)
+    ys.backward(g)
+    yf.backward(g)
+    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.router_weight.grad, stock.router.weight.grad, rtol=1e-5, atol=1e-6)
+    for e, mlp in enumerate(stock.experts.local_experts):
+        torch.testing.assert_close(fused.w1.grad[e], mlp.linear_fc1.weight.grad.t(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.w2.grad[e], mlp.linear_fc2.weight.grad.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_weights_are_drawn_per_global_expert_and_layer(megatron_world):
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    tconfig = _tconfig()
+    a, b = FusedMoELayer(tconfig), FusedMoELayer(tconfig)
+    a.set_layer_number(2)
+    b.set_layer_number(2)
+    assert torch.equal(a.w1, b.w1) and torch.equal(a.w2, b.w2)
+    b.set_layer_number(3)
+    assert not torch.equal(a.w1, b.w1)
+    assert not torch.equal(a.w1[0], a.w1[1])
+    assert getattr(a.w1, "allreduce") is False and getattr(a.router_weight, "allreduce", True)
+
+
+def test_replay_forces_the_recorded_experts(megatron_world, monkeypatch):
+    from megatron_ext.modules.moe import FusedMoELayer
+    from megatron_ext.observability.moe_stats import STATE
+    from megatron_ext.ops.moe import moe_ffn
+
+    layer = FusedMoELayer(_tconfig())
+    layer.set_layer_number(1)
+    ids = torch.stack([torch.randperm(E)[:2] for _ in range(B * S)]).view(B, S, 2)
+    monkeypatch.setattr(STATE, "replay", "unused")
+    monkeypatch.setattr(STATE, "read_trace", lambda layer_no, mb, shape: ids)
+    STATE.begin_step(1)
+    x = torch.randn(S, B, H, requires_grad=True)
+    y, _ = layer(x)
+    indices = ids.permute(1, 0, 2).reshape(S * B, 2)
+    logits = x.detach().reshape(-1, H) @ layer.router_weight.detach().t()
+    probs = torch.softmax(logits.gather(1, indices), -1)
+    want = moe_ffn(x.detach().reshape(-1, H), probs, indices, layer.w1.detach(), layer.w2.detach(),
+                   backend="torch")
+    torch.testing.assert_close(y.detach().reshape(-1, H), want, rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert layer.router_weight.grad.abs().sum() > 0  # gates still learn under replay
+    monkeypatch.setattr(STATE, "replay", None)
+
+
+@pytest.mark.parametrize("shared", [None, 24])
+def test_deterministic_output_does_not_depend_on_the_batch(megatron_world, shared):
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    tconfig = _tconfig(moe_deterministic=True, moe_shared_expert_intermediate_size=shared)
+    layer = FusedMoELayer(tconfig)
+    layer.set_layer_number(1)
+    layer.eval()
+    x2 = torch.randn(S, 2, H)
+    with torch.no_grad():
+        y2, _ = layer(x2)
+        y1, _ = layer(x2[:, :1].contiguous())
+        y1b, _ = layer(x2[:, 1:].contiguous())
+    assert torch.equal(y1, y2[:, :1]) and torch.equal(y1b, y2[:, 1:])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5"),
+    (["--num-experts", "3", "--expert-model-parallel-size", "2"], "num_experts=3"),
+    (["--num-experts", "4", "--moe-expert-capacity-factor", "0"], "moe_expert_capacity_factor=0.0"),
+    (["--num-experts", "4", "--moe-router-score-function", "relu"], "moe_router_score_function='relu'"),
+    (["--num-experts", "4", "--moe-router-num-groups", "3", "--moe-router-group-topk", "1"],
+     "moe_router_num_groups=3"),
+    (["--num-experts", "4", "--moe-router-enable-expert-bias"], "moe_router_enable_expert_bias=True"),
+    (["--num-experts", "4", "--moe-backend", "cuda"], "moe_backend='cuda'"),
+    (["--num-experts", "4", "--moe-impl", "megatron", "--moe-deterministic"], "moe_deterministic=True"),
+    (["--num-experts", "4", "--moe-routing-replay", "/nonexistent/trace"], "meta.json missing"),
+])
+def test_moe_config_errors(tmp_path, capsys, argv, message):
+    from megatron_ext.cli import main
+
+    assert main(["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), *argv]) != 0
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_replay_shape_mismatch_is_a_config_error(tmp_path, capsys):
+    from megatron_ext.cli import main
+
+    (tmp_path / "trace").mkdir()
+    (tmp_path / "trace" / "meta.json").write_text(json.dumps(
+        {"num_layers": 2, "num_experts": 4, "topk": 2, "seq_length": 64, "micro_batch_size": 4, "world_size": 1}))
+    assert main(["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), "--num-experts", "4",
+                 "--moe-router-topk", "1", "--moe-router-pre-softmax", "--moe-routing-replay",
+                 str(tmp_path / "trace")]) != 0
+    assert "topk: trace 2 vs run 1" in capsys.readouterr().err
+
+
+def _moe_rows(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(l)["kind"] == "moe"]
+
+
+def test_router_options_train_and_are_monitored(tmp_path):
+    """One run covering sigmoid + expert bias + capacity dropping + z-loss + seq aux loss + groups
+    + jitter + scaling + shared expert; a second with Sinkhorn; both must learn."""
+    a = tmp_path / "sigmoid"
+    assert train_inprocess(a, *RUN, "--num-experts", "4", "--moe-router-score-function", "sigmoid",
+                           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01",
+                           "--moe-expert-capacity-factor", "1.0", "--moe-z-loss-coeff", "0.001",
+                           "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.01",
+                           "--moe-router-num-groups", "2", "--moe-router-group-topk", "2",
+                           "--moe-input-jitter-eps", "0.01", "--moe-router-topk-scaling-factor", "1.5",
+                           "--moe-shared-expert-intermediate-size", "32", "--moe-monitor-interval", "3") == 0
+    losses = train_losses(a)
+    assert losses[-1] < losses[0] - 0.3
+    moe = receipt(a)["moe"]
+    assert moe["impl"] == "fused" and moe["router"]["enable_expert_bias"] and moe["steps"] == 6
+    tokens_pairs = 6 * 4 * 32 * 2  # iterations x sequences x seq_length x topk
+    for layer in ("1", "2"):
+        row = moe["layers"][layer]
+        assert sum(row["load"]) == tokens_pairs
+        assert 0 < row["dropped_fraction"] < 0.5
+        assert row["aux_loss"] > 0 and row["z_loss"] > 0
+        assert row["expert_bias"]["mean_abs"] > 0  # moved by the load each step
+        assert set(row["fp8_saturation"]) >= {"router_logits", "w1", "w2", "shared_w1", "shared_w2"}
+        assert all(0 <= v <= 1 for v in row["fp8_saturation"].values())
+    rows = _moe_rows(a)
+    assert [r["step"] for r in rows] == [1, 3, 6]
+    assert "fp8_saturation" in rows[1]["layers"]["1"] and "fp8_saturation" not in rows[0]["layers"]["1"]
+
+    b = tmp_path / "sinkhorn"
+    assert train_inprocess(b, *RUN, "--num-experts", "4", "--moe-router-load-balancing-type", "sinkhorn",
+                           "--moe-router-topk", "1", "--moe-backend", "torch") == 0
+    assert train_losses(b)[-1] < train_losses(b)[0] - 0.3
+    assert receipt(b)["moe"]["router"]["load_balancing_type"] == "sinkhorn"
+
+
+def test_trace_replay_and_deterministic_runs(tmp_path):
+    """Deterministic run twice -> bitwise the same losses and the same routing trace; a replay of
+    that trace (with training noise, whose draws it shares) reproduces routing and losses."""
+    opts = [*RUN, "--num-experts", "4", "--moe-deterministic", "--moe-input-jitter-eps", "0.2",
+            "--moe-aux-loss-coeff", "0.01"]
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert train_inprocess(a, *opts, "--moe-routing-trace-out", str(tmp_path / "trace_a")) == 0
+    assert train_inprocess(b, *opts, "--moe-routing-trace-out", str(tmp_path / "trace_b")) == 0
+    assert train_losses(a) == train_losses(b)
+    files = sorted(p.relative_to(tmp_path / "trace_a") for p in (tmp_path / "trace_a").rglob("*.pt"))
+    assert len(files) == 6 * 2 * 2  # iterations x micro-batches x layers
+    for f in files:
+        ta, tb = torch.load(tmp_path / "trace_a" / f), torch.load(tmp_path / "trace_b" / f)
+        assert ta.dtype == torch.uint16 and ta.shape == (2, 32, 2) and torch.equal(ta, tb)
+    assert train_inprocess(c, *opts, "--moe-routing-replay", str(tmp_path / "trace_a"),
+                           "--moe-routing-trace-out", str(tmp_path / "trace_c")) == 0
+    assert train_losses(c) == train_losses(a)
+    for f in files:
+        assert torch.equal(torch.load(tmp_path / "trace_c" / f), torch.load(tmp_path / "trace_a" / f))
+    assert receipt(c)["moe"]["routing_replay"] == str(tmp_path / "trace_a")
+
+
+def test_specs_pick_the_fused_layer_unless_megatron_is_asked(megatron_world):
+    from layer_specs.gpt import mlp_spec_for
+    from layer_specs.moe import moe_block_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    tconfig = _tconfig()
+    assert mlp_spec_for(tconfig).module is FusedMoELayer
+    assert all(s.submodules.mlp.module is FusedMoELayer for s in moe_block_spec(tconfig).layer_specs)
+    assert mlp_spec_for(_tconfig(moe_impl="megatron")).module is MoELayer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fused_moe_trains_in_bf16(tmp_path):
+    """Subprocess runs (see tests/test_train_gpu.py why): bf16 fused MoE learns with the auto
+    backend and with --moe-deterministic."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    def run(name, *extra):
+        d = tmp_path / name
+        cmd = [sys.executable, "-m", "megatron_ext", "train", "--preset", "test", "--device", "cuda",
+               "--nproc-per-node", "1", "--runs-root", str(tmp_path), "--run-dir", str(d), "--train-iters", "20",
+               "--lr-warmup-iters", "2", "--eval-iters", "0", "--progress", "log", "--num-experts", "8",
+               "--moe-router-topk", "2", "--moe-aux-loss-coeff", "0.01", "--hidden-size", "128",
+               "--ffn-hidden-size", "256", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return d
+
+    fast = run("auto")
+    assert train_losses(fast)[-1] < train_losses(fast)[0] - 1.0
+    used = {r["observed"] for r in receipt(fast)["backends"] if r["op"] == "moe_ffn"}
+    assert used and used <= {"triton", "grouped_mm", "torch"}
+    # the rest of the model (embedding grads, SDPA) is not bitwise deterministic on CUDA, so the
+    # GPU check is that the chunked deterministic path runs and learns; bitwise tests are on CPU
+    det = run("det", "--moe-deterministic")
+    assert train_losses(det)[-1] < train_losses(det)[0] - 1.0

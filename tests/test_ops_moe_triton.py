@@ -1,0 +1,252 @@
+"""Triton ``moe_ffn`` backend: fused gather/grouped-GEMM/combine kernels vs the torch reference vs
+fp64 dense math, forward and grads of x, probs, w1, w2, with the routing edge cases (empty
+experts, all tokens to one expert, k=1, k=8, T and F not multiples of a tile); CPU interpreter
+here (fp32/fp16), bf16 at real sizes and determinism / batch invariance on the GPU (bitwise
+properties are GPU-only: the interpreter's dot is numpy's BLAS, whose rounding depends on where a
+row sits in a tile)."""
+
+import os
+
+os.environ["TORCH_COMPILE_DISABLE"] = "1"
+
+import torch  # noqa: E402
+
+# Interpret only where there is no GPU (on a CUDA host the same tests compile and run there).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_ext import backends  # noqa: E402
+from megatron_ext.ops import moe  # noqa: E402
+
+NO_CUDA = not torch.cuda.is_available()
+try:
+    from megatron_ext.ops.moe import triton_moe
+    from megatron_ext.ops.moe.autograd import triton_moe_ffn
+    TRITON_WHY_NOT = None if (triton_moe.interpreted() or not NO_CUDA) else (
+        "triton_moe was imported (by an earlier test file) before TRITON_INTERPRET=1 was set")
+except ImportError:  # pragma: no cover
+    TRITON_WHY_NOT = "triton is not installed"
+DEVICE = "cpu" if NO_CUDA else "cuda"
+needs_triton = pytest.mark.skipif(TRITON_WHY_NOT is not None, reason=str(TRITON_WHY_NOT))
+
+
+@pytest.fixture(autouse=True)
+def _clean_records():
+    backends.reset()
+    yield
+    backends.reset()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, g, scale=1.0):
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def _dense_fp64(x, probs, indices, w1, w2, activation):
+    """Every expert on every token, weighted by a one-hot gating matrix (independent of the sort)."""
+    E = w1.shape[0]
+    G = (F.one_hot(indices, E).double() * probs.double()[..., None]).sum(1)
+    a = torch.einsum("th,ehn->etn", x.double(), w1.double())
+    if activation == "swiglu":
+        gate, up = a.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    elif activation == "geglu":
+        gate, up = a.chunk(2, dim=-1)
+        h = F.gelu(gate) * up
+    else:
+        h = moe.expert_activation(a, activation)
+    return torch.einsum("te,eth->th", G, torch.einsum("etf,efh->eth", h, w2.double()))
+
+
+CASES = {  # name: (T, E, k, H, F)
+    "random": (37, 6, 2, 32, 48),
+    "k1": (29, 5, 1, 32, 48),
+    "k8": (19, 8, 8, 32, 24),
+    "empty_experts": (23, 7, 2, 32, 48),
+    "one_expert": (45, 4, 1, 32, 48),
+    "odd_dims": (21, 4, 3, 40, 20),     # H, F not multiples of the 16-wide interpreter tiles
+}
+
+
+def _case(name, activation, seed=0):
+    g = _gen(seed)
+    T, E, k, H, Fd = CASES[name]
+    if name == "empty_experts":  # experts 1, 3, 4, 5, 6 get no token
+        idx = torch.stack([torch.zeros(T, dtype=torch.int64), torch.full((T,), 2)], 1)
+    elif name == "one_expert":
+        idx = torch.full((T, 1), 3, dtype=torch.int64)
+    else:
+        idx = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
+    probs = torch.rand(T, idx.shape[1], generator=g, dtype=torch.float64)
+    x = _randn(T, H, g=g)
+    n1 = 2 * Fd if activation in ("swiglu", "geglu") else Fd
+    w1 = _randn(E, H, n1, g=g, scale=H ** -0.5)
+    w2 = _randn(E, Fd, H, g=g, scale=Fd ** -0.5)
+    return x, probs, idx, w1, w2
+
+
+def _run(fn, x, probs, idx, w1, w2, gout):
+    ins = [t.clone().requires_grad_(True) for t in (x, probs, w1, w2)]
+    out = fn(ins[0], ins[1], idx, ins[2], ins[3])
+    grads = torch.autograd.grad(out, ins, gout.to(out.dtype))
+    return [out] + list(grads)
+
+
+def _compare(name, activation, dtype, tol, seed=0, device=DEVICE):
+    x, probs, idx, w1, w2 = _case(name, activation, seed)
+    gout = _randn(*x.shape, g=_gen(seed + 100))
+    want = _run(lambda *a: _dense_fp64(*a, activation), x, probs, idx, w1, w2, gout)
+    cast = [t.to(device=device, dtype=dtype) for t in (x, w1, w2)]
+    args = (cast[0], probs.float().to(device), idx.to(device), cast[1], cast[2], gout.to(device))
+    got = _run(lambda *a: moe.moe_ffn(*a, activation=activation, backend="triton"), *args)
+    ref = _run(lambda *a: moe.moe_ffn_reference(*a, activation), *args)
+    for what, g_, r_, w_ in zip(("out", "dx", "dprobs", "dw1", "dw2"), got, ref, want):
+        assert g_.dtype == r_.dtype and g_.shape == r_.shape, what
+        scale = max(1.0, w_.abs().max().item())
+        err = (g_.double().cpu() - w_).abs().max().item()
+        ref_err = (r_.double().cpu() - w_).abs().max().item()
+        # vs fp64: the dtype's tolerance; vs the reference: no worse than it (+ the tolerance)
+        assert err <= tol * scale, f"{name}/{activation}/{what}: err {err:.3g} vs fp64"
+        assert err <= 2 * ref_err + tol * scale / 4, \
+            f"{name}/{activation}/{what}: err {err:.3g}, reference's {ref_err:.3g}"
+
+
+@needs_triton
+@pytest.mark.parametrize("name,activation", [(n, "swiglu") for n in CASES] + [
+    (n, "gelu") for n in ("random", "k1", "one_expert", "odd_dims")])
+def test_triton_matches_reference_and_fp64_fp32(name, activation):
+    _compare(name, activation, torch.float32, 1e-4, seed=len(name))
+
+
+@needs_triton
+@pytest.mark.parametrize("name,activation", [("random", "swiglu"), ("k8", "gelu"),
+                                             ("random", "geglu")])
+def test_triton_matches_fp16(name, activation):
+    _compare(name, activation, torch.float16, 2e-2, seed=7)
+
+
+@needs_triton
+def test_triton_routing_metadata_tables():
+    """Tile table: every sorted row of every expert lies in exactly one tile of its expert."""
+    g = _gen(3)
+    T, E, k, bm = 53, 9, 3, 16
+    idx = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
+    idx[idx == 4] = 5                                    # expert 4 empty, 5 hot
+    idx = torch.where(torch.arange(T)[:, None] < 20, idx.clamp_max(E - 1), idx)
+    r = triton_moe.routing_metadata(idx.to(DEVICE), torch.rand(T, k).to(DEVICE), E, (bm,))
+    order = r.order.long().cpu()
+    flat = idx.reshape(-1)
+    assert torch.equal(torch.sort(flat, stable=True).indices, order)
+    counts = torch.bincount(flat, minlength=E)
+    assert r.bounds.cpu().tolist() == [0] + torch.cumsum(counts, 0).tolist()
+    table, n_tiles, max_tiles = r.tables[bm]
+    table = table.cpu()
+    assert int(n_tiles) == int(((counts + bm - 1) // bm).sum()) <= max_tiles
+    covered = torch.zeros(T * k, dtype=torch.int64)
+    for i in range(int(n_tiles)):
+        e, lo, hi = table[:, i].tolist()
+        rows = torch.arange(lo, min(lo + bm, hi))
+        assert len(rows) > 0 and torch.all(flat[order[rows]] == e)
+        covered[rows] += 1
+    assert torch.all(covered == 1)
+    assert torch.all(table[1:, int(n_tiles):] == 0)      # padding tiles are empty
+
+
+@needs_triton
+def test_auto_never_picks_the_interpreter_and_named_triton_records():
+    x, probs, idx, w1, w2 = (t.float() if t.is_floating_point() else t
+                             for t in _case("random", "swiglu"))
+    if NO_CUDA:
+        moe.moe_ffn(x, probs, idx, w1, w2)
+        rec = [r for r in backends.records() if r["requested"] == "auto"]
+        assert rec[0]["observed"] == "torch" and "triton: devices=['cpu']" in rec[0]["reason"]
+    out = moe.moe_ffn(x.to(DEVICE), probs.to(DEVICE), idx.to(DEVICE), w1.to(DEVICE),
+                      w2.to(DEVICE), backend="triton")
+    assert any(r["observed"] == "triton" and r["requested"] == "triton"
+               for r in backends.records())
+    assert out.shape == x.shape
+    with pytest.raises(backends.BackendUnavailable, match=r"backend='triton'.*dtypes="):
+        moe.moe_ffn(x.to(DEVICE), probs.to(DEVICE), idx.to(DEVICE), w1.double().to(DEVICE),
+                    w2.to(DEVICE), backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: bf16 at real sizes, compiled kernels, determinism
+# --------------------------------------------------------------------------------------------------
+
+def _gpu_inputs(T, E, k, H, Fd, activation="swiglu", skew=False, seed=0):
+    torch.manual_seed(seed)
+    dev = "cuda"
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    n1 = 2 * Fd if activation in ("swiglu", "geglu") else Fd
+    w1 = (torch.randn(E, H, n1, device=dev) * H ** -0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, Fd, H, device=dev) * Fd ** -0.5).to(torch.bfloat16)
+    logits = torch.randn(T, E, device=dev)
+    vals, idx = logits.topk(k, dim=-1)
+    probs = torch.softmax(vals, -1)
+    if skew:  # a quarter of the tokens all on experts 0..k-1, one expert left empty
+        idx[: T // 4] = torch.arange(k, device=dev)
+        idx[idx == E - 1] = 0 if k == 1 else idx[idx == E - 1]
+    return x, probs, idx, w1, w2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T,E,k,H,Fd,activation,skew", [
+    (4096, 64, 6, 1024, 704, "swiglu", False),
+    (3001, 128, 8, 512, 352, "swiglu", True),
+    (2048, 16, 1, 768, 512, "gelu", True),
+    (1000, 8, 2, 256, 128, "geglu", False),
+])
+def test_gpu_bf16_matches_reference(T, E, k, H, Fd, activation, skew):
+    x, probs, idx, w1, w2 = _gpu_inputs(T, E, k, H, Fd, activation, skew)
+    gout = torch.randn_like(x)
+    got = _run(lambda *a: moe.moe_ffn(*a, activation=activation, backend="triton"),
+               x, probs, idx, w1, w2, gout)
+    # reference in fp32 on the same bf16 values: the bf16 kernels must sit within bf16 rounding
+    ref = _run(lambda *a: moe.moe_ffn_reference(*a, activation),
+               x.float(), probs, idx, w1.float(), w2.float(), gout.float())
+    for what, g_, r_ in zip(("out", "dx", "dprobs", "dw1", "dw2"), got, ref):
+        err = (g_.float() - r_).abs().max().item()
+        scale = max(1.0, r_.abs().max().item())
+        assert err <= 3e-2 * scale, f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
+        rel = ((g_.float() - r_).norm() / r_.norm().clamp_min(1e-12)).item()
+        assert rel <= 1e-2, f"{what}: relative L2 error {rel:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_compiled_small_cases_fp32(name):
+    """The interpreter's edge cases, compiled with the GPU tiles (larger than these shapes)."""
+    _compare(name, "swiglu", torch.float32, 1e-4, seed=1, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
+def test_gpu_bitwise_deterministic_and_batch_invariant():
+    T, E, k, H, Fd = 8192, 64, 6, 1024, 704
+    x, probs, idx, w1, w2 = _gpu_inputs(T, E, k, H, Fd, seed=3)
+    gout = torch.randn_like(x)
+    fn = lambda *a: triton_moe_ffn(*a)  # noqa: E731
+    first = _run(fn, x, probs, idx, w1, w2, gout)
+    second = _run(fn, x, probs, idx, w1, w2, gout)
+    for what, a, b in zip(("out", "dx", "dprobs", "dw1", "dw2"), first, second):
+        assert torch.equal(a, b), f"{what} differs between two identical runs"
+    # another batch: every 5th token of this one plus 3000 new tokens, shuffled
+    sub = torch.arange(0, T, 5, device="cuda")
+    xn, pn, idn, _, _ = _gpu_inputs(3000, E, k, H, Fd, seed=4)
+    perm = torch.randperm(sub.numel() + 3000, device="cuda")
+    xb = torch.cat([x[sub], xn])[perm]
+    pb, ib, gb = (torch.cat([t[sub], u])[perm]
+                  for t, u in ((probs, pn), (idx, idn), (gout, torch.randn_like(xn))))
+    other = _run(fn, xb, pb, ib, w1, w2, gb)
+    pos = torch.argsort(perm)[: sub.numel()]           # where the shared tokens went
+    for what, full, part in zip(("out", "dx", "dprobs"), first[:3], other[:3]):
+        assert torch.equal(full[sub], part[pos]), f"{what} rows changed with the batch"

@@ -1,0 +1,184 @@
+"""Lane planner: table-driven plans on H100/H200/B200 clusters and every rejection with its reason."""
+
+import dataclasses
+import json
+
+import pytest
+
+from launch.hardware import PROFILES, detect, get_profile
+from launch.lanes import Lanes, parse_lanes
+from launch.plan import GIB, Cluster, ModelShape, Planner, PlanError, _layer_activations
+from megatron_ext.config import ConfigError, from_preset
+
+VOCAB = 32000
+DENSE_7B = dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+                seq_length=4096, global_batch_size=512)
+# Mixtral-style: 8 experts top-2, GQA 8 groups, half the depth so it also fits one H100 node.
+MOE_23B = dict(num_layers=16, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+               ffn_hidden_size=14336, num_experts=8, moe_router_topk=2, seq_length=4096, global_batch_size=256)
+CLUSTERS = [(1, "h100-80g"), (2, "h200-141g"), (4, "b200-192g")]
+
+
+def _planner(model, nodes=1, hw="h100-80g", target="megatron", **extra):
+    cfg = from_preset("tiny", **model, **extra)
+    return Planner(cfg, Cluster(nodes, 8, PROFILES[hw]), VOCAB, target)
+
+
+def _check_valid(plan, nodes):
+    L = plan.lanes
+    assert L.tp * L.pp * L.cp * L.dp == nodes * 8
+    assert L.tp <= 8 and 32 % L.tp == 0
+    assert plan.memory.total <= plan.memory.capacity, plan.table()
+    assert plan.time.tokens_per_s > 0 and 0.1 < plan.time.mfu < 0.6
+    assert set(plan.reasons) == {"tp", "sp", "pp", "vpp", "cp", "ep", "etp", "dp", "micro_batch_size", "recompute"}
+    assert all(plan.reasons.values())
+
+
+@pytest.mark.parametrize("nodes,hw", CLUSTERS)
+@pytest.mark.parametrize("target", ["train", "megatron"])
+def test_dense_7b_plans_fit_and_stay_in_the_nvlink_island(nodes, hw, target):
+    plan = _planner(DENSE_7B, nodes, hw, target).plan()
+    _check_valid(plan, nodes)
+    L = plan.lanes
+    assert L.ep == 1 and L.cp == 1 and L.sp == (L.tp > 1)
+    # 7B fits without tensor parallelism on these devices: the planner must not pay for TP
+    assert L.tp == 1, plan.table()
+    if target == "megatron":  # distributed optimizer: a 7B fits one stage on every profile
+        assert L.pp == 1 and not L.fsdp2, plan.table()
+    else:  # replicated Adam (18 B/param = 119 GB) needs pipeline stages on H100, none inside a stage
+        assert L.pp <= 4 and not L.fsdp2 and L.vpp == 1
+        if hw == "h100-80g":
+            assert L.pp > 1 and "PP<" in plan.reasons["pp"]
+
+
+@pytest.mark.parametrize("nodes,hw", CLUSTERS)
+@pytest.mark.parametrize("target", ["train", "megatron"])
+def test_moe_plans_use_expert_parallelism(nodes, hw, target):
+    plan = _planner(MOE_23B, nodes, hw, target).plan()
+    _check_valid(plan, nodes)
+    L = plan.lanes
+    assert L.ep > 1 and 8 % L.ep == 0, plan.table()
+    assert "experts are 9" in plan.reasons["ep"]  # experts hold >90% of the parameters
+    if target == "train":
+        assert L.tp == 1 and L.etp == 1  # the fused MoE has no expert TP yet (config check)
+
+
+def test_larger_device_needs_fewer_lanes():
+    h100 = _planner(MOE_23B, 1, "h100-80g", "train").plan()
+    b200 = Planner(from_preset("tiny", **MOE_23B), Cluster(1, 8, PROFILES["b200-192g"]), VOCAB, "train").plan()
+    assert b200.lanes.pp * b200.lanes.ep <= h100.lanes.pp * h100.lanes.ep
+    assert b200.time.total < h100.time.total
+
+
+def test_memory_terms_follow_korthikanti():
+    """Per-layer activations at f=4h, GELU, MHA, without flash attention: sbh(34 + 5as/h) bytes,
+    sbh(10 + 24/t + 5as/(ht)) with TP, sbh(34/t + 5as/(ht)) with TP+SP, 2sbh/t with full recompute."""
+    s, b, h, a, t = 2048, 2, 1024, 16, 4
+    m = ModelShape(num_layers=4, hidden_size=h, num_attention_heads=a, num_query_groups=a, ffn_hidden_size=4 * h,
+                   vocab_size=VOCAB, seq_length=s, global_batch_size=8, swiglu=False, flash_attention=False)
+    sbh = s * b * h
+    acts = _layer_activations(m, Lanes(micro_batch_size=b))
+    assert acts["none"] == pytest.approx(sbh * (34 + 5 * a * s / h))
+    assert acts["selective"] == pytest.approx(sbh * 34)
+    tp_only = _layer_activations(m, Lanes(tp=t, dp=1, micro_batch_size=b))
+    assert tp_only["none"] == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    tp_sp = _layer_activations(m, Lanes(tp=t, sp=True, micro_batch_size=b))
+    assert tp_sp["none"] == pytest.approx(sbh * (34 / t + 5 * a * s / (h * t)))
+    assert tp_sp["full"] == pytest.approx(2 * sbh / t)
+
+
+def test_optimizer_sharding_and_fsdp2_memory():
+    p = _planner(DENSE_7B, 1, "h100-80g", "megatron")
+    dp8 = p.evaluate(Lanes(dp=8)).memory
+    fsdp = p.evaluate(Lanes(dp=8, fsdp2=True)).memory
+    params = p.model.total_params() + p.model.padded_vocab(1) * 4096 * 0  # tied embeddings: counted once
+    assert dp8.weights == pytest.approx(2 * params, rel=0.01)
+    assert dp8.grads == pytest.approx(4 * params, rel=0.01)
+    assert dp8.optimizer == pytest.approx(12 * params / 8, rel=0.01)
+    assert fsdp.weights + fsdp.grads + fsdp.optimizer < 0.5 * (dp8.weights + dp8.grads + dp8.optimizer)
+    train = _planner(DENSE_7B, 1, "h100-80g", "train").evaluate(Lanes(dp=8)).memory
+    assert train.optimizer == pytest.approx(12 * params, rel=0.01)  # no distributed optimizer in train
+
+
+def test_pinned_lanes_are_kept_and_reported():
+    plan = _planner(DENSE_7B, 2, "h200-141g").plan("tp2,sp,pp2")
+    L = plan.lanes
+    assert (L.tp, L.sp, L.pp, L.dp) == (2, True, 2, 4)
+    assert plan.reasons["tp"].startswith("pinned") and plan.reasons["pp"].startswith("pinned")
+    assert json.loads(json.dumps(plan.to_json()))["pinned"] == "tp2,sp,pp2"
+
+
+# (model, cluster nodes, hardware, target, lanes spec, the reason, the nearest valid choice)
+REJECTIONS = [
+    (DENSE_7B, 1, "h100-80g", "megatron", "tp2,pp2,dp4", "tp*pp*cp*dp = 2*2*1*4 = 16 is not the world size 8",
+     "nearest valid choice: "),
+    (DENSE_7B, 2, "h200-141g", "megatron", "tp16", "tensor_model_parallel_size=16: larger than the 8 devices",
+     "nearest valid choice: tp8"),
+    (dict(DENSE_7B, num_attention_heads=12, hidden_size=3072), 1, "h100-80g", "megatron", "tp8",
+     "does not divide num_attention_heads=12", "nearest valid choice: tp4"),
+    (MOE_23B, 1, "h100-80g", "megatron", "ep3", "num_experts=8: must be a positive multiple of expert_model_parallel_size=3",
+     "nearest valid choice: ep4"),
+    (DENSE_7B, 1, "h100-80g", "megatron", "tp1,pp1,dp8,mbs8,recompute-none",
+     "memory estimate", "nearest valid choice: "),
+    (DENSE_7B, 1, "h100-80g", "train", "fsdp2", "fsdp2 lane not yet wired into train; use dp",
+     "nearest valid choice: dp"),
+    (DENSE_7B, 1, "h100-80g", "train", "pp2,vpp2", "virtual pipeline stages are not wired into train",
+     "nearest valid choice: vpp1"),
+    (DENSE_7B, 1, "h100-80g", "megatron", "ep2", "expert parallelism needs an MoE model",
+     "nearest valid choice: ep1"),
+    (DENSE_7B, 1, "h100-80g", "megatron", "sp,tp1", "sequence_parallel=True: needs tensor_model_parallel_size > 1",
+     "nearest valid choice: "),
+]
+
+
+@pytest.mark.parametrize("model,nodes,hw,target,spec,reason,nearest", REJECTIONS,
+                         ids=[r[4] for r in REJECTIONS])
+def test_impossible_pins_are_rejected_with_reason_and_nearest_choice(model, nodes, hw, target, spec, reason, nearest):
+    with pytest.raises(PlanError) as e:
+        _planner(model, nodes, hw, target).plan(spec)
+    msg = str(e.value)
+    assert msg.startswith(f"lanes={spec!r}: "), msg
+    assert reason in msg and nearest in msg, msg
+    # the suggestion itself must plan
+    suggested = msg.split("nearest valid choice: ")[1].split(" (lanes ")[1].split(" -> ")[0]
+    plan = _planner(model, nodes, hw, target).plan(suggested)
+    assert plan.memory.total <= plan.memory.capacity
+
+
+def test_memory_rejection_names_the_device_and_the_estimate():
+    with pytest.raises(PlanError) as e:
+        _planner(DENSE_7B, 1, "h100-80g", "megatron").plan("tp1,pp1,dp8,mbs8,recompute-none")
+    msg = str(e.value)
+    assert "GiB per GPU" in msg and "over the 79.6 GiB of h100-80g" in msg
+
+
+def test_auto_with_nothing_that_fits_says_so():
+    big = dict(DENSE_7B, num_layers=80, hidden_size=8192, num_attention_heads=64, ffn_hidden_size=28672)
+    with pytest.raises(PlanError, match=r"lanes='auto': memory estimate .* use more GPUs"):
+        Planner(from_preset("tiny", **big), Cluster(1, 2, PROFILES["h100-80g"]), VOCAB, "train").plan()
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("tp2,xx4", "unknown token 'xx4'"), ("tp0", "'tp0' must be at least 1"), ("tp2,tp4", "contradicts"),
+    ("auto,tp2", "'auto' cannot be mixed"),
+])
+def test_lane_spec_grammar_errors(spec, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse_lanes(spec)
+
+
+def test_lane_spec_round_trip():
+    assert parse_lanes("tp2,sp,pp1,ep4,dp2") == {"tp": 2, "sp": True, "pp": 1, "ep": 4, "dp": 2, "fsdp2": False}
+    assert parse_lanes("fsdp2") == {"fsdp2": True} and parse_lanes("auto") == {}
+    L = Lanes(tp=2, sp=True, pp=2, vpp=2, ep=4, dp=2, micro_batch_size=2, recompute="full")
+    assert Lanes(**{**dataclasses.asdict(L), **parse_lanes(L.spec())}) == L
+
+
+def test_hardware_profiles():
+    assert set(PROFILES) == {"h100-80g", "h200-141g", "b200-192g"}
+    assert PROFILES["b200-192g"].fp4 and not PROFILES["h100-80g"].fp4
+    assert PROFILES["h200-141g"].hbm_gib > PROFILES["h100-80g"].hbm_gib
+    assert detect("NVIDIA H100 80GB HBM3").name == "h100-80g" and detect("NVIDIA H200").name == "h200-141g"
+    assert detect("NVIDIA B200").name == "b200-192g" and detect("Tesla V100") is None
+    with pytest.raises(ConfigError, match=r"hardware='a100': unknown hardware profile; use one of"):
+        get_profile("a100")

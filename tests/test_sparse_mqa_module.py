@@ -1,0 +1,331 @@
+"""SparseMQAttention as a Megatron module: forward and backward against an independent composition
+(the same weights, Megatron's fused-QKV layout unpacked by hand, RoPE written out, the torch
+reference op), the per-layer pattern, streaming decode against the full forward at every position,
+training on the CPU lane (alone and inside mHC), TP=2 + SP against world size 1, and config errors.
+"""
+
+import pytest
+import torch
+
+import patches
+from megatron_ext import compat
+from megatron_ext.config import SparseAttentionConfig
+from tests.helpers import receipt, train_inprocess, train_losses, train_torchrun
+
+# Training runs pin the torch op: kernel tests switch the Triton interpreter on process-wide, and
+# the interpreter is far too slow for a model (the kernels are tested in test_ops_sparse_attention).
+SPARSE = ["--window-size", "16", "--num-sink-tokens", "2", "--sparse-attention-backend", "torch"]
+
+
+# In-process training runs first: each sets up and tears down its own process group, which must
+# not overlap the module-scoped world-size-1 group of the tests below.
+
+
+def test_sparse_model_trains(tmp_path):
+    run = tmp_path / "sparse"
+    assert train_inprocess(run, "--attention-pattern", "W", *SPARSE, "--train-iters", "12", "--eval-iters", "0") == 0
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 1.5
+    assert any(r["op"] == "sparse_attention" for r in receipt(run)["backends"])
+
+
+def test_sparse_mqa_inside_mhc_trains(tmp_path):
+    run = tmp_path / "sparse_mhc"
+    assert train_inprocess(run, "--mhc-num-streams", "4", "--mhc-backend", "torch", "--attention-pattern", "WT",
+                           "--sparse-topk", "4", "--num-query-groups", "1", "--learnable-sink", *SPARSE,
+                           "--train-iters", "12", "--eval-iters", "0") == 0
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 1.5
+
+
+@pytest.mark.multirank
+def test_tp2_sequence_parallel_mqa_matches_world_size_1(tmp_path):
+    """One KV head at TP=2 (Megatron all-gathers the fused QKV; the KV gradient comes back through
+    the all-gather's reduce-scatter), sink logits split over TP, SP on, one layer of each letter
+    (the T layer's indexer replicated over TP): losses equal world size 1."""
+    model = ["--num-layers", "3", "--attention-pattern", "DWT", "--sparse-topk", "4", "--num-query-groups", "1",
+             "--learnable-sink", *SPARSE,
+             "--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1"]
+    ws1 = tmp_path / "ws1"
+    assert train_inprocess(ws1, *model, "--make-vocab-size-divisible-by", "256") == 0
+    tp2 = tmp_path / "tp2sp"
+    proc = train_torchrun(tp2, 2, *model, "--tensor-model-parallel-size", "2", "--sequence-parallel")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train_losses(tp2) == pytest.approx(train_losses(ws1), rel=2e-5)
+    lane = receipt(tp2)["lane"]
+    assert (lane["tp"], lane["sp"], lane["world_size"]) == (2, True, 2)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attention-pattern", "W", "--window-size", "0"], "window_size=0: the window counts the query itself"),
+    (["--attention-pattern", "W", "--window-size", "8", "--num-sink-tokens", "-1"], "num_sink_tokens=-1"),
+    (["--attention-pattern", "W"], "window_size=None: attention_pattern='W' has windowed (W) layers"),
+    (["--attention-pattern", "WX", "--window-size", "8"], "attention_pattern='WX': one letter per layer"),
+    (["--attention-pattern", "T", "--sparse-topk", "0"], "sparse_topk=0: must be positive"),
+    (["--attention-pattern", "T"], "sparse_topk=None"),
+    (["--attention-pattern", "D", "--num-attention-heads", "4", "--num-query-groups", "3"],
+     "num_query_groups=3: must divide num_attention_heads=4"),
+    (["--attention-pattern", "W", "--window-size", "8", "--context-parallel-size", "2"],
+     "context_parallel_size=2: sparse attention has no context parallelism"),
+    (["--attention-pattern", "W", "--window-size", "8", "--no-sparse-attention"], "sparse_attention=False"),
+    (["--window-size", "8"], "attention_pattern=None: window/sink/top-k options need sparse attention on"),
+    (["--sparse-attention", "--window-size", "8", "--sparse-attention-backend", "fast"],
+     "sparse_attention_backend='fast': unknown backend"),
+    (["--sparse-attention", "--window-size", "8", "--sparse-attention-backend", "triton",
+      "--hidden-size", "96"], "head_dim=24 has no Triton tile"),
+])
+def test_sparse_config_errors(tmp_path, capsys, argv, message):
+    from megatron_ext.cli import main
+
+    assert main(["train", "--preset", "test", "--runs-root", str(tmp_path / "r"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def parallel_state():
+    import torch.distributed as dist
+
+    from megatron_ext.training.distributed import free_port
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    patches.apply_patches("cpu")
+    compat.initialize_model_parallel(1, 1, 1)
+    compat.seed_model_parallel(11)
+    yield
+    compat.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def _config(sparse, heads=4, groups=1, hidden=32, layers=4):
+    cfg = compat.make_transformer_config(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+        ffn_hidden_size=2 * hidden, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, transformer_impl="local", bias_activation_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, params_dtype=torch.float64)
+    cfg.sparse_attention = sparse
+    return cfg
+
+
+def _attention(cfg, layer_number=1):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from layer_specs.gpt import attention_spec_for
+
+    module = build_module(attention_spec_for(cfg, layer_number), config=cfg, layer_number=layer_number)
+    return module.double()
+
+
+def _rope_table(s, d, base=10000.0):
+    """Megatron's non-interleaved RoPE table [s, 1, 1, d]: angles repeated over the two halves."""
+    inv = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.outer(torch.arange(s, dtype=torch.float64), inv)
+    return torch.cat([ang, ang], dim=-1).view(s, 1, 1, d)
+
+
+def _rotate(x, table):
+    """x [s, b, heads, d] rotated by position: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    d = x.shape[-1]
+    cos, sin = table[..., : d // 2].cos(), table[..., : d // 2].sin()
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def _reference(module, hidden, table, sink_logits):
+    """The module's math from its weights, written without Megatron's attention code."""
+    from megatron_ext.ops.sparse_attention import sparse_attention_reference
+
+    cfg = module.config
+    hq, ng, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    s, b, _ = hidden.shape
+    mixed = hidden @ module.linear_qkv.weight.t()                       # [s, b, ng*(hq/ng+2)*d]
+    mixed = mixed.view(s, b, ng, (hq // ng + 2) * d)
+    q, k, v = mixed.split([hq // ng * d, d, d], dim=-1)
+    q = q.reshape(s, b, hq, d)
+    q, k = _rotate(q, table), _rotate(k, table)
+    core = module.core_attention
+    topk = core.topk_indices if core.letter == "T" else None  # the indexer's choice in the forward
+    out = sparse_attention_reference(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                     window_size=core.window_size, num_sink_tokens=core.num_sink_tokens,
+                                     sink_logits=sink_logits, topk_indices=topk)
+    return out.transpose(0, 1).reshape(s, b, hq * d) @ module.linear_proj.weight.t()
+
+
+CASES = [  # (letter, window, sinks, learnable sink, hq, groups)
+    ("W", 5, 2, False, 4, 1),
+    ("W", 3, 0, True, 4, 2),
+    ("W", 1, 3, True, 4, 4),
+    ("D", None, 0, False, 4, 1),   # dense without a sink goes through SDPA
+    ("D", 5, 2, True, 4, 1),       # D ignores the window and sinks, keeps the learnable sink
+    ("T", 3, 1, True, 4, 1),       # top-k from the lightning indexer, united with window and sinks
+]
+
+
+@pytest.mark.parametrize("letter,window,sinks,learnable,hq,groups", CASES)
+def test_module_matches_reference_composition_fwd_bwd(parallel_state, letter, window, sinks, learnable, hq, groups):
+    sparse = SparseAttentionConfig(pattern=letter, window_size=window, num_sink_tokens=sinks,
+                                   learnable_sink=learnable, topk=3, backend="torch")
+    module = _attention(_config(sparse, heads=hq, groups=groups))
+    assert module.letter == letter and module.core_attention.window_size == (None if letter == "D" else window)
+    if learnable:
+        with torch.no_grad():  # away from the zero init so the sink term matters
+            module.core_attention.sink_logits.copy_(torch.randn(hq))
+    s, b, h = 13, 2, module.config.hidden_size
+    hidden = torch.randn(s, b, h, dtype=torch.float64, requires_grad=True)
+    table = _rope_table(s, module.config.kv_channels)
+    out, bias = module(hidden, None, rotary_pos_emb=table)
+    assert bias is None and out.shape == (s, b, h)
+    sink = module.core_attention.sink_logits
+    ref = _reference(module, hidden, table, sink.double() if sink is not None else None)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    params = [hidden, module.linear_qkv.weight, module.linear_proj.weight] + ([sink] if learnable else [])
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad_out, retain_graph=True)
+    want = torch.autograd.grad(ref, params, grad_out)
+    for name, g, w in zip(["hidden", "linear_qkv", "linear_proj", "sink_logits"], got, want):
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=name)
+    if letter == "T":  # the indexer picked keys outside the window, and learns from its KL loss only
+        topk = module.core_attention.topk_indices
+        assert topk.shape == (b, s, groups, 3) and (topk >= 0).any()
+        out.backward(grad_out)
+        assert module.indexer.linear_q.weight.grad.abs().sum() > 0
+
+
+def test_pattern_is_applied_per_layer_cyclically(parallel_state):
+    from megatron.core.models.gpt import GPTModel
+
+    from layer_specs.gpt import gpt_block_spec
+    from layer_specs.sparse_mqa import layer_letters
+    from megatron_ext.modules.sparse_mqa import SparseMQAttention
+
+    assert [SparseAttentionConfig(pattern="WWWD").letter(n) for n in range(1, 9)] == list("WWWDWWWD")
+    cfg = _config(SparseAttentionConfig(pattern="WD", window_size=4, num_sink_tokens=1, backend="torch"))
+    assert layer_letters(cfg) == "WDWD"
+    model = GPTModel(config=cfg, transformer_layer_spec=gpt_block_spec(cfg), vocab_size=64,
+                     max_sequence_length=16, position_embedding_type="rope").double()
+    attns = [layer.self_attention for layer in model.decoder.layers]
+    assert all(isinstance(a, SparseMQAttention) for a in attns)
+    assert [a.letter for a in attns] == list("WDWD")
+    assert [a.core_attention.window_size for a in attns] == [4, None, 4, None]
+    tokens = torch.randint(0, 64, (2, 16))
+    logits = model(tokens, torch.arange(16).expand(2, -1), None)
+    logits.double().pow(2).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_checkpoint_round_trip_with_per_layer_indexers(parallel_state, tmp_path):
+    """Only T layers own an indexer, so its tensors cannot join the block's stacked layer axis:
+    they are saved per global layer number; sink logits stay stacked."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.models.gpt import GPTModel
+
+    from layer_specs.gpt import gpt_block_spec
+
+    cfg = _config(SparseAttentionConfig(pattern="WT", window_size=4, num_sink_tokens=1, learnable_sink=True,
+                                        topk=2, backend="torch"))
+    cfg.params_dtype = torch.float32
+    model = GPTModel(config=cfg, transformer_layer_spec=gpt_block_spec(cfg), vocab_size=64,
+                     max_sequence_length=16, position_embedding_type="rope")
+    keys = {t.key for t in model.sharded_state_dict().values()}
+    assert "decoder.layers.self_attention.core_attention.sink_logits" in keys
+    assert {"decoder.layers.self_attention.indexer.layer_2.linear_q.weight",
+            "decoder.layers.self_attention.indexer.layer_4.linear_q.weight"} <= keys
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp_path))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(tmp_path)))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, saved[name], rtol=0, atol=0, msg=name)
+
+
+def _decode_vs_forward(module, s, prefill):
+    b = 2
+    hidden = torch.randn(s, b, module.config.hidden_size, dtype=torch.float64)
+    table = _rope_table(s, module.config.kv_channels)
+    with torch.no_grad():
+        full, _ = module(hidden, None, rotary_pos_emb=table)
+        cache = module.new_cache(b)
+        outs = [module.prefill(hidden[:prefill], cache, rotary_pos_emb=table)[0]]
+        sizes = set()
+        for t in range(prefill, s):
+            outs.append(module.decode_step(hidden[t:t + 1], cache, t, rotary_pos_emb=table)[0])
+            sizes.add(cache.nbytes())
+    torch.testing.assert_close(torch.cat(outs), full, rtol=1e-10, atol=1e-12)
+    return cache, sizes
+
+
+@pytest.mark.parametrize("window,sinks,learnable,groups", [(4, 2, False, 1), (3, 1, True, 1), (5, 0, True, 2)])
+def test_decode_equals_full_forward_at_every_position(parallel_state, window, sinks, learnable, groups):
+    sparse = SparseAttentionConfig(pattern="W", window_size=window, num_sink_tokens=sinks,
+                                   learnable_sink=learnable, backend="torch")
+    module = _attention(_config(sparse, groups=groups)).eval()
+    if learnable:
+        with torch.no_grad():
+            module.core_attention.sink_logits.copy_(torch.randn(4))
+    s = 17  # window < prompt < s: the ring wraps during prefill and during decode
+    cache, sizes = _decode_vs_forward(module, s, prefill=6)
+    d = module.config.kv_channels
+    assert cache.length == s
+    assert sizes == {2 * 2 * (sinks + window) * groups * d * 8}  # k and v, b=2, fp64: constant in s
+
+
+def test_dense_layer_decodes_with_a_growing_cache(parallel_state):
+    sparse = SparseAttentionConfig(pattern="D", window_size=3, num_sink_tokens=1, backend="torch")
+    module = _attention(_config(sparse)).eval()
+    cache, sizes = _decode_vs_forward(module, 9, prefill=2)
+    assert len(sizes) == 7  # grows one key per token: a dense layer keeps everything
+
+
+def test_decode_rejects_out_of_order_positions_and_chunks(parallel_state):
+    sparse = SparseAttentionConfig(pattern="W", window_size=4, backend="torch")
+    module = _attention(_config(sparse)).eval()
+    cache = module.new_cache(1)
+    hidden = torch.randn(1, 1, module.config.hidden_size, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"position=3: the cache holds positions \[0, 0\)"):
+        module.decode_step(hidden, cache, 3)
+    with pytest.raises(ValueError, match="decode_step takes one token"):
+        module.decode_step(hidden.expand(2, -1, -1), cache, 0)
+
+
+def test_module_needs_the_sparse_config(parallel_state):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from layer_specs.sparse_mqa import sparse_mqa_attention_spec
+
+    cfg = _config(SparseAttentionConfig(pattern="W", window_size=4))
+    spec = sparse_mqa_attention_spec(cfg, 1)
+    cfg.sparse_attention = None
+    with pytest.raises(ValueError, match="config.sparse_attention=None"):
+        build_module(spec, config=cfg, layer_number=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_sparse_mqa_trains_in_bf16_on_the_triton_kernels(tmp_path):
+    """bf16 on the CUDA lane with the Triton window/sink kernels (a subprocess: the CPU-lane patches
+    of this pytest process must not meet a CUDA run)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    run = tmp_path / "gpu_sparse"
+    cmd = [sys.executable, "-m", "megatron_ext", "train", "--preset", "test", "--device", "cuda",
+           "--nproc-per-node", "1", "--runs-root", str(tmp_path), "--run-dir", str(run),
+           "--train-iters", "30", "--lr-warmup-iters", "3", "--progress", "log",
+           "--num-layers", "3", "--attention-pattern", "WWD", "--window-size", "16", "--num-sink-tokens", "2",
+           "--num-query-groups", "1", "--learnable-sink", "--sparse-attention-backend", "triton"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = train_losses(run)
+    assert len(losses) == 30 and losses[-1] < losses[0] - 2.0
+    r = receipt(run)
+    assert r["runtime"]["dtype"] == "bf16"
+    assert any(b["op"] == "sparse_attention" and b["observed"] == "triton" for b in r["backends"])
