@@ -130,7 +130,26 @@ def knobs_for(config: Any, path: Optional[str] = None) -> Dict[str, Any]:
             out[section] = None
     if out.get("mhc") is not None:
         out["mhc"].validate(config.hidden_size)
+    _validate_file_knobs(config, {k: out[k] for k in file_knobs if getattr(config, k, None) is None})
     return out
+
+
+def _validate_file_knobs(config: Any, knobs: Dict[str, Any]) -> None:
+    """The checks ``megatron-ext train`` runs on its own flags, for the sections the file supplied
+    (at spec-build time, before any layer is built, so a bad knob is one line, not a traceback)."""
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        return
+    groups = getattr(config, "num_query_groups", None) or heads
+    if knobs.get("sparse_attention") is not None:
+        knobs["sparse_attention"].validate(heads, groups, config.hidden_size // heads,
+                                           getattr(config, "context_parallel_size", 1) or 1)
+        dropout = getattr(config, "attention_dropout", 0.0)
+        if dropout:
+            raise ConfigError(f"attention_dropout={dropout!r}: the sparse attention op has no dropout; "
+                              "use --attention-dropout 0")
+    if knobs.get("gqla") is not None:
+        knobs["gqla"].validate(heads, getattr(config, "tensor_model_parallel_size", 1) or 1)
 
 
 def apply(config: Any, path: Optional[str] = None) -> Any:

@@ -1,7 +1,8 @@
 """mHC block spec: every layer an :class:`MHCTransformerLayer`, the final norm collapsing the streams.
 
 ``--spec layer_specs.mhc mhc_block_spec``. The mHC knobs come from ``config.mhc`` (an
-``MHCConfig``; defaults: 4 streams, 20 Sinkhorn iterations, dynamic mappings). Attention and MLP
+``MHCConfig``; defaults: 4 streams, 20 Sinkhorn iterations, dynamic mappings), or under Megatron's
+own pretrain CLI from the knob file (``layer_specs/knobs.py``). Attention and MLP
 (dense or MoE) are the ones of the dense spec, so mHC composes with the other specs.
 """
 
@@ -26,7 +27,15 @@ def mhc_layer_spec(mhc: MHCConfig, qk_layernorm: bool = False, mlp: ModuleSpec |
 
 
 def mhc_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
-    mhc = getattr(config, "mhc", None) or MHCConfig()
+    """``config.mhc`` when the config carries it (``megatron-ext train``), else the ``mhc`` section of
+    the knob file (``MEGATRON_EXT_CONFIG``, Megatron's own pretrain CLI), else the defaults. The
+    knob file's other sections (attention, MoE) reach the config the same way."""
+    from layer_specs import knobs
+
+    knobs.apply(config)
+    # Megatron 0.19's GPTModelConfig wraps the TransformerConfig the layers (and the pipeline shape patch) read
+    config = getattr(config, "transformer", None) or config
+    mhc = config.mhc or MHCConfig()
     mhc.validate(config.hidden_size)
     # Pipeline p2p buffers are sized from the config; the shape patch reads this to carry n*C.
     config.mhc_num_streams = mhc.num_streams

@@ -35,6 +35,9 @@ _HELP = {
     "learnable_sink": "a learned per-head sink logit in every softmax denominator (gpt-oss style)",
     "sparse_topk": "keys per query the lightning indexer picks in T layers",
     "sparse_attention_backend": "auto | triton | torch (auto: Triton where it can run, else torch)",
+    "moe_routing_log": "DIR: append each token's expert ids and gates per layer to DIR/rank*.jsonl "
+                       "from a background thread (docs/moe.md)",
+    "moe_pad_expert_input_to_capacity": "pad each expert's tokens to capacity (--moe-impl megatron only)",
 }
 
 
@@ -72,6 +75,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     add_plan_args(plan)
     adapt = sub.add_parser("adapt", help="turn a Megatron pretrain recipe into one with this project's layers")
     add_adapt_args(adapt)
+    from megatron_ext.convert.command import add_convert_args
+
+    add_convert_args(sub)
     return parser.parse_args(argv)
 
 
@@ -123,6 +129,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from launch.commands import run_adapt
 
             return run_adapt(args)
+        if args.command == "convert":
+            from megatron_ext.convert.command import run_convert
+
+            return run_convert(args)
         cfg = _config_from_args(args)
         if args.command == "plan":
             from launch.commands import FIELD_TO_LANE, explicit_fields, run_plan

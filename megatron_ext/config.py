@@ -236,6 +236,8 @@ class TrainConfig:
     moe_deterministic: bool = False
     moe_routing_trace_out: Optional[str] = None
     moe_routing_replay: Optional[str] = None
+    moe_routing_log: Optional[str] = None  # DIR: async JSONL log of expert ids + gates per token
+    moe_pad_expert_input_to_capacity: bool = False  # Megatron's; --moe-impl megatron only
     moe_monitor_interval: int = 10
     # mHC stream mixers: off unless mhc_num_streams is set; hidden_size is the width of one stream
     mhc_num_streams: Optional[int] = None
@@ -381,6 +383,7 @@ MOE_ROUTER_FIELDS = {
     "moe_token_drop_policy": "drop_policy", "moe_input_jitter_eps": "input_jitter_eps",
     "moe_router_num_groups": "num_groups", "moe_router_group_topk": "group_topk",
     "expert_model_parallel_size": "expert_parallel_size",
+    "moe_pad_expert_input_to_capacity": "pad_to_capacity",
 }
 
 
@@ -393,6 +396,7 @@ class MoEConfig:
     deterministic: bool = False
     routing_trace_out: Optional[str] = None
     routing_replay: Optional[str] = None
+    routing_log: Optional[str] = None
     monitor_interval: int = 10
     seed: int = 1234
 
@@ -408,7 +412,7 @@ def moe_config(cfg: TrainConfig) -> Optional[MoEConfig]:
         return None
     return MoEConfig(impl=cfg.moe_impl, backend=cfg.moe_backend, deterministic=bool(cfg.moe_deterministic),
                      routing_trace_out=cfg.moe_routing_trace_out, routing_replay=cfg.moe_routing_replay,
-                     monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
+                     routing_log=cfg.moe_routing_log, monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
 
 
 def router_config_from(src: Any, num_experts: int):
@@ -441,16 +445,23 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
     router_config_from(cfg, cfg.num_experts)
     if cfg.moe_impl == "megatron":
         for name in ("moe_deterministic", "moe_routing_trace_out", "moe_routing_replay",
-                     "moe_shared_expert_intermediate_size"):
+                     "moe_routing_log", "moe_shared_expert_intermediate_size"):
             if getattr(cfg, name):
                 raise _err(name, getattr(cfg, name), "only the fused MoE layer has it "
                            "(the stock baseline spec is Megatron's MoELayer + SequentialMLP)",
                            "--moe-impl fused")
         return
-    if cfg.tensor_model_parallel_size > 1:
-        raise _err("tensor_model_parallel_size", cfg.tensor_model_parallel_size,
-                   "the fused MoE layer has no expert tensor parallelism yet",
-                   "--moe-impl megatron for TP > 1, or tensor_model_parallel_size 1 (use EP/DP)")
+    if cfg.moe_pad_expert_input_to_capacity:
+        raise _err("moe_pad_expert_input_to_capacity", True, "the fused layer's grouped GEMM takes "
+                   "jagged expert groups, so padding them to capacity would only add zero rows",
+                   "--no-moe-pad-expert-input-to-capacity, or --moe-impl megatron")
+    tp = cfg.tensor_model_parallel_size
+    moe_ffn = cfg.moe_ffn_hidden_size or ffn_hidden_size(cfg)
+    for name, width in (("moe_ffn_hidden_size", moe_ffn),
+                        ("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size)):
+        if width and width % tp:
+            raise _err(name, width, f"expert tensor parallelism splits it over tensor_model_parallel_size={tp}",
+                       f"a multiple of {tp}")
     if cfg.context_parallel_size > 1:
         raise _err("context_parallel_size", cfg.context_parallel_size, "not supported by the fused MoE layer", "1")
     if cfg.moe_routing_trace_out and cfg.moe_routing_replay and \
@@ -495,7 +506,9 @@ def gqla_config(cfg: TrainConfig) -> Optional[GQLAConfig]:
         qk_head_dim=pick(cfg.qk_head_dim, head_dim),
         qk_pos_emb_head_dim=pick(cfg.qk_pos_emb_head_dim, head_dim // 2 // 2 * 2 if rope else 0),
         v_head_dim=pick(cfg.v_head_dim, head_dim),
-        q_lora_rank=cfg.q_lora_rank, latent_norm=cfg.gqla_latent_norm, backend=cfg.gqla_backend)
+        q_lora_rank=cfg.q_lora_rank, latent_norm=cfg.gqla_latent_norm, backend=cfg.gqla_backend,
+        # the sparse-MQA window/sink flags mean the same for GQLA: keys per query, first tokens kept
+        window_size=cfg.window_size, num_sink_tokens=cfg.num_sink_tokens)
 
 
 def ffn_hidden_size(cfg: TrainConfig) -> int:
@@ -550,6 +563,10 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
             raise _err("attention_type", "gqla", "GQLA layers take no sparse-MQA attention pattern",
                        "either --attention-type gqla or --attention-pattern, not both")
         gqla.validate(cfg.num_attention_heads, cfg.tensor_model_parallel_size)
+        for name in ("learnable_sink", "sparse_topk"):
+            if getattr(cfg, name):
+                raise _err(name, getattr(cfg, name), "GQLA layers have a window and sinks but no learned "
+                           "sink logit or top-k selection", "--window-size / --num-sink-tokens only")
     else:
         for name in _GQLA_FIELDS:
             if getattr(cfg, name) is not None:
@@ -562,7 +579,7 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
     elif gqla is None and (cfg.window_size is not None or cfg.num_sink_tokens or cfg.learnable_sink
                            or cfg.sparse_topk):
         raise _err("attention_pattern", None, "window/sink/top-k options need sparse attention on",
-                   "--attention-pattern (e.g. W) or --sparse-attention")
+                   "--attention-pattern (e.g. W) or --sparse-attention (window/sinks also: --attention-type gqla)")
     if cfg.bf16 and lane == "cpu":
         raise _err("bf16", True, "the CPU lane trains in fp32", "--no-bf16, or run on a GPU")
     if cfg.exit_after_iters is not None and cfg.exit_after_iters < 1:

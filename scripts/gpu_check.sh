@@ -28,13 +28,15 @@ if [[ $STEPS == *tests* ]]; then
     2>&1 | tail -30 | tee "$OUT/pytest-cpu-lane.txt"
 fi
 if [[ $STEPS == *train* ]]; then
+  # TRAIN_RUNS: "name:args;name:args" (default: the tiny and small presets)
   rm -rf /tmp/runs
-  for preset in ${TRAIN_PRESETS:-tiny small}; do
-    timeout 420 python3 -m megatron_ext train --preset "$preset" --runs-root /tmp/runs \
-      --run-dir "/tmp/runs/$preset" --progress log ${TRAIN_ARGS:-} 2>&1 | grep -v Warning \
-      | tee "$OUT/train-$preset.log" | tail -12
-    cp "/tmp/runs/$preset/receipt.json" "$OUT/receipt-$preset.json" 2>/dev/null
-    cp "/tmp/runs/$preset/loss.png" "$OUT/loss-$preset.png" 2>/dev/null
+  IFS=';' read -ra runs <<< "${TRAIN_RUNS:-tiny:--preset tiny;small:--preset small}"
+  for run in "${runs[@]}"; do
+    name=${run%%:*}
+    timeout 420 python3 -m megatron_ext train ${run#*:} --runs-root /tmp/runs --run-dir "/tmp/runs/$name" \
+      --progress log 2>&1 | grep -v Warning | tee "$OUT/train-$name.log" | tail -12
+    cp "/tmp/runs/$name/receipt.json" "$OUT/receipt-$name.json" 2>/dev/null
+    cp "/tmp/runs/$name/loss.png" "$OUT/loss-$name.png" 2>/dev/null
   done
 fi
 if [[ $STEPS == *bench* ]]; then

@@ -5,7 +5,10 @@
 
 Each kernel (up, down, dh, dx, wgrad) is timed with every candidate tile while the others keep
 the default; a variant whose output differs from the default's by more than bf16 rounding is
-rejected. Prints a table and the fastest ``TileConfig``. ``--apply`` then runs, in this process
+rejected, and one that fails to compile (shared memory, registers, a Triton without tensor
+descriptors) is skipped. A candidate is (block_m, block_n, block_k, warps, stages,
+programs_per_sm, tma): the last two are per-kernel resident programs per SM of the persistent
+kernels and whether the weight operand comes through a TMA tensor descriptor. Prints a table and the fastest ``TileConfig``. ``--apply`` then runs, in this process
 with the fastest tiles in place of ``H100_CONFIG``, the GPU tests of the MoE ops and
 ``python -m bench moe moe_32k`` (so the tiles are checked and measured before being written into
 ``triton_moe.py`` by hand).
@@ -22,17 +25,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-CANDIDATES = {  # (block_m, block_n, block_k, warps, stages, programs_per_sm): the H100 sweep
-    "up": [(128, 64, 64, 8, 4, 1), (128, 128, 64, 8, 3, 1), (128, 64, 64, 4, 4, 1),
-           (128, 64, 64, 8, 3, 2)],
-    "down": [(128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2),
-             (256, 128, 64, 8, 3, 1)],
-    "dh": [(128, 64, 64, 8, 4, 1), (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1),
-           (64, 128, 64, 4, 4, 1)],
-    "dx": [(128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2),
-           (256, 128, 64, 8, 3, 1)],
-    "wgrad": [(128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1),
-              (128, 128, 32, 8, 5, 1)],
+T, F_ = True, False
+CANDIDATES = {  # (block_m, block_n, block_k, warps, stages, programs_per_sm, tma): the H100 sweep
+    "up": [(128, 128, 64, 8, 3, 1, F_), (128, 128, 64, 8, 3, 1, T), (128, 128, 64, 8, 4, 1, T),
+           (128, 64, 64, 8, 3, 2, T), (128, 64, 64, 4, 3, 2, T), (64, 128, 64, 4, 3, 2, T)],
+    "down": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
+             (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T)],
+    "dh": [(128, 64, 64, 8, 4, 1, F_), (128, 64, 64, 8, 4, 1, T), (128, 64, 64, 8, 3, 2, F_),
+           (128, 64, 64, 8, 3, 2, T), (128, 64, 64, 4, 3, 2, T), (128, 128, 64, 8, 3, 2, T),
+           (128, 128, 64, 8, 4, 1, T), (64, 128, 64, 4, 3, 2, T), (128, 64, 64, 4, 2, 3, T),
+           (64, 64, 64, 4, 3, 3, T)],
+    "dx": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
+           (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T)],
+    "wgrad": [(128, 128, 64, 8, 4, 1, F_), (128, 128, 64, 8, 4, 1, T), (128, 128, 64, 8, 3, 1, T),
+              (128, 128, 64, 8, 3, 1, F_), (128, 128, 128, 8, 3, 1, T), (128, 256, 64, 8, 3, 1, T),
+              (128, 128, 32, 4, 4, 1, T), (64, 128, 64, 4, 3, 1, T)],
 }
 
 
@@ -72,49 +79,52 @@ def main() -> int:
     def runner(kernel, cfg, r):
         if kernel == "up":
             o = (new(n, 2 * Fd), new(n, Fd))
-            return (lambda: tm.launch_up(x, w1, o[0], o[1], r, "swiglu", cfg)), o[0], 2 * gemm
+            return (lambda: tm.launch_up(x, w1, o[0], o[1], r, "swiglu", cfg)), o, 2 * gemm
         if kernel == "down":
             o = new(n, H)
             return (lambda: tm.launch_down(h, w2, o, r, w2.stride(), Fd, H, True, cfg.down, cfg)), o, gemm
         if kernel == "dh":
             o = (new(n, 2 * Fd), new(n, Fd))
-            return (lambda: tm.launch_dh(grad, w2, a, o[0], o[1], dpp, r, "swiglu", cfg)), o[0], gemm
+            return (lambda: tm.launch_dh(grad, w2, a, o[0], o[1], dpp, r, "swiglu", cfg)), o, gemm
         if kernel == "dx":
             o = new(n, H)
             st = (w1.stride(0), w1.stride(2), w1.stride(1))
             return (lambda: tm.launch_down(da, w1, o, r, st, 2 * Fd, H, False, cfg.dx, cfg)), o, 2 * gemm
-        o = torch.empty_like(w1)
-        return (lambda: tm.launch_wgrad(x, da, o, r, r.token, None, cfg)), o, 2 * gemm
+        o = (torch.empty_like(w1), torch.empty_like(w2))
+
+        def both():  # dW1 (gathered x, contiguous da) and dW2 (contiguous p*h, gathered dout)
+            tm.launch_wgrad(x, da, o[0], r, r.token, None, cfg)
+            tm.launch_wgrad(hp, grad, o[1], r, None, r.token, cfg)
+        return both, o, 3 * gemm
 
     best = {}
-    print("| kernel | tile (bm, bn, bk, warps, stages, programs/SM) | ms | TFLOP/s | max diff |")
+    print("| kernel | tile (bm, bn, bk, warps, stages, programs/SM, tma) | ms | TFLOP/s | max diff |")
     print("|---|---|---:|---:|---:|")
     for kernel, cands in CANDIDATES.items():
         fn, ref, flops = runner(kernel, base, r0)
         fn()
-        ref = ref.clone()
+        ref = [t.float().clone() for t in (ref if isinstance(ref, tuple) else (ref,))]
         for c in cands:
-            tile = tm.GemmTile(*c[:5])
-            cfg = dataclasses.replace(base, programs_per_sm=c[5], **{kernel: tile})
+            cfg = dataclasses.replace(base, **{kernel: tm.GemmTile(*c)})
             try:
                 r = tm.routing_metadata(idx, probs, d.experts, cfg.row_tiles)
                 fn, out, flops = runner(kernel, cfg, r)
                 fn()
                 torch.cuda.synchronize()
-                diff = (out.float() - ref.float()).abs().max().item()
+                outs = out if isinstance(out, tuple) else (out,)
+                diff = max((o.float() - f).abs().max().item() for o, f in zip(outs, ref))
                 ms = triton.testing.do_bench(fn, warmup=50, rep=150)
             except Exception as e:  # out of shared memory / registers: skip the variant
-                print(f"| {kernel} | {c} | failed: {type(e).__name__} | | |")
+                why = " ".join(str(e).split())[:100]
+                print(f"| {kernel} | {c} | failed: {type(e).__name__}: {why} | | |", flush=True)
                 continue
-            ok = diff <= 2e-2 * max(1.0, ref.float().abs().max().item())
+            ok = diff <= 2e-2 * max(1.0, max(f.abs().max().item() for f in ref))
             print(f"| {kernel} | {c} | {ms:.3f} | {flops / ms / 1e9:.0f} | {diff:.3g} |", flush=True)
             if ok and (kernel not in best or ms < best[kernel][0]):
                 best[kernel] = (ms, c)
-    picks = {k: tm.GemmTile(*c[:5]) for k, (_, c) in best.items()}
-    # one programs_per_sm for all persistent kernels: the one of the slowest persistent kernel
-    slow = max((k for k in best if k != "wgrad"), key=lambda k: best[k][0])
-    tuned = dataclasses.replace(base, programs_per_sm=best[slow][1][5], **picks)
-    print(f"\nfastest: {tuned}")
+    picks = {k: tm.GemmTile(*c) for k, (_, c) in best.items()}
+    tuned = dataclasses.replace(base, **picks)
+    print(f"\nfastest: {tuned}", flush=True)
     if not args.apply:
         return 0
     tm.H100_CONFIG = tuned
@@ -122,7 +132,10 @@ def main() -> int:
 
     rc = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "gpu",
                       "tests/test_ops_moe_triton.py", "tests/test_ops_moe.py"])
+    from bench.benchmarks.moe import breakdown
     from bench.cli import main as bench_main
+
+    print(breakdown(), flush=True)
 
     extra = ["--markdown", args.markdown] if args.markdown else []
     return int(rc) or bench_main(["moe", "moe_32k", "--warmup-ms", "150", "--rep-ms", "150",

@@ -2,8 +2,9 @@
 
     PYTHONPATH=. python scripts/tune_sparse_attention.py [--s 16384] [--d 128] [--json out.json]
 
-Each variant changes one kernel's tiles around the current default for the head dim, so the table
-says which kernel holds the time and which tile moves it. Correctness of every variant is checked
+Each variant changes one kernel's tiles (or the dk/dv work split / atomics) around the current
+default for the head dim, and only the pass it changes is timed, so the table says which kernel
+holds the time and which tile moves it. Correctness of every variant is checked
 against the default config's output before timing (max abs difference printed).
 """
 
@@ -20,17 +21,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def variants(base):
-    out = [("default", base)]
-    for bm, bn, w, st in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (256, 64, 8, 3), (128, 32, 4, 3)]:
-        out.append((f"fwd {bm}x{bn} w{w} s{st}", dataclasses.replace(
-            base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=st)))
-    for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2)]:
-        out.append((f"dq {bm}x{bn} w{w} s{st}", dataclasses.replace(
-            base, dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=st)))
-    for bm, bn, w, st in [(16, 64, 4, 3), (32, 32, 4, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 3)]:
-        out.append((f"dkdv {bm}x{bn} w{w} s{st}", dataclasses.replace(
-            base, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=st)))
+def variants(base, groups=("fwd", "dq", "dkdv", "sched")):
+    """``(name, config, part)``: ``part`` is the pass the variant changes ("fwd" or "bwd"), so only
+    that pass is timed for it (the default config times both)."""
+    out = [("default", base, "both")]
+    if "fwd" in groups:
+        for bm, bn, w, st in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3),
+                              (128, 32, 4, 3)]:
+            out.append((f"fwd {bm}x{bn} w{w} s{st}", dataclasses.replace(
+                base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=st), "fwd"))
+    if "dq" in groups:
+        for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)]:
+            out.append((f"dq {bm}x{bn} w{w} s{st}", dataclasses.replace(
+                base, dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=st), "bwd"))
+    if "dkdv" in groups:
+        for bm, bn, w, st in [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 8, 3),
+                              (32, 128, 8, 3), (32, 128, 4, 2)]:
+            out.append((f"dkdv {bm}x{bn} w{w} s{st}", dataclasses.replace(
+                base, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=st), "bwd"))
+    if "sched" in groups:  # dk/dv work split and the non-deterministic atomic variants
+        for chunk in (256, 512, 1024, 2048, 4096):
+            out.append((f"dkdv chunk {chunk}", dataclasses.replace(base, dkdv_chunk=chunk), "bwd"))
+        out.append(("dkdv atomic", dataclasses.replace(base, dkdv_atomic=True), "bwd"))
+        out.append(("fused dq (atomic)", dataclasses.replace(base, fused_dq=True), "bwd"))
+        out.append(("fused dq + dkdv atomic", dataclasses.replace(base, fused_dq=True, dkdv_atomic=True), "bwd"))
     return out
 
 
@@ -43,6 +57,10 @@ def main() -> int:
     p.add_argument("--window", type=int, default=4096)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--json", default=None)
+    p.add_argument("--groups", default="fwd,dq,dkdv,sched",
+                   help="comma list of variant groups: fwd, dq, dkdv (tiles), sched (dk/dv chunking, atomics)")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench timed ms")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -62,19 +80,29 @@ def main() -> int:
     ref_out, ref_lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, base)
     ref_grads = tw.window_attention_bwd(do, q, k, v, ref_out, ref_lse, None, args.window, args.sinks, scale, base)
     rows = []
-    for name, cfg in variants(base):
+    for name, cfg, part in variants(base, tuple(args.groups.split(","))):
         try:
             out, lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, cfg)
             grads = tw.window_attention_bwd(do, q, k, v, out, lse, None, args.window, args.sinks, scale, cfg)
             err = max(float((out.float() - ref_out.float()).abs().max()),
                       *(float((a.float() - b.float()).abs().max()) for a, b in zip(grads[:3], ref_grads[:3])))
-            fwd = triton.testing.do_bench(lambda: tw.window_attention_fwd(
-                q, k, v, None, args.window, args.sinks, scale, cfg), warmup=50, rep=300)
-            bwd = triton.testing.do_bench(lambda: tw.window_attention_bwd(
-                do, q, k, v, out, lse, None, args.window, args.sinks, scale, cfg), warmup=50, rep=300)
-            rows.append({"variant": name, "fwd_ms": fwd, "bwd_ms": bwd, "total_ms": fwd + bwd, "max_abs_diff": err})
+            row = {"variant": name, "max_abs_diff": err}
+            if part in ("fwd", "both"):
+                row["fwd_ms"] = triton.testing.do_bench(lambda: tw.window_attention_fwd(
+                    q, k, v, None, args.window, args.sinks, scale, cfg), warmup=args.warmup, rep=args.rep)
+            if part in ("bwd", "both"):
+                row["bwd_ms"] = triton.testing.do_bench(lambda: tw.window_attention_bwd(
+                    do, q, k, v, out, lse, None, args.window, args.sinks, scale, cfg),
+                    warmup=args.warmup, rep=args.rep)
+            rows.append(row)
         except Exception as e:  # a tile that does not fit shared memory is a result, not a crash
             rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+        print(rows[-1], flush=True)
+    base_fwd = rows[0].get("fwd_ms", float("nan"))
+    base_bwd = rows[0].get("bwd_ms", float("nan"))
+    for r in rows:  # the pass a variant does not change is the default's
+        if "error" not in r:
+            r["total_ms"] = r.get("fwd_ms", base_fwd) + r.get("bwd_ms", base_bwd)
     print(f"S={args.s} d={args.d} hq={args.hq} hkv={args.hkv} window={args.window} sinks={args.sinks} bf16, "
           f"{torch.cuda.get_device_name()}")
     print("| variant | fwd ms | bwd ms | total ms | max abs diff vs default |\n|---|---:|---:|---:|---:|")
@@ -82,7 +110,9 @@ def main() -> int:
         if "error" in r:
             print(f"| {r['variant']} | error: {r['error']} | | | |")
         else:
-            print(f"| {r['variant']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['total_ms']:.3f} | {r['max_abs_diff']:.2e} |")
+            fwd = f"{r['fwd_ms']:.3f}" if "fwd_ms" in r else "(default)"
+            bwd = f"{r['bwd_ms']:.3f}" if "bwd_ms" in r else "(default)"
+            print(f"| {r['variant']} | {fwd} | {bwd} | {r['total_ms']:.3f} | {r['max_abs_diff']:.2e} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     return 0

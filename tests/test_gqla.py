@@ -223,6 +223,25 @@ def test_train_config_gqla_errors():
         validate(from_preset("test", attention_type="gqla", num_query_groups=2, tensor_model_parallel_size=4), 4)
 
 
+def test_window_and_sink_flags_reach_gqla():
+    """``--window-size`` / ``--num-sink-tokens`` mean for GQLA what they mean for sparse-MQA layers."""
+    from megatron_ext.config import gqla_config
+    from megatron_ext.training.model import transformer_config
+
+    cfg = from_preset("test", attention_type="gqla", num_query_groups=2, window_size=16, num_sink_tokens=2)
+    assert validate(cfg, 1) == 1
+    assert (gqla_config(cfg).window_size, gqla_config(cfg).num_sink_tokens) == (16, 2)
+    tconfig = transformer_config(cfg, "cpu", False)
+    assert (tconfig.gqla.window_size, tconfig.gqla.num_sink_tokens) == (16, 2)
+    assert tconfig.sparse_attention is None
+    with pytest.raises(ConfigError, match="window_size=0: the window counts the query itself"):
+        validate(from_preset("test", attention_type="gqla", window_size=0), 1)
+    for extra, match in (({"learnable_sink": True}, "learnable_sink=True: GQLA layers"),
+                         ({"sparse_topk": 8}, "sparse_topk=8: GQLA layers")):
+        with pytest.raises(ConfigError, match=match):
+            validate(from_preset("test", attention_type="gqla", window_size=16, **extra), 1)
+
+
 # ------------------------------------------------------------------------------------------------
 # a model on the CPU lane
 
@@ -232,10 +251,12 @@ GQLA = ["--attention-type", "gqla", "--num-query-groups", "2", "--kv-lora-rank",
 
 def test_gqla_model_trains(tmp_path):
     run = tmp_path / "gqla"
-    assert train_inprocess(run, *GQLA, "--q-lora-rank", "32", "--train-iters", "16", "--eval-iters", "0") == 0
+    assert train_inprocess(run, *GQLA, "--q-lora-rank", "32", "--train-iters", "16", "--eval-iters", "0",
+                           "--window-size", "24", "--num-sink-tokens", "2") == 0
     losses = train_losses(run)
     assert losses[-1] < losses[0] - 0.5, losses
     assert receipt(run)["lane"]["tp"] == 1
+    assert (receipt(run)["config"]["window_size"], receipt(run)["config"]["num_sink_tokens"]) == (24, 2)
 
 
 @pytest.mark.multirank

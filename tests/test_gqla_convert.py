@@ -120,3 +120,149 @@ def test_split_fused_qkv_follows_megatron_layout():
     base = (H // Gs + 2) * d
     assert torch.equal(q[2], w[base:base + d]) and torch.equal(q[3], w[base + d:base + 2 * d])
     assert torch.equal(k[1], w[base + 2 * d:base + 3 * d]) and torch.equal(v[1], w[base + 3 * d:base + 4 * d])
+
+
+# --- megatron-ext convert gqa-to-gqla over a run folder ---------------------------------------------
+
+def test_convert_cli_reproduces_the_source_and_training_resumes(tmp_path, capsys):
+    """Train a dense GQA run (no RoPE), convert its checkpoint at full rank (exact), then fine-tune the
+    converted run through ``train --resume`` with the command the conversion printed."""
+    import json
+    import re
+
+    from helpers import train_inprocess, train_losses
+    from megatron_ext.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    assert train_inprocess(src, "--position-embedding-type", "learned_absolute", "--num-query-groups", "2",
+                           "--train-iters", "10", "--eval-iters", "0") == 0
+    src_losses = train_losses(src)
+    capsys.readouterr()
+    # head dim 16, Gs = G = 2: full rank is min(G * 2 * 16, hidden 64) = 64
+    assert main(["convert", "gqa-to-gqla", "--load", str(src), "--save", str(dst), "--groups", "2",
+                 "--kv-lora-rank", "64", "--eval-samples", "4"]) == 0
+    out = capsys.readouterr().out
+    errors = [float(x) for x in re.findall(r"K/V relative reconstruction error ([0-9.e+-]+)", out)]
+    assert len(errors) == 2 and all(e < 1e-6 for e in errors), out
+    rel = float(re.search(r"relative L2 change ([0-9.e+-]+)", out).group(1))
+    assert rel < 1e-5, out
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["attention_type"], config["num_query_groups"], config["kv_lora_rank"],
+            config["qk_pos_emb_head_dim"], config["gqla_latent_norm"]) == ("gqla", 2, 64, 0, False)
+    command = json.loads((dst / "convert.json").read_text())["resume_command"]
+    assert command[:2] == ["megatron-ext", "train"] and command[-1] == "--resume"
+    assert main(command[1:] + ["--eval-iters", "0"]) == 0
+    losses = train_losses(dst)
+    assert len(losses) == 10
+    # starts where the source stopped (the conversion is exact), well below an untrained model
+    assert losses[0] < src_losses[0] - 0.5 and abs(losses[0] - src_losses[-1]) < 0.5, (src_losses, losses)
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_convert_cli_input_errors(tmp_path, capsys):
+    from megatron_ext.cli import main
+
+    assert main(["convert", "gqa-to-gqla", "--load", str(tmp_path / "none"), "--save", str(tmp_path / "o"),
+                 "--groups", "2", "--kv-lora-rank", "8"]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+
+
+# --- MLA -> GQLA ------------------------------------------------------------------------------------
+
+def megatron_mla(heads=8, hidden=32, dn=6, dr=4, dv=5, rank=16, q_lora=None, seed=0, norms=True):
+    """Megatron's own MLASelfAttention (local spec, SDPA core attention as in bench/benchmarks/gqla.py),
+    fp64 with fresh random weights, norms included."""
+    import math
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from megatron_ext.modules.core_attention import SDPACoreAttention
+
+    cfg = compat.make_transformer_config(
+        MLATransformerConfig, num_layers=1, hidden_size=hidden, num_attention_heads=heads,
+        q_lora_rank=q_lora, kv_lora_rank=rank, qk_head_dim=dn, qk_pos_emb_head_dim=dr, v_head_dim=dv,
+        normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        params_dtype=torch.float64, transformer_impl="local", use_cpu_initialization=True, rope_type="rope",
+        apply_rope_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
+        multi_latent_attention=True, qk_layernorm=norms)
+    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=norms).submodules.self_attention
+    spec.submodules.core_attention = SDPACoreAttention
+    torch.manual_seed(seed)
+    mla = build_module(spec, config=cfg, layer_number=1).to(torch.float64)
+    with torch.no_grad():
+        for p in mla.parameters():
+            p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 1 else 1.0 / math.sqrt(p.shape[-1])))
+    return mla.eval()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / a.norm()).item()
+
+
+@pytest.mark.parametrize("q_lora,norms", [(None, True), (12, True), (None, False)])
+def test_mla_to_gqla_is_exact_with_one_group_per_head(parallel_state, q_lora, norms):
+    from megatron_ext.convert import convert_mla_to_gqla
+
+    mla = megatron_mla(q_lora=q_lora, norms=norms)
+    gqla, report = convert_mla_to_gqla(mla, groups=8, backend="torch")
+    assert report.key_rel_error < 1e-6 and report.value_rel_error < 1e-6, report.line()
+    x = torch.randn(10, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    # 1e-7, not fp64's 1e-15: Megatron computes the RoPE angles in fp32 (without the rope part: 1e-15)
+    assert _rel(mla(x, None)[0], gqla(x)[0]) < 1e-7
+
+
+def test_mla_to_gqla_error_grows_as_groups_fall_and_wide_groups_are_exact(parallel_state):
+    from megatron_ext.convert import convert_mla_to_gqla
+
+    mla = megatron_mla(seed=1)
+    x = torch.randn(10, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    ref = mla(x, None)[0]
+    key_err, val_err, out_err = [], [], []
+    for groups in (8, 4, 2, 1):
+        gqla, report = convert_mla_to_gqla(mla, groups, backend="torch")
+        key_err.append(report.key_rel_error)
+        val_err.append(report.value_rel_error)
+        out_err.append(_rel(ref, gqla(x)[0]))
+    # nested groups: one shared subspace for a union of heads is never better than one per part
+    for errs in (key_err, val_err):
+        assert errs[0] < 1e-6 and all(a < b for a, b in zip(errs, errs[1:])), errs
+    assert out_err[0] < 1e-7 and out_err[-1] > 0.1, out_err
+    # widening each group to m heads' dims (m = 8/G) spans every head's map: exact again
+    gqla, report = convert_mla_to_gqla(mla, 2, qk_head_dim=4 * 6, v_head_dim=4 * 5, backend="torch")
+    assert report.key_rel_error < 1e-6 and _rel(ref, gqla(x)[0]) < 1e-7
+
+
+def test_mla_to_gqla_input_errors(parallel_state):
+    from megatron_ext.convert import convert_mla_to_gqla
+
+    with pytest.raises(ValueError, match="groups=3: must divide num_attention_heads=8"):
+        convert_mla_to_gqla(megatron_mla(), 3)
+
+
+@pytest.mark.multirank
+def test_convert_cli_reshards_a_tp2_checkpoint(tmp_path, capsys):
+    """A run saved under TP=2 (world size 2, gloo) converts in one process: Megatron's distributed
+    checkpoint reshards into the TP=1 model, and the full-rank conversion is exact on it."""
+    import json
+    import re
+
+    from helpers import train_torchrun
+    from megatron_ext.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    proc = train_torchrun(src, 2, "--tensor-model-parallel-size", "2", "--num-query-groups", "2",
+                          "--position-embedding-type", "learned_absolute", "--train-iters", "4",
+                          "--save-interval", "4", "--eval-iters", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    capsys.readouterr()
+    assert main(["convert", "gqa-to-gqla", "--load", str(src / "checkpoints" / "iter_0000004"), "--save", str(dst),
+                 "--groups", "2", "--kv-lora-rank", "64", "--eval-samples", "4"]) == 0
+    out = capsys.readouterr().out
+    assert float(re.search(r"relative L2 change ([0-9.e+-]+)", out).group(1)) < 1e-5, out
+    # trained weights, not a fresh init: the held-out loss is that of the run, well below ln(vocab)
+    loss_src = float(re.search(r"loss ([0-9.]+) -> ([0-9.]+)", out).group(1))
+    assert loss_src < json.loads((src / "metrics.jsonl").read_text().splitlines()[0])["loss"], out
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["tensor_model_parallel_size"], config["num_query_groups"]) == (2, 2)

@@ -2,10 +2,10 @@
 adapter round trips, the knob file of Megatron's pretrain CLI, and the launch scripts' dry runs."""
 
 import json
+import math
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 
@@ -186,15 +186,18 @@ def test_single_node_script_dry_run():
 
 
 def test_multi_node_script_dry_run_static_and_c10d():
-    # MASTER_PORT may be left in this process's environment by an earlier in-process run
-    env = dict(subprocess_env(), NNODES="2", NODE_RANK="1", MASTER_ADDR="node0", MASTER_PORT="29500")
+    # an earlier in-process run leaves MASTER_ADDR/MASTER_PORT in this process's environment
+    clean = {k: v for k, v in subprocess_env().items()
+             if k not in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "RDZV_ENDPOINT")}
+    env = dict(clean, NNODES="2", NODE_RANK="1", MASTER_ADDR="node0")
     proc = _bash("launch/torchrun_multi.sh", "--dry-run", "--", "--lanes", "auto", env=env)
     assert proc.returncode == 0, proc.stderr
     assert ("--nnodes 2 --nproc-per-node 8 --node-rank 1 --master-addr node0 --master-port 29500 "
             "-m megatron_ext train --lanes auto") in proc.stdout
-    proc = _bash("launch/torchrun_multi.sh", "--nnodes", "4", "--rdzv-endpoint", "head:29400", "--dry-run")
+    proc = _bash("launch/torchrun_multi.sh", "--nnodes", "4", "--rdzv-endpoint", "head:29400", "--dry-run",
+                 env=clean)
     assert "--rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id megatron-ext" in proc.stdout
-    bad = _bash("launch/torchrun_multi.sh", "--nnodes", "2", "--dry-run")
+    bad = _bash("launch/torchrun_multi.sh", "--nnodes", "2", "--dry-run", env=clean)
     assert bad.returncode == 2 and "master_addr unset" in bad.stderr and "usage:" in bad.stderr
 
 
@@ -210,26 +213,190 @@ def test_slurm_example_dry_run_and_nccl_profiles():
 
 # -- Megatron's own pretrain CLI with --spec (GPU lane, megatron-core >= 0.19) ----------------------
 
+PRETRAIN = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256", "--num-layers", "2",
+            "--hidden-size", "256", "--num-attention-heads", "4", "--seq-length", "128",
+            "--max-position-embeddings", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
+            "--train-iters", "10", "--lr", "1e-3", "--bf16", "--normalization", "RMSNorm", "--swiglu",
+            "--disable-bias-linear", "--position-embedding-type", "rope", "--attention-dropout", "0",
+            "--hidden-dropout", "0", "--eval-iters", "0", "--log-interval", "1", "--save-interval", "10"]
+
+# (name, --spec, knob file, extra flags): the wrappers with the env channel, the spec modules
+# themselves with the flag channel (mHC + sparse attention + fused MoE), and the plain dense block
+PRETRAIN_CASES = [
+    ("pretrain_mhc", ["layer_specs.pretrain", "mhc_block_spec"], "mhc:\n  num_streams: 4\n", [], "env"),
+    ("mhc_sparse_moe", ["layer_specs.mhc", "mhc_block_spec"],
+     ("mhc:\n  num_streams: 2\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
+      "moe:\n  impl: fused\n"),
+     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall"], "flag"),
+    ("gpt_dense", ["layer_specs.gpt", "gpt_block_spec"], None, [], None),
+]
+
+
+def _pretrain_log(log: str):
+    import re
+
+    iters = [int(m) for m in re.findall(r"iteration\s+(\d+)/\s*10 \|", log)]
+    losses = [float(m) for m in re.findall(r"lm loss: ([0-9.eE+-]+)", log)]
+    return iters, losses
+
+
 @pytest.mark.gpu
 def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
+    """Three `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("megatron.training", reason="megatron.training ships with megatron-core >= 0.19")
-    knobs = tmp_path / "knobs.yaml"
-    knobs.write_text("mhc:\n  num_streams: 4\n")
-    env = dict(subprocess_env(), MEGATRON_EXT_CONFIG=str(knobs), CUDA_DEVICE_MAX_CONNECTIONS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
-           "-m", "launch.pretrain_gpt", "--spec", "layer_specs.pretrain", "mhc_block_spec",
-           "--transformer-impl", "local", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "256",
-           "--num-layers", "2", "--hidden-size", "128", "--num-attention-heads", "4", "--seq-length", "128",
-           "--max-position-embeddings", "128", "--micro-batch-size", "4", "--global-batch-size", "8",
-           "--train-iters", "10", "--lr", "1e-3", "--bf16", "--normalization", "RMSNorm", "--swiglu",
-           "--disable-bias-linear", "--position-embedding-type", "rope", "--no-gradient-accumulation-fusion",
-           "--eval-iters", "0", "--log-interval", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "10"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    log = proc.stdout + proc.stderr
-    assert "iteration       10/      10" in log.replace("iteration        10/", "iteration       10/") or \
-        " 10/      10 " in log, log[-2000:]
-    assert "MHCTransformerLayer" in log or "lm loss" in log
+    procs = {}
+    for name, spec, knob_text, extra, channel in PRETRAIN_CASES:
+        env = dict(subprocess_env(), CUDA_DEVICE_MAX_CONNECTIONS="1")
+        env.pop("MEGATRON_EXT_CONFIG", None)
+        argv = ["--spec", *spec, *PRETRAIN, *extra, "--save", str(tmp_path / name / "ckpt")]
+        (tmp_path / name).mkdir()
+        if knob_text:
+            knob_file = tmp_path / name / "knobs.yaml"
+            knob_file.write_text(knob_text)
+            if channel == "env":
+                env["MEGATRON_EXT_CONFIG"] = str(knob_file)
+            else:
+                argv += ["--megatron-ext-config", str(knob_file)]
+        log = open(tmp_path / name / "run.log", "w")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+               "-m", "launch.pretrain_gpt", *argv]
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    failures = []
+    for name, (proc, log) in procs.items():
+        rc = proc.wait(timeout=600)
+        log.close()
+        text = (tmp_path / name / "run.log").read_text()
+        if rc != 0:
+            failures.append(f"{name}: rc={rc}\n{text[-4000:]}")
+            continue
+        iters, losses = _pretrain_log(text)
+        assert iters == list(range(1, 11)), (name, iters, text[-2000:])
+        assert len(losses) == 10 and all(math.isfinite(x) for x in losses), (name, losses)
+        assert losses[-1] < losses[0], (name, losses)  # mock data is arange sequences: quickly learnable
+        ckpt = tmp_path / name / "ckpt"
+        assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "10", name
+        assert (ckpt / "iter_0000010").is_dir(), name
+    assert not failures, "\n\n".join(failures)
+    layers = {name: (tmp_path / name / "run.log").read_text() for name in procs}
+    assert "MHCTransformerLayer" in layers["pretrain_mhc"] and "MHCFinalNorm" in layers["pretrain_mhc"]
+    for module in ("MHCTransformerLayer", "SparseMQAttention", "FusedMoELayer"):
+        assert module in layers["mhc_sparse_moe"], module
+    assert "MHCTransformerLayer" not in layers["gpt_dense"] and "SDPACoreAttention" in layers["gpt_dense"]
+
+
+# -- the spec modules read the knob file themselves (CPU, the 0.16 TransformerConfig) --------------
+
+@pytest.fixture
+def parallel_state():
+    import torch.distributed as dist
+
+    import patches
+    from megatron_ext import compat
+    from megatron_ext.training.distributed import free_port
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    patches.apply_patches("cpu")
+    compat.initialize_model_parallel(1, 1, 1)
+    yield
+    compat.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()
+
+
+def _tconfig(**overrides):
+    from megatron_ext import compat
+
+    fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                  add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+                  use_cpu_initialization=True, transformer_impl="local")
+    return compat.make_transformer_config(**{**fields, **overrides})
+
+
+def test_mhc_block_spec_reads_the_knob_file(tmp_path, monkeypatch, parallel_state):
+    from layer_specs import knobs
+    from layer_specs.mhc import mhc_block_spec
+    from megatron_ext.config import ConfigError, MHCConfig
+    from megatron_ext.modules.sparse_mqa import SparseMQAttention
+
+    path = tmp_path / "k.yaml"
+    path.write_text("mhc:\n  num_streams: 2\nsparse_attention:\n  pattern: WD\n  window_size: 8\n")
+    monkeypatch.setenv(knobs.ENV, str(path))
+    config = _tconfig()
+    wrapped = types.SimpleNamespace(transformer=config)  # 0.19's GPTModelConfig passes this shape
+    block = mhc_block_spec(wrapped)
+    assert config.mhc == MHCConfig(num_streams=2) and config.mhc_num_streams == 2
+    assert [spec.params["mhc"].num_streams for spec in block.layer_specs] == [2, 2]
+    assert all(spec.submodules.self_attention.module is SparseMQAttention for spec in block.layer_specs)
+    # a config that carries its own mHC knobs (the `megatron-ext train` path) keeps them
+    own = _tconfig()
+    own.mhc = MHCConfig(num_streams=4)
+    assert mhc_block_spec(own).layer_specs[0].params["mhc"].num_streams == 4
+    # file knobs get train's checks when the spec is built
+    with pytest.raises(ConfigError, match=r"attention_dropout=0.1: the sparse attention op has no dropout"):
+        mhc_block_spec(_tconfig(attention_dropout=0.1))
+    path.write_text("sparse_attention:\n  pattern: W\n")
+    with pytest.raises(ConfigError, match=r"window_size=None: .* has windowed \(W\) layers"):
+        mhc_block_spec(_tconfig())
+
+
+def test_pretrain_driver_helpers_without_megatron_training():
+    from launch import pretrain_gpt
+    from megatron_ext import compat
+
+    defaults = pretrain_gpt.no_te_defaults()
+    if not compat.HAVE_TE:
+        assert defaults["transformer_impl"] == "local" and defaults["apply_rope_fusion"] is False
+    if not compat.HAVE_TE and not compat.HAVE_APEX:
+        assert defaults["gradient_accumulation_fusion"] is False
+
+    class MHCTransformerLayer:
+        def __init__(self, mlp):
+            self.self_attention = types.SimpleNamespace(core_attention=None)
+            self.mlp = mlp
+
+    layers = [MHCTransformerLayer(types.SimpleNamespace()) for _ in range(2)] + [MHCTransformerLayer(None)]
+    chunk = types.SimpleNamespace(decoder=types.SimpleNamespace(layers=layers, final_layernorm=object()))
+    assert pretrain_gpt.describe_layers([chunk, types.SimpleNamespace()]) == (
+        "megatron-ext: model chunk 0: 2 x MHCTransformerLayer(attention=SimpleNamespace/-, "
+        "mlp=SimpleNamespace), 1 x MHCTransformerLayer(attention=SimpleNamespace/-, mlp=-); final norm object")
+    if not compat.has_megatron_training():
+        with pytest.raises(SystemExit, match=r"has no megatron.training; use megatron-core>=0.19"):
+            pretrain_gpt.main([])
+
+
+def test_prebuilt_dataset_helpers_patch_skips_make_when_the_extension_imports(monkeypatch):
+    import megatron.core.datasets.utils as du
+
+    import patches
+
+    patch = patches.registered()["prebuilt_dataset_helpers"]
+    assert patch.min_version == "0.19.0" and patch.lane == "any"
+    monkeypatch.setattr(du, "compile_helpers", du.compile_helpers)  # restored after the test
+    patch.fn()
+
+    def no_make(*args, **kwargs):
+        raise AssertionError(f"make must not run when helpers_cpp imports: {args}")
+
+    monkeypatch.setattr("subprocess.run", no_make)
+    du.compile_helpers()  # the installed wheel ships helpers_cpp: nothing to build
+
+
+def test_kill_hook_is_inert_unless_asked(monkeypatch):
+    from megatron_ext.training import faults
+
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.kill_point() is None
+    faults.maybe_kill(0, 1)  # unset: returns
+    monkeypatch.setenv(faults.ENV, "1@7")
+    assert faults.kill_point() == (1, 7)
+    faults.maybe_kill(0, 7)  # another rank: returns
+    faults.maybe_kill(1, 6)  # another iteration: returns
+    monkeypatch.setenv(faults.ENV, "rank1")
+    with pytest.raises(ValueError, match=r"MEGATRON_EXT_TEST_KILL_RANK='rank1': not RANK@ITER; use e.g. '1@7'"):
+        faults.kill_point()

@@ -151,6 +151,9 @@ def test_deterministic_output_does_not_depend_on_the_batch(megatron_world, share
     (["--num-experts", "4", "--moe-backend", "cuda"], "moe_backend='cuda'"),
     (["--num-experts", "4", "--moe-impl", "megatron", "--moe-deterministic"], "moe_deterministic=True"),
     (["--num-experts", "4", "--moe-routing-replay", "/nonexistent/trace"], "meta.json missing"),
+    (["--num-experts", "4", "--moe-expert-capacity-factor", "1.0", "--moe-pad-expert-input-to-capacity"],
+     "moe_pad_expert_input_to_capacity=True"),
+    (["--num-experts", "4", "--moe-impl", "megatron", "--moe-routing-log", "somewhere"], "moe_routing_log='somewhere'"),
 ])
 def test_moe_config_errors(tmp_path, capsys, argv, message):
     from megatron_ext.cli import main
@@ -275,3 +278,74 @@ def test_gpu_fused_moe_trains_in_bf16(tmp_path):
     # GPU check is that the chunked deterministic path runs and learns; bitwise tests are on CPU
     det = run("det", "--moe-deterministic")
     assert train_losses(det)[-1] < train_losses(det)[0] - 1.0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("moe_ffn_hidden_size", 33, "moe_ffn_hidden_size=33"),
+    ("moe_shared_expert_intermediate_size", 15, "moe_shared_expert_intermediate_size=15"),
+])
+def test_expert_tensor_parallel_widths_must_split(field, value, message):
+    from megatron_ext.config import ConfigError, from_preset, validate
+
+    cfg = from_preset("test", num_experts=4, tensor_model_parallel_size=2, sequence_parallel=True, **{field: value})
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg, 2)
+    ok = from_preset("test", num_experts=4, tensor_model_parallel_size=2, sequence_parallel=True)
+    assert validate(ok, 2) == 1  # TP=2 is accepted by the fused layer now
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_tensor_parallel_slices_sum_to_the_whole_expert(activation):
+    """The TP sharding convention: rank r keeps columns [gate_r | up_r] of w1 and rows r of w2;
+    the ranks' partial outputs sum to the unsharded layer's (what the reduce-scatter computes),
+    in fp64, forward and gradients."""
+    from megatron_ext.modules.moe import _tp_cols
+    from megatron_ext.ops.moe import moe_ffn
+
+    torch.manual_seed(0)
+    parts, tp, T, k = (2 if activation == "swiglu" else 1), 2, 11, 2
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(E, H, parts * F, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(E, F, H, dtype=torch.float64, requires_grad=True)
+    probs = torch.rand(T, k, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    whole = moe_ffn(x, probs, idx, w1, w2, activation, "torch")
+    Fl = F // tp
+    parts_out = [moe_ffn(x, probs, idx, _tp_cols(w1, parts, r, tp), w2[:, r * Fl:(r + 1) * Fl], activation, "torch")
+                 for r in range(tp)]
+    torch.testing.assert_close(sum(parts_out), whole, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(whole)
+    want = torch.autograd.grad(whole, (x, w1, w2), g)
+    got = torch.autograd.grad(sum(parts_out), (x, w1, w2), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # rank r's w1 columns are exactly gate[r-th F/tp] followed by up[r-th F/tp]
+    sl = _tp_cols(w1, parts, 1, tp)
+    torch.testing.assert_close(sl[..., :Fl], w1[..., Fl:F])
+    if parts == 2:
+        torch.testing.assert_close(sl[..., Fl:], w1[..., F + Fl:])
+
+
+def test_routing_log_writes_jsonl_records_off_the_forward_pass(tmp_path):
+    from megatron_ext.config import MoEConfig
+    from megatron_ext.observability import moe_stats
+    from megatron_ext.observability.moe_stats import STATE
+
+    STATE.configure(MoEConfig(routing_log=str(tmp_path / "log")), rank=3)
+    try:
+        assert STATE._log_writer.q.maxsize == moe_stats.LOG_QUEUE_SIZE  # bounded
+        STATE.begin_step(7)
+        ids = torch.randint(0, E, (S, B, 2))
+        probs = torch.rand(S, B, 2)
+        STATE.log_routing(2, 1, ids, probs)
+        STATE.log_routing(1, 0, ids.flip(0), probs)
+        STATE.flush()
+        rows = [json.loads(line) for line in (tmp_path / "log" / "rank00003.jsonl").read_text().splitlines()]
+    finally:
+        STATE.reset()
+    assert [(r["iteration"], r["micro_batch"], r["layer"], r["rank"]) for r in rows] == [(7, 1, 2, 3), (7, 0, 1, 3)]
+    assert (rows[0]["batch"], rows[0]["seq"], rows[0]["topk"]) == (B, S, 2)
+    # [batch][seq][k]: the token at batch row i, position j
+    assert rows[0]["expert_ids"] == ids.permute(1, 0, 2).tolist()
+    assert rows[1]["expert_ids"] == ids.flip(0).permute(1, 0, 2).tolist()
+    assert torch.tensor(rows[0]["probs"]).equal(probs.permute(1, 0, 2))

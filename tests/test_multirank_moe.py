@@ -1,13 +1,24 @@
-"""Fused MoE at world size 2 on CPU (gloo), one torchrun spawn: expert parallel EP=2 (one expert
-half per rank, tokens exchanged by all-to-all) must reproduce EP=1 on one rank from the same seed,
-and its distributed checkpoint (experts sharded over EP) must resume at EP=1 with EP=1's losses."""
+"""Fused MoE at world size 2 on CPU (gloo), two torchrun spawns against one world-size-1 run:
 
+* expert parallel EP=2 (one expert half per rank, tokens exchanged by all-to-all, the dispatch
+  overlapped with the shared expert) reproduces world size 1, and its checkpoint (experts
+  sharded over EP) resumes at EP=1 with world size 1's losses;
+* expert tensor parallel TP=2 + sequence parallel (every expert and the shared expert split
+  along F) reproduces world size 1, routes the same tokens to the same experts (routing logs),
+  and its checkpoint (experts sharded over TP) resumes at TP=1.
+
+Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * TP, so every run
+here pads to 256 (128 * 2 for the TP=2 run)."""
+
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from megatron_ext.training import checkpoint
-from tests.helpers import receipt, train_inprocess, train_losses, train_torchrun
+from tests.helpers import ROOT, receipt, subprocess_env, train_inprocess, train_losses, train_torchrun
 
 pytestmark = pytest.mark.multirank
 MODEL = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "3",
@@ -16,13 +27,36 @@ MODEL = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "-
          "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
          "--moe-router-bias-update-rate", "0.01", "--moe-z-loss-coeff", "0.001",
          "--moe-shared-expert-intermediate-size", "16", "--moe-backend", "torch"]
+VOCAB_256 = ["--make-vocab-size-divisible-by", "256"]
 
 
-def test_ep2_matches_ep1_and_its_checkpoint_resumes_at_ep1(tmp_path):
-    ws1 = tmp_path / "ep1"
-    assert train_inprocess(ws1, *MODEL) == 0
+@pytest.fixture(scope="module")
+def ws1(tmp_path_factory):
+    run = tmp_path_factory.mktemp("moe") / "ws1"
+    assert train_inprocess(run, *MODEL, *VOCAB_256, "--moe-routing-log", str(run / "routing_log")) == 0
+    return run
+
+
+def _resume_at_world_size_1(src, dst, *extra):
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoints" / "iter_0000006")
+    (dst / "checkpoints" / checkpoint.TRACKER).write_text("3")
+    assert train_inprocess(dst, *MODEL, *extra, "--resume") == 0
+    assert receipt(dst)["loss"]["start_iteration"] == 3
+    return train_losses(dst)
+
+
+def _flat(nested):
+    return [v for row in nested for tok in row for v in tok]
+
+
+def _log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_ep2_matches_ep1_and_its_checkpoint_resumes_at_ep1(ws1, tmp_path):
     ep2 = tmp_path / "ep2"
-    proc = train_torchrun(ep2, 2, *MODEL, "--expert-model-parallel-size", "2")
+    proc = train_torchrun(ep2, 2, *MODEL, *VOCAB_256, "--expert-model-parallel-size", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lane = receipt(ep2)["lane"]
     assert (lane["ep"], lane["dp"], lane["world_size"]) == (2, 2, 2)
@@ -30,11 +64,53 @@ def test_ep2_matches_ep1_and_its_checkpoint_resumes_at_ep1(tmp_path):
     bias1 = receipt(ws1)["moe"]["layers"]["1"]["expert_bias"]
     bias2 = receipt(ep2)["moe"]["layers"]["1"]["expert_bias"]
     assert bias2 == pytest.approx(bias1, rel=1e-5, abs=1e-7)
+    resumed = _resume_at_world_size_1(ep2, tmp_path / "ep2_to_ep1", *VOCAB_256)
+    assert resumed == pytest.approx(train_losses(ws1), rel=1e-5)
 
-    resumed = tmp_path / "ep2_to_ep1"
-    shutil.copytree(ep2, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "iter_0000006")
-    (resumed / "checkpoints" / checkpoint.TRACKER).write_text("3")
-    assert train_inprocess(resumed, *MODEL, "--resume") == 0
-    assert receipt(resumed)["loss"]["start_iteration"] == 3
-    assert train_losses(resumed) == pytest.approx(train_losses(ws1), rel=1e-5)
+
+def test_tp2_sequence_parallel_matches_ws1_routes_alike_and_resumes_at_tp1(ws1, tmp_path):
+    tp2 = tmp_path / "tp2"
+    proc = train_torchrun(tp2, 2, *MODEL, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                          "--moe-routing-log", str(tp2 / "routing_log"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lane = receipt(tp2)["lane"]
+    assert (lane["tp"], lane["sp"], lane["dp"], lane["world_size"]) == (2, True, 1, 2)
+    assert train_losses(tp2) == pytest.approx(train_losses(ws1), rel=2e-5)
+    bias1 = receipt(ws1)["moe"]["layers"]["2"]["expert_bias"]
+    assert receipt(tp2)["moe"]["layers"]["2"]["expert_bias"] == pytest.approx(bias1, rel=1e-4, abs=1e-7)
+
+    # the TP ranks route alike, so only TP rank 0 logs; its log is world size 1's
+    assert sorted(p.name for p in (tp2 / "routing_log").iterdir()) == ["rank00000.jsonl"]
+    want, got = _log(ws1 / "routing_log" / "rank00000.jsonl"), _log(tp2 / "routing_log" / "rank00000.jsonl")
+    assert len(want) == len(got) == 6 * 2 * 2  # iterations x micro-batches x layers
+    assert [(r["iteration"], r["micro_batch"], r["layer"]) for r in got] == \
+        [(r["iteration"], r["micro_batch"], r["layer"]) for r in want]
+    first = got[0]
+    assert (first["batch"], first["seq"], first["topk"]) == (2, 32, 2)
+    assert first["expert_ids"] == want[0]["expert_ids"]
+    assert _flat(first["probs"]) == pytest.approx(_flat(want[0]["probs"]), rel=1e-5, abs=1e-6)
+    pairs = [a == b for r, w in zip(got, want) for a, b in zip(_flat(r["expert_ids"]), _flat(w["expert_ids"]))]
+    assert sum(pairs) >= 0.99 * len(pairs)  # later steps: a near-tie may flip on rounding
+
+    resumed = _resume_at_world_size_1(tp2, tmp_path / "tp2_to_tp1", *VOCAB_256)
+    assert resumed == pytest.approx(train_losses(ws1), rel=2e-5)
+
+
+def test_ep_scaling_script_runs_on_gloo(tmp_path):
+    """scripts/moe_ep_scaling.py at tiny sizes: a row per EP size, and the bytes it counts are
+    consistent (each row sent off-rank in the dispatch comes back in the combine)."""
+    out = tmp_path / "scaling.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "scripts" / "moe_ep_scaling.py"), "--device", "cpu", "--tiny", "--json", str(out)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fwd+bwd ms" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["ep"] for r in rows] == [1, 2]
+    ep1, ep2 = rows
+    assert ep1["fwd_bwd_ms"] > 0 and ep1["dispatch_ms"] is None
+    assert ep2["dispatch_ms"] > 0 and ep2["combine_ms"] > 0 and ep2["dispatch_gbps"] > 0
+    h = ep2["hidden"]
+    rows_out = ep2["dispatch_bytes_per_rank"] / (4 * h + 4 + 8)  # fp32 row + fp32 gate + int64 id
+    assert rows_out == pytest.approx(ep2["combine_bytes_per_rank"] / (4 * h))
+    assert rows_out > 0

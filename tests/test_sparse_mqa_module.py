@@ -56,6 +56,61 @@ def test_tp2_sequence_parallel_mqa_matches_world_size_1(tmp_path):
     assert (lane["tp"], lane["sp"], lane["world_size"]) == (2, True, 2)
 
 
+TOPK = ["--sparse-topk", "4", "--num-query-groups", "1", "--indexer-num-heads", "2", "--indexer-head-dim", "16",
+        "--window-size", "8", "--num-sink-tokens", "2", "--sparse-attention-backend", "torch",
+        "--eval-iters", "0", "--lr-warmup-iters", "1"]
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    """One folder for the top-k runs, so they share one tokenised data cache."""
+    return tmp_path_factory.mktemp("topk_runs")
+
+
+def _rows(run, kind):
+    import json
+
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if json.loads(x)["kind"] == kind]
+
+
+def test_topk_indexer_warmup_kl_metrics_and_selective_recompute(runs_root):
+    """T layers: dense main attention for the first 3 iterations, top-k from iteration 4; the
+    indexer's KL is logged every step. Under selective recompute of the core attention (whose first
+    pass runs without grad) the KL must still train the indexer: the same KL values and losses."""
+    runs = {}
+    for name, extra in (("plain", ()), ("selective", ("--recompute-granularity", "selective"))):
+        run = runs[name] = runs_root / name
+        assert train_inprocess(run, "--attention-pattern", "T", *TOPK, "--indexer-dense-warmup-iters", "3",
+                               "--train-iters", "6", *extra) == 0
+    rows = _rows(runs["plain"], "indexer")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["stage"] for r in rows] == ["dense_warmup"] * 3 + ["sparse"] * 3  # switches at iteration 4
+    kl = [r["kl"][layer] for r in rows for layer in ("1", "2")]
+    assert all(0 < v < 50 for v in kl)
+    assert len(set(kl)) == len(kl)  # the indexer moves every step
+    recomputed = _rows(runs["selective"], "indexer")
+    assert [r["stage"] for r in recomputed] == [r["stage"] for r in rows]
+    assert [r["kl"][layer] for r in recomputed for layer in ("1", "2")] == pytest.approx(kl, rel=1e-6)
+    assert train_losses(runs["selective"]) == pytest.approx(train_losses(runs["plain"]), rel=1e-6)
+
+
+def test_topk_run_resumes_onto_the_same_curve(runs_root):
+    """WT: only layer 2 has an indexer (checkpoint key ...indexer.layer_2.*); a run killed after
+    iteration 4 (last checkpoint 3) and resumed reproduces the uninterrupted losses and KL values,
+    so the indexer weights and their optimizer state came back."""
+    model = ["--attention-pattern", "WT", *TOPK, "--indexer-dense-warmup-iters", "2", "--train-iters", "6",
+             "--save-interval", "3"]
+    full = runs_root / "full"
+    assert train_inprocess(full, *model) == 0
+    killed = runs_root / "killed"
+    assert train_inprocess(killed, *model, "--exit-after-iters", "4") == 0
+    assert train_inprocess(killed, *model, "--resume") == 0
+    assert train_losses(killed) == pytest.approx(train_losses(full), rel=1e-5, abs=1e-6)
+    got, want = ([(r["step"], r["stage"], r["kl"]["2"]) for r in _rows(run, "indexer")] for run in (killed, full))
+    assert [g[:2] for g in got] == [w[:2] for w in want] and len(want) == 6
+    assert [g[2] for g in got] == pytest.approx([w[2] for w in want], rel=1e-5)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--attention-pattern", "W", "--window-size", "0"], "window_size=0: the window counts the query itself"),
     (["--attention-pattern", "W", "--window-size", "8", "--num-sink-tokens", "-1"], "num_sink_tokens=-1"),
@@ -135,8 +190,17 @@ def _rotate(x, table):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def _reference(module, hidden, table, sink_logits):
+def _reference(module, hidden, table, sink_logits, **pattern):
     """The module's math from its weights, written without Megatron's attention code."""
+    return _reference_parts(module, hidden, table, sink_logits, **pattern)[0]
+
+
+_LAYER = object()
+
+
+def _reference_parts(module, hidden, table, sink_logits, window=_LAYER, sinks=_LAYER, topk=_LAYER):
+    """(output, q, k) with q/k ``[b, s, heads, d]`` after RoPE; window/sinks/topk default to the
+    layer's own pattern (topk: the indexer's choice in the module's forward)."""
     from megatron_ext.ops.sparse_attention import sparse_attention_reference
 
     cfg = module.config
@@ -148,11 +212,14 @@ def _reference(module, hidden, table, sink_logits):
     q = q.reshape(s, b, hq, d)
     q, k = _rotate(q, table), _rotate(k, table)
     core = module.core_attention
-    topk = core.topk_indices if core.letter == "T" else None  # the indexer's choice in the forward
-    out = sparse_attention_reference(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                     window_size=core.window_size, num_sink_tokens=core.num_sink_tokens,
+    if topk is _LAYER:
+        topk = core.topk_indices if core.letter == "T" else None  # the indexer's choice in the forward
+    window = core.window_size if window is _LAYER else window
+    sinks = core.num_sink_tokens if sinks is _LAYER else sinks
+    q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    out = sparse_attention_reference(q, k, v, window_size=window, num_sink_tokens=sinks,
                                      sink_logits=sink_logits, topk_indices=topk)
-    return out.transpose(0, 1).reshape(s, b, hq * d) @ module.linear_proj.weight.t()
+    return out.transpose(0, 1).reshape(s, b, hq * d) @ module.linear_proj.weight.t(), q, k
 
 
 CASES = [  # (letter, window, sinks, learnable sink, hq, groups)
@@ -194,6 +261,57 @@ def test_module_matches_reference_composition_fwd_bwd(parallel_state, letter, wi
         assert topk.shape == (b, s, groups, 3) and (topk >= 0).any()
         out.backward(grad_out)
         assert module.indexer.linear_q.weight.grad.abs().sum() > 0
+
+
+def test_topk_layer_dense_warmup_then_topk_and_the_indexer_learns_only_from_its_kl(parallel_state):
+    """During the indexer's dense warm-up a T layer is dense causal attention (+ its learnable sink);
+    afterwards it attends the indexer's top-k united with window and sinks. In both stages the main
+    weights and the input get exactly the gradients of the attention without an indexer, and the
+    indexer gets exactly ``coeff * d KL`` (dense KL in the warm-up, over the selected keys after)."""
+    from megatron_ext.modules import indexer as hooks
+    from megatron_ext.ops.sparse_attention.indexer import indexer_kl_loss
+
+    sparse = SparseAttentionConfig(pattern="T", window_size=3, num_sink_tokens=1, learnable_sink=True, topk=3,
+                                   indexer_num_heads=2, indexer_head_dim=8, indexer_kl_coeff=0.5,
+                                   indexer_dense_warmup_iters=2, backend="torch")
+    module = _attention(_config(sparse, groups=2))
+    with torch.no_grad():
+        module.core_attention.sink_logits.copy_(torch.randn(4))
+    s, b = 13, 2
+    table = _rope_table(s, module.config.kv_channels)
+    sink = module.core_attention.sink_logits
+    main = [module.linear_qkv.weight, module.linear_proj.weight, sink]
+    indexer = list(module.indexer.parameters())
+    try:
+        for step, dense in ((1, True), (2, True), (3, False)):
+            hooks.begin_step(step)
+            assert module.indexer.dense_warmup is dense
+            hidden = torch.randn(s, b, module.config.hidden_size, dtype=torch.float64, requires_grad=True)
+            module.zero_grad()
+            out, _ = module(hidden, None, rotary_pos_emb=table)
+            pattern = {"window": None, "sinks": 0, "topk": None} if dense else {}
+            ref, q, k = _reference_parts(module, hidden, table, sink, **pattern)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+            if not dense:  # the top-k really differs from dense attention here
+                dense_out = _reference_parts(module, hidden, table, sink, window=None, sinks=0, topk=None)[0]
+                assert (out - dense_out).abs().max() > 1e-3
+            grad_out = torch.randn_like(out)
+            out.backward(grad_out)
+            want = torch.autograd.grad(ref, [hidden, *main], grad_out)
+            for name, p, w in zip(["hidden", "linear_qkv", "linear_proj", "sink_logits"], [hidden, *main], want):
+                torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-11, msg=name)
+            q_idx, k_idx, w_idx = module.indexer.index_inputs(hidden.detach(), table)
+            topk = None if dense else module.core_attention.topk_indices
+            kl = indexer_kl_loss(q, k, q_idx, k_idx, w_idx, topk)
+            want = torch.autograd.grad(0.5 * kl, indexer)
+            for p, w in zip(indexer, want):
+                assert p.grad.abs().sum() > 0
+                torch.testing.assert_close(p.grad, w, rtol=1e-9, atol=1e-12)
+        values = hooks.indexer_loss_values()
+        assert set(values) == {1} and values[1] > 0
+    finally:
+        hooks.begin_step(0)
+        hooks.indexer_loss_values()
 
 
 def test_pattern_is_applied_per_layer_cyclically(parallel_state):
@@ -276,6 +394,75 @@ def test_decode_equals_full_forward_at_every_position(parallel_state, window, si
     assert sizes == {2 * 2 * (sinks + window) * groups * d * 8}  # k and v, b=2, fp64: constant in s
 
 
+@pytest.mark.parametrize("window,sinks,learnable,groups", [(3, 1, True, 1), (4, 0, False, 2), (None, 2, True, 1)])
+def test_topk_layer_decode_equals_full_forward_at_every_position(parallel_state, window, sinks, learnable, groups):
+    """T layers decode from an IndexedKVCache (every key/value + every indexer key): at each step the
+    indexer scores the new query against all cached index keys, picks its top-k outside window and
+    sinks, and the attention reads sinks + window + those keys; equal to the full forward (fp64).
+    16 index heads make exact score ties (which top-k may break either way) practically impossible."""
+    from megatron_ext.ops.sparse_attention.decode import IndexedKVCache
+
+    sparse = SparseAttentionConfig(pattern="T", window_size=window, num_sink_tokens=sinks, learnable_sink=learnable,
+                                   topk=3, indexer_num_heads=16, indexer_head_dim=8, backend="torch")
+    module = _attention(_config(sparse, groups=groups)).eval()
+    if learnable:
+        with torch.no_grad():
+            module.core_attention.sink_logits.copy_(torch.randn(4))
+    s = 19
+    cache, sizes = _decode_vs_forward(module, s, prefill=5)
+    assert isinstance(cache, IndexedKVCache) and cache.length == s
+    topk = module.core_attention.topk_indices  # of the prefill: the last forward
+    assert (topk >= 0).any()
+    d = module.config.kv_channels
+    per_token = 2 * (2 * groups * d + 8) * 8  # b=2; k and v, plus one index key; fp64
+    assert sorted(sizes) == [per_token * t for t in range(6, s + 1)]  # grows: O(S) by nature
+
+
+def test_topk_decode_attends_exactly_sinks_window_and_selection():
+    """decode_step_topk against a dense masked softmax: duplicates, -1 and future entries ignored,
+    entries inside the window count once."""
+    from megatron_ext.ops.sparse_attention.decode import IndexedKVCache, decode_step_topk
+
+    b, hkv, hq, d, t = 2, 2, 4, 8, 12
+    cache = IndexedKVCache(b, hkv, d, 4, window_size=3, num_sink_tokens=2, dtype=torch.float64, capacity=2)
+    k, v = torch.randn(b, t, hkv, d, dtype=torch.float64), torch.randn(b, t, hkv, d, dtype=torch.float64)
+    cache.append(k[:, :5], v[:, :5], 0, index_k=torch.randn(b, 5, 4, dtype=torch.float64))
+    for p in range(5, t):
+        cache.append(k[:, p:p + 1], v[:, p:p + 1], p, index_k=torch.randn(b, 1, 4, dtype=torch.float64))
+    q = torch.randn(b, hq, d, dtype=torch.float64)
+    sel = torch.tensor([[[4, 6, 6, -1, 10], [5, 15, 0, 3, 7]], [[2, 3, 4, 5, 6], [-1, -1, -1, -1, 8]]])
+    sink = torch.randn(hq, dtype=torch.float64)
+    out = decode_step_topk(q, cache, sel, softmax_scale=0.3, sink_logits=sink)
+    for bi in range(b):
+        for h in range(hq):
+            g = h // (hq // hkv)
+            keep = {0, 1, 9, 10, 11} | {j for j in sel[bi, g].tolist() if 0 <= j <= t - 1}
+            idx = torch.tensor(sorted(keep))
+            logits = torch.cat([k[bi, idx, g] @ q[bi, h] * 0.3, sink[h:h + 1]])
+            p = torch.softmax(logits, 0)[:-1]
+            torch.testing.assert_close(out[bi, h], p @ v[bi, idx, g], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"index_k.shape=None: a top-k layer caches the indexer key"):
+        cache.append(k[:, :1], v[:, :1], t)
+
+
+def test_streaming_decode_sdpa_path_matches_fp64_math():
+    """Without a learnable sink, decode_step below fp64 is one SDPA call over sinks + ring with a
+    validity mask (the ring's copies of the sinks masked out); it equals the fp64 softmax path."""
+    from megatron_ext.ops.sparse_attention.decode import StreamingKVCache, decode_step
+
+    b, hkv, hq, d, t = 2, 2, 4, 16, 11
+    k, v = torch.randn(b, t, hkv, d, dtype=torch.float64), torch.randn(b, t, hkv, d, dtype=torch.float64)
+    caches = {dt: StreamingKVCache(b, hkv, d, 4, 2, dtype=dt) for dt in (torch.float32, torch.float64)}
+    for p in range(t):
+        for cache in caches.values():
+            cache.append(k[:, p:p + 1], v[:, p:p + 1], p)
+        if p in (1, 5, t - 1):  # sinks still filling, ring wrapped, further on
+            q = torch.randn(b, hq, d, dtype=torch.float64)
+            fast = decode_step(q.float(), caches[torch.float32], softmax_scale=0.2)
+            exact = decode_step(q, caches[torch.float64], softmax_scale=0.2)
+            torch.testing.assert_close(fast.double(), exact, rtol=1e-5, atol=1e-6)
+
+
 def test_dense_layer_decodes_with_a_growing_cache(parallel_state):
     sparse = SparseAttentionConfig(pattern="D", window_size=3, num_sink_tokens=1, backend="torch")
     module = _attention(_config(sparse)).eval()
@@ -329,3 +516,29 @@ def test_gpu_sparse_mqa_trains_in_bf16_on_the_triton_kernels(tmp_path):
     r = receipt(run)
     assert r["runtime"]["dtype"] == "bf16"
     assert any(b["op"] == "sparse_attention" and b["observed"] == "triton" for b in r["backends"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_decode_steps_in_bf16_match_fp64():
+    """bf16 on CUDA: the streaming decode's SDPA path and the top-k decode against fp64 on the CPU."""
+    from megatron_ext.ops.sparse_attention.decode import (
+        IndexedKVCache, StreamingKVCache, decode_step, decode_step_topk)
+
+    b, hkv, hq, d, t = 3, 1, 16, 128, 300
+    k, v = torch.randn(b, t, hkv, d, dtype=torch.float64), torch.randn(b, t, hkv, d, dtype=torch.float64)
+    q = torch.randn(b, hq, d, dtype=torch.float64)
+    ik = torch.randn(b, t, 8, dtype=torch.float64)
+    sel = torch.randint(-1, t, (b, 1, 16))
+    for dtype, dev in ((torch.bfloat16, "cuda"), (torch.float64, "cpu")):
+        s_cache = StreamingKVCache(b, hkv, d, 64, 4, dtype=dtype, device=dev)
+        s_cache.append(k.to(dev), v.to(dev), 0)
+        t_cache = IndexedKVCache(b, hkv, d, 8, window_size=64, num_sink_tokens=4, dtype=dtype, device=dev)
+        t_cache.append(k.to(dev), v.to(dev), 0, index_k=ik.to(dev))
+        qq = q.to(dev, dtype)
+        got = (decode_step(qq, s_cache), decode_step_topk(qq, t_cache, sel.to(dev)))
+        if dtype == torch.bfloat16:
+            bf16 = [g.double().cpu() for g in got]
+        else:
+            for g, w in zip(bf16, got):
+                torch.testing.assert_close(g, w, rtol=3e-2, atol=3e-2)

@@ -5,4 +5,4 @@ To add one: a module here with ``@register def name(small: bool = False, device:
 """
 
 from bench.benchmarks import (  # noqa: F401
-    calibration, dense_layer, gqla, mhc, mhc_layer, moe, sparse_attention, sparse_topk)
+    calibration, dense_layer, gqla, mhc, mhc_layer, moe, sparse_attention, sparse_decode, sparse_topk)

@@ -170,3 +170,9 @@ def sparse_attention_16k(small: bool = False, device: str = "cuda") -> Benchmark
 @register
 def sparse_attention_32k(small: bool = False, device: str = "cuda") -> Benchmark:
     return _benchmark("sparse_attention_32k", 32768, 128, small, device)
+
+
+@register
+def sparse_attention_64k(small: bool = False, device: str = "cuda") -> Benchmark:
+    """The linear-in-S row of the issue: dense causal SDPA is 4x the 32k cost here, ours 2x."""
+    return _benchmark("sparse_attention_64k", 65536, 160, small, device)

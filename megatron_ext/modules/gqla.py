@@ -45,6 +45,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from megatron_ext import backends
 from megatron_ext.ops.sparse_attention import sparse_attention
 
 PATHS = ("gqa", "absorb")
@@ -139,6 +140,10 @@ class GQLAttention(MegatronModule):
         tp = ps.get_tensor_model_parallel_world_size()
         g.validate(config.num_attention_heads, tp)
         self.gqla = g
+        # dense causal without a window or sinks goes to SDPA unless the op's Triton lane is forced
+        self._dense_sdpa = g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton"
+        backends.note("gqla.attention", g.backend, "torch_sdpa" if self._dense_sdpa else "sparse_attention",
+                      "dense causal: SDPA" if self._dense_sdpa else "window/sinks or backend='triton'")
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.tp = tp
@@ -250,6 +255,15 @@ class GQLAttention(MegatronModule):
         s, b = q_nope.shape[:2]
         k = torch.cat([k_nope, kr.unsqueeze(2).expand(s, b, self.groups_local, self.d_rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        if self._dense_sdpa:
+            # Plain causal attention: SDPA (flash / cuDNN / memory-efficient on GPU) is faster than
+            # the band kernel at full causal width. K/V are repeated per query head (head h reads
+            # group h // (H/G)) so SDPA stays on its fused kernels; d_v may differ from d_qk there.
+            rep = self.heads_local // self.groups_local
+            qh = q.permute(1, 2, 0, 3)
+            kh, vh = (t.permute(1, 2, 0, 3).repeat_interleave(rep, dim=1) for t in (k, v))
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(s, b, self.heads_local * self.d_v)
         # The op takes one head dim for q, k and v: zero-pad to a common one (exact: zero query/key
         # columns add nothing to the scores, zero value columns are sliced off), rounded up to a
         # Triton tile so the kernels stay usable when d_qk != d_v (e.g. 192 / 128 -> 256).

@@ -24,6 +24,12 @@ Contract for the attention module (``SparseMQAttention`` calls this for ``T`` la
         out = sparse_attention(q, k, v, topk_indices=topk, window_size=..., ...)
     out = indexer.attach_kl_loss(out, q, k)                 # q [b, s, hq_local, d], k [b, s, hkv, d]
 
+SparseMQAttention attaches the KL to its OUTPUT (after the output projection), with the q/k the core
+attention handed over through :meth:`LightningIndexer.note_main_qk`: inside the core attention the
+attachment would be lost under Megatron's selective recompute (its first pass runs without grad).
+Decode (T layers keep every index key: O(S)): :meth:`prefill_topk`, :meth:`decode_inputs`,
+:meth:`decode_topk`.
+
 * ``hidden_states [s, b, h]`` (Megatron layout; with sequence parallelism the local shard -- it is
   all-gathered over the TP group here, the indexer needs every position). Returns the same index
   list for every KV head (``expand``, no copy); ``hkv`` = this rank's KV heads (``num_kv_heads``
@@ -56,7 +62,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_ext.ops.sparse_attention.indexer import indexer_kl_loss, indexer_topk
+from megatron_ext.ops.sparse_attention.indexer import (
+    indexer_kl_loss, indexer_scores_reference, indexer_topk, select_topk)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +73,7 @@ from megatron_ext.ops.sparse_attention.indexer import indexer_kl_loss, indexer_t
 class _State:
     iteration: int = 0  # 1-based number of the step being run (0: not told, counts as step 0)
     losses: Dict[int, list] = {}
+    stages: set = set()  # "dense_warmup" / "sparse": which KL the attached losses of this step were
 
 
 def begin_step(iteration: int, num_microbatches: int = 1) -> None:
@@ -76,13 +84,16 @@ def begin_step(iteration: int, num_microbatches: int = 1) -> None:
 
 
 def end_step(iteration: int, metrics_path=None) -> None:
-    """Append ``{"kind": "indexer", "step", "kl": {layer: mean KL}}`` to ``metrics_path`` (if given
-    and any top-k layer ran) and reset the per-step values."""
+    """Append ``{"kind": "indexer", "step", "stage", "kl": {layer: mean KL}}`` to ``metrics_path``
+    (if given and any top-k layer ran) and reset the per-step values. ``stage``: ``"dense_warmup"``
+    (KL over all causal keys, the main attention dense) or ``"sparse"`` (KL over the selected keys)."""
+    stages, _State.stages = _State.stages, set()
     values = indexer_loss_values(reset=True)
     if values and metrics_path is not None:
         from megatron_ext.observability.files import append_jsonl
 
         append_jsonl(metrics_path, {"kind": "indexer", "step": int(iteration),
+                                    "stage": "/".join(sorted(stages)) or None,
                                     "kl": {str(k): v for k, v in sorted(values.items())}})
 
 
@@ -178,14 +189,20 @@ class LightningIndexer(MegatronModule):
             for lin in (self.linear_q, self.linear_k, self.linear_w):
                 config.init_method(lin.weight)
         self._saved = None  # (q_idx, k_idx, w, topk) of the last forward, for attach_kl_loss
+        # Set by SparseMQAttention around its forward: the core attention then hands its q/k over
+        # (note_main_qk) and the KL is attached after the whole attention, outside Megatron's
+        # selective-recompute region, whose no-grad first pass could not attach it.
+        self.collect_main_qk = False
+        self._main_qk = None
 
     @property
     def dense_warmup(self) -> bool:
         """True during the first ``indexer_dense_warmup_iters`` training steps."""
         return self.training and _State.iteration <= self.warmup_iters and self.warmup_iters > 0
 
-    def index_inputs(self, hidden_states: torch.Tensor, rotary_pos_emb=None):
-        """``(q_idx [b, s, H_I, d_I], k_idx [b, s, d_I], w [b, s, H_I])`` from DETACHED input."""
+    def index_inputs(self, hidden_states: torch.Tensor, rotary_pos_emb=None, position: int = 0):
+        """``(q_idx [b, s, H_I, d_I], k_idx [b, s, d_I], w [b, s, H_I])`` from DETACHED input;
+        ``position``: absolute position of the first token (decode), for RoPE."""
         x = hidden_states.detach()
         if self.config.sequence_parallel and self.tp_group is not None and self.tp_group.size() > 1:
             from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
@@ -196,8 +213,8 @@ class LightningIndexer(MegatronModule):
         k = self.k_norm(self.linear_k(x))                                   # [s, b, d_I]
         if rotary_pos_emb is not None:
             q_table, k_table = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
-            q = _rope(q, q_table[:s])
-            k = _rope(k, k_table[:s])
+            q = _rope(q, q_table[position:position + s])
+            k = _rope(k, k_table[position:position + s])
         w = self.linear_w(x) * (self.num_heads ** -0.5 * self.head_dim ** -0.5)
         return q.transpose(0, 1), k.transpose(0, 1), w.transpose(0, 1)
 
@@ -209,6 +226,41 @@ class LightningIndexer(MegatronModule):
         self._saved = (q_idx, k_idx, w, topk) if torch.is_grad_enabled() else None
         return topk.expand(-1, -1, self.num_kv_heads, -1)
 
+    def note_main_qk(self, query: torch.Tensor, key: torch.Tensor, softmax_scale: Optional[float]) -> None:
+        """Called by the core attention with its ``q [b, s, hq, d]``, ``k [b, s, hkv, d]`` (after
+        RoPE) while :attr:`collect_main_qk` is set; kept detached (the KL never reaches them)."""
+        if self.collect_main_qk:
+            self._main_qk = (query.detach(), key.detach(), softmax_scale)
+
+    def take_main_qk(self):
+        """``(q, k, softmax_scale)`` noted during the last forward (or None), and forget them."""
+        qk, self._main_qk = self._main_qk, None
+        return qk
+
+    # -- decode (inference): the cache keeps every position's index key ---------------------------
+
+    def prefill_topk(self, hidden_states: torch.Tensor, rotary_pos_emb=None):
+        """Prompt ``[p, b, h]`` from position 0 -> ``(topk [b, p, hkv, k], k_idx [b, p, d_I])``:
+        the training forward's selection plus the index keys to cache."""
+        q_idx, k_idx, w = self.index_inputs(hidden_states, rotary_pos_emb)
+        topk = indexer_topk(q_idx, k_idx, w, self.topk, window_size=self.sparse.window_size,
+                            num_sink_tokens=self.sparse.num_sink_tokens, backend=self.backend)
+        return topk.expand(-1, -1, self.num_kv_heads, -1), k_idx
+
+    def decode_inputs(self, hidden_states: torch.Tensor, position: int, rotary_pos_emb=None):
+        """One token ``[1, b, h]`` at ``position`` -> ``(q_idx [b, 1, H_I, d_I], k_idx [b, 1, d_I],
+        w [b, 1, H_I])``; cache ``k_idx``, then :meth:`decode_topk`."""
+        return self.index_inputs(hidden_states, rotary_pos_emb, position=position)
+
+    def decode_topk(self, q_idx: torch.Tensor, w: torch.Tensor, index_keys: torch.Tensor,
+                    position: int) -> torch.Tensor:
+        """Top-k of the query at ``position`` over ``index_keys [b, position + 1, d_I]`` (every
+        cached index key, its own included) -> ``[b, 1, k]`` int32, -1 padded; the same scores,
+        exclusions and selection as the training forward (ties may fall either way)."""
+        scores = indexer_scores_reference(q_idx, index_keys, w, causal=True, query_offset=position)
+        return select_topk(scores, self.topk, window_size=self.sparse.window_size,
+                           num_sink_tokens=self.sparse.num_sink_tokens, query_offset=position)[:, 0]
+
     def attach_kl_loss(self, output: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                        softmax_scale: Optional[float] = None) -> torch.Tensor:
         """Attach ``indexer_kl_coeff * KL`` to ``output``'s backward (see the module docstring)."""
@@ -217,8 +269,10 @@ class LightningIndexer(MegatronModule):
             return output
         q_idx, k_idx, w, topk = saved
         tp = self.tp_group if self.tp_group is not None and self.tp_group.size() > 1 else None
-        kl = indexer_kl_loss(query, key, q_idx, k_idx, w, None if self.dense_warmup else topk,
+        dense = self.dense_warmup
+        kl = indexer_kl_loss(query, key, q_idx, k_idx, w, None if dense else topk,
                              softmax_scale=softmax_scale, tp_group=tp)
         _State.losses.setdefault(self.layer_number or 0, []).append(kl.detach())
+        _State.stages.add("dense_warmup" if dense else "sparse")
         return IndexerLossAutoScaler.apply(output, kl * self.kl_coeff)
 

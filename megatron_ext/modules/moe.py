@@ -21,6 +21,21 @@ per-rank counts exchanged (the one host sync: ``all_to_all_single`` needs split 
 host), rows + probs exchanged, each rank runs its local experts on the received rows with k=1
 (weighted by their probs), rows go back, and each token sums its k results in choice order.
 
+Expert tensor parallelism (Megatron's expert-TP with sequence parallel, Shoeybi et al. 2019 §3;
+Korthikanti et al. 2022 §4.2.2): the layer input is ``[s/tp, b, h]``. Router logits are computed
+on the local tokens (so the router's gradient is a TP partial sum, reduced by Megatron like any
+``sequence_parallel`` parameter) and all-gathered; the tokens are all-gathered too, so every TP
+rank routes the same ``[s, b]`` tokens identically. Each TP rank holds columns ``F/tp`` of every
+local expert (and of the shared expert), ``w1 = [gate_r | up_r]`` and the matching rows of
+``w2``; its output is a partial sum that a reduce-scatter turns back into ``[s/tp, b, h]``.
+Losses computed from the gathered logits are identical on the TP ranks, so each rank attaches
+``1/tp`` of them (the gather's backward sums the TP ranks). With EP > 1 as well, the EP group
+links ranks of equal TP rank (Megatron's default expert_tensor_parallel_size = TP), and each
+exchanges the same rows with its EP peers and computes its own ``F/tp`` slice.
+
+Overlap: with EP > 1 the dispatch all-to-alls are launched asynchronously and the shared expert
+runs before waiting on them.
+
 Deterministic mode: every GEMM runs on fixed 16-row chunks (a GEMM's per-row result depends on
 its shape, not on the other rows), the combine is a fixed-order sum over the k choices, no
 atomics: the layer's output for a token is bitwise the same whatever batch it comes in, for
@@ -31,11 +46,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Dict, Iterable, List, Optional
+import time
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import (gather_from_sequence_parallel_region,
+                                                    reduce_scatter_to_sequence_parallel_region)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -99,14 +119,36 @@ def _ffn_rows_deterministic(rows: Tensor, local_ids: Tensor, w1: Tensor, w2: Ten
     return out
 
 
+class _Pending:
+    """Handles of asynchronous collectives launched in a forward pass, and the send buffers they
+    read (kept alive until the wait)."""
+
+    def __init__(self):
+        self.works, self.keep = [], []
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+        self.works, self.keep = [], []
+
+
 class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with variable splits; its gradient is the reverse exchange."""
+    """``all_to_all_single`` with variable splits; its gradient is the reverse exchange. With a
+    ``pending`` the forward exchange is launched asynchronously (``async_op=True``) and the
+    output must not be read before ``pending.wait()``: on NCCL it runs on the communicator's
+    stream while the caller's stream computes; on gloo on a background thread."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
+    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group,
+                pending: Optional[_Pending] = None) -> Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        torch.distributed.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        x = x.contiguous()
+        work = torch.distributed.all_to_all_single(out, x, out_splits, in_splits, group=group,
+                                                   async_op=pending is not None)
+        if pending is not None:
+            pending.works.append(work)
+            pending.keep.append(x)
         return out
 
     @staticmethod
@@ -114,7 +156,45 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
         torch.distributed.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        return back, None, None, None, None
+
+
+class CommTimer:
+    """Times the EP all-to-alls of a layer (set ``layer.comm_timer = CommTimer()``): CUDA events
+    on the compute stream around launch..wait on GPU, wall clock on CPU. ``records`` holds
+    ``(name, seconds, bytes sent to other ranks)``; read it after :meth:`resolve`."""
+
+    def __init__(self):
+        self.records: list = []
+        self._open: dict = {}
+
+    def start(self, name: str, device: torch.device) -> None:
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._open[name] = ev
+        else:
+            self._open[name] = time.perf_counter()
+
+    def stop(self, name: str, nbytes: int) -> None:
+        t0 = self._open.pop(name)
+        if isinstance(t0, float):
+            self.records.append((name, time.perf_counter() - t0, nbytes))
+        else:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.records.append((name, (t0, ev), nbytes))
+
+    def resolve(self) -> list:
+        """Seconds for every record (synchronises on the CUDA events)."""
+        out = []
+        for name, t, nbytes in self.records:
+            if isinstance(t, tuple):
+                t[1].synchronize()
+                t = t[0].elapsed_time(t[1]) / 1e3
+            out.append((name, t, nbytes))
+        self.records = out
+        return out
 
 
 def _combine_fixed_order(y_pairs: Tensor, T: int, k: int) -> Tensor:
@@ -125,6 +205,39 @@ def _combine_fixed_order(y_pairs: Tensor, T: int, k: int) -> Tensor:
     for j in range(1, k):
         acc = acc + y[:, j].float()
     return acc
+
+
+def _tp_cols(full: Tensor, parts: int, rank: int, size: int) -> Tensor:
+    """Columns of TP rank ``rank`` from ``full [..., parts * F]`` laid out ``[gate | up]``
+    (``parts`` = 2) or ``[F]`` (1): ``[gate_r | up_r]``, each ``F/size`` wide (Megatron's GLU
+    sharding: gate and up split the same way, so ``act(gate_r) * up_r`` stays rank-local)."""
+    per = full.shape[-1] // parts // size
+    return full.unflatten(-1, (parts, size, per)).select(-2, rank).flatten(-2)
+
+
+def _reshaping_factory(key: str, param: Tensor, view_shape, axes, sharded_offsets, replica_id):
+    """A checkpoint entry for ``param`` saved as ``param.view(view_shape)`` sharded along
+    ``axes`` = [(view axis, rank, fragments)]: the GLU's ``[gate_r | up_r]`` columns become a
+    ``[..., 2, F/tp]`` view, so the global tensor ``[..., 2, F]`` is the same at every TP size.
+    A factory keeps ``param`` itself as the data, which Megatron's optimizer needs to map its
+    state onto the same sharding."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    prepend = len(sharded_offsets)
+    shape = tuple(param.shape)
+
+    def build(k, t, rid, flattened_range):
+        if flattened_range is not None:
+            raise NotImplementedError(f"{k}: flattened (distributed-optimizer) checkpoint shards of "
+                                      "fused MoE weights are not supported; use the plain optimizer")
+        return ShardedTensor.from_rank_offsets(
+            k, t.view(view_shape), *sharded_offsets, *[(prepend + a, r, n) for a, r, n in axes],
+            replica_id=rid, prepend_axis_num=prepend)
+
+    def merge(loaded):
+        return loaded.reshape(shape)
+
+    return ShardedTensorFactory(key, param, build, merge, replica_id)
 
 
 class FusedMoELayer(MegatronModule):
@@ -138,33 +251,61 @@ class FusedMoELayer(MegatronModule):
         self.router_cfg = router_config_from(config, E)
         self.activation = activation_name(config)
         (self.ep_group, self.ep_rank, self.ep_size, self.edp_rank, self.dp_group) = compat.expert_parallel_groups()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
         if E % self.ep_size:
             raise ValueError(f"num_moe_experts={E}: not divisible by expert_model_parallel_size="
                              f"{self.ep_size}; use a multiple of {self.ep_size}")
+        if self.tp_size > 1:
+            etp = ps.get_expert_tensor_parallel_world_size()
+            if etp != self.tp_size:
+                raise ValueError(f"expert_tensor_parallel_size={etp}: the fused MoE layer shards experts "
+                                 f"over the tensor-parallel group; use expert_tensor_parallel_size="
+                                 f"tensor_model_parallel_size={self.tp_size}")
+            if not config.sequence_parallel:
+                raise ValueError("sequence_parallel=False: the fused MoE layer with tensor parallelism "
+                                 "takes [s/tp, b, h] inputs; use --sequence-parallel")
         self.num_local_experts = E // self.ep_size
         self.local_offset = self.ep_rank * self.num_local_experts
         H = config.hidden_size
         Fe = config.moe_ffn_hidden_size or config.ffn_hidden_size
+        Fs = getattr(config, "moe_shared_expert_intermediate_size", None)
+        for name, width in (("moe_ffn_hidden_size", Fe), ("moe_shared_expert_intermediate_size", Fs)):
+            if width and width % self.tp_size:
+                raise ValueError(f"{name}={width}: not divisible by tensor_model_parallel_size="
+                                 f"{self.tp_size}; use a multiple of {self.tp_size}")
         gated = self.activation in GATED_ACTIVATIONS
+        self.parts = 2 if gated else 1
         dtype = config.params_dtype
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        Fl = Fe // self.tp_size
 
-        # Router: replicated over EP/DP like Megatron's (a normal, all-reduced parameter).
+        # Router: replicated over TP/EP/DP like Megatron's (a normal, all-reduced parameter; with
+        # sequence parallel its per-rank gradient covers the local tokens and is summed over TP).
         self.router_weight = torch.nn.Parameter(torch.empty(E, H, dtype=dtype, device=device))
         config.init_method(self.router_weight.data)
         setattr(self.router_weight, "sequence_parallel", config.sequence_parallel)
-        self.w1 = torch.nn.Parameter(torch.empty(self.num_local_experts, H, (2 if gated else 1) * Fe,
+        self.w1 = torch.nn.Parameter(torch.empty(self.num_local_experts, H, self.parts * Fl,
                                                  dtype=dtype, device=device))
-        self.w2 = torch.nn.Parameter(torch.empty(self.num_local_experts, Fe, H, dtype=dtype, device=device))
-        for p in (self.w1, self.w2):
+        self.w2 = torch.nn.Parameter(torch.empty(self.num_local_experts, Fl, H, dtype=dtype, device=device))
+        for p, dim in ((self.w1, 2), (self.w2, 1)):
             setattr(p, "allreduce", False)  # expert-parallel: grads reduced over the expert-DP group
+            set_tensor_model_parallel_attributes(p, True, dim, 1)
         self.shared_w1 = self.shared_w2 = None
-        Fs = getattr(config, "moe_shared_expert_intermediate_size", None)
         if Fs:
-            self.shared_w1 = torch.nn.Parameter(torch.empty(H, (2 if gated else 1) * Fs, dtype=dtype, device=device))
-            self.shared_w2 = torch.nn.Parameter(torch.empty(Fs, H, dtype=dtype, device=device))
-            config.init_method(self.shared_w1.data)
-            config.output_layer_init_method(self.shared_w2.data)
+            # drawn whole and sliced (like Megatron's CPU initialisation), so every TP size builds
+            # the same shared expert from the same RNG position
+            full1 = torch.empty(H, self.parts * Fs, dtype=dtype, device=device)
+            full2 = torch.empty(Fs, H, dtype=dtype, device=device)
+            config.init_method(full1)
+            config.output_layer_init_method(full2)
+            Fsl = Fs // self.tp_size
+            self.shared_w1 = torch.nn.Parameter(_tp_cols(full1, self.parts, self.tp_rank, self.tp_size).clone())
+            self.shared_w2 = torch.nn.Parameter(full2[self.tp_rank * Fsl:(self.tp_rank + 1) * Fsl].clone())
+            set_tensor_model_parallel_attributes(self.shared_w1, True, 1, 1)
+            set_tensor_model_parallel_attributes(self.shared_w2, True, 0, 1)
         if self.router_cfg.enable_expert_bias:
             self.register_buffer("router_expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
         else:
@@ -172,6 +313,8 @@ class FusedMoELayer(MegatronModule):
         # load summed over the micro-batches of one optimizer step (not saved)
         self.register_buffer("router_load_accum", torch.zeros(E, dtype=torch.float32, device=device),
                              persistent=False)
+        self.comm_timer: Optional[CommTimer] = None
+        self._noise_gen = None
         self.layer_number = None
         self._init_experts(layer_number or 0)
         if layer_number is not None:
@@ -179,15 +322,20 @@ class FusedMoELayer(MegatronModule):
 
     # ---- construction helpers
     def _init_experts(self, layer: int) -> None:
-        """Draw each local expert from its own generator keyed by its *global* id."""
+        """Draw each local expert whole from its own generator keyed by its *global* id, then keep
+        this TP rank's slice: every (EP, TP) layout builds the same experts."""
         std = self.config.init_method_std
         out_std = std / math.sqrt(2.0 * self.config.num_layers)
+        r, n = self.tp_rank, self.tp_size
+        Fl = self.w2.shape[1]
         with torch.no_grad():
             for i in range(self.num_local_experts):
                 e = self.local_offset + i
                 for w, s, which in ((self.w1, std, "w1"), (self.w2, out_std, "w2")):
                     g = torch.Generator().manual_seed(_expert_seed(self.moe.seed, layer, e, which))
-                    w[i].copy_(torch.randn(w.shape[1:], generator=g, dtype=torch.float32) * s)
+                    full_shape = (w.shape[1], w.shape[2] * n) if which == "w1" else (Fl * n, w.shape[2])
+                    full = torch.randn(full_shape, generator=g, dtype=torch.float32) * s
+                    w[i].copy_(_tp_cols(full, self.parts, r, n) if which == "w1" else full[r * Fl:(r + 1) * Fl])
 
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron calls this after construction (0.16.1 passes no layer number to ``mlp``)."""
@@ -201,19 +349,38 @@ class FusedMoELayer(MegatronModule):
             out.update(shared_w1=self.shared_w1, shared_w2=self.shared_w2)
         return out
 
+    def _noise_generator(self, device) -> Optional[torch.Generator]:
+        """Training noise must be the same on the TP ranks (they route the same tokens): with
+        TP > 1 it comes from a generator of this layer seeded by (seed, layer, DP rank)."""
+        if self.tp_size == 1 or self.router_cfg.input_jitter_eps is None:
+            return None
+        if self._noise_gen is None:
+            self._noise_gen = torch.Generator(device=device).manual_seed(
+                _expert_seed(self.moe.seed, self.layer_number or 0, self.dp_rank, "noise"))
+        return self._noise_gen
+
     # ---- forward
     def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **_ignored):
-        s, b, h = hidden_states.shape
-        x = hidden_states.reshape(s * b, h)
+        s_local, b, h = hidden_states.shape
         det = self.moe.deterministic
         cfg = self.router_cfg
         training = self.training
         tracked = training and torch.is_grad_enabled()  # once per micro-batch, even under recompute
-        logits = rows_mm(x.float(), self.router_weight.float().t(), det)
+        logits = rows_mm(hidden_states.reshape(s_local * b, h).float(), self.router_weight.float().t(), det)
+        if self.tp_size > 1:
+            # [s/tp, b] -> [s, b]: every TP rank routes all tokens of the sequence identically
+            logits = gather_from_sequence_parallel_region(logits.view(s_local, b, -1), group=self.tp_group)
+            logits = logits.reshape(-1, logits.shape[-1])
+            hidden_full = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
+        else:
+            hidden_full = hidden_states
+        s = hidden_full.shape[0]
+        x = hidden_full.reshape(s * b, h)
 
         replay = None
         mb = None
-        if training and (STATE.replay is not None or STATE.trace_out is not None) and self.layer_number:
+        if training and self.layer_number and (STATE.replay is not None or STATE.trace_out is not None
+                                               or STATE.routing_log is not None):
             mb = STATE.micro_batch(self.layer_number, advance=tracked)
             if STATE.replay is not None:
                 ids = STATE.read_trace(self.layer_number, mb, (b, s, cfg.topk))
@@ -223,6 +390,7 @@ class FusedMoELayer(MegatronModule):
         if self.router_expert_bias is not None:
             bias = self.router_expert_bias.float()
         seq_ids = seq_ids_for_layout(s, b, device=x.device) if cfg.load_balancing_type == "seq_aux_loss" else None
+        gen = self._noise_generator(x.device)
         g_load = g_tokens = None
         dp = compat.torch_dist_size(self.dp_group)
         if cfg.load_balancing_type == "global_aux_loss" and training and dp > 1:
@@ -230,21 +398,30 @@ class FusedMoELayer(MegatronModule):
             # data-parallel replicas (a collective, no host sync); the selection is then replayed
             with torch.no_grad():
                 first = route(logits.detach(), cfg, training=training, expert_bias=bias,
-                              replay_indices=replay)
+                              replay_indices=replay, generator=gen)
                 g_load = first.load.clone()
                 torch.distributed.all_reduce(g_load, group=self.dp_group)
             replay, g_tokens = first.indices, s * b * dp
         res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
-                    replay_indices=replay, global_tokens_per_expert=g_load, global_num_tokens=g_tokens)
+                    replay_indices=replay, global_tokens_per_expert=g_load, global_num_tokens=g_tokens,
+                    generator=gen)
 
-        if mb is not None and STATE.trace_out is not None and tracked:
-            STATE.write_trace(self.layer_number, mb, res.indices.view(s, b, cfg.topk).permute(1, 0, 2))
+        if mb is not None and tracked:
+            if STATE.trace_out is not None:
+                STATE.write_trace(self.layer_number, mb, res.indices.view(s, b, cfg.topk).permute(1, 0, 2))
+            if STATE.routing_log is not None and self.tp_rank == 0:  # TP ranks log the same routing
+                STATE.log_routing(self.layer_number, mb, res.indices.detach().view(s, b, cfg.topk),
+                                  res.probs.detach().view(s, b, cfg.topk))
 
-        out = self._routed(x, res.probs, res.indices)
+        shared = None
         if self.shared_w1 is not None:
-            hs = expert_activation(rows_mm(x, self.shared_w1, det), self.activation)
-            out = out + rows_mm(hs, self.shared_w2, det).float()
+            def shared():
+                hs = expert_activation(rows_mm(x, self.shared_w1, det), self.activation)
+                return rows_mm(hs, self.shared_w2, det).float()
+        out = self._routed(x, res.probs, res.indices, shared)
         out = out.to(hidden_states.dtype).view(s, b, h)
+        if self.tp_size > 1:
+            out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
 
         if tracked:
             out = self._attach_losses(out, res)
@@ -258,73 +435,114 @@ class FusedMoELayer(MegatronModule):
         return out, None
 
     def _attach_losses(self, out: Tensor, res) -> Tensor:
+        """The TP ranks hold the same losses and the logits' gather sums their gradients over TP,
+        so each rank attaches ``1/tp`` of each loss."""
         cfg = self.router_cfg
         num_layers = self.config.num_layers
+        share = 1.0 / self.tp_size
         if cfg.load_balancing_type in _AUX_NAMES and cfg.aux_loss_coeff > 0:
-            out = MoEAuxLossAutoScaler.apply(out, res.aux_loss)
+            out = MoEAuxLossAutoScaler.apply(out, res.aux_loss * share if share != 1.0 else res.aux_loss)
             if self.layer_number:
                 compat.record_moe_aux_loss(_AUX_NAMES[cfg.load_balancing_type],
                                            res.aux_loss.detach() / cfg.aux_loss_coeff, self.layer_number, num_layers)
         if cfg.z_loss_coeff:
-            out = MoEAuxLossAutoScaler.apply(out, res.z_loss)
+            out = MoEAuxLossAutoScaler.apply(out, res.z_loss * share if share != 1.0 else res.z_loss)
             if self.layer_number:
                 compat.record_moe_aux_loss("z_loss", res.z_loss.detach() / cfg.z_loss_coeff,
                                            self.layer_number, num_layers)
         return out
 
-    def _routed(self, x: Tensor, probs: Tensor, indices: Tensor) -> Tensor:
-        """Sum over choices of prob * expert FFN, fp32 ``[T, H]``."""
+    def _routed(self, x: Tensor, probs: Tensor, indices: Tensor,
+                shared: Optional[Callable[[], Tensor]] = None) -> Tensor:
+        """Sum over choices of prob * expert FFN (+ the shared expert), fp32 ``[T, H]``; a TP
+        partial sum when TP > 1."""
         det = self.moe.deterministic
         T, k = indices.shape
         if self.ep_size == 1 and not det:
-            return moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend).float()
+            out = moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend).float()
+            return out if shared is None else out + shared()
         flat_e = indices.reshape(-1)
         order = torch.sort(flat_e, stable=True).indices  # pair ids grouped by expert, token order within
         rows = x[order // k]
         p_rows = probs.reshape(-1)[order]
         e_rows = flat_e[order]
+        shared_out = None
         if self.ep_size == 1:
             y = _ffn_rows_deterministic(rows, e_rows, self.w1, self.w2, self.activation)
             y = y.float() * p_rows[:, None].float()
         else:
-            y = self._expert_parallel(rows, p_rows, e_rows)
+            y, shared_out = self._expert_parallel(rows, p_rows, e_rows, shared)
         y_pairs = y.new_zeros(T * k, y.shape[1]).index_copy(0, order, y)
-        return _combine_fixed_order(y_pairs, T, k)
+        out = _combine_fixed_order(y_pairs, T, k)
+        if shared is not None:
+            out = out + (shared_out if shared_out is not None else shared())
+        return out
 
-    def _expert_parallel(self, rows: Tensor, p_rows: Tensor, e_rows: Tensor) -> Tensor:
-        """Rows sorted by global expert -> their weighted expert outputs (fp32), via all-to-all."""
+    def _expert_parallel(self, rows: Tensor, p_rows: Tensor, e_rows: Tensor,
+                         shared: Optional[Callable[[], Tensor]] = None):
+        """Rows sorted by global expert -> (their weighted expert outputs, the shared expert's
+        output or None). The dispatch exchanges run asynchronously while the shared expert
+        computes."""
         group, n_local = self.ep_group, self.num_local_experts
         send_counts = torch.bincount(e_rows // n_local, minlength=self.ep_size)
         recv_counts = torch.empty_like(send_counts)
         torch.distributed.all_to_all_single(recv_counts, send_counts, group=group)
         counts = torch.stack([send_counts, recv_counts]).cpu()  # the one host sync of EP
         send, recv = counts[0].tolist(), counts[1].tolist()
-        x_in = _AllToAll.apply(rows, recv, send, group)
-        p_in = _AllToAll.apply(p_rows.float(), recv, send, group)
+        timer = self.comm_timer
+        off_rank = sum(send) - send[self.ep_rank]
+        if timer is not None:
+            timer.start("dispatch", rows.device)
+        pending = _Pending()
+        x_in = _AllToAll.apply(rows, recv, send, group, pending)
+        p_in = _AllToAll.apply(p_rows.float(), recv, send, group, pending)
         with torch.no_grad():
             e_in = torch.empty(sum(recv), dtype=e_rows.dtype, device=e_rows.device)
-            torch.distributed.all_to_all_single(e_in, e_rows.contiguous(), recv, send, group=group)
-            local = e_in - self.local_offset
+            e_src = e_rows.contiguous()
+            pending.works.append(torch.distributed.all_to_all_single(e_in, e_src, recv, send, group=group,
+                                                                     async_op=True))
+            pending.keep.append(e_src)
+        shared_out = shared() if shared is not None else None
+        pending.wait()
+        if timer is not None:
+            timer.stop("dispatch", off_rank * (rows.shape[1] * rows.element_size() + 4 + e_rows.element_size()))
+        local = e_in - self.local_offset
         if self.moe.deterministic:
+            # fp32 on the way back: the fixed-order combine stays bitwise batch-invariant
             y = _ffn_rows_deterministic(x_in, local, self.w1, self.w2, self.activation).float() * p_in[:, None]
         else:
+            # the model dtype on the way back, like Megatron's combine (half the bytes of fp32)
             y = moe_ffn(x_in, p_in[:, None], local[:, None], self.w1, self.w2, self.activation,
-                        self.moe.backend).float()
-        return _AllToAll.apply(y, send, recv, group)
+                        self.moe.backend)
+        if timer is not None:
+            timer.start("combine", rows.device)
+        y = _AllToAll.apply(y, send, recv, group)
+        if timer is not None:
+            timer.stop("combine", (sum(recv) - recv[self.ep_rank]) * y.shape[1] * y.element_size())
+        return y.float(), shared_out
 
     # ---- distributed checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Expert weights sharded along the expert axis over EP (global shape ``[E, ...]``), so a
-        checkpoint saved at one EP size loads at another; the rest replicated."""
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
+        """Expert weights sharded along the expert axis over EP and along F over TP (global
+        ``w1 [E, H, 2, F]`` for gated activations, else ``[E, H, F]``; ``w2 [E, F, H]``), the
+        shared expert along F over TP: a checkpoint saved at one (EP, TP) layout loads at
+        another. The router and the bias are replicated."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        prepend = len(sharded_offsets)
-        for name in ("w1", "w2"):
+        ep = (0, self.ep_rank, self.ep_size)
+        r, n = self.tp_rank, self.tp_size
+        g = self.parts == 2
+        E_l, H, Fl = self.num_local_experts, self.w1.shape[1], self.w2.shape[1]
+        specs = {
+            "w1": ((E_l, H, 2, Fl) if g else (E_l, H, Fl), [ep, (3 if g else 2, r, n)], (0, 0, self.edp_rank)),
+            "w2": ((E_l, Fl, H), [ep, (1, r, n)], (0, 0, self.edp_rank)),
+        }
+        if self.shared_w1 is not None:
+            Fsl = self.shared_w2.shape[0]
+            specs["shared_w1"] = ((H, 2, Fsl) if g else (H, Fsl), [(2 if g else 1, r, n)], (0, 0, self.dp_rank))
+            specs["shared_w2"] = ((Fsl, H), [(0, r, n)], (0, 0, self.dp_rank))
+        for name, (view, axes, replica) in specs.items():
             key = f"{prefix}{name}"
-            sd[key] = ShardedTensor.from_rank_offsets(
-                key, getattr(self, name), *sharded_offsets, (prepend, self.ep_rank, self.ep_size),
-                replica_id=(0, 0, self.edp_rank), prepend_axis_num=prepend)
+            sd[key] = _reshaping_factory(key, getattr(self, name), view, axes, sharded_offsets, replica)
         return sd
 
 

@@ -37,7 +37,9 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_ext import backends
 from megatron_ext.ops.sparse_attention import sparse_attention
-from megatron_ext.ops.sparse_attention.decode import StreamingKVCache, decode_step as decode_attention
+from megatron_ext.ops.sparse_attention.decode import (
+    IndexedKVCache, StreamingKVCache, decode_step as decode_attention,
+    decode_step_topk as decode_attention_topk)
 
 LETTERS = ("D", "W", "T")
 
@@ -139,8 +141,8 @@ class SparseCoreAttention(MegatronModule):
         out = sparse_attention(q, k, v, window_size=window, num_sink_tokens=sinks,
                                sink_logits=self._sink(), topk_indices=topk, causal=True,
                                softmax_scale=self.softmax_scale, backend=self.backend)
-        if indexer is not None:
-            out = indexer.attach_kl_loss(out, q, k, softmax_scale=self.softmax_scale)
+        if indexer is not None:  # SparseMQAttention attaches the KL once the attention is done
+            indexer.note_main_qk(q, k, self.softmax_scale)
         return out.transpose(0, 1).reshape(sq, b, -1)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
@@ -181,12 +183,27 @@ class SparseMQAttention(SelfAttention):
             self.core_attention.indexer_ref = (self.indexer,)
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
-        if self.indexer is not None:
-            # Kept until the next forward (not cleared) so a selective recompute of the core
-            # attention in the backward sees the same indices.
-            self.core_attention.topk_indices = self.indexer(hidden_states,
-                                                            rotary_pos_emb=kwargs.get("rotary_pos_emb"))
-        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        indexer = self.indexer
+        if indexer is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        # Kept until the next forward (not cleared) so a selective recompute of the core
+        # attention in the backward sees the same indices.
+        self.core_attention.topk_indices = indexer(hidden_states, rotary_pos_emb=kwargs.get("rotary_pos_emb"))
+        # The KL is attached to this module's output, not inside the core attention: under
+        # selective recompute the core attention first runs without grad (nothing could be
+        # attached) and its backward re-run is too late to add a loss. The core attention only
+        # hands over its q/k (after RoPE) here; a re-run in the backward finds the flag off.
+        indexer.collect_main_qk = self.training and torch.is_grad_enabled()
+        try:
+            output, bias = super().forward(hidden_states, attention_mask, *args, **kwargs)
+        finally:
+            indexer.collect_main_qk = False
+        qk = indexer.take_main_qk()
+        if qk is not None:
+            output = indexer.attach_kl_loss(output, qk[0], qk[1], softmax_scale=qk[2])
+        else:
+            indexer._saved = None
+        return output, bias
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: Optional[dict] = None):
         """Megatron's layout, except the indexer: the block stacks every layer's tensors along one
@@ -206,22 +223,28 @@ class SparseMQAttention(SelfAttention):
     # ------------------------------------------------------------------------------------------
     # Streaming decode (inference): keys stored after RoPE at absolute positions.
 
-    def _check_decode(self):
+    def _check_decode(self, cache=None):
         if self.config.sequence_parallel:
             raise ValueError("sequence_parallel=True: decode feeds one token, which cannot be split over "
                              "TP ranks; use sequence_parallel=False for inference")
-        if self.letter == "T":
-            raise NotImplementedError("letter='T': streaming decode of top-k layers needs the indexer's "
-                                      "key cache; only D and W layers decode for now")
+        want = IndexedKVCache if self.letter == "T" else StreamingKVCache
+        if cache is not None and not isinstance(cache, want):
+            raise ValueError(f"cache={type(cache).__name__}: a letter={self.letter!r} layer decodes with a "
+                             f"{want.__name__}; use this layer's new_cache()")
 
-    def new_cache(self, batch: int, dtype=None, device=None) -> StreamingKVCache:
-        """An empty cache for this layer: this rank's KV heads, the layer's window and sinks
-        (a D layer keeps every key)."""
+    def new_cache(self, batch: int, dtype=None, device=None):
+        """An empty cache for this layer: this rank's KV heads, the layer's window and sinks. A D
+        layer keeps every key; a T layer keeps every key AND the indexer's key of every position
+        (:class:`IndexedKVCache`: the indexer may pick any past key, so its cache is O(S))."""
         core = self.core_attention
         weight = self.linear_qkv.weight
+        dtype, device = dtype or weight.dtype, device or weight.device
+        if self.letter == "T":
+            return IndexedKVCache(batch, self.num_query_groups_per_partition, self.hidden_size_per_attention_head,
+                                  self.indexer.head_dim, core.window_size, core.num_sink_tokens, dtype=dtype,
+                                  index_dtype=self.indexer.linear_k.weight.dtype, device=device)
         return StreamingKVCache(batch, self.num_query_groups_per_partition, self.hidden_size_per_attention_head,
-                                core.window_size, core.num_sink_tokens, dtype=dtype or weight.dtype,
-                                device=device or weight.device)
+                                core.window_size, core.num_sink_tokens, dtype=dtype, device=device)
 
     def _qkv_rope(self, hidden_states, position: int, rotary_pos_emb):
         query, key, value = self.get_query_key_value_tensors(hidden_states)
@@ -236,23 +259,37 @@ class SparseMQAttention(SelfAttention):
     def prefill(self, hidden_states, cache: StreamingKVCache, rotary_pos_emb=None):
         """Prompt ``[p, b, h]`` from position 0: the training forward over it, filling ``cache``.
         ``rotary_pos_emb``: Megatron's RoPE table ``[>= p, 1, 1, d]``. Returns ``(out, bias)``."""
-        self._check_decode()
+        self._check_decode(cache)
         if cache.length != 0:
             raise ValueError(f"cache.length={cache.length}: prefill starts a sequence; use an empty cache "
                              "(continue with decode_step)")
         query, key, value = self._qkv_rope(hidden_states, 0, rotary_pos_emb)
-        cache.append(key.transpose(0, 1), value.transpose(0, 1), 0)
+        if self.letter == "T":
+            topk, k_idx = self.indexer.prefill_topk(hidden_states, rotary_pos_emb)
+            self.core_attention.topk_indices = topk
+            cache.append(key.transpose(0, 1), value.transpose(0, 1), 0, index_k=k_idx)
+        else:
+            cache.append(key.transpose(0, 1), value.transpose(0, 1), 0)
         return self.linear_proj(self.core_attention(query, key, value))
 
     def decode_step(self, hidden_states, cache: StreamingKVCache, position: int, rotary_pos_emb=None):
         """One token ``[1, b, h]`` at absolute ``position`` (== ``cache.length``): projections, RoPE,
-        cache update, attention over sinks + window, output projection -> ``(out [1, b, h], bias)``."""
-        self._check_decode()
+        cache update, attention over sinks + window (T layers: + the indexer's top-k of the new
+        query over every cached index key), output projection -> ``(out [1, b, h], bias)``."""
+        self._check_decode(cache)
         if hidden_states.shape[0] != 1:
             raise ValueError(f"hidden_states.shape={tuple(hidden_states.shape)}: decode_step takes one token; "
                              "use [1, b, h] (prefill for a prompt)")
         query, key, value = self._qkv_rope(hidden_states, position, rotary_pos_emb)
-        cache.append(key.transpose(0, 1), value.transpose(0, 1), position)
-        out = decode_attention(query[0], cache, softmax_scale=self.core_attention.softmax_scale,
-                               sink_logits=self.core_attention._sink())  # [b, np, hn]
+        core = self.core_attention
+        if self.letter == "T":
+            q_idx, k_idx, w = self.indexer.decode_inputs(hidden_states, position, rotary_pos_emb)
+            cache.append(key.transpose(0, 1), value.transpose(0, 1), position, index_k=k_idx)
+            topk = self.indexer.decode_topk(q_idx, w, cache.index_keys(), position)   # [b, 1, k]
+            out = decode_attention_topk(query[0], cache, topk, softmax_scale=core.softmax_scale,
+                                        sink_logits=core._sink())
+        else:
+            cache.append(key.transpose(0, 1), value.transpose(0, 1), position)
+            out = decode_attention(query[0], cache, softmax_scale=core.softmax_scale,
+                                   sink_logits=core._sink())  # [b, np, hn]
         return self.linear_proj(out.reshape(1, out.shape[0], -1))

@@ -21,6 +21,17 @@ Routing trace layout (``--moe-routing-trace-out DIR``)::
 
 Files are written by a background thread (the device->host copy is asynchronous), so the forward
 pass only enqueues. ``--moe-routing-replay DIR`` reads the same files back.
+
+Routing log layout (``--moe-routing-log DIR``), one JSON object per line, appended by a background
+thread through a bounded queue (at most ``LOG_QUEUE_SIZE`` records in flight; a full queue makes
+the forward pass wait rather than drop records)::
+
+    DIR/rank{R:05d}.jsonl
+    {"iteration": I, "micro_batch": M, "layer": L, "rank": R, "batch": b, "seq": s, "topk": k,
+     "expert_ids": [[[e, ...k], ...s], ...b], "probs": [[[p, ...k], ...s], ...b]}
+
+``expert_ids[i][j]`` / ``probs[i][j]`` belong to the token at batch row i, sequence position j of
+micro-batch M (the gates after normalisation and scaling, 0 for a pair dropped by capacity).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -49,10 +60,18 @@ def fp8_saturation(t: torch.Tensor) -> torch.Tensor:
     return (t.detach().abs() > FP8_E4M3_MAX).float().mean()
 
 
-class _TraceWriter:
-    def __init__(self):
-        self.q: "queue.Queue" = queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="moe-trace-writer")
+TRACE_QUEUE_SIZE = 256
+LOG_QUEUE_SIZE = 64
+
+
+class _BackgroundWriter:
+    """Writes host copies of device tensors on a daemon thread. ``put`` starts the device->host
+    copies without waiting for them (pinned memory + an event on CUDA) and enqueues; the queue is
+    bounded so a slow disk cannot pile up host memory: ``put`` then blocks until room frees."""
+
+    def __init__(self, name: str, maxsize: int):
+        self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
         self.thread.start()
 
     def _run(self):
@@ -61,29 +80,53 @@ class _TraceWriter:
             if item is None:
                 self.q.task_done()
                 return
-            path, host, event = item
+            write, hosts, event = item
             try:
                 if event is not None:
                     event.synchronize()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(host.to(torch.uint16), path)
-            except Exception:  # a failed trace write must not kill training; it is logged
-                log.exception("writing routing trace %s failed", path)
+                write(*hosts)
+            except Exception:  # a failed write must not kill training; it is logged
+                log.exception("MoE background write failed")
             finally:
                 self.q.task_done()
 
-    def put(self, path: Path, ids: torch.Tensor):
-        if ids.is_cuda:
-            host = torch.empty(ids.shape, dtype=torch.int32, pin_memory=True)
-            host.copy_(ids.to(torch.int32), non_blocking=True)
+    def put(self, write: Callable, *tensors: torch.Tensor):
+        event = None
+        hosts = []
+        for t in tensors:
+            if t.is_cuda:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+            else:
+                host = t.clone()
+            hosts.append(host)
+        if any(t.is_cuda for t in tensors):
             event = torch.cuda.Event()
             event.record()
-        else:
-            host, event = ids.to(torch.int32).clone(), None
-        self.q.put((path, host, event))
+        self.q.put((write, hosts, event))
 
     def flush(self):
         self.q.join()
+
+
+def _save_trace(path: Path, ids: torch.Tensor):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ids.to(torch.uint16), path)
+
+
+class _RoutingLog:
+    """Appends routing records to ``DIR/rank{R:05d}.jsonl`` (on the writer thread only)."""
+
+    def __init__(self, root: str, rank: int):
+        self.path = Path(root) / f"rank{rank:05d}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+
+    def write(self, head: dict, ids: torch.Tensor, probs: torch.Tensor):
+        b, s, k = ids.shape
+        row = dict(head, rank=self.rank, batch=b, seq=s, topk=k, expert_ids=ids.tolist(), probs=probs.tolist())
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
 
 
 class MoERunState:
@@ -101,7 +144,10 @@ class MoERunState:
         self._mb: Dict[int, int] = {}
         self._step: Dict[int, Dict[str, Any]] = {}
         self.run: Dict[int, Dict[str, Any]] = {}
-        self._writer: Optional[_TraceWriter] = None
+        self.routing_log: Optional[str] = None
+        self._writer: Optional[_BackgroundWriter] = None
+        self._log_writer: Optional[_BackgroundWriter] = None
+        self._log: Optional[_RoutingLog] = None
 
     # ---- run / step lifecycle (training loop)
     def configure(self, moe, rank: int, meta: Optional[dict] = None):
@@ -110,8 +156,12 @@ class MoERunState:
         self.trace_out = moe.routing_trace_out
         self.replay = moe.routing_replay
         self.monitor_interval = moe.monitor_interval
+        self.routing_log = getattr(moe, "routing_log", None)
+        if self.routing_log is not None:
+            self._log = _RoutingLog(self.routing_log, rank)
+            self._log_writer = _BackgroundWriter("moe-routing-log", LOG_QUEUE_SIZE)
         if self.trace_out is not None:
-            self._writer = _TraceWriter()
+            self._writer = _BackgroundWriter("moe-trace-writer", TRACE_QUEUE_SIZE)
             if rank == 0 and meta is not None:
                 Path(self.trace_out).mkdir(parents=True, exist_ok=True)
                 (Path(self.trace_out) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -127,8 +177,9 @@ class MoERunState:
         return self.iteration > 0 and self.iteration % self.monitor_interval == 0
 
     def flush(self):
-        if self._writer is not None:
-            self._writer.flush()
+        for w in (self._writer, self._log_writer):
+            if w is not None:
+                w.flush()
 
     # ---- per-layer calls from the forward pass
     def micro_batch(self, layer: int, advance: bool) -> int:
@@ -141,7 +192,14 @@ class MoERunState:
 
     def write_trace(self, layer: int, micro_batch: int, ids_bsk: torch.Tensor):
         path = trace_file(self.trace_out, self.rank, self.iteration, micro_batch, layer)
-        self._writer.put(path, ids_bsk)
+        self._writer.put(lambda ids: _save_trace(path, ids), ids_bsk.to(torch.int32))
+
+    def log_routing(self, layer: int, micro_batch: int, ids_sbk: torch.Tensor, probs_sbk: torch.Tensor):
+        """Enqueue one routing-log record; ``ids_sbk``/``probs_sbk`` ``[s, b, k]`` (Megatron's
+        layout), written as ``[b, s, k]``."""
+        head = {"iteration": self.iteration, "micro_batch": micro_batch, "layer": layer}
+        self._log_writer.put(lambda ids, probs: self._log.write(head, ids, probs),
+                             ids_sbk.permute(1, 0, 2).to(torch.int32), probs_sbk.permute(1, 0, 2).float())
 
     def read_trace(self, layer: int, micro_batch: int, shape) -> torch.Tensor:
         path = trace_file(self.replay, self.rank, self.iteration, micro_batch, layer)

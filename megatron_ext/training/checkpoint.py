@@ -7,6 +7,7 @@ as the one ``--resume`` loads.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from megatron_ext.observability.files import write_text_atomic
 from megatron_ext.training.distributed import barrier
 
 TRACKER = "latest_checkpointed_iteration.txt"
+WEIGHTS_ONLY = "weights_only"  # common-state key of a checkpoint without optimizer state
 
 
 def _is_rank0() -> bool:
@@ -70,14 +72,47 @@ def save(root: Path, iteration: int, model, optimizer, scheduler, extra: Dict[st
     return final
 
 
+def save_weights_only(root: Path, iteration: int, model, extra: Dict[str, Any]) -> Path:
+    """A checkpoint of the model weights alone (as written by ``megatron-ext convert``): ``load``
+    restores the weights and leaves the optimizer and LR schedule fresh, like Megatron's
+    ``--finetune``. Same folder layout, tracker and atomic rename as :func:`save`."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    partial = final.with_name(final.name + ".partial")
+    if _is_rank0():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": iteration,
+                             "extra": extra, WEIGHTS_ONLY: True}, str(partial))
+    barrier()
+    if _is_rank0():
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        write_text_atomic(root / TRACKER, str(iteration))
+    barrier()
+    return final
+
+
 def load(root: Path, model, optimizer, scheduler) -> Optional[Tuple[int, Dict[str, Any]]]:
-    """Load the newest checkpoint under ``root`` in place; None when there is none."""
+    """Load the newest checkpoint under ``root`` in place; None when there is none. A weights-only
+    checkpoint (:func:`save_weights_only`) restores the model and leaves optimizer and scheduler fresh."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
     if iteration is None:
         return None
     path = iteration_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if common.get(WEIGHTS_ONLY):
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        model.load_state_dict(loaded["model"])
+        logging.getLogger("megatron_ext.train").info(
+            "%s holds weights only: the optimizer and the LR schedule start fresh", path)
+        return int(common["iteration"]), dict(common["extra"])
     # Non-sharded entries (scheduler, iteration, extra) come back from the common state file.
     state = _state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))

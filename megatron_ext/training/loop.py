@@ -29,7 +29,7 @@ from megatron_ext.observability.receipt import (
     peak_memory_bytes,
     write_json_atomic,
 )
-from megatron_ext.training import checkpoint
+from megatron_ext.training import checkpoint, faults
 from megatron_ext.training.distributed import DistEnv, barrier, init_distributed
 from megatron_ext.training.model import build_gpt, count_parameters, transformer_config
 
@@ -273,6 +273,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
                                 {"consumed_samples": consumed, "global_batch_size": gbs,
                                  "seq_length": cfg.seq_length, "preset": cfg.preset})
             progress.write(f"iter {iteration:>6} | saved checkpoint {checkpoint.iteration_dir(ckpt_root, iteration)}")
+        faults.maybe_kill(env.rank, iteration)  # test-only (MEGATRON_EXT_TEST_KILL_RANK); no-op unset
     progress.close()
     # The first step pays one-time costs (kernel selection, lazy init, any torch.compile of
     # Megatron's fused helpers): count its excess over the median step as compile/warm-up badput.

@@ -68,6 +68,7 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_router_enable_expert_bias=bool(cfg.moe_router_enable_expert_bias),
             moe_router_bias_update_rate=cfg.moe_router_bias_update_rate,
             moe_expert_capacity_factor=cfg.moe_expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=bool(cfg.moe_pad_expert_input_to_capacity),
             moe_token_drop_policy=cfg.moe_token_drop_policy,
             moe_input_jitter_eps=cfg.moe_input_jitter_eps,
             moe_router_num_groups=cfg.moe_router_num_groups,

@@ -53,6 +53,7 @@ wrong); on the GPU they go to the tensor cores as bf16.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 from typing import Dict, Optional, Tuple
@@ -75,6 +76,13 @@ class GemmTile:
     block_k: int
     warps: int
     stages: int
+    # persistent kernels: resident programs per SM (0 = TileConfig.programs_per_sm); 2 lets one
+    # program's memory-bound epilogue overlap the other's main loop when registers and shared
+    # memory allow two
+    programs_per_sm: int = 0
+    # weight (non-gathered) operand through a TMA tensor descriptor (sm >= 90; the launcher falls
+    # back to pointer loads where the layout or the device does not allow it)
+    tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -82,6 +90,9 @@ class GemmTile:
             if not isinstance(v, int) or v < 16 or v & (v - 1):
                 raise ValueError(f"{name}={v!r}: tile sizes are powers of two >= 16 (tl.dot "
                                  f"minimum); use 16, 32, 64, 128 or 256")
+        if not isinstance(self.programs_per_sm, int) or not 0 <= self.programs_per_sm <= 8:
+            raise ValueError(f"programs_per_sm={self.programs_per_sm!r}: resident programs per "
+                             f"SM; use 0 (the TileConfig's) or 1..8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,21 +117,25 @@ class TileConfig:
 
 
 # H100 (16-bit inputs), picked by scripts/tune_moe.py at T=8192, H=2048, F=1408, E=64, top-6
-# (one kernel varied at a time, do_bench medians; TFLOP/s of that kernel's GEMM):
-#   up    128x64(x2 gate/up) k64 w8 s4: 436   128x128(x2) k64 w8 s3: 462 (picked)   w4: 399
-#   down  128x128 k64 w8 s4: 475   128x256 k64 w8 s3: 497 (picked)   256x128: 435
-#   dh    128x64 k64 w8 s4: 226 (picked)   128x128 s3: 209   128x128 s4: 224   64x128 w4: 165
-#   dx    128x128 k64 w8 s4: 420   128x256 k64 w8 s3: 494 (picked)   256x128: 463
-#   wgrad 128x128 k64 w8 s4: 367 (picked)   128x256 s3: 361   256x128: 279   k32 s5: 366
-# Two programs per SM (3 stages) lost 10-20 % everywhere: one program per SM, the persistent grid
-# is the SM count. Shared memory per stage: (BM + BN') * BK * 2 B, at most 48 KB x 3 stages.
+# (one kernel varied at a time, do_bench medians; TFLOP/s of that kernel's GEMM; tile = BMxBN kBK
+# warps w, stages s, "tma" = weight operand through a TMA descriptor, "2/SM" = 2 programs per SM):
+#   up    128x128(x2) k64 w8 s3: 467   +tma: 474   +tma s4: 479 (picked)   128x64 2/SM tma: 441
+#   down  128x256 k64 w8 s3: 503   +tma: 536 (picked)   +tma s4: 522   128x128 2/SM tma: 498
+#   dh    128x64 k64 w8 s4: 224   +tma: 230 (picked)   128x64 s3 2/SM: 184 (tma 186)
+#         128x128 tma s4: 220   128x128 tma 2/SM: 203   64x128 w4 2/SM: 209
+#   dx    128x256 k64 w8 s3: 504   +tma: 573   +tma s4: 580 (picked)   128x128 2/SM tma: 492
+#   wgrad (dW1 + dW2) 128x128 k64 w8 s4: 364   +tma: 389   128x128 k32 w4 s4 tma: 398 (picked)
+#         128x128 k128 s3 tma: 289   128x256 s3 tma: 378   64x128 w4 tma: 336
+# Two programs per SM lost everywhere (the persistent programs then share the SM's shared memory
+# and registers without hiding the epilogue), so one program per SM. TMA helps most where the
+# weight tile is K-major (dx: W1^T, +15 %) or the operand is the wgrad's contiguous side (+7 %).
 # Tile shapes never depend on T (batch invariance, see above).
 H100_CONFIG = TileConfig(
-    up=GemmTile(128, 128, 64, 8, 3),
-    down=GemmTile(128, 256, 64, 8, 3),
-    dh=GemmTile(128, 64, 64, 8, 4),
-    dx=GemmTile(128, 256, 64, 8, 3),
-    wgrad=GemmTile(128, 128, 64, 8, 4),
+    up=GemmTile(128, 128, 64, 8, 4, tma=True),
+    down=GemmTile(128, 256, 64, 8, 3, tma=True),
+    dh=GemmTile(128, 64, 64, 8, 4, tma=True),
+    dx=GemmTile(128, 256, 64, 8, 4, tma=True),
+    wgrad=GemmTile(128, 128, 32, 4, 4, tma=True),
 )
 # 4-byte operands: half the tiles to stay in shared memory; fp32 is the exact correctness path.
 FP32_CONFIG = TileConfig(
@@ -151,11 +166,62 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _persistent_grid(work_bound: int, device: torch.device, cfg: TileConfig) -> Tuple[int]:
+def _persistent_grid(work_bound: int, device: torch.device, cfg: TileConfig,
+                     tile: Optional[GemmTile] = None) -> Tuple[int]:
     if interpreted() or device.type != "cuda":
         return (max(1, min(work_bound, 2)),)
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    return (max(1, min(work_bound, _num_sms(idx) * cfg.programs_per_sm)),)
+    per_sm = (tile.programs_per_sm if tile is not None else 0) or cfg.programs_per_sm
+    return (max(1, min(work_bound, _num_sms(idx) * per_sm)),)
+
+
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def _ensure_cuda_context(device: torch.device) -> None:
+    """Make the device's primary context current in this thread. Triton < 3.7 encodes host-side
+    TMA descriptors with the driver API in the calling thread without making a context current
+    first; autograd runs backward in its own device thread, where torch's runtime API has not
+    bound one yet ("Failed to create tensor map descriptor: invalid device context"). Pure driver
+    calls: no stream work, so CUDA-graph capture is unaffected."""
+    lib = _libcuda()
+    if lib is None:
+        return
+    ctx = ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
+        return
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    dev = ctypes.c_int()
+    if lib.cuDeviceGet(ctypes.byref(dev), idx) == 0 and \
+            lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0:
+        lib.cuCtxSetCurrent(ctx)
+
+
+def _tma_desc(t: Tensor, rows: int, block: Tuple[int, int], want: bool):
+    """2-D TMA descriptor over ``t`` viewed as ``[rows, t.shape[-1]]`` (experts stacked along the
+    rows), or None where TMA cannot be used (not asked for, not contiguous, misaligned, or a GPU
+    before sm_90); the kernels then load through pointers. Rows past an expert's end read the next
+    expert's rows: the kernels use TMA only where those rows meet masked or zero values."""
+    if not want or not t.is_contiguous() or t.data_ptr() % 16 or \
+            (t.shape[-1] * t.element_size()) % 16:
+        return None
+    if t.device.type == "cuda":
+        if torch.cuda.get_device_capability(t.device) < (9, 0):
+            return None
+        _ensure_cuda_context(t.device)
+    if t.device.type != "cuda" and not interpreted():
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton < 3.4
+        return None
+    flat = t.view(rows, t.shape[-1])
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), list(block))
 
 
 def _flags(dtype: torch.dtype) -> Tuple[bool, str]:
@@ -271,13 +337,15 @@ def _tile(TABLE, max_tiles, mt):
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _up_kernel(X, W1, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
+def _up_kernel(X, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
                stride_x, stride_we, stride_wk, stride_wn, stride_a, stride_h,
                GATED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+               B_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """Persistent: work item ``w`` = (M tile ``w // n_tn``, F tile ``w % n_tn``). Writes
-    ``a [N, (2)F]`` and ``h [N, F]`` (sorted row order)."""
+    ``a [N, (2)F]`` and ``h [N, F]`` (sorted row order). ``B_TMA``: W1 tiles through the
+    descriptor over ``W1 [E*H, N1]`` (needs EVEN_K so K tiles stay inside one expert; gate
+    columns past F read up columns, which only feed masked output columns)."""
     n_tn = tl.cdiv(ffn, BLOCK_N)
     total = tl.load(NTILES) * n_tn
     rm = tl.arange(0, BLOCK_M)
@@ -295,7 +363,10 @@ def _up_kernel(X, W1, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, n_hidden, BLOCK_K):
-            if EVEN_K:
+            if B_TMA:
+                xa = tl.load(x_ptr, mask=row_ok[:, None], other=0.0)
+                wg = W1_DESC.load([e * n_hidden + k0, (w % n_tn) * BLOCK_N])
+            elif EVEN_K:
                 xa = tl.load(x_ptr, mask=row_ok[:, None], other=0.0)
                 wg = tl.load(w_ptr, mask=col_ok[None, :], other=0.0)
             else:
@@ -304,7 +375,9 @@ def _up_kernel(X, W1, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
                 wg = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc_g = _dot(xa, wg, acc_g, UPCAST, DOT_PREC)
             if GATED:
-                if EVEN_K:
+                if B_TMA:
+                    wu = W1_DESC.load([e * n_hidden + k0, ffn + (w % n_tn) * BLOCK_N])
+                elif EVEN_K:
                     wu = tl.load(w_ptr + ffn * stride_wn, mask=col_ok[None, :], other=0.0)
                 else:
                     wu = tl.load(w_ptr + ffn * stride_wn, mask=k_ok[:, None] & col_ok[None, :],
@@ -327,13 +400,17 @@ def _up_kernel(X, W1, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
 
 
 @triton.jit
-def _down_kernel(A, B, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
+def _down_kernel(A, B, B_DESC, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
                  stride_a, stride_be, stride_bk, stride_bn, stride_c,
                  SCALE: tl.constexpr, EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 B_TMA: tl.constexpr, B_TRANS: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """Persistent: ``C[order[r]] = (p[r] *) A[r] @ B[e(r)]`` over sorted rows ``r``; B is
-    ``[E, n_in, n_out]`` with any strides (``W2``, or ``W1`` transposed for dx)."""
+    ``[E, n_in, n_out]`` with any strides (``W2``, or ``W1`` transposed for dx). ``B_TMA``: B
+    tiles through a descriptor over the weight stacked ``[E*n_in, n_out]`` (``B_TRANS``: over
+    ``[E*n_out, n_in]``, tiles loaded ``[BN, BK]`` and transposed; K-major, the layout the
+    tensor cores read directly)."""
     n_tn = tl.cdiv(n_out, BLOCK_N)
     total = tl.load(NTILES) * n_tn
     rm = tl.arange(0, BLOCK_M)
@@ -351,10 +428,17 @@ def _down_kernel(A, B, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
         for k0 in range(0, n_in, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
-                b = tl.load(b_ptr, mask=col_ok[None, :], other=0.0)
             else:
                 k_ok = (k0 + rk) < n_in
                 a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if B_TMA:
+                if B_TRANS:
+                    b = B_DESC.load([e * n_out + (w % n_tn) * BLOCK_N, k0]).T
+                else:
+                    b = B_DESC.load([e * n_in + k0, (w % n_tn) * BLOCK_N])
+            elif EVEN_K:
+                b = tl.load(b_ptr, mask=col_ok[None, :], other=0.0)
+            else:
                 b = tl.load(b_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(a, b, acc, UPCAST, DOT_PREC)
             a_ptr += BLOCK_K
@@ -367,15 +451,17 @@ def _down_kernel(A, B, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
 
 
 @triton.jit
-def _dh_kernel(DOUT, W2, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, max_tiles, n_hidden, ffn,
-               n_rows, stride_d, stride_we, stride_wf, stride_wh, stride_a, stride_h,
+def _dh_kernel(DOUT, W2, W2_DESC, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, max_tiles,
+               n_hidden, ffn, n_rows, stride_d, stride_we, stride_wf, stride_wh, stride_a, stride_h,
                GATED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+               B_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """Persistent: ``g = dout[token[r]] @ W2[e]^T`` for F tile ``n``; epilogue (with ``h``
     recomputed from ``a``): ``DPP[n, r] = sum_f g*h`` (dprobs partial), ``da = act'(a) * p * g``
     (gated: d gate and d up), and ``p * h`` for dW2 (the prob folded into the A operand there,
-    so dW2's inner loop is a plain GEMM)."""
+    so dW2's inner loop is a plain GEMM). ``B_TMA``: W2 tiles ``[BN, BK]`` through a descriptor
+    over ``W2 [E*F, H]`` (K-major); rows past F of the last F tile belong to the next expert and
+    give finite garbage in columns that are masked (stores) or meet ``h = 0`` (dprobs)."""
     n_tn = tl.cdiv(ffn, BLOCK_N)
     total = tl.load(NTILES) * n_tn
     rm = tl.arange(0, BLOCK_M)
@@ -395,10 +481,14 @@ def _dh_kernel(DOUT, W2, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, max_tiles
         for k0 in range(0, n_hidden, BLOCK_K):
             if EVEN_K:
                 d = tl.load(d_ptr, mask=row_ok[:, None], other=0.0)
-                wt = tl.load(w_ptr, mask=col_ok[None, :], other=0.0)
             else:
                 k_ok = (k0 + rk) < n_hidden
                 d = tl.load(d_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if B_TMA:
+                wt = W2_DESC.load([e * ffn + nt * BLOCK_N, k0]).T
+            elif EVEN_K:
+                wt = tl.load(w_ptr, mask=col_ok[None, :], other=0.0)
+            else:
                 wt = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             g = _dot(d, wt, g, UPCAST, DOT_PREC)
             d_ptr += BLOCK_K
@@ -425,14 +515,18 @@ def _dh_kernel(DOUT, W2, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, max_tiles
 
 
 @triton.jit
-def _wgrad_kernel(A, B, C, A_IDX, B_IDX, BOUNDS, m_dim, n_dim, stride_a, stride_b,
+def _wgrad_kernel(A, B, A_DESC, B_DESC, C, A_IDX, B_IDX, BOUNDS, m_dim, n_dim, stride_a, stride_b,
                   stride_ce, stride_cm, stride_cn,
                   GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  A_TMA: tl.constexpr, B_TMA: tl.constexpr,
                   UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """``C[e] = A_e^T @ B_e`` over expert ``e``'s sorted rows ``[bounds[e], bounds[e+1])`` in row
     order (one program per output tile: deterministic, no split-K). ``A_e`` rows are
-    ``A[A_IDX[r]]`` if GATHER_A else ``A[r]``; likewise B."""
+    ``A[A_IDX[r]]`` if GATHER_A else ``A[r]``; likewise B. ``A_TMA`` / ``B_TMA`` (only for a
+    non-gathered operand whose partner is gathered): its ``[BK, BM|BN]`` row block comes through a
+    descriptor unmasked; rows past the expert's end meet the partner's zero-masked rows, so they
+    add exact zeros."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_tn = tl.cdiv(n_dim, BLOCK_N)
@@ -455,10 +549,16 @@ def _wgrad_kernel(A, B, C, A_IDX, B_IDX, BOUNDS, m_dim, n_dim, stride_a, stride_
             rb = tl.load(B_IDX + r, mask=r_ok, other=0).to(tl.int64)
         else:
             rb = r.to(tl.int64)
-        a_t = tl.load(A + ra[None, :] * stride_a + m[:, None], mask=m_ok[:, None] & r_ok[None, :],
-                      other=0.0)
-        b = tl.load(B + rb[:, None] * stride_b + n[None, :], mask=r_ok[:, None] & n_ok[None, :],
-                    other=0.0)
+        if A_TMA:
+            a_t = A_DESC.load([r0, (pid // n_tn) * BLOCK_M]).T
+        else:
+            a_t = tl.load(A + ra[None, :] * stride_a + m[:, None],
+                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if B_TMA:
+            b = B_DESC.load([r0, (pid % n_tn) * BLOCK_N])
+        else:
+            b = tl.load(B + rb[:, None] * stride_b + n[None, :],
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a_t, b, acc, UPCAST, DOT_PREC)
     tl.store(C + e.to(tl.int64) * stride_ce + m[:, None] * stride_cm + n[None, :] * stride_cn,
              acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -490,27 +590,39 @@ def launch_up(x, w1, a, h, r: Routing, activation: str, cfg: TileConfig) -> None
     ffn = h.shape[1]
     n_hidden = x.shape[1]
     upcast, prec = _flags(x.dtype)
-    grid = _persistent_grid(max_tiles * triton.cdiv(ffn, t.block_n), x.device, cfg)
+    even_k = n_hidden % t.block_k == 0
+    desc = _tma_desc(w1, w1.shape[0] * n_hidden, (t.block_k, t.block_n), t.tma and even_k)
+    grid = _persistent_grid(max_tiles * triton.cdiv(ffn, t.block_n), x.device, cfg, t)
     _up_kernel[grid](
-        x, w1, a, h, r.token, table, n_tiles, max_tiles, n_hidden, ffn,
-        x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), a.stride(0), h.stride(0),
-        GATED=gated, ACT=act, EVEN_K=n_hidden % t.block_k == 0, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, UPCAST=upcast, DOT_PREC=prec,
-        num_warps=t.warps, num_stages=t.stages)
+        x, w1, desc if desc is not None else w1, a, h, r.token, table, n_tiles, max_tiles,
+        n_hidden, ffn, x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), a.stride(0),
+        h.stride(0), GATED=gated, ACT=act, EVEN_K=even_k, BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n, BLOCK_K=t.block_k, B_TMA=desc is not None, UPCAST=upcast,
+        DOT_PREC=prec, num_warps=t.warps, num_stages=t.stages)
 
 
 def launch_down(src, b, dst, r: Routing, b_strides, n_in: int, n_out: int, scale: bool,
                 tile: GemmTile, cfg: TileConfig) -> None:
-    """``dst[order[r]] = (p *) src[r] @ B[e]``; ``b_strides`` = (expert, in, out) strides of B."""
+    """``dst[order[r]] = (p *) src[r] @ B[e]``; ``b_strides`` = (expert, in, out) strides of B
+    (``b`` is the stored weight: ``[E, n_in, n_out]``, or ``[E, n_out, n_in]`` read transposed
+    when its ``in`` stride is 1)."""
     table, n_tiles, max_tiles = r.tables[tile.block_m]
     upcast, prec = _flags(src.dtype)
-    grid = _persistent_grid(max_tiles * triton.cdiv(n_out, tile.block_n), src.device, cfg)
+    even_k = n_in % tile.block_k == 0
+    trans = b_strides[1] == 1 and b_strides[2] != 1
+    if trans:   # tiles [BN, BK] of b [E*n_out, n_in]; K tails past n_in are zero-filled
+        desc = _tma_desc(b, b.shape[0] * n_out, (tile.block_n, tile.block_k),
+                         tile.tma and tuple(b.shape[1:]) == (n_out, n_in))
+    else:       # tiles [BK, BN] of b [E*n_in, n_out]: K tiles must not cross experts
+        desc = _tma_desc(b, b.shape[0] * n_in, (tile.block_k, tile.block_n),
+                         tile.tma and even_k and tuple(b.shape[1:]) == (n_in, n_out))
+    grid = _persistent_grid(max_tiles * triton.cdiv(n_out, tile.block_n), src.device, cfg, tile)
     _down_kernel[grid](
-        src, b, dst, r.order, r.prob, table, n_tiles, max_tiles, n_out, n_in,
-        src.stride(0), b_strides[0], b_strides[1], b_strides[2], dst.stride(0),
-        SCALE=scale, EVEN_K=n_in % tile.block_k == 0, BLOCK_M=tile.block_m,
-        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, UPCAST=upcast, DOT_PREC=prec,
-        num_warps=tile.warps, num_stages=tile.stages)
+        src, b, desc if desc is not None else b, dst, r.order, r.prob, table, n_tiles, max_tiles,
+        n_out, n_in, src.stride(0), b_strides[0], b_strides[1], b_strides[2], dst.stride(0),
+        SCALE=scale, EVEN_K=even_k, BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, B_TMA=desc is not None, B_TRANS=trans,
+        UPCAST=upcast, DOT_PREC=prec, num_warps=tile.warps, num_stages=tile.stages)
 
 
 def launch_dh(dout, w2, a, da, h, dpp, r: Routing, activation: str, cfg: TileConfig) -> None:
@@ -520,12 +632,14 @@ def launch_dh(dout, w2, a, da, h, dpp, r: Routing, activation: str, cfg: TileCon
     ffn = h.shape[1]
     n_hidden = dout.shape[1]
     upcast, prec = _flags(dout.dtype)
-    grid = _persistent_grid(max_tiles * triton.cdiv(ffn, t.block_n), dout.device, cfg)
+    desc = _tma_desc(w2, w2.shape[0] * ffn, (t.block_n, t.block_k), t.tma)
+    grid = _persistent_grid(max_tiles * triton.cdiv(ffn, t.block_n), dout.device, cfg, t)
     _dh_kernel[grid](
-        dout, w2, a, da, h, dpp, r.token, r.prob, table, n_tiles, max_tiles, n_hidden, ffn,
-        r.rows, dout.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), a.stride(0), h.stride(0),
-        GATED=gated, ACT=act, EVEN_K=n_hidden % t.block_k == 0, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, UPCAST=upcast, DOT_PREC=prec,
+        dout, w2, desc if desc is not None else w2, a, da, h, dpp, r.token, r.prob, table,
+        n_tiles, max_tiles, n_hidden, ffn, r.rows, dout.stride(0), w2.stride(0), w2.stride(1),
+        w2.stride(2), a.stride(0), h.stride(0), GATED=gated, ACT=act,
+        EVEN_K=n_hidden % t.block_k == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, B_TMA=desc is not None, UPCAST=upcast, DOT_PREC=prec,
         num_warps=t.warps, num_stages=t.stages)
 
 
@@ -535,13 +649,21 @@ def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: 
     t = cfg.wgrad
     E, m_dim, n_dim = out.shape
     upcast, prec = _flags(a_src.dtype)
+    # TMA only for the contiguous operand of a gathered pair: its unmasked rows past the expert
+    # then meet the gathered partner's zero rows
+    a_desc = _tma_desc(a_src, a_src.shape[0], (t.block_k, t.block_m),
+                       t.tma and a_idx is None and b_idx is not None)
+    b_desc = _tma_desc(b_src, b_src.shape[0], (t.block_k, t.block_n),
+                       t.tma and b_idx is None and a_idx is not None)
     grid = (triton.cdiv(m_dim, t.block_m) * triton.cdiv(n_dim, t.block_n), E)
     _wgrad_kernel[grid](
-        a_src, b_src, out, a_idx if a_idx is not None else r.token,
+        a_src, b_src, a_desc if a_desc is not None else a_src,
+        b_desc if b_desc is not None else b_src, out, a_idx if a_idx is not None else r.token,
         b_idx if b_idx is not None else r.token, r.bounds, m_dim, n_dim,
         a_src.stride(0), b_src.stride(0), out.stride(0), out.stride(1), out.stride(2),
         GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, UPCAST=upcast, DOT_PREC=prec,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, A_TMA=a_desc is not None,
+        B_TMA=b_desc is not None, UPCAST=upcast, DOT_PREC=prec,
         num_warps=t.warps, num_stages=t.stages)
 
 

@@ -20,13 +20,18 @@ Tiling (FlashAttention-2 style online softmax with a stored log-sum-exp):
   ``O(S * (W + num_sink))``, not ``O(S^2)``. The band is split into three ranges: a masked lower
   edge (window boundary), an unmasked interior, and a masked diagonal (causal boundary); sink-only
   blocks below the band are masked. Masks are ``j <= t & (t - j < W | j < num_sink)``.
-* **Backward** (deterministic, no atomics): a preprocessing kernel computes
-  ``delta = rowsum(dO * O)``; a dq kernel walks key blocks like the forward; a dk/dv kernel owns a
-  key block and walks the query blocks that can see it (``[n0, n0 + BN - 1 + W)``, at most
-  ``W + BN`` rows). Sink keys are seen by EVERY later query, so the sink key blocks' gradient from
-  queries past their band is split over extra "sink chunk" programs (``sink_chunk`` queries each)
-  that write fp32 partials; torch sums the partials in a fixed order. Without that split one
-  program would walk all ``S`` queries and be the critical path at long ``S``.
+* **Backward** (deterministic by default, no atomics): a preprocessing kernel computes
+  ``delta = rowsum(dO * O)``; a dq kernel walks key blocks like the forward; the dk/dv kernel's
+  program is one (key block, query chunk) pair: it walks the chunk's query blocks that can see the
+  key block (its causal-window band ``[n0, n0 + BN - 1 + W)`` cut to the chunk; for sink key blocks,
+  every query of the chunk). Why chunks: in MQA, Q and dO are ``group`` times larger than K/V (128 MB
+  at S=16384, hq=16, d=128), and a program that walked its whole band streamed them from HBM ~W/BN
+  times; with the key-block slot as the fastest grid axis, the programs resident together read the
+  same few chunks, which stay in L2. It also gives ``S/BN * S/chunk`` programs where the band walk
+  had ``S/BN`` (32 programs for 132 SMs at a plain causal 4k). Each program writes its fp32
+  partial; torch sums them in a fixed order (``TileConfig.dkdv_atomic`` adds them with atomics
+  instead; ``fused_dq`` computes dq in this kernel with atomics, FlashAttention-2 style -- both
+  measured, neither faster enough to give up determinism, see docs/sparse_attention.md).
   ``d sink_h = -sum_t exp(sink_h - lse_t) * delta_t`` is an O(b * hq * s) torch reduction.
 
 Roofline it aims at (H100 SXM, bf16): a forward program does ``4 * d * BLOCK_M * (W + BT)``
@@ -61,7 +66,11 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 class TileConfig:
     """Tile sizes. ``*_block_m`` counts tile ROWS (tokens x stacked heads), ``*_block_n`` keys.
 
-    ``sink_chunk``: queries per sink-gradient program in the dk/dv pass (None: max(W, 1024)).
+    ``dkdv_chunk``: query tokens per dk/dv program (None: picked per shape by :func:`_dkdv_chunk`).
+    ``dkdv_atomic``: dk/dv partials of the query chunks are added with fp32 atomics instead of being
+    written apart and summed in a fixed order (less memory traffic; run-to-run bits may differ).
+    ``fused_dq``: the dk/dv kernel also adds ``dS @ K`` into an fp32 dq with atomics
+    (FlashAttention-2 style) and the separate dq kernel is skipped (not deterministic either).
     """
 
     fwd_block_m: int = 128
@@ -76,14 +85,25 @@ class TileConfig:
     dkdv_block_n: int = 128
     dkdv_warps: int = 8
     dkdv_stages: int = 3
-    sink_chunk: Optional[int] = None
+    dkdv_chunk: Optional[int] = None
+    dkdv_atomic: bool = False
+    fused_dq: bool = False
+
+    @property
+    def deterministic(self) -> bool:
+        return not (self.dkdv_atomic or self.fused_dq)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             val = getattr(self, f.name)
-            if f.name == "sink_chunk":
+            if f.name == "dkdv_chunk":
                 if val is not None and (not isinstance(val, int) or val < 1):
-                    raise ValueError(f"sink_chunk={val!r}: queries per sink program; use an int >= 1 or None")
+                    raise ValueError(f"dkdv_chunk={val!r}: query tokens per dk/dv program; use an int >= 1 "
+                                     f"or None")
+                continue
+            if f.name in ("dkdv_atomic", "fused_dq"):
+                if not isinstance(val, bool):
+                    raise ValueError(f"{f.name}={val!r}: a switch; use True or False")
                 continue
             if f.name.endswith(("_block_m", "_block_n")):
                 if not isinstance(val, int) or val < 16 or val & (val - 1):
@@ -97,14 +117,16 @@ class TileConfig:
 #   d=64:  fwd 255 regs / 0 B spill, dq 235 / 0, dkdv 235 / 0
 #   d=128: fwd 201 / 0, dq 216 / 0, dkdv 255 / 208 B (BLOCK_N=128 spilled 1.9 KB)
 #   d=256: fwd 255 / 12, dq 255 / 76, dkdv 238 / 0
-# d=128 dk/dv re-picked from a timed sweep (scripts/tune_sparse_attention.py, H100, S=16384, MQA
+# d=128 dk/dv re-picked from timed sweeps (scripts/tune_sparse_attention.py, H100, S=16384, MQA
 # group 16, W=4096): 32x128 w8 s2 took the backward from 8.88 to 4.87 ms (fwd 1.11 ms unchanged);
-# the other head dims are not timed yet.
+# with the (key block x query chunk) dk/dv grid the backward was 4.40 ms at 32x128 and 3.87 ms at
+# 64x128 w8 s2 (the larger M halves the loop trips; 64x64 w4 5.86, 16x128 5.81, 32x64 w4 4.06).
+# The other head dims are not timed yet.
 H100_CONFIGS = {
     16: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
     32: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
     64: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
-    128: TileConfig(128, 64, 8, 3, 128, 32, 8, 3, 32, 128, 8, 2),
+    128: TileConfig(128, 64, 8, 3, 128, 32, 8, 3, 64, 128, 8, 2),
     256: TileConfig(64, 32, 8, 2, 64, 32, 8, 2, 32, 32, 8, 2),
 }
 # The interpreter runs every tile op in numpy: small tiles keep the CPU tests fast.
@@ -341,12 +363,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_qh,
-                stride_dos, stride_doh, n, hc, qb_lo, qb_hi, seqlen, group, window, num_sink, qk_scale,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base, stride_qs, stride_qh,
+                stride_dos, stride_doh, stride_dqas, stride_dqah, n, hc, qb_lo, qb_hi, seqlen, group,
+                window, num_sink, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, MASK: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """Accumulate one key block's dk/dv over query blocks ``[qb_lo, qb_hi)`` of head chunk ``hc``
-    (tiles are transposed, ``[keys, rows]``, so no transpose of P or dS is needed)."""
+    (tiles are transposed, ``[keys, rows]``, so no transpose of P or dS is needed). ``FUSED_DQ``:
+    also add this key block's share of dq, ``dS @ K``, into the fp32 buffer at ``dqa_base``."""
     BT: tl.constexpr = BLOCK_M // HB
     r = tl.arange(0, BLOCK_M)
     hl = hc * HB + r % HB
@@ -368,6 +392,10 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         dpT = _dot(v, tl.trans(do), UPCAST, DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, UPCAST, DOT_PREC)
+        if FUSED_DQ:  # FlashAttention-2 style: order of the fp32 adds varies run to run
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k, UPCAST, DOT_PREC) * sm_scale
+            tl.atomic_add(dqa_base + t[:, None] * stride_dqas + hl[:, None] * stride_dqah + d[None, :],
+                          dq, mask=ok[:, None], sem="relaxed")
     return dk, dv
 
 
@@ -383,84 +411,95 @@ def _query_band(n0, seqlen, window, BT: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DKP, DVP,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                     stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
+                     stride_dqab, stride_dqas, stride_dqah,
                      seqlen, hq, hkv, group, window, num_sink, qk_scale, sm_scale,
-                     n_kb, n_sink_blk, sink_rows, chunk_blocks, n_bg,
+                     n_sink_blk, sink_rows, s_pad, chunk_blocks, n_bg,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HB: tl.constexpr, N_HC: tl.constexpr, UPCAST: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
-    """Programs ``[0, n_kb)``: one key block each, its causal-window band of queries. Programs
-    ``n_kb + c``: sink chunk ``c``, the sink key blocks' gradient from query blocks
-    ``[c * chunk_blocks, (c + 1) * chunk_blocks)`` past their band. Key blocks below ``sink_rows``
-    write fp32 partials ``DKP/DVP [1 + n_chunks, n_bg = b * hkv, sink_rows, d]`` (part 0 = band)
-    instead of DK/DV."""
+                     HB: tl.constexpr, N_HC: tl.constexpr, ATOMIC: tl.constexpr,
+                     FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Program ``(slot, qc, bg)``: key block ``kb`` x query chunk ``qc`` (query blocks
+    ``[qc * chunk_blocks, (qc + 1) * chunk_blocks)``). Slots ``[0, n_sink_blk)`` are the sink key
+    blocks (every later query sees them); slot ``n_sink_blk + i`` is the ``i``-th non-sink key block
+    whose causal window reaches the chunk. Slot is the fastest grid axis, so the programs resident
+    at one time all stream the same few query chunks of Q/dO (MQA: Q and dO are ``group`` times
+    larger than K/V and would not stay in L2 if every program walked its own band).
+
+    Output (fp32). Deterministic: non-sink block ``kb`` writes its partial ``p = qc - first
+    chunk of kb`` to ``DKP/DVP [P, n_bg, s_pad, d]``; sink blocks write ``DKS/DVS [n_qc, n_bg,
+    sink_rows, d]`` at ``qc``; the host sums the partials in a fixed order. ``ATOMIC``: every program
+    adds into ``DKP/DVP [n_bg, s_pad, d]``."""
     BT: tl.constexpr = BLOCK_M // HB
-    pid = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    slot = tl.program_id(0)
+    qc = tl.program_id(1)
+    pid_bg = tl.program_id(2)
     b = (pid_bg // hkv).to(tl.int64)
     g = pid_bg % hkv
-    d = tl.arange(0, HEAD_DIM)
-    q_base = Q + b * stride_qb + (g * group) * stride_qh
-    do_base = DO + b * stride_dob + (g * group) * stride_doh
-    lse_base = LSE + (b * hq + g * group) * seqlen
-    delta_base = DELTA + (b * hq + g * group) * seqlen
-    k_base = K + b * stride_kb + g * stride_kh
-    v_base = V + b * stride_vb + g * stride_vh
     n_qb = tl.cdiv(seqlen, BT)
-
-    if pid < n_kb:
-        n0 = pid * BLOCK_N
+    c_lo = qc * chunk_blocks
+    c_hi = tl.minimum(c_lo + chunk_blocks, n_qb)
+    t_hi = tl.minimum(c_hi * BT, seqlen)          # queries of the chunk: [c_lo * BT, t_hi)
+    is_sink = slot < n_sink_blk
+    if is_sink:
+        kb = slot
+    else:
+        kb_lo = tl.maximum(c_lo * BT - window + 1, 0) // BLOCK_N
+        kb = tl.maximum(kb_lo, n_sink_blk) + (slot - n_sink_blk)
+    n0 = kb * BLOCK_N
+    if n0 < t_hi:  # else no query of the chunk is at or after this key block (or slot unused)
+        d = tl.arange(0, HEAD_DIM)
+        q_base = Q + b * stride_qb + (g * group) * stride_qh
+        do_base = DO + b * stride_dob + (g * group) * stride_doh
+        dqa_base = DQA + b * stride_dqab + (g * group) * stride_dqah
+        lse_base = LSE + (b * hq + g * group) * seqlen
+        delta_base = DELTA + (b * hq + g * group) * seqlen
+        k_base = K + b * stride_kb + g * stride_kh
+        v_base = V + b * stride_vb + g * stride_vh
         n = n0 + tl.arange(0, BLOCK_N)
         kv_ok = n < seqlen
         k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         lo, fl, fh, hi = _query_band(n0, seqlen, window, BT, BLOCK_N)
+        # the band's three ranges cut to the chunk, then (sink blocks only) the queries past the band
+        lo_c = tl.maximum(lo, c_lo)
+        fl_c = tl.minimum(tl.maximum(fl, lo_c), c_hi)
+        fh_c = tl.minimum(tl.maximum(fh, fl_c), c_hi)
+        hi_c = tl.minimum(tl.maximum(hi, fh_c), c_hi)
+        far_hi = tl.where(is_sink, c_hi, hi_c)
         for hc in range(N_HC):
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                                 stride_qh, stride_dos, stride_doh, n, hc, lo, fl, seqlen, group,
-                                 window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, True, UPCAST, DOT_PREC)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                                 stride_qh, stride_dos, stride_doh, n, hc, fl, fh, seqlen, group,
-                                 window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, False, UPCAST, DOT_PREC)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                                 stride_qh, stride_dos, stride_doh, n, hc, fh, hi, seqlen, group,
-                                 window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, True, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
+                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
+                                 n, hc, tl.minimum(lo_c, c_hi), fl_c, seqlen, group, window, num_sink,
+                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
+                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
+                                 n, hc, fl_c, fh_c, seqlen, group, window, num_sink,
+                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, False, FUSED_DQ, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
+                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
+                                 n, hc, fh_c, hi_c, seqlen, group, window, num_sink,
+                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
+                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
+                                 n, hc, hi_c, far_hi, seqlen, group, window, num_sink,
+                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC)
         dk = dk * sm_scale
-        if n0 < sink_rows:
-            p_off = (pid_bg.to(tl.int64) * sink_rows + n[:, None]) * HEAD_DIM + d[None, :]
-            tl.store(DKP + p_off, dk)
-            tl.store(DVP + p_off, dv)
+        if ATOMIC:
+            off = (pid_bg.to(tl.int64) * s_pad + n[:, None]) * HEAD_DIM + d[None, :]
+            tl.atomic_add(DKP + off, dk, sem="relaxed")
+            tl.atomic_add(DVP + off, dv, sem="relaxed")
+        elif is_sink:
+            off = ((qc.to(tl.int64) * n_bg + pid_bg) * sink_rows + n[:, None]) * HEAD_DIM + d[None, :]
+            tl.store(DKS + off, dk)
+            tl.store(DVS + off, dv)
         else:
-            tl.store(DK + b * stride_dkb + g * stride_dkh + n[:, None] * stride_dks + d[None, :],
-                     dk.to(DK.dtype.element_ty), mask=kv_ok[:, None])
-            tl.store(DV + b * stride_dvb + g * stride_dvh + n[:, None] * stride_dvs + d[None, :],
-                     dv.to(DV.dtype.element_ty), mask=kv_ok[:, None])
-    else:
-        c = pid - n_kb
-        part = (c + 1).to(tl.int64)
-        for sb in range(n_sink_blk):
-            n0 = sb * BLOCK_N
-            n = n0 + tl.arange(0, BLOCK_N)
-            kv_ok = n < seqlen
-            k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
-            dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-            dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-            band_lo, band_fl, band_fh, band_hi = _query_band(n0, seqlen, window, BT, BLOCK_N)
-            q_lo = tl.maximum(band_hi, c * chunk_blocks)
-            q_hi = tl.minimum((c + 1) * chunk_blocks, n_qb)
-            for hc in range(N_HC):
-                dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                                     stride_qh, stride_dos, stride_doh, n, hc, q_lo, q_hi, seqlen, group,
-                                     window, num_sink, qk_scale, HEAD_DIM, BLOCK_M, HB, True, UPCAST,
-                                     DOT_PREC)
-            dk = dk * sm_scale
-            p_off = ((part * n_bg + pid_bg) * sink_rows + n[:, None]) * HEAD_DIM + d[None, :]
-            tl.store(DKP + p_off, dk)
-            tl.store(DVP + p_off, dv)
+            part = (qc - (n0 // BT) // chunk_blocks).to(tl.int64)
+            off = ((part * n_bg + pid_bg) * s_pad + n[:, None]) * HEAD_DIM + d[None, :]
+            tl.store(DKP + off, dk)
+            tl.store(DVP + off, dv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,9 +565,36 @@ def window_attention_fwd(q, k, v, sink_logits, window_size, num_sink_tokens, sof
     return out, lse
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _dkdv_programs(s: int, w: int, n_sink_blk: int, bn: int, chunk: int) -> int:
+    """Non-empty (key block, query chunk) programs of the dk/dv grid for one (batch, kv group)."""
+    total = 0
+    for t0 in range(0, s, chunk):
+        t1 = min(t0 + chunk, s)
+        kb_lo = max(max(t0 - w + 1, 0) // bn, n_sink_blk)
+        total += max(triton.cdiv(t1, bn) - kb_lo, 0) + min(n_sink_blk, triton.cdiv(t1, bn))
+    return total
+
+
+def _dkdv_chunk(s: int, w: int, n_sink_blk: int, bn: int, bt: int, n_bg: int, n_sm: int) -> int:
+    """Query tokens per dk/dv program: 1024 (a chunk's Q/dO rows stay in L2 while the ~(W + chunk) /
+    BLOCK_N key blocks that need them run), halved while there are fewer than ~2 programs per SM
+    (short sequences: a plain causal 4k has only S / BLOCK_N key blocks)."""
+    chunk = 1024
+    while chunk > max(256, 2 * bt) and n_bg * _dkdv_programs(s, w, n_sink_blk, bn, chunk) < 2 * n_sm:
+        chunk //= 2
+    return chunk
+
+
 def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_sink_tokens,
                          softmax_scale, config: Optional[TileConfig] = None):
-    """``(dq, dk, dv, dsink)``; deterministic (no atomics). ``dsink`` is None without a sink."""
+    """``(dq, dk, dv, dsink)``; deterministic (no atomics) unless the config asks for atomics.
+    ``dsink`` is None without a sink."""
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
@@ -538,6 +604,7 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
     upcast, prec = _flags(q.dtype)
     dev = q.device
+    n_bg = b * hkv
 
     delta = torch.empty((b, hq, s), dtype=torch.float32, device=dev)
     block_s = 16 if interpreted() else 64
@@ -545,47 +612,69 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
         out, do, delta, out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), s, hq, HEAD_DIM=d, BLOCK_S=block_s)
 
-    dq = torch.empty((b, s, hq, d), dtype=q.dtype, device=dev)
-    hb, bt, n_hc = _group_tiling(group, cfg.dq_block_m)
-    _bwd_dq_kernel[(triton.cdiv(s, bt), n_hc, b * hkv)](
-        q, k, v, do, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        s, hq, hkv, group, w, ns, scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, HB=hb, UPCAST=upcast,
-        DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    if cfg.fused_dq:
+        dqa = torch.zeros((b, s, hq, d), dtype=torch.float32, device=dev)
+    else:
+        dqa = delta  # dummy pointer, never written
+        dq = torch.empty((b, s, hq, d), dtype=q.dtype, device=dev)
+        hb, bt, n_hc = _group_tiling(group, cfg.dq_block_m)
+        _bwd_dq_kernel[(triton.cdiv(s, bt), n_hc, n_bg)](
+            q, k, v, do, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            s, hq, hkv, group, w, ns, scale * LOG2E, scale,
+            HEAD_DIM=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, HB=hb, UPCAST=upcast,
+            DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
 
-    dk = torch.empty((b, s, hkv, d), dtype=k.dtype, device=dev)
-    dv = torch.empty((b, s, hkv, d), dtype=v.dtype, device=dev)
     bn = cfg.dkdv_block_n
     hb, bt, n_hc = _group_tiling(group, cfg.dkdv_block_m)
     n_kb = triton.cdiv(s, bn)
-    n_sink_blk = triton.cdiv(ns, bn)
-    split = ns > 0 and w < s  # otherwise every sink key's band already covers all queries
-    if split:
-        chunk_blocks = triton.cdiv(cfg.sink_chunk or max(w, 1024), bt)
-        n_chunks = triton.cdiv(triton.cdiv(s, bt), chunk_blocks)
-        sink_rows = n_sink_blk * bn
-        dkp = torch.zeros((1 + n_chunks, b * hkv, sink_rows, d), dtype=torch.float32, device=dev)
+    s_pad = n_kb * bn
+    n_sink_blk = triton.cdiv(ns, bn) if w < s else 0  # w >= s: the band already covers every query
+    chunk = cfg.dkdv_chunk or _dkdv_chunk(s, w, n_sink_blk, bn, bt, n_bg, _num_sms(dev))
+    chunk_blocks = triton.cdiv(chunk, bt)
+    n_qc = triton.cdiv(triton.cdiv(s, bt), chunk_blocks)
+    chunk_tok = chunk_blocks * bt
+    n_slots = n_sink_blk + triton.cdiv(chunk_tok + w - 1, bn) + 2
+    sink_rows = n_sink_blk * bn
+    f32 = dict(dtype=torch.float32, device=dev)
+    if cfg.dkdv_atomic:
+        dkp = torch.zeros((n_bg, s_pad, d), **f32)
         dvp = torch.zeros_like(dkp)
+        dks = dvs = delta  # dummy pointers, never written
     else:
-        chunk_blocks, n_chunks, sink_rows = 1, 0, 0
-        dkp = dvp = delta  # dummy pointers, never written
-    _bwd_dkdv_kernel[(n_kb + n_chunks, b * hkv)](
-        q, k, v, do, lse, delta, dk, dv, dkp, dvp,
+        # partial slots a key block's band can span: its query tokens [n0, n0 + bn - 1 + w)
+        n_part = min(n_qc, triton.cdiv(bn + w + bt, chunk_tok) + 1)
+        dkp = torch.zeros((n_part, n_bg, s_pad, d), **f32)
+        dvp = torch.zeros_like(dkp)
+        if n_sink_blk:
+            dks = torch.zeros((n_qc, n_bg, sink_rows, d), **f32)  # chunks before a block: no write
+            dvs = torch.zeros_like(dks)
+        else:
+            dks = dvs = delta
+    _bwd_dkdv_kernel[(n_slots, n_qc, n_bg)](
+        q, k, v, do, lse, delta, dkp, dvp, dks, dvs, dqa,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        dqa.stride(0) if cfg.fused_dq else 0, dqa.stride(1) if cfg.fused_dq else 0,
+        dqa.stride(2) if cfg.fused_dq else 0,
         s, hq, hkv, group, w, ns, scale * LOG2E, scale,
-        n_kb, n_sink_blk, sink_rows, chunk_blocks, b * hkv,
-        HEAD_DIM=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=bn, HB=hb, N_HC=n_hc, UPCAST=upcast,
-        DOT_PREC=prec, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
-    if split:  # fixed-order sum of the fp32 partials of the sink key blocks -> deterministic
-        rows = min(s, sink_rows)
-        for full, part in ((dk, dkp), (dv, dvp)):
-            total = part.sum(0)[:, :rows].view(b, hkv, rows, d).transpose(1, 2)
-            full[:, :rows] = total.to(full.dtype)
+        n_sink_blk, sink_rows, s_pad, chunk_blocks, n_bg,
+        HEAD_DIM=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=bn, HB=hb, N_HC=n_hc, ATOMIC=cfg.dkdv_atomic,
+        FUSED_DQ=cfg.fused_dq, UPCAST=upcast, DOT_PREC=prec, num_warps=cfg.dkdv_warps,
+        num_stages=cfg.dkdv_stages)
+    grads = []
+    for part, sink_part, like in ((dkp, dks, k), (dvp, dvs, v)):
+        total = part if cfg.dkdv_atomic else part.sum(0)  # fixed-order sum -> deterministic
+        if n_sink_blk and not cfg.dkdv_atomic:
+            total[:, :sink_rows] = sink_part.sum(0)  # sink blocks wrote only there
+        full = torch.empty((b, s, hkv, d), dtype=like.dtype, device=dev)
+        full.copy_(total[:, :s].view(b, hkv, s, d).transpose(1, 2))
+        grads.append(full)
+    dk, dv = grads
+    if cfg.fused_dq:
+        dq = dqa.to(q.dtype)
 
     dsink = None
     if sink_logits is not None:
