@@ -34,7 +34,7 @@ for name in $RUNS; do
 done
 for n in 2 4; do
   (( n > NGPU )) && continue
-  timeout 300 torchrun --standalone --nproc-per-node "$n" scripts/moe_ep_scaling.py \
+  timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" scripts/moe_ep_scaling.py \
     --json "$OUT/moe_ep_scaling_${n}gpu.json" > "$OUT/moe_ep_scaling_${n}gpu.txt" 2>&1
   tail -12 "$OUT/moe_ep_scaling_${n}gpu.txt"
 done
