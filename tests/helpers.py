@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +47,29 @@ def train_losses(run_dir: Path) -> List[float]:
 
 def receipt(run_dir: Path) -> dict:
     return json.loads((run_dir / "receipt.json").read_text())
+
+
+@contextlib.contextmanager
+def cpu_model_parallel(seed: Optional[int] = None):
+    """World size 1 on gloo with Megatron's parallel state (TP = PP = EP = 1) and the CPU-lane
+    patches, for tests that build Megatron modules in this process; the process group is torn
+    down again only if this call created it."""
+    import torch.distributed as dist
+
+    import patches
+    from megatron_ext import compat
+    from megatron_ext.training.distributed import free_port
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    patches.apply_patches("cpu")
+    compat.initialize_model_parallel(1, 1, 1)
+    if seed is not None:
+        compat.seed_model_parallel(seed)
+    try:
+        yield
+    finally:
+        compat.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()

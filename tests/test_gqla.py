@@ -13,7 +13,7 @@ import torch
 import patches
 from megatron_ext import compat
 from megatron_ext.config import ConfigError, GQLAConfig, from_preset, validate
-from tests.helpers import receipt, subprocess_env, train_inprocess, train_losses
+from tests.helpers import cpu_model_parallel, receipt, subprocess_env, train_inprocess, train_losses
 
 H, HIDDEN = 4, 32
 
@@ -21,20 +21,8 @@ H, HIDDEN = 4, 32
 @pytest.fixture
 def parallel_state():
     """Per test: the in-process training test needs model parallel uninitialised."""
-    import torch.distributed as dist
-
-    from megatron_ext.training.distributed import free_port
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    patches.apply_patches("cpu")
-    compat.initialize_model_parallel(1, 1, 1)
-    compat.seed_model_parallel(11)
-    yield
-    compat.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    with cpu_model_parallel(11):
+        yield
 
 
 def make_gqla(groups, d_nope=8, d_rope=4, d_v=6, rank=12, q_lora=None, latent_norm=True,

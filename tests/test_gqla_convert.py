@@ -4,28 +4,16 @@ with r_kv, the RoPE split (exact for an MQA source, measured otherwise), and inp
 import pytest
 import torch
 
-import patches
 from megatron_ext import compat
 from megatron_ext.config import from_preset
+from tests.helpers import cpu_model_parallel
 
 
 @pytest.fixture
 def parallel_state():
     """Per test: the in-process training test needs model parallel uninitialised."""
-    import torch.distributed as dist
-
-    from megatron_ext.training.distributed import free_port
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    patches.apply_patches("cpu")
-    compat.initialize_model_parallel(1, 1, 1)
-    compat.seed_model_parallel(3)
-    yield
-    compat.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    with cpu_model_parallel(3):
+        yield
 
 
 def source_model(groups, position="learned_absolute", seed=0):

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from megatron_ext.cli import main
-from tests.helpers import ROOT, receipt, subprocess_env, train_torchrun
+from tests.helpers import ROOT, cpu_model_parallel, receipt, subprocess_env, train_torchrun
 
 DENSE = ["--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32",
          "--ffn-hidden-size", "11008", "--seq-length", "4096", "--global-batch-size", "512", "--vocab-size", "32000"]
@@ -292,21 +292,8 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
 
 @pytest.fixture
 def parallel_state():
-    import torch.distributed as dist
-
-    import patches
-    from megatron_ext import compat
-    from megatron_ext.training.distributed import free_port
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    patches.apply_patches("cpu")
-    compat.initialize_model_parallel(1, 1, 1)
-    yield
-    compat.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    with cpu_model_parallel():
+        yield
 
 
 def _tconfig(**overrides):

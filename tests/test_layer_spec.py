@@ -7,26 +7,14 @@ so later specs that swap parts of this one start from a verified base.
 import pytest
 import torch
 
-import patches
 from megatron_ext import compat
+from tests.helpers import cpu_model_parallel
 
 
 @pytest.fixture(scope="module")
 def parallel_state():
-    import torch.distributed as dist
-
-    from megatron_ext.training.distributed import free_port
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    patches.apply_patches("cpu")
-    compat.initialize_model_parallel(1, 1, 1)
-    compat.seed_model_parallel(7)
-    yield
-    compat.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    with cpu_model_parallel(7):
+        yield
 
 
 def _config(normalization, groups):

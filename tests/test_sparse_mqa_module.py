@@ -7,10 +7,9 @@ training on the CPU lane (alone and inside mHC), TP=2 + SP against world size 1,
 import pytest
 import torch
 
-import patches
 from megatron_ext import compat
 from megatron_ext.config import SparseAttentionConfig
-from tests.helpers import receipt, train_inprocess, train_losses, train_torchrun
+from tests.helpers import cpu_model_parallel, receipt, train_inprocess, train_losses, train_torchrun
 
 # Training runs pin the torch op: kernel tests switch the Triton interpreter on process-wide, and
 # the interpreter is far too slow for a model (the kernels are tested in test_ops_sparse_attention).
@@ -139,20 +138,8 @@ def test_sparse_config_errors(tmp_path, capsys, argv, message):
 
 @pytest.fixture(scope="module")
 def parallel_state():
-    import torch.distributed as dist
-
-    from megatron_ext.training.distributed import free_port
-
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    patches.apply_patches("cpu")
-    compat.initialize_model_parallel(1, 1, 1)
-    compat.seed_model_parallel(11)
-    yield
-    compat.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+    with cpu_model_parallel(11):
+        yield
 
 
 def _config(sparse, heads=4, groups=1, hidden=32, layers=4):

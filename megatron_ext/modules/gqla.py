@@ -140,8 +140,6 @@ class GQLAttention(MegatronModule):
         tp = ps.get_tensor_model_parallel_world_size()
         g.validate(config.num_attention_heads, tp)
         self.gqla = g
-        # dense causal without a window or sinks goes to SDPA unless the op's Triton lane is forced
-        self._dense_sdpa = g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton"
         backends.note("gqla.attention", g.backend, "torch_sdpa" if self._dense_sdpa else "sparse_attention",
                       "dense causal: SDPA" if self._dense_sdpa else "window/sinks or backend='triton'")
         self.layer_number = layer_number
@@ -249,6 +247,12 @@ class GQLAttention(MegatronModule):
         kv = kv.view(*kv.shape[:2], self.groups_local, self.d_nope + self.d_v)
         k_nope, v = torch.split(kv, [self.d_nope, self.d_v], dim=-1)
         return q_nope, q_rope, c, kr, k_nope, v
+
+    @property
+    def _dense_sdpa(self) -> bool:
+        """Dense causal without a window or sinks goes to SDPA unless the op's Triton lane is forced."""
+        g = self.gqla
+        return g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton"
 
     def _attend_expanded(self, q_nope, q_rope, kr, k_nope, v):
         """GQA attention of ``[s, b, heads, d]`` tensors -> ``[s, b, H_local * d_v]``."""
