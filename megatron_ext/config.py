@@ -541,7 +541,7 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
         raise _err("lr", cfg.lr, "must be positive", "a learning rate > 0")
     if not 0 <= cfg.min_lr <= cfg.lr:
         raise _err("min_lr", cfg.min_lr, f"must lie in [0, lr={cfg.lr}]", "a value <= lr")
-    if cfg.lr_warmup_iters >= cfg.train_iters and cfg.train_iters > 1:
+    if cfg.lr_warmup_iters and cfg.lr_warmup_iters >= cfg.train_iters:
         raise _err("lr_warmup_iters", cfg.lr_warmup_iters,
                    f"must be smaller than train_iters={cfg.train_iters}", "fewer warm-up iterations")
     if cfg.clip_grad < 0:
