@@ -5,37 +5,16 @@ backward, dense warm-up, RoPE, logging."""
 
 import json
 import math
-import os
-
-os.environ["TORCH_COMPILE_DISABLE"] = "1"
-
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():  # see tests/test_ops_sparse_attention.py
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernel_lane import DEVICE, clean_backend_records, triton_mark  # noqa: F401  (first: sets the lane)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from megatron_ext import backends  # noqa: E402
 from megatron_ext.ops.sparse_attention.indexer import (  # noqa: E402
     indexer_kl_loss, indexer_scores, indexer_scores_reference, indexer_topk, select_topk)
 
-NO_CUDA = not torch.cuda.is_available()
-DEVICE = "cpu" if NO_CUDA else "cuda"
-try:
-    from megatron_ext.ops.sparse_attention import triton_window
-    TRITON_WHY_NOT = None if (triton_window.interpreted() or not NO_CUDA) else (
-        "triton_window was imported (by an earlier test file) before TRITON_INTERPRET=1 was set")
-except ImportError:  # pragma: no cover
-    TRITON_WHY_NOT = "triton is not installed"
-needs_triton = pytest.mark.skipif(TRITON_WHY_NOT is not None, reason=str(TRITON_WHY_NOT))
-
-
-@pytest.fixture(autouse=True)
-def _clean_records():
-    backends.reset()
-    yield
-    backends.reset()
+needs_triton = triton_mark("megatron_ext.ops.sparse_attention.triton_window")
 
 
 def _idx_inputs(b, s, hi, di, dtype=torch.float32, seed=0, positive_w=False, device="cpu"):

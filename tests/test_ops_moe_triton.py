@@ -5,39 +5,18 @@ here (fp32/fp16), bf16 at real sizes and determinism / batch invariance on the G
 properties are GPU-only: the interpreter's dot is numpy's BLAS, whose rounding depends on where a
 row sits in a tile)."""
 
-import os
-
-os.environ["TORCH_COMPILE_DISABLE"] = "1"
-
-import torch  # noqa: E402
-
-# Interpret only where there is no GPU (on a CUDA host the same tests compile and run there).
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernel_lane import DEVICE, NO_CUDA, clean_backend_records, triton_mark  # noqa: F401  (first: sets the lane)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_ext import backends  # noqa: E402
 from megatron_ext.ops import moe  # noqa: E402
+from megatron_ext.ops.moe import triton_moe  # noqa: E402
+from megatron_ext.ops.moe.autograd import triton_moe_ffn  # noqa: E402
 
-NO_CUDA = not torch.cuda.is_available()
-try:
-    from megatron_ext.ops.moe import triton_moe
-    from megatron_ext.ops.moe.autograd import triton_moe_ffn
-    TRITON_WHY_NOT = None if (triton_moe.interpreted() or not NO_CUDA) else (
-        "triton_moe was imported (by an earlier test file) before TRITON_INTERPRET=1 was set")
-except ImportError:  # pragma: no cover
-    TRITON_WHY_NOT = "triton is not installed"
-DEVICE = "cpu" if NO_CUDA else "cuda"
-needs_triton = pytest.mark.skipif(TRITON_WHY_NOT is not None, reason=str(TRITON_WHY_NOT))
-
-
-@pytest.fixture(autouse=True)
-def _clean_records():
-    backends.reset()
-    yield
-    backends.reset()
+needs_triton = triton_mark("megatron_ext.ops.moe.triton_moe")
 
 
 def _gen(seed):

@@ -3,36 +3,16 @@ torch reference in fp64, forward and every gradient (q, k, v, sink logit), alone
 the window / token sinks; the index-list preparation and transpose; fast (atomic) vs deterministic
 backward; routing of the public op."""
 
-import os
-
-os.environ["TORCH_COMPILE_DISABLE"] = "1"
-
-import torch  # noqa: E402
-
-if not torch.cuda.is_available():  # see tests/test_ops_sparse_attention.py for why only without a GPU
-    os.environ["TRITON_INTERPRET"] = "1"
+from tests.kernel_lane import DEVICE, NO_CUDA, clean_backend_records, triton_mark  # noqa: F401  (first: sets the lane)
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from megatron_ext import backends  # noqa: E402
-from megatron_ext.ops.sparse_attention import sparse_attention, sparse_attention_reference  # noqa: E402
+from megatron_ext.ops.sparse_attention import (  # noqa: E402
+    sparse_attention, sparse_attention_reference, triton_topk)
 
-NO_CUDA = not torch.cuda.is_available()
-try:
-    from megatron_ext.ops.sparse_attention import triton_topk, triton_window
-    TRITON_WHY_NOT = None if (triton_window.interpreted() or not NO_CUDA) else (
-        "triton_window was imported (by an earlier test file) before TRITON_INTERPRET=1 was set")
-except ImportError:  # pragma: no cover
-    TRITON_WHY_NOT = "triton is not installed"
-DEVICE = "cuda" if not NO_CUDA else "cpu"
-needs_triton = pytest.mark.skipif(TRITON_WHY_NOT is not None, reason=str(TRITON_WHY_NOT))
-
-
-@pytest.fixture(autouse=True)
-def _clean_records():
-    backends.reset()
-    yield
-    backends.reset()
+needs_triton = triton_mark("megatron_ext.ops.sparse_attention.triton_window")
 
 
 def _gen(seed):

@@ -46,8 +46,9 @@ def _state(model, optimizer, is_loading: bool) -> Dict[str, Any]:
     return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
 
 
-def save(root: Path, iteration: int, model, optimizer, scheduler, extra: Dict[str, Any]) -> Path:
-    """Collective: every rank calls it. ``model`` is the unwrapped GPTModel chunk."""
+def _write(root: Path, iteration: int, state: Dict[str, Any]) -> Path:
+    """Collective: ``state`` into ``iter_N.partial``, renamed to ``iter_N`` only once every rank has
+    written, then the tracker (atomically): a killed job never leaves a half checkpoint behind."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -58,10 +59,6 @@ def save(root: Path, iteration: int, model, optimizer, scheduler, extra: Dict[st
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     barrier()
-    state = _state(model, optimizer, is_loading=False)
-    state["scheduler"] = scheduler.state_dict()
-    state["iteration"] = iteration
-    state["extra"] = extra
     dist_checkpointing.save(state, str(partial))
     barrier()
     if _is_rank0():
@@ -72,29 +69,19 @@ def save(root: Path, iteration: int, model, optimizer, scheduler, extra: Dict[st
     return final
 
 
+def save(root: Path, iteration: int, model, optimizer, scheduler, extra: Dict[str, Any]) -> Path:
+    """Collective: every rank calls it. ``model`` is the unwrapped GPTModel chunk."""
+    state = _state(model, optimizer, is_loading=False)
+    state.update(scheduler=scheduler.state_dict(), iteration=iteration, extra=extra)
+    return _write(root, iteration, state)
+
+
 def save_weights_only(root: Path, iteration: int, model, extra: Dict[str, Any]) -> Path:
     """A checkpoint of the model weights alone (as written by ``megatron-ext convert``): ``load``
     restores the weights and leaves the optimizer and LR schedule fresh, like Megatron's
     ``--finetune``. Same folder layout, tracker and atomic rename as :func:`save`."""
-    from megatron.core import dist_checkpointing
-
-    root = Path(root)
-    final = iteration_dir(root, iteration)
-    partial = final.with_name(final.name + ".partial")
-    if _is_rank0():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
-    barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": iteration,
-                             "extra": extra, WEIGHTS_ONLY: True}, str(partial))
-    barrier()
-    if _is_rank0():
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        write_text_atomic(root / TRACKER, str(iteration))
-    barrier()
-    return final
+    return _write(root, iteration, {"model": model.sharded_state_dict(), "iteration": iteration,
+                                    "extra": extra, WEIGHTS_ONLY: True})
 
 
 def load(root: Path, model, optimizer, scheduler) -> Optional[Tuple[int, Dict[str, Any]]]:
