@@ -113,15 +113,8 @@ class StreamingKVCache:
         return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.ring_k, self.ring_v))
 
 
-def decode_step(q: torch.Tensor, cache: StreamingKVCache, *, softmax_scale: Optional[float] = None,
-                sink_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Attention of the newest query ``q [b, hq, d]`` (RoPE applied, position ``cache.length - 1``,
-    its own key already appended) over the cache -> ``[b, hq, d]`` in q's dtype.
-
-    ``sink_logits [hq]``: the learnable per-head sink logit, a softmax term with a zero value vector.
-    Query head ``h`` reads KV head ``h // (hq // hkv)``. Math in fp32 (fp64 for fp64 inputs);
-    without ``sink_logits`` and below fp64 it is one ``scaled_dot_product_attention`` call.
-    """
+def _check_query(q: torch.Tensor, cache, sink_logits: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
+    """The newest query ``q [b, hq, d]`` against a non-empty cache -> ``(b, hq, d, hkv)``."""
     if q.dim() != 3:
         _fail("q.shape", tuple(q.shape), "one query token per sequence", "[b, hq, head_dim]")
     b, hq, d = q.shape
@@ -133,6 +126,19 @@ def decode_step(q: torch.Tensor, cache: StreamingKVCache, *, softmax_scale: Opti
         _fail("cache.length", 0, "the cache is empty", "append the query's own key and value first")
     if sink_logits is not None and tuple(sink_logits.shape) != (hq,):
         _fail("sink_logits.shape", tuple(sink_logits.shape), "one logit per query head", f"[{hq}]")
+    return b, hq, d, hkv
+
+
+def decode_step(q: torch.Tensor, cache: StreamingKVCache, *, softmax_scale: Optional[float] = None,
+                sink_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of the newest query ``q [b, hq, d]`` (RoPE applied, position ``cache.length - 1``,
+    its own key already appended) over the cache -> ``[b, hq, d]`` in q's dtype.
+
+    ``sink_logits [hq]``: the learnable per-head sink logit, a softmax term with a zero value vector.
+    Query head ``h`` reads KV head ``h // (hq // hkv)``. Math in fp32 (fp64 for fp64 inputs);
+    without ``sink_logits`` and below fp64 it is one ``scaled_dot_product_attention`` call.
+    """
+    b, hq, d, hkv = _check_query(q, cache, sink_logits)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys, values, valid = cache.keys_values()
@@ -257,20 +263,10 @@ def decode_step_topk(q: torch.Tensor, cache: IndexedKVCache, topk_indices: torch
     ``topk_indices``), so decoding equals the full forward. Only ``sinks + window + k`` keys are
     gathered and read: the work per token is O(window + sinks + k), the memory O(S).
     """
-    if q.dim() != 3:
-        _fail("q.shape", tuple(q.shape), "one query token per sequence", "[b, hq, head_dim]")
-    b, hq, d = q.shape
-    hkv = cache.num_kv_heads
-    if b != cache.batch or d != cache.head_dim or hq % hkv:
-        _fail("q.shape", tuple(q.shape), f"does not fit the cache (b={cache.batch}, hkv={hkv}, d={cache.head_dim})",
-              f"[{cache.batch}, a multiple of {hkv}, {cache.head_dim}]")
-    if cache.length == 0:
-        _fail("cache.length", 0, "the cache is empty", "append the query's own key and value first")
+    b, hq, d, hkv = _check_query(q, cache, sink_logits)
     if topk_indices.dim() != 3 or topk_indices.shape[0] != b or topk_indices.shape[1] not in (1, hkv):
         _fail("topk_indices.shape", tuple(topk_indices.shape), "one index list per sequence and KV head",
               f"[{b}, 1 or {hkv}, k]")
-    if sink_logits is not None and tuple(sink_logits.shape) != (hq,):
-        _fail("sink_logits.shape", tuple(sink_logits.shape), "one logit per query head", f"[{hq}]")
     t = cache.length - 1
     dev = q.device
     # The fixed part of the key set, shared by the batch: the sinks, then the window keys that are

@@ -336,10 +336,6 @@ def _flags(dtype: torch.dtype):
     return _tw._flags(dtype)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def topk_attention_fwd(q, k, v, idx, row_len, sink_logits=None, prev=None, softmax_scale=None,
                        config: Optional[TopkTileConfig] = None):
     """``out [b, s, hq, d]`` (q's dtype), ``lse [b, hq, s]`` fp32 over the prepared list ``idx``,
@@ -348,21 +344,17 @@ def topk_attention_fwd(q, k, v, idx, row_len, sink_logits=None, prev=None, softm
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim={d!r}: no Triton tile for it; use one of {list(SUPPORTED_HEAD_DIMS)}")
-    if s * hq * d >= 2 ** 31:
-        raise ValueError(f"s*hq*d={s * hq * d}: per-batch offsets are int32 in these kernels; "
-                         f"use s * hq * head_dim < 2**31 (split the batch or the sequence)")
+    _tw.check_launch(s, hq, d)
     cfg = config or default_config(q.dtype, _tw.interpreted())
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (_tw._last_dim_contiguous(t) for t in (q, k, v))
     out = torch.empty((b, s, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, s), dtype=torch.float32, device=q.device)
     has_prev = prev is not None
     has_sink = sink_logits is not None and not has_prev
     sink = sink_logits.detach().float().contiguous() if has_sink else lse
     if has_prev:
-        po, plse = _last_dim_contiguous(prev[0]), prev[1].contiguous()
+        po, plse = _tw._last_dim_contiguous(prev[0]), prev[1].contiguous()
     else:
         po, plse = out, lse  # dummy pointers, never read
     hb, n_hc = _group_tiling(group, cfg.max_hb)
@@ -406,7 +398,7 @@ def topk_attention_bwd(do, q, k, v, out, lse, idx, row_len, softmax_scale=None,
     group = hq // hkv
     cfg = config or default_config(q.dtype, _tw.interpreted())
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-    q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
+    q, k, v, out, do = (_tw._last_dim_contiguous(t) for t in (q, k, v, out, do))
     upcast, prec = _flags(q.dtype)
     dev = q.device
 

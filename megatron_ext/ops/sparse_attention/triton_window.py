@@ -527,6 +527,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def check_launch(s: int, hq: int, d: int) -> None:
+    """What every attention kernel of this package needs of ``q [b, s, hq, d]``: a tiled head dim
+    and int32-safe per-batch offsets."""
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim={d!r}: no Triton tile for it; use one of {list(SUPPORTED_HEAD_DIMS)}")
+    if s * hq * d >= 2 ** 31:
+        raise ValueError(f"s*hq*d={s * hq * d}: per-batch offsets are int32 in these kernels; "
+                         f"use s * hq * head_dim < 2**31 (split the batch or the sequence)")
+
+
 def _pattern(s: int, window_size: Optional[int], num_sink_tokens: int) -> Tuple[int, int]:
     """Window clamped to ``s`` (``None`` = dense causal), sinks clamped to ``s``."""
     w = s if window_size is None else min(int(window_size), s)
@@ -539,11 +549,7 @@ def window_attention_fwd(q, k, v, sink_logits, window_size, num_sink_tokens, sof
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim={d!r}: no Triton tile for it; use one of {list(SUPPORTED_HEAD_DIMS)}")
-    if s * hq * d >= 2 ** 31:
-        raise ValueError(f"s*hq*d={s * hq * d}: per-batch offsets are int32 in these kernels; "
-                         f"use s * hq * head_dim < 2**31 (split the batch or the sequence)")
+    check_launch(s, hq, d)
     cfg = config or default_config(d, q.dtype, interpreted())
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     w, ns = _pattern(s, window_size, num_sink_tokens)
