@@ -24,6 +24,7 @@ FIELD_TO_LANE = {
     "sequence_parallel": "sp",
     "micro_batch_size": "micro_batch_size",
     "recompute_granularity": "recompute",
+    "use_torch_fsdp2": "fsdp2",
 }
 
 
@@ -74,7 +75,7 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=BYTE_VOCAB,
                    help=f"tokenizer vocabulary (default {BYTE_VOCAB}: the byte-level tokenizer of train)")
     p.add_argument("--target", default="train", choices=sorted(TARGETS),
-                   help="train: this project's loop (no distributed optimizer, FSDP2, VPP, CP yet); "
+                   help="train: this project's loop (no distributed optimizer, VPP, CP yet; FSDP2 at TP=PP=EP=1); "
                         "megatron: Megatron's pretrain with --use-distributed-optimizer and --spec")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 

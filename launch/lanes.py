@@ -47,7 +47,7 @@ class Lanes:
         if self.vpp > 1:
             parts.append(f"vpp{self.vpp}")
         parts += [f"cp{self.cp}", f"ep{self.ep}", f"etp{self.etp}",
-                  f"fsdp2" if self.fsdp2 else f"dp{self.dp}", f"mbs{self.micro_batch_size}",
+                  "fsdp2" if self.fsdp2 else f"dp{self.dp}", f"mbs{self.micro_batch_size}",
                   f"recompute-{self.recompute or 'none'}"]
         return ",".join(parts)
 

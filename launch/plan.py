@@ -74,8 +74,9 @@ class Target:
 
 
 TARGETS = {
-    # The train loop: Megatron DDP without the distributed optimizer, no overlap, no FSDP2/VPP/CP yet.
-    "train": Target("train", distributed_optimizer=False, overlap_grad_reduce=False, fsdp2=False, vpp=False,
+    # The train loop: Megatron DDP without the distributed optimizer, no overlap, no VPP/CP yet; or
+    # FSDP2 over the data-parallel group alone (TP = PP = EP = 1, dense models).
+    "train": Target("train", distributed_optimizer=False, overlap_grad_reduce=False, fsdp2=True, vpp=False,
                     cp=False, expert_tp_free=False),
     # Megatron's pretrain with --use-distributed-optimizer --overlap-grad-reduce and this project's --spec.
     "megatron": Target("megatron", distributed_optimizer=True, overlap_grad_reduce=True, fsdp2=True, vpp=True,
@@ -83,7 +84,6 @@ TARGETS = {
 }
 
 _NOT_IN_TRAIN = {
-    "fsdp2": "fsdp2 lane not yet wired into train; use dp",
     "vpp": "virtual pipeline stages are not wired into train yet; use vpp1",
     "cp": "context parallelism is not supported yet by train; use cp1",
     "etp": "train runs experts with expert TP = TP (Megatron's default); use etp equal to tp",
@@ -466,12 +466,15 @@ class Planner:
         if L.world_size != world:
             return (f"tp*pp*cp*dp = {L.tp}*{L.pp}*{L.cp}*{L.dp} = {L.world_size} is not the world size "
                     f"{world} ({c.describe()})")
-        key = (L.tp, L.pp, L.cp, L.ep, L.sp, L.micro_batch_size)
+        # train's FSDP2 limits live in check_lanes; Megatron's own FSDP2 also composes with TP
+        fsdp2_train = L.fsdp2 and self.target.name == "train"
+        key = (L.tp, L.pp, L.cp, L.ep, L.sp, L.micro_batch_size, fsdp2_train)
         if key not in self._structural:
             trial = dataclasses.replace(
                 self.cfg, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
                 context_parallel_size=L.cp, expert_model_parallel_size=L.ep, sequence_parallel=L.sp,
-                micro_batch_size=L.micro_batch_size, data_path=None, resume=False)
+                micro_batch_size=L.micro_batch_size, data_path=None, resume=False,
+                use_torch_fsdp2=fsdp2_train)
             island = c.gpus_per_node
             if c.profile is not None:
                 island = min(island, c.profile.gpus_per_nvlink_island)
@@ -485,9 +488,12 @@ class Planner:
             return err
         t = self.target
         if L.fsdp2 and not t.fsdp2:
-            return _NOT_IN_TRAIN["fsdp2"]
+            return f"fsdp2 is not supported by target {t.name}; use dp"
         if L.fsdp2 and L.dp == 1:
             return "fsdp2 shards over data parallelism and the other lanes leave dp=1; use dp"
+        if L.fsdp2 and (L.pp > 1 or L.ep > 1):
+            return ("fsdp2 runs without pipeline or expert parallelism (Megatron's --use-torch-fsdp2 "
+                    "asserts it too); use dp, or pp1 and ep1")
         if L.vpp > 1:
             if not t.vpp:
                 return _NOT_IN_TRAIN["vpp"]
@@ -673,10 +679,10 @@ class LaunchPlan:
     def apply(self, cfg: TrainConfig) -> TrainConfig:
         """``cfg`` with the lane fields of this plan (what ``train --lanes`` runs)."""
         L = self.lanes
-        for field, bad in (("fsdp2", L.fsdp2), ("vpp", L.vpp > 1), ("cp", L.cp > 1)):
+        for field, bad in (("vpp", L.vpp > 1), ("cp", L.cp > 1)):
             if bad:
                 raise ConfigError(f"lanes={L.spec()!r}: {_NOT_IN_TRAIN[field]}")
-        values = dict(tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
+        values = dict(use_torch_fsdp2=L.fsdp2, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
                       context_parallel_size=L.cp, expert_model_parallel_size=L.ep, sequence_parallel=L.sp,
                       micro_batch_size=L.micro_batch_size, recompute_granularity=L.recompute)
         if L.recompute == "full" and cfg.recompute_granularity != "full":
@@ -811,7 +817,7 @@ def _reasons(planner: Planner, chosen: Candidate, pins: Dict[str, object], pool:
     else:
         out["pp"] = "one stage: no pipeline bubble"
     if L.vpp > 1:
-        out["vpp"] = f"interleaving shrinks the bubble to (pp-1)/(vpp*m); " + versus(lambda x: x.vpp < L.vpp, "vpp=1")
+        out["vpp"] = "interleaving shrinks the bubble to (pp-1)/(vpp*m); " + versus(lambda x: x.vpp < L.vpp, "vpp=1")
     else:
         out["vpp"] = "no interleaving" + (" (target does not support it)" if not planner.target.vpp else "")
     if L.cp > 1:

@@ -102,6 +102,10 @@ def attention_spec_for(config, layer_number: int = 1) -> ModuleSpec:
         from megatron_ext.modules.gqla import gqla_spec
 
         return gqla_spec()
+    if getattr(config, "multi_latent_attention", False):
+        from megatron_ext.modules.mla import mla_spec
+
+        return mla_spec(config)
     return self_attention_spec(getattr(config, "qk_layernorm", False))
 
 

@@ -35,6 +35,8 @@ _HELP = {
     "learnable_sink": "a learned per-head sink logit in every softmax denominator (gpt-oss style)",
     "sparse_topk": "keys per query the lightning indexer picks in T layers",
     "sparse_attention_backend": "auto | triton | torch (auto: Triton where it can run, else torch)",
+    "attention_type": "dense (Megatron SelfAttention) | gqla (GQLAttention) | mla (Megatron MLASelfAttention, "
+                      "with the GQLA dim flags; docs/gqla.md)",
     "moe_routing_log": "DIR: append each token's expert ids and gates per layer to DIR/rank*.jsonl "
                        "from a background thread (docs/moe.md)",
     "moe_pad_expert_input_to_capacity": "pad each expert's tokens to capacity (--moe-impl megatron only)",
@@ -163,11 +165,25 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if cfg.resume:  # deterministic on every rank, so it is checked here, before any set-up
             cfg.run_dir = str(resolve_run_dir(cfg))
+        failed = True
         try:
             train(cfg, dp)
+            failed = False
+        except ConfigError:  # raised by every rank before any collective work: a clean exit
+            failed = False
+            raise
+        except BaseException:
+            # print it now: with NCCL a failed rank's clean-up can block behind the other ranks,
+            # and the error would only appear (if ever) after that
+            import traceback
+
+            rank = os.environ.get("RANK", "0")
+            sys.stderr.write(f"megatron-ext: rank {rank} failed:\n{traceback.format_exc()}")
+            sys.stderr.flush()
+            raise
         finally:
             compat.destroy_model_parallel()
-            shutdown()
+            shutdown(abort=failed)
     except ConfigError as e:
         print(f"megatron-ext: error: {e}", file=sys.stderr)
         return 2

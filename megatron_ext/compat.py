@@ -92,6 +92,34 @@ def make_transformer_config(config_cls=None, **fields: Any):
     return _known_fields(config_cls or TransformerConfig, fields)
 
 
+def mla_transformer_config_class():
+    """Megatron's ``MLATransformerConfig`` (the MLA dims and RoPE type live on the config class)."""
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    return MLATransformerConfig
+
+
+@functools.lru_cache(maxsize=None)
+def mla_self_attention_class():
+    """Megatron's ``MLASelfAttention``, built from exactly the submodules its spec names.
+
+    0.19 resolves the Q/KV norm and up-projection slots itself (``_resolve_qk_norm_config``): with
+    ``qk_layernorm`` and no q-LoRA it asks for a fused norm+linear q projection, which only Transformer
+    Engine has, so the local spec (norm on the KV latent, plain q projection; 0.16.1's semantics)
+    cannot be built. The subclass takes the spec's slots as given; 0.16.1 has no resolver."""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    if not hasattr(MLASelfAttention, "_resolve_qk_norm_config"):
+        return MLASelfAttention
+
+    class SpecMLASelfAttention(MLASelfAttention):
+        def _resolve_qk_norm_config(self, submodules):
+            return {name: getattr(submodules, name) for name in
+                    ("linear_q_proj", "linear_q_up_proj", "linear_kv_up_proj", "q_layernorm", "kv_layernorm")}
+
+    return SpecMLASelfAttention
+
+
 
 # ------------------------------------------------------------------------------------------------
 # Parallel state and RNG

@@ -137,7 +137,7 @@ class SparseAttentionConfig:
                        "sparse attention has no context parallelism yet", "1")
 
 
-ATTENTION_TYPES = ("dense", "gqla")
+ATTENTION_TYPES = ("dense", "gqla", "mla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +198,53 @@ class GQLAConfig:
             raise _err("gqla_backend", self.backend, "unknown backend", "'auto', 'triton' or 'torch'")
 
 
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Megatron's multi-latent attention (DeepSeek-V2, arXiv 2405.04434) for ``attention_type="mla"``:
+    the dims of Megatron's ``MLATransformerConfig`` (the names GQLA shares), plain RoPE on the decoupled
+    rope key (``rope_type="rope"``, no YaRN) and the latent norms (Megatron's ``qk_layernorm``)."""
+
+    kv_lora_rank: int
+    qk_head_dim: int
+    qk_pos_emb_head_dim: int
+    v_head_dim: int
+    q_lora_rank: Optional[int] = None
+    latent_norm: bool = True  # kv_layernorm on c_t (and q_layernorm on the q-LoRA latent)
+    rotary_base: float = 10000.0
+
+    def validate(self, num_attention_heads: int, tensor_model_parallel_size: int = 1) -> None:
+        tp = tensor_model_parallel_size
+        for name in ("kv_lora_rank", "qk_head_dim", "v_head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise _err(name, value, "must be a positive integer", "an integer >= 1")
+        dr = self.qk_pos_emb_head_dim
+        if isinstance(dr, bool) or not isinstance(dr, int) or dr < 2 or dr % 2:
+            raise _err("qk_pos_emb_head_dim", dr, "Megatron's MLA always rotates its decoupled rope key "
+                       "(pairs of dims)", "an even integer >= 2")
+        if self.q_lora_rank is not None and (isinstance(self.q_lora_rank, bool)
+                                             or not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            raise _err("q_lora_rank", self.q_lora_rank, "must be positive", "an integer >= 1, or None (no q-LoRA)")
+        # Megatron's column-parallel down-projections split their outputs over TP before gathering them
+        if (self.kv_lora_rank + dr) % tp:
+            raise _err("kv_lora_rank", self.kv_lora_rank,
+                       f"kv_lora_rank + qk_pos_emb_head_dim = {self.kv_lora_rank + dr} is split over "
+                       f"tensor_model_parallel_size={tp}", f"a sum divisible by {tp}")
+        if self.q_lora_rank is not None and self.q_lora_rank % tp:
+            raise _err("q_lora_rank", self.q_lora_rank, f"is split over tensor_model_parallel_size={tp}",
+                       f"a multiple of {tp}")
+        if num_attention_heads % tp:
+            raise _err("tensor_model_parallel_size", tp, f"does not divide num_attention_heads={num_attention_heads}",
+                       "a divisor of the head count")
+
+    def transformer_fields(self) -> Dict[str, Any]:
+        """The ``MLATransformerConfig`` fields this config sets."""
+        return dict(multi_latent_attention=True, kv_lora_rank=self.kv_lora_rank, q_lora_rank=self.q_lora_rank,
+                    qk_head_dim=self.qk_head_dim, qk_pos_emb_head_dim=self.qk_pos_emb_head_dim,
+                    v_head_dim=self.v_head_dim, qk_layernorm=self.latent_norm, rope_type="rope",
+                    rotary_base=self.rotary_base, rotary_percent=1.0, apply_rope_fusion=False)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     # model (Megatron names)
@@ -256,8 +303,9 @@ class TrainConfig:
     indexer_kl_coeff: float = 0.01
     indexer_dense_warmup_iters: int = 0
     sparse_attention_backend: str = "auto"
-    # GQLA (docs/gqla.md): attention_type gqla; num_query_groups is G; None dims derive from the head dim
-    attention_type: str = "dense"  # dense | gqla
+    # GQLA (docs/gqla.md): attention_type gqla; num_query_groups is G; None dims derive from the head dim.
+    # attention_type mla: Megatron's MLASelfAttention with the same dims (gqla_latent_norm = its qk_layernorm)
+    attention_type: str = "dense"  # dense | gqla | mla
     kv_lora_rank: Optional[int] = None  # default 4 * head dim
     q_lora_rank: Optional[int] = None  # None: no q-LoRA
     qk_head_dim: Optional[int] = None  # default head dim (hidden_size / num_attention_heads)
@@ -289,6 +337,9 @@ class TrainConfig:
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    # FSDP2 (torch fully_shard) over the data-parallel group instead of replicated DDP: parameters,
+    # gradients and Adam states sharded (docs/lanes.md, FSDP2); the lane spec's `fsdp2` sets it
+    use_torch_fsdp2: bool = False
     # "auto" or an explicit lane spec ("tp2,sp,pp1,ep4,dp2"): planned by launch/plan.py before
     # validation; the lane fields above are then set from the plan (docs/lanes.md)
     lanes: Optional[str] = None
@@ -307,6 +358,15 @@ class TrainConfig:
     progress: str = "auto"  # auto | bar | log
     device: str = "auto"  # auto | cpu | cuda
     exit_after_iters: Optional[int] = None  # stop early (simulates a killed job in tests)
+    # a step running longer than this dumps every thread's Python stack to stderr (again every
+    # that many seconds until the step ends): shows where a hung collective or kernel waits
+    hang_dump_seconds: Optional[float] = None
+    # Megatron's profiling flags: steps [start, end) (1-based); the torch profiler writes a trace and
+    # a top-operator table per rank under <run folder>/profile, else a cudaProfilerStart/Stop range
+    profile: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    use_pytorch_profiler: bool = False
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
@@ -511,6 +571,33 @@ def gqla_config(cfg: TrainConfig) -> Optional[GQLAConfig]:
         window_size=cfg.window_size, num_sink_tokens=cfg.num_sink_tokens)
 
 
+def mla_config(cfg: TrainConfig) -> Optional[MLAConfig]:
+    """None unless ``attention_type == "mla"``; unset dims derive as GQLA's do, except that MLA always
+    has a rope key (Megatron's MLA rotates it whatever the model's position embedding)."""
+    if cfg.attention_type != "mla":
+        return None
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return MLAConfig(kv_lora_rank=pick(cfg.kv_lora_rank, 4 * head_dim), qk_head_dim=pick(cfg.qk_head_dim, head_dim),
+                     qk_pos_emb_head_dim=pick(cfg.qk_pos_emb_head_dim, max(2, head_dim // 2 // 2 * 2)),
+                     v_head_dim=pick(cfg.v_head_dim, head_dim), q_lora_rank=cfg.q_lora_rank,
+                     latent_norm=cfg.gqla_latent_norm)
+
+
+def _validate_mla(cfg: TrainConfig, mla: MLAConfig) -> None:
+    heads = cfg.num_attention_heads
+    if cfg.num_query_groups not in (None, heads):
+        raise _err("num_query_groups", cfg.num_query_groups, "MLA has one K/V up-projection block per query "
+                   "head (GQLA's groups are --attention-type gqla)", f"no --num-query-groups, or {heads}")
+    if cfg.attention_pattern is not None or cfg.sparse_attention:
+        raise _err("attention_type", "mla", "MLA layers take no sparse-MQA attention pattern",
+                   "either --attention-type mla or --attention-pattern, not both")
+    if cfg.gqla_backend != "auto":
+        raise _err("gqla_backend", cfg.gqla_backend, "MLA layers run Megatron's MLASelfAttention with SDPA "
+                   "core attention, not the GQLA kernels", "no --gqla-backend with --attention-type mla")
+    mla.validate(heads, cfg.tensor_model_parallel_size)
+
+
 def ffn_hidden_size(cfg: TrainConfig) -> int:
     if cfg.ffn_hidden_size is not None:
         return cfg.ffn_hidden_size
@@ -567,11 +654,13 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
             if getattr(cfg, name):
                 raise _err(name, getattr(cfg, name), "GQLA layers have a window and sinks but no learned "
                            "sink logit or top-k selection", "--window-size / --num-sink-tokens only")
+    elif cfg.attention_type == "mla":
+        _validate_mla(cfg, mla_config(cfg))
     else:
         for name in _GQLA_FIELDS:
             if getattr(cfg, name) is not None:
-                raise _err(name, getattr(cfg, name), "a GQLA dimension, only read by GQLA layers",
-                           "--attention-type gqla, or drop the option")
+                raise _err(name, getattr(cfg, name), "a GQLA dimension (MLA's too), only read by GQLA and "
+                           "MLA layers", "--attention-type gqla or mla, or drop the option")
     sparse = sparse_attention_config(cfg)
     if sparse is not None:
         sparse.validate(cfg.num_attention_heads, groups, cfg.hidden_size // cfg.num_attention_heads,
@@ -584,6 +673,13 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
         raise _err("bf16", True, "the CPU lane trains in fp32", "--no-bf16, or run on a GPU")
     if cfg.exit_after_iters is not None and cfg.exit_after_iters < 1:
         raise _err("exit_after_iters", cfg.exit_after_iters, "must be positive", "an integer >= 1")
+    if cfg.hang_dump_seconds is not None and not cfg.hang_dump_seconds > 0:
+        raise _err("hang_dump_seconds", cfg.hang_dump_seconds, "must be positive",
+                   "seconds > 0 (e.g. 120), or leave it unset")
+    if cfg.profile and not 1 <= cfg.profile_step_start < cfg.profile_step_end <= cfg.train_iters + 1:
+        raise _err("profile_step_start", f"{cfg.profile_step_start}..{cfg.profile_step_end}",
+                   f"the profiled steps [start, end) must lie within 1..{cfg.train_iters}",
+                   f"1 <= --profile-step-start < --profile-step-end <= {cfg.train_iters + 1}")
 
     if cfg.context_parallel_size > 1:
         raise _err("context_parallel_size", cfg.context_parallel_size,
@@ -601,6 +697,24 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
     return check_lanes(cfg, world_size, gpus_per_node)
 
 
+def _check_fsdp2(cfg: TrainConfig) -> None:
+    """FSDP2 in ``train`` shards over the data-parallel group alone (one-dimensional mesh)."""
+    why = {"tensor_model_parallel_size": "FSDP2 in train shards over data parallelism only (no 2-D mesh "
+                                         "with tensor parallelism yet)",
+           "pipeline_model_parallel_size": "FSDP2 does not run under pipeline schedules (Megatron's "
+                                           "--use-torch-fsdp2 has the same limit)",
+           "expert_model_parallel_size": "FSDP2 does not shard expert-parallel weights (Megatron's "
+                                         "--use-torch-fsdp2 has the same limit)",
+           "context_parallel_size": "FSDP2 in train shards over data parallelism only"}
+    for field, reason in why.items():
+        if getattr(cfg, field) > 1:
+            raise _err(field, getattr(cfg, field), f"{reason}", "1 with --use-torch-fsdp2, or drop "
+                       "--use-torch-fsdp2 (lane 'dp') to keep this lane")
+    if cfg.num_experts:
+        raise _err("num_experts", cfg.num_experts, "MoE layers are not run under FSDP2 in train yet",
+                   "a dense model with --use-torch-fsdp2, or drop --use-torch-fsdp2 for MoE")
+
+
 def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = None) -> int:
     """The lane arithmetic (TP/PP/CP/EP/SP vs world size, heads, layers, batch); returns the
     data-parallel size. Shared with the lane planner (launch/plan.py), which runs it on every
@@ -614,6 +728,8 @@ def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] 
                    f"not divisible by tensor*pipeline*context parallel = {tp}*{pp}*{cp} = {model_parallel}",
                    f"a world size that is a multiple of {model_parallel}, or smaller lanes")
     dp = world_size // model_parallel
+    if cfg.use_torch_fsdp2:
+        _check_fsdp2(cfg)
     if ep > 1 and not cfg.num_experts:
         raise _err("expert_model_parallel_size", ep, "expert parallelism needs an MoE model",
                    "--num-experts N (a multiple of the EP size), or expert_model_parallel_size 1")

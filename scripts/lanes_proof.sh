@@ -5,6 +5,9 @@
 #
 #   OUT=out bash scripts/lanes_proof.sh            # uses every visible GPU (2 or more)
 #   ITERS=60 RUNS="tp2 pp2 ep2" bash scripts/lanes_proof.sh
+#   EXTRA="--hang-dump-seconds 60" ...      # extra train flags for every run
+#   EP_SCALING=0 ...                                 # skip the EP weak-scaling script
+#   TRAIN_TIMEOUT=150 ...                            # seconds per train run (default 420)
 set -uo pipefail
 OUT=${OUT:-lanes-out}
 ITERS=${ITERS:-60}
@@ -16,24 +19,26 @@ TRI="--attention-pattern WWWD --window-size 256 --num-sink-tokens 4 $MOE --mhc-n
 declare -A ARGS=(
   [tp2]="2|--lanes tp2,sp"
   [pp2]="2|--lanes pp2"
+  [fsdp2]="2|--lanes fsdp2"
   [ep2]="2|$MOE --lanes ep2"
   [ep4]="4|$MOE --lanes ep4"
+  [tri_ep2]="2|$TRI --lanes ep2"
   [tri_ep4]="4|$TRI --lanes ep4"
 )
-RUNS=${RUNS:-"tp2 pp2 ep2 ep4 tri_ep4"}
+RUNS=${RUNS:-"tp2 pp2 fsdp2 ep2 ep4 tri_ep4"}
 for name in $RUNS; do
   n=${ARGS[$name]%%|*}
-  args="--preset small --train-iters $ITERS --eval-iters 0 --save-interval 1000 ${ARGS[$name]#*|}"
+  args="--preset small --train-iters $ITERS --eval-iters 0 --save-interval 1000 ${ARGS[$name]#*|} ${EXTRA:-}"
   if (( n > NGPU )); then echo "skip $name: needs $n GPUs, $NGPU visible"; continue; fi
   python3 -m megatron_ext plan $args --nodes 1 --gpus-per-node "$n" --hardware "$HW" --json \
     > "$OUT/plan-$name.json" 2> "$OUT/plan-$name.err"
-  timeout 420 python3 -m megatron_ext train $args --nproc-per-node "$n" --runs-root /tmp/lanes \
+  timeout ${TRAIN_TIMEOUT:-420} python3 -m megatron_ext train $args --nproc-per-node "$n" --runs-root /tmp/lanes \
     --run-dir "/tmp/lanes/$name" --progress log > "$OUT/train-$name.log" 2>&1
   echo "$name: rc=$? $(tail -1 "$OUT/train-$name.log")"
   cp "/tmp/lanes/$name/receipt.json" "$OUT/receipt-$name.json" 2>/dev/null
 done
 for n in 2 4; do
-  (( n > NGPU )) && continue
+  (( n > NGPU )) || [[ ${EP_SCALING:-1} == 0 ]] && continue
   timeout 300 python3 -m torch.distributed.run --standalone --nproc-per-node "$n" scripts/moe_ep_scaling.py \
     --json "$OUT/moe_ep_scaling_${n}gpu.json" > "$OUT/moe_ep_scaling_${n}gpu.txt" 2>&1
   tail -12 "$OUT/moe_ep_scaling_${n}gpu.txt"

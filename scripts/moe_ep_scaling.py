@@ -57,6 +57,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--link-gbps", type=float, default=450.0, help="per-direction link bandwidth to compare with")
     p.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke test")
     p.add_argument("--json", type=str, default=None, help="write the results here (rank 0)")
+    p.add_argument("--route-to-last-rank", action="store_true",
+                   help="worst-case imbalance: an expert bias sends every token to the last EP rank's "
+                        "experts (the other ranks receive no rows)")
+    p.add_argument("--verbose", action="store_true", help="every rank prints each iteration's time")
+    p.add_argument("--hang-dump-seconds", type=float, default=None,
+                   help="an iteration over this many seconds dumps every thread's stack to stderr")
     args = p.parse_args(argv)
     if args.tiny:
         for k, v in TINY.items():
@@ -93,9 +99,15 @@ def _build_layer(args, ep: int, lane: str, bf16: bool):
     cfg = from_preset("test", num_layers=1, hidden_size=args.hidden, num_attention_heads=heads,
                       num_experts=args.num_experts, moe_ffn_hidden_size=args.ffn, moe_router_topk=args.topk,
                       moe_backend=args.backend, expert_model_parallel_size=ep,
-                      moe_shared_expert_intermediate_size=args.shared_expert or None)
+                      moe_shared_expert_intermediate_size=args.shared_expert or None,
+                      **(dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
+                         if args.route_to_last_rank else {}))
     layer = FusedMoELayer(transformer_config(cfg, lane, bf16))
     layer.set_layer_number(1)
+    if args.route_to_last_rank:  # the bias only steers the choice; the gates stay the router's
+        with torch.no_grad():
+            layer.router_expert_bias.fill_(-1e4)
+            layer.router_expert_bias[args.num_experts - args.num_experts // ep:] = 0.0
     return layer
 
 
@@ -117,20 +129,28 @@ def _elapsed(t0, t1) -> float:
 def measure(args, ep: int, env, bf16: bool) -> dict:
     from megatron_ext.modules.moe import CommTimer
     from megatron_ext.observability.moe_stats import STATE
+    from megatron_ext.training.faults import StepWatchdog
 
+    watchdog = StepWatchdog(args.hang_dump_seconds, env.rank)
     layer = _build_layer(args, ep, env.lane, bf16)
     dtype = torch.bfloat16 if bf16 else torch.float32
     g = torch.Generator(device="cpu").manual_seed(1000 + env.rank)
     x = torch.randn(args.tokens_per_gpu, 1, args.hidden, generator=g).to(env.device, dtype).requires_grad_()
     dy = torch.randn(x.shape, generator=g).to(env.device, dtype)
     times = []
+    recv_rows = []  # rows this rank's experts received, per forward
     for i in range(args.warmup + args.iters):
         timed = i >= args.warmup
         layer.comm_timer = CommTimer() if timed and ep > 1 else None
+        watchdog.arm(i + 1)
         t0 = _now(env.lane)
         y, _ = layer(x)
         y.backward(dy)
         t1 = _now(env.lane)
+        recv_rows.append(layer.last_recv_rows if ep > 1 else x.shape[0] * args.topk)
+        if args.verbose:
+            print(f"[rank {env.rank}] ep={ep} iter {i + 1}: {1e3 * _elapsed(t0, t1):.2f} ms", flush=True)
+        watchdog.disarm()
         if timed:
             times.append(_elapsed(t0, t1))
             if layer.comm_timer is not None:
@@ -150,16 +170,20 @@ def measure(args, ep: int, env, bf16: bool) -> dict:
     stats = torch.tensor([sum(step) / len(step), comm["dispatch"][0], comm["dispatch"][1],
                           comm["combine"][0], comm["combine"][1]], dtype=torch.float64)
     mx, sm = stats.clone(), stats.clone()
+    fewest = torch.tensor([min(recv_rows)], dtype=torch.float64)
     if torch.distributed.is_initialized():
         dev = env.device if env.backend == "nccl" else "cpu"
         mx, sm = mx.to(dev), sm.to(dev)
         torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
         torch.distributed.all_reduce(sm)
-        mx, sm = mx.cpu(), sm.cpu()
+        fewest = fewest.to(dev)
+        torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
+        mx, sm, fewest = mx.cpu(), sm.cpu(), fewest.cpu()
     n = env.world_size
     row = {"ep": ep, "gpus": n, "tokens_per_gpu": args.tokens_per_gpu, "experts": args.num_experts,
            "local_experts": args.num_experts // ep, "topk": args.topk, "hidden": args.hidden, "ffn": args.ffn,
-           "dtype": "bf16" if bf16 else "fp32", "fwd_bwd_ms": 1e3 * float(mx[0])}
+           "dtype": "bf16" if bf16 else "fp32", "fwd_bwd_ms": 1e3 * float(mx[0]),
+           "min_rows_received": int(fewest[0]), "route_to_last_rank": args.route_to_last_rank}
     for j, name in ((1, "dispatch"), (3, "combine")):
         sec, nbytes = float(sm[j]) / n, float(sm[j + 1]) / n
         row[f"{name}_ms"] = 1e3 * sec / args.iters if ep > 1 else None

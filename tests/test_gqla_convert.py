@@ -1,5 +1,6 @@
 """TransGQLA (GQA -> GQLA): the exact identity at full rank without RoPE, reconstruction error falling
-with r_kv, the RoPE split (exact for an MQA source, measured otherwise), and input errors."""
+with r_kv, the RoPE split (exact for an MQA source, measured otherwise), and input errors. MLA -> GQLA:
+exact at G = H against Megatron's MLASelfAttention, and end to end over a ``--attention-type mla`` run."""
 
 import pytest
 import torch
@@ -158,27 +159,24 @@ def test_convert_cli_input_errors(tmp_path, capsys):
 # --- MLA -> GQLA ------------------------------------------------------------------------------------
 
 def megatron_mla(heads=8, hidden=32, dn=6, dr=4, dv=5, rank=16, q_lora=None, seed=0, norms=True):
-    """Megatron's own MLASelfAttention (local spec, SDPA core attention as in bench/benchmarks/gqla.py),
-    fp64 with fresh random weights, norms included."""
+    """Megatron's own MLASelfAttention from this project's local MLA spec (the one ``--attention-type
+    mla`` trains: SDPA core attention, builds on both megatron-core versions), fp64 with fresh random
+    weights, norms included."""
     import math
 
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
-    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-    from megatron_ext.modules.core_attention import SDPACoreAttention
+    from megatron_ext.modules.mla import mla_spec
 
     cfg = compat.make_transformer_config(
-        MLATransformerConfig, num_layers=1, hidden_size=hidden, num_attention_heads=heads,
+        compat.mla_transformer_config_class(), num_layers=1, hidden_size=hidden, num_attention_heads=heads,
         q_lora_rank=q_lora, kv_lora_rank=rank, qk_head_dim=dn, qk_pos_emb_head_dim=dr, v_head_dim=dv,
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         params_dtype=torch.float64, transformer_impl="local", use_cpu_initialization=True, rope_type="rope",
         apply_rope_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
         multi_latent_attention=True, qk_layernorm=norms)
-    spec = get_gpt_layer_local_spec(multi_latent_attention=True, qk_layernorm=norms).submodules.self_attention
-    spec.submodules.core_attention = SDPACoreAttention
     torch.manual_seed(seed)
-    mla = build_module(spec, config=cfg, layer_number=1).to(torch.float64)
+    mla = build_module(mla_spec(cfg), config=cfg, layer_number=1).to(torch.float64)
     with torch.no_grad():
         for p in mla.parameters():
             p.copy_(torch.randn_like(p) * (1.0 if p.dim() == 1 else 1.0 / math.sqrt(p.shape[-1])))
@@ -227,6 +225,128 @@ def test_mla_to_gqla_input_errors(parallel_state):
 
     with pytest.raises(ValueError, match="groups=3: must divide num_attention_heads=8"):
         convert_mla_to_gqla(megatron_mla(), 3)
+
+
+def test_mla_to_gqla_narrower_latent_without_the_norm(parallel_state):
+    """Without the latent norm the latent is linear: a rank-R refactoring of the group maps whose error
+    falls as R grows and vanishes at MLA's r; with the norm a narrower latent is refused."""
+    from megatron_ext.convert import convert_mla_to_gqla
+
+    mla = megatron_mla(seed=2, norms=False)
+    x = torch.randn(10, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ref = mla(x, None)[0]
+    latent_err, out_err = [], []
+    for rank in (4, 8, 12, 16):
+        gqla, report = convert_mla_to_gqla(mla, 4, kv_lora_rank=rank, backend="torch")
+        assert gqla.r_kv == rank and report.kv_lora_rank == rank
+        latent_err.append(report.latent_rel_error)
+        out_err.append(_rel(ref, gqla(x)[0]))
+    assert all(a > b for a, b in zip(latent_err, latent_err[1:])) and latent_err[-1] < 1e-6, latent_err
+    assert out_err[0] > out_err[-1], out_err
+    exact, _ = convert_mla_to_gqla(mla, 8, kv_lora_rank=16, backend="torch")
+    assert _rel(ref, exact(x)[0]) < 1e-7
+    with pytest.raises(ValueError, match="kv_lora_rank=8: the MLA latent is normalised"):
+        convert_mla_to_gqla(megatron_mla(norms=True), 4, kv_lora_rank=8)
+    with pytest.raises(ValueError, match="kv_lora_rank=17: the GQLA latent is a subspace"):
+        convert_mla_to_gqla(mla, 4, kv_lora_rank=17)
+
+
+# --- megatron-ext train --attention-type mla, then convert mla-to-gqla ------------------------------
+
+@pytest.mark.parametrize("overrides,world,match", [
+    (dict(num_query_groups=2), 1, "num_query_groups=2: MLA has one K/V up-projection block per query head"),
+    (dict(qk_pos_emb_head_dim=0), 1, "qk_pos_emb_head_dim=0: Megatron's MLA always rotates"),
+    (dict(kv_lora_rank=0), 1, "kv_lora_rank=0: must be a positive integer"),
+    (dict(attention_pattern="W", window_size=8), 1, "attention_type='mla': MLA layers take no sparse-MQA"),
+    (dict(tensor_model_parallel_size=2, kv_lora_rank=63), 2, "kv_lora_rank=63: kv_lora_rank \\+ qk_pos_emb"),
+    (dict(gqla_backend="triton"), 1, "gqla_backend='triton': MLA layers run Megatron's MLASelfAttention"),
+])
+def test_mla_config_errors(overrides, world, match):
+    from megatron_ext.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(from_preset("test", attention_type="mla", **overrides), world)
+
+
+def test_mla_dims_are_refused_without_an_mla_or_gqla_model():
+    from megatron_ext.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="kv_lora_rank=32: a GQLA dimension \\(MLA's too\\)"):
+        validate(from_preset("test", kv_lora_rank=32), 1)
+
+
+def test_mla_trains_and_converts_to_gqla(tmp_path, capsys):
+    """A tiny MLA run (Megatron's MLASelfAttention) trains; ``convert mla-to-gqla`` at G = H writes a GQLA
+    run whose checkpoint, loaded as GQLA, reproduces the MLA logits in fp32; G < H reports a finite
+    error and loss change; bad input fails before any model is built."""
+    import json
+    import math
+    import re
+
+    from helpers import train_inprocess, train_losses
+    from megatron_ext.cli import main
+    from megatron_ext.convert.command import cpu_world_of_one, load_model, locate, read_config, validation_tokens
+    from megatron_ext.modules.gqla import GQLAttention
+
+    src, exact, grouped = tmp_path / "mla", tmp_path / "gqla4", tmp_path / "gqla2"
+    assert train_inprocess(src, "--attention-type", "mla", "--train-iters", "6", "--eval-iters", "0",
+                           "--log-interval", "1") == 0
+    losses = train_losses(src)
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    capsys.readouterr()
+
+    # G = H = 4: one group per head, exact
+    assert main(["convert", "mla-to-gqla", "--load", str(src), "--save", str(exact), "--groups", "4",
+                 "--eval-samples", "4"]) == 0
+    out = capsys.readouterr().out
+    errors = re.findall(r"key map relative error ([0-9.e+-]+), value map ([0-9.e+-]+)", out)
+    assert len(errors) == 2 and all(float(e) < 1e-6 for pair in errors for e in pair), out
+    assert float(re.search(r"relative L2 change ([0-9.e+-]+)", out).group(1)) < 1e-5, out
+    config = json.loads((exact / "config.json").read_text())
+    assert (config["attention_type"], config["num_query_groups"], config["kv_lora_rank"],
+            config["qk_pos_emb_head_dim"]) == ("gqla", 4, 64, 8)
+    assert json.loads((exact / "convert.json").read_text())["resume_command"][-1] == "--resume"
+    runs = [locate(str(r), None) for r in (src, exact)]
+    cfgs = [read_config(run) for run, _, _ in runs]
+    tokens, positions = validation_tokens(cfgs[0], 3)
+    with cpu_world_of_one(cfgs[0].seed):
+        mla_model, gqla_model = (load_model(c, root, it) for c, (_, root, it) in zip(cfgs, runs))
+        assert type(gqla_model.decoder.layers[0].self_attention) is GQLAttention
+        with torch.no_grad():
+            a, b = (m(tokens, positions, None) for m in (mla_model, gqla_model))
+    assert ((a - b).norm() / a.norm()).item() < 1e-5 and (a - b).abs().max().item() < 1e-4
+
+    # G = 2 < H: the shared subspaces lose something, reported per layer and as a loss change
+    assert main(["convert", "mla-to-gqla", "--load", str(src), "--save", str(grouped), "--groups", "2",
+                 "--eval-samples", "4"]) == 0
+    out = capsys.readouterr().out
+    errors = [float(e) for pair in re.findall(r"key map relative error ([0-9.e+-]+), value map ([0-9.e+-]+)", out)
+              for e in pair]
+    assert len(errors) == 4 and all(0.01 < e < 1 for e in errors), out
+    change = json.loads((grouped / "convert.json").read_text())["logit_change"]
+    assert math.isfinite(change["loss_dst"]) and 1e-4 < change["rel_l2"] < 1, change
+    assert f"loss {change['loss_src']:.4f} -> {change['loss_dst']:.4f}" in out
+
+    # bad input: refused at argument time, nothing written
+    bad = tmp_path / "bad"
+    assert main(["convert", "mla-to-gqla", "--load", str(src), "--save", str(bad), "--groups", "3"]) == 2
+    assert "groups=3: must divide num_attention_heads=4" in capsys.readouterr().err
+    assert main(["convert", "mla-to-gqla", "--load", str(src), "--save", str(bad), "--groups", "2",
+                 "--kv-lora-rank", "16"]) == 2
+    assert "kv_lora_rank=16: the MLA run normalises its 64-dim latent" in capsys.readouterr().err
+    assert main(["convert", "gqa-to-gqla", "--load", str(src), "--save", str(bad), "--groups", "2",
+                 "--kv-lora-rank", "16"]) == 2
+    assert "gqa-to-gqla converts dense GQA runs" in capsys.readouterr().err
+    dense = tmp_path / "dense"
+    (dense / "checkpoints" / "iter_0000001").mkdir(parents=True)
+    (dense / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("1")
+    (dense / "config.json").write_text(json.dumps(dict(config, attention_type="dense", num_query_groups=None,
+                                                       kv_lora_rank=None, qk_head_dim=None,
+                                                       qk_pos_emb_head_dim=None, v_head_dim=None)))
+    assert main(["convert", "mla-to-gqla", "--load", str(dense), "--save", str(bad), "--groups", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "the run has attention_type='dense'" in err and "mla-to-gqla converts MLA runs" in err, err
+    assert not bad.exists()
 
 
 @pytest.mark.multirank

@@ -50,8 +50,10 @@ def test_plan_explicit_flags_pin_lanes(capsys):
     (["plan", *DENSE, "--hardware", "a100"], "hardware='a100': unknown hardware profile"),
     (["plan", *DENSE, "--lanes", "tp2", "--tensor-model-parallel-size", "4"],
      "lanes='tp2': pins tp2 but --tensor-model-parallel-size 4 was also given; use one of them"),
-    (["train", "--preset", "test", "--lanes", "fsdp2", "--device", "cpu", "--nproc-per-node", "2"],
-     "lanes='fsdp2': fsdp2 lane not yet wired into train; use dp; nearest valid choice: dp"),
+    (["train", "--preset", "test", "--lanes", "fsdp2,tp2", "--device", "cpu", "--nproc-per-node", "2"],
+     "lanes='fsdp2,tp2': tensor_model_parallel_size=2: FSDP2 in train shards over data parallelism only"),
+    (["train", "--preset", "test", "--lanes", "dp", "--use-torch-fsdp2", "--device", "cpu", "--nproc-per-node", "2"],
+     "lanes='dp': pins dp but --use-torch-fsdp2 was also given; use one of them"),
     (["train", "--preset", "test", "--lanes", "tp2,nosp", "--sequence-parallel", "--device", "cpu",
       "--nproc-per-node", "2"], "lanes='tp2,nosp': pins nosp but --sequence-parallel was also given"),
     (["train", "--preset", "test", "--lanes", "tp2,bogus", "--device", "cpu"], "unknown token 'bogus'"),
@@ -387,3 +389,35 @@ def test_kill_hook_is_inert_unless_asked(monkeypatch):
     monkeypatch.setenv(faults.ENV, "rank1")
     with pytest.raises(ValueError, match=r"MEGATRON_EXT_TEST_KILL_RANK='rank1': not RANK@ITER; use e.g. '1@7'"):
         faults.kill_point()
+
+
+def test_hang_watchdog_dumps_stacks_of_a_slow_step_only(tmp_path):
+    import time
+
+    from megatron_ext.training import faults
+
+    log = tmp_path / "stacks.txt"
+    with open(log, "w+") as f:
+        dog = faults.StepWatchdog(0.2, rank=3, stream=f)
+        dog.arm(1)
+        dog.disarm()  # a fast step: nothing dumped
+        f.flush()
+        assert "Thread" not in log.read_text() and "hang watchdog from iteration 1" in log.read_text()
+
+        def slow_step():
+            time.sleep(0.7)
+
+        dog.arm(2)
+        slow_step()
+        dog.disarm()
+        f.flush()
+        text = log.read_text()
+    assert "slow_step" in text and "test_hang_watchdog_dumps_stacks_of_a_slow_step_only" in text
+    assert faults.StepWatchdog(None).arm(1) is None  # off by default: no faulthandler timer
+
+
+def test_hang_dump_seconds_must_be_positive():
+    from megatron_ext.config import ConfigError, TrainConfig, validate
+
+    with pytest.raises(ConfigError, match=r"hang_dump_seconds=0: must be positive"):
+        validate(TrainConfig(hang_dump_seconds=0), world_size=1)

@@ -97,11 +97,15 @@ def test_tp2_sequence_parallel_matches_ws1_routes_alike_and_resumes_at_tp1(ws1, 
 
 
 def test_ep_scaling_script_runs_on_gloo(tmp_path):
-    """scripts/moe_ep_scaling.py at tiny sizes: a row per EP size, and the bytes it counts are
-    consistent (each row sent off-rank in the dispatch comes back in the combine)."""
+    """scripts/moe_ep_scaling.py at tiny sizes, all tokens routed to the last rank: a row per EP
+    size, the bytes it counts are consistent (each row sent off-rank in the dispatch comes back in
+    the combine), and a rank whose experts get no rows still completes forward and backward."""
     out = tmp_path / "scaling.json"
+    # every token to the last rank's experts: rank 0 receives no rows, yet must join the dispatch's
+    # reverse exchange in backward (it once skipped it: NCCL hung, gloo aborted)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(ROOT / "scripts" / "moe_ep_scaling.py"), "--device", "cpu", "--tiny", "--json", str(out)]
+           str(ROOT / "scripts" / "moe_ep_scaling.py"), "--device", "cpu", "--tiny", "--json", str(out),
+           "--route-to-last-rank"]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fwd+bwd ms" in proc.stdout
@@ -114,3 +118,4 @@ def test_ep_scaling_script_runs_on_gloo(tmp_path):
     rows_out = ep2["dispatch_bytes_per_rank"] / (4 * h + 4 + 8)  # fp32 row + fp32 gate + int64 id
     assert rows_out == pytest.approx(ep2["combine_bytes_per_rank"] / (4 * h))
     assert rows_out > 0
+    assert ep2["route_to_last_rank"] and ep2["min_rows_received"] == 0

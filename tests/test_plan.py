@@ -7,7 +7,7 @@ import pytest
 
 from launch.hardware import PROFILES, detect, get_profile
 from launch.lanes import Lanes, parse_lanes
-from launch.plan import GIB, Cluster, ModelShape, Planner, PlanError, _layer_activations
+from launch.plan import Cluster, ModelShape, Planner, PlanError, _layer_activations
 from megatron_ext.config import ConfigError, from_preset
 
 VOCAB = 32000
@@ -100,6 +100,19 @@ def test_optimizer_sharding_and_fsdp2_memory():
     assert train.optimizer == pytest.approx(12 * params, rel=0.01)  # no distributed optimizer in train
 
 
+def test_train_plans_fsdp2_and_applies_it_to_the_config():
+    plan = _planner(DENSE_7B, 1, "h100-80g", "train").plan("fsdp2")
+    L = plan.lanes
+    assert L.fsdp2 and (L.tp, L.pp, L.ep, L.dp) == (1, 1, 1, 8), plan.table()
+    assert plan.reasons["dp"].startswith("pinned; FSDP2 shards weights/grads/Adam over 8 ranks")
+    # FSDP2 shards all 16 B/param where train's replicated Adam holds 18 B/param on every rank
+    replicated = _planner(DENSE_7B, 1, "h100-80g", "train").evaluate(dataclasses.replace(L, fsdp2=False))
+    assert plan.memory.total < replicated.memory.total and plan.memory.fits and not replicated.memory.fits
+    cfg = plan.apply(from_preset("tiny", **DENSE_7B))
+    assert cfg.use_torch_fsdp2 and cfg.tensor_model_parallel_size == 1
+    assert not _planner(DENSE_7B, 1, "h100-80g", "train").plan("dp").apply(cfg).use_torch_fsdp2
+
+
 def test_pinned_lanes_are_kept_and_reported():
     plan = _planner(DENSE_7B, 2, "h200-141g").plan("tp2,sp,pp2")
     L = plan.lanes
@@ -120,8 +133,10 @@ REJECTIONS = [
      "nearest valid choice: ep4"),
     (DENSE_7B, 1, "h100-80g", "megatron", "tp1,pp1,dp8,mbs8,recompute-none",
      "memory estimate", "nearest valid choice: "),
-    (DENSE_7B, 1, "h100-80g", "train", "fsdp2", "fsdp2 lane not yet wired into train; use dp",
-     "nearest valid choice: dp"),
+    (DENSE_7B, 1, "h100-80g", "train", "fsdp2,tp2",
+     "tensor_model_parallel_size=2: FSDP2 in train shards over data parallelism only", "nearest valid choice: "),
+    (DENSE_7B, 1, "h100-80g", "megatron", "fsdp2,pp2", "fsdp2 runs without pipeline or expert parallelism",
+     "nearest valid choice: "),
     (DENSE_7B, 1, "h100-80g", "train", "pp2,vpp2", "virtual pipeline stages are not wired into train",
      "nearest valid choice: vpp1"),
     (DENSE_7B, 1, "h100-80g", "megatron", "ep2", "expert parallelism needs an MoE model",

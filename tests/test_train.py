@@ -15,8 +15,18 @@ RECEIPT_KEYS = {"versions", "device", "lane", "backends", "patches", "throughput
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "full"
-    assert train_inprocess(run) == 0
+    # the profiler and the hang watchdog ride along: neither changes the numbers
+    assert train_inprocess(run, "--profile", "--use-pytorch-profiler", "--profile-step-start", "3",
+                           "--profile-step-end", "5", "--hang-dump-seconds", "600") == 0
     return run
+
+
+def test_profile_range_writes_a_trace_and_a_top_table(full_run):
+    trace = json.loads((full_run / "profile" / "rank0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any(n.startswith("aten::") for n in names)
+    top = (full_run / "profile" / "rank0_top.txt").read_text()
+    assert top.startswith("steps 3..4, sorted by self_cpu_time_total") and "aten::" in top
 
 
 def test_loss_falls_and_run_folder_is_complete(full_run):
@@ -35,7 +45,7 @@ def test_receipt_records_what_the_issue_asks(full_run):
     r = receipt(full_run)
     assert RECEIPT_KEYS <= set(r)
     assert {"torch", "megatron-core"} <= set(r["versions"])
-    assert r["lane"] == {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "dp": 1, "sp": False, "world_size": 1,
+    assert r["lane"] == {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "dp": 1, "sp": False, "fsdp2": False, "world_size": 1,
                          "backend": "gloo", "device_lane": "cpu"}
     assert {"op": "core_attention", "requested": "auto", "observed": "torch_sdpa"}.items() <= r["backends"][0].items()
     assert "cpu_rng_tracker" in r["patches"] and "cpu_clip_grads" in r["patches"]
@@ -49,6 +59,13 @@ def test_receipt_records_what_the_issue_asks(full_run):
     assert r["memory_bytes"]["host_max_rss"] > 0
     assert r["loss"]["final"] == pytest.approx(train_losses(full_run)[-1])
     assert r["loss"]["final_validation"] < r["loss"]["first"]
+
+
+def test_profile_range_must_fit_the_run():
+    from megatron_ext.config import ConfigError, TrainConfig, validate
+
+    with pytest.raises(ConfigError, match=r"profile_step_start='5..5': the profiled steps \[start, end\) must lie"):
+        validate(TrainConfig(profile=True, profile_step_start=5, profile_step_end=5), world_size=1)
 
 
 def test_killed_run_resumes_onto_the_same_curve(full_run, tmp_path):

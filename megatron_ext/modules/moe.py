@@ -133,22 +133,14 @@ class _Pending:
 
 
 class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` with variable splits; its gradient is the reverse exchange. With a
-    ``pending`` the forward exchange is launched asynchronously (``async_op=True``) and the
-    output must not be read before ``pending.wait()``: on NCCL it runs on the communicator's
-    stream while the caller's stream computes; on gloo on a background thread."""
+    """``all_to_all_single`` with variable splits (the combine); its gradient is the reverse
+    exchange."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group,
-                pending: Optional[_Pending] = None) -> Tensor:
+    def forward(ctx, x: Tensor, out_splits: List[int], in_splits: List[int], group) -> Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        x = x.contiguous()
-        work = torch.distributed.all_to_all_single(out, x, out_splits, in_splits, group=group,
-                                                   async_op=pending is not None)
-        if pending is not None:
-            pending.works.append(work)
-            pending.keep.append(x)
+        torch.distributed.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
@@ -156,7 +148,41 @@ class _AllToAll(torch.autograd.Function):
         out_splits, in_splits = ctx.splits
         back = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
         torch.distributed.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None, None
+        return back, None, None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """The dispatch of token rows and their gates as ONE autograd node, launched asynchronously
+    (``async_op=True``): its outputs must not be read before ``pending.wait()`` (on NCCL the
+    exchange runs on the communicator's stream while the caller's stream computes the shared
+    expert; on gloo on a background thread). As two nodes, autograd
+    ran their reverse exchanges in whichever order their gradients became ready, which depends on
+    the routing (an expert with no rows changes the graph), so two ranks could issue the two
+    all-to-alls in opposite orders: NCCL hangs and gloo aborts on the size mismatch. One node
+    issues both reverse exchanges in a fixed order on every rank."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, gates: Tensor, out_splits: List[int], in_splits: List[int], group,
+                pending: _Pending):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        outs = []
+        for t in (rows.contiguous(), gates.contiguous()):
+            out = t.new_empty((sum(out_splits),) + tuple(t.shape[1:]))
+            pending.works.append(torch.distributed.all_to_all_single(out, t, out_splits, in_splits,
+                                                                     group=group, async_op=True))
+            pending.keep.append(t)
+            outs.append(out)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, g_rows: Tensor, g_gates: Tensor):
+        out_splits, in_splits = ctx.splits
+        grads = []
+        for g in (g_rows, g_gates):  # materialised (zeros) when unused: both exchanges always run
+            back = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
+            torch.distributed.all_to_all_single(back, g.contiguous(), in_splits, out_splits, group=ctx.group)
+            grads.append(back)
+        return grads[0], grads[1], None, None, None, None
 
 
 class CommTimer:
@@ -489,13 +515,13 @@ class FusedMoELayer(MegatronModule):
         torch.distributed.all_to_all_single(recv_counts, send_counts, group=group)
         counts = torch.stack([send_counts, recv_counts]).cpu()  # the one host sync of EP
         send, recv = counts[0].tolist(), counts[1].tolist()
+        self.last_recv_rows = sum(recv)  # host int, already synced: for monitoring and tests
         timer = self.comm_timer
         off_rank = sum(send) - send[self.ep_rank]
         if timer is not None:
             timer.start("dispatch", rows.device)
         pending = _Pending()
-        x_in = _AllToAll.apply(rows, recv, send, group, pending)
-        p_in = _AllToAll.apply(p_rows.float(), recv, send, group, pending)
+        x_in, p_in = _Dispatch.apply(rows, p_rows.float(), recv, send, group, pending)
         with torch.no_grad():
             e_in = torch.empty(sum(recv), dtype=e_rows.dtype, device=e_rows.device)
             e_src = e_rows.contiguous()
@@ -507,7 +533,13 @@ class FusedMoELayer(MegatronModule):
         if timer is not None:
             timer.stop("dispatch", off_rank * (rows.shape[1] * rows.element_size() + 4 + e_rows.element_size()))
         local = e_in - self.local_offset
-        if self.moe.deterministic:
+        if x_in.shape[0] == 0:
+            # No rows for this rank's experts (routing sent every token elsewhere). The expert FFN
+            # builds no graph on empty input, so without this link the dispatch's reverse
+            # exchange would not run in this rank's backward while the other ranks wait in it:
+            # a hang on NCCL, an abort on gloo.
+            y = x_in.new_zeros(0, x_in.shape[1]) + (x_in.sum() + p_in.sum()).to(x_in.dtype) * 0
+        elif self.moe.deterministic:
             # fp32 on the way back: the fixed-order combine stays bitwise batch-invariant
             y = _ffn_rows_deterministic(x_in, local, self.w1, self.w2, self.activation).float() * p_in[:, None]
         else:

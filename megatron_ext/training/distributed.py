@@ -71,6 +71,16 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def shutdown() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def shutdown(abort: bool = False) -> None:
+    """Destroy the process group. ``abort`` (this rank failed): abort NCCL communicators instead,
+    since a graceful destroy waits for collectives the other ranks may never join."""
+    if not torch.distributed.is_initialized():
+        return
+    if abort and torch.distributed.get_backend() == "nccl":
+        from torch.distributed import distributed_c10d as c10d
+
+        abort_fn = getattr(c10d, "_abort_process_group", None)
+        if abort_fn is not None:
+            abort_fn()
+            return
+    torch.distributed.destroy_process_group()

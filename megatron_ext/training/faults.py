@@ -42,3 +42,42 @@ def maybe_kill(rank: int, iteration: int) -> None:
             # they would hold the launcher's stdout open forever.
             os.killpg(os.getpid(), signal.SIGKILL)
         os._exit(KILLED_EXIT_CODE)
+
+
+class StepWatchdog:
+    """``--hang-dump-seconds S``: while a step runs longer than S seconds, every thread's Python
+    stack goes to stderr every S seconds (``faulthandler``, which needs no working interpreter
+    lock of the stuck thread). A rank blocked in a collective or a host sync then shows where it
+    waits, instead of a silent job that only the distributed timeout ends."""
+
+    def __init__(self, seconds: Optional[float], rank: int = 0, stream=None):
+        self.seconds, self.rank, self.announced = seconds, rank, False
+        self.stream = stream
+
+    def _out(self):
+        if self.stream is not None:
+            return self.stream
+        try:
+            sys.stderr.fileno()  # faulthandler writes to a file descriptor
+            return sys.stderr
+        except (AttributeError, OSError, ValueError):  # stderr replaced (e.g. captured)
+            return sys.__stderr__
+
+    def arm(self, iteration: int) -> None:
+        if not self.seconds:
+            return
+        import faulthandler
+
+        out = self._out()
+        if not self.announced:
+            out.write(f"[rank {self.rank}] hang watchdog from iteration {iteration}: a step over "
+                      f"{self.seconds:g} s dumps every thread's stack here\n")
+            out.flush()
+            self.announced = True
+        faulthandler.dump_traceback_later(self.seconds, repeat=True, file=out)
+
+    def disarm(self) -> None:
+        if self.seconds:
+            import faulthandler
+
+            faulthandler.cancel_dump_traceback_later()

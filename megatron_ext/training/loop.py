@@ -147,6 +147,9 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
             prefix, tokenizer, cfg.seq_length, cfg.seed, train_samples, valid_samples, cache_dir)
 
     tconfig = transformer_config(cfg, lane, bf16)
+    fsdp2 = cfg.use_torch_fsdp2
+    if fsdp2:  # the fp32 shards are the master weights; FSDP2 gathers bf16 copies to compute
+        tconfig.params_dtype = torch.float32
     model = build_gpt(cfg, tconfig, tokenizer.vocab_size)
     if lane == "cuda":
         model.cuda(env.device)
@@ -158,20 +161,28 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     module = model
-    if bf16:
-        from megatron.core.transformer.module import Float16Module
+    if fsdp2:  # sharded grads are reduce-scattered by FSDP2 itself: no finalize step
+        from megatron_ext.training import fsdp
 
-        module = Float16Module(tconfig, model)
-    ddp = DistributedDataParallel(
-        tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                   use_distributed_optimizer=False), module)
-    tconfig.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
-        compat.optimizer_config(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr,
-                                weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-                                adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, bf16=bf16,
-                                params_dtype=tconfig.params_dtype, use_distributed_optimizer=False),
-        [ddp])
+        ddp = fsdp.FullyShardedGPT(model, bf16, lane)
+        optimizer = fsdp.ShardedAdam(ddp, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                     betas=(cfg.adam_beta1, cfg.adam_beta2), clip_grad=cfg.clip_grad)
+    else:
+        if bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            module = Float16Module(tconfig, model)
+        ddp = DistributedDataParallel(
+            tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                       use_distributed_optimizer=False), module)
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        optimizer = get_megatron_optimizer(
+            compat.optimizer_config(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr,
+                                    weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+                                    adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, bf16=bf16,
+                                    params_dtype=tconfig.params_dtype, use_distributed_optimizer=False),
+            [ddp])
+    ckpt_model = ddp if fsdp2 else ddp.module  # FSDP2 writes its shards in the DDP lane's layout
     gbs = cfg.global_batch_size
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
@@ -186,7 +197,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     start_iter, consumed = 0, 0
     if cfg.resume:
         with clock.phase("checkpoint"):
-            loaded = checkpoint.load(ckpt_root, ddp.module, optimizer, scheduler)
+            loaded = checkpoint.load(ckpt_root, ckpt_model, optimizer, scheduler)
         if loaded is None:
             raise ConfigError(f"resume=True: no checkpoint in {str(ckpt_root)!r}; "
                              "run without --resume to start fresh")
@@ -221,7 +232,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     progress = Progress(cfg.train_iters, start_iter, cfg.progress, rank0, cfg.log_interval)
     progress.write(f"megatron-ext train | preset {cfg.preset} | {n_params / 1e6:.2f}M params on this rank "
                    f"| lane tp={cfg.tensor_model_parallel_size} pp={cfg.pipeline_model_parallel_size} "
-                   f"ep={cfg.expert_model_parallel_size} dp={dp_size} sp={cfg.sequence_parallel} "
+                   f"ep={cfg.expert_model_parallel_size} dp={dp_size}{' (fsdp2)' if fsdp2 else ''} sp={cfg.sequence_parallel} "
                    f"| {env.lane} ({device_name(env.lane)}) | {'bf16' if bf16 else 'fp32'} "
                    f"| run folder {run_dir}")
     if cfg.resume:
@@ -233,7 +244,14 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     eval_loss: Optional[float] = None
     stop_at = cfg.train_iters if cfg.exit_after_iters is None else min(cfg.train_iters, cfg.exit_after_iters)
     iteration = start_iter
+    watchdog = faults.StepWatchdog(cfg.hang_dump_seconds, env.rank)
+    from megatron_ext.training.profiling import StepProfiler
+
+    profiler = StepProfiler(cfg.profile, cfg.profile_step_start, cfg.profile_step_end,
+                            cfg.use_pytorch_profiler, env.rank, run_dir, lane == "cuda")
     while iteration < stop_at:
+        watchdog.arm(iteration + 1)
+        profiler.begin(iteration + 1)
         t0 = time.perf_counter()
         data_before = train_it.seconds
         ddp.zero_grad_buffer()
@@ -248,6 +266,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         indexer_hooks.end_step(iteration + 1, metrics_path if rank0 else None)
         scheduler.step(increment=gbs)
         loss = _reduce_loss(losses, env)
+        watchdog.disarm()
         iteration += 1
         consumed += gbs
         dt = time.perf_counter() - t0
@@ -255,6 +274,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         clock.add("data", data_dt)
         clock.add("train", dt - data_dt)
         step_times.append(dt)
+        profiler.end(iteration)  # after the step's clock: writing the trace is not step time
         first_loss = loss if first_loss is None else first_loss
         lr = optimizer.param_groups[0]["lr"]
         if rank0:
@@ -269,7 +289,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
             progress.write(f"iter {iteration:>6} | validation loss {eval_loss:.4f}")
         if iteration % cfg.save_interval == 0 or iteration == cfg.train_iters:
             with clock.phase("checkpoint"):
-                checkpoint.save(ckpt_root, iteration, ddp.module, optimizer, scheduler,
+                checkpoint.save(ckpt_root, iteration, ckpt_model, optimizer, scheduler,
                                 {"consumed_samples": consumed, "global_batch_size": gbs,
                                  "seq_length": cfg.seq_length, "preset": cfg.preset})
             progress.write(f"iter {iteration:>6} | saved checkpoint {checkpoint.iteration_dir(ckpt_root, iteration)}")
@@ -289,7 +309,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
                  "parameters_on_rank0": n_params, "dtype": "bf16" if bf16 else "fp32"},
         device=device_name(env.lane),
         lane={"tp": cfg.tensor_model_parallel_size, "pp": cfg.pipeline_model_parallel_size,
-              "cp": cfg.context_parallel_size, "ep": cfg.expert_model_parallel_size, "dp": dp_size,
+              "cp": cfg.context_parallel_size, "ep": cfg.expert_model_parallel_size, "dp": dp_size, "fsdp2": fsdp2,
               "sp": cfg.sequence_parallel, "world_size": env.world_size, "backend": env.backend,
               "device_lane": env.lane},
         backends=backends.records(),

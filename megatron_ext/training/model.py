@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext import compat
-from megatron_ext.config import (TrainConfig, ffn_hidden_size, gqla_config, mhc_config, moe_config,
+from megatron_ext.config import (TrainConfig, ffn_hidden_size, gqla_config, mhc_config, mla_config, moe_config,
                                  moe_load_balancing_type, sparse_attention_config)
 
 
@@ -78,7 +78,10 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_grouped_gemm=False,
             moe_router_dtype="fp32",
         )
-    tconfig = compat.make_transformer_config(**fields)
+    mla = mla_config(cfg)
+    if mla is not None:  # Megatron's MLASelfAttention reads its dims from an MLATransformerConfig
+        fields.update(mla.transformer_fields())
+    tconfig = compat.make_transformer_config(compat.mla_transformer_config_class() if mla else None, **fields)
     # This project's knobs ride on the config object (the narrow adapter the specs read).
     tconfig.mhc = mhc_config(cfg)
     tconfig.moe = moe_config(cfg)
