@@ -8,10 +8,13 @@ the default; a variant whose output differs from the default's by more than bf16
 rejected, and one that fails to compile (shared memory, registers, a Triton without tensor
 descriptors) is skipped. A candidate is (block_m, block_n, block_k, warps, stages,
 programs_per_sm, tma): the last two are per-kernel resident programs per SM of the persistent
-kernels and whether the weight operand comes through a TMA tensor descriptor. Prints a table and the fastest ``TileConfig``. ``--apply`` then runs, in this process
-with the fastest tiles in place of ``H100_CONFIG``, the GPU tests of the MoE ops and
-``python -m bench moe moe_32k`` (so the tiles are checked and measured before being written into
-``triton_moe.py`` by hand).
+kernels and whether the weight operand comes through a TMA tensor descriptor. ``dh`` is the plain
+grouped GEMM of the split backward (timed together with its row pass), ``dh_fused`` the one-kernel
+variant (picked only if faster than the split), ``act`` the row pass's (rows, cols, warps).
+``--only dh,act`` limits the sweep. Prints a table and the fastest ``TileConfig``. ``--apply``
+then runs, in this process with the fastest tiles in place of ``H100_CONFIG``,
+``python -m bench moe moe_32k``, the GPU tests of the MoE ops and the per-kernel breakdown (so the
+tiles are measured and checked before being written into ``triton_moe.py`` by hand).
 """
 
 from __future__ import annotations
@@ -31,16 +34,35 @@ CANDIDATES = {  # (block_m, block_n, block_k, warps, stages, programs_per_sm, tm
            (128, 64, 64, 8, 3, 2, T), (128, 64, 64, 4, 3, 2, T), (64, 128, 64, 4, 3, 2, T)],
     "down": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
              (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T)],
-    "dh": [(128, 64, 64, 8, 4, 1, F_), (128, 64, 64, 8, 4, 1, T), (128, 64, 64, 8, 3, 2, F_),
-           (128, 64, 64, 8, 3, 2, T), (128, 64, 64, 4, 3, 2, T), (128, 128, 64, 8, 3, 2, T),
-           (128, 128, 64, 8, 4, 1, T), (64, 128, 64, 4, 3, 2, T), (128, 64, 64, 4, 2, 3, T),
-           (64, 64, 64, 4, 3, 3, T)],
+    # split backward d(h): the plain grouped GEMM dout[token] @ W2^T (timed with the row pass)
+    "dh": [(128, 256, 64, 8, 4, 1, T), (128, 256, 64, 8, 3, 1, T), (128, 128, 64, 8, 4, 1, T),
+           (128, 128, 64, 4, 4, 1, T)],
+    # fused backward d(h) (activation backward in the GEMM epilogue; the earlier default)
+    "dh_fused": [(128, 64, 64, 8, 4, 1, T)],
+    # row pass of the split d(h): (rows, cols, warps)
+    "act": [(32, 128, 4), (16, 256, 4), (32, 256, 8)],
     "dx": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
            (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T)],
     "wgrad": [(128, 128, 64, 8, 4, 1, F_), (128, 128, 64, 8, 4, 1, T), (128, 128, 64, 8, 3, 1, T),
               (128, 128, 64, 8, 3, 1, F_), (128, 128, 128, 8, 3, 1, T), (128, 256, 64, 8, 3, 1, T),
-              (128, 128, 32, 4, 4, 1, T), (64, 128, 64, 4, 3, 1, T)],
+              (128, 128, 32, 4, 4, 1, T), (64, 128, 64, 4, 3, 1, T), (128, 256, 32, 8, 4, 1, T),
+              (256, 128, 32, 8, 4, 1, T)],
 }
+
+
+def _variant(base, kernel: str, c):
+    """The TileConfig of one candidate (the other kernels keep ``base``)."""
+    if kernel == "act":
+        return dataclasses.replace(base, act_rows=c[0], act_cols=c[1], act_warps=c[2])
+    if kernel == "dh_fused":
+        return dataclasses.replace(base, split_dh=False, dh=tm_tile(c))
+    return dataclasses.replace(base, **{kernel: tm_tile(c)})
+
+
+def tm_tile(c):
+    from megatron_ext.ops.moe import triton_moe as tm
+
+    return tm.GemmTile(*c)
 
 
 def main() -> int:
@@ -52,7 +74,22 @@ def main() -> int:
     p.add_argument("--topk", type=int, default=6)
     p.add_argument("--apply", action="store_true")
     p.add_argument("--markdown", default=None)
+    p.add_argument("--tests", default="tests/test_ops_moe_triton.py,tests/test_ops_moe.py",
+                   help="comma-separated test files run (GPU-marked tests) with --apply")
+    p.add_argument("--only", default=",".join(CANDIDATES),
+                   help=f"comma-separated kernels to sweep (of {', '.join(CANDIDATES)}); "
+                        f"NAME=I:J sweeps that kernel's candidates I..J-1 only")
     args = p.parse_args()
+    # "wgrad=6:" = that kernel's candidates from index 6 on (a re-run of the new ones only)
+    only, picked = [], {}
+    for item in filter(None, args.only.split(",")):
+        name, _, span = item.partition("=")
+        only.append(name)
+        lo, _, hi = span.partition(":")
+        picked[name] = slice(int(lo) if lo else None, int(hi) if hi else None)
+    unknown = sorted(set(only) - set(CANDIDATES))
+    if unknown:
+        p.error(f"--only={args.only!r}: unknown kernels {unknown}; use {', '.join(CANDIDATES)}")
 
     import triton
 
@@ -71,9 +108,11 @@ def main() -> int:
     new = lambda *s: torch.empty(*s, device="cuda", dtype=x.dtype)  # noqa: E731
     a, h = new(n, 2 * Fd), new(n, Fd)
     tm.launch_up(x, w1, a, h, r0, "swiglu", base)
-    da, hp = new(n, 2 * Fd), new(n, Fd)
+    da, hp, gbuf = new(n, 2 * Fd), new(n, Fd), new(n, Fd)
     dpp = torch.empty(Fd, n, device="cuda")  # enough rows for any block_n >= 1
-    tm.launch_dh(grad, w2, a, da, hp, dpp, r0, "swiglu", base)
+    dpr = torch.empty(n, device="cuda")
+    tm.launch_dh_gemm(grad, w2, gbuf, r0, base)
+    tm.launch_act_bwd(gbuf, a, da, hp, dpr, r0, "swiglu", base)
     gemm = 2.0 * n * H * Fd
 
     def runner(kernel, cfg, r):
@@ -83,7 +122,17 @@ def main() -> int:
         if kernel == "down":
             o = new(n, H)
             return (lambda: tm.launch_down(h, w2, o, r, w2.stride(), Fd, H, True, cfg.down, cfg)), o, gemm
-        if kernel == "dh":
+        if kernel in ("dh", "act"):   # split: GEMM + row pass ("act": the row pass alone)
+            o = (new(n, 2 * Fd), new(n, Fd))
+            g = new(n, Fd)
+            tm.launch_dh_gemm(grad, w2, g, r, cfg)
+
+            def split():
+                if kernel == "dh":
+                    tm.launch_dh_gemm(grad, w2, g, r, cfg)
+                tm.launch_act_bwd(g, a, o[0], o[1], dpr, r, "swiglu", cfg)
+            return split, o, (gemm if kernel == "dh" else None)
+        if kernel == "dh_fused":
             o = (new(n, 2 * Fd), new(n, Fd))
             return (lambda: tm.launch_dh(grad, w2, a, o[0], o[1], dpp, r, "swiglu", cfg)), o, gemm
         if kernel == "dx":
@@ -98,14 +147,24 @@ def main() -> int:
         return both, o, 3 * gemm
 
     best = {}
-    print("| kernel | tile (bm, bn, bk, warps, stages, programs/SM, tma) | ms | TFLOP/s | max diff |")
+    act_bytes = 6.0 * n * Fd * x.element_size()   # read g, a (2F); write da (2F), p*h
+    print("| kernel | tile (bm, bn, bk, warps, stages, programs/SM, tma) | ms | TFLOP/s (GB/s) "
+          "| max diff |")
     print("|---|---|---:|---:|---:|")
-    for kernel, cands in CANDIDATES.items():
-        fn, ref, flops = runner(kernel, base, r0)
+    for kernel in only:
+        # the reference output of each kernel: the default tiles (fused d(h): the split path's)
+        fn, ref, flops = runner("dh" if kernel == "dh_fused" else kernel, base, r0)
         fn()
         ref = [t.float().clone() for t in (ref if isinstance(ref, tuple) else (ref,))]
-        for c in cands:
-            cfg = dataclasses.replace(base, **{kernel: tm.GemmTile(*c)})
+        if kernel != "dh_fused":   # the default competes too: a subset sweep cannot pick worse
+            ms = triton.testing.do_bench(fn, warmup=50, rep=150)
+            c = (base.act_rows, base.act_cols, base.act_warps) if kernel == "act" else \
+                dataclasses.astuple(getattr(base, kernel))
+            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({act_bytes / ms / 1e6:.0f})"
+            print(f"| {kernel} | {c} (default) | {ms:.3f} | {rate} | 0 |", flush=True)
+            best[kernel] = (ms, c)
+        for c in CANDIDATES[kernel][picked[kernel]]:
+            cfg = _variant(base, kernel, c)
             try:
                 r = tm.routing_metadata(idx, probs, d.experts, cfg.row_tiles)
                 fn, out, flops = runner(kernel, cfg, r)
@@ -119,27 +178,32 @@ def main() -> int:
                 print(f"| {kernel} | {c} | failed: {type(e).__name__}: {why} | | |", flush=True)
                 continue
             ok = diff <= 2e-2 * max(1.0, max(f.abs().max().item() for f in ref))
-            print(f"| {kernel} | {c} | {ms:.3f} | {flops / ms / 1e9:.0f} | {diff:.3g} |", flush=True)
+            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({act_bytes / ms / 1e6:.0f})"
+            print(f"| {kernel} | {c} | {ms:.3f} | {rate} | {diff:.3g} |", flush=True)
             if ok and (kernel not in best or ms < best[kernel][0]):
                 best[kernel] = (ms, c)
-    picks = {k: tm.GemmTile(*c) for k, (_, c) in best.items()}
-    tuned = dataclasses.replace(base, **picks)
+    tuned = base
+    for kernel in ("up", "down", "dx", "wgrad", "act", "dh"):
+        if kernel in best:
+            tuned = _variant(tuned, kernel, best[kernel][1])
+    # the fused d(h) replaces the split one only if it beats the split GEMM + row pass
+    if "dh_fused" in best and best["dh_fused"][0] < best.get("dh", (float("inf"),))[0]:
+        tuned = _variant(tuned, "dh_fused", best["dh_fused"][1])
     print(f"\nfastest: {tuned}", flush=True)
     if not args.apply:
         return 0
     tm.H100_CONFIG = tuned
     import pytest
 
-    rc = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "gpu",
-                      "tests/test_ops_moe_triton.py", "tests/test_ops_moe.py"])
     from bench.benchmarks.moe import breakdown
     from bench.cli import main as bench_main
 
-    print(breakdown(), flush=True)
-
     extra = ["--markdown", args.markdown] if args.markdown else []
-    return int(rc) or bench_main(["moe", "moe_32k", "--warmup-ms", "150", "--rep-ms", "150",
-                                  *extra])
+    # the benchmark first (the numbers), then the GPU tests of these tiles, then per kernel
+    brc = bench_main(["moe", "moe_32k", "--warmup-ms", "100", "--rep-ms", "100", *extra])
+    rc = pytest.main(["-q", "-p", "no:cacheprovider", "-m", "gpu", *args.tests.split(",")])
+    print(breakdown(), flush=True)
+    return int(rc) or int(brc or 0)
 
 
 if __name__ == "__main__":

@@ -111,16 +111,20 @@ def test_triton_matches_fp16(name, activation):
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["random", "odd_dims"])
-def test_triton_tma_and_occupancy_variants_match_fp64(name):
+@pytest.mark.parametrize("name,split_dh", [("random", True), ("odd_dims", True),
+                                           ("odd_dims", False)])
+def test_triton_tma_and_occupancy_variants_match_fp64(name, split_dh):
     """Weight operands through TMA tensor descriptors (unmasked tiles that run past an expert's
-    rows or F) and 2 programs per SM: same results as the pointer path, within fp32 of fp64."""
+    rows or F) and 2 programs per SM, with the backward d(h) split (plain GEMM + row pass) or
+    fused (activation backward in the GEMM epilogue): same results as the default pointer path,
+    within fp32 of fp64."""
     import dataclasses
 
     base = triton_moe.default_config(torch.float32)
-    cfg = dataclasses.replace(base, **{k: dataclasses.replace(getattr(base, k), tma=True,
-                                                              programs_per_sm=2)
-                                       for k in ("up", "down", "dh", "dx", "wgrad")})
+    cfg = dataclasses.replace(base, split_dh=split_dh,
+                              **{k: dataclasses.replace(getattr(base, k), tma=True,
+                                                        programs_per_sm=2)
+                                 for k in ("up", "down", "dh", "dx", "wgrad")})
     x, probs, idx, w1, w2 = _case(name, "swiglu", seed=5)
     gout = _randn(*x.shape, g=_gen(105))
     want = _run(lambda *a: _dense_fp64(*a, "swiglu"), x, probs, idx, w1, w2, gout)
@@ -136,17 +140,22 @@ def test_triton_tma_and_occupancy_variants_match_fp64(name):
 
 
 @needs_triton
-def test_triton_routing_metadata_tables():
-    """Tile table: every sorted row of every expert lies in exactly one tile of its expert."""
+@pytest.mark.parametrize("T,E,k,bm", [(53, 9, 3, 16), (1100, 130, 4, 32)])
+def test_triton_routing_metadata_tables(T, E, k, bm):
+    """Counting sort = stable sort by expert (the second shape spans many histogram blocks and
+    scan chunks); tile table: every sorted row of every expert lies in exactly one tile of its
+    expert."""
     g = _gen(3)
-    T, E, k, bm = 53, 9, 3, 16
     idx = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
     idx[idx == 4] = 5                                    # expert 4 empty, 5 hot
-    idx = torch.where(torch.arange(T)[:, None] < 20, idx.clamp_max(E - 1), idx)
-    r = triton_moe.routing_metadata(idx.to(DEVICE), torch.rand(T, k).to(DEVICE), E, (bm,))
+    idx[: T // 3, 0] = 7                                 # expert 7 hot
+    probs = torch.rand(T, k, generator=g)
+    r = triton_moe.routing_metadata(idx.to(DEVICE), probs.to(DEVICE), E, (bm,))
     order = r.order.long().cpu()
     flat = idx.reshape(-1)
     assert torch.equal(torch.sort(flat, stable=True).indices, order)
+    assert torch.equal(r.token.long().cpu(), order // k)
+    assert torch.equal(r.prob.cpu(), probs.reshape(-1)[order])
     counts = torch.bincount(flat, minlength=E)
     assert r.bounds.cpu().tolist() == [0] + torch.cumsum(counts, 0).tolist()
     table, n_tiles, max_tiles = r.tables[bm]

@@ -16,7 +16,8 @@ anchor = a straightforward torch pipeline: topk, argsort, index, ``grouped_mm``,
 ours   = ``megatron_ext.ops.moe.moe_ffn(backend="triton")`` and ``backend="grouped_mm"``;
 ref    = the six Triton GEMM kernels of one fwd+bwd alone (up, down, dh, dx, dW1, dW2) on
          precomputed routing metadata: ``1 - ref ms / ours ms`` is the share of time outside the
-         GEMMs (routing sort + tables, combine kernels, dprobs sum, router, allocations).
+         GEMMs (routing kernels, the d(h) row pass (activation backward, dprobs), combine
+         kernels, router, allocations).
 
 FLOPs (expert math only, 1 multiply-add = 2 FLOPs, N = T*k routed rows):
 forward = GEMM 1 ``2*N*H*2F`` (gate + up) + GEMM 2 ``2*N*F*H`` = ``2*N*H*3F``;
@@ -129,14 +130,22 @@ def _gemms_only_setup(d: Dims, device: str):
     n, H, Fd = r.rows, d.hidden, d.ffn
     new = lambda *s: torch.empty(*s, device=device, dtype=x.dtype)  # noqa: E731
     a, h, y, da, h2, dxp = new(n, 2 * Fd), new(n, Fd), new(n, H), new(n, 2 * Fd), new(n, Fd), new(n, H)
+    g = new(n, Fd)
     dpp = torch.empty(-(-Fd // cfg.dh.block_n), n, device=device)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     xd, w1d, w2d = x.detach(), w1.detach(), w2.detach()
+    if cfg.split_dh:   # da, p*h once: the timed step runs the GEMMs only, not the row pass
+        tm.launch_up(xd, w1d, a, h, r, "swiglu", cfg)
+        tm.launch_dh_gemm(grad, w2d, g, r, cfg)
+        tm.launch_act_bwd(g, a, da, h2, dpp[0], r, "swiglu", cfg)
 
     def step():
         tm.launch_up(xd, w1d, a, h, r, "swiglu", cfg)
         tm.launch_down(h, w2d, y, r, w2d.stride(), Fd, H, True, cfg.down, cfg)
-        tm.launch_dh(grad, w2d, a, da, h2, dpp, r, "swiglu", cfg)
+        if cfg.split_dh:
+            tm.launch_dh_gemm(grad, w2d, g, r, cfg)
+        else:
+            tm.launch_dh(grad, w2d, a, da, h2, dpp, r, "swiglu", cfg)
         tm.launch_down(da, w1d, dxp, r, (w1d.stride(0), w1d.stride(2), w1d.stride(1)), 2 * Fd, H,
                        False, cfg.dx, cfg)
         tm.launch_wgrad(xd, da, dw1, r, r.token, None, cfg)
@@ -253,22 +262,33 @@ def _breakdown_rows(name: str, d: Dims):
     new = lambda *s: torch.empty(*s, device="cuda", dtype=x.dtype)  # noqa: E731
     a, h, y, da, hp, dxp = (new(n, 2 * Fd), new(n, Fd), new(n, H), new(n, 2 * Fd), new(n, Fd),
                             new(n, H))
+    g = new(n, Fd)
     out = new(d.tokens, H)
     dpp = torch.empty(-(-Fd // cfg.dh.block_n), n, device="cuda")
+    tm.launch_up(x.detach(), w1.detach(), a, h, r, "swiglu", cfg)
     dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
     xd, w1d, w2d = x.detach(), w1.detach(), w2.detach()
     w1t = (w1d.stride(0), w1d.stride(2), w1d.stride(1))
     gemm = 2.0 * n * H * Fd
     kernels = [
-        ("routing metadata (sort, tables)",
+        ("routing metadata (counting sort, tables)",
          lambda: tm.routing_metadata(idx, probs, d.experts, cfg.row_tiles), None),
         ("up: gather x @ W1 + swiglu", lambda: tm.launch_up(xd, w1d, a, h, r, "swiglu", cfg),
          2 * gemm),
         ("down: p * h @ W2 -> pair rows",
          lambda: tm.launch_down(h, w2d, y, r, w2d.stride(), Fd, H, True, cfg.down, cfg), gemm),
         ("combine over k", lambda: tm.launch_combine(y, out, d.topk, cfg), None),
-        ("dh: gather dout @ W2^T + act bwd",
-         lambda: tm.launch_dh(grad, w2d, a, da, hp, dpp, r, "swiglu", cfg), gemm),
+    ]
+    if cfg.split_dh:
+        kernels += [
+            ("dh: gather dout @ W2^T -> g", lambda: tm.launch_dh_gemm(grad, w2d, g, r, cfg), gemm),
+            ("dh row pass: act bwd, p h, dprobs",
+             lambda: tm.launch_act_bwd(g, a, da, hp, dpp[0], r, "swiglu", cfg), None),
+        ]
+    else:
+        kernels.append(("dh: gather dout @ W2^T + act bwd",
+                        lambda: tm.launch_dh(grad, w2d, a, da, hp, dpp, r, "swiglu", cfg), gemm))
+    kernels += [
         ("dx: da @ W1^T -> pair rows",
          lambda: tm.launch_down(da, w1d, dxp, r, w1t, 2 * Fd, H, False, cfg.dx, cfg), 2 * gemm),
         ("dW1: x^T @ da (jagged)", lambda: tm.launch_wgrad(xd, da, dw1, r, r.token, None, cfg),

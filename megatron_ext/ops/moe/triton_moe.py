@@ -6,13 +6,17 @@ activations split ``a = x @ W1[e]`` as ``[gate | up]`` and use ``h = act(gate) *
 
 Pipeline (no host synchronisation: every size the kernels need is read on the device):
 
-1. **Routing metadata** (:func:`routing_metadata`, torch on device): the ``N = T*k`` (token,
-   choice) pairs are stably sorted by expert (``torch.sort(stable=True)``), so rows of one expert
-   stay in token order; ``bounds[e]`` = first sorted row of expert ``e`` (``searchsorted``, no
-   ``bincount``, which syncs on CUDA). A per-``BLOCK_M`` tile table ``[3, max_tiles]`` holds
-   (expert, first row, end row) of every M tile; ``max_tiles = cdiv(N, BLOCK_M) + E`` is a static
-   upper bound (each expert adds at most one partial tile), and the number of real tiles lives in
-   a device scalar that the persistent kernels read as their loop bound.
+1. **Routing metadata** (:func:`routing_metadata`, 3 + 1 small Triton launches): a stable
+   counting sort of the ``N = T*k`` (token, choice) pairs by expert, so rows of one expert stay
+   in token order: per-block expert histograms (one-hot sums), one program scanning them into
+   ``bounds[e]`` (first sorted row of expert ``e``) and per-(block, expert) row offsets, and a
+   scatter of each pair to offset + its rank among the block's pairs of the same expert
+   (``order``, ``token``, ``prob`` written at the sorted row). A per-``BLOCK_M`` tile table
+   ``[3, max_tiles]`` holds (expert, first row, end row) of every M tile; ``max_tiles =
+   cdiv(N, BLOCK_M) + E`` is a static upper bound (each expert adds at most one partial tile),
+   and the number of real tiles lives in a device scalar that the persistent kernels read as
+   their loop bound. (The torch version, sort + searchsorted + ~20 small ops, took 0.66 ms at
+   T=8192, E=64, k=6 on an H100, mostly launch overhead.)
 2. **GEMM 1** (``_up_kernel``, persistent over (M tile, N tile) work items of all experts): the A
    tile is GATHERED from ``x`` by the sorted rows' token ids (fused permute, no ``x_sorted``); for
    gated activations one program owns the gate columns ``[n0, n0+BN)`` AND the matching up columns
@@ -23,13 +27,18 @@ Pipeline (no host synchronisation: every size the kernels need is read on the de
 3. **GEMM 2** (``_down_kernel``): ``y = h @ W2[e]`` with ``p`` applied in the epilogue; each row is
    STORED at its pair position ``t*k + j`` (scatter of whole rows, no atomics), then
    ``_combine_kernel`` sums the ``k`` rows of each token in the fixed order ``j = 0..k-1`` in fp32.
-4. **Backward**: ``_dh_kernel`` gathers ``dout`` rows by token and multiplies by ``W2[e]^T``
-   (``g = dout @ W2^T``); its epilogue recomputes ``h`` from ``a``, writes the ``dprobs`` partial
-   ``rowsum(g * h)`` per N tile (``dp = <dout, y> = <g, h>``, so ``y`` is never stored), and
-   ``da = act'(a) * p * g``. ``_down_kernel`` again for ``dx`` rows (``da @ W1[e]^T``, scattered to
-   pair order, combined over k). ``_wgrad_kernel``: ``dW1[e] = x_e^T @ da_e`` and
-   ``dW2[e] = (p * h)_e^T @ dout_e``, one program per output tile looping over the expert's jagged
-   rows in order (gathering ``x``/``dout`` rows by token on the fly): no atomics, no split-K.
+4. **Backward**: ``g = dout[token] @ W2[e]^T`` is a plain grouped GEMM (``_down_kernel`` with a
+   gathered A operand and unscattered rows: wide F tiles, W2 read K-major through TMA), written
+   as ``g [N, F]`` rows; a memory-bound row pass (``_act_bwd_kernel``) recomputes ``h`` from
+   ``a`` (same fp32 formula on the same rounded ``a``: bit-identical), writes
+   ``da = act'(a) * p * g``, ``p * h`` (dW2's operand) and ``dprobs = rowsum(g * h)``
+   (``dp = <dout, y> = <g, h>``, so ``y`` is never stored) straight to its pair slot.
+   (``TileConfig.split_dh=False``: the older single ``_dh_kernel`` with that work in the GEMM
+   epilogue, whose registers limit it to narrow F tiles.) ``_down_kernel`` again for ``dx`` rows
+   (``da @ W1[e]^T``, scattered to pair order, combined over k). ``_wgrad_kernel``:
+   ``dW1[e] = x_e^T @ da_e`` and ``dW2[e] = (p * h)_e^T @ dout_e``, one program per output tile
+   looping over the expert's jagged rows in order (gathering ``x``/``dout`` rows by token on the
+   fly): no atomics, no split-K.
 
 Determinism: no atomics anywhere; every reduction has a fixed order. A token's output row (and its
 ``dx`` row) depends only on its own ``x``, ``probs``, ``indices`` and the weights: GEMM rows are
@@ -98,7 +107,8 @@ class GemmTile:
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """Tiles per kernel. ``up``: x -> a, h (gated: ``block_n`` gate AND ``block_n`` up columns);
-    ``down``: h -> y rows; ``dh``: dout -> da (+ dprobs partials); ``dx``: da -> dx rows;
+    ``down``: h -> y rows; ``dh``: dout -> g (split) or da (+ dprobs partials, fused);
+    ``dx``: da -> dx rows;
     ``wgrad``: dW1 and dW2 (``block_k`` = rows per step of the jagged reduction)."""
 
     up: GemmTile
@@ -109,6 +119,24 @@ class TileConfig:
     combine_t: int = 16
     combine_h: int = 256
     programs_per_sm: int = 1
+    # backward d(h): True = plain grouped GEMM (``dh`` tile, wide along F) writing g rows, then a
+    # memory-bound row pass (act_rows x act_cols tiles) for the activation backward and dprobs;
+    # False = one kernel with that work in the GEMM epilogue (narrow F tiles: the epilogue's
+    # registers limit BLOCK_N)
+    split_dh: bool = True
+    act_rows: int = 32
+    act_cols: int = 128
+    act_warps: int = 4
+
+    def __post_init__(self):
+        for name in ("act_rows", "act_cols"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v!r}: row-pass tile sizes are powers of two; use "
+                                 f"16, 32, 64, 128 or 256")
+        if self.act_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"act_warps={self.act_warps!r}: warps of the row pass; use 1, 2, "
+                             f"4, 8 or 16")
 
     @property
     def row_tiles(self) -> Tuple[int, ...]:
@@ -121,25 +149,34 @@ class TileConfig:
 # warps w, stages s, "tma" = weight operand through a TMA descriptor, "2/SM" = 2 programs per SM):
 #   up    128x128(x2) k64 w8 s3: 467   +tma: 474   +tma s4: 479 (picked)   128x64 2/SM tma: 441
 #   down  128x256 k64 w8 s3: 503   +tma: 536 (picked)   +tma s4: 522   128x128 2/SM tma: 498
-#   dh    128x64 k64 w8 s4: 224   +tma: 230 (picked)   128x64 s3 2/SM: 184 (tma 186)
-#         128x128 tma s4: 220   128x128 tma 2/SM: 203   64x128 w4 2/SM: 209
+#   dh    fused (one kernel, activation backward in the epilogue): 128x64 k64 w8 s4: 224
+#         +tma: 230   128x64 s3 2/SM: 184 (tma 186)   128x128 tma s4: 220   64x128 w4 2/SM: 209
+#         split (plain GEMM to g, then the row pass; ms of both, row pass 32x128 w4 0.35 ms):
+#         128x256 k64 w8 s3 tma: 0.846 (picked; GEMM alone 526)   s4: 0.855   128x128 w8 s4
+#         tma: 0.919   w4: 0.931   vs fused 128x64 tma 1.232 ms
+#   act   (row pass rows x cols, warps) 32x128 w4: 0.348 ms, 2383 GB/s (picked)   16x256 w4:
+#         0.361   32x256 w8: 0.365
 #   dx    128x256 k64 w8 s3: 504   +tma: 573   +tma s4: 580 (picked)   128x128 2/SM tma: 492
 #   wgrad (dW1 + dW2) 128x128 k64 w8 s4: 364   +tma: 389   128x128 k32 w4 s4 tma: 398 (picked)
 #         128x128 k128 s3 tma: 289   128x256 s3 tma: 378   64x128 w4 tma: 336
+#         128x256 k32 w8 s4 tma: 274   256x128 k32 w8 s4 tma: 247
 # Two programs per SM lost everywhere (the persistent programs then share the SM's shared memory
 # and registers without hiding the epilogue), so one program per SM. TMA helps most where the
 # weight tile is K-major (dx: W1^T, +15 %) or the operand is the wgrad's contiguous side (+7 %).
+# The split d(h) wins (1.23 -> 0.85 ms) because its plain GEMM runs 128x256 tiles like the other
+# GEMMs (the fused epilogue's registers capped it at 64 columns, so the gathered dout panel was
+# re-read 22 times); the row pass it adds runs near HBM bandwidth.
 # Tile shapes never depend on T (batch invariance, see above).
 H100_CONFIG = TileConfig(
     up=GemmTile(128, 128, 64, 8, 4, tma=True),
     down=GemmTile(128, 256, 64, 8, 3, tma=True),
-    dh=GemmTile(128, 64, 64, 8, 4, tma=True),
+    dh=GemmTile(128, 256, 64, 8, 3, tma=True),
     dx=GemmTile(128, 256, 64, 8, 4, tma=True),
     wgrad=GemmTile(128, 128, 32, 4, 4, tma=True),
 )
 # 4-byte operands: half the tiles to stay in shared memory; fp32 is the exact correctness path.
 FP32_CONFIG = TileConfig(
-    up=GemmTile(64, 32, 32, 4, 2), down=GemmTile(64, 64, 32, 4, 2), dh=GemmTile(64, 32, 32, 4, 2),
+    up=GemmTile(64, 32, 32, 4, 2), down=GemmTile(64, 64, 32, 4, 2), dh=GemmTile(64, 64, 32, 4, 2),
     dx=GemmTile(64, 64, 32, 4, 2), wgrad=GemmTile(64, 64, 32, 4, 2),
 )
 # The interpreter runs every tile op in numpy: small tiles keep the CPU tests fast; 2 programs so
@@ -147,6 +184,7 @@ FP32_CONFIG = TileConfig(
 INTERPRETER_CONFIG = TileConfig(
     up=GemmTile(16, 16, 16, 1, 1), down=GemmTile(16, 16, 16, 1, 1), dh=GemmTile(16, 16, 16, 1, 1),
     dx=GemmTile(16, 16, 16, 1, 1), wgrad=GemmTile(16, 16, 16, 1, 1), combine_t=16, combine_h=16,
+    act_rows=16, act_cols=16, act_warps=1,
 )
 
 
@@ -231,7 +269,7 @@ def _flags(dtype: torch.dtype) -> Tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# routing metadata (torch on device, no host sync)
+# routing metadata (Triton counting sort on the device, no host sync)
 # --------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -254,34 +292,143 @@ class Routing:
         return self.order.numel()
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _route_block(num_experts: int) -> Tuple[int, int]:
+    """(pairs per program, padded expert count) of the histogram / scatter kernels: the one-hot
+    ``[BLOCK, E_PAD]`` tile stays at 16K elements (registers of one program)."""
+    e_pad = max(16, _pow2(num_experts))
+    return max(16, 16384 // e_pad), e_pad
+
+
+@triton.jit
+def _route_hist_kernel(IDX, HIST, n, BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """``HIST[b, e]`` = pairs of block ``b`` routed to expert ``e`` (ids outside ``[0, E_PAD)``
+    match no column: they land in no expert)."""
+    b = tl.program_id(0)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    e = tl.load(IDX + i, mask=i < n, other=-1)
+    ex = tl.arange(0, E_PAD)
+    hit = (e[:, None] == ex[None, :]).to(tl.int32)
+    tl.store(HIST + b * E_PAD + ex, tl.sum(hit, 0))
+
+
+@triton.jit
+def _route_scan_kernel(HIST, OFFS, BOUNDS, n_blocks, num_experts,
+                       CHUNK: tl.constexpr, E_PAD: tl.constexpr, E_BND: tl.constexpr):
+    """One program: ``BOUNDS[e]`` = first sorted row of expert ``e`` (``BOUNDS[E]`` = routed rows)
+    and ``OFFS[b, e]`` = first sorted row of block ``b``'s pairs of expert ``e`` (blocks in pair
+    order: the counting sort is stable)."""
+    ex = tl.arange(0, E_PAD)
+    cnt = tl.zeros([E_PAD], tl.int32)
+    for b0 in range(0, n_blocks, CHUNK):
+        rb = b0 + tl.arange(0, CHUNK)
+        hb = tl.load(HIST + rb[:, None] * E_PAD + ex[None, :], mask=(rb < n_blocks)[:, None],
+                     other=0)
+        cnt += tl.sum(hb, 0)
+    run = tl.cumsum(cnt, 0) - cnt
+    # bounds need E + 1 slots (E_PAD may equal E) and a register vector cannot be widened, so
+    # the histogram is summed once more at width E_BND > E: the exclusive scan at e = E is N
+    eb = tl.arange(0, E_BND)
+    cnt_b = tl.zeros([E_BND], tl.int32)
+    for b0 in range(0, n_blocks, CHUNK):
+        rb = b0 + tl.arange(0, CHUNK)
+        hb = tl.load(HIST + rb[:, None] * E_PAD + eb[None, :],
+                     mask=(rb < n_blocks)[:, None] & (eb < E_PAD)[None, :], other=0)
+        cnt_b += tl.sum(hb, 0)
+    tl.store(BOUNDS + eb, tl.cumsum(cnt_b, 0) - cnt_b, mask=eb <= num_experts)
+    for b0 in range(0, n_blocks, CHUNK):
+        rb = b0 + tl.arange(0, CHUNK)
+        ok = (rb < n_blocks)[:, None]
+        hb = tl.load(HIST + rb[:, None] * E_PAD + ex[None, :], mask=ok, other=0)
+        tl.store(OFFS + rb[:, None] * E_PAD + ex[None, :],
+                 tl.cumsum(hb, 0) - hb + run[None, :], mask=ok)
+        run += tl.sum(hb, 0)
+
+
+@triton.jit
+def _route_scatter_kernel(IDX, PROBS, OFFS, ORDER, TOKEN, PROB, n, topk,
+                          BLOCK: tl.constexpr, E_PAD: tl.constexpr):
+    """Sorted row of pair ``i`` = its block's first row of its expert + the pairs of the same
+    expert before it in the block (stable); writes ``order``, ``token``, ``prob`` there."""
+    b = tl.program_id(0)
+    i = b * BLOCK + tl.arange(0, BLOCK)
+    ok = i < n
+    e = tl.load(IDX + i, mask=ok, other=-1)
+    ex = tl.arange(0, E_PAD)
+    hit = (e[:, None] == ex[None, :]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(hit, 0) * hit, 1) - 1
+    base = tl.load(OFFS + b * E_PAD + ex)
+    pos = tl.sum(hit * base[None, :], 1) + rank
+    ok = ok & (rank >= 0)          # an id outside [0, E) has no row (undefined output)
+    tl.store(ORDER + pos, i, mask=ok)
+    tl.store(TOKEN + pos, i // topk, mask=ok)
+    tl.store(PROB + pos, tl.load(PROBS + i, mask=ok, other=0.0).to(tl.float32), mask=ok)
+
+
+@triton.jit
+def _route_tiles_kernel(BOUNDS, TABLE, NTILES, num_experts, max_tiles,
+                        BM: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
+    """One program: tile table ``[3, max_tiles]`` = (expert, first row, end row) of every
+    ``BM``-row tile, experts in order; ``NTILES`` = real tiles; padding tiles are
+    ``(E-1, 0, 0)`` (empty)."""
+    ex = tl.arange(0, E_PAD)
+    valid = ex < num_experts
+    lo = tl.load(BOUNDS + ex, mask=valid, other=0)
+    hi = tl.load(BOUNDS + ex + 1, mask=valid, other=0)
+    tiles = (hi - lo + BM - 1) // BM
+    tile_end = tl.cumsum(tiles, 0)
+    tile_first = tile_end - tiles
+    tl.store(NTILES, tl.sum(tiles, 0))
+    for t0 in range(0, max_tiles, CHUNK):
+        t = t0 + tl.arange(0, CHUNK)
+        # expert of tile t = experts whose tiles all end at or before t (tile_end is monotone)
+        e = tl.sum(((tile_end[None, :] <= t[:, None]) & valid[None, :]).to(tl.int32), 1)
+        real = e < num_experts
+        sel = ex[None, :] == e[:, None]
+        first = tl.sum(tl.where(sel, tile_first[None, :], 0), 1)
+        row0 = tl.sum(tl.where(sel, lo[None, :], 0), 1) + (t - first) * BM
+        row_end = tl.sum(tl.where(sel, hi[None, :], 0), 1)
+        in_tab = t < max_tiles
+        tl.store(TABLE + t, tl.minimum(e, num_experts - 1), mask=in_tab)
+        tl.store(TABLE + max_tiles + t, tl.where(real, row0, 0), mask=in_tab)
+        tl.store(TABLE + 2 * max_tiles + t, tl.where(real, row_end, 0), mask=in_tab)
+
+
 def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
                      row_tiles: Tuple[int, ...]) -> Routing:
+    """Stable counting sort of the ``T*k`` pairs by expert + tile tables, in 3 + len(row_tiles)
+    small launches (no host sync; fixed order: deterministic)."""
     T, k = indices.shape
     n = T * k
     dev = indices.device
-    flat = indices.reshape(-1)
-    sorted_e, order = torch.sort(flat, stable=True)
-    experts = torch.arange(num_experts + 1, device=dev, dtype=sorted_e.dtype)
-    bounds = torch.searchsorted(sorted_e, experts).to(torch.int32)     # bounds[E] = N (ids < E)
-    counts = (bounds[1:] - bounds[:-1]).to(torch.int64)
+    flat = indices.reshape(-1).contiguous()
+    pflat = probs.reshape(-1).contiguous()
+    block, e_pad = _route_block(num_experts)
+    n_blocks = max(1, triton.cdiv(n, block))
+    hist = torch.empty((n_blocks, e_pad), dtype=torch.int32, device=dev)
+    offs = torch.empty_like(hist)
+    bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
+    order = torch.empty(n, dtype=torch.int32, device=dev)
+    token = torch.empty(n, dtype=torch.int32, device=dev)
+    prob = torch.empty(n, dtype=torch.float32, device=dev)
+    _route_hist_kernel[(n_blocks,)](flat, hist, n, BLOCK=block, E_PAD=e_pad)
+    _route_scan_kernel[(1,)](hist, offs, bounds, n_blocks, num_experts,
+                             CHUNK=max(16, 16384 // e_pad), E_PAD=e_pad,
+                             E_BND=_pow2(num_experts + 1))
+    _route_scatter_kernel[(n_blocks,)](flat, pflat, offs, order, token, prob, n, k,
+                                       BLOCK=block, E_PAD=e_pad)
     tables = {}
     for bm in row_tiles:
-        tiles = (counts + bm - 1) // bm
-        tile_end = torch.cumsum(tiles, 0)
         max_tiles = triton.cdiv(n, bm) + num_experts
-        ids = torch.arange(max_tiles, device=dev)
-        e = torch.searchsorted(tile_end, ids, right=True)
-        valid = e < num_experts
-        ec = e.clamp_max(num_experts - 1)
-        first = tile_end[ec] - tiles[ec]
-        row0 = torch.where(valid, bounds[ec].to(torch.int64) + (ids - first) * bm, 0)
-        row_end = torch.where(valid, bounds[ec + 1].to(torch.int64), 0)
-        table = torch.stack([ec, row0, row_end]).to(torch.int32).contiguous()
-        tables[bm] = (table, tile_end[-1:].to(torch.int32), max_tiles)
-    order32 = order.to(torch.int32)
-    token = (order // k).to(torch.int32)
-    prob = probs.reshape(-1)[order].to(torch.float32)
-    return Routing(T, k, num_experts, order32, token, prob, bounds, tables)
+        table = torch.empty((3, max_tiles), dtype=torch.int32, device=dev)
+        n_tiles = torch.empty(1, dtype=torch.int32, device=dev)
+        _route_tiles_kernel[(1,)](bounds, table, n_tiles, num_experts, max_tiles, BM=bm,
+                                  CHUNK=max(16, 16384 // e_pad), E_PAD=e_pad)
+        tables[bm] = (table, n_tiles, max_tiles)
+    return Routing(T, k, num_experts, order, token, prob, bounds, tables)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,17 +547,19 @@ def _up_kernel(X, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidde
 
 
 @triton.jit
-def _down_kernel(A, B, B_DESC, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
+def _down_kernel(A, B, B_DESC, C, A_ROWS, C_ROWS, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
                  stride_a, stride_be, stride_bk, stride_bn, stride_c,
-                 SCALE: tl.constexpr, EVEN_K: tl.constexpr,
+                 SCALE: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
+                 EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  B_TMA: tl.constexpr, B_TRANS: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Persistent: ``C[order[r]] = (p[r] *) A[r] @ B[e(r)]`` over sorted rows ``r``; B is
-    ``[E, n_in, n_out]`` with any strides (``W2``, or ``W1`` transposed for dx). ``B_TMA``: B
-    tiles through a descriptor over the weight stacked ``[E*n_in, n_out]`` (``B_TRANS``: over
-    ``[E*n_out, n_in]``, tiles loaded ``[BN, BK]`` and transposed; K-major, the layout the
-    tensor cores read directly)."""
+    """Persistent: ``C[c(r)] = (p[r] *) A[a(r)] @ B[e(r)]`` over sorted rows ``r``, with
+    ``a(r) = A_ROWS[r]`` if GATHER_A else ``r`` and ``c(r) = C_ROWS[r]`` if SCATTER_C else ``r``;
+    B is ``[E, n_in, n_out]`` with any strides (``W2``; ``W1`` transposed for dx; ``W2``
+    transposed for the backward ``g = dout @ W2^T``). ``B_TMA``: B tiles through a descriptor
+    over the weight stacked ``[E*n_in, n_out]`` (``B_TRANS``: over ``[E*n_out, n_in]``, tiles
+    loaded ``[BN, BK]`` and transposed; K-major, the layout the tensor cores read directly)."""
     n_tn = tl.cdiv(n_out, BLOCK_N)
     total = tl.load(NTILES) * n_tn
     rm = tl.arange(0, BLOCK_M)
@@ -422,7 +571,11 @@ def _down_kernel(A, B, B_DESC, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, 
         row_ok = rows < row_end
         cols = (w % n_tn) * BLOCK_N + rn
         col_ok = cols < n_out
-        a_ptr = A + rows.to(tl.int64)[:, None] * stride_a + rk[None, :]
+        if GATHER_A:
+            src = tl.load(A_ROWS + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        a_ptr = A + src[:, None] * stride_a + rk[None, :]
         b_ptr = B + e.to(tl.int64) * stride_be + rk[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, n_in, BLOCK_K):
@@ -445,7 +598,10 @@ def _down_kernel(A, B, B_DESC, C, ORDER, PROB, TABLE, NTILES, max_tiles, n_out, 
             b_ptr += BLOCK_K * stride_bk
         if SCALE:
             acc = acc * tl.load(PROB + rows, mask=row_ok, other=0.0)[:, None]
-        dst = tl.load(ORDER + rows, mask=row_ok, other=0).to(tl.int64)
+        if SCATTER_C:
+            dst = tl.load(C_ROWS + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            dst = rows.to(tl.int64)
         tl.store(C + dst[:, None] * stride_c + cols[None, :], acc.to(C.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
@@ -512,6 +668,45 @@ def _dh_kernel(DOUT, W2, W2_DESC, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, 
                  (h.to(tl.float32) * p).to(HOUT.dtype.element_ty), mask=ok)
         tl.store(DPP + nt.to(tl.int64) * n_rows + rows, tl.sum(g * h.to(tl.float32), 1),
                  mask=row_ok)
+
+
+@triton.jit
+def _act_bwd_kernel(G, A, DA, HOUT, DPROBS, ORDER, PROB, BOUNDS_END, ffn, stride_g, stride_a,
+                    stride_h, GATED: tl.constexpr, ACT: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Row pass after the plain grouped GEMM ``g = dout[token[r]] @ W2[e]^T`` (``G [N, F]``): with
+    ``h`` recomputed from ``a``, writes ``da = act'(a) * p * g`` (gated: d gate and d up),
+    ``p * h`` (dW2's operand) and ``dprobs[order[r]] = sum_f g*h`` (F chunks in order: fixed
+    order per row). Rows at or past ``BOUNDS_END`` (pairs with an expert id outside ``[0, E)``)
+    have no sorted slot and are skipped."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < tl.load(BOUNDS_END)
+    r64 = rows.to(tl.int64)
+    p = tl.load(PROB + rows, mask=row_ok, other=0.0)[:, None]
+    dp = tl.zeros([BLOCK_R], tl.float32)
+    for f0 in range(0, ffn, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        ok = row_ok[:, None] & (cols < ffn)[None, :]
+        g = tl.load(G + r64[:, None] * stride_g + cols[None, :], mask=ok, other=0.0)
+        g = g.to(tl.float32)
+        a_ptr = A + r64[:, None] * stride_a + cols[None, :]
+        da_ptr = DA + r64[:, None] * stride_a + cols[None, :]
+        gate = tl.load(a_ptr, mask=ok, other=0.0).to(tl.float32)
+        s = _act(gate, ACT)
+        dh = g * p
+        if GATED:
+            up = tl.load(a_ptr + ffn, mask=ok, other=0.0).to(tl.float32)
+            h = (s * up).to(HOUT.dtype.element_ty)
+            tl.store(da_ptr, (dh * up * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
+            tl.store(da_ptr + ffn, (dh * s).to(DA.dtype.element_ty), mask=ok)
+        else:
+            h = s.to(HOUT.dtype.element_ty)
+            tl.store(da_ptr, (dh * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
+        tl.store(HOUT + r64[:, None] * stride_h + cols[None, :],
+                 (h.to(tl.float32) * p).to(HOUT.dtype.element_ty), mask=ok)
+        dp += tl.sum(g * h.to(tl.float32), 1)
+    dst = tl.load(ORDER + rows, mask=row_ok, other=0).to(tl.int64)
+    tl.store(DPROBS + dst, dp, mask=row_ok)
 
 
 @triton.jit
@@ -602,10 +797,11 @@ def launch_up(x, w1, a, h, r: Routing, activation: str, cfg: TileConfig) -> None
 
 
 def launch_down(src, b, dst, r: Routing, b_strides, n_in: int, n_out: int, scale: bool,
-                tile: GemmTile, cfg: TileConfig) -> None:
-    """``dst[order[r]] = (p *) src[r] @ B[e]``; ``b_strides`` = (expert, in, out) strides of B
-    (``b`` is the stored weight: ``[E, n_in, n_out]``, or ``[E, n_out, n_in]`` read transposed
-    when its ``in`` stride is 1)."""
+                tile: GemmTile, cfg: TileConfig, gather: bool = False,
+                scatter: bool = True) -> None:
+    """``dst[order[r]] = (p *) src[r] @ B[e]`` (``gather``: ``src[token[r]]``; ``scatter=False``:
+    ``dst[r]``); ``b_strides`` = (expert, in, out) strides of B (``b`` is the stored weight:
+    ``[E, n_in, n_out]``, or ``[E, n_out, n_in]`` read transposed when its ``in`` stride is 1)."""
     table, n_tiles, max_tiles = r.tables[tile.block_m]
     upcast, prec = _flags(src.dtype)
     even_k = n_in % tile.block_k == 0
@@ -618,11 +814,12 @@ def launch_down(src, b, dst, r: Routing, b_strides, n_in: int, n_out: int, scale
                          tile.tma and even_k and tuple(b.shape[1:]) == (n_in, n_out))
     grid = _persistent_grid(max_tiles * triton.cdiv(n_out, tile.block_n), src.device, cfg, tile)
     _down_kernel[grid](
-        src, b, desc if desc is not None else b, dst, r.order, r.prob, table, n_tiles, max_tiles,
-        n_out, n_in, src.stride(0), b_strides[0], b_strides[1], b_strides[2], dst.stride(0),
-        SCALE=scale, EVEN_K=even_k, BLOCK_M=tile.block_m,
-        BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, B_TMA=desc is not None, B_TRANS=trans,
-        UPCAST=upcast, DOT_PREC=prec, num_warps=tile.warps, num_stages=tile.stages)
+        src, b, desc if desc is not None else b, dst, r.token, r.order, r.prob, table, n_tiles,
+        max_tiles, n_out, n_in, src.stride(0), b_strides[0], b_strides[1], b_strides[2],
+        dst.stride(0), SCALE=scale, GATHER_A=gather, SCATTER_C=scatter, EVEN_K=even_k,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+        B_TMA=desc is not None, B_TRANS=trans, UPCAST=upcast, DOT_PREC=prec,
+        num_warps=tile.warps, num_stages=tile.stages)
 
 
 def launch_dh(dout, w2, a, da, h, dpp, r: Routing, activation: str, cfg: TileConfig) -> None:
@@ -641,6 +838,26 @@ def launch_dh(dout, w2, a, da, h, dpp, r: Routing, activation: str, cfg: TileCon
         EVEN_K=n_hidden % t.block_k == 0, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
         BLOCK_K=t.block_k, B_TMA=desc is not None, UPCAST=upcast, DOT_PREC=prec,
         num_warps=t.warps, num_stages=t.stages)
+
+
+def launch_dh_gemm(dout, w2, g, r: Routing, cfg: TileConfig) -> None:
+    """``g[r] = dout[token[r]] @ W2[e]^T`` (split backward, first half): the plain grouped GEMM
+    with ``W2 [E, F, H]`` read as ``[E, in=H, out=F]`` (K-major: the TMA path of dx)."""
+    ffn, n_hidden = w2.shape[1], w2.shape[2]
+    launch_down(dout, w2, g, r, (w2.stride(0), w2.stride(2), w2.stride(1)), n_hidden, ffn, False,
+                cfg.dh, cfg, gather=True, scatter=False)
+
+
+def launch_act_bwd(g, a, da, hp, dprobs, r: Routing, activation: str, cfg: TileConfig) -> None:
+    """Split backward, second half: ``da``, ``p * h`` and ``dprobs`` (pair order, fp32) from
+    ``g`` and the saved ``a`` (see ``_act_bwd_kernel``)."""
+    gated, act = ACT_CODES[activation]
+    ffn = hp.shape[1]
+    grid = (max(1, triton.cdiv(r.rows, cfg.act_rows)),)
+    _act_bwd_kernel[grid](g, a, da, hp, dprobs, r.order, r.prob, r.bounds[r.num_experts:], ffn,
+                          g.stride(0), a.stride(0), hp.stride(0), GATED=gated, ACT=act,
+                          BLOCK_R=cfg.act_rows, BLOCK_F=cfg.act_cols,
+                          num_warps=cfg.act_warps)
 
 
 def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: Optional[Tensor],
@@ -719,9 +936,17 @@ def moe_ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor, r: R
     need_x, need_p, need_w1, need_w2 = needs
     da = torch.empty_like(a)
     hp = torch.empty((n, ffn), dtype=x.dtype, device=x.device)       # p * h
-    n_ft = triton.cdiv(ffn, cfg.dh.block_n)
-    dpp = torch.empty((n_ft, n), dtype=torch.float32, device=x.device)
-    launch_dh(dout, w2, a, da, hp, dpp, r, activation, cfg)
+    dp_pairs = dpp = None
+    if cfg.split_dh:   # plain GEMM to g, then one row pass (see launch_act_bwd)
+        g = torch.empty((n, ffn), dtype=x.dtype, device=x.device)
+        launch_dh_gemm(dout, w2, g, r, cfg)
+        dp_pairs = torch.empty(n, dtype=torch.float32, device=x.device)
+        launch_act_bwd(g, a, da, hp, dp_pairs, r, activation, cfg)
+        del g
+    else:              # one kernel, activation backward in the GEMM epilogue
+        n_ft = triton.cdiv(ffn, cfg.dh.block_n)
+        dpp = torch.empty((n_ft, n), dtype=torch.float32, device=x.device)
+        launch_dh(dout, w2, a, da, hp, dpp, r, activation, cfg)
 
     dx = dprobs = dw1 = dw2 = None
     if need_x:
@@ -732,9 +957,10 @@ def moe_ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor, r: R
         dx = torch.empty((T, H), dtype=x.dtype, device=x.device)
         launch_combine(dx_pairs, dx, r.topk, cfg)
     if need_p:
-        dprobs = torch.empty(n, dtype=torch.float32, device=x.device)
-        dprobs[r.order.long()] = dpp.sum(0)      # fixed-order sum over F tiles; unique targets
-        dprobs = dprobs.view(T, r.topk)
+        if dp_pairs is None:
+            dp_pairs = torch.empty(n, dtype=torch.float32, device=x.device)
+            dp_pairs[r.order.long()] = dpp.sum(0)  # fixed-order sum over F tiles; unique targets
+        dprobs = dp_pairs.view(T, r.topk)
     if need_w1:
         dw1 = torch.empty((E, H, n1), dtype=w1.dtype, device=x.device)
         launch_wgrad(x, da, dw1, r, r.token, None, cfg)
