@@ -1,11 +1,16 @@
 """Tile sweep for the window + sink attention kernels on a GPU: forward and backward timed apart.
 
-    PYTHONPATH=. python scripts/tune_sparse_attention.py [--s 16384] [--d 128] [--json out.json]
+    PYTHONPATH=. python scripts/tune_sparse_attention.py [--s 16384] [--d 128] [--json out.json] \
+        [--jobs 8] [--profile]
 
 Each variant changes one kernel's tiles (or the dk/dv work split / atomics) around the current
 default for the head dim, and only the pass it changes is timed, so the table says which kernel
 holds the time and which tile moves it. Correctness of every variant is checked
 against the default config's output before timing (max abs difference printed).
+
+``--jobs N`` compiles the variants first in N worker processes (Triton's on-disk cache is shared),
+so the timed process only loads them: compiling ~30 variants one after another takes minutes.
+``--profile`` prints the default config's per-kernel GPU time of one forward + backward.
 """
 
 from __future__ import annotations
@@ -26,26 +31,61 @@ def variants(base, groups=("fwd", "dq", "dkdv", "sched")):
     that pass is timed for it (the default config times both)."""
     out = [("default", base, "both")]
     if "fwd" in groups:
-        for bm, bn, w, st in [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3),
-                              (128, 32, 4, 3)]:
+        for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2),
+                              (128, 128, 8, 3), (256, 64, 8, 2), (256, 32, 8, 3), (64, 64, 4, 3),
+                              (64, 128, 4, 2), (128, 32, 4, 3)]:
             out.append((f"fwd {bm}x{bn} w{w} s{st}", dataclasses.replace(
                 base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=st), "fwd"))
     if "dq" in groups:
-        for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)]:
+        for bm, bn, w, st in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 32, 4, 3),
+                              (64, 64, 4, 3), (256, 32, 8, 2), (64, 32, 4, 3), (128, 16, 8, 3)]:
             out.append((f"dq {bm}x{bn} w{w} s{st}", dataclasses.replace(
                 base, dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=st), "bwd"))
     if "dkdv" in groups:
-        for bm, bn, w, st in [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 128, 8, 3),
-                              (32, 128, 8, 3), (32, 128, 4, 2)]:
+        for bm, bn, w, st in [(64, 128, 8, 3), (64, 128, 8, 1), (128, 64, 8, 2), (128, 64, 8, 3),
+                              (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 1)]:
             out.append((f"dkdv {bm}x{bn} w{w} s{st}", dataclasses.replace(
                 base, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=st), "bwd"))
     if "sched" in groups:  # dk/dv work split and the non-deterministic atomic variants
-        for chunk in (256, 512, 1024, 2048, 4096):
+        for chunk in (512, 2048):
             out.append((f"dkdv chunk {chunk}", dataclasses.replace(base, dkdv_chunk=chunk), "bwd"))
         out.append(("dkdv atomic", dataclasses.replace(base, dkdv_atomic=True), "bwd"))
         out.append(("fused dq (atomic)", dataclasses.replace(base, fused_dq=True), "bwd"))
-        out.append(("fused dq + dkdv atomic", dataclasses.replace(base, fused_dq=True, dkdv_atomic=True), "bwd"))
+        flip = dataclasses.replace(base, heavy_first=not base.heavy_first)
+        out.append((f"heavy_first={flip.heavy_first} (fwd)", flip, "fwd"))
+        out.append((f"heavy_first={flip.heavy_first} (bwd)", flip, "bwd"))
     return out
+
+
+def _profile(run, iters=10):
+    """Per-kernel GPU ms of one ``run()`` (mean over ``iters`` calls), largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            run()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events) / iters / 1e3
+    print(f"per-kernel GPU time of the default fwd + bwd: {total:.3f} ms per call")
+    for e in sorted(events, key=lambda e: -e.device_time_total):
+        print(f"  {e.device_time_total / iters / 1e3:8.3f} ms  x{e.count // iters:<3d} {e.key[:90]}")
+
+
+def _compile_all(args) -> None:
+    """Compile every variant in ``args.jobs`` worker processes before the timed process runs."""
+    import subprocess
+
+    argv = [sys.executable, __file__, "--compile-only", "--s", str(args.s), "--d", str(args.d),
+            "--hq", str(args.hq), "--hkv", str(args.hkv), "--window", str(args.window),
+            "--sinks", str(args.sinks), "--groups", args.groups]
+    procs = [subprocess.Popen(argv + ["--shard", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
+    for p in procs:
+        p.wait()
 
 
 def main() -> int:
@@ -61,6 +101,10 @@ def main() -> int:
                    help="comma list of variant groups: fwd, dq, dkdv (tiles), sched (dk/dv chunking, atomics)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench timed ms")
+    p.add_argument("--jobs", type=int, default=0, help="compile the variants first in this many processes")
+    p.add_argument("--profile", action="store_true", help="per-kernel GPU time of the default config")
+    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -77,10 +121,26 @@ def main() -> int:
     do = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g)
     scale = args.d ** -0.5
     base = tw.default_config(args.d, torch.bfloat16, False)
+    all_variants = variants(base, tuple(args.groups.split(",")))
+    if args.compile_only:  # a worker of --jobs: run its share of the variants once
+        i, n = (int(x) for x in args.shard.split("/"))
+        for name, cfg, _ in all_variants[i::n]:
+            try:
+                out, lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, cfg)
+                tw.window_attention_bwd(do, q, k, v, out, lse, None, args.window, args.sinks, scale, cfg)
+            except Exception:  # reported by the timed process
+                pass
+        torch.cuda.synchronize()
+        return 0
+    if args.jobs > 0:
+        _compile_all(args)
     ref_out, ref_lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, base)
     ref_grads = tw.window_attention_bwd(do, q, k, v, ref_out, ref_lse, None, args.window, args.sinks, scale, base)
+    if args.profile:
+        _profile(lambda: tw.window_attention_bwd(do, q, k, v, *tw.window_attention_fwd(
+            q, k, v, None, args.window, args.sinks, scale, base), None, args.window, args.sinks, scale, base))
     rows = []
-    for name, cfg, part in variants(base, tuple(args.groups.split(","))):
+    for name, cfg, part in all_variants:
         try:
             out, lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, cfg)
             grads = tw.window_attention_bwd(do, q, k, v, out, lse, None, args.window, args.sinks, scale, cfg)

@@ -276,11 +276,46 @@ def test_triton_dkdv_chunked_and_atomic_variants(b, s, hq, hkv, d, window, sinks
     _triton_vs_reference(b, s, hq, hkv, d, window, sinks, with_sink, config=cfg)
 
 
+@needs_triton
+@pytest.mark.parametrize("b,s,hq,hkv,d,window,sinks,variant", [
+    (1, 50, 4, 1, 16, 7, 20, dict()),          # sink blocks span two key blocks, several chunks
+    (1, 37, 4, 1, 16, 8, 3, dict(dkdv_atomic=True)),
+    (2, 30, 6, 2, 16, None, 0, dict()),        # dense causal, two batches x two kv groups
+])
+def test_triton_dkdv_partials_need_no_zero_fill(monkeypatch, b, s, hq, hkv, d, window, sinks, variant):
+    """The dk/dv partial buffers are allocated uninitialised and the reduce kernel reads only the
+    slots some program wrote: with every ``torch.empty`` filled with NaN the gradients still match."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def nan_empty(*a, **kw):
+        t = real_empty(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def nan_empty_like(*a, **kw):
+        t = real_empty_like(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    cfg = dataclasses.replace(triton_window.INTERPRETER_CONFIG, dkdv_chunk=8, **variant)
+    _triton_vs_reference(b, s, hq, hkv, d, window, sinks, True, config=cfg)
+
+
+@needs_triton
+def test_triton_heavy_first_program_order():
+    """Reversed token order of the forward and dq programs (``heavy_first``) computes the same."""
+    cfg = dataclasses.replace(triton_window.INTERPRETER_CONFIG, heavy_first=True)
+    assert cfg.deterministic
+    _triton_vs_reference(1, 37, 4, 1, 16, 8, 3, True, config=cfg)
+
+
 def test_tile_config_rejects_bad_switches():
     with pytest.raises(ValueError, match="dkdv_chunk=0"):
         triton_window.TileConfig(dkdv_chunk=0)
     with pytest.raises(ValueError, match="fused_dq=1"):
         triton_window.TileConfig(fused_dq=1)
+    with pytest.raises(ValueError, match="heavy_first=None"):
+        triton_window.TileConfig(heavy_first=None)
 
 
 @needs_triton

@@ -92,7 +92,22 @@ def test_prepare_drops_window_sinks_future_padding_and_duplicates():
     assert set(got[0, 0, 0, :row_len[0, 0, 0]].tolist()) - {-1} == {0}
     with pytest.raises(ValueError, match=r"topk_indices=\(-1, 7\): .*; use values in \[-1, 6\]"):
         triton_topk.prepare_topk_indices(torch.full((1, s, 1, 2), 7, dtype=torch.int32).index_fill_(
-            3, torch.tensor([0]), -1), s, None, 0)
+            3, torch.tensor([0]), -1), s, None, 0, check_range=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("window,sinks", [(None, 0), (None, 3), (4, 2), (1, 0)])
+def test_prepare_kernel_matches_torch(window, sinks):
+    """The one-program-per-row Triton list preparation (bitonic sort + neighbour dedup) against the
+    torch form, on random lists with padding, future keys, duplicates and out-of-range values."""
+    g = _gen(11)
+    b, s, hkv, K = 2, 29, 2, 9
+    idx = torch.randint(-3, s + 4, (b, s, hkv, K), generator=g, dtype=torch.int32)
+    idx[..., 2] = idx[..., 5]  # duplicates
+    want, want_len = triton_topk._prepare_torch(idx.clamp(-1, s), s, window, sinks)  # spec: dropped
+    got, got_len = triton_topk.prepare_topk_indices(idx.to(DEVICE), s, window, sinks, use_kernel=True)
+    assert torch.equal(got.cpu(), want) and torch.equal(got_len.cpu(), want_len)
+    assert got.dtype == torch.int32 and got.shape[-1] == K + (sinks if window is None else 0)
 
 
 def test_transpose_index_list():

@@ -1,8 +1,8 @@
-"""``sparse_attention_{4k,16k,32k}``: causal sliding-window + token-sink MQA attention, fwd + bwd, bf16.
+"""``sparse_attention_{4k,16k,32k,64k}``: causal sliding-window + token-sink MQA attention, fwd + bwd, bf16.
 
 Shape: b=1, hq=16 query heads, hkv=1 kv head (MQA), d=128, window 4096 (counting the query itself),
-4 token sinks, S = 4096 / 16384 / 32768 (one benchmark per S so each table block has its own anchor
-ratio).
+4 token sinks, S = 4096 / 16384 / 32768 / 65536 (one benchmark per S so each table block has its own
+anchor ratio).
 
 ours   = ``megatron_ext.ops.sparse_attention.sparse_attention(..., backend="triton")`` (no learnable
          sink logit, so both sides compute the same function);

@@ -7,8 +7,8 @@ call is one token per sequence: write the new key/value into the cache, attend, 
 ``[b, hq, d]``. Tokens/s of the attention alone = ``b * 1000 / ms``.
 
 ours     ``stream``: :class:`megatron_ext.ops.sparse_attention.decode.StreamingKVCache` ``append`` +
-                     :func:`~megatron_ext.ops.sparse_attention.decode.decode_step` (torch, fp32
-                     softmax) over the 4 + 4096 cached keys; the cache is filled to 128k first, so
+                     :func:`~megatron_ext.ops.sparse_attention.decode.decode_step` (backend "auto":
+                     one SDPA call without sink logits) over the 4 + 4096 cached keys; the cache is filled to 128k first, so
                      the ring has wrapped many times. KV bytes per layer: ``2 * (4096 + 4) * d * 2``
                      per sequence (2.0 MiB), constant in the context.
 anchor   ``dense``:  a dense MQA cache ``[b, 1, 131072, d]`` (k and v), the new token written in place
@@ -19,7 +19,10 @@ anchor   ``dense``:  a dense MQA cache ``[b, 1, 131072, d]`` (k and v), the new 
 
 Work per call: FLOPs ``4 * d * hq * b * keys`` (QK^T and PV), bytes = the KV bytes read
 (``2 * keys * hkv * d * 2 * b``); both are memory-bound, so GB/s vs the copy ceiling is the figure
-to read. ``--cpu``: context 512, window 32, 2 sinks, hq=4, d=32 (no timing meaning).
+to read. ref cases: the same step forced through the Triton split-KV kernel, and with a learnable sink logit
+per head (torch einsum + softmax vs the kernel, which folds the sink into its LSE combine).
+
+``--cpu``: context 512, window 32, 2 sinks, hq=4, d=32 (no timing meaning).
 :func:`kv_bytes_per_layer` gives the KV bytes table of docs/sparse_attention.md.
 """
 
@@ -55,7 +58,7 @@ def kv_bytes_per_layer(context: int, window: Optional[int], sinks: int = 0, hkv:
     return 2 * slots * hkv * d * elem_bytes * batch
 
 
-def _stream_setup(dm: DecodeDims, device: str):
+def _stream_setup(dm: DecodeDims, device: str, backend: str = "auto", sink: bool = False):
     import torch
 
     from megatron_ext.ops.sparse_attention.decode import StreamingKVCache, decode_step
@@ -71,9 +74,11 @@ def _stream_setup(dm: DecodeDims, device: str):
     k1 = torch.randn(dm.b, 1, dm.hkv, dm.d, device=device, dtype=dtype)
     v1 = torch.randn_like(k1)
 
+    sink_logits = torch.randn(dm.hq, device=device) if sink else None
+
     def step():
         cache.append(k1, v1, cache.length)
-        return decode_step(q, cache)
+        return decode_step(q, cache, sink_logits=sink_logits, backend=backend)
 
     return step
 
@@ -112,6 +117,15 @@ def _benchmark(name: str, batch: int, small: bool, device: str) -> Benchmark:
         Case(name="stream", label=f"ours: streaming cache decode_step, KV/layer {ours_kv / 2**20:.1f} MiB{note}", role="ours",
              setup=lambda: _stream_setup(dm, device), flops=4.0 * dm.d * dm.hq * dm.b * stream_keys,
              bytes=float(ours_kv), bound="memory"),
+        Case(name="stream_triton", label="ref: streaming decode_step, Triton split-KV kernel", role="ref",
+             setup=lambda: _stream_setup(dm, device, "triton" if device == "cuda" else "torch"),
+             flops=4.0 * dm.d * dm.hq * dm.b * stream_keys, bytes=float(ours_kv), bound="memory"),
+        Case(name="stream_sink_torch", label="ref: streaming + learnable sink logits, torch", role="ref",
+             setup=lambda: _stream_setup(dm, device, "torch", sink=True),
+             flops=4.0 * dm.d * dm.hq * dm.b * stream_keys, bytes=float(ours_kv), bound="memory"),
+        Case(name="stream_sink_triton", label="ref: streaming + learnable sink logits, Triton", role="ref",
+             setup=lambda: _stream_setup(dm, device, "triton" if device == "cuda" else "torch", sink=True),
+             flops=4.0 * dm.d * dm.hq * dm.b * stream_keys, bytes=float(ours_kv), bound="memory"),
         Case(name="dense", label=f"anchor: dense MQA cache + SDPA, KV/layer {dense_kv / 2**20:.1f} MiB{note}",
              role="anchor", setup=lambda: _dense_setup(dm, device),
              flops=4.0 * dm.d * dm.hq * dm.b * dm.context, bytes=float(dense_kv), bound="memory"),

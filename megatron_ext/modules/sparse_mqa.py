@@ -140,7 +140,8 @@ class SparseCoreAttention(MegatronModule):
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, d]
         out = sparse_attention(q, k, v, window_size=window, num_sink_tokens=sinks,
                                sink_logits=self._sink(), topk_indices=topk, causal=True,
-                               softmax_scale=self.softmax_scale, backend=self.backend)
+                               softmax_scale=self.softmax_scale, backend=self.backend,
+                               check_topk_range=False)  # the indexer's own top-k: always in range
         if indexer is not None:  # SparseMQAttention attaches the KL once the attention is done
             indexer.note_main_qk(q, k, self.softmax_scale)
         return out.transpose(0, 1).reshape(sq, b, -1)

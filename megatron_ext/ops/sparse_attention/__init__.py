@@ -59,7 +59,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                      window_size: Optional[int] = None, num_sink_tokens: int = 0,
                      sink_logits: Optional[torch.Tensor] = None,
                      topk_indices: Optional[torch.Tensor] = None, causal: bool = True,
-                     softmax_scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
+                     softmax_scale: Optional[float] = None, backend: str = "auto",
+                     check_topk_range: bool = True) -> torch.Tensor:
     """Sparse attention ``q [b, s, hq, d]``, ``k, v [b, s, hkv, d]`` -> ``[b, s, hq, d]``.
 
     Query ``i`` attends key ``j`` iff ``j <= i`` (if causal) and (``window_size`` is None, or
@@ -68,12 +69,22 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     keys). ``window_size`` counts the query itself (1 = only itself). ``sink_logits [hq]`` is a
     learnable per-head logit in the softmax denominator with a zero value vector. Differentiable in
     q, k, v and sink_logits. ``backend``: "auto" | "triton" | "torch". See :mod:`.reference`.
+
+    ``check_topk_range`` (default on) raises on ``topk_indices`` values outside ``[-1, s)`` on every
+    backend; it costs one host sync, so callers whose indices come from their own top-k (the
+    indexer) turn it off, and the Triton path then drops such values like padding.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: unknown backend for {OP}; use one of {list(BACKENDS)}")
     check_args(q, k, v, window_size=window_size, num_sink_tokens=num_sink_tokens,
                sink_logits=sink_logits, topk_indices=topk_indices, causal=causal,
                softmax_scale=softmax_scale)
+    if topk_indices is not None and check_topk_range and topk_indices.numel():
+        lo, hi = (int(x) for x in torch.aminmax(topk_indices))
+        s = q.shape[1]
+        if lo < -1 or hi >= s:
+            raise ValueError(f"topk_indices={(lo, hi)!r}: (min, max) outside the key range; "
+                             f"use values in [-1, {s - 1}]")
     chosen = backends.resolve(OP, backend, [
         ("triton", lambda: triton_unusable_reason(q, topk_indices=topk_indices, causal=causal)),
         ("torch", lambda: None),

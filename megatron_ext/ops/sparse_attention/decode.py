@@ -11,7 +11,8 @@ so decoding token by token gives the same output as the full-sequence forward at
 positions, which is what the model saw in training, so nothing is re-rotated).
 
 Layout: ``k, v [b, t, hkv, d]`` (the op's layout), query ``[b, hq, d]``. Storage: a sink buffer
-``[b, num_sink_tokens, hkv, d]`` filled once, and a ring buffer ``[b, window_size, hkv, d]`` where
+``[b, num_sink_tokens, hkv, d]`` filled once, and a ring buffer ``[b, window_size, hkv, d]`` (two views of
+one buffer, so attention reads them as one key set) where
 position ``p`` lives in slot ``p % window_size``. A position below ``num_sink_tokens`` is written to
 both; the ring copy is masked at attention time so no key counts twice. ``window_size=None`` (a dense
 layer) keeps every key: that cache grows with the sequence.
@@ -21,17 +22,21 @@ pick any past key, so :class:`IndexedKVCache` keeps every key/value plus the ind
 position (O(S) memory by nature), and :func:`decode_step_topk` attends over sinks + window + the
 selected keys only (O(window + sinks + k) work per token).
 
-Pure torch, no Megatron: the module-level step (projections, RoPE, output projection) is
+No Megatron; torch, with the attention of :func:`decode_step` in the Triton split-KV kernel of
+:mod:`.triton_decode` when the backend resolves to it. The module-level step (projections, RoPE, output projection) is
 ``megatron_ext.modules.sparse_mqa.SparseMQAttention.decode_step``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from megatron_ext import backends
 
 
 def _fail(field: str, value, why: str, allowed: str) -> None:
@@ -56,13 +61,14 @@ class StreamingKVCache:
         self.batch, self.num_kv_heads, self.head_dim = batch, num_kv_heads, head_dim
         self.window_size, self.num_sink_tokens = window_size, num_sink_tokens
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
-        shape = (batch, num_sink_tokens, num_kv_heads, head_dim)
-        self.sink_k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.sink_v = torch.zeros(shape, dtype=dtype, device=self.device)
         slots = window_size if window_size is not None else 0
-        shape = (batch, slots, num_kv_heads, head_dim)
-        self.ring_k = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.ring_v = torch.zeros(shape, dtype=dtype, device=self.device)
+        # Sinks and ring are two views of one buffer, so the attention reads one key set without
+        # concatenating (a copy as large as the cache) every step.
+        shape = (batch, num_sink_tokens + slots, num_kv_heads, head_dim)
+        self._k = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._v = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.sink_k, self.ring_k = self._k[:, :num_sink_tokens], self._k[:, num_sink_tokens:]
+        self.sink_v, self.ring_v = self._v[:, :num_sink_tokens], self._v[:, num_sink_tokens:]
         # Absolute position held by each ring slot (-1: empty); drives the masks, not the math.
         self.ring_pos = torch.full((slots,), -1, dtype=torch.long, device=self.device)
         self.length = 0
@@ -104,9 +110,20 @@ class StreamingKVCache:
         n_sink = self.sink_k.shape[1]
         sink_valid = torch.arange(n_sink, device=self.device) < min(self.num_sink_tokens, self.length)
         ring_valid = self.ring_pos >= self.num_sink_tokens  # also False for empty slots (-1)
-        keys = torch.cat([self.sink_k, self.ring_k], dim=1)
-        values = torch.cat([self.sink_v, self.ring_v], dim=1)
+        if self.window_size is None:  # the ring grew by concatenation: no shared buffer
+            keys = torch.cat([self.sink_k, self.ring_k], dim=1)
+            values = torch.cat([self.sink_v, self.ring_v], dim=1)
+        else:
+            keys, values = self._k, self._v
         return keys, values, torch.cat([sink_valid, ring_valid])
+
+    def key_positions(self) -> torch.Tensor:
+        """Int ``[n]``: the absolute position of each key of :meth:`keys_values` (-1: not attended)."""
+        n_sink = self.sink_k.shape[1]
+        sink = torch.arange(n_sink, device=self.device)
+        sink = torch.where(sink < min(self.num_sink_tokens, self.length), sink, -1)
+        ring = torch.where(self.ring_pos >= self.num_sink_tokens, self.ring_pos, -1)
+        return torch.cat([sink, ring])
 
     def nbytes(self) -> int:
         """Bytes of key/value storage (constant in the sequence length unless window_size is None)."""
@@ -129,17 +146,53 @@ def _check_query(q: torch.Tensor, cache, sink_logits: Optional[torch.Tensor]) ->
     return b, hq, d, hkv
 
 
+def triton_decode_unusable_reason(q: torch.Tensor, *, auto: bool = False, head_dims=()) -> Optional[str]:
+    """None if the Triton split-KV decode kernel (:mod:`.triton_decode`) can run on ``q``, else why
+    not; ``auto=True`` is the probe of backend="auto" (CUDA only, never the CPU interpreter)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    from megatron_ext.ops.sparse_attention.triton_decode import unusable_reason
+
+    return unusable_reason(q, auto=auto, head_dims=head_dims)
+
+
+DECODE_BACKENDS = ("auto", "triton", "torch")
+
+
 def decode_step(q: torch.Tensor, cache: StreamingKVCache, *, softmax_scale: Optional[float] = None,
-                sink_logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+                sink_logits: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
     """Attention of the newest query ``q [b, hq, d]`` (RoPE applied, position ``cache.length - 1``,
     its own key already appended) over the cache -> ``[b, hq, d]`` in q's dtype.
 
     ``sink_logits [hq]``: the learnable per-head sink logit, a softmax term with a zero value vector.
-    Query head ``h`` reads KV head ``h // (hq // hkv)``. Math in fp32 (fp64 for fp64 inputs);
-    without ``sink_logits`` and below fp64 it is one ``scaled_dot_product_attention`` call.
+    Query head ``h`` reads KV head ``h // (hq // hkv)``. ``backend``: "triton" = the split-KV
+    kernel (:func:`.triton_decode.decode_attention`, the ring slots as keys with their positions),
+    "torch" = the reference below, "auto" = Triton on CUDA when ``sink_logits`` is given, else torch
+    (via ``backends.resolve``, the reason recorded).
+    Torch math in fp32 (fp64 for fp64 inputs); without ``sink_logits`` and below fp64 it is one
+    ``scaled_dot_product_attention`` call.
     """
+    if backend not in DECODE_BACKENDS:
+        _fail("backend", backend, "unknown decode backend", f"one of {list(DECODE_BACKENDS)}")
     b, hq, d, hkv = _check_query(q, cache, sink_logits)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    def triton_why_not():
+        if backend == "auto" and sink_logits is None and q.dtype != torch.float64:
+            # Measured (docs/benchmarks.md, sparse_decode_b16): a 4k-key ring is read in
+            # microseconds, the step is launch-bound, and the one fused SDPA call beats the kernel's
+            # two launches plus the position bookkeeping. The kernel pays off with sink logits.
+            return "no sink_logits: the torch path is one fused SDPA call (launch-bound step)"
+        return triton_decode_unusable_reason(q, auto=backend == "auto", head_dims=(d,))
+
+    chosen = backends.resolve("sparse_attention.decode", backend, [
+        ("triton", triton_why_not), ("torch", lambda: None)])
+    if chosen == "triton":
+        from megatron_ext.ops.sparse_attention.triton_decode import decode_attention
+
+        keys, values, _ = cache.keys_values()
+        return decode_attention(q, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype),
+                                key_positions=cache.key_positions(), query_position=cache.length - 1,
+                                sink_logits=sink_logits, softmax_scale=scale)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     keys, values, valid = cache.keys_values()
     if sink_logits is None and q.dtype != torch.float64:

@@ -99,21 +99,24 @@ if triton is not None:
     @triton.jit
     def _scores_kernel(Q, K, W, OUT, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
                        stride_wb, stride_ws, stride_ob, stride_os, t0, n_rows, seqlen, n_heads,
-                       DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       window, num_sink, HAS_WINDOW: tl.constexpr, DI: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
         """Rows ``[t0 + m0, t0 + m0 + BM)`` x keys ``[n0, n0 + BN)``; blocks wholly above the
-        diagonal return at once (the output was filled with -inf). The K tile is loaded once and
-        reused by every index head; the ReLU sits between the heads, so they cannot fold into one
-        dot product."""
+        diagonal only store -inf (the output is not pre-filled: that would be one more full write
+        of the scores). The K tile is loaded once and reused by every index head; the ReLU sits
+        between the heads, so they cannot fold into one dot product."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
-        if pid_n * BN <= t0 + pid_m * BM + BM - 1:
-            m = pid_m * BM + tl.arange(0, BM)          # row inside the block
-            t = t0 + m                                 # query position
-            n = pid_n * BN + tl.arange(0, BN)          # key position
-            row_ok = m < n_rows
-            key_ok = n < seqlen
+        m = pid_m * BM + tl.arange(0, BM)          # row inside the block
+        t = t0 + m                                 # query position
+        n = pid_n * BN + tl.arange(0, BN)          # key position
+        row_ok = m < n_rows
+        key_ok = n < seqlen
+        if pid_n * BN > t0 + pid_m * BM + BM - 1:
+            tl.store(OUT + b * stride_ob + m[:, None] * stride_os + n[None, :],
+                     tl.full([BM, BN], float("-inf"), tl.float32), mask=row_ok[:, None] & key_ok[None, :])
+        else:
             d = tl.arange(0, DI)
             k = tl.load(K + b * stride_kb + n[:, None] * stride_ks + d[None, :], mask=key_ok[:, None],
                         other=0.0)
@@ -124,9 +127,16 @@ if triton is not None:
                 w = tl.load(W + b * stride_wb + m * stride_ws + h, mask=row_ok, other=0.0).to(tl.float32)
                 qk = _dot(q, tl.trans(k), UPCAST, DOT_PREC)
                 acc += w[:, None] * tl.maximum(qk, 0.0)
-            acc = tl.where(n[None, :] <= t[:, None], acc, float("-inf"))
+            keep = n[None, :] <= t[:, None]
+            if HAS_WINDOW:  # keys the window / sinks already cover leave the top-k budget
+                keep = keep & (t[:, None] - n[None, :] >= window) & (n[None, :] >= num_sink)
+            acc = tl.where(keep, acc, float("-inf"))
             tl.store(OUT + b * stride_ob + m[:, None] * stride_os + n[None, :], acc,
                      mask=row_ok[:, None] & key_ok[None, :])
+
+
+# (BM, BN, num_warps, num_stages) of the scores kernel on the GPU
+SCORES_TILE = (64, 64, 4, 2)
 
 
 def _triton_unusable_reason(q_idx: torch.Tensor, causal: bool) -> Optional[str]:
@@ -143,23 +153,27 @@ def _triton_unusable_reason(q_idx: torch.Tensor, causal: bool) -> Optional[str]:
     return None
 
 
-def _scores_triton_block(q_blk, k_idx, w_blk, t0: int) -> torch.Tensor:
+def _scores_triton_block(q_blk, k_idx, w_blk, t0: int, window_size: Optional[int] = None,
+                         num_sink_tokens: int = 0) -> torch.Tensor:
+    """Scores of a query block; with ``window_size`` / ``num_sink_tokens`` the keys they cover are
+    already -inf (what :func:`_exclude_window` does, without another pass over the block)."""
     from megatron_ext.ops.sparse_attention import triton_window as tw
 
     b, nq, hi, di = q_blk.shape
     s = k_idx.shape[1]
     q_blk, k_idx, w_blk = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_blk, k_idx, w_blk))
     k_idx = k_idx.to(q_blk.dtype)
-    out = torch.full((b, nq, s), float("-inf"), dtype=torch.float32, device=q_blk.device)
+    out = torch.empty((b, nq, s), dtype=torch.float32, device=q_blk.device)
     interp = tw.interpreted()
-    bm, bn = (16, 16) if interp else (64, 64)
+    bm, bn, warps, stages = (16, 16, 1, 1) if interp else SCORES_TILE
     upcast, prec = tw._flags(q_blk.dtype)
-    n_key_blocks = triton.cdiv(min(s, t0 + nq), bn)
-    _scores_kernel[(triton.cdiv(nq, bm), n_key_blocks, b)](
+    _scores_kernel[(triton.cdiv(nq, bm), triton.cdiv(s, bn), b)](
         q_blk, k_idx, w_blk, out, q_blk.stride(0), q_blk.stride(1), q_blk.stride(2),
         k_idx.stride(0), k_idx.stride(1), w_blk.stride(0), w_blk.stride(1), out.stride(0), out.stride(1),
-        t0, nq, s, hi, DI=di, BM=bm, BN=bn, UPCAST=upcast, DOT_PREC=prec,
-        num_warps=1 if interp else 4, num_stages=1 if interp else 2)
+        t0, nq, s, hi, 0 if window_size is None else int(window_size), int(num_sink_tokens),
+        HAS_WINDOW=window_size is not None or num_sink_tokens > 0, DI=di, BM=bm, BN=bn,
+        UPCAST=upcast, DOT_PREC=prec,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -219,18 +233,24 @@ def _exclude_window(scores: torch.Tensor, query_offset: int, window_size: Option
 
 
 def select_topk(scores: torch.Tensor, k: int, *, window_size: Optional[int] = None,
-                num_sink_tokens: int = 0, query_offset: int = 0) -> torch.Tensor:
+                num_sink_tokens: int = 0, query_offset: int = 0, sorted: bool = True) -> torch.Tensor:
     """``[b, sq, 1, k]`` int32: the ``k`` highest-scoring keys per query (ties in any order), ``-1``
     where fewer than ``k`` keys have a finite score (causally visible and not excluded). With
     ``window_size`` / ``num_sink_tokens`` the keys those already cover are excluded first.
-    ``scores [b, sq, sk]``: -inf marks invisible keys (as :func:`indexer_scores` writes them)."""
+    ``scores [b, sq, sk]``: -inf marks invisible keys (as :func:`indexer_scores` writes them).
+    ``sorted=False``: the ``k`` keys in no particular order (cheaper: no sort of the selection; the
+    attention kernels sort their lists themselves), ``-1`` entries anywhere in the row."""
     _check_k(k)
     if scores.dim() != 3:
         _fail("scores.shape", tuple(scores.shape), "must be 3-D", "[b, s_query, s_key]")
     scores = _exclude_window(scores, query_offset, window_size, num_sink_tokens)
+    return _topk_rows(scores, k, sorted)
+
+
+def _topk_rows(scores: torch.Tensor, k: int, sorted: bool = True) -> torch.Tensor:
     b, sq, sk = scores.shape
     kk = min(k, sk)
-    val, idx = torch.topk(scores, kk, dim=-1)
+    val, idx = torch.topk(scores, kk, dim=-1, sorted=sorted)
     idx = idx.to(torch.int32).masked_fill(val == float("-inf"), -1)
     if kk < k:
         idx = F.pad(idx, (0, k - kk), value=-1)
@@ -241,7 +261,9 @@ def indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor
                  window_size: Optional[int] = None, num_sink_tokens: int = 0,
                  block_q: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """:func:`select_topk` of :func:`indexer_scores`, in blocks of ``block_q`` queries (default:
-    at most ~256 MiB of fp32 scores per block). Returns ``[b, s, 1, k]`` int32; no gradient."""
+    at most ~256 MiB of fp32 scores per block). Returns ``[b, s, 1, k]`` int32; no gradient. On the
+    Triton path the selection of a row is in no particular order (``sorted=False``; the attention
+    kernels sort their lists), on the torch path by decreasing score."""
     check_indexer_args(q_idx, k_idx, weights)
     _check_k(k)
     b, s, _, _ = q_idx.shape
@@ -255,9 +277,14 @@ def indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, weights: torch.Tensor
         for t0 in range(0, s, block_q):
             t1 = min(s, t0 + block_q)
             # keys past the block's last query are invisible to all of its rows: score only [0, t1)
-            scores = _scores_block(q_idx[:, t0:t1], k_idx[:, :t1], weights[:, t0:t1], t0, chosen)
-            out[:, t0:t1] = select_topk(scores, k, window_size=window_size,
-                                        num_sink_tokens=num_sink_tokens, query_offset=t0)
+            if chosen == "triton":  # window/sink keys masked inside the kernel
+                scores = _scores_triton_block(q_idx[:, t0:t1], k_idx[:, :t1], weights[:, t0:t1], t0,
+                                              window_size, num_sink_tokens)
+                out[:, t0:t1] = _topk_rows(scores, k, sorted=False)
+            else:
+                scores = _scores_block(q_idx[:, t0:t1], k_idx[:, :t1], weights[:, t0:t1], t0, chosen)
+                out[:, t0:t1] = select_topk(scores, k, window_size=window_size,
+                                            num_sink_tokens=num_sink_tokens, query_offset=t0)
     return out
 
 

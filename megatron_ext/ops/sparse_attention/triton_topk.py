@@ -27,13 +27,20 @@ group (MQA: 16 heads share each gathered row). Rows of different queries cannot 
 key sets differ), so the arithmetic intensity is ``~group`` FLOP/byte: the kernel is bound by gather
 bandwidth out of L2 (K/V of one sequence, ``2 * S * d * 2`` bytes = 16 MiB at S=32768, d=128, fit
 in the H100's 50 MB L2), not by the tensor cores. Lists are sorted descending so gathers walk
-memory monotonically and padding sits at the end (``row_len`` stops the loop early).
+memory monotonically and padding sits at the end (``row_len`` stops the loop early). The lists are
+prepared by one Triton program per row (:func:`_prep_kernel`: mask, bitonic sort in registers,
+neighbour dedup; no host sync), not by a global torch sort.
 
 Backward, dk/dv (keys are gathered, so their gradient is a scatter):
 
 * default (fast): the dq kernel also forms ``dK_c = dS^T Q`` and ``dV_c = P^T dO`` for its gathered
   rows (summed over the group's heads inside the tile product) and ``tl.atomic_add``s them into fp32
-  buffers: one pass, run-to-run bit differences from the atomics' order.
+  buffers: one pass, run-to-run bit differences from the atomics' order. The atomics are
+  ``relaxed`` (Triton's default ``acq_rel`` made the backward 3.8x slower on an H100: 44 vs 11.7 ms
+  at S=32768, k=1024). They still cost ~8.7 of those 11.7 ms (dq alone: 3.0 ms): each selected pair
+  adds ``2 * d`` fp32 values, i.e. 34 GB of L2 atomic traffic at k=1024. Walking each list from a
+  rotated start (so concurrently running queries do not hit a much-chosen key together) was
+  measured and did not help (+1 %).
 * ``deterministic=True`` (or ``torch.are_deterministic_algorithms_enabled()``): no atomics. The
   (query, key) list is transposed on the device (a stable sort by key), and a key-major kernel owns
   one key and walks the queries that selected it in increasing ``t``, accumulating its dk/dv in
@@ -76,6 +83,7 @@ class TopkTileConfig:
     max_hb: int = 64
     det_block_q: int = 4
     det_warps: int = 4
+    atomic_sem: str = "relaxed"
 
     def __post_init__(self):
         for name in ("fwd_block_n", "bwd_block_n", "max_hb"):
@@ -85,10 +93,16 @@ class TopkTileConfig:
                                  f"use 16, 32, 64 or 128")
         if not isinstance(self.det_block_q, int) or self.det_block_q < 1 or self.det_block_q & (self.det_block_q - 1):
             raise ValueError(f"det_block_q={self.det_block_q!r}: queries per step; use a power of two >= 1")
+        if self.atomic_sem not in ("relaxed", "acq_rel"):
+            raise ValueError(f"atomic_sem={self.atomic_sem!r}: memory order of the dk/dv atomics; "
+                             f"use 'relaxed' or 'acq_rel'")
 
 
-# Starting points, not tuned yet (the kernel is gather-bound; the benchmark sweeps k).
-GPU_CONFIG = TopkTileConfig()
+# Picked on an H100 at S=32768, hq=16, hkv=1, d=128, k=1024 (bf16): forward 64/4 warps/2 stages
+# (32 or 128 keys per step, 3-4 stages: 5-25 % slower); backward 16 keys/2 warps/3 stages, relaxed
+# atomics (acq_rel atomics: 44 ms instead of 11.7 ms for the backward).
+GPU_CONFIG = TopkTileConfig(fwd_block_n=64, fwd_warps=4, fwd_stages=2, bwd_block_n=16, bwd_warps=2,
+                            bwd_stages=3)
 # The interpreter runs every tile op in numpy: small tiles keep the CPU tests fast.
 INTERPRETER_CONFIG = TopkTileConfig(16, 1, 1, 16, 1, 1, 16, 2, 1)
 
@@ -105,23 +119,10 @@ def default_config(dtype: torch.dtype, interpret: bool) -> TopkTileConfig:
 # index list preparation (torch, once per forward; reused by the backward)
 # --------------------------------------------------------------------------------------------------
 
-def prepare_topk_indices(topk_indices: torch.Tensor, seqlen: int, window_size: Optional[int],
-                         num_sink_tokens: int, check_range: bool = True
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(idx [b, s, hkv, L] int32, row_len [b, s, hkv] int32)`` for the top-k kernels.
-
-    Drops (to -1) padding, future keys, and keys the window kernel already covers (``t - j < W`` or
-    ``j < n_sink`` when a window is set); without a window the sink tokens ``0..n_sink-1`` are
-    prepended. Sorted descending per row, duplicates set to -1, so valid entries are unique and
-    ``idx[..., row_len:]`` is all padding. ``check_range`` raises on values outside ``[-1, s)``
-    (one device sync, like the reference).
-    """
+def _prepare_torch(topk_indices: torch.Tensor, seqlen: int, window_size: Optional[int],
+                   num_sink_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The torch form of :func:`prepare_topk_indices` (the spec of :func:`_prep_kernel`)."""
     idx = topk_indices.to(torch.int32)
-    if check_range and idx.numel():
-        lo, hi = (int(x) for x in torch.aminmax(idx))
-        if lo < -1 or hi >= seqlen:
-            raise ValueError(f"topk_indices={(lo, hi)!r}: (min, max) outside the key range; "
-                             f"use values in [-1, {seqlen - 1}]")
     b, s, hkv, _ = idx.shape
     ns = min(int(num_sink_tokens), seqlen)
     if window_size is None and ns > 0:
@@ -133,12 +134,82 @@ def prepare_topk_indices(topk_indices: torch.Tensor, seqlen: int, window_size: O
         drop = drop | (t - idx < window_size) | (idx < ns)
     idx = torch.where(drop, torch.full_like(idx, -1), idx)
     idx = torch.sort(idx, dim=-1, descending=True).values
+    row_len = (idx >= 0).sum(dim=-1, dtype=torch.int32)
     if idx.shape[-1] > 1:
         dup = idx[..., 1:] == idx[..., :-1]
-        idx = torch.cat([idx[..., :1], idx[..., 1:].masked_fill(dup, -1)], dim=-1)
-    pos = torch.arange(1, idx.shape[-1] + 1, device=idx.device, dtype=torch.int32)
-    row_len = ((idx >= 0).to(torch.int32) * pos).amax(dim=-1).to(torch.int32)
+        idx = torch.cat([idx[..., :1], idx[..., 1:].masked_fill(dup & (idx[..., 1:] >= 0), -1)], dim=-1)
     return idx.contiguous(), row_len.contiguous()
+
+
+@triton.jit
+def _prep_kernel(IDX, OUT, ROWLEN, seqlen, hkv, len_in, len_out, window, num_sink,
+                 NS_PRE: tl.constexpr, HAS_WINDOW: tl.constexpr, LP: tl.constexpr):
+    """One list row ``(b, t, g)``: drop, sort descending (bitonic, in registers), dedup. The dedup
+    compares each entry with its left neighbour, read back from the stored row: Triton has no
+    register shift, and the row is L1/L2-resident anyway."""
+    row = tl.program_id(0).to(tl.int64)
+    t = ((row // hkv) % seqlen).to(tl.int32)
+    c = tl.arange(0, LP)
+    src = c - NS_PRE
+    j = tl.load(IDX + row * len_in + src, mask=(src >= 0) & (src < len_in), other=-1).to(tl.int32)
+    if NS_PRE > 0:  # no window: the sink tokens are listed first (still causal: j <= t below)
+        j = tl.where(c < NS_PRE, c, j)
+    # values outside [-1, s) are dropped like padding: < 0 here, >= s is > t for every query
+    drop = (j < 0) | (j > t)
+    if HAS_WINDOW:
+        drop = drop | (t - j < window) | (j < num_sink)
+    j = tl.where(drop, -1, j)
+    j = tl.sort(j, descending=True)
+    base = OUT + row * len_out
+    live = c < len_out
+    tl.store(base + c, j, mask=live)
+    tl.debug_barrier()  # every entry stored before any thread reads its neighbour
+    prev = tl.load(base + c - 1, mask=live & (c > 0), other=-1)
+    tl.debug_barrier()  # every neighbour read before the duplicates are overwritten
+    tl.store(base + c, tl.full([LP], -1, tl.int32), mask=live & (j == prev) & (j >= 0))
+    tl.store(ROWLEN + row, tl.sum((j >= 0).to(tl.int32), 0))
+
+
+def prepare_topk_indices(topk_indices: torch.Tensor, seqlen: int, window_size: Optional[int],
+                         num_sink_tokens: int, check_range: bool = False, use_kernel: Optional[bool] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(idx [b, s, hkv, L] int32, row_len [b, s, hkv] int32)`` for the top-k kernels.
+
+    Drops (to -1) padding, future keys, and keys the window kernel already covers (``t - j < W`` or
+    ``j < n_sink`` when a window is set); without a window the sink tokens ``0..n_sink-1`` are
+    prepended. Sorted descending per row, duplicates set to -1, so valid entries are unique and
+    ``idx[..., row_len:]`` is all padding. Values outside ``[-1, s)`` are dropped like padding;
+    ``check_range=True`` raises on them instead (one device sync, like the reference: the autograd
+    path does not check, so a training step has no host sync here).
+
+    ``use_kernel`` (default: on CUDA or under the interpreter) runs :func:`_prep_kernel`, one
+    program per row (one read + one write of the list, no global sort); else torch (sort + masks).
+    """
+    idx = topk_indices
+    if check_range and idx.numel():
+        lo, hi = (int(x) for x in torch.aminmax(idx))
+        if lo < -1 or hi >= seqlen:
+            raise ValueError(f"topk_indices={(lo, hi)!r}: (min, max) outside the key range; "
+                             f"use values in [-1, {seqlen - 1}]")
+    if use_kernel is None:
+        use_kernel = idx.is_cuda or (idx.device.type == "cpu" and _tw.interpreted())
+    if not use_kernel:
+        return _prepare_torch(idx, seqlen, window_size, num_sink_tokens)
+    b, s, hkv, len_in = idx.shape
+    ns = min(int(num_sink_tokens), seqlen)
+    ns_pre = ns if window_size is None else 0
+    len_out = len_in + ns_pre
+    idx = idx.contiguous()
+    out = torch.empty((b, s, hkv, len_out), dtype=torch.int32, device=idx.device)
+    row_len = torch.empty((b, s, hkv), dtype=torch.int32, device=idx.device)
+    n_rows = b * s * hkv
+    if n_rows:
+        lp = triton.next_power_of_2(len_out)
+        _prep_kernel[(n_rows,)](idx, out, row_len, s, hkv, len_in, len_out,
+                                0 if window_size is None else int(window_size), ns,
+                                NS_PRE=ns_pre, HAS_WINDOW=window_size is not None, LP=lp,
+                                num_warps=1 if _tw.interpreted() else (8 if lp >= 4096 else 4))
+    return out, row_len
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +295,8 @@ def _topk_bwd_kernel(Q, K, V, DO, LSE, DELTA, IDX, ROWLEN, DQ, DKA, DVA,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                      seqlen, hq, hkv, group, list_len, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
-                     ATOMIC: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                     ATOMIC: tl.constexpr, ATOMIC_SEM: tl.constexpr, UPCAST: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
     """dq of one (query, group, head chunk); with ``ATOMIC`` also the gathered keys' dk/dv,
     atomically added to fp32 ``DKA/DVA [b, s, hkv, d]`` (contiguous)."""
     t = tl.program_id(0)
@@ -268,8 +340,9 @@ def _topk_bwd_kernel(Q, K, V, DO, LSE, DELTA, IDX, ROWLEN, DQ, DKA, DVA,
             off = acc_base + jj[:, None] * (hkv * HEAD_DIM) + d[None, :]
             dv_c = _dot(tl.trans(p.to(do.dtype)), do, UPCAST, DOT_PREC)
             dk_c = _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, DOT_PREC) * sm_scale
-            tl.atomic_add(DKA + off, dk_c, mask=ok[:, None])
-            tl.atomic_add(DVA + off, dv_c, mask=ok[:, None])
+            # relaxed: only the sum at the kernel's end matters (no ordering between adds)
+            tl.atomic_add(DKA + off, dk_c, mask=ok[:, None], sem=ATOMIC_SEM)
+            tl.atomic_add(DVA + off, dv_c, mask=ok[:, None], sem=ATOMIC_SEM)
     dq = dq * sm_scale
     # fp32 [b, s, hq, d] contiguous: the window kernel's dq is added on the host before the cast
     tl.store(DQ + ((b * seqlen + t) * hq + h[:, None]) * HEAD_DIM + d[None, :], dq, mask=row_ok[:, None])
@@ -417,7 +490,8 @@ def topk_attention_bwd(do, q, k, v, out, lse, idx, row_len, softmax_scale=None,
     _topk_bwd_kernel[(s, n_hc, b * hkv)](
         q, k, v, do, lse, delta, idx, row_len, dq, dk, dv, *common,
         s, hq, hkv, group, idx.shape[-1], scale * LOG2E, scale,
-        HEAD_DIM=d, BLOCK_N=cfg.bwd_block_n, HB=hb, ATOMIC=not deterministic, UPCAST=upcast,
+        HEAD_DIM=d, BLOCK_N=cfg.bwd_block_n, HB=hb, ATOMIC=not deterministic,
+        ATOMIC_SEM=cfg.atomic_sem, UPCAST=upcast,
         DOT_PREC=prec, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
     if deterministic:
         tlist, start = transpose_index_list(idx, s)

@@ -29,9 +29,11 @@ Tiling (FlashAttention-2 style online softmax with a stored log-sum-exp):
   times; with the key-block slot as the fastest grid axis, the programs resident together read the
   same few chunks, which stay in L2. It also gives ``S/BN * S/chunk`` programs where the band walk
   had ``S/BN`` (32 programs for 132 SMs at a plain causal 4k). Each program writes its fp32
-  partial; torch sums them in a fixed order (``TileConfig.dkdv_atomic`` adds them with atomics
-  instead; ``fused_dq`` computes dq in this kernel with atomics, FlashAttention-2 style -- both
-  measured, neither faster enough to give up determinism, see docs/sparse_attention.md).
+  partial into an uninitialised buffer; a reduce kernel reads only the slots that were written,
+  sums them in a fixed order and writes dk/dv in the input dtype (``TileConfig.dkdv_atomic`` adds
+  them with atomics instead; ``fused_dq`` computes dq in this kernel with atomics,
+  FlashAttention-2 style -- both measured, neither faster enough to give up determinism, see
+  docs/sparse_attention.md).
   ``d sink_h = -sum_t exp(sink_h - lse_t) * delta_t`` is an O(b * hq * s) torch reduction.
 
 Roofline it aims at (H100 SXM, bf16): a forward program does ``4 * d * BLOCK_M * (W + BT)``
@@ -71,6 +73,8 @@ class TileConfig:
     written apart and summed in a fixed order (less memory traffic; run-to-run bits may differ).
     ``fused_dq``: the dk/dv kernel also adds ``dS @ K`` into an fp32 dq with atomics
     (FlashAttention-2 style) and the separate dq kernel is skipped (not deterministic either).
+    ``heavy_first``: forward and dq programs run in reverse token order, so the light programs of
+    the first ``W`` tokens (fewer keys) come last and fill the final wave.
     """
 
     fwd_block_m: int = 128
@@ -88,6 +92,7 @@ class TileConfig:
     dkdv_chunk: Optional[int] = None
     dkdv_atomic: bool = False
     fused_dq: bool = False
+    heavy_first: bool = False
 
     @property
     def deterministic(self) -> bool:
@@ -101,7 +106,7 @@ class TileConfig:
                     raise ValueError(f"dkdv_chunk={val!r}: query tokens per dk/dv program; use an int >= 1 "
                                      f"or None")
                 continue
-            if f.name in ("dkdv_atomic", "fused_dq"):
+            if f.name in ("dkdv_atomic", "fused_dq", "heavy_first"):
                 if not isinstance(val, bool):
                     raise ValueError(f"{f.name}={val!r}: a switch; use True or False")
                 continue
@@ -121,12 +126,15 @@ class TileConfig:
 # group 16, W=4096): 32x128 w8 s2 took the backward from 8.88 to 4.87 ms (fwd 1.11 ms unchanged);
 # with the (key block x query chunk) dk/dv grid the backward was 4.40 ms at 32x128 and 3.87 ms at
 # 64x128 w8 s2 (the larger M halves the loop trips; 64x64 w4 5.86, 16x128 5.81, 32x64 w4 4.06).
-# The other head dims are not timed yet.
+# Then fwd and dq timed too (same shape, dk/dv partials summed by the reduce kernel): fwd 64x64 w4
+# s3 1.056 ms vs 1.084 at 128x64 w8 s3, reversed program order (heavy_first) 1.063; dq 128x64 w8 s3
+# took the backward from 3.753 to 3.577 ms (128x32 w8 s3 before; 64x32 w4 s3 3.624, 128x64 w8 s2
+# 3.646). Table: docs/benchmarks.md. The other head dims are not timed yet.
 H100_CONFIGS = {
     16: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
     32: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
     64: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
-    128: TileConfig(128, 64, 8, 3, 128, 32, 8, 3, 64, 128, 8, 2),
+    128: TileConfig(64, 64, 4, 3, 128, 64, 8, 3, 64, 128, 8, 2, heavy_first=True),
     256: TileConfig(64, 32, 8, 2, 64, 32, 8, 2, 32, 32, 8, 2),
 }
 # The interpreter runs every tile op in numpy: small tiles keep the CPU tests fast.
@@ -228,9 +236,11 @@ def _fwd_kernel(Q, K, V, SINK, O, LSE,
                 seqlen, hq, hkv, group, window, num_sink, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HB: tl.constexpr, HAS_SINK: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, HEAVY_FIRST: tl.constexpr):
     BT: tl.constexpr = BLOCK_M // HB
     pid_t = tl.program_id(0)
+    if HEAVY_FIRST:  # the first W tokens see fewer keys: run them last, to fill the last wave
+        pid_t = tl.num_programs(0) - 1 - pid_t
     pid_hc = tl.program_id(1)
     pid_bg = tl.program_id(2)
     b = (pid_bg // hkv).to(tl.int64)
@@ -322,9 +332,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    stride_dqb, stride_dqs, stride_dqh,
                    seqlen, hq, hkv, group, window, num_sink, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HB: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HB: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                   HEAVY_FIRST: tl.constexpr):
     BT: tl.constexpr = BLOCK_M // HB
     pid_t = tl.program_id(0)
+    if HEAVY_FIRST:
+        pid_t = tl.num_programs(0) - 1 - pid_t
     pid_hc = tl.program_id(1)
     pid_bg = tl.program_id(2)
     b = (pid_bg // hkv).to(tl.int64)
@@ -502,6 +515,54 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA,
             tl.store(DVP + off, dv)
 
 
+@triton.jit
+def _bwd_dkdv_reduce_kernel(DKP, DVP, DKS, DVS, DK, DV,
+                            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                            seqlen, hkv, window, s_pad, n_bg, n_part, n_qc, chunk_tok, n_sink_blk,
+                            sink_rows, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_R: tl.constexpr, ATOMIC: tl.constexpr):
+    """dk/dv rows ``[r0, r0 + BLOCK_R)`` of one (batch, kv group): the fp32 partials of the dk/dv
+    kernel summed in a fixed order (partial 0, 1, ...), cast and written to ``[b, s, hkv, d]``.
+
+    Only the partials some program wrote are read (so the host allocates them uninitialised): key
+    block ``kb``'s partial ``p`` is query chunk ``qc = kb * BLOCK_N // chunk_tok + p``, which has a
+    program iff ``qc < n_qc`` and its first key block ``max(qc * chunk_tok - W + 1, 0) // BLOCK_N``
+    is at most ``kb`` (the same rule the dk/dv grid uses). A sink key block has one partial per
+    chunk from its own onwards. ``ATOMIC``: one buffer ``[n_bg, s_pad, d]`` holds the sum already."""
+    pid_r = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // hkv).to(tl.int64)
+    g = pid_bg % hkv
+    r0 = pid_r * BLOCK_R
+    n = r0 + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, HEAD_DIM)
+    kb = r0 // BLOCK_N
+    first = (kb * BLOCK_N) // chunk_tok
+    dk = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    if ATOMIC:
+        off = (pid_bg.to(tl.int64) * s_pad + n[:, None]) * HEAD_DIM + d[None, :]
+        dk = tl.load(DKP + off)
+        dv = tl.load(DVP + off)
+    elif kb < n_sink_blk:
+        for qc in range(first, n_qc):
+            off = ((qc * n_bg + pid_bg.to(tl.int64)) * sink_rows + n[:, None]) * HEAD_DIM + d[None, :]
+            dk += tl.load(DKS + off)
+            dv += tl.load(DVS + off)
+    else:
+        for p in range(0, n_part):
+            qc = first + p + tl.zeros([BLOCK_R, 1], tl.int32)  # a tile: the interpreter's mask
+            ok = (qc < n_qc) & (tl.maximum(qc * chunk_tok - window + 1, 0) // BLOCK_N <= kb)
+            off = ((p * n_bg + pid_bg.to(tl.int64)) * s_pad + n[:, None]) * HEAD_DIM + d[None, :]
+            dk += tl.load(DKP + off, mask=ok, other=0.0)
+            dv += tl.load(DVP + off, mask=ok, other=0.0)
+    row_ok = (n < seqlen)[:, None]
+    tl.store(DK + b * stride_kb + g * stride_kh + n[:, None] * stride_ks + d[None, :],
+             dk.to(DK.dtype.element_ty), mask=row_ok)
+    tl.store(DV + b * stride_vb + g * stride_vh + n[:, None] * stride_vs + d[None, :],
+             dv.to(DV.dtype.element_ty), mask=row_ok)
+
+
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
@@ -567,7 +628,8 @@ def window_attention_fwd(q, k, v, sink_logits, window_size, num_sink_tokens, sof
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, hq, hkv, group, w, ns, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, HB=hb, HAS_SINK=has_sink,
-        UPCAST=upcast, DOT_PREC=prec, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+        UPCAST=upcast, DOT_PREC=prec, HEAVY_FIRST=cfg.heavy_first, num_warps=cfg.fwd_warps,
+        num_stages=cfg.fwd_stages)
     return out, lse
 
 
@@ -631,7 +693,8 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
             dq.stride(0), dq.stride(1), dq.stride(2),
             s, hq, hkv, group, w, ns, scale * LOG2E, scale,
             HEAD_DIM=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, HB=hb, UPCAST=upcast,
-            DOT_PREC=prec, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+            DOT_PREC=prec, HEAVY_FIRST=cfg.heavy_first, num_warps=cfg.dq_warps,
+            num_stages=cfg.dq_stages)
 
     bn = cfg.dkdv_block_n
     hb, bt, n_hc = _group_tiling(group, cfg.dkdv_block_m)
@@ -646,17 +709,19 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
     sink_rows = n_sink_blk * bn
     f32 = dict(dtype=torch.float32, device=dev)
     if cfg.dkdv_atomic:
+        n_part = 1
         dkp = torch.zeros((n_bg, s_pad, d), **f32)
         dvp = torch.zeros_like(dkp)
         dks = dvs = delta  # dummy pointers, never written
     else:
-        # partial slots a key block's band can span: its query tokens [n0, n0 + bn - 1 + w)
+        # partial slots a key block's band can span: its query tokens [n0, n0 + bn - 1 + w).
+        # Uninitialised: the reduce kernel reads only the slots that a program wrote.
         n_part = min(n_qc, triton.cdiv(bn + w + bt, chunk_tok) + 1)
-        dkp = torch.zeros((n_part, n_bg, s_pad, d), **f32)
-        dvp = torch.zeros_like(dkp)
+        dkp = torch.empty((n_part, n_bg, s_pad, d), **f32)
+        dvp = torch.empty_like(dkp)
         if n_sink_blk:
-            dks = torch.zeros((n_qc, n_bg, sink_rows, d), **f32)  # chunks before a block: no write
-            dvs = torch.zeros_like(dks)
+            dks = torch.empty((n_qc, n_bg, sink_rows, d), **f32)
+            dvs = torch.empty_like(dks)
         else:
             dks = dvs = delta
     _bwd_dkdv_kernel[(n_slots, n_qc, n_bg)](
@@ -670,15 +735,14 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
         HEAD_DIM=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=bn, HB=hb, N_HC=n_hc, ATOMIC=cfg.dkdv_atomic,
         FUSED_DQ=cfg.fused_dq, UPCAST=upcast, DOT_PREC=prec, num_warps=cfg.dkdv_warps,
         num_stages=cfg.dkdv_stages)
-    grads = []
-    for part, sink_part, like in ((dkp, dks, k), (dvp, dvs, v)):
-        total = part if cfg.dkdv_atomic else part.sum(0)  # fixed-order sum -> deterministic
-        if n_sink_blk and not cfg.dkdv_atomic:
-            total[:, :sink_rows] = sink_part.sum(0)  # sink blocks wrote only there
-        full = torch.empty((b, s, hkv, d), dtype=like.dtype, device=dev)
-        full.copy_(total[:, :s].view(b, hkv, s, d).transpose(1, 2))
-        grads.append(full)
-    dk, dv = grads
+    dk = torch.empty((b, s, hkv, d), dtype=k.dtype, device=dev)
+    dv = torch.empty((b, s, hkv, d), dtype=v.dtype, device=dev)
+    block_r = min(bn, 32)
+    _bwd_dkdv_reduce_kernel[(s_pad // block_r, n_bg)](
+        dkp, dvp, dks, dvs, dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        s, hkv, w, s_pad, n_bg, n_part, n_qc, chunk_tok, n_sink_blk, sink_rows,
+        HEAD_DIM=d, BLOCK_N=bn, BLOCK_R=block_r, ATOMIC=cfg.dkdv_atomic, num_warps=4)
     if cfg.fused_dq:
         dq = dqa.to(q.dtype)
 
