@@ -5,7 +5,12 @@ lane, with RoPE and with learned absolute positions, converts each to GQLA at se
 prints one markdown table (pasted into docs/gqla.md). The validation loss is measured on held-out
 samples of the corpus's validation split, the same for the source and every converted model.
 
+``--source mla`` does the same for MLA -> GQLA: it trains ``--attention-type mla`` models (with the
+latent norm, and without it), converts the first at G = H, H/2, ..., 1 and the second at G = H/2 over
+a range of r_kv, and fine-tunes one conversion with the printed ``train --resume`` command.
+
     python scripts/transgqla_report.py --out runs/transgqla [--train-iters 300] [--groups 2]
+    python scripts/transgqla_report.py --source mla --out runs/mla2gqla [--train-iters 300]
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ def main() -> int:
     p.add_argument("--finetune-iters", type=int, default=60, help="fine-tune the converted RoPE model (0: skip)")
     p.add_argument("--finetune-rank", type=int, default=32)
     p.add_argument("--finetune-warmup", type=int, default=5)
+    p.add_argument("--source", choices=("gqa", "mla"), default="gqa",
+                   help="gqa: TransGQLA of dense GQA runs; mla: MLA -> GQLA of --attention-type mla runs")
+    p.add_argument("--finetune-groups", type=int, default=1, help="--source mla: G of the fine-tuned conversion")
     args = p.parse_args()
+    if args.source == "mla":
+        return mla_report(args)
 
     import warnings
 
@@ -119,6 +129,98 @@ def _finetune(out: Path, args):
             losses.append(logit_change(model, model, tokens, positions)["loss_src"])
     converted = json.loads((dst_run / "convert.json").read_text())["logit_change"]
     return losses[0], converted["loss_dst"], losses[1]
+
+
+def _mla_run(out: Path, args, latent_norm: bool) -> Path:
+    """An ``--attention-type mla`` run of the preset (trained once, reused afterwards)."""
+    from megatron_ext.cli import main as cli_main
+    from megatron_ext.training import checkpoint
+
+    run = out / f"mla-{'norm' if latent_norm else 'nonorm'}"
+    if checkpoint.latest_iteration(run / "checkpoints") is None:
+        n = str(args.train_iters)
+        rc = cli_main(["train", "--preset", args.preset, "--attention-type", "mla",
+                       "--gqla-latent-norm" if latent_norm else "--no-gqla-latent-norm", "--train-iters", n,
+                       "--save-interval", n, "--eval-interval", n, "--run-dir", str(run), "--runs-root", str(out),
+                       "--progress", "log", "--device", "cpu"])
+        if rc:
+            raise SystemExit(rc)
+    return run
+
+
+def mla_report(args) -> int:
+    """MLA -> GQLA on trained MLA runs: per-layer map errors and validation loss vs G and r_kv."""
+    import argparse
+    import json
+
+    from megatron_ext.cli import main as cli_main
+    from megatron_ext.config import mla_config
+    from megatron_ext.convert.command import (_target_config_mla, build_model, cpu_world_of_one, load_model,
+                                              locate, read_config, validation_tokens)
+    from megatron_ext.convert.mla import convert_mla_model_to_gqla
+    from megatron_ext.convert.transgqla import logit_change
+
+    out = Path(args.out)
+    rows = []
+    for latent_norm in (True, False):
+        run, root, iteration = locate(str(_mla_run(out, args, latent_norm)), None)
+        cfg = read_config(run)
+        H, r = cfg.num_attention_heads, mla_config(cfg).kv_lora_rank
+        if latent_norm:  # every divisor of H, full latent
+            combos = [(g, r) for g in range(H, 0, -1) if H % g == 0]
+        else:  # G = H/2 over latent widths (a narrower latent needs the norm off)
+            combos = [(max(1, H // 2), int(x)) for x in args.ranks.split(",") if int(x) <= r]
+        tokens, positions = validation_tokens(cfg, args.eval_samples)
+        with cpu_world_of_one(cfg.seed):
+            src = load_model(cfg, root, iteration)
+            for groups, rank in combos:
+                ns = argparse.Namespace(groups=groups, kv_lora_rank=rank, load=str(run))
+                dst = build_model(_target_config_mla(cfg, ns, out / "unused"))
+                reports = convert_mla_model_to_gqla(src, dst, groups, rank, backend="torch")
+                change = logit_change(src, dst.eval(), tokens, positions)
+                mean = lambda k: sum(getattr(x, k) for x in reports) / len(reports)  # noqa: E731
+                rows.append((latent_norm, H, groups, rank, r, mean("key_rel_error"), mean("value_rel_error"),
+                             mean("latent_rel_error"), change["rel_l2"], change["loss_src"], change["loss_dst"]))
+                print(f"latent norm {latent_norm} G={groups} r_kv={rank}: done", file=sys.stderr, flush=True)
+    finetune = None
+    if args.finetune_iters:
+        src_run = out / "mla-norm"
+        dst_run = out / f"gqla{args.finetune_groups}-from-mla-ft{args.finetune_iters}"
+        if not dst_run.exists():
+            rc = cli_main(["convert", "mla-to-gqla", "--load", str(src_run), "--save", str(dst_run),
+                           "--groups", str(args.finetune_groups), "--eval-samples", str(args.eval_samples)])
+            if rc:
+                return rc
+            command = json.loads((dst_run / "convert.json").read_text())["resume_command"]
+            n = str(args.finetune_iters)
+            rc = cli_main(command[1:] + ["--train-iters", n, "--lr-warmup-iters", str(args.finetune_warmup),
+                                         "--save-interval", n, "--eval-interval", n])
+            if rc:
+                return rc
+        losses = []
+        for run_dir in (src_run, dst_run):
+            run, root, iteration = locate(str(run_dir), None)
+            cfg = read_config(run)
+            tokens, positions = validation_tokens(cfg, args.eval_samples)
+            with cpu_world_of_one(cfg.seed):
+                model = load_model(cfg, root, iteration)
+                losses.append(logit_change(model, model, tokens, positions)["loss_src"])
+        converted = json.loads((dst_run / "convert.json").read_text())["logit_change"]
+        finetune = (losses[0], converted["loss_dst"], losses[1])
+
+    print(f"\nMLA -> GQLA on trained `{args.preset}` MLA models ({args.train_iters} iterations), validation "
+          f"split, {args.eval_samples} samples; errors are per-layer means\n")
+    print("| latent norm | G (of H) | r_kv (MLA's) | key map rel. error | value map rel. error | latent rel. error "
+          "| rel. logit change | val. loss MLA -> GQLA |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for norm, H, g, rank, r, ek, ev, el, rel, ls, ld in rows:
+        print(f"| {'on' if norm else 'off'} | {g} ({H}) | {rank} ({r}) | {ek:.3f} | {ev:.3f} | {el:.3f} | {rel:.2e} "
+              f"| {ls:.4f} -> {ld:.4f} |")
+    if finetune is not None:
+        print(f"\nMLA (latent norm on) -> GQLA G={args.finetune_groups}, then `train --resume` on the converted run "
+              f"for {args.finetune_iters} iterations (fresh Adam, warm-up {args.finetune_warmup}): validation loss "
+              f"{finetune[0]:.4f} (MLA) -> {finetune[1]:.4f} (converted) -> {finetune[2]:.4f} (fine-tuned)")
+    return 0
 
 
 if __name__ == "__main__":

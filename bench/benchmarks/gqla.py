@@ -4,19 +4,25 @@
 32k tokens already cached), H=32 query heads, hidden 4096, d_nope=128, d_rope=64, d_v=128, r_kv=512,
 bf16. Cases (the full step: projections of the new token, cache write, attention, output projection):
 
-ours   "gqa"    = ``GQLAttention.decode_step`` on a path-"gqa" cache (G*(d_nope+d_v)+d_rope per token);
-ours   "absorb" = the same weights on a path-"absorb" cache (r_kv+d_rope per token), W^UK/W^UV absorbed;
+ours   "gqa"    = ``GQLAttention.decode_step`` on a path-"gqa" cache (G*(d_nope+d_v)+d_rope per token),
+                  attention in the Triton split-KV kernel (keys [k_nope_g | k^R], values v_g);
+ours   "absorb" = the same weights on a path-"absorb" cache (r_kv+d_rope per token), W^UK/W^UV absorbed,
+                  attention = the kernel's MQA over keys [c | k^R] with values c (latent read once);
 anchor          = plain GQA with the same G, head dim 128: qkv projection, cache write, SDPA over the
-                  full K/V cache [b, G, T, 128] (``enable_gqa``), output projection.
+                  full K/V cache [b, G, T, 128] (``enable_gqa``), output projection;
+ref    "*_torch" = the two paths with the torch attention (scores and softmax through HBM).
 
 ``bytes`` = cache bytes read + weight bytes (the HBM traffic of a step), ``flops`` = the attention
 matmuls (scores + values) plus the projections, so the table's GB/s and FLOP/s place each path on
 the roofline (H100 ridge ~295 FLOP/byte for bf16).
 
+``gqla_attn_{8k_g4,32k_g8}``: the attention alone (no projections, no cache write): the kernel on
+each path's cache vs SDPA on the plain GQA cache; bytes = the cache bytes read.
+
 ``gqla_train``: fwd+bwd of the attention module alone at s=4096, b=1, same dims, G=8: ours = GQLA
-(expanded GQA attention through the sparse-attention op, head dims zero-padded 192 -> 256 for the
-Triton tile), anchor = Megatron's ``MLASelfAttention`` from its local spec with this project's SDPA
-core attention (Megatron's local ``DotProductAttention`` rejects MLA's ``k_channels`` argument).
+(backend "auto": dense causal GQA attention through SDPA, K/V repeated per head), anchor =
+Megatron's ``MLASelfAttention`` from its local spec with this project's SDPA core attention
+(Megatron's local ``DotProductAttention`` rejects MLA's ``k_channels`` argument).
 
 ``--cpu`` runs tiny shapes (the torch paths) to check the plumbing.
 """
@@ -47,7 +53,7 @@ def small_dims(G: int) -> Dims:
     return Dims(T=64, G=min(G, 4), b=2, H=4, hidden=64, dn=16, dr=8, dv=16, r=32, gqa_head=16)
 
 
-def _gqla_module(d: Dims, device: str, seq: int = 1):
+def _gqla_module(d: Dims, device: str, backend: str = "auto"):
     import torch
 
     from bench.parallel import ensure_model_parallel
@@ -64,7 +70,7 @@ def _gqla_module(d: Dims, device: str, seq: int = 1):
         gradient_accumulation_fusion=False)
     cfg.gqla = GQLAConfig(num_query_groups=d.G, kv_lora_rank=d.r, qk_head_dim=d.dn,
                           qk_pos_emb_head_dim=d.dr, v_head_dim=d.dv,
-                          backend="triton" if device == "cuda" else "auto")
+                          backend=backend)
     m = GQLAttention(cfg, GQLASelfAttentionSubmodules(q_layernorm=Norm, kv_layernorm=Norm))
     return m.to(device=device, dtype=torch.bfloat16)
 
@@ -73,10 +79,11 @@ def _weight_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _gqla_decode_setup(d: Dims, device: str, path: str):
+def _gqla_decode_setup(d: Dims, device: str, path: str, backend: str = "auto"):
     import torch
 
-    m = _gqla_module(d, device).eval()
+    # "auto": the Triton split-KV kernel on CUDA (the torch path on the CPU plumbing run)
+    m = _gqla_module(d, device, backend).eval()
     cache = m.init_cache(d.b, d.T, path=path)
     for t in (cache.k_rope, cache.latent, cache.k_nope, cache.v):
         if t is not None:
@@ -143,6 +150,12 @@ def _decode_benchmark(name: str, T: int, G: int, small: bool, device: str) -> Be
         Case(name="plain_gqa", label=f"anchor: plain GQA G={d.G}, SDPA ({intensity['plain']:.0f} FLOP/B)",
              role="anchor", setup=lambda: _plain_gqa_setup(d, device), flops=costs["plain"][0],
              bytes=costs["plain"][1], bound="memory"),
+        Case(name="gqa_torch", label="ref: GQA path, torch attention (no kernel)", role="ref",
+             setup=lambda: _gqla_decode_setup(d, device, "gqa", "torch"), flops=costs["gqa"][0],
+             bytes=costs["gqa"][1], bound="memory"),
+        Case(name="absorb_torch", label="ref: absorb path, torch attention (no kernel)", role="ref",
+             setup=lambda: _gqla_decode_setup(d, device, "absorb", "torch"), flops=costs["absorb"][0],
+             bytes=costs["absorb"][1], bound="memory"),
     ]
     return Benchmark(
         name=name,
@@ -171,6 +184,70 @@ def gqla_decode_32k_g4(small: bool = False, device: str = "cuda") -> Benchmark:
 @register
 def gqla_decode_32k_g8(small: bool = False, device: str = "cuda") -> Benchmark:
     return _decode_benchmark("gqla_decode_32k_g8", 32768, 8, small, device)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention alone: the split-KV kernel on each path's cache vs SDPA on the plain GQA cache
+
+
+def _attn_setup(d: Dims, device: str, path: str):
+    import torch
+    import torch.nn.functional as F
+
+    bf = dict(device=device, dtype=torch.bfloat16)
+    b, T, H, G = d.b, d.T, d.H, d.G
+    k_rope = torch.randn(b, 1, T, d.dr, **bf)
+    q_rope = torch.randn(b, H, d.dr, **bf)
+    scale = 1.0 / (d.dn + d.dr) ** 0.5
+    if path == "plain":
+        q = torch.randn(b, H, 1, d.gqa_head, **bf)
+        k, v = (torch.randn(b, G, T, d.gqa_head, **bf) for _ in range(2))
+        return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    from megatron_ext.ops.sparse_attention import triton_decode
+
+    # --cpu: the kernel's torch spec (the plumbing check has no kernel to time)
+    decode_attention = (triton_decode.decode_attention if device == "cuda"
+                        else triton_decode.decode_attention_reference)
+    if path == "gqa":
+        q = torch.randn(b, H, d.dn, **bf)
+        k_nope, v = torch.randn(b, G, T, d.dn, **bf), torch.randn(b, G, T, d.dv, **bf)
+        return lambda: decode_attention(q, k_nope, v, q_rope=q_rope, k_rope=k_rope, softmax_scale=scale)
+    q = torch.randn(b, H, d.r, **bf)
+    latent = torch.randn(b, 1, T, d.r, **bf)
+    return lambda: decode_attention(q, latent, None, q_rope=q_rope, k_rope=k_rope, softmax_scale=scale)
+
+
+def _attn_benchmark(name: str, T: int, G: int, small: bool, device: str) -> Benchmark:
+    d = small_dims(G) if small else Dims(T=T, G=G)
+    b, H, T, G = d.b, d.H, d.T, d.G
+    gqa_bytes = 2.0 * b * T * (G * (d.dn + d.dv) + d.dr)
+    abs_bytes = 2.0 * b * T * (d.r + d.dr)
+    plain_bytes = 2.0 * b * T * G * 2 * d.gqa_head
+    return Benchmark(
+        name=name,
+        description="attention of one decode step over the cache (no projections); bytes = cache read",
+        shape=f"b={b}, context T={T}, H={H}, G={G}, d_nope={d.dn}, d_rope={d.dr}, d_v={d.dv}, r_kv={d.r}, bf16",
+        cases=[
+            Case(name="absorb", label="ours: split-KV kernel, absorb cache (MQA over [c | k^R])", role="ours",
+                 setup=lambda: _attn_setup(d, device, "absorb"), flops=2.0 * b * H * T * (2 * d.r + d.dr),
+                 bytes=abs_bytes, bound="memory"),
+            Case(name="gqa", label="ours: split-KV kernel, GQA cache", role="ours",
+                 setup=lambda: _attn_setup(d, device, "gqa"), flops=2.0 * b * H * T * (d.dn + d.dr + d.dv),
+                 bytes=gqa_bytes, bound="memory"),
+            Case(name="plain_gqa", label=f"anchor: SDPA, plain GQA cache G={G}, d=128", role="anchor",
+                 setup=lambda: _attn_setup(d, device, "plain"), flops=2.0 * b * H * T * 2 * d.gqa_head,
+                 bytes=plain_bytes, bound="memory"),
+        ])
+
+
+@register
+def gqla_attn_8k_g4(small: bool = False, device: str = "cuda") -> Benchmark:
+    return _attn_benchmark("gqla_attn_8k_g4", 8192, 4, small, device)
+
+
+@register
+def gqla_attn_32k_g8(small: bool = False, device: str = "cuda") -> Benchmark:
+    return _attn_benchmark("gqla_attn_32k_g8", 32768, 8, small, device)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,7 +299,8 @@ def _mla_setup(d: Dims, s: int, device: str):
 
 
 def _gqla_train_setup(d: Dims, s: int, device: str):
-    return _train_step(_gqla_module(d, device).train(), s, 1, d.hidden, device)
+    # backend "auto": dense causal GQLA runs SDPA (the window kernel only with a window / sinks)
+    return _train_step(_gqla_module(d, device, "auto").train(), s, 1, d.hidden, device)
 
 
 @register
