@@ -457,3 +457,24 @@ def test_gpu_full_size_post_res_and_pre_bf16():
         go = torch.randn(*out_t.shape, generator=gen).to("cuda", out_t.dtype)
         for a, b_ in zip(torch.autograd.grad(out_t, args, go), torch.autograd.grad(out_r, args, go)):
             assert _err(a, b_) < 3e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_full_size_linked_site_bf16():
+    """The site as the layer runs it (mix-pre, identity branch, post/res on the linked streams,
+    whose gradient the mix-pre backward sums in its dx pass) against the reference, every grad."""
+    x, phi, alpha, bias = _full_inputs()
+    gen = _gen(73)
+
+    def site(backend):
+        u, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend=backend)
+        return mhc.mhc_post_res(x_link, h_res, h_post, u, backend=backend)
+
+    out_t, out_r = site("triton"), site("torch")
+    assert _err(out_t, out_r) < TOL[torch.bfloat16]
+    go = torch.randn(*out_t.shape, generator=gen).to("cuda", out_t.dtype)
+    g_t = torch.autograd.grad(out_t, (x, phi, alpha, bias), go)
+    g_r = torch.autograd.grad(out_r, (x, phi, alpha, bias), go)
+    for a, b in zip(g_t, g_r):
+        assert _err(a, b) < 3e-2

@@ -5,7 +5,8 @@ fp32 parameters; the branch is the identity (``f = u``) so only the mHC ops are 
 takes a random ``[s, b, 4, C]`` gradient. Full: s=4096, b=2, C=2048 (T = 8192 tokens).
 
 ours   = ``megatron_ext.ops.mhc`` Triton kernels (mhc_mix_pre_linked + mhc_post_res, as the layer
-         calls them);
+         calls them); ``ours_graph`` = the same step replayed as one CUDA graph (GPU only): its
+         time is the kernels' alone, the difference to ``ours`` the host side (launches, autograd);
 ref    = the same ops' torch reference; the seed's einsum formulation (bf16 einsums for the stream
          mixes, fp32 mappings); a plain residual add ``x + f`` on ``[s, b, C]`` (the floor);
 anchor = Megatron-LM ``HyperConnectionModule`` (``megatron.core.transformer.hyper_connection``,
@@ -94,6 +95,25 @@ def _ours_setup(d: Dims, device: str, backend: str):
     return _step((x, phi, alpha, bias), fwd, grad)
 
 
+def _graphed_setup(d: Dims, device: str):
+    """``ours`` captured once as a CUDA graph (forward, backward and the grad resets): the same
+    kernels replayed with no host work between them, so ours minus this is the launch and
+    autograd overhead of the site (the kernels' own time is what this row shows)."""
+    import torch
+
+    step = _ours_setup(d, device, "triton")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # autotuning and first-call logging must happen before capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _einsum_setup(d: Dims, device: str):
     """The seed's formulation: fp32 mappings, then the stream mixes as einsums in the activation
     dtype (``bn,btnd->btd`` pre, ``bnm,btmd->btnd`` + post * f), per token here."""
@@ -174,6 +194,12 @@ def mhc(small: bool = False, device: str = "cuda") -> Benchmark:
     cases = [
         Case(name="ours", label="ours: triton fused", role="ours", bound="memory", bytes=nbytes,
              setup=lambda: _ours_setup(d, device, ours_backend)),
+    ]
+    if device == "cuda":
+        cases.append(Case(name="ours_graph", label="ours: triton fused, one CUDA graph",
+                          role="ours", bound="memory", bytes=nbytes,
+                          setup=lambda: _graphed_setup(d, device)))
+    cases += [
         Case(name="ref_torch", label="ref: torch reference (ours)", role="ref", bound="memory",
              bytes=nbytes, setup=lambda: _ours_setup(d, device, "torch")),
         Case(name="ref_einsum", label="ref: einsum seed reference", role="ref", bound="memory",

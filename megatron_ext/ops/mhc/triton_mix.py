@@ -21,13 +21,13 @@ Forward, three kernels:
   2*T*4C*32 flops, ~4.3 GFLOP at T=8192, C=2048. Roofline at S=4096, B=2, C=2048, bf16:
   302 MB -> ~0.1 ms at 3 TB/s.
 
-Backward, two kernels (the per-token reduction must finish before any dx can be written):
+Backward, three kernels (the per-token reduction must finish before any dx can be written):
   ``triton_streams.pre_bwd`` (dh only): dh_pre = <x_i, du>, one whole row per program.
   ``_mix_pre_bwd_rows_kernel`` (token-major, BLOCK_T tokens): sigmoid adjoints, the Sinkhorn adjoint
-  recomputed from z (triton_sinkhorn), then per token G = inv_r * alpha_vec * dl (= d(x @ phi))
-  and coef = -(alpha_vec*dl . z) * inv_r^2 / 4C (the RMS term), and per-program partial sums for
-  d bias and d alpha. Bytes: 4C*d + C*d read (the dh pass), ~0.3 KB/token of fp32 stats. The Sinkhorn adjoint is the compute-heavy part
-  (O(iters^2) rounds); other resident programs stream memory meanwhile.
+  (triton_sinkhorn: the forward re-run once into an L2-resident scratch of the 20 iterates, then
+  walked back), then per token G = inv_r * alpha_vec * dl (= d(x @ phi)) and
+  coef = -(alpha_vec*dl . z) * inv_r^2 / 4C (the RMS term), and per-program partial sums for
+  d bias and d alpha. Bytes: ~0.3 KB/token of fp32 stats (+ the scratch, from L2).
   ``_mix_pre_bwd_cols_kernel`` (grid = 4C / BLOCK_K column tiles x S token splits): per tile
   dx = h_pre[stream] * du + G @ phi^T + coef * x, and d phi partial = x^T @ G accumulated in
   registers over the split's tokens, written once per split ([S, 4C, 24] fp32, summed in torch:
@@ -36,7 +36,10 @@ Backward, two kernels (the per-token reduction must finish before any dx can be 
   separate 12C*d elementwise sum.
   Backward total ~ 13C*d per token + S*4C*24*4 B of partials; at the site above ~ 0.15 ms.
 
-Registers (sm_90a, ptxas, bf16, no spills in any autotune config): bwd cols 141-226.
+Registers (sm_90a, ptxas, bf16, no spills in any autotune config): bwd cols 141-226 (a
+variant owning the same columns of all four streams per program, so that it could also form the
+post/res stream gradient H_res^T g itself, needed 227-255 registers with spills and ran 0.53 ms:
+measured and dropped).
 """
 
 from __future__ import annotations
@@ -145,15 +148,15 @@ MAPS_BLOCK_T = 32
 PROJ_COLS_PER_SPLIT = 1024  # 8 splits at C=2048: T/16 x 8 programs keep every SM streaming
 
 
-# Fixed (the partial-sum buffers have one row per program) and small: the recomputed Sinkhorn
-# adjoint makes this kernel compute-bound, so it wants many programs (T/8), not wide tiles.
+# Fixed (the partial-sum buffers have one row per program) and small: the Sinkhorn adjoint
+# (40 dependent 4x4 rounds per token) is latency-bound, so it wants many programs (T/8).
 BWD_ROWS_BLOCK_T = 8
 
 
 @triton.jit
 def _mix_pre_bwd_rows_kernel(dh_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr,
-                             ghpost_ptr, ghres_ptr, g_ptr, coef_ptr, pbias_ptr,
-                             palpha_ptr, T, C, num_iters, sk_eps, BLOCK_T: tl.constexpr):
+                             ghpost_ptr, ghres_ptr, g_ptr, coef_ptr, ppar_ptr, scratch_ptr,
+                             T, C, num_iters, sk_eps, BLOCK_T: tl.constexpr):
     NC = 4 * C
     pid = tl.program_id(0)
     t_first = pid * BLOCK_T
@@ -178,7 +181,9 @@ def _mix_pre_bwd_rows_kernel(dh_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr,
     dl_pre = dh_pre * s_pre * (1.0 - s_pre)
     s_post = tl.sigmoid(a_post * z_post + b_post[None, :])
     dl_post = gh_post * 2.0 * s_post * (1.0 - s_post)
-    dl_res = sinkhorn_tile_vjp(a_res * z_res + b_res[None, :, :], gh_res, num_iters, sk_eps)
+    slot = rows[:, None, None] * num_iters * 16 + o44
+    dl_res = sinkhorn_tile_vjp(a_res * z_res + b_res[None, :, :], gh_res, num_iters, sk_eps,
+                               scratch_ptr, slot, m3)
     dl_res = tl.where(m3, dl_res, 0.0)
 
     tl.store(g_ptr + rows[:, None] * 24 + i4[None, :], inv_r[:, None] * a_pre * dl_pre, mask=m2)
@@ -192,13 +197,14 @@ def _mix_pre_bwd_rows_kernel(dh_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr,
     dzz = a_pre * da_pre + a_post * da_post + a_res * da_res
     tl.store(coef_ptr + rows, -dzz * inv_r * inv_r / NC, mask=mask_t)
 
-    # per-program partials of d bias [24] and d alpha [3]
-    tl.store(pbias_ptr + pid * 24 + i4, tl.sum(dl_pre, axis=0))
-    tl.store(pbias_ptr + pid * 24 + 4 + i4, tl.sum(dl_post, axis=0))
-    tl.store(pbias_ptr + pid * 24 + 8 + i4[:, None] * 4 + i4[None, :], tl.sum(dl_res, axis=0))
-    tl.store(palpha_ptr + pid * 3, tl.sum(da_pre, axis=0))
-    tl.store(palpha_ptr + pid * 3 + 1, tl.sum(da_post, axis=0))
-    tl.store(palpha_ptr + pid * 3 + 2, tl.sum(da_res, axis=0))
+    # per-program partials of d bias [24] and d alpha [3], one row of 27 (one torch sum for both)
+    base = ppar_ptr + pid * 27
+    tl.store(base + i4, tl.sum(dl_pre, axis=0))
+    tl.store(base + 4 + i4, tl.sum(dl_post, axis=0))
+    tl.store(base + 8 + i4[:, None] * 4 + i4[None, :], tl.sum(dl_res, axis=0))
+    tl.store(base + 24, tl.sum(da_pre, axis=0))
+    tl.store(base + 25, tl.sum(da_post, axis=0))
+    tl.store(base + 26, tl.sum(da_res, axis=0))
 
 
 @tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
@@ -295,10 +301,11 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
     n_prog = max(1, triton.cdiv(T, BWD_ROWS_BLOCK_T))
+    # every program writes its whole partial row, so the partial buffers need no zero fill
+    alloc = torch.empty if T else torch.zeros
     g = torch.empty(T, N_COLS, **f32)
     coef = torch.empty(T, **f32)
-    pbias = torch.zeros(n_prog, N_COLS, **f32)
-    palpha = torch.zeros(n_prog, 3, **f32)
+    ppar = alloc(n_prog, N_COLS + 3, **f32)
     dx = torch.empty_like(x)
     # token splits for the d phi partials: ~8 programs per SM with 128-wide column tiles (a
     # program walks its tokens serially, so many resident programs hide the load latency), each
@@ -306,14 +313,16 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     n_ktiles = triton.cdiv(NC, 128)
     splits = max(1, min(triton.cdiv(8 * _num_sms(dev), n_ktiles), triton.cdiv(T, 64)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 64) * 64
-    pphi = torch.zeros(splits, NC, N_COLS, **f32)
+    pphi = alloc(splits, NC, N_COLS, **f32)
     if T:
         # dh_pre[i] = <x_i, du>: one whole row per program (the streams' read of this backward)
         _, dh = triton_streams.pre_bwd(x.view(T, N_STREAMS, C), h_pre, 4, gu, want_gx=False)
+        scratch = torch.empty(T, num_iters, 16, **f32)  # the Sinkhorn adjoint's iterates
         _mix_pre_bwd_rows_kernel[(n_prog,)](
-            dh, z, inv_r, alpha, bias, gh_post, gh_res, g, coef, pbias, palpha,
+            dh, z, inv_r, alpha, bias, gh_post, gh_res, g, coef, ppar, scratch,
             T, C, num_iters, eps, BLOCK_T=BWD_ROWS_BLOCK_T, num_warps=2)
         _mix_pre_bwd_cols_kernel[lambda meta: (triton.cdiv(NC, meta["BLOCK_K"]), splits)](
             x, gu, h_pre, g, coef, phi, x if g_link is None else g_link, dx, pphi, T, C,
             tokens_per_split, DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None)
-    return dx, pphi.sum(0), palpha.sum(0), pbias.sum(0)
+    par = ppar.sum(0)
+    return dx, pphi.sum(0), par[N_COLS:], par[:N_COLS]

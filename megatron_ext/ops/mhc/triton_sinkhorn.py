@@ -5,10 +5,12 @@ Tiling: a program owns BLOCK_T matrices as one ``[BLOCK_T, 4, 4]`` fp32 register
 column sums are in-register reductions over axis 2 / axis 1, so an iteration touches no memory.
 The op is compute-only: 64 B in + 64 B out per matrix, ~20 x 2 x 48 flops forward.
 
-Backward differentiates through the unrolled iterations. The state entering step k is recomputed
-from the logits (k rounds) instead of stored, so the adjoint is O(num_iters^2) normalisations
-per matrix (210 rounds for 20 iterations) and zero extra HBM bytes; at mHC sizes (T = 8192 tokens)
-that is ~0.3 GFLOP spread over the whole GPU, noise next to the stream traffic.
+Backward differentiates through the unrolled iterations. The states entering each round are not
+kept from the forward (that would hold 1.3 KB per matrix between forward and backward); the
+backward re-runs the forward once into a per-call scratch buffer and walks the rounds back from
+it: 2 x num_iters normalisations per matrix. (Recomputing each state from the logits instead, the
+first version, cost num_iters^2 / 2 = 210 rounds and made the mHC backward's mappings kernel
+compute-bound.)
 """
 
 from __future__ import annotations
@@ -30,19 +32,31 @@ def sinkhorn_tile(logits, num_iters, eps):
 
 
 @triton.jit
-def sinkhorn_tile_vjp(logits, grad, num_iters, eps):
+def sinkhorn_tile_vjp(logits, grad, num_iters, eps, scratch_ptr, offs, mask):
     """d loss / d logits for ``grad = d loss / d sinkhorn_tile(logits)``; both ``[BT, 4, 4]`` fp32.
+
+    The forward is re-run once, parking the state entering each round in ``scratch`` (``offs``:
+    each matrix's ``[num_iters, 16]`` fp32 slot, as ``[BT, 4, 4]`` offsets of its round-0 block),
+    then the rounds are walked back reading it: 2 x num_iters rounds instead of the
+    num_iters^2 / 2 of recomputing each state from the logits. The slot is written and read by the
+    same program moments apart, so it lives in L1/L2 (16 x 4 x 20 = 1.3 KB per matrix).
 
     Normalisation ``y = m / max(s, eps)`` (s = the row or column sum) has the adjoint
     ``dm = (dy - [s >= eps] * sum(dy * y)) / max(s, eps)``, the sum along the normalised axis.
     """
     m0 = tl.exp(logits - tl.max(logits, axis=2)[:, :, None])
-    g = grad
+    m = m0
     for k in range(num_iters):
-        m = m0
-        for _ in range(num_iters - 1 - k):
-            m = m / tl.maximum(tl.sum(m, axis=2), eps)[:, :, None]
-            m = m / tl.maximum(tl.sum(m, axis=1), eps)[:, None, :]
+        tl.store(scratch_ptr + offs + k * 16, m, mask=mask)
+        m = m / tl.maximum(tl.sum(m, axis=2), eps)[:, :, None]
+        m = m / tl.maximum(tl.sum(m, axis=1), eps)[:, None, :]
+    # each thread reads back what it wrote (same offsets, same layout); the barrier keeps that
+    # true whatever layout the compiler picks for the loads
+    tl.debug_barrier()
+    g = grad
+    for kk in range(num_iters):
+        k = num_iters - 1 - kk
+        m = tl.load(scratch_ptr + offs + k * 16, mask=mask, other=1.0)
         rs = tl.sum(m, axis=2)
         rsc = tl.maximum(rs, eps)
         y = m / rsc[:, :, None]
@@ -74,14 +88,18 @@ def _sinkhorn_fwd_kernel(l_ptr, out_ptr, B, num_iters, eps, BLOCK_T: tl.constexp
 
 @tuned(_CONFIGS, key=["B"])
 @triton.jit
-def _sinkhorn_bwd_kernel(l_ptr, g_ptr, dl_ptr, B, num_iters, eps, BLOCK_T: tl.constexpr):
+def _sinkhorn_bwd_kernel(l_ptr, g_ptr, dl_ptr, scratch_ptr, B, num_iters, eps,
+                         BLOCK_T: tl.constexpr):
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     i4 = tl.arange(0, 4)
-    offs = offs_t[:, None, None] * 16 + i4[None, :, None] * 4 + i4[None, None, :]
+    o44 = i4[None, :, None] * 4 + i4[None, None, :]
+    offs = offs_t[:, None, None] * 16 + o44
     mask = (offs_t < B)[:, None, None]
     logits = tl.load(l_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dl_ptr + offs, sinkhorn_tile_vjp(logits, g, num_iters, eps), mask=mask)
+    slot = offs_t.to(tl.int64)[:, None, None] * num_iters * 16 + o44
+    tl.store(dl_ptr + offs, sinkhorn_tile_vjp(logits, g, num_iters, eps, scratch_ptr, slot, mask),
+             mask=mask)
 
 
 def sinkhorn_fwd(logits, num_iters: int, eps: float):
@@ -103,6 +121,7 @@ def sinkhorn_bwd(logits, grad, num_iters: int, eps: float):
     dl = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
     B = logits.shape[0]
     if B:
+        scratch = torch.empty(B, num_iters, 16, device=logits.device, dtype=torch.float32)
         _sinkhorn_bwd_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_T"]),)](
-            logits, grad, dl, B, num_iters, eps)
+            logits, grad, dl, scratch, B, num_iters, eps)
     return dl
