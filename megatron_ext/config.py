@@ -140,6 +140,22 @@ class SparseAttentionConfig:
 ATTENTION_TYPES = ("dense", "gqla", "mla")
 
 
+def _check_latent_ranks(kv_lora_rank: int, q_lora_rank: Optional[int], rope_dim: int, tp: int) -> None:
+    """The latent ranks of GQLA and MLA: q-LoRA off or positive, and both down-projections split
+    evenly over TP (Megatron's column-parallel down-projections split their outputs over TP before
+    gathering them)."""
+    if q_lora_rank is not None and (isinstance(q_lora_rank, bool) or not isinstance(q_lora_rank, int)
+                                    or q_lora_rank < 1):
+        raise _err("q_lora_rank", q_lora_rank, "must be positive", "an integer >= 1, or None (no q-LoRA)")
+    if (kv_lora_rank + rope_dim) % tp:
+        raise _err("kv_lora_rank", kv_lora_rank,
+                   f"kv_lora_rank + qk_pos_emb_head_dim = {kv_lora_rank + rope_dim} is split over "
+                   f"tensor_model_parallel_size={tp}", f"a sum divisible by {tp}")
+    if q_lora_rank is not None and q_lora_rank % tp:
+        raise _err("q_lora_rank", q_lora_rank, f"is split over tensor_model_parallel_size={tp}",
+                   f"a multiple of {tp}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GQLAConfig:
     """Group-query latent attention (arXiv 2605.15250; docs/gqla.md), attached as ``tconfig.gqla``.
@@ -171,8 +187,6 @@ class GQLAConfig:
         if isinstance(dr, bool) or not isinstance(dr, int) or dr < 0 or dr % 2:
             raise _err("qk_pos_emb_head_dim", dr, "RoPE rotates pairs of dims",
                        "an even integer >= 0 (0: no rope key)")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
-            raise _err("q_lora_rank", self.q_lora_rank, "must be positive", "an integer >= 1, or None (no q-LoRA)")
         g = self.num_query_groups
         if num_attention_heads % g:
             raise _err("num_query_groups", g, f"GQLA groups must divide num_attention_heads={num_attention_heads}",
@@ -181,13 +195,7 @@ class GQLAConfig:
             raise _err("tensor_model_parallel_size", tp,
                        f"GQLA shards its num_query_groups={g} up-projection blocks over TP ranks",
                        "a divisor of num_query_groups")
-        if (self.kv_lora_rank + dr) % tp:
-            raise _err("kv_lora_rank", self.kv_lora_rank,
-                       f"kv_lora_rank + qk_pos_emb_head_dim = {self.kv_lora_rank + dr} is split over "
-                       f"tensor_model_parallel_size={tp}", f"a sum divisible by {tp}")
-        if self.q_lora_rank is not None and self.q_lora_rank % tp:
-            raise _err("q_lora_rank", self.q_lora_rank, f"is split over tensor_model_parallel_size={tp}",
-                       f"a multiple of {tp}")
+        _check_latent_ranks(self.kv_lora_rank, self.q_lora_rank, dr, tp)
         if self.window_size is not None and (isinstance(self.window_size, bool)
                                              or not isinstance(self.window_size, int) or self.window_size < 1):
             raise _err("window_size", self.window_size, "the window counts the query itself", "an integer >= 1 or None")
@@ -222,17 +230,7 @@ class MLAConfig:
         if isinstance(dr, bool) or not isinstance(dr, int) or dr < 2 or dr % 2:
             raise _err("qk_pos_emb_head_dim", dr, "Megatron's MLA always rotates its decoupled rope key "
                        "(pairs of dims)", "an even integer >= 2")
-        if self.q_lora_rank is not None and (isinstance(self.q_lora_rank, bool)
-                                             or not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
-            raise _err("q_lora_rank", self.q_lora_rank, "must be positive", "an integer >= 1, or None (no q-LoRA)")
-        # Megatron's column-parallel down-projections split their outputs over TP before gathering them
-        if (self.kv_lora_rank + dr) % tp:
-            raise _err("kv_lora_rank", self.kv_lora_rank,
-                       f"kv_lora_rank + qk_pos_emb_head_dim = {self.kv_lora_rank + dr} is split over "
-                       f"tensor_model_parallel_size={tp}", f"a sum divisible by {tp}")
-        if self.q_lora_rank is not None and self.q_lora_rank % tp:
-            raise _err("q_lora_rank", self.q_lora_rank, f"is split over tensor_model_parallel_size={tp}",
-                       f"a multiple of {tp}")
+        _check_latent_ranks(self.kv_lora_rank, self.q_lora_rank, dr, tp)
         if num_attention_heads % tp:
             raise _err("tensor_model_parallel_size", tp, f"does not divide num_attention_heads={num_attention_heads}",
                        "a divisor of the head count")

@@ -95,22 +95,20 @@ def main() -> int:
     return 0
 
 
-def _finetune(out: Path, args):
-    """Convert the RoPE run through the CLI, fine-tune it with the printed command, and measure the
-    validation loss of source, converted and fine-tuned model on the same held-out samples."""
+def _convert_finetune_losses(convert_argv: list, src_run: Path, dst_run: Path, args, load) -> tuple:
+    """Convert ``src_run`` into ``dst_run`` with ``convert_argv`` (once), fine-tune it for
+    ``args.finetune_iters`` steps with the resume command the conversion wrote, and return the
+    validation loss of source, converted and fine-tuned model on the same held-out samples
+    (``load(cfg, root, iteration)`` builds each model)."""
     import json
 
     from megatron_ext.cli import main as cli_main
-    from megatron_ext.convert.command import (cpu_world_of_one, load_dense_model, locate, read_config,
-                                              validation_tokens)
+    from megatron_ext.convert.command import cpu_world_of_one, locate, read_config, validation_tokens
     from megatron_ext.convert.transgqla import logit_change
 
-    src_run = out / f"gqa{args.source_groups}-rope"
-    dst_run = out / f"gqla{args.groups}-rope-r{args.finetune_rank}-ft{args.finetune_iters}"
     if not dst_run.exists():
-        rc = cli_main(["convert", "gqa-to-gqla", "--load", str(src_run), "--save", str(dst_run), "--groups",
-                       str(args.groups), "--kv-lora-rank", str(args.finetune_rank),
-                       "--eval-samples", str(args.eval_samples)])
+        rc = cli_main(convert_argv + ["--load", str(src_run), "--save", str(dst_run),
+                                      "--eval-samples", str(args.eval_samples)])
         if rc:
             raise SystemExit(rc)
         command = json.loads((dst_run / "convert.json").read_text())["resume_command"]
@@ -125,10 +123,22 @@ def _finetune(out: Path, args):
         cfg = read_config(run)
         tokens, positions = validation_tokens(cfg, args.eval_samples)
         with cpu_world_of_one(cfg.seed):
-            model = load_dense_model(cfg, root, iteration)
+            model = load(cfg, root, iteration)
             losses.append(logit_change(model, model, tokens, positions)["loss_src"])
     converted = json.loads((dst_run / "convert.json").read_text())["logit_change"]
     return losses[0], converted["loss_dst"], losses[1]
+
+
+def _finetune(out: Path, args):
+    """Convert the RoPE run through the CLI, fine-tune it with the printed command, and measure the
+    validation loss of source, converted and fine-tuned model on the same held-out samples."""
+    from megatron_ext.convert.command import load_dense_model
+
+    src_run = out / f"gqa{args.source_groups}-rope"
+    dst_run = out / f"gqla{args.groups}-rope-r{args.finetune_rank}-ft{args.finetune_iters}"
+    return _convert_finetune_losses(["convert", "gqa-to-gqla", "--groups", str(args.groups),
+                                     "--kv-lora-rank", str(args.finetune_rank)],
+                                    src_run, dst_run, args, load_dense_model)
 
 
 def _mla_run(out: Path, args, latent_norm: bool) -> Path:
@@ -151,9 +161,7 @@ def _mla_run(out: Path, args, latent_norm: bool) -> Path:
 def mla_report(args) -> int:
     """MLA -> GQLA on trained MLA runs: per-layer map errors and validation loss vs G and r_kv."""
     import argparse
-    import json
 
-    from megatron_ext.cli import main as cli_main
     from megatron_ext.config import mla_config
     from megatron_ext.convert.command import (_target_config_mla, build_model, cpu_world_of_one, load_model,
                                               locate, read_config, validation_tokens)
@@ -186,27 +194,8 @@ def mla_report(args) -> int:
     if args.finetune_iters:
         src_run = out / "mla-norm"
         dst_run = out / f"gqla{args.finetune_groups}-from-mla-ft{args.finetune_iters}"
-        if not dst_run.exists():
-            rc = cli_main(["convert", "mla-to-gqla", "--load", str(src_run), "--save", str(dst_run),
-                           "--groups", str(args.finetune_groups), "--eval-samples", str(args.eval_samples)])
-            if rc:
-                return rc
-            command = json.loads((dst_run / "convert.json").read_text())["resume_command"]
-            n = str(args.finetune_iters)
-            rc = cli_main(command[1:] + ["--train-iters", n, "--lr-warmup-iters", str(args.finetune_warmup),
-                                         "--save-interval", n, "--eval-interval", n])
-            if rc:
-                return rc
-        losses = []
-        for run_dir in (src_run, dst_run):
-            run, root, iteration = locate(str(run_dir), None)
-            cfg = read_config(run)
-            tokens, positions = validation_tokens(cfg, args.eval_samples)
-            with cpu_world_of_one(cfg.seed):
-                model = load_model(cfg, root, iteration)
-                losses.append(logit_change(model, model, tokens, positions)["loss_src"])
-        converted = json.loads((dst_run / "convert.json").read_text())["logit_change"]
-        finetune = (losses[0], converted["loss_dst"], losses[1])
+        finetune = _convert_finetune_losses(["convert", "mla-to-gqla", "--groups", str(args.finetune_groups)],
+                                            src_run, dst_run, args, load_model)
 
     print(f"\nMLA -> GQLA on trained `{args.preset}` MLA models ({args.train_iters} iterations), validation "
           f"split, {args.eval_samples} samples; errors are per-layer means\n")

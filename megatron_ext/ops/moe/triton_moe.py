@@ -607,6 +607,27 @@ def _down_kernel(A, B, B_DESC, C, A_ROWS, C_ROWS, PROB, TABLE, NTILES, max_tiles
 
 
 @triton.jit
+def _act_bwd_tile(g, p, a_ptr, da_ptr, h_ptr, ok, ffn, GATED: tl.constexpr, ACT: tl.constexpr):
+    """One tile of the activation's backward, given ``g = dout @ W2^T`` (fp32) and the routing
+    weights ``p`` ``[rows, 1]``: recomputes ``h = act(gate) (* up)`` from ``a``, stores
+    ``da = act'(a) * p * g`` (gated: d gate at ``a_ptr``'s columns, d up ``ffn`` further) and
+    ``p * h`` (dW2's operand) at ``h_ptr``; returns ``h`` in fp32, rounded like the stored copy."""
+    gate = tl.load(a_ptr, mask=ok, other=0.0).to(tl.float32)
+    s = _act(gate, ACT)
+    dh = g * p
+    if GATED:
+        up = tl.load(a_ptr + ffn, mask=ok, other=0.0).to(tl.float32)
+        h = (s * up).to(h_ptr.dtype.element_ty)
+        tl.store(da_ptr, (dh * up * _act_grad(gate, ACT)).to(da_ptr.dtype.element_ty), mask=ok)
+        tl.store(da_ptr + ffn, (dh * s).to(da_ptr.dtype.element_ty), mask=ok)
+    else:
+        h = s.to(h_ptr.dtype.element_ty)
+        tl.store(da_ptr, (dh * _act_grad(gate, ACT)).to(da_ptr.dtype.element_ty), mask=ok)
+    tl.store(h_ptr, (h.to(tl.float32) * p).to(h_ptr.dtype.element_ty), mask=ok)
+    return h.to(tl.float32)
+
+
+@triton.jit
 def _dh_kernel(DOUT, W2, W2_DESC, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, max_tiles,
                n_hidden, ffn, n_rows, stride_d, stride_we, stride_wf, stride_wh, stride_a, stride_h,
                GATED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
@@ -652,22 +673,10 @@ def _dh_kernel(DOUT, W2, W2_DESC, A, DA, HOUT, DPP, TOKEN, PROB, TABLE, NTILES, 
         ok = row_ok[:, None] & col_ok[None, :]
         a_ptr = A + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
         da_ptr = DA + rows.to(tl.int64)[:, None] * stride_a + cols[None, :]
-        gate = tl.load(a_ptr, mask=ok, other=0.0).to(tl.float32)
-        s = _act(gate, ACT)
         p = tl.load(PROB + rows, mask=row_ok, other=0.0)[:, None]
-        dh = g * p
-        if GATED:
-            up = tl.load(a_ptr + ffn, mask=ok, other=0.0).to(tl.float32)
-            h = (s * up).to(HOUT.dtype.element_ty)
-            tl.store(da_ptr, (dh * up * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
-            tl.store(da_ptr + ffn, (dh * s).to(DA.dtype.element_ty), mask=ok)
-        else:
-            h = s.to(HOUT.dtype.element_ty)
-            tl.store(da_ptr, (dh * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
-        tl.store(HOUT + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
-                 (h.to(tl.float32) * p).to(HOUT.dtype.element_ty), mask=ok)
-        tl.store(DPP + nt.to(tl.int64) * n_rows + rows, tl.sum(g * h.to(tl.float32), 1),
-                 mask=row_ok)
+        h = _act_bwd_tile(g, p, a_ptr, da_ptr, HOUT + rows.to(tl.int64)[:, None] * stride_h + cols[None, :],
+                          ok, ffn, GATED, ACT)
+        tl.store(DPP + nt.to(tl.int64) * n_rows + rows, tl.sum(g * h, 1), mask=row_ok)
 
 
 @triton.jit
@@ -691,20 +700,9 @@ def _act_bwd_kernel(G, A, DA, HOUT, DPROBS, ORDER, PROB, BOUNDS_END, ffn, stride
         g = g.to(tl.float32)
         a_ptr = A + r64[:, None] * stride_a + cols[None, :]
         da_ptr = DA + r64[:, None] * stride_a + cols[None, :]
-        gate = tl.load(a_ptr, mask=ok, other=0.0).to(tl.float32)
-        s = _act(gate, ACT)
-        dh = g * p
-        if GATED:
-            up = tl.load(a_ptr + ffn, mask=ok, other=0.0).to(tl.float32)
-            h = (s * up).to(HOUT.dtype.element_ty)
-            tl.store(da_ptr, (dh * up * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
-            tl.store(da_ptr + ffn, (dh * s).to(DA.dtype.element_ty), mask=ok)
-        else:
-            h = s.to(HOUT.dtype.element_ty)
-            tl.store(da_ptr, (dh * _act_grad(gate, ACT)).to(DA.dtype.element_ty), mask=ok)
-        tl.store(HOUT + r64[:, None] * stride_h + cols[None, :],
-                 (h.to(tl.float32) * p).to(HOUT.dtype.element_ty), mask=ok)
-        dp += tl.sum(g * h.to(tl.float32), 1)
+        h = _act_bwd_tile(g, p, a_ptr, da_ptr, HOUT + r64[:, None] * stride_h + cols[None, :],
+                          ok, ffn, GATED, ACT)
+        dp += tl.sum(g * h, 1)
     dst = tl.load(ORDER + rows, mask=row_ok, other=0).to(tl.int64)
     tl.store(DPROBS + dst, dp, mask=row_ok)
 
