@@ -73,3 +73,19 @@ def cpu_model_parallel(seed: Optional[int] = None):
         compat.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+def resume_from(src: Path, dst: Path, iteration: int) -> Path:
+    """A copy of run folder ``src`` whose newest checkpoint is ``iteration`` (as if stopped after it)."""
+    import shutil
+
+    from megatron_ext.training import checkpoint
+
+    shutil.copytree(src, dst)
+    ckpts = dst / "checkpoints"
+    for d in ckpts.glob("iter_*"):
+        if int(d.name.split("_")[1].split(".")[0]) > iteration:
+            shutil.rmtree(d)
+    (ckpts / checkpoint.TRACKER).write_text(str(iteration))
+    (dst / "receipt.json").unlink(missing_ok=True)  # written at a run's end; this one "stopped" earlier
+    return dst

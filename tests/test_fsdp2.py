@@ -12,7 +12,6 @@ uneven shards while the other weights are saved as per-rank rows.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import pytest
 
 from megatron_ext.config import ConfigError, TrainConfig, validate
 from megatron_ext.training import checkpoint
-from tests.helpers import ROOT, receipt, subprocess_env, train_inprocess, train_losses
+from tests.helpers import ROOT, receipt, resume_from, subprocess_env, train_inprocess, train_losses
 
 COMMON = ["--train-iters", "6", "--eval-iters", "1", "--eval-interval", "3", "--lr-warmup-iters", "1",
           "--save-interval", "3", "--make-vocab-size-divisible-by", "7"]
@@ -43,18 +42,6 @@ def test_fsdp2_rejects_lanes_it_does_not_compose_with(fields, message):
                                 global_batch_size=4, use_torch_fsdp2=True), world_size=4) == 4
 
 
-def _resume_from(src, dst, iteration):
-    """A copy of run folder ``src`` whose newest checkpoint is ``iteration``."""
-    shutil.copytree(src, dst)
-    ckpts = dst / "checkpoints"
-    for d in ckpts.glob("iter_*"):
-        if int(d.name.split("_")[1].split(".")[0]) > iteration:
-            shutil.rmtree(d)
-    (ckpts / checkpoint.TRACKER).write_text(str(iteration))
-    (dst / "receipt.json").unlink(missing_ok=True)
-    return dst
-
-
 def _grad_norms(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     return [r["grad_norm"] for r in rows if r["kind"] == "train"]
@@ -74,7 +61,7 @@ def test_fsdp2_matches_ddp_resumes_and_crosses_layouts(tmp_path):
     assert len(ref_losses) == 6 and ref_losses[-1] < ref_losses[0]
     assert max(ref_norms) > 1.0  # above clip_grad=1.0: the clipped path is what gets compared
 
-    fsdp, ddp_to_fsdp = tmp_path / "fsdp", _resume_from(ref, tmp_path / "ddp_to_fsdp", 3)
+    fsdp, ddp_to_fsdp = tmp_path / "fsdp", resume_from(ref, tmp_path / "ddp_to_fsdp", 3)
     runs = [_argv(fsdp, "--use-torch-fsdp2", "--exit-after-iters", "3"),
             _argv(fsdp, "--use-torch-fsdp2", "--resume"),
             _argv(ddp_to_fsdp, "--lanes", "fsdp2", "--resume")]
@@ -104,7 +91,7 @@ def test_fsdp2_matches_ddp_resumes_and_crosses_layouts(tmp_path):
     assert train_losses(ddp_to_fsdp)[3:] == pytest.approx(ref_losses[3:], rel=REL)
 
     # FSDP2 (world size 2) checkpoint -> DDP (world size 1)
-    fsdp_to_ddp = _resume_from(fsdp, tmp_path / "fsdp_to_ddp", 3)
+    fsdp_to_ddp = resume_from(fsdp, tmp_path / "fsdp_to_ddp", 3)
     assert train_inprocess(fsdp_to_ddp, *COMMON, "--resume") == 0
     assert not receipt(fsdp_to_ddp)["lane"]["fsdp2"] and receipt(fsdp_to_ddp)["loss"]["start_iteration"] == 3
     assert train_losses(fsdp_to_ddp)[3:] == pytest.approx(train_losses(fsdp)[3:], rel=REL)

@@ -321,8 +321,9 @@ def _tp_worker():
 # GPU: bf16 through the Triton kernels (head dims padded to a tile) against the fp64 reference
 
 
-@pytest.mark.gpu
-def test_gqla_bf16_cuda_matches_reference():
+@pytest.fixture
+def cuda_parallel_state():
+    """World size 1 on gloo with model parallel initialised, for the GPU tests (skips without CUDA)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     pytest.importorskip("triton")
@@ -334,57 +335,50 @@ def test_gqla_bf16_cuda_matches_reference():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     compat.initialize_model_parallel(1, 1, 1)
     try:
-        m = make_gqla(2, d_nope=48, d_rope=16, d_v=32, rank=64, dtype=torch.float64).cuda()
-        x = torch.randn(256, 2, HIDDEN, dtype=torch.float64, device="cuda")
-        ref = reference_forward(m.cpu(), x.cpu()).cuda()
-        m = m.cuda().to(torch.bfloat16)
-        m.gqla = dataclasses.replace(m.gqla, backend="triton")
-        out = m(x.to(torch.bfloat16))[0].double()
-        torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
-        cache = m.init_cache(2, 256, path="absorb")
-        m.prefill(x[:255].to(torch.bfloat16), cache)
-        step = m.decode_step(x[255:].to(torch.bfloat16), cache, 255)[0].double()
-        torch.testing.assert_close(step[0], ref[255], rtol=0.05, atol=0.05 * ref.abs().max().item())
+        yield
     finally:
         compat.destroy_model_parallel()
+
+
+@pytest.mark.gpu
+def test_gqla_bf16_cuda_matches_reference(cuda_parallel_state):
+    m = make_gqla(2, d_nope=48, d_rope=16, d_v=32, rank=64, dtype=torch.float64).cuda()
+    x = torch.randn(256, 2, HIDDEN, dtype=torch.float64, device="cuda")
+    ref = reference_forward(m.cpu(), x.cpu()).cuda()
+    m = m.cuda().to(torch.bfloat16)
+    m.gqla = dataclasses.replace(m.gqla, backend="triton")
+    out = m(x.to(torch.bfloat16))[0].double()
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    cache = m.init_cache(2, 256, path="absorb")
+    m.prefill(x[:255].to(torch.bfloat16), cache)
+    step = m.decode_step(x[255:].to(torch.bfloat16), cache, 255)[0].double()
+    torch.testing.assert_close(step[0], ref[255], rtol=0.05, atol=0.05 * ref.abs().max().item())
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 40])
-def test_gqla_bf16_cuda_kernel_decode_equals_training_forward(window):
+def test_gqla_bf16_cuda_kernel_decode_equals_training_forward(cuda_parallel_state, window):
     """Both decode paths through the Triton split-KV kernel (backend "auto" on CUDA) against the bf16
     training forward, position by position, at GQLA's real head-dim split (128 + 64, r_kv 512 ->
     absorbed keys 512 + 64)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("triton")
-    import torch.distributed as dist
-
     from megatron_ext import backends
-    from megatron_ext.training.distributed import free_port
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    compat.initialize_model_parallel(1, 1, 1)
-    try:
-        m = make_gqla(4, d_nope=128, d_rope=64, d_v=128, rank=512, window=window, sinks=4 if window else 0,
-                      dtype=torch.float32)
-        m = m.cuda().to(torch.bfloat16)
-        m.gqla = dataclasses.replace(m.gqla, backend="auto")
-        s, b, prompt = 300, 3, 290
-        x = torch.randn(s, b, HIDDEN, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            full = m(x)[0].float()
-        bound = 0.03 * full.abs().max().item()
-        for path in ("gqa", "absorb"):
-            cache = m.init_cache(b, s, path=path)
-            m.prefill(x[:prompt], cache)
-            for t in range(prompt, s):
-                step = m.decode_step(x[t:t + 1], cache, t)[0].float()
-                torch.testing.assert_close(step[0], full[t], rtol=0.03, atol=bound, msg=f"{path} position {t}")
-        assert any(r["op"] == "gqla.decode" and r["observed"] == "triton" for r in backends.records())
-    finally:
-        compat.destroy_model_parallel()
+    m = make_gqla(4, d_nope=128, d_rope=64, d_v=128, rank=512, window=window, sinks=4 if window else 0,
+                  dtype=torch.float32)
+    m = m.cuda().to(torch.bfloat16)
+    m.gqla = dataclasses.replace(m.gqla, backend="auto")
+    s, b, prompt = 300, 3, 290
+    x = torch.randn(s, b, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = m(x)[0].float()
+    bound = 0.03 * full.abs().max().item()
+    for path in ("gqa", "absorb"):
+        cache = m.init_cache(b, s, path=path)
+        m.prefill(x[:prompt], cache)
+        for t in range(prompt, s):
+            step = m.decode_step(x[t:t + 1], cache, t)[0].float()
+            torch.testing.assert_close(step[0], full[t], rtol=0.03, atol=bound, msg=f"{path} position {t}")
+    assert any(r["op"] == "gqla.decode" and r["observed"] == "triton" for r in backends.records())
 
 
 if __name__ == "__main__":

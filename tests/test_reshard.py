@@ -16,12 +16,11 @@ One chain of runs covers the three claims (saves every 3 steps, 10 steps):
             the relaunched TP=2 run's                                                    (in-process)
 """
 
-import shutil
 
 import pytest
 
 from megatron_ext.training import checkpoint, faults
-from tests.helpers import receipt, train_inprocess, train_losses, train_torchrun
+from tests.helpers import receipt, resume_from, train_inprocess, train_losses, train_torchrun
 
 pytestmark = pytest.mark.multirank
 COMMON = ["--train-iters", "10", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "3"]
@@ -29,18 +28,6 @@ COMMON = ["--train-iters", "10", "--eval-iters", "0", "--lr-warmup-iters", "1", 
 WS1 = ["--make-vocab-size-divisible-by", "256"]
 TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--make-vocab-size-divisible-by", "128"]
 REL = 2e-5  # TP=2 vs TP=1 reduce in a different order; same-lane comparisons are much tighter
-
-
-def _resume_from(src, dst, iteration):
-    """A copy of run folder ``src`` whose newest checkpoint is ``iteration`` (as if stopped after it)."""
-    shutil.copytree(src, dst)
-    ckpts = dst / "checkpoints"
-    for d in ckpts.glob("iter_*"):
-        if int(d.name.split("_")[1].split(".")[0]) > iteration:
-            shutil.rmtree(d)
-    (ckpts / checkpoint.TRACKER).write_text(str(iteration))
-    (dst / "receipt.json").unlink(missing_ok=True)  # written at a run's end; this one "stopped" earlier
-    return dst
 
 
 def test_checkpoints_reshard_between_tp1_and_tp2_and_survive_a_killed_rank(tmp_path, monkeypatch):
@@ -52,7 +39,7 @@ def test_checkpoints_reshard_between_tp1_and_tp2_and_survive_a_killed_rank(tmp_p
 
     # TP=1 -> TP=2: ws1's step-3 checkpoint resumed on two tensor-parallel ranks, whose rank 1 then
     # dies right after step 7; the last save is its own step 6, written at TP=2.
-    killed = _resume_from(ws1, tmp_path / "killed", 3)
+    killed = resume_from(ws1, tmp_path / "killed", 3)
     monkeypatch.setenv(faults.ENV, "1@7")
     proc = train_torchrun(killed, 2, *COMMON, *TP2, "--resume")
     monkeypatch.delenv(faults.ENV)
@@ -63,7 +50,7 @@ def test_checkpoints_reshard_between_tp1_and_tp2_and_survive_a_killed_rank(tmp_p
     before_kill = train_losses(killed)
     assert len(before_kill) >= 7  # rank 0 logged step 7 (and maybe 8 was under way) before it was stopped
     assert before_kill[:7] == pytest.approx(ref[:7], rel=REL)
-    tp2_to_tp1 = _resume_from(killed, tmp_path / "tp2_to_tp1", 6)  # the TP=2 step-6 checkpoint, for below
+    tp2_to_tp1 = resume_from(killed, tmp_path / "tp2_to_tp1", 6)  # the TP=2 step-6 checkpoint, for below
 
     # Relaunch in place: starts at the last save and lands on the uninterrupted curve.
     proc = train_torchrun(killed, 2, *COMMON, *TP2, "--resume")
