@@ -33,7 +33,7 @@ _HELP = {
     "window_size": "keys each query sees in W/T layers, counting itself (1 = only itself)",
     "num_sink_tokens": "first tokens every query of a W/T layer also sees (StreamingLLM sinks)",
     "learnable_sink": "a learned per-head sink logit in every softmax denominator (gpt-oss style)",
-    "sparse_topk": "keys per query the lightning indexer picks in T layers",
+    "sparse_topk": "keys per query the lightning indexer picks in T layers (and in every GQLA layer)",
     "sparse_attention_backend": "auto | triton | torch (auto: Triton where it can run, else torch)",
     "attention_type": "dense (Megatron SelfAttention) | gqla (GQLAttention) | mla (Megatron MLASelfAttention, "
                       "with the GQLA dim flags; docs/gqla.md)",

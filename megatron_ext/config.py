@@ -108,14 +108,7 @@ class SparseAttentionConfig:
                 raise _err("attention_pattern", pattern, "sparse_topk needs the lightning indexer "
                            "(megatron_ext.modules.indexer), which is not installed",
                            "only D and W letters")
-            for name in ("indexer_num_heads", "indexer_head_dim"):
-                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                    raise _err(name, getattr(self, name), "must be positive", "an integer >= 1")
-            if self.indexer_kl_coeff < 0:
-                raise _err("indexer_kl_coeff", self.indexer_kl_coeff, "must not be negative", "a value >= 0")
-            if self.indexer_dense_warmup_iters < 0:
-                raise _err("indexer_dense_warmup_iters", self.indexer_dense_warmup_iters,
-                           "must not be negative", "an integer >= 0")
+            _check_indexer_fields(self)
         if self.backend not in ("auto", "triton", "torch"):
             raise _err("sparse_attention_backend", self.backend, "unknown backend", "'auto', 'triton' or 'torch'")
         if num_query_groups < 1 or num_attention_heads % num_query_groups:
@@ -138,6 +131,18 @@ class SparseAttentionConfig:
 
 
 ATTENTION_TYPES = ("dense", "gqla", "mla")
+
+
+def _check_indexer_fields(cfg) -> None:
+    """The lightning indexer's sizes and loss settings (sparse-MQA T layers and GQLA with top-k)."""
+    for name in ("indexer_num_heads", "indexer_head_dim"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise _err(name, getattr(cfg, name), "must be positive", "an integer >= 1")
+    if cfg.indexer_kl_coeff < 0:
+        raise _err("indexer_kl_coeff", cfg.indexer_kl_coeff, "must not be negative", "a value >= 0")
+    if cfg.indexer_dense_warmup_iters < 0:
+        raise _err("indexer_dense_warmup_iters", cfg.indexer_dense_warmup_iters,
+                   "must not be negative", "an integer >= 0")
 
 
 def _check_latent_ranks(kv_lora_rank: int, q_lora_rank: Optional[int], rope_dim: int, tp: int) -> None:
@@ -176,6 +181,13 @@ class GQLAConfig:
     window_size: Optional[int] = None  # sliding window (keys per query, the query included)
     num_sink_tokens: int = 0
     backend: str = "auto"  # the sparse-attention op's backend: auto | triton | torch
+    # learned top-k keys per query (DSA's lightning indexer, as sparse-MQA T layers); one selection
+    # per token shared by every group, so both decode paths attend the same keys
+    topk: Optional[int] = None
+    indexer_num_heads: int = 4
+    indexer_head_dim: int = 32
+    indexer_kl_coeff: float = 0.01
+    indexer_dense_warmup_iters: int = 0
 
     def validate(self, num_attention_heads: int, tensor_model_parallel_size: int = 1) -> None:
         tp = tensor_model_parallel_size
@@ -204,6 +216,10 @@ class GQLAConfig:
             raise _err("num_sink_tokens", self.num_sink_tokens, "must not be negative", "an integer >= 0")
         if self.backend not in ("auto", "triton", "torch"):
             raise _err("gqla_backend", self.backend, "unknown backend", "'auto', 'triton' or 'torch'")
+        if self.topk is not None:
+            if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+                raise _err("sparse_topk", self.topk, "must be positive", "an integer >= 1 (keys per query)")
+            _check_indexer_fields(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -566,7 +582,9 @@ def gqla_config(cfg: TrainConfig) -> Optional[GQLAConfig]:
         v_head_dim=pick(cfg.v_head_dim, head_dim),
         q_lora_rank=cfg.q_lora_rank, latent_norm=cfg.gqla_latent_norm, backend=cfg.gqla_backend,
         # the sparse-MQA window/sink flags mean the same for GQLA: keys per query, first tokens kept
-        window_size=cfg.window_size, num_sink_tokens=cfg.num_sink_tokens)
+        window_size=cfg.window_size, num_sink_tokens=cfg.num_sink_tokens,
+        topk=cfg.sparse_topk, indexer_num_heads=cfg.indexer_num_heads, indexer_head_dim=cfg.indexer_head_dim,
+        indexer_kl_coeff=cfg.indexer_kl_coeff, indexer_dense_warmup_iters=cfg.indexer_dense_warmup_iters)
 
 
 def mla_config(cfg: TrainConfig) -> Optional[MLAConfig]:
@@ -648,10 +666,9 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
             raise _err("attention_type", "gqla", "GQLA layers take no sparse-MQA attention pattern",
                        "either --attention-type gqla or --attention-pattern, not both")
         gqla.validate(cfg.num_attention_heads, cfg.tensor_model_parallel_size)
-        for name in ("learnable_sink", "sparse_topk"):
-            if getattr(cfg, name):
-                raise _err(name, getattr(cfg, name), "GQLA layers have a window and sinks but no learned "
-                           "sink logit or top-k selection", "--window-size / --num-sink-tokens only")
+        if cfg.learnable_sink:
+            raise _err("learnable_sink", cfg.learnable_sink, "GQLA layers have a window, sinks and learned "
+                       "top-k keys but no learned sink logit", "--window-size / --num-sink-tokens / --sparse-topk")
     elif cfg.attention_type == "mla":
         _validate_mla(cfg, mla_config(cfg))
     else:

@@ -3,6 +3,7 @@ backward, fp64), both decode paths against the training forward at every positio
 cache sizes, config errors, a tiny model training on the CPU lane, and TP=2 + SP == world size 1."""
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import torch
 import patches
 from megatron_ext import compat
 from megatron_ext.config import ConfigError, GQLAConfig, from_preset, validate
-from tests.helpers import cpu_model_parallel, receipt, subprocess_env, train_inprocess, train_losses
+from tests.helpers import (cpu_model_parallel, receipt, resume_from, subprocess_env, train_inprocess,
+                           train_losses)
 
 H, HIDDEN = 4, 32
 
@@ -26,7 +28,8 @@ def parallel_state():
 
 
 def make_gqla(groups, d_nope=8, d_rope=4, d_v=6, rank=12, q_lora=None, latent_norm=True,
-              window=None, sinks=0, dtype=torch.float64, seed=0, tp=1, sp=False, randomize=True):
+              window=None, sinks=0, dtype=torch.float64, seed=0, tp=1, sp=False, randomize=True,
+              topk=None, kl_coeff=0.5):
     from megatron_ext.modules.gqla import GQLASelfAttentionSubmodules, GQLAttention
     from megatron_ext.modules.norm import Norm
 
@@ -38,7 +41,10 @@ def make_gqla(groups, d_nope=8, d_rope=4, d_v=6, rank=12, q_lora=None, latent_no
     cfg.gqla = GQLAConfig(num_query_groups=groups, kv_lora_rank=rank, qk_head_dim=d_nope,
                           qk_pos_emb_head_dim=d_rope, v_head_dim=d_v, q_lora_rank=q_lora,
                           latent_norm=latent_norm, window_size=window, num_sink_tokens=sinks,
-                          backend="torch")
+                          # 16 index heads: a score is 0 (a tie the selection may break either way,
+                          # differently for a prompt and the full sequence) only if all 16 ReLUs are
+                          backend="torch", topk=topk, indexer_num_heads=16, indexer_head_dim=8,
+                          indexer_kl_coeff=kl_coeff)
     torch.manual_seed(seed)
     module = GQLAttention(cfg, GQLASelfAttentionSubmodules(q_layernorm=Norm, kv_layernorm=Norm)).to(dtype)
     with torch.no_grad():  # fresh random weights everywhere, norms included (not the ones init)
@@ -67,8 +73,9 @@ def _rope_complex(x, positions, base=10000.0):
     return torch.cat([z.real, z.imag], dim=-1).to(x.dtype)
 
 
-def reference_forward(m, hidden, window=None, sinks=0):
-    """hidden [s, b, h] -> [s, b, h] from the module's weights, one head at a time."""
+def reference_forward(m, hidden, window=None, sinks=0, selected=None):
+    """hidden [s, b, h] -> [s, b, h] from the module's weights, one head at a time; ``selected [b, s,
+    s]`` bool: a top-k layer's chosen keys (united with the window and sinks, as in the op)."""
     g = m.gqla
     s, b, _ = hidden.shape
     dn, dr, dv, r, G = g.qk_head_dim, g.qk_pos_emb_head_dim, g.v_head_dim, g.kv_lora_rank, g.num_query_groups
@@ -87,7 +94,12 @@ def reference_forward(m, hidden, window=None, sinks=0):
     w_up = m.linear_kv_up_proj.weight.view(G, dn + dv, r)
     i, j = pos[:, None], pos[None, :]
     allowed = j <= i
-    if window is not None:
+    if selected is not None:
+        extra = j < sinks
+        if window is not None:
+            extra = extra | (i - j < window)
+        allowed = allowed & (extra | selected)                          # [b, s, s]
+    elif window is not None:
         allowed = allowed & ((i - j < window) | (j < sinks))
     heads = []
     for h in range(H):
@@ -148,6 +160,80 @@ def test_decode_paths_equal_training_forward_at_every_position(parallel_state, d
             step = m.decode_step(x[t:t + 1], cache, t)[0]
             torch.testing.assert_close(step[0], full[t], rtol=tol, atol=tol, msg=f"{path} position {t}")
         assert cache.length == s
+
+
+def _selected_mask(topk, s):
+    """``topk [b, s, G, k]`` (-1 padded) -> bool ``[b, s, s]`` of the keys listed for each query."""
+    idx = topk[:, :, 0].long()
+    hit = torch.zeros(idx.shape[0], s, s + 1, dtype=torch.bool)
+    hit.scatter_(2, torch.where(idx < 0, s, idx), True)
+    return hit[..., :s]
+
+
+@pytest.mark.parametrize("groups,window,sinks", [(1, None, 0), (2, 3, 1), (4, None, 2)])
+def test_topk_forward_backward_match_per_head_reference(parallel_state, groups, window, sinks):
+    """Sparse GQLA with the lightning indexer's top-k keys (3 per query) == the per-head reference
+    over the same keys, forward and every gradient, fp64."""
+    m = make_gqla(groups, window=window, sinks=sinks, topk=3, seed=groups)
+    s = 11
+    x = torch.randn(s, 2, HIDDEN, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        selected = _selected_mask(m.indexer(x), s)
+    assert not selected.all(dim=-1).any()  # really sparse: no query row sees every key by selection
+    out = m(x)[0]
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = reference_forward(m, x_ref, window=window, sinks=sinks, selected=selected)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    dout = torch.randn_like(out)
+    params = [p for n, p in m.named_parameters() if not n.startswith("indexer.")]
+    grads = torch.autograd.grad(out, [x] + params, dout)
+    grads_ref = torch.autograd.grad(ref, [x_ref] + params, dout)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_topk_indexer_learns_from_its_kl_only(parallel_state):
+    """In training the KL reaches the indexer's weights and nothing else: the input and main-weight
+    gradients equal those of the same step without the KL (eval mode attaches none)."""
+    from megatron_ext.modules import indexer as hooks
+
+    m = make_gqla(2, window=3, sinks=1, topk=3, seed=5)
+    x = torch.randn(9, 2, HIDDEN, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(9, 2, HIDDEN, dtype=torch.float64)
+    main = [p for n, p in m.named_parameters() if not n.startswith("indexer.")]
+    grads_eval = torch.autograd.grad(m(x)[0], [x] + main, dout)
+    m.train()
+    hooks.begin_step(1)
+    out = m(x)[0]
+    grads = torch.autograd.grad(out, [x] + main + list(m.indexer.parameters()), dout)
+    for got, want in zip(grads[:len(main) + 1], grads_eval):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    index_grads = grads[len(main) + 1:]
+    assert all(torch.isfinite(g).all() for g in index_grads)
+    assert index_grads[0].abs().sum() > 0  # linear_q: the KL's gradient
+    assert hooks.indexer_loss_values()  # the KL was recorded for the metrics
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("window", [None, 3])
+def test_topk_decode_paths_equal_training_forward(parallel_state, groups, window):
+    """Both decode paths of a top-k layer select keys from the cached index keys exactly as the
+    training forward does, and equal it at every position (fp64)."""
+    from megatron_ext import backends
+
+    m = make_gqla(groups, window=window, sinks=1, topk=2, seed=10 + groups)
+    s, b, prompt = 10, 2, 4
+    x = torch.randn(s, b, HIDDEN, dtype=torch.float64)
+    with torch.no_grad():
+        full = m(x)[0]
+    for path in ("gqa", "absorb"):
+        cache = m.init_cache(b, s, path=path)
+        torch.testing.assert_close(m.prefill(x[:prompt], cache)[0], full[:prompt], rtol=1e-10, atol=1e-10)
+        for t in range(prompt, s):
+            step = m.decode_step(x[t:t + 1], cache, t)[0]
+            torch.testing.assert_close(step[0], full[t], rtol=1e-10, atol=1e-10, msg=f"{path} position {t}")
+        assert cache.nbytes() == b * s * m.cache_bytes_per_token(path)
+    assert any(r["op"] == "gqla.decode" and r["observed"] == "torch" for r in backends.records())
 
 
 def test_cache_bytes_per_token(parallel_state):
@@ -225,10 +311,15 @@ def test_window_and_sink_flags_reach_gqla():
     assert tconfig.sparse_attention is None
     with pytest.raises(ConfigError, match="window_size=0: the window counts the query itself"):
         validate(from_preset("test", attention_type="gqla", window_size=0), 1)
-    for extra, match in (({"learnable_sink": True}, "learnable_sink=True: GQLA layers"),
-                         ({"sparse_topk": 8}, "sparse_topk=8: GQLA layers")):
+    with pytest.raises(ConfigError, match="learnable_sink=True: GQLA layers"):
+        validate(from_preset("test", attention_type="gqla", window_size=16, learnable_sink=True), 1)
+    topk = from_preset("test", attention_type="gqla", num_query_groups=2, sparse_topk=8, indexer_head_dim=16)
+    assert validate(topk, 1) == 1
+    assert (gqla_config(topk).topk, gqla_config(topk).indexer_head_dim) == (8, 16)
+    for extra, match in (({"sparse_topk": 0}, "sparse_topk=0: must be positive"),
+                         ({"sparse_topk": 4, "indexer_num_heads": 0}, "indexer_num_heads=0: must be positive")):
         with pytest.raises(ConfigError, match=match):
-            validate(from_preset("test", attention_type="gqla", window_size=16, **extra), 1)
+            validate(from_preset("test", attention_type="gqla", **extra), 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,6 +337,22 @@ def test_gqla_model_trains(tmp_path):
     assert losses[-1] < losses[0] - 0.5, losses
     assert receipt(run)["lane"]["tp"] == 1
     assert (receipt(run)["config"]["window_size"], receipt(run)["config"]["num_sink_tokens"]) == (24, 2)
+
+
+def test_topk_gqla_model_trains_and_resumes(tmp_path):
+    """Sparse GQLA (window + sinks + learned top-k) trains on the CPU lane, logs the indexer's KL, and
+    a resume from its step-4 checkpoint (indexer weights included) repeats steps 5-8 exactly."""
+    run = tmp_path / "gqla_topk"
+    flags = [*GQLA, "--train-iters", "8", "--eval-iters", "0", "--lr-warmup-iters", "0",
+             "--window-size", "8", "--num-sink-tokens", "2", "--sparse-topk", "4", "--save-interval", "4"]
+    assert train_inprocess(run, *flags) == 0
+    losses = train_losses(run)
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("indexer" in json.dumps(r) for r in rows), rows[-1]
+    resumed = resume_from(run, tmp_path / "resumed", 4)
+    assert train_inprocess(resumed, *flags, "--resume") == 0
+    torch.testing.assert_close(train_losses(resumed)[4:], losses[4:], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.multirank
@@ -270,8 +377,9 @@ def _tp_worker():
     compat.initialize_model_parallel(2, 1, 1)
     compat.seed_model_parallel(5)
     rank, tp = dist.get_rank(), 2
-    for sp, q_lora in ((False, None), (True, 6)):
-        m = make_gqla(2, q_lora=q_lora, tp=tp, sp=sp, randomize=False)
+    for sp, q_lora, topk in ((False, None, None), (True, 6, None), (False, None, 3), (True, None, 3)):
+        sparse = dict(window=3, sinks=1, topk=topk) if topk else {}
+        m = make_gqla(2, q_lora=q_lora, tp=tp, sp=sp, randomize=False, **sparse)
         gen = torch.Generator().manual_seed(17)
         full, local = {}, {}
         for name, p in m.named_parameters():
@@ -293,7 +401,12 @@ def _tp_worker():
         dout = torch.randn(8, 2, HIDDEN, generator=gen, dtype=torch.float64)
         shard = (lambda t: t.chunk(tp, dim=0)[rank]) if sp else (lambda t: t)
         x_ref = x.clone().requires_grad_(True)
-        ref = reference_forward(ref_mod, x_ref)
+        selected = None
+        if topk:  # the replicated indexer's choice over the whole sequence (it gathers an SP shard)
+            with torch.no_grad():
+                selected = _selected_mask(m.indexer(shard(x)), x.shape[0])
+        ref = reference_forward(ref_mod, x_ref, window=sparse.get("window"), sinks=sparse.get("sinks", 0),
+                                selected=selected)
         ref.backward(dout)
         x_loc = shard(x).clone().requires_grad_(True)
         out = m(x_loc)[0]
@@ -301,6 +414,8 @@ def _tp_worker():
         torch.testing.assert_close(out, shard(ref), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(x_loc.grad, shard(x_ref.grad), rtol=1e-9, atol=1e-10)
         for name, p in m.named_parameters():
+            if name.startswith("indexer."):  # learns from its KL only (not attached in eval mode)
+                continue
             dim, want = local[name], full[name].grad
             want = want if dim is None else want.chunk(tp, dim=dim)[rank]
             torch.testing.assert_close(p.grad, want, rtol=1e-9, atol=1e-10, msg=f"sp={sp} {name}")
@@ -311,7 +426,8 @@ def _tp_worker():
                     m.prefill(x[:3], cache)
                     for t in range(3, 8):
                         step = m.decode_step(x[t:t + 1], cache, t)[0]
-                        torch.testing.assert_close(step[0], ref[t], rtol=1e-10, atol=1e-10)
+                        torch.testing.assert_close(step[0], ref[t], rtol=1e-10, atol=1e-10,
+                                                   msg=f"topk={topk} {path} position {t}")
     print("GQLA-TP-OK", flush=True)
     compat.destroy_model_parallel()
     dist.destroy_process_group()
@@ -379,6 +495,26 @@ def test_gqla_bf16_cuda_kernel_decode_equals_training_forward(cuda_parallel_stat
             step = m.decode_step(x[t:t + 1], cache, t)[0].float()
             torch.testing.assert_close(step[0], full[t], rtol=0.03, atol=bound, msg=f"{path} position {t}")
     assert any(r["op"] == "gqla.decode" and r["observed"] == "triton" for r in backends.records())
+
+
+@pytest.mark.gpu
+def test_gqla_topk_bf16_cuda_triton_matches_torch(cuda_parallel_state):
+    """Sparse GQLA with top-k on the GPU: the Triton top-k + window kernels against the torch
+    reference op on the same bf16 module and the same indexer selection, forward and backward."""
+    m = make_gqla(4, d_nope=64, d_rope=32, d_v=64, rank=128, window=64, sinks=4, topk=32,
+                  dtype=torch.float32).cuda().to(torch.bfloat16)
+    x = torch.randn(512, 2, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(x)
+    results = []
+    for backend in ("torch", "triton"):
+        m.gqla = dataclasses.replace(m.gqla, backend=backend)
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)[0]
+        out.backward(dout)
+        results.append((out.float(), xi.grad.float(), m.linear_kv_up_proj.weight.grad.float().clone()))
+        m.zero_grad(set_to_none=True)
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.03 * want.abs().max().item())
 
 
 if __name__ == "__main__":

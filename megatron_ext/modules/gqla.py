@@ -117,10 +117,13 @@ class GQLACache:
     # decode step is launch-bound at small batch, and recomputing them cost ~30 tiny kernels a step.
     rope_cos: Optional[torch.Tensor] = None
     rope_sin: Optional[torch.Tensor] = None
+    # top-k layers: the lightning indexer's key of every position [b, T, d_I] (the indexer may pick
+    # any past key, so it is cached for all of them, as a sparse-MQA T layer does)
+    index_keys: Optional[torch.Tensor] = None
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.k_rope, self.latent, self.k_nope, self.v)
-                   if t is not None)
+        return sum(t.numel() * t.element_size()
+                   for t in (self.k_rope, self.latent, self.k_nope, self.v, self.index_keys) if t is not None)
 
 
 class GQLAttention(MegatronModule):
@@ -191,6 +194,14 @@ class GQLAttention(MegatronModule):
             submodules.linear_proj, self.num_heads * self.d_v, h, config=config,
             init_method=config.output_layer_init_method, bias=config.add_bias_linear,
             input_is_parallel=True, skip_bias_add=True, is_expert=False, tp_comm_buffer_name="proj")
+        self.indexer = None
+        if g.topk is not None:
+            # DSA's lightning indexer: one top-k list per token, shared by this rank's groups (so the
+            # GQA and absorb decode paths attend the same keys); it learns from its KL loss alone.
+            from megatron_ext.modules.indexer import LightningIndexer
+
+            self.indexer = LightningIndexer(config, g, layer_number=layer_number, num_kv_heads=self.groups_local,
+                                            tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None)
 
     # -------------------------------------------------------------------------------------------
     # projections shared by every path
@@ -257,14 +268,19 @@ class GQLAttention(MegatronModule):
     def _dense_sdpa(self) -> bool:
         """Dense causal without a window or sinks goes to SDPA unless the op's Triton lane is forced."""
         g = self.gqla
-        return g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton"
+        return g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton" and g.topk is None
 
-    def _attend_expanded(self, q_nope, q_rope, kr, k_nope, v):
-        """GQA attention of ``[s, b, heads, d]`` tensors -> ``[s, b, H_local * d_v]``."""
+    def _attend_expanded(self, q_nope, q_rope, kr, k_nope, v, topk=None, note_qk=None):
+        """GQA attention of ``[s, b, heads, d]`` tensors -> ``[s, b, H_local * d_v]``; ``topk [b, s,
+        G_local, k]``: the indexer's keys (top-k layers, after the dense warm-up); ``note_qk``: a
+        callback given the main ``q [b, s, H_local, d_qk]``, ``k [b, s, G_local, d_qk]`` (the KL's target)."""
         s, b = q_nope.shape[:2]
         k = torch.cat([k_nope, kr.unsqueeze(2).expand(s, b, self.groups_local, self.d_rope)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        if self._dense_sdpa:
+        if note_qk is not None:
+            note_qk(q.transpose(0, 1), k.transpose(0, 1))
+        g = self.gqla
+        if topk is None and g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton":
             # Plain causal attention: SDPA (flash / cuDNN / memory-efficient on GPU) is faster than
             # the band kernel at full causal width. K/V are repeated per query head (head h reads
             # group h // (H/G)) so SDPA stays on its fused kernels; d_v may differ from d_qk there.
@@ -281,8 +297,9 @@ class GQLAttention(MegatronModule):
         pad = lambda t: F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] < d else t  # noqa: E731
         q, k, v = (pad(t).transpose(0, 1) for t in (q, k, v))  # [b, s, heads, d]
         out = sparse_attention(q, k, v, window_size=self.gqla.window_size,
-                               num_sink_tokens=self.gqla.num_sink_tokens, causal=True,
-                               softmax_scale=self.softmax_scale, backend=self.gqla.backend)
+                               num_sink_tokens=self.gqla.num_sink_tokens, topk_indices=topk, causal=True,
+                               softmax_scale=self.softmax_scale, backend=self.gqla.backend,
+                               check_topk_range=False)  # the indexer's own top-k: always in range
         return out[..., :self.d_v].transpose(0, 1).reshape(s, b, self.heads_local * self.d_v)
 
     def forward(self, hidden_states, attention_mask=None, key_value_states=None, inference_context=None,
@@ -299,7 +316,16 @@ class GQLAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("attention_bias: GQLA attention is causal only")
         q_nope, q_rope, _, kr, k_nope, v = self._expanded(hidden_states)
-        return self._project_out(self._attend_expanded(q_nope, q_rope, kr, k_nope, v))
+        if self.indexer is None:
+            return self._project_out(self._attend_expanded(q_nope, q_rope, kr, k_nope, v))
+        topk = self.indexer(hidden_states)                                   # [b, s, G_local, k]
+        main = []
+        ctx = self._attend_expanded(q_nope, q_rope, kr, k_nope, v, None if self.indexer.dense_warmup else topk,
+                                    note_qk=lambda q, k: main.append((q, k)))
+        out, bias = self._project_out(ctx)
+        # DSA's KL(p_main || p_index) on detached q/k, attached to the output's backward
+        out = self.indexer.attach_kl_loss(out, main[0][0], main[0][1], softmax_scale=self.softmax_scale)
+        return out, bias
 
     # -------------------------------------------------------------------------------------------
     # decode
@@ -309,9 +335,11 @@ class GQLAttention(MegatronModule):
         d_rope`` values (shards over groups); "absorb": ``r_kv + d_rope`` (replicated on every rank)."""
         _check_path(path)
         size = torch.empty((), dtype=dtype or self.linear_kv_up_proj.weight.dtype).element_size()
+        extra = 0 if self.indexer is None else \
+            self.indexer.head_dim * self.indexer.linear_k.weight.element_size()  # the index key
         if path == "gqa":
-            return size * (self.groups_local * (self.d_nope + self.d_v) + self.d_rope)
-        return size * (self.r_kv + self.d_rope)
+            return size * (self.groups_local * (self.d_nope + self.d_v) + self.d_rope) + extra
+        return size * (self.r_kv + self.d_rope) + extra
 
     def init_cache(self, batch: int, max_len: int, path: str = "gqa", dtype=None, device=None) -> GQLACache:
         _check_path(path)
@@ -327,6 +355,9 @@ class GQLAttention(MegatronModule):
             cache.v = new(batch, self.groups_local, max_len, self.d_v)
         else:
             cache.latent = new(batch, max_len, self.r_kv)
+        if self.indexer is not None:
+            cache.index_keys = torch.zeros(batch, max_len, self.indexer.head_dim, device=device,
+                                           dtype=self.indexer.linear_k.weight.dtype)
         if self.d_rope:
             cache.rope_cos, cache.rope_sin = rope_cos_sin(torch.arange(max_len, device=device), self.d_rope,
                                                           self.gqla.rotary_base, w.dtype)
@@ -368,15 +399,30 @@ class GQLAttention(MegatronModule):
         self._check_decode_input(hidden, cache, hidden.shape[0])
         q_nope, q_rope, c, kr, k_nope, v = self._expanded(hidden)
         self._store(cache, 0, c, kr)
-        return self._project_out(self._attend_expanded(q_nope, q_rope, kr, k_nope, v))
+        topk = None
+        if self.indexer is not None:
+            topk, k_idx = self.indexer.prefill_topk(hidden)
+            cache.index_keys[:, :hidden.shape[0]] = k_idx.to(cache.index_keys.dtype)
+        return self._project_out(self._attend_expanded(q_nope, q_rope, kr, k_nope, v, topk))
 
-    def _allowed(self, position: int, device) -> Optional[torch.Tensor]:
-        """Boolean ``[position + 1]`` key mask of one query (window / sinks), None when dense."""
+    def _allowed(self, position: int, device, selected: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Boolean key mask of one query (window / sinks, plus the indexer's ``selected [b, k]``
+        keys of a top-k layer): ``[position + 1]``, ``[b, 1, position + 1]`` with ``selected``, None
+        when dense. As in the training op, with top-k and no window only sinks + selected keys count."""
         w, n_sink = self.gqla.window_size, self.gqla.num_sink_tokens
-        if w is None:
+        if w is None and selected is None:
             return None
-        j = torch.arange(position + 1, device=device)
-        return (position - j < w) | (j < n_sink)
+        L = position + 1
+        j = torch.arange(L, device=device)
+        base = j < n_sink
+        if w is not None:
+            base = base | (position - j < w)
+        if selected is None:
+            return base
+        sel = selected.to(device=device, dtype=torch.long)
+        hit = torch.zeros(sel.shape[0], L + 1, dtype=torch.bool, device=device)
+        hit.scatter_(1, torch.where((sel < 0) | (sel >= L), L, sel), True)   # -1 -> dummy column L
+        return (hit[:, :L] | base).unsqueeze(1)
 
     def _decode_backend(self, q: torch.Tensor) -> str:
         """"triton" (the split-KV decode kernel) or "torch" (the reference below), through
@@ -384,9 +430,10 @@ class GQLAttention(MegatronModule):
         from megatron_ext.ops.sparse_attention.decode import triton_decode_unusable_reason
 
         dims = (self.d_nope, self.d_rope, self.d_v, self.r_kv)
+        topk_reason = "top-k layer: the decode kernel takes window/sinks only" if self.indexer is not None else None
         return backends.resolve("gqla.decode", self.gqla.backend, [
-            ("triton", lambda: triton_decode_unusable_reason(q, auto=self.gqla.backend == "auto",
-                                                            head_dims=dims)),
+            ("triton", lambda: topk_reason or triton_decode_unusable_reason(q, auto=self.gqla.backend == "auto",
+                                                                            head_dims=dims)),
             ("torch", lambda: None)])
 
     def _attend_cache_triton(self, q_nope, q_rope, cache: GQLACache, L: int) -> torch.Tensor:
@@ -433,6 +480,12 @@ class GQLAttention(MegatronModule):
         c, kr = self.latent_and_rope_key(hidden, None, rope)
         self._store(cache, position, c, kr)
         L, b = position + 1, hidden.shape[1]
+        selected = None
+        if self.indexer is not None:
+            q_idx, k_idx, w_idx = self.indexer.decode_inputs(hidden, position)
+            cache.index_keys[:, position:L] = k_idx.to(cache.index_keys.dtype)
+            selected = self.indexer.decode_topk(q_idx, w_idx, cache.index_keys[:, :L], position)  # [b, 1, k]
+            selected = selected.reshape(b, -1)
         gl, hg = self.groups_local, self.heads_per_group
         if self._decode_backend(q_nope) == "triton":
             ctx = self._attend_cache_triton(q_nope[0], q_rope[0], cache, L)
@@ -451,7 +504,7 @@ class GQLAttention(MegatronModule):
             scores = scores + torch.matmul(q_lat, latent.transpose(1, 2))
         scores = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
         scores = scores * self.softmax_scale
-        allowed = self._allowed(position, hidden.device)
+        allowed = self._allowed(position, hidden.device, selected)
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
         p = torch.softmax(scores, dim=-1).to(q_nope.dtype)                       # [b, H_local, L]
