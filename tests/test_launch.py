@@ -10,7 +10,7 @@ import types
 import pytest
 
 from megatron_ext.cli import main
-from tests.helpers import ROOT, cpu_model_parallel, receipt, subprocess_env, train_torchrun
+from tests.helpers import ROOT, cpu_model_parallel, receipt, subprocess_env, train_losses, train_torchrun
 
 DENSE = ["--num-layers", "32", "--hidden-size", "4096", "--num-attention-heads", "32",
          "--ffn-hidden-size", "11008", "--seq-length", "4096", "--global-batch-size", "512", "--vocab-size", "32000"]
@@ -201,6 +201,36 @@ def test_multi_node_script_dry_run_static_and_c10d():
     assert "--rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id megatron-ext" in proc.stdout
     bad = _bash("launch/torchrun_multi.sh", "--nnodes", "2", "--dry-run", env=clean)
     assert bad.returncode == 2 and "master_addr unset" in bad.stderr and "usage:" in bad.stderr
+
+
+@pytest.mark.multirank
+def test_multi_node_script_runs_two_nodes_on_one_host(tmp_path):
+    """launch/torchrun_multi.sh for real: two "nodes" of one process each on this host (static
+    rendezvous, gloo on CPU) train as one data-parallel world of 2, step for step equal to a one-node
+    world-size-2 run of the same flags."""
+    from megatron_ext.training.distributed import free_port
+
+    clean = {k: v for k, v in subprocess_env().items()
+             if k not in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "RDZV_ENDPOINT")}
+    env = dict(clean, PYTHON=sys.executable)
+    run, ref = tmp_path / "two_nodes", tmp_path / "one_node"
+    train = ["--preset", "test", "--runs-root", str(tmp_path), "--run-dir", str(run), "--progress", "log",
+             "--device", "cpu", "--data-cache-dir", str(tmp_path / ".data-cache"), "--train-iters", "4",
+             "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "4"]
+    port = str(free_port())
+    nodes = [subprocess.Popen(["bash", "launch/torchrun_multi.sh", "--nnodes", "2", "--node-rank", str(r),
+                               "--master-addr", "127.0.0.1", "--master-port", port, "--gpus", "1", "--", *train],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n\n".join(log[-3000:] for log in logs)
+    lane = receipt(run)["lane"]
+    assert (lane["world_size"], lane["dp"], lane["tp"]) == (2, 2, 1), lane
+    proc = train_torchrun(ref, 2, "--train-iters", "4", "--eval-iters", "0", "--lr-warmup-iters", "1",
+                          "--save-interval", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(train_losses(run)) == 4
+    assert train_losses(run) == train_losses(ref)
 
 
 def test_slurm_example_dry_run_and_nccl_profiles():
