@@ -7,8 +7,11 @@ Each kernel (up, down, dh, dx, wgrad) is timed with every candidate tile while t
 the default; a variant whose output differs from the default's by more than bf16 rounding is
 rejected, and one that fails to compile (shared memory, registers, a Triton without tensor
 descriptors) is skipped. A candidate is (block_m, block_n, block_k, warps, stages,
-programs_per_sm, tma): the last two are per-kernel resident programs per SM of the persistent
-kernels and whether the weight operand comes through a TMA tensor descriptor. ``dh`` is the plain
+programs_per_sm, tma[, flatten]): per-kernel resident programs per SM of the persistent
+kernels, whether the weight operand comes through a TMA tensor descriptor, and whether the
+persistent tile loop and K loop run as one flat pipelined loop. The ``wgrad`` sweep times the
+Triton weight-gradient kernel (the fallback of ``TileConfig.wgrad_grouped_mm``) and prints that
+lane (row gather + ``torch._grouped_mm``) as a reference row. ``dh`` is the plain
 grouped GEMM of the split backward (timed together with its row pass), ``dh_fused`` the one-kernel
 variant (picked only if faster than the split), ``act`` the row pass's (rows, cols, warps).
 ``--only dh,act`` limits the sweep. Prints a table and the fastest ``TileConfig``. ``--apply``
@@ -29,20 +32,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 T, F_ = True, False
-CANDIDATES = {  # (block_m, block_n, block_k, warps, stages, programs_per_sm, tma): the H100 sweep
+# (block_m, block_n, block_k, warps, stages, programs_per_sm, tma[, flatten]): the H100 sweep;
+# flatten = the persistent kernel's tile and K loops fused into one pipelined loop
+CANDIDATES = {
     "up": [(128, 128, 64, 8, 3, 1, F_), (128, 128, 64, 8, 3, 1, T), (128, 128, 64, 8, 4, 1, T),
-           (128, 64, 64, 8, 3, 2, T), (128, 64, 64, 4, 3, 2, T), (64, 128, 64, 4, 3, 2, T)],
+           (128, 64, 64, 8, 3, 2, T), (128, 64, 64, 4, 3, 2, T), (64, 128, 64, 4, 3, 2, T),
+           (128, 128, 64, 8, 4, 1, T, T), (128, 128, 64, 8, 3, 1, T, T)],
     "down": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
-             (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T)],
+             (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T),
+             (128, 256, 64, 8, 3, 1, T, T), (128, 256, 64, 8, 4, 1, T, T)],
     # split backward d(h): the plain grouped GEMM dout[token] @ W2^T (timed with the row pass)
     "dh": [(128, 256, 64, 8, 4, 1, T), (128, 256, 64, 8, 3, 1, T), (128, 128, 64, 8, 4, 1, T),
-           (128, 128, 64, 4, 4, 1, T)],
+           (128, 128, 64, 4, 4, 1, T), (128, 256, 64, 8, 3, 1, T, T)],
     # fused backward d(h) (activation backward in the GEMM epilogue; the earlier default)
     "dh_fused": [(128, 64, 64, 8, 4, 1, T)],
     # row pass of the split d(h): (rows, cols, warps)
     "act": [(32, 128, 4), (16, 256, 4), (32, 256, 8)],
     "dx": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
-           (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T)],
+           (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T),
+           (128, 256, 64, 8, 4, 1, T, T), (128, 256, 64, 8, 3, 1, T, T)],
     "wgrad": [(128, 128, 64, 8, 4, 1, F_), (128, 128, 64, 8, 4, 1, T), (128, 128, 64, 8, 3, 1, T),
               (128, 128, 64, 8, 3, 1, F_), (128, 128, 128, 8, 3, 1, T), (128, 256, 64, 8, 3, 1, T),
               (128, 128, 32, 4, 4, 1, T), (64, 128, 64, 4, 3, 1, T), (128, 256, 32, 8, 4, 1, T),
@@ -140,6 +148,14 @@ def main() -> int:
             st = (w1.stride(0), w1.stride(2), w1.stride(1))
             return (lambda: tm.launch_down(da, w1, o, r, st, 2 * Fd, H, False, cfg.dx, cfg)), o, 2 * gemm
         o = (torch.empty_like(w1), torch.empty_like(w2))
+        if kernel == "wgrad_torch":   # the wgrad_grouped_mm lane: gather rows, torch._grouped_mm
+            rows, offs = r.token.long(), r.bounds[1:]
+
+            def grouped():
+                torch._grouped_mm(x.index_select(0, rows).t(), da, offs=offs, out_dtype=x.dtype)
+                torch._grouped_mm(hp.t(), grad.index_select(0, rows), offs=offs,
+                                  out_dtype=x.dtype)
+            return grouped, o, 3 * gemm
 
         def both():  # dW1 (gathered x, contiguous da) and dW2 (contiguous p*h, gathered dout)
             tm.launch_wgrad(x, da, o[0], r, r.token, None, cfg)
@@ -156,6 +172,14 @@ def main() -> int:
         fn, ref, flops = runner("dh" if kernel == "dh_fused" else kernel, base, r0)
         fn()
         ref = [t.float().clone() for t in (ref if isinstance(ref, tuple) else (ref,))]
+        if kernel == "wgrad":      # a reference row, not a candidate
+            try:
+                fn_t, _, fl = runner("wgrad_torch", base, r0)
+                ms = triton.testing.do_bench(fn_t, warmup=50, rep=150)
+                print(f"| wgrad | wgrad_grouped_mm lane: gather + torch._grouped_mm | {ms:.3f} "
+                      f"| {fl / ms / 1e9:.0f} | |", flush=True)
+            except Exception as e:
+                print(f"| wgrad | torch._grouped_mm: {type(e).__name__}: {str(e)[:80]} | | | |")
         if kernel != "dh_fused":   # the default competes too: a subset sweep cannot pick worse
             ms = triton.testing.do_bench(fn, warmup=50, rep=150)
             c = (base.act_rows, base.act_cols, base.act_warps) if kernel == "act" else \

@@ -111,20 +111,24 @@ def test_triton_matches_fp16(name, activation):
 
 
 @needs_triton
-@pytest.mark.parametrize("name,split_dh", [("random", True), ("odd_dims", True),
-                                           ("odd_dims", False)])
-def test_triton_tma_and_occupancy_variants_match_fp64(name, split_dh):
+@pytest.mark.parametrize("name,split_dh,flat", [
+    ("random", True, False), ("odd_dims", True, False), ("odd_dims", False, False),
+    ("empty_experts", True, True), ("k8", True, True)])
+def test_triton_tma_and_occupancy_variants_match_fp64(name, split_dh, flat):
     """Weight operands through TMA tensor descriptors (unmasked tiles that run past an expert's
     rows or F) and 2 programs per SM, with the backward d(h) split (plain GEMM + row pass) or
-    fused (activation backward in the GEMM epilogue): same results as the default pointer path,
-    within fp32 of fp64."""
+    fused (activation backward in the GEMM epilogue), and (``flat``) the persistent GEMMs' tile
+    and K loops flattened into one loop, with the grouped-GEMM weight-gradient lane asked for
+    (on CPU it cannot run: the kernel runs and the record says why): same results as the
+    default pointer path, within fp32 of fp64."""
     import dataclasses
 
     base = triton_moe.default_config(torch.float32)
-    cfg = dataclasses.replace(base, split_dh=split_dh,
+    cfg = dataclasses.replace(base, split_dh=split_dh, wgrad_grouped_mm=flat,
                               **{k: dataclasses.replace(getattr(base, k), tma=True,
-                                                        programs_per_sm=2)
+                                                        programs_per_sm=2, flatten=flat)
                                  for k in ("up", "down", "dh", "dx", "wgrad")})
+    backends.reset()
     x, probs, idx, w1, w2 = _case(name, "swiglu", seed=5)
     gout = _randn(*x.shape, g=_gen(105))
     want = _run(lambda *a: _dense_fp64(*a, "swiglu"), x, probs, idx, w1, w2, gout)
@@ -137,6 +141,12 @@ def test_triton_tma_and_occupancy_variants_match_fp64(name, split_dh):
         assert (g_.double().cpu() - w_).abs().max().item() <= 1e-4 * scale, what
         # same K order per output element: the descriptor path gives the pointer path's values
         assert torch.allclose(g_, p_, rtol=1e-6, atol=1e-6 * scale), what
+    lanes = [r for r in backends.records() if r["op"] == "moe_ffn.triton.weight_grads"]
+    if flat and DEVICE == "cpu":
+        assert [(r["observed"], "devices=['cpu']" in r["reason"]) for r in lanes] == \
+            [("triton", True)], lanes
+    elif not flat:
+        assert lanes == [], lanes
 
 
 @needs_triton
@@ -231,6 +241,14 @@ def test_gpu_bf16_matches_reference(T, E, k, H, Fd, activation, skew):
         assert err <= 3e-2 * scale, f"{what}: max abs err {err:.3g} (scale {scale:.3g})"
         rel = ((g_.float() - r_).norm() / r_.norm().clamp_min(1e-12)).item()
         assert rel <= 1e-2, f"{what}: relative L2 error {rel:.3g}"
+    empty = torch.bincount(idx.flatten(), minlength=E) == 0
+    assert bool(empty[E - 1]) == (skew and k == 1)
+    # experts with no rows: exact zero weight gradients on either lane
+    assert not got[3][empty].any() and not got[4][empty].any()
+    if torch.cuda.get_device_capability() >= (9, 0):   # the H100 tiles take the grouped GEMM lane
+        lanes = {r["observed"] for r in backends.records()
+                 if r["op"] == "moe_ffn.triton.weight_grads"}
+        assert lanes == {"grouped_mm"}, backends.records()
 
 
 @pytest.mark.gpu
