@@ -38,6 +38,10 @@ micro-batch on NVLink (6 with full recompute); CP ring exchange of K and V; EP `
 reduce-scatter + parameter all-gather (all-reduce without the distributed optimizer; FSDP2 gathers
 weights in forward and backward) on IB when the group spans nodes, 70% hidden behind backward when
 the target overlaps it. Collective costs use ring formulas ``2(n-1)/n`` (all-reduce) and ``(n-1)/n``.
+The sum of those is the GPU time; the step is the longer of it and the host floor, ``micro-batches x
+layers per stage x Target.host_s_per_layer + Target.host_s_per_step`` (the host issues every
+layer's kernels for every micro-batch; fitted 3.2 ms per layer pass + 24 ms per step for the train
+loop): small models are host-bound, so fewer, larger micro-batches win there.
 """
 
 from __future__ import annotations
@@ -71,6 +75,16 @@ class Target:
     vpp: bool
     cp: bool
     expert_tp_free: bool  # False: expert TP follows TP (Megatron's default when not set)
+    # host time to issue one layer's forward + backward for one micro-batch (Python, autograd,
+    # kernel launches), plus a fixed host cost per step (optimizer, data, logging); the step
+    # cannot be faster than the host, however small the GPU work. Fitted on the `small` preset
+    # (8 layers, hidden 512) at tp1 on one H100: 0.433 / 0.230 / 0.126 s per step at micro-batch
+    # 4 / 8 / 16 = 128 / 64 / 32 layer passes -> 3.2 ms per pass + 24 ms per step (each within
+    # 1 %). Lanes with more host work measured above it on 2 x H200 (TP=2+SP 1.7x, PP=2 1.4x,
+    # FSDP2 2.5x, MoE at EP=2 2.9x), so the floor is a lower bound. Not fitted separately for
+    # Megatron's pretrain: same values.
+    host_s_per_layer: float = 3.2e-3
+    host_s_per_step: float = 0.024
 
 
 TARGETS = {
@@ -219,11 +233,21 @@ class TimeEstimate:
     model_flops: float
     tokens: int
     peak_flops: float  # of the whole cluster
+    host: float = 0.0  # host floor: layer passes per step x Target.host_s_per_layer + per step
+
+    @property
+    def gpu(self) -> float:
+        return (self.compute + self.pp_bubble + self.tp_comm + self.cp_comm + self.ep_comm + self.pp_p2p
+                + self.dp_comm)
+
+    @property
+    def host_bound(self) -> bool:
+        return self.host > self.gpu
 
     @property
     def total(self) -> float:
-        return (self.compute + self.pp_bubble + self.tp_comm + self.cp_comm + self.ep_comm + self.pp_p2p
-                + self.dp_comm)
+        """GPU work and host issue overlap: the step takes the longer of the two."""
+        return max(self.gpu, self.host)
 
     @property
     def tokens_per_s(self) -> float:
@@ -426,9 +450,12 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     dp_comm += reduce_time(experts, edp, L.etp * L.ep * edp)
     if target.overlap_grad_reduce:
         dp_comm *= 0.3
+    # each rank issues its stage's layers for every micro-batch (full recompute: one more forward)
+    host = (micro * layers * target.host_s_per_layer * (4.0 / 3.0 if L.recompute == "full" else 1.0)
+            + target.host_s_per_step)
     return TimeEstimate(compute=compute, pp_bubble=bubble, tp_comm=tp_comm, cp_comm=cp_comm, ep_comm=ep_comm,
                         pp_p2p=pp_p2p, dp_comm=dp_comm, model_flops=model_flops, tokens=tokens,
-                        peak_flops=peak * world)
+                        peak_flops=peak * world, host=host)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,7 +571,7 @@ class Planner:
             choices["micro_batch_size"] = [self.cfg.micro_batch_size]
             choices["recompute"] = [self.cfg.recompute_granularity]
         else:
-            choices["micro_batch_size"] = [1, 2, 4, 8]
+            choices["micro_batch_size"] = [1, 2, 4, 8, 16]
             choices["recompute"] = [None, "full"] + ([] if m.flash_attention else ["selective"])
         choices["sp"] = None
         choices["dp"] = None
@@ -728,7 +755,8 @@ class LaunchPlan:
         if tm is not None:
             out["time_s"] = {"compute": tm.compute, "pp_bubble": tm.pp_bubble, "tp_comm": tm.tp_comm,
                              "cp_comm": tm.cp_comm, "ep_comm": tm.ep_comm, "pp_p2p": tm.pp_p2p,
-                             "dp_comm": tm.dp_comm, "step": tm.total}
+                             "dp_comm": tm.dp_comm, "gpu": tm.gpu, "host": tm.host,
+                             "host_bound": tm.host_bound, "step": tm.total}
             out["tokens_per_s"] = tm.tokens_per_s
             out["mfu"] = tm.mfu
         return out
@@ -757,7 +785,9 @@ class LaunchPlan:
         if tm is not None:
             lines.append(f"step time (s): compute {tm.compute:.3f} | pp bubble {tm.pp_bubble:.3f} | "
                          f"tp {tm.tp_comm:.3f} | cp {tm.cp_comm:.3f} | ep a2a {tm.ep_comm:.3f} | "
-                         f"pp p2p {tm.pp_p2p:.3f} | dp reduce {tm.dp_comm:.3f} | total {tm.total:.3f} "
+                         f"pp p2p {tm.pp_p2p:.3f} | dp reduce {tm.dp_comm:.3f} | GPU {tm.gpu:.3f} | "
+                         f"host floor {tm.host:.3f} | step {tm.total:.3f}"
+                         f"{' (host-bound: few FLOPs per kernel launch)' if tm.host_bound else ''} "
                          f"-> {tm.tokens_per_s:,.0f} tokens/s, MFU {100 * tm.mfu:.0f}%")
         else:
             lines.append("step time: no hardware profile, not estimated")
@@ -845,8 +875,10 @@ def _reasons(planner: Planner, chosen: Candidate, pins: Dict[str, object], pool:
         out["dp"] = f"the rest of the world; {opt}"
     mbs = L.micro_batch_size
     alt = versus(lambda x: x.micro_batch_size == mbs * 2, f"mbs={mbs * 2}")
-    out["micro_batch_size"] = f"{'largest that helps' if mbs > 1 else 'smallest bubble and memory'}" + \
-        (f"; {alt}" if alt else "")
+    why_mbs = 'largest that helps' if mbs > 1 else 'smallest bubble and memory'
+    if chosen.time is not None and chosen.time.host_bound:
+        why_mbs += " (host-bound: fewer micro-batches, fewer kernel launches per token)"
+    out["micro_batch_size"] = why_mbs + (f"; {alt}" if alt else "")
     if L.recompute == "full":
         out["recompute"] = "full: " + versus(lambda x: x.recompute is None, "no recompute")
     elif L.recompute == "selective":

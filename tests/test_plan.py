@@ -63,6 +63,29 @@ def test_moe_plans_use_expert_parallelism(nodes, hw, target):
         assert L.etp == L.tp  # train's fused MoE splits experts over the TP group itself (config check)
 
 
+def test_small_models_are_host_bound_and_take_fewer_larger_micro_batches():
+    """The host floor (micro-batches x layers x host time per layer pass + a per-step cost): the
+    `small` preset (8 layers, hidden 512) at tp1 on one H100 measured 0.433 / 0.230 / 0.126 s per
+    step at micro-batch 4 / 8 / 16; the plan says the same within 1 % and picks the largest
+    micro-batch, while a 7B model stays GPU-bound."""
+    small = from_preset("small")
+    for mbs, measured in ((4, 0.433), (8, 0.230), (16, 0.126)):
+        tm = Planner(small, Cluster(1, 1, PROFILES["h100-80g"]), VOCAB, "train").plan(
+            f"tp1,mbs{mbs}").time
+        assert tm.host_bound and tm.total == tm.host > tm.gpu
+        assert tm.host == pytest.approx(64 // mbs * 8 * 3.2e-3 + 0.024)
+        assert tm.total == pytest.approx(measured, rel=0.01)
+    plan = Planner(small, Cluster(1, 1, PROFILES["h200-141g"]), VOCAB, "train").plan()
+    assert plan.lanes.micro_batch_size == 16, plan.table()
+    assert "host floor" in plan.table() and "host-bound" in plan.reasons["micro_batch_size"]
+    assert plan.to_json()["time_s"]["host_bound"] is True
+    full = Planner(small, Cluster(1, 1, PROFILES["h200-141g"]), VOCAB, "train").plan(
+        "tp1,mbs16,recompute-full")
+    assert full.time.host == pytest.approx(4 * 8 * 3.2e-3 * 4 / 3 + 0.024)
+    big = _planner(DENSE_7B, 1, "h100-80g", "train").plan()
+    assert not big.time.host_bound and big.time.total == big.time.gpu > 5 * big.time.host
+
+
 def test_larger_device_needs_fewer_lanes():
     h100 = _planner(MOE_23B, 1, "h100-80g", "train").plan()
     b200 = Planner(from_preset("tiny", **MOE_23B), Cluster(1, 8, PROFILES["b200-192g"]), VOCAB, "train").plan()
