@@ -199,6 +199,26 @@ def test_auto_never_picks_the_interpreter_and_named_triton_records():
                     w2.to(DEVICE), backend="triton")
 
 
+@needs_triton
+def test_triton_without_flattened_loops_is_refused_with_the_version(monkeypatch):
+    """A Triton whose tl.range has no ``flatten=`` (< 3.3) cannot build the kernels: asked for by
+    name it is an error naming the version; under auto the next backend runs, recorded."""
+    import triton.language as tl
+
+    class OldRange:   # tl.range as Triton 3.2 had it
+        def __init__(self, arg1, arg2=None, step=None, num_stages=None, loop_unroll_factor=None):
+            pass
+
+    monkeypatch.setattr(tl, "range", OldRange)
+    x, probs, idx, w1, w2 = (t.float().to(DEVICE) if t.is_floating_point() else t.to(DEVICE)
+                             for t in _case("random", "swiglu"))
+    with pytest.raises(backends.BackendUnavailable, match=r"tl.range\(flatten=...\), Triton >= 3.3"):
+        moe.moe_ffn(x, probs, idx, w1, w2, backend="triton")
+    moe.moe_ffn(x, probs, idx, w1, w2)
+    rec = [r for r in backends.records() if r["requested"] == "auto"]
+    assert rec[0]["observed"] != "triton" and "Triton >= 3.3" in rec[0]["reason"]
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: bf16 at real sizes, compiled kernels, determinism
 # --------------------------------------------------------------------------------------------------

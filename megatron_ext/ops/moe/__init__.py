@@ -70,10 +70,26 @@ def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _triton_too_old() -> Optional[str]:
+    """The kernels pass ``flatten=`` to ``tl.range`` (Triton >= 3.3)."""
+    import inspect
+
+    import triton
+    import triton.language as tl
+
+    if "flatten" not in inspect.signature(tl.range.__init__).parameters:
+        return (f"triton {triton.__version__}: the MoE kernels need tl.range(flatten=...), "
+                f"Triton >= 3.3 (torch >= 2.7 ships it)")
+    return None
+
+
 def _triton_probe(x: Tensor, w1: Tensor, w2: Tensor, requested: str) -> Callable[[], Optional[str]]:
     def probe() -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
+        why = _triton_too_old()
+        if why:
+            return why
         dtypes = {t.dtype for t in (x, w1, w2)}
         if len(dtypes) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             return (f"dtypes={sorted(str(d) for d in dtypes)}: the Triton kernels take x, w1, w2 "
