@@ -148,6 +148,53 @@ HAND = torch.tensor([[1.0, 3.0, 0.0, 2.0],
                      [-1.0, 0.5, 4.0, 0.25]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gather_and_combine_rows_fixed_order_fwd_and_grads(dtype):
+    """``ops.moe.pairs``: rows[r] = x[order[r] // k] and out[t] = sum_j y[inv[t*k+j]] against a
+    plain loop (and autograd of it in fp64); the sums are j = 0..k-1 in fp32 (fp64 for fp64), so
+    the result equals materialising fp32 pair rows and adding them in that order, bit for bit."""
+    from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order, sum_pairs
+
+    g = _gen(3)
+    T, k, H = 13, 3, 8
+    idx = torch.rand(T, 5, generator=g).topk(k, dim=-1).indices
+    order = torch.sort(idx.reshape(-1), stable=True).indices
+    inv = inverse_order(order)
+    assert torch.equal(order[inv], torch.arange(T * k)) and torch.equal(inv[order], torch.arange(T * k))
+    x = _randn(T, H, g=g, dtype=dtype).requires_grad_(True)
+    y = _randn(T * k, H, g=g, dtype=dtype).requires_grad_(True)
+    rows = gather_rows(x, order, inv, k)
+    out = combine_rows(y, order, inv, k)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == acc and rows.dtype == dtype
+    assert torch.equal(rows, x.detach()[order // k])
+    pairs = torch.zeros(T * k, H, dtype=acc).index_copy(0, order, y.detach().to(acc))
+    want = pairs.view(T, k, H)[:, 0].clone()
+    for j in range(1, k):
+        want = want + pairs.view(T, k, H)[:, j]
+    assert torch.equal(out, want)
+    d_rows, d_out = _randn(T * k, H, g=g, dtype=dtype), _randn(T, H, g=g)
+    gx, gy = torch.autograd.grad((rows, out), (x, y), (d_rows, d_out))
+    # references: the same maps by autograd in fp64
+    x64, y64 = (t.detach().double().requires_grad_(True) for t in (x, y))
+    r64 = x64[order // k]
+    o64 = torch.zeros(T * k, H, dtype=torch.float64).index_copy(0, order, y64).view(T, k, H).sum(1)
+    wx, wy = torch.autograd.grad((r64, o64), (x64, y64), (d_rows.double(), d_out.double()))
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    assert gx.dtype == dtype and gy.dtype == dtype
+    assert torch.allclose(gx.double(), wx, atol=tol * 4, rtol=tol), (gx.double() - wx).abs().max()
+    assert torch.allclose(gy.double(), wy, atol=tol, rtol=tol)
+    # a token's sum depends only on its own rows: a shuffled, larger batch gives the same bits
+    perm = torch.randperm(T, generator=g)
+    idx2 = torch.cat([idx[perm], torch.rand(7, 5, generator=g).topk(k, dim=-1).indices])
+    o2 = torch.sort(idx2.reshape(-1), stable=True).indices
+    y2 = torch.randn(20 * k, H, generator=g).to(dtype)
+    pos = o2.argsort()   # pair p of the new batch sits at sorted row pos[p]
+    src = (perm[:, None] * k + torch.arange(k)).reshape(-1)   # old pairs of the new first T tokens
+    y2[pos[: T * k]] = y.detach()[inv[src]]
+    assert torch.equal(sum_pairs(y2, inverse_order(o2), k)[:T], out.detach()[perm])
+
+
 def test_softmax_after_topk_exact():
     r = route(HAND, RouterConfig(num_experts=4, topk=2).validate(), training=False)
     assert r.indices.tolist() == [[1, 3], [2, 1]]

@@ -182,6 +182,30 @@ def test_triton_routing_metadata_tables(T, E, k, bm):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_combine_through_a_permutation_equals_the_fixed_order_loop(dtype):
+    """``_combine_kernel`` reading pair rows through ``rows`` (the EP / deterministic layer's
+    combine, ``ops.moe.pairs``): the same bits as the torch loop 0 + y0 + y1 + ... in fp32."""
+    from megatron_ext.ops.moe.pairs import inverse_order, sum_pairs
+
+    g = _gen(11)
+    T, k, H = 37, 3, 40
+    idx = torch.rand(T, 6, generator=g).topk(k, dim=-1).indices
+    inv = inverse_order(torch.sort(idx.reshape(-1), stable=True).indices)
+    y = torch.randn(T * k, H, generator=g).to(dtype)
+    want = torch.zeros(T, H)
+    for j in range(k):
+        want = want + y[inv.view(T, k)[:, j]].float()
+    out = torch.empty(T, H, device=DEVICE)
+    triton_moe.launch_combine(y.to(DEVICE), out, k, triton_moe.default_config(dtype),
+                              rows=inv.to(torch.int32).to(DEVICE))
+    assert torch.equal(out.cpu(), want)
+    if DEVICE == "cuda":   # the op picks the kernel on CUDA and records it
+        assert torch.equal(sum_pairs(y.cuda(), inv.cuda(), k).cpu(), want)
+        assert [r["observed"] for r in backends.records() if r["op"] == "moe.combine_pairs"] == ["triton"]
+
+
+@needs_triton
 def test_auto_never_picks_the_interpreter_and_named_triton_records():
     x, probs, idx, w1, w2 = (t.float() if t.is_floating_point() else t
                              for t in _case("random", "swiglu"))

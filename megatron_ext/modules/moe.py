@@ -20,6 +20,9 @@ EP > 1 (token dispatch like Megatron's alltoall dispatcher, GShard §3.2): pairs
 per-rank counts exchanged (the one host sync: ``all_to_all_single`` needs split sizes on the
 host), rows + probs exchanged, each rank runs its local experts on the received rows with k=1
 (weighted by their probs), rows go back, and each token sums its k results in choice order.
+The sorted rows are made and summed back by ``ops.moe.pairs`` (``gather_rows`` /
+``combine_rows``): one fixed-order fp32 pass each way, reading through the inverse permutation,
+in place of fp32 pair rows built by an index copy and an atomic index-add in backward.
 
 Expert tensor parallelism (Megatron's expert-TP with sequence parallel, Shoeybi et al. 2019 §3;
 Korthikanti et al. 2022 §4.2.2): the layer input is ``[s/tp, b, h]``. Router logits are computed
@@ -63,6 +66,7 @@ from megatron_ext import compat
 from megatron_ext.config import MoEConfig, router_config_from
 from megatron_ext.observability.moe_stats import STATE, fp8_saturation
 from megatron_ext.ops.moe import moe_ffn
+from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order
 from megatron_ext.ops.moe.reference import GATED_ACTIVATIONS, expert_activation
 from megatron_ext.ops.moe.routing import route, seq_ids_for_layout, update_expert_bias
 
@@ -221,16 +225,6 @@ class CommTimer:
             out.append((name, t, nbytes))
         self.records = out
         return out
-
-
-def _combine_fixed_order(y_pairs: Tensor, T: int, k: int) -> Tensor:
-    """``y_pairs [T*k, H]`` (row ``t*k + j`` = weighted output of choice j) -> ``[T, H]``, summed
-    over j = 0..k-1 in that order (fp32 accumulate, no atomics)."""
-    y = y_pairs.view(T, k, -1)
-    acc = y[:, 0].float()
-    for j in range(1, k):
-        acc = acc + y[:, j].float()
-    return acc
 
 
 def _tp_cols(full: Tensor, parts: int, rank: int, size: int) -> Tensor:
@@ -489,7 +483,8 @@ class FusedMoELayer(MegatronModule):
             return out if shared is None else out + shared()
         flat_e = indices.reshape(-1)
         order = torch.sort(flat_e, stable=True).indices  # pair ids grouped by expert, token order within
-        rows = x[order // k]
+        inv = inverse_order(order)
+        rows = gather_rows(x, order, inv, k)       # backward: fixed-order sum over the k copies
         p_rows = probs.reshape(-1)[order]
         e_rows = flat_e[order]
         shared_out = None
@@ -498,8 +493,8 @@ class FusedMoELayer(MegatronModule):
             y = y.float() * p_rows[:, None].float()
         else:
             y, shared_out = self._expert_parallel(rows, p_rows, e_rows, shared)
-        y_pairs = y.new_zeros(T * k, y.shape[1]).index_copy(0, order, y)
-        out = _combine_fixed_order(y_pairs, T, k)
+        # fp32 [T, H]: each token's k rows summed j = 0..k-1, read through inv (no fp32 pair rows)
+        out = combine_rows(y, order, inv, k)
         if shared is not None:
             out = out + (shared_out if shared_out is not None else shared())
         return out
@@ -551,7 +546,7 @@ class FusedMoELayer(MegatronModule):
         y = _AllToAll.apply(y, send, recv, group)
         if timer is not None:
             timer.stop("combine", (sum(recv) - recv[self.ep_rank]) * y.shape[1] * y.element_size())
-        return y.float(), shared_out
+        return y, shared_out
 
     # ---- distributed checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):

@@ -779,17 +779,22 @@ def _wgrad_kernel(A, B, A_DESC, B_DESC, C, A_IDX, B_IDX, BOUNDS, m_dim, n_dim, s
 
 
 @triton.jit
-def _combine_kernel(Y, OUT, n_tok, width, topk, stride_y, stride_o,
-                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``OUT[t] = sum_{j < k} Y[t*k + j]`` in fp32, j ascending (fixed order: deterministic)."""
+def _combine_kernel(Y, OUT, ROWS, n_tok, width, topk, stride_y, stride_o,
+                    HAS_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``OUT[t] = sum_{j < k} Y[t*k + j]`` in fp32, j ascending (fixed order: deterministic);
+    ``HAS_ROWS``: ``Y[ROWS[t*k + j]]`` (pairs read through a permutation)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ok = (t < n_tok)[:, None] & (c < width)[None, :]
+    t_ok = t < n_tok
+    ok = t_ok[:, None] & (c < width)[None, :]
     t64 = t.to(tl.int64)
     acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     for j in range(0, topk):
-        acc += tl.load(Y + (t64 * topk + j)[:, None] * stride_y + c[None, :], mask=ok,
-                       other=0.0).to(tl.float32)
+        if HAS_ROWS:
+            r = tl.load(ROWS + t64 * topk + j, mask=t_ok, other=0).to(tl.int64)
+        else:
+            r = t64 * topk + j
+        acc += tl.load(Y + r[:, None] * stride_y + c[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(OUT + t64[:, None] * stride_o + c[None, :], acc.to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -903,10 +908,13 @@ def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: 
         num_warps=t.warps, num_stages=t.stages)
 
 
-def launch_combine(y_pairs, out, topk: int, cfg: TileConfig) -> None:
+def launch_combine(y_pairs, out, topk: int, cfg: TileConfig,
+                   rows: Optional[Tensor] = None) -> None:
+    """``out[t] = sum_j y_pairs[t*k + j]`` (``rows``: ``y_pairs[rows[t*k + j]]``), fp32 sums."""
     T, width = out.shape
     grid = (triton.cdiv(T, cfg.combine_t), triton.cdiv(width, cfg.combine_h))
-    _combine_kernel[grid](y_pairs, out, T, width, topk, y_pairs.stride(0), out.stride(0),
+    _combine_kernel[grid](y_pairs, out, y_pairs if rows is None else rows, T, width, topk,
+                          y_pairs.stride(0), out.stride(0), HAS_ROWS=rows is not None,
                           BLOCK_T=cfg.combine_t, BLOCK_H=cfg.combine_h)
 
 
