@@ -26,7 +26,8 @@ Pipeline (no host synchronisation: every size the kernels need is read on the de
    which saves ``N*F`` elements of activation memory.
 3. **GEMM 2** (``_down_kernel``): ``y = h @ W2[e]`` with ``p`` applied in the epilogue; each row is
    STORED at its pair position ``t*k + j`` (scatter of whole rows, no atomics), then
-   ``_combine_kernel`` sums the ``k`` rows of each token in the fixed order ``j = 0..k-1`` in fp32.
+   ``_combine_kernel`` sums the ``k`` rows of each token in the fixed order ``j = 0..k-1`` in fp32
+   (k = 1, e.g. the expert-parallel layer's received rows: the rows are the output, no combine).
 4. **Backward**: ``g = dout[token] @ W2[e]^T`` is a plain grouped GEMM (``_down_kernel`` with a
    gathered A operand and unscattered rows: wide F tiles, W2 read K-major through TMA), written
    as ``g [N, F]`` rows; a memory-bound row pass (``_act_bwd_kernel``) recomputes ``h`` from
@@ -944,6 +945,8 @@ def moe_ffn_fwd(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tenso
     y = torch.empty((n, H), dtype=x.dtype, device=x.device)   # pair order t*k + j
     launch_down(h, w2, y, r, (w2.stride(0), w2.stride(1), w2.stride(2)), ffn, H, True,
                 cfg.down, cfg)
+    if k == 1:   # pair order is token order: the rows are the output (a combine would copy them)
+        return y, a, r
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     launch_combine(y, out, k, cfg)
     return out, a, r
@@ -981,8 +984,11 @@ def moe_ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor, r: R
         # B = W1[e]^T viewed as [E, n1, H]: (expert, in=n1, out=H) strides of w1 [E, H, n1]
         launch_down(da, w1, dx_pairs, r, (w1.stride(0), w1.stride(2), w1.stride(1)), n1, H, False,
                     cfg.dx, cfg)
-        dx = torch.empty((T, H), dtype=x.dtype, device=x.device)
-        launch_combine(dx_pairs, dx, r.topk, cfg)
+        if r.topk == 1:   # as in forward: the pair rows are the token rows
+            dx = dx_pairs
+        else:
+            dx = torch.empty((T, H), dtype=x.dtype, device=x.device)
+            launch_combine(dx_pairs, dx, r.topk, cfg)
     if need_p:
         if dp_pairs is None:
             dp_pairs = torch.empty(n, dtype=torch.float32, device=x.device)
