@@ -148,14 +148,11 @@ def main() -> int:
             st = (w1.stride(0), w1.stride(2), w1.stride(1))
             return (lambda: tm.launch_down(da, w1, o, r, st, 2 * Fd, H, False, cfg.dx, cfg)), o, 2 * gemm
         o = (torch.empty_like(w1), torch.empty_like(w2))
-        if kernel == "wgrad_torch":   # the wgrad_grouped_mm lane: gather rows, torch._grouped_mm
-            rows, offs = r.token.long(), r.bounds[1:]
-
-            def grouped():
-                torch._grouped_mm(x.index_select(0, rows).t(), da, offs=offs, out_dtype=x.dtype)
-                torch._grouped_mm(hp.t(), grad.index_select(0, rows), offs=offs,
-                                  out_dtype=x.dtype)
-            return grouped, o, 3 * gemm
+        if kernel == "wgrad_torch":   # the wgrad_grouped_mm lane, as moe_ffn's backward runs it
+            lane_cfg = dataclasses.replace(cfg, wgrad_grouped_mm=True)
+            if tm._wgrad_lane(x, w1, w2, lane_cfg) != "grouped_mm":
+                raise RuntimeError("torch's grouped GEMM cannot run here (see the backend record)")
+            return (lambda: tm.weight_grads(x, da, hp, grad, w1, w2, r, lane_cfg)), o, 3 * gemm
 
         def both():  # dW1 (gathered x, contiguous da) and dW2 (contiguous p*h, gathered dout)
             tm.launch_wgrad(x, da, o[0], r, r.token, None, cfg)

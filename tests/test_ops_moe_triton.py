@@ -224,7 +224,7 @@ def test_auto_never_picks_the_interpreter_and_named_triton_records():
 
 
 @needs_triton
-def test_triton_without_flattened_loops_is_refused_with_the_version(monkeypatch):
+def test_triton_without_flattened_loops_is_refused_with_the_version(monkeypatch, request):
     """A Triton whose tl.range has no ``flatten=`` (< 3.3) cannot build the kernels: asked for by
     name it is an error naming the version; under auto the next backend runs, recorded."""
     import triton.language as tl
@@ -234,6 +234,8 @@ def test_triton_without_flattened_loops_is_refused_with_the_version(monkeypatch)
             pass
 
     monkeypatch.setattr(tl, "range", OldRange)
+    moe._triton_too_old.cache_clear()    # the check is cached per process; drop it before and after
+    request.addfinalizer(moe._triton_too_old.cache_clear)
     x, probs, idx, w1, w2 = (t.float().to(DEVICE) if t.is_floating_point() else t.to(DEVICE)
                              for t in _case("random", "swiglu"))
     with pytest.raises(backends.BackendUnavailable, match=r"tl.range\(flatten=...\), Triton >= 3.3"):

@@ -213,7 +213,8 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
                           flops=flops))
     if not cpu:
         cases.append(Case(name="triton_gemms",
-                          label="ref: the 6 expert GEMMs alone (as moe_ffn runs them)", role="ref", setup=lambda: _gemms_only_setup(d, device), flops=flops))
+                          label="ref: the 6 expert GEMMs alone (as moe_ffn runs them)", role="ref",
+                          setup=lambda: _gemms_only_setup(d, device), flops=flops))
     return Benchmark(
         name=name,
         description=("routed expert FFN fwd+bwd incl. router; TFLOP/s over expert math "

@@ -15,6 +15,7 @@ interpreter when asked for by name); "grouped_mm" = permute -> ``grouped_mm(x_so
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Callable, Optional
@@ -70,8 +71,10 @@ def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_too_old() -> Optional[str]:
-    """The kernels pass ``flatten=`` to ``tl.range`` (Triton >= 3.3)."""
+    """The kernels pass ``flatten=`` to ``tl.range`` (Triton >= 3.3). Cached: the probe runs on
+    every ``moe_ffn`` call and the installed Triton does not change."""
     import inspect
 
     import triton

@@ -960,7 +960,7 @@ def moe_ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor, r: R
     dout = _contig(dout).to(x.dtype)
     x, w1, w2 = _contig(x), _contig(w1), _contig(w2)
     T, H = x.shape
-    E, _, n1 = w1.shape
+    n1 = w1.shape[2]
     ffn = w2.shape[1]
     n = r.rows
     need_x, need_p, need_w1, need_w2 = needs
