@@ -46,6 +46,16 @@ def variants(base, groups=("fwd", "dq", "dkdv", "sched")):
                               (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 1)]:
             out.append((f"dkdv {bm}x{bn} w{w} s{st}", dataclasses.replace(
                 base, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=st), "bwd"))
+    if "wide" in groups:  # 16 warps: a tile's fp32 accumulators spread over twice the registers
+        for part, bm, bn, w, st in [("dkdv", 64, 128, 16, 2), ("dkdv", 64, 128, 16, 3),
+                                    ("dkdv", 128, 128, 16, 1), ("dkdv", 128, 128, 16, 2),
+                                    ("dkdv", 128, 64, 16, 2), ("dkdv", 64, 256, 16, 1),
+                                    ("fwd", 128, 64, 16, 3), ("fwd", 128, 128, 16, 2),
+                                    ("fwd", 256, 64, 16, 2), ("dq", 128, 64, 16, 3),
+                                    ("dq", 256, 64, 16, 2), ("dq", 128, 128, 16, 2)]:
+            cfg = dataclasses.replace(base, **{f"{part}_block_m": bm, f"{part}_block_n": bn,
+                                               f"{part}_warps": w, f"{part}_stages": st})
+            out.append((f"{part} {bm}x{bn} w{w} s{st}", cfg, "fwd" if part == "fwd" else "bwd"))
     if "sched" in groups:  # dk/dv work split and the non-deterministic atomic variants
         for chunk in (512, 2048):
             out.append((f"dkdv chunk {chunk}", dataclasses.replace(base, dkdv_chunk=chunk), "bwd"))
@@ -98,7 +108,8 @@ def main() -> int:
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--json", default=None)
     p.add_argument("--groups", default="fwd,dq,dkdv,sched",
-                   help="comma list of variant groups: fwd, dq, dkdv (tiles), sched (dk/dv chunking, atomics)")
+                   help="comma list of variant groups: fwd, dq, dkdv (tiles), wide (16-warp tiles), "
+                        "sched (dk/dv chunking, atomics)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench timed ms")
     p.add_argument("--jobs", type=int, default=0, help="compile the variants first in this many processes")

@@ -7,39 +7,42 @@ u = sum_i h_pre[i] x_i.  (``reference.mhc_mappings`` + ``reference.mhc_pre`` are
 
 Forward, three kernels:
   ``_mix_proj_kernel``, grid = (T / BLOCK_T) x (4C / 1024 column splits): ``[BLOCK_T, BLOCK_K] @
-  [BLOCK_K, 16]`` twice (phi split in a pre|post|zero-pad block and the res block, so no column
-  has to be extracted from a tile) plus the sum of squares, written as fp32 partials per split.
-  Splitting the columns gives T/16 x 8 programs at C=2048: every SM streams rows, where one
-  program walking a whole 16 KiB row per token left the loads latency-bound (0.27 ms measured for
-  the former one-kernel forward vs a 56 us traffic floor).
+  [BLOCK_K, 32]`` (phi's 24 columns zero-padded) plus the sum of squares, written as fp32
+  partials per split. bf16 streams take the *split lane*: the x tile goes to the tensor cores as
+  it is and each phi tile is split into bf16 ``hi + lo`` (two dots into one fp32 accumulator:
+  exact products, ~16 mantissa bits of phi, 1.6e-5 max error at the size below vs 1.9e-3 for
+  TF32). Other dtypes widen x to fp32 for a TF32 (IEEE in the interpreter) dot. Measured at
+  T=8192, C=2048 (H100): split lane 58 us vs 131 us for the former TF32 kernel, whose fp32 copy
+  of every x tile and 16-token tiles (phi re-read from L2 once per 16 tokens) made it slow.
   ``_mix_maps_kernel`` (BLOCK_T tokens): partials summed in split order (deterministic), inv_r,
   sigmoid gates and 20 Sinkhorn rounds on a ``[BLOCK_T, 4, 4]`` register tile; stats z, inv_r.
   ``triton_streams.pre_fwd``: u = sum_i h_pre[i] x_i, one whole row per program.
   HBM bytes per token: 4C*d read twice (the projection's row is gone from L2 by the time u is
   formed: 134 MB of streams vs 50 MB of L2 at the size below) + C*d written (d = dtype bytes) +
-  ~0.9 KB of fp32 partials and stats. phi is re-read from L2 once per program. The dots are tf32:
-  2*T*4C*32 flops, ~4.3 GFLOP at T=8192, C=2048. Roofline at S=4096, B=2, C=2048, bf16:
-  302 MB -> ~0.1 ms at 3 TB/s.
+  ~0.9 KB of fp32 partials and stats. (One kernel doing all three, re-reading its rows for u
+  from L2, measured 163 us of GPU time against 131 us for the three: not kept.)
 
-Backward, three kernels (the per-token reduction must finish before any dx can be written):
+Backward, four kernels (the per-token reduction must finish before any dx can be written):
   ``triton_streams.pre_bwd`` (dh only): dh_pre = <x_i, du>, one whole row per program.
   ``_mix_pre_bwd_rows_kernel`` (token-major, BLOCK_T tokens): sigmoid adjoints, the Sinkhorn adjoint
   (triton_sinkhorn: the forward re-run once into an L2-resident scratch of the 20 iterates, then
   walked back), then per token G = inv_r * alpha_vec * dl (= d(x @ phi)) and
   coef = -(alpha_vec*dl . z) * inv_r^2 / 4C (the RMS term), and per-program partial sums for
   d bias and d alpha. Bytes: ~0.3 KB/token of fp32 stats (+ the scratch, from L2).
-  ``_mix_pre_bwd_cols_kernel`` (grid = 4C / BLOCK_K column tiles x S token splits): per tile
-  dx = h_pre[stream] * du + G @ phi^T + coef * x, and d phi partial = x^T @ G accumulated in
-  registers over the split's tokens, written once per split ([S, 4C, 24] fp32, summed in torch:
-  deterministic, no atomics). Bytes: 4C*d + 4C*d (du, 4 column tiles share it, mostly L2) read,
+  ``_mix_pre_bwd_dx_kernel`` (grid = T / BLOCK_T x C / BLOCK_C, all four streams per program):
+  dx = h_pre[stream] * du + coef * x (+ g_link) + G @ phi^T. Bytes: 4C*d (x) + C*d (du) read,
   4C*d written; with a linked stream gradient (``g_link``) one more 4C*d read, instead of a
   separate 12C*d elementwise sum.
-  Backward total ~ 13C*d per token + S*4C*24*4 B of partials; at the site above ~ 0.15 ms.
-
-Registers (sm_90a, ptxas, bf16, no spills in any autotune config): bwd cols 141-226 (a
-variant owning the same columns of all four streams per program, so that it could also form the
-post/res stream gradient H_res^T g itself, needed 227-255 registers with spills and ran 0.53 ms:
-measured and dropped).
+  ``_mix_pre_bwd_dphi_kernel`` (grid = 4C / BLOCK_K column tiles x S token splits): d phi
+  partial = x^T @ G over the split's tokens (split lane for bf16: G as bf16 hi + lo), written
+  once per split ([S, 4C, 24] fp32, summed in torch: deterministic, no atomics). Bytes: 4C*d.
+  Measured at T=8192, C=2048 (H100): dx 168 us + d phi 57 us, where the former single kernel
+  (column tiles walking the tokens, forming dx and accumulating d phi in one pass) took 326 us:
+  its per-program token walk kept too few loads in flight.
+  Tried and not kept: handing the post/res backward's raw new-streams gradient to this dx pass
+  (it forms H_res^T g itself, so no stream gradient is written and read back): the post/res
+  backward went 177 -> 134 us but dx 168 -> 205 us (four gradient tiles live per program), 8 us
+  net for an autograd side channel.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import triton
 import triton.language as tl
 
 from megatron_ext.ops.mhc import triton_streams
-from megatron_ext.ops.mhc._triton_util import DOT_PRECISION, tuned
+from megatron_ext.ops.mhc._triton_util import DOT_PRECISION, interpreting, tuned
 from megatron_ext.ops.mhc.triton_sinkhorn import sinkhorn_tile, sinkhorn_tile_vjp
 
 N_STREAMS = 4
@@ -69,39 +72,45 @@ def _load_scales(alpha_ptr, bias_ptr, i4):
 
 
 @tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
-        for bt, bk, w, ns in ((16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 8, 3), (64, 64, 4, 3),
-                              (32, 64, 4, 4), (64, 128, 8, 3))],
-       key=["C"])
+        for bt, bk, w, ns in ((128, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
+                              (128, 128, 8, 3), (32, 128, 4, 4))],
+       key=["C", "SPLIT"])
 @triton.jit
 def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
-                     DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Partial ``x @ phi`` and sum of squares of BLOCK_T rows over one column split of ``[4C]``."""
+                     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """Partial ``x @ phi`` and sum of squares of BLOCK_T rows over one column split of ``[4C]``.
+
+    ``SPLIT`` (bf16 streams): the x tile goes to the tensor cores as it is and phi is split per
+    tile into bf16 ``hi + lo`` (two dots into one fp32 accumulator: exact products, ~16 bits of
+    phi), where the TF32 lane first widens every x tile to fp32 (twice the operand bytes)."""
     NC = 4 * C
     pid_s = tl.program_id(1)
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_t = offs_t < T
     rows = offs_t.to(tl.int64)
-    j16 = tl.arange(0, 16)
-    acc_pp = tl.zeros([BLOCK_T, 16], dtype=tl.float32)
-    acc_res = tl.zeros([BLOCK_T, 16], dtype=tl.float32)
+    j = tl.arange(0, 32)
+    acc = tl.zeros([BLOCK_T, 32], dtype=tl.float32)
     sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
     k_begin = pid_s * cols_per_split
     k_end = tl.minimum(k_begin + cols_per_split, NC)
     for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         mk = kk < k_end
-        xt = tl.load(x_ptr + rows[:, None] * NC + kk[None, :],
-                     mask=mask_t[:, None] & mk[None, :], other=0.0).to(tl.float32)
-        # phi split in a pre|post|zero-pad block and the res block: no column extraction later
-        p_pp = tl.load(phi_ptr + kk[:, None] * 24 + j16[None, :],
-                       mask=mk[:, None] & (j16 < 8)[None, :], other=0.0)
-        p_res = tl.load(phi_ptr + kk[:, None] * 24 + 8 + j16[None, :], mask=mk[:, None], other=0.0)
-        acc_pp = tl.dot(xt, p_pp, acc_pp, input_precision=DOT_PRECISION)
-        acc_res = tl.dot(xt, p_res, acc_res, input_precision=DOT_PRECISION)
-        sumsq += tl.sum(xt * xt, axis=1)
+        xt = tl.load(x_ptr + rows[:, None] * NC + kk[None, :], mask=mask_t[:, None] & mk[None, :],
+                     other=0.0)
+        p = tl.load(phi_ptr + kk[:, None] * 24 + j[None, :], mask=mk[:, None] & (j < 24)[None, :],
+                    other=0.0)
+        xf = xt.to(tl.float32)
+        if SPLIT:
+            p_hi = p.to(xt.dtype)
+            acc = tl.dot(xt, p_hi, acc)
+            acc = tl.dot(xt, (p - p_hi.to(tl.float32)).to(xt.dtype), acc)
+        else:
+            acc = tl.dot(xf, p, acc, input_precision=DOT_PRECISION)
+        sumsq += tl.sum(xf * xf, axis=1)
     base = (pid_s.to(tl.int64) * T + rows) * 24
-    tl.store(pz_ptr + base[:, None] + j16[None, :], acc_pp, mask=mask_t[:, None] & (j16 < 8)[None, :])
-    tl.store(pz_ptr + base[:, None] + 8 + j16[None, :], acc_res, mask=mask_t[:, None])
+    tl.store(pz_ptr + base[:, None] + j[None, :], acc, mask=mask_t[:, None] & (j < 24)[None, :])
     tl.store(pss_ptr + pid_s.to(tl.int64) * T + rows, sumsq, mask=mask_t)
 
 
@@ -207,64 +216,92 @@ def _mix_pre_bwd_rows_kernel(dh_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr,
     tl.store(base + 26, tl.sum(da_res, axis=0))
 
 
-@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
-        for bt, bk, w, ns in ((16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 8, 3), (16, 32, 4, 3),
-                              (32, 128, 8, 3), (64, 64, 8, 3), (32, 256, 8, 3), (16, 128, 4, 5))],
-       key=["C"])
+@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w, num_stages=1)
+        for bt, bc, w in ((64, 64, 8), (64, 64, 4), (32, 128, 4), (64, 128, 8))],
+       key=["C", "HAS_LINK"])
 @triton.jit
-def _mix_pre_bwd_cols_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, glink_ptr, gx_ptr,
-                             pphi_ptr, T, C, tokens_per_split,
-                             DOT_PRECISION: tl.constexpr, HAS_LINK: tl.constexpr,
-                             BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+def _mix_pre_bwd_dx_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, glink_ptr, gx_ptr,
+                           T, C, DOT_PRECISION: tl.constexpr, HAS_LINK: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx of BLOCK_T tokens x BLOCK_C channels of all four streams:
+    ``dx_i = h_pre[i] * du + coef * x_i (+ g_link_i) + G @ phi_i^T``. Every tile is read and
+    written once; du and G are loaded once for the four streams. Many small independent programs
+    (T/BLOCK_T x C/BLOCK_C) keep the loads in flight: the former column-tile kernel that also
+    accumulated d phi over a token walk ran at a third of this bandwidth."""
+    NC = 4 * C
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mt = offs_t < T
+    rows = offs_t.to(tl.int64)
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = cc < C
+    m2 = mt[:, None] & mc[None, :]
+    j = tl.arange(0, 32)
+    g = tl.load(g_ptr + rows[:, None] * 24 + j[None, :], mask=mt[:, None] & (j < 24)[None, :],
+                other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=mt, other=0.0)
+    gu = tl.load(gu_ptr + rows[:, None] * C + cc[None, :], mask=m2, other=0.0)  # used 4 times
+    for i in tl.static_range(4):
+        kk = i * C + cc
+        hp = tl.load(hpre_ptr + rows * 4 + i, mask=mt, other=0.0)
+        xt = tl.load(x_ptr + rows[:, None] * NC + kk[None, :], mask=m2, other=0.0).to(tl.float32)
+        phiT = tl.load(phi_ptr + kk[None, :] * 24 + j[:, None], mask=(j < 24)[:, None] & mc[None, :],
+                       other=0.0)
+        dx = hp[:, None] * gu.to(tl.float32) + coef[:, None] * xt
+        if HAS_LINK:  # the streams' other gradient (the post/res mix of the same site)
+            dx += tl.load(glink_ptr + rows[:, None] * NC + kk[None, :], mask=m2,
+                          other=0.0).to(tl.float32)
+        dx = tl.dot(g, phiT, dx, input_precision=DOT_PRECISION)
+        tl.store(gx_ptr + rows[:, None] * NC + kk[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
+
+
+@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
+        for bt, bk, w, ns in ((128, 128, 8, 2), (64, 128, 4, 3), (64, 256, 8, 3), (32, 64, 4, 3))],
+       key=["C", "SPLIT"])
+@triton.jit
+def _mix_pre_bwd_dphi_kernel(x_ptr, g_ptr, pphi_ptr, T, C, tokens_per_split, SPLIT: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """Partial ``d phi = x^T @ G`` of BLOCK_K columns over one token split, written once per split
+    (summed in a fixed order afterwards: deterministic). ``SPLIT`` (bf16 streams): G split per
+    tile into bf16 ``hi + lo``, two dots into one fp32 accumulator, x as it is."""
     NC = 4 * C
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mk = kk < NC
-    stream = kk // C
-    cidx = kk - stream * C
-    j16 = tl.arange(0, 16)
-    phiT_pp = tl.load(phi_ptr + kk[None, :] * 24 + j16[:, None],
-                      mask=(j16 < 8)[:, None] & mk[None, :], other=0.0)
-    phiT_res = tl.load(phi_ptr + kk[None, :] * 24 + 8 + j16[:, None], mask=mk[None, :], other=0.0)
-    acc_pp = tl.zeros([BLOCK_K, 16], dtype=tl.float32)
-    acc_res = tl.zeros([BLOCK_K, 16], dtype=tl.float32)
-
+    j = tl.arange(0, 32)
+    acc = tl.zeros([BLOCK_K, 32], dtype=tl.float32)
     t_begin = pid_s * tokens_per_split
     t_end = tl.minimum(t_begin + tokens_per_split, T)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mt = offs_t < t_end
         rows = offs_t.to(tl.int64)
-        m2 = mt[:, None] & mk[None, :]
-        xt = tl.load(x_ptr + rows[:, None] * NC + kk[None, :], mask=m2, other=0.0).to(tl.float32)
-        gu = tl.load(gu_ptr + rows[:, None] * C + cidx[None, :], mask=m2,
-                     other=0.0).to(tl.float32)
-        hp = tl.load(hpre_ptr + rows[:, None] * 4 + stream[None, :], mask=m2, other=0.0)
-        g_pp = tl.load(g_ptr + rows[:, None] * 24 + j16[None, :],
-                       mask=mt[:, None] & (j16 < 8)[None, :], other=0.0)
-        g_res = tl.load(g_ptr + rows[:, None] * 24 + 8 + j16[None, :], mask=mt[:, None], other=0.0)
-        coef = tl.load(coef_ptr + rows, mask=mt, other=0.0)
-        dx = hp * gu + coef[:, None] * xt
-        if HAS_LINK:  # the streams' other gradient (the post/res mix of the same site)
-            dx += tl.load(glink_ptr + rows[:, None] * NC + kk[None, :], mask=m2,
-                          other=0.0).to(tl.float32)
-        dx = tl.dot(g_pp, phiT_pp, dx, input_precision=DOT_PRECISION)
-        dx = tl.dot(g_res, phiT_res, dx, input_precision=DOT_PRECISION)
-        tl.store(gx_ptr + rows[:, None] * NC + kk[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
-        xT = tl.trans(xt)
-        acc_pp = tl.dot(xT, g_pp, acc_pp, input_precision=DOT_PRECISION)
-        acc_res = tl.dot(xT, g_res, acc_res, input_precision=DOT_PRECISION)
-
+        xt = tl.load(x_ptr + rows[:, None] * NC + kk[None, :], mask=mt[:, None] & mk[None, :],
+                     other=0.0)
+        gt = tl.load(g_ptr + rows[:, None] * 24 + j[None, :], mask=mt[:, None] & (j < 24)[None, :],
+                     other=0.0)
+        if SPLIT:
+            g_hi = gt.to(xt.dtype)
+            xT = tl.trans(xt)
+            acc = tl.dot(xT, g_hi, acc)
+            acc = tl.dot(xT, (gt - g_hi.to(tl.float32)).to(xt.dtype), acc)
+        else:
+            acc = tl.dot(tl.trans(xt.to(tl.float32)), gt, acc, input_precision=DOT_PRECISION)
     base = pphi_ptr + pid_s.to(tl.int64) * NC * 24
-    tl.store(base + kk[:, None] * 24 + j16[None, :], acc_pp, mask=mk[:, None] & (j16 < 8)[None, :])
-    tl.store(base + kk[:, None] * 24 + 8 + j16[None, :], acc_res, mask=mk[:, None])
+    tl.store(base + kk[:, None] * 24 + j[None, :], acc, mask=mk[:, None] & (j < 24)[None, :])
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
+
+
+def _split_lane(x: torch.Tensor) -> bool:
+    """bf16 streams on a GPU: the projections take x as it is and split the fp32 operand into
+    bf16 hi + lo (the interpreter's bf16 dot is wrong, and fp16 hi/lo would underflow lo)."""
+    return x.dtype == torch.bfloat16 and not interpreting()
 
 
 def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float):
@@ -281,7 +318,8 @@ def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float)
     pz, pss = torch.empty(splits, T, N_COLS, **f32), torch.empty(splits, T, **f32)
     if T:
         _mix_proj_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), splits)](
-            x, phi, pz, pss, T, C, PROJ_COLS_PER_SPLIT, DOT_PRECISION=DOT_PRECISION)
+            x, phi, pz, pss, T, C, PROJ_COLS_PER_SPLIT, SPLIT=_split_lane(x),
+            DOT_PRECISION=DOT_PRECISION)
         _mix_maps_kernel[(triton.cdiv(T, MAPS_BLOCK_T),)](
             pz, pss, alpha, bias, h_pre, h_post, h_res, z, inv_r, T, NC, splits, num_iters, eps,
             rms_eps, BLOCK_T=MAPS_BLOCK_T)
@@ -307,22 +345,24 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     coef = torch.empty(T, **f32)
     ppar = alloc(n_prog, N_COLS + 3, **f32)
     dx = torch.empty_like(x)
-    # token splits for the d phi partials: ~8 programs per SM with 128-wide column tiles (a
-    # program walks its tokens serially, so many resident programs hide the load latency), each
-    # split a multiple of the largest BLOCK_T so the splits never share a token block
+    # token splits for the d phi partials: ~4 programs per SM with 128-wide column tiles (a
+    # program walks its split's tokens serially), each split a multiple of the largest BLOCK_T
     n_ktiles = triton.cdiv(NC, 128)
-    splits = max(1, min(triton.cdiv(8 * _num_sms(dev), n_ktiles), triton.cdiv(T, 64)))
-    tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 64) * 64
+    splits = max(1, min(triton.cdiv(4 * _num_sms(dev), n_ktiles), triton.cdiv(T, 128)))
+    tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 128) * 128
     pphi = alloc(splits, NC, N_COLS, **f32)
     if T:
-        # dh_pre[i] = <x_i, du>: one whole row per program (the streams' read of this backward)
+        # dh_pre[i] = <x_i, du>: one whole row per program
         _, dh = triton_streams.pre_bwd(x.view(T, N_STREAMS, C), h_pre, 4, gu, want_gx=False)
         scratch = torch.empty(T, num_iters, 16, **f32)  # the Sinkhorn adjoint's iterates
         _mix_pre_bwd_rows_kernel[(n_prog,)](
             dh, z, inv_r, alpha, bias, gh_post, gh_res, g, coef, ppar, scratch,
             T, C, num_iters, eps, BLOCK_T=BWD_ROWS_BLOCK_T, num_warps=2)
-        _mix_pre_bwd_cols_kernel[lambda meta: (triton.cdiv(NC, meta["BLOCK_K"]), splits)](
-            x, gu, h_pre, g, coef, phi, x if g_link is None else g_link, dx, pphi, T, C,
-            tokens_per_split, DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None)
+        _mix_pre_bwd_dx_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),
+                                             triton.cdiv(C, meta["BLOCK_C"]))](
+            x, gu, h_pre, g, coef, phi, x if g_link is None else g_link, dx, T, C,
+            DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None)
+        _mix_pre_bwd_dphi_kernel[lambda meta: (triton.cdiv(NC, meta["BLOCK_K"]), splits)](
+            x, g, pphi, T, C, tokens_per_split, SPLIT=_split_lane(x), DOT_PRECISION=DOT_PRECISION)
     par = ppar.sum(0)
     return dx, pphi.sum(0), par[N_COLS:], par[:N_COLS]
