@@ -31,8 +31,9 @@ def tuned(configs, key, **kwargs):
 
 
 # tl.dot precision of the fp32 projections (bf16 streams skip it where they can: the projection
-# and d phi dots take x as it is with the fp32 operand split into bf16 hi + lo, see triton_mix). "tf32" keeps the 4C x 24 projection and its two
-# backward GEMMs on the tensor cores (fp32 FMA would cost ~0.2 ms at C=2048, T=8192); the inputs
-# lose mantissa bits below 2^-11 relative, which alpha ~ 0.01 scales down further before the
-# sigmoid/Sinkhorn. The interpreter computes these dots in fp32 whatever this says.
+# and d phi dots take x as it is with the fp32 operand split into bf16 hi + lo, see triton_mix).
+# "tf32" keeps the 4C x 24 projection and its two backward GEMMs on the tensor cores (fp32 FMA
+# would cost ~0.2 ms at C=2048, T=8192); the inputs lose mantissa bits below 2^-11 relative,
+# which alpha ~ 0.01 scales down further before the sigmoid/Sinkhorn. The interpreter computes
+# these dots in fp32 whatever this says.
 DOT_PRECISION = "tf32"

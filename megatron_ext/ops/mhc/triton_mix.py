@@ -71,6 +71,16 @@ def _load_scales(alpha_ptr, bias_ptr, i4):
     return a_pre, a_post, a_res, b_pre, b_post, b_res
 
 
+@triton.jit
+def _dot_hi_lo(a, b, acc):
+    """``acc + a @ b`` for a 16-bit ``a`` and an fp32 ``b`` on the 16-bit tensor-core path: ``b``
+    split into ``hi + lo`` of ``a``'s dtype, two dots into the fp32 ``acc`` (exact products, ~16
+    mantissa bits of ``b``)."""
+    b_hi = b.to(a.dtype)
+    acc = tl.dot(a, b_hi, acc)
+    return tl.dot(a, (b - b_hi.to(tl.float32)).to(a.dtype), acc)
+
+
 @tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
         for bt, bk, w, ns in ((128, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
                               (128, 128, 8, 3), (32, 128, 4, 4))],
@@ -103,9 +113,7 @@ def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
                     other=0.0)
         xf = xt.to(tl.float32)
         if SPLIT:
-            p_hi = p.to(xt.dtype)
-            acc = tl.dot(xt, p_hi, acc)
-            acc = tl.dot(xt, (p - p_hi.to(tl.float32)).to(xt.dtype), acc)
+            acc = _dot_hi_lo(xt, p, acc)
         else:
             acc = tl.dot(xf, p, acc, input_precision=DOT_PRECISION)
         sumsq += tl.sum(xf * xf, axis=1)
@@ -282,10 +290,7 @@ def _mix_pre_bwd_dphi_kernel(x_ptr, g_ptr, pphi_ptr, T, C, tokens_per_split, SPL
         gt = tl.load(g_ptr + rows[:, None] * 24 + j[None, :], mask=mt[:, None] & (j < 24)[None, :],
                      other=0.0)
         if SPLIT:
-            g_hi = gt.to(xt.dtype)
-            xT = tl.trans(xt)
-            acc = tl.dot(xT, g_hi, acc)
-            acc = tl.dot(xT, (gt - g_hi.to(tl.float32)).to(xt.dtype), acc)
+            acc = _dot_hi_lo(tl.trans(xt), gt, acc)
         else:
             acc = tl.dot(tl.trans(xt.to(tl.float32)), gt, acc, input_precision=DOT_PRECISION)
     base = pphi_ptr + pid_s.to(tl.int64) * NC * 24
