@@ -148,7 +148,8 @@ class GQLAttention(MegatronModule):
         g.validate(config.num_attention_heads, tp)
         self.gqla = g
         backends.note("gqla.attention", g.backend, "torch_sdpa" if self._dense_sdpa else "sparse_attention",
-                      "dense causal: SDPA" if self._dense_sdpa else "window/sinks or backend='triton'")
+                      "dense causal: SDPA" if self._dense_sdpa else
+                      "window/sinks, learned top-k or backend='triton'")
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.tp = tp
@@ -265,10 +266,16 @@ class GQLAttention(MegatronModule):
         return q_nope, q_rope, c, kr, k_nope, v
 
     @property
-    def _dense_sdpa(self) -> bool:
-        """Dense causal without a window or sinks goes to SDPA unless the op's Triton lane is forced."""
+    def _dense_pattern(self) -> bool:
+        """No window, no sinks and the op's Triton lane not forced: a call without a top-k list is
+        plain causal attention and goes to SDPA (top-k layers: during the dense warm-up)."""
         g = self.gqla
-        return g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton" and g.topk is None
+        return g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton"
+
+    @property
+    def _dense_sdpa(self) -> bool:
+        """Every call goes to SDPA (a top-k layer attends its lists after the warm-up)."""
+        return self._dense_pattern and self.gqla.topk is None
 
     def _attend_expanded(self, q_nope, q_rope, kr, k_nope, v, topk=None, note_qk=None):
         """GQA attention of ``[s, b, heads, d]`` tensors -> ``[s, b, H_local * d_v]``; ``topk [b, s,
@@ -279,8 +286,7 @@ class GQLAttention(MegatronModule):
         q = torch.cat([q_nope, q_rope], dim=-1)
         if note_qk is not None:
             note_qk(q.transpose(0, 1), k.transpose(0, 1))
-        g = self.gqla
-        if topk is None and g.window_size is None and g.num_sink_tokens == 0 and g.backend != "triton":
+        if topk is None and self._dense_pattern:
             # Plain causal attention: SDPA (flash / cuDNN / memory-efficient on GPU) is faster than
             # the band kernel at full causal width. K/V are repeated per query head (head h reads
             # group h // (H/G)) so SDPA stays on its fused kernels; d_v may differ from d_qk there.
