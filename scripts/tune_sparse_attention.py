@@ -56,6 +56,19 @@ def variants(base, groups=("fwd", "dq", "dkdv", "sched")):
             cfg = dataclasses.replace(base, **{f"{part}_block_m": bm, f"{part}_block_n": bn,
                                                f"{part}_warps": w, f"{part}_stages": st})
             out.append((f"{part} {bm}x{bn} w{w} s{st}", cfg, "fwd" if part == "fwd" else "bwd"))
+    if "tma" in groups:  # TMA descriptor loads vs pointer loads, and the tiles that moved with them
+        old = dict(fwd_block_m=64, fwd_block_n=64, fwd_warps=4, fwd_stages=3, dq_block_m=128, dq_block_n=64,
+                   dq_warps=8, dq_stages=3, dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2)
+        out.append(("pointer loads, old tiles", dataclasses.replace(base, tma=False, **old), "both"))
+        out.append(("tma, old tiles", dataclasses.replace(base, tma=True, **old), "both"))
+        out.append(("pointer loads", dataclasses.replace(base, tma=False), "both"))
+        for part, bm, bn, w, st in [("fwd", 64, 64, 4, 2), ("fwd", 64, 64, 4, 3), ("fwd", 128, 64, 4, 3),
+                                    ("dq", 64, 32, 4, 3), ("dq", 128, 64, 8, 3), ("dq", 32, 64, 4, 3),
+                                    ("dkdv", 64, 64, 4, 1), ("dkdv", 32, 64, 4, 2), ("dkdv", 64, 32, 4, 2),
+                                    ("dkdv", 128, 64, 4, 2), ("dkdv", 64, 128, 8, 2)]:
+            cfg = dataclasses.replace(base, **{f"{part}_block_m": bm, f"{part}_block_n": bn,
+                                               f"{part}_warps": w, f"{part}_stages": st})
+            out.append((f"{part} {bm}x{bn} w{w} s{st}", cfg, "fwd" if part == "fwd" else "bwd"))
     if "sched" in groups:  # dk/dv work split and the non-deterministic atomic variants
         for chunk in (512, 2048):
             out.append((f"dkdv chunk {chunk}", dataclasses.replace(base, dkdv_chunk=chunk), "bwd"))
@@ -86,6 +99,27 @@ def _profile(run, iters=10):
         print(f"  {e.device_time_total / iters / 1e3:8.3f} ms  x{e.count // iters:<3d} {e.key[:90]}")
 
 
+def _kernel_stats(tw, seen):
+    """Registers / spills / shared memory of the compiled kernels not reported yet (best effort:
+    the compiled-kernel cache layout is Triton's)."""
+    lines = []
+    for fn in (tw._fwd_kernel, tw._bwd_dq_kernel, tw._bwd_dkdv_kernel):
+        try:
+            for cache in fn.device_caches.values():
+                for key, k in cache[0].items():
+                    if (fn.__name__, key) in seen:
+                        continue
+                    seen.add((fn.__name__, key))
+                    if hasattr(k, "_init_handles"):
+                        k._init_handles()
+                    md = k.metadata
+                    lines.append(f"{fn.__name__}: warps {md.num_warps} stages {md.num_stages} "
+                                 f"regs {k.n_regs} spills {k.n_spills} shared {md.shared}")
+        except Exception as e:  # noqa: BLE001 - diagnostics only
+            lines.append(f"{getattr(fn, '__name__', fn)}: no stats ({type(e).__name__})")
+    return "; ".join(lines)
+
+
 def _compile_all(args) -> None:
     """Compile every variant in ``args.jobs`` worker processes before the timed process runs."""
     import subprocess
@@ -109,11 +143,12 @@ def main() -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--groups", default="fwd,dq,dkdv,sched",
                    help="comma list of variant groups: fwd, dq, dkdv (tiles), wide (16-warp tiles), "
-                        "sched (dk/dv chunking, atomics)")
+                        "tma (TMA descriptor loads, with tiles), sched (dk/dv chunking, atomics)")
     p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up ms")
     p.add_argument("--rep", type=int, default=100, help="do_bench timed ms")
     p.add_argument("--jobs", type=int, default=0, help="compile the variants first in this many processes")
-    p.add_argument("--profile", action="store_true", help="per-kernel GPU time of the default config")
+    p.add_argument("--profile", action="store_true",
+                   help="per-kernel GPU time of every variant that changes both passes (the default first)")
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -148,9 +183,17 @@ def main() -> int:
     ref_out, ref_lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, base)
     ref_grads = tw.window_attention_bwd(do, q, k, v, ref_out, ref_lse, None, args.window, args.sinks, scale, base)
     if args.profile:
-        _profile(lambda: tw.window_attention_bwd(do, q, k, v, *tw.window_attention_fwd(
-            q, k, v, None, args.window, args.sinks, scale, base), None, args.window, args.sinks, scale, base))
+        for name, cfg, part in all_variants:
+            if part == "both":
+                print(f"profile: {name}")
+                try:
+                    _profile(lambda: tw.window_attention_bwd(do, q, k, v, *tw.window_attention_fwd(
+                        q, k, v, None, args.window, args.sinks, scale, cfg), None, args.window,
+                        args.sinks, scale, cfg))
+                except Exception as e:  # reported again in the table
+                    print(f"  failed: {type(e).__name__}: {str(e)[:200]}")
     rows = []
+    seen = set()
     for name, cfg, part in all_variants:
         try:
             out, lse = tw.window_attention_fwd(q, k, v, None, args.window, args.sinks, scale, cfg)
@@ -158,6 +201,9 @@ def main() -> int:
             err = max(float((out.float() - ref_out.float()).abs().max()),
                       *(float((a.float() - b.float()).abs().max()) for a, b in zip(grads[:3], ref_grads[:3])))
             row = {"variant": name, "max_abs_diff": err}
+            stats = _kernel_stats(tw, seen)
+            if stats:
+                row["kernels"] = stats
             if part in ("fwd", "both"):
                 row["fwd_ms"] = triton.testing.do_bench(lambda: tw.window_attention_fwd(
                     q, k, v, None, args.window, args.sinks, scale, cfg), warmup=args.warmup, rep=args.rep)

@@ -316,6 +316,56 @@ def test_tile_config_rejects_bad_switches():
         triton_window.TileConfig(fused_dq=1)
     with pytest.raises(ValueError, match="heavy_first=None"):
         triton_window.TileConfig(heavy_first=None)
+    with pytest.raises(ValueError, match="tma='yes'"):
+        triton_window.TileConfig(tma="yes")
+
+
+@needs_triton
+@pytest.mark.parametrize("b,s,hq,hkv,d,window,sinks,with_sink,variant,kw", [
+    (1, 37, 4, 1, 16, 8, 3, True, dict(), {}),                 # MQA, odd S: boxes past the end
+    (1, 21, 6, 2, 16, 4, 2, True, dict(), {}),                 # group of 3: padded head rows
+    (1, 12, 32, 1, 16, 4, 1, True, dict(), {}),                # two head chunks per group
+    (2, 19, 4, 2, 16, 6, 1, True, dict(), dict(transpose_inputs=True)),  # strided views
+    (1, 37, 4, 1, 16, 8, 3, True, dict(dkdv_chunk=8, fused_dq=True), {}),
+    (1, 45, 4, 1, 32, 9, 2, True, dict(), dict(dtype=torch.float16, tol=2e-2)),
+])
+def test_triton_tma_lane_matches_reference(b, s, hq, hkv, d, window, sinks, with_sink, variant, kw):
+    """Q/dO/O and K/V tiles through TMA tensor descriptors (the interpreter emulates them): boxes
+    past the sequence read zeros, padded head rows read the next group's heads and must not leak
+    into dk/dv, and the dq kernel's delta feeds the dk/dv kernel."""
+    cfg = dataclasses.replace(triton_window.INTERPRETER_CONFIG, tma=True, **variant)
+    hb, bt, _ = triton_window._group_tiling(hq // hkv, cfg.fwd_block_m)
+    q = torch.randn(b, s, hq, d, device=DEVICE)
+    assert triton_window._descs(cfg, (q, [1, bt, hb, d]))[0]  # the lane is taken
+    _triton_vs_reference(b, s, hq, hkv, d, window, sinks, with_sink, config=cfg, **kw)
+
+
+def test_default_tiles_without_tma(monkeypatch):
+    """A GPU before sm_90 (no TMA) gets the pointer-load tiles; Hopper keeps the TMA lane."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    old = triton_window.default_config(128, torch.bfloat16, False, cuda)
+    assert old == triton_window.POINTER_CONFIGS[128] and not old.tma
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert triton_window.default_config(128, torch.bfloat16, False, cuda) == triton_window.H100_CONFIGS[128]
+    assert triton_window.H100_CONFIGS[128].tma
+    assert not triton_window.default_config(128, torch.float32, False, cuda).tma  # fp32: pointer loads
+
+
+@needs_triton
+def test_triton_tma_lane_falls_back_to_pointer_loads():
+    """A tensor no descriptor can describe (row not a multiple of 16 bytes) keeps the pointer loads
+    for that launch, with the same results."""
+    from megatron_ext.ops._tma import tensor_desc
+
+    cfg = dataclasses.replace(triton_window.INTERPRETER_CONFIG, tma=True)
+    odd = torch.randn(1, 8, 2, 6, device=DEVICE)       # 24-byte rows
+    assert tensor_desc(odd, [1, 4, 2, 6], True) is None
+    assert tensor_desc(odd[..., :4].contiguous(), [1, 4, 2, 4], True) is not None
+    use, passed = triton_window._descs(cfg, (odd, [1, 4, 2, 6]))
+    assert not use and passed[0] is odd
+    assert triton_window._descs(dataclasses.replace(cfg, tma=False),
+                                (odd[..., :4].contiguous(), [1, 4, 2, 4]))[0] is False
 
 
 @needs_triton
@@ -506,7 +556,8 @@ def test_gpu_compiled_small_cases(b, s, hq, hkv, d, window, sinks, with_sink, dt
 
 @pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("variant", [dict(dkdv_atomic=True), dict(fused_dq=True), dict(dkdv_chunk=256)])
+@pytest.mark.parametrize("variant", [dict(dkdv_atomic=True), dict(fused_dq=True), dict(dkdv_chunk=256),
+                                     dict(tma=False)])
 def test_gpu_bf16_atomic_and_chunk_variants(variant):
     cfg = dataclasses.replace(triton_window.default_config(128, torch.bfloat16, False), **variant)
     for shape in [(2048, 16, 1, 128, 512, 4), (1999, 8, 2, 128, None, 0)]:

@@ -66,7 +66,6 @@ wrong); on the GPU they go to the tensor cores as bf16.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 from typing import Dict, Optional, Tuple
@@ -74,6 +73,8 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .._tma import tensor_desc
 
 Tensor = torch.Tensor
 
@@ -233,53 +234,14 @@ def _persistent_grid(work_bound: int, device: torch.device, cfg: TileConfig,
     return (max(1, min(work_bound, _num_sms(idx) * per_sm)),)
 
 
-@functools.lru_cache(maxsize=None)
-def _libcuda():
-    try:
-        return ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-
-
-def _ensure_cuda_context(device: torch.device) -> None:
-    """Make the device's primary context current in this thread. Triton < 3.7 encodes host-side
-    TMA descriptors with the driver API in the calling thread without making a context current
-    first; autograd runs backward in its own device thread, where torch's runtime API has not
-    bound one yet ("Failed to create tensor map descriptor: invalid device context"). Pure driver
-    calls: no stream work, so CUDA-graph capture is unaffected."""
-    lib = _libcuda()
-    if lib is None:
-        return
-    ctx = ctypes.c_void_p()
-    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
-        return
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    dev = ctypes.c_int()
-    if lib.cuDeviceGet(ctypes.byref(dev), idx) == 0 and \
-            lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0:
-        lib.cuCtxSetCurrent(ctx)
-
-
 def _tma_desc(t: Tensor, rows: int, block: Tuple[int, int], want: bool):
     """2-D TMA descriptor over ``t`` viewed as ``[rows, t.shape[-1]]`` (experts stacked along the
     rows), or None where TMA cannot be used (not asked for, not contiguous, misaligned, or a GPU
     before sm_90); the kernels then load through pointers. Rows past an expert's end read the next
     expert's rows: the kernels use TMA only where those rows meet masked or zero values."""
-    if not want or not t.is_contiguous() or t.data_ptr() % 16 or \
-            (t.shape[-1] * t.element_size()) % 16:
+    if not want or not t.is_contiguous():
         return None
-    if t.device.type == "cuda":
-        if torch.cuda.get_device_capability(t.device) < (9, 0):
-            return None
-        _ensure_cuda_context(t.device)
-    if t.device.type != "cuda" and not interpreted():
-        return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # Triton < 3.4
-        return None
-    flat = t.view(rows, t.shape[-1])
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), list(block))
+    return tensor_desc(t.view(rows, t.shape[-1]), block, interpreted())
 
 
 def _flags(dtype: torch.dtype) -> Tuple[bool, str]:

@@ -20,8 +20,9 @@ Tiling (FlashAttention-2 style online softmax with a stored log-sum-exp):
   ``O(S * (W + num_sink))``, not ``O(S^2)``. The band is split into three ranges: a masked lower
   edge (window boundary), an unmasked interior, and a masked diagonal (causal boundary); sink-only
   blocks below the band are masked. Masks are ``j <= t & (t - j < W | j < num_sink)``.
-* **Backward** (deterministic by default, no atomics): a preprocessing kernel computes
-  ``delta = rowsum(dO * O)``; a dq kernel walks key blocks like the forward; the dk/dv kernel's
+* **Backward** (deterministic by default, no atomics): a dq kernel walks key blocks like the
+  forward and, on its way, computes ``delta = rowsum(dO * O)`` of its rows (one extra O tile per
+  program) and stores it for the dk/dv kernel, which runs after it; the dk/dv kernel's
   program is one (key block, query chunk) pair: it walks the chunk's query blocks that can see the
   key block (its causal-window band ``[n0, n0 + BN - 1 + W)`` cut to the chunk; for sink key blocks,
   every query of the chunk). Why chunks: in MQA, Q and dO are ``group`` times larger than K/V (128 MB
@@ -59,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._tma import tensor_desc
+
 LOG2E = 1.4426950408889634
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -75,6 +78,9 @@ class TileConfig:
     (FlashAttention-2 style) and the separate dq kernel is skipped (not deterministic either).
     ``heavy_first``: forward and dq programs run in reverse token order, so the light programs of
     the first ``W`` tokens (fewer keys) come last and fill the final wave.
+    ``tma``: the Q/dO row tiles and the K/V tiles of the key walks are loaded through TMA tensor
+    descriptors (sm_90+; no address registers, zero fill past the ends); where a descriptor cannot
+    be made (older GPU, misaligned view) the kernels load through pointers as without it.
     """
 
     fwd_block_m: int = 128
@@ -93,6 +99,7 @@ class TileConfig:
     dkdv_atomic: bool = False
     fused_dq: bool = False
     heavy_first: bool = False
+    tma: bool = False
 
     @property
     def deterministic(self) -> bool:
@@ -106,7 +113,7 @@ class TileConfig:
                     raise ValueError(f"dkdv_chunk={val!r}: query tokens per dk/dv program; use an int >= 1 "
                                      f"or None")
                 continue
-            if f.name in ("dkdv_atomic", "fused_dq", "heavy_first"):
+            if f.name in ("dkdv_atomic", "fused_dq", "heavy_first", "tma"):
                 if not isinstance(val, bool):
                     raise ValueError(f"{f.name}={val!r}: a switch; use True or False")
                 continue
@@ -129,22 +136,36 @@ class TileConfig:
 # Then fwd and dq timed too (same shape, dk/dv partials summed by the reduce kernel): fwd 64x64 w4
 # s3 1.056 ms vs 1.084 at 128x64 w8 s3, reversed program order (heavy_first) 1.063; dq 128x64 w8 s3
 # took the backward from 3.753 to 3.577 ms (128x32 w8 s3 before; 64x32 w4 s3 3.624, 128x64 w8 s2
-# 3.646). Table: docs/benchmarks.md. The other head dims are not timed yet.
+# 3.646). Then TMA descriptor loads (``tma``; 2026-11-23, same shape): with them the smaller
+# one-warpgroup tiles win, because two ~99 KB programs fit on an SM and overlap each other's
+# softmax with their MMAs: per-kernel time dk/dv 2.281 -> 2.086 ms (64x64 w4 s2, was 64x128 w8
+# s2), dq 1.149 -> 1.020 (64x64 w4 s3, now also computing delta), fwd 0.981 -> 0.951 (128x64 w8
+# s3); fwd + bwd 4.451 -> 4.097 ms. Table: docs/benchmarks.md. The other head dims are not timed
+# yet (pointer loads, the older tiles).
 H100_CONFIGS = {
     16: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
     32: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
     64: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
-    128: TileConfig(64, 64, 4, 3, 128, 64, 8, 3, 64, 128, 8, 2, heavy_first=True),
+    128: TileConfig(128, 64, 8, 3, 64, 64, 4, 3, 64, 64, 4, 2, heavy_first=True, tma=True),
     256: TileConfig(64, 32, 8, 2, 64, 32, 8, 2, 32, 32, 8, 2),
 }
+# d=128 without TMA (GPUs before sm_90): the pointer-load tiles timed best before the TMA lane
+# (with pointer loads the TMA tiles take 5.00 ms instead of 4.46 on the H100).
+POINTER_CONFIGS = {128: TileConfig(64, 64, 4, 3, 128, 64, 8, 3, 64, 128, 8, 2, heavy_first=True)}
 # The interpreter runs every tile op in numpy: small tiles keep the CPU tests fast.
 INTERPRETER_CONFIG = TileConfig(16, 16, 1, 1, 16, 16, 1, 1, 16, 16, 1, 1)
 
 
-def default_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> TileConfig:
+def default_config(head_dim: int, dtype: torch.dtype, interpret: bool,
+                   device: Optional[torch.device] = None) -> TileConfig:
+    """The tiles for a head dim and dtype; ``device``: a CUDA GPU before sm_90 (no TMA) gets the
+    pointer-load tiles."""
     if interpret:
         return INTERPRETER_CONFIG
     cfg = H100_CONFIGS[head_dim]
+    if cfg.tma and device is not None and device.type == "cuda" and \
+            torch.cuda.get_device_capability(device) < (9, 0):
+        cfg = POINTER_CONFIGS.get(head_dim, dataclasses.replace(cfg, tma=False))
     if dtype == torch.float32:
         # 4-byte operands: halve the tiles to stay inside shared memory. fp32 is the exact
         # (IEEE-dot, no tensor cores) correctness path; it spills registers and is not tuned.
@@ -152,7 +173,7 @@ def default_config(head_dim: int, dtype: torch.dtype, interpret: bool) -> TileCo
             cfg, fwd_block_m=max(16, cfg.fwd_block_m // 2), fwd_block_n=max(16, cfg.fwd_block_n // 2),
             dq_block_m=max(16, cfg.dq_block_m // 2), dq_block_n=max(16, cfg.dq_block_n // 2),
             dkdv_block_m=max(16, cfg.dkdv_block_m // 2), dkdv_block_n=max(16, cfg.dkdv_block_n // 2),
-            fwd_stages=2, dq_stages=2, dkdv_stages=2)
+            fwd_stages=2, dq_stages=2, dkdv_stages=2, tma=False)
     return cfg
 
 
@@ -190,15 +211,46 @@ def _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok):
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, blk_lo, blk_hi,
-               seqlen, window, num_sink, qk_scale,
+def _kv_tile(k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, n0, seqlen,
+             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """K and V tiles of keys ``[n0, n0 + BLOCK_N)`` of batch ``b32``, kv head ``g`` (zeros past the
+    sequence): through the descriptors ``KD``/``VD`` (boxes ``[1, BLOCK_N, 1, d]``) if ``TMA``."""
+    if TMA:
+        k = KD.load([b32, n0, g, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = VD.load([b32, n0, g, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        n = n0 + tl.arange(0, BLOCK_N)
+        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, tl.arange(0, HEAD_DIM), n < seqlen)
+    return k, v
+
+
+@triton.jit
+def _row_tile(base, DESC, b32, t0, h0, t, hl, ok, stride_s, stride_h,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, TMA: tl.constexpr):
+    """A stacked ``[BLOCK_M, d]`` row tile (row ``r``: token ``t0 + r // HB``, head ``h0 + r % HB``).
+    Pointer path: ``base`` points at the batch's (and group's) first head, ``t``/``hl`` are the rows'
+    tokens and heads relative to it, ``ok`` masks rows. ``TMA``: one ``[1, BT, HB, d]`` box of
+    ``DESC`` at ``(b32, t0, h0)`` -- rows past the sequence or the heads read 0; rows of padded heads
+    (``HB`` > group) read the next group's heads, which every kernel neutralises (lse = +inf, not
+    stored)."""
+    if TMA:
+        x = DESC.load([b32, t0, h0, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        d = tl.arange(0, HEAD_DIM)
+        x = tl.load(base + t[:, None] * stride_s + hl[:, None] * stride_h + d[None, :],
+                    mask=ok[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
+               blk_lo, blk_hi, seqlen, window, num_sink, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    d = tl.arange(0, HEAD_DIM)
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     for blk in range(blk_lo, blk_hi):
         n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_ok = n < seqlen
-        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
+        k, v = _kv_tile(k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, blk * BLOCK_N, seqlen,
+                        HEAD_DIM, BLOCK_N, TMA)
         qk = _dot(q, tl.trans(k), UPCAST, DOT_PREC) * qk_scale           # [M, N], log2 units
         if MASK:
             qk = tl.where(_allowed(t[:, None], n[None, :], window, num_sink), qk, float("-inf"))
@@ -230,20 +282,21 @@ def _key_block_ranges(t0, seqlen, window, num_sink, BT: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, SINK, O, LSE,
+def _fwd_kernel(Q, K, V, SINK, O, LSE, QD, KD, VD,
                 stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                 seqlen, hq, hkv, group, window, num_sink, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HB: tl.constexpr, HAS_SINK: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+                DOT_PREC: tl.constexpr, HEAVY_FIRST: tl.constexpr, TMA: tl.constexpr):
     BT: tl.constexpr = BLOCK_M // HB
     pid_t = tl.program_id(0)
     if HEAVY_FIRST:  # the first W tokens see fewer keys: run them last, to fill the last wave
         pid_t = tl.num_programs(0) - 1 - pid_t
     pid_hc = tl.program_id(1)
     pid_bg = tl.program_id(2)
-    b = (pid_bg // hkv).to(tl.int64)
+    b32 = pid_bg // hkv
+    b = b32.to(tl.int64)
     g = pid_bg % hkv
     t0 = pid_t * BT
     r = tl.arange(0, BLOCK_M)
@@ -253,8 +306,8 @@ def _fwd_kernel(Q, K, V, SINK, O, LSE,
     row_ok = (t < seqlen) & (hl < group)
     d = tl.arange(0, HEAD_DIM)
 
-    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qs + h[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = _row_tile(Q + b * stride_qb, QD, b32, t0, g * group + pid_hc * HB, t, h, row_ok, stride_qs,
+                  stride_qh, HEAD_DIM, BLOCK_M, HB, TMA)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     if HAS_SINK:  # the sink is a first "key" with logit sink_h and a zero value: m = sink, l = 1
@@ -266,14 +319,18 @@ def _fwd_kernel(Q, K, V, SINK, O, LSE,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     sink_hi, lo, fl, fh, hi = _key_block_ranges(t0, seqlen, window, num_sink, BT, BLOCK_N)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, 0, sink_hi,
-                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, lo, fl,
-                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, fl, fh,
-                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PREC)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, t, fh, hi,
-                               seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
+                               t, 0, sink_hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
+                               True, UPCAST, DOT_PREC, TMA)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
+                               t, lo, fl, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
+                               True, UPCAST, DOT_PREC, TMA)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
+                               t, fl, fh, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
+                               False, UPCAST, DOT_PREC, TMA)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
+                               t, fh, hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
+                               True, UPCAST, DOT_PREC, TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padded rows can have l = 0; they are not stored
     out = acc / l_safe[:, None]
@@ -306,15 +363,14 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_dob,
 
 
 @triton.jit
-def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, blk_lo, blk_hi,
-              seqlen, window, num_sink, qk_scale,
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
+              blk_lo, blk_hi, seqlen, window, num_sink, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    d = tl.arange(0, HEAD_DIM)
+              UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     for blk in range(blk_lo, blk_hi):
         n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv_ok = n < seqlen
-        k, v = _load_kv(k_base, v_base, stride_ks, stride_vs, n, d, kv_ok)
+        k, v = _kv_tile(k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, blk * BLOCK_N, seqlen,
+                        HEAD_DIM, BLOCK_N, TMA)
         qk = _dot(q, tl.trans(k), UPCAST, DOT_PREC) * qk_scale
         p = tl.math.exp2(qk - lse2[:, None])
         if MASK:
@@ -326,21 +382,22 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, b
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, QD, KD, VD, DOD, OD,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                   stride_dqb, stride_dqs, stride_dqh,
+                   stride_ob, stride_os, stride_oh, stride_dqb, stride_dqs, stride_dqh,
                    seqlen, hq, hkv, group, window, num_sink, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HB: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                   HEAVY_FIRST: tl.constexpr):
+                   HEAVY_FIRST: tl.constexpr, TMA: tl.constexpr):
     BT: tl.constexpr = BLOCK_M // HB
     pid_t = tl.program_id(0)
     if HEAVY_FIRST:
         pid_t = tl.num_programs(0) - 1 - pid_t
     pid_hc = tl.program_id(1)
     pid_bg = tl.program_id(2)
-    b = (pid_bg // hkv).to(tl.int64)
+    b32 = pid_bg // hkv
+    b = b32.to(tl.int64)
     g = pid_bg % hkv
     t0 = pid_t * BT
     r = tl.arange(0, BLOCK_M)
@@ -350,37 +407,47 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     row_ok = (t < seqlen) & (hl < group)
     d = tl.arange(0, HEAD_DIM)
 
-    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qs + h[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + t[:, None] * stride_dos + h[:, None] * stride_doh + d[None, :],
-                 mask=row_ok[:, None], other=0.0)
+    h0 = g * group + pid_hc * HB
+    q = _row_tile(Q + b * stride_qb, QD, b32, t0, h0, t, h, row_ok, stride_qs, stride_qh,
+                  HEAD_DIM, BLOCK_M, HB, TMA)
+    do = _row_tile(DO + b * stride_dob, DOD, b32, t0, h0, t, h, row_ok, stride_dos, stride_doh,
+                   HEAD_DIM, BLOCK_M, HB, TMA)
     # padded rows: lse = +inf makes p = 0 there
     lse2 = tl.load(LSE + (b * hq + h) * seqlen + t, mask=row_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(DELTA + (b * hq + h) * seqlen + t, mask=row_ok, other=0.0)
+    # delta = rowsum(dO * O) of this program's rows, kept for the dk/dv kernel (runs after this one)
+    o = _row_tile(O + b * stride_ob, OD, b32, t0, h0, t, h, row_ok, stride_os, stride_oh,
+                  HEAD_DIM, BLOCK_M, HB, TMA)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * hq + h) * seqlen + t, delta, mask=row_ok)
     k_base = K + b * stride_kb + g * stride_kh
     v_base = V + b * stride_vb + g * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     sink_hi, lo, fl, fh, hi = _key_block_ranges(t0, seqlen, window, num_sink, BT, BLOCK_N)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, 0, sink_hi,
-                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, lo, fl,
-                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, fl, fh,
-                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST, DOT_PREC)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, t, fh, hi,
-                   seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST, DOT_PREC)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
+                   0, sink_hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST,
+                   DOT_PREC, TMA)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
+                   lo, fl, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST,
+                   DOT_PREC, TMA)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
+                   fl, fh, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST,
+                   DOT_PREC, TMA)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
+                   fh, hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST,
+                   DOT_PREC, TMA)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + t[:, None] * stride_dqs + h[:, None] * stride_dqh + d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base, stride_qs, stride_qh,
-                stride_dos, stride_doh, stride_dqas, stride_dqah, n, hc, qb_lo, qb_hi, seqlen, group,
-                window, num_sink, qk_scale, sm_scale,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, h_grp, lse_base, delta_base, dqa_base,
+                stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah, n, hc, qb_lo,
+                qb_hi, seqlen, group, window, num_sink, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, MASK: tl.constexpr,
-                FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                TMA: tl.constexpr):
     """Accumulate one key block's dk/dv over query blocks ``[qb_lo, qb_hi)`` of head chunk ``hc``
     (tiles are transposed, ``[keys, rows]``, so no transpose of P or dS is needed). ``FUSED_DQ``:
     also add this key block's share of dq, ``dS @ K``, into the fp32 buffer at ``dqa_base``."""
@@ -391,10 +458,10 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base, s
     for qb in range(qb_lo, qb_hi):
         t = qb * BT + r // HB
         ok = (t < seqlen) & (hl < group)
-        q = tl.load(q_base + t[:, None] * stride_qs + hl[:, None] * stride_qh + d[None, :],
-                    mask=ok[:, None], other=0.0)
-        do = tl.load(do_base + t[:, None] * stride_dos + hl[:, None] * stride_doh + d[None, :],
-                     mask=ok[:, None], other=0.0)
+        q = _row_tile(q_base, QD, b32, qb * BT, h_grp + hc * HB, t, hl, ok, stride_qs, stride_qh,
+                      HEAD_DIM, BLOCK_M, HB, TMA)
+        do = _row_tile(do_base, DOD, b32, qb * BT, h_grp + hc * HB, t, hl, ok, stride_dos, stride_doh,
+                       HEAD_DIM, BLOCK_M, HB, TMA)
         lse2 = tl.load(lse_base + hl * seqlen + t, mask=ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_base + hl * seqlen + t, mask=ok, other=0.0)
         qkT = _dot(k, tl.trans(q), UPCAST, DOT_PREC) * qk_scale          # [N, M]
@@ -424,7 +491,7 @@ def _query_band(n0, seqlen, window, BT: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA, QD, DOD,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                      stride_dqab, stride_dqas, stride_dqah,
@@ -432,7 +499,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA,
                      n_sink_blk, sink_rows, s_pad, chunk_blocks, n_bg,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HB: tl.constexpr, N_HC: tl.constexpr, ATOMIC: tl.constexpr,
-                     FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                     FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                     TMA: tl.constexpr):
     """Program ``(slot, qc, bg)``: key block ``kb`` x query chunk ``qc`` (query blocks
     ``[qc * chunk_blocks, (qc + 1) * chunk_blocks)``). Slots ``[0, n_sink_blk)`` are the sink key
     blocks (every later query sees them); slot ``n_sink_blk + i`` is the ``i``-th non-sink key block
@@ -448,7 +516,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA,
     slot = tl.program_id(0)
     qc = tl.program_id(1)
     pid_bg = tl.program_id(2)
-    b = (pid_bg // hkv).to(tl.int64)
+    b32 = pid_bg // hkv
+    b = b32.to(tl.int64)
     g = pid_bg % hkv
     n_qb = tl.cdiv(seqlen, BT)
     c_lo = qc * chunk_blocks
@@ -482,23 +551,28 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA,
         fh_c = tl.minimum(tl.maximum(fh, fl_c), c_hi)
         hi_c = tl.minimum(tl.maximum(hi, fh_c), c_hi)
         far_hi = tl.where(is_sink, c_hi, hi_c)
+        lo_c = tl.minimum(lo_c, c_hi)
         for hc in range(N_HC):
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
-                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
-                                 n, hc, tl.minimum(lo_c, c_hi), fl_c, seqlen, group, window, num_sink,
-                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
-                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
-                                 n, hc, fl_c, fh_c, seqlen, group, window, num_sink,
-                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, False, FUSED_DQ, UPCAST, DOT_PREC)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
-                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
-                                 n, hc, fh_c, hi_c, seqlen, group, window, num_sink,
-                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dqa_base,
-                                 stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah,
-                                 n, hc, hi_c, far_hi, seqlen, group, window, num_sink,
-                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
+                                 stride_dqas, stride_dqah, n, hc, lo_c, fl_c, seqlen, group,
+                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True,
+                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
+                                 stride_dqas, stride_dqah, n, hc, fl_c, fh_c, seqlen, group,
+                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, False,
+                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
+                                 stride_dqas, stride_dqah, n, hc, fh_c, hi_c, seqlen, group,
+                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True,
+                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
+                                 stride_dqas, stride_dqah, n, hc, hi_c, far_hi, seqlen, group,
+                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True,
+                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
         dk = dk * sm_scale
         if ATOMIC:
             off = (pid_bg.to(tl.int64) * s_pad + n[:, None]) * HEAD_DIM + d[None, :]
@@ -588,6 +662,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _descs(cfg: TileConfig, *pairs):
+    """``(use_tma, descriptors)`` for ``(tensor, box)`` pairs: TMA only if the config asks for it and
+    every tensor can take a descriptor; otherwise the tensors themselves stand in (unused)."""
+    if cfg.tma:
+        descs = [tensor_desc(t, box, interpreted()) for t, box in pairs]
+        if all(x is not None for x in descs):
+            return True, descs
+    return False, [t for t, _ in pairs]
+
+
 def check_launch(s: int, hq: int, d: int) -> None:
     """What every attention kernel of this package needs of ``q [b, s, hq, d]``: a tiled head dim
     and int32-safe per-batch offsets."""
@@ -611,7 +695,7 @@ def window_attention_fwd(q, k, v, sink_logits, window_size, num_sink_tokens, sof
     hkv = k.shape[2]
     group = hq // hkv
     check_launch(s, hq, d)
-    cfg = config or default_config(d, q.dtype, interpreted())
+    cfg = config or default_config(d, q.dtype, interpreted(), q.device)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     w, ns = _pattern(s, window_size, num_sink_tokens)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -621,14 +705,16 @@ def window_attention_fwd(q, k, v, sink_logits, window_size, num_sink_tokens, sof
     sink = sink_logits.detach().float().contiguous() if has_sink else lse  # dummy pointer if absent
     hb, bt, n_hc = _group_tiling(group, cfg.fwd_block_m)
     upcast, prec = _flags(q.dtype)
+    bn = cfg.fwd_block_n
+    tma, descs = _descs(cfg, (q, [1, bt, hb, d]), (k, [1, bn, 1, d]), (v, [1, bn, 1, d]))
     grid = (triton.cdiv(s, bt), n_hc, b * hkv)
     _fwd_kernel[grid](
-        q, k, v, sink, out, lse,
+        q, k, v, sink, out, lse, *descs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         s, hq, hkv, group, w, ns, scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n, HB=hb, HAS_SINK=has_sink,
-        UPCAST=upcast, DOT_PREC=prec, HEAVY_FIRST=cfg.heavy_first, num_warps=cfg.fwd_warps,
+        UPCAST=upcast, DOT_PREC=prec, HEAVY_FIRST=cfg.heavy_first, TMA=tma, num_warps=cfg.fwd_warps,
         num_stages=cfg.fwd_stages)
     return out, lse
 
@@ -666,7 +752,7 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
     b, s, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
-    cfg = config or default_config(d, q.dtype, interpreted())
+    cfg = config or default_config(d, q.dtype, interpreted(), q.device)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     w, ns = _pattern(s, window_size, num_sink_tokens)
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
@@ -675,25 +761,27 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
     n_bg = b * hkv
 
     delta = torch.empty((b, hq, s), dtype=torch.float32, device=dev)
-    block_s = 16 if interpreted() else 64
-    _bwd_delta_kernel[(triton.cdiv(s, block_s), b * hq)](
-        out, do, delta, out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2), s, hq, HEAD_DIM=d, BLOCK_S=block_s)
-
-    if cfg.fused_dq:
+    if cfg.fused_dq:  # no dq kernel to compute delta = rowsum(dO * O) on its way
+        block_s = 16 if interpreted() else 64
+        _bwd_delta_kernel[(triton.cdiv(s, block_s), b * hq)](
+            out, do, delta, out.stride(0), out.stride(1), out.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), s, hq, HEAD_DIM=d, BLOCK_S=block_s)
         dqa = torch.zeros((b, s, hq, d), dtype=torch.float32, device=dev)
     else:
         dqa = delta  # dummy pointer, never written
         dq = torch.empty((b, s, hq, d), dtype=q.dtype, device=dev)
         hb, bt, n_hc = _group_tiling(group, cfg.dq_block_m)
+        bn = cfg.dq_block_n
+        tma, descs = _descs(cfg, (q, [1, bt, hb, d]), (k, [1, bn, 1, d]), (v, [1, bn, 1, d]),
+                            (do, [1, bt, hb, d]), (out, [1, bt, hb, d]))
         _bwd_dq_kernel[(triton.cdiv(s, bt), n_hc, n_bg)](
-            q, k, v, do, lse, delta, dq,
+            q, k, v, do, out, lse, delta, dq, *descs,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
             s, hq, hkv, group, w, ns, scale * LOG2E, scale,
             HEAD_DIM=d, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, HB=hb, UPCAST=upcast,
-            DOT_PREC=prec, HEAVY_FIRST=cfg.heavy_first, num_warps=cfg.dq_warps,
+            DOT_PREC=prec, HEAVY_FIRST=cfg.heavy_first, TMA=tma, num_warps=cfg.dq_warps,
             num_stages=cfg.dq_stages)
 
     bn = cfg.dkdv_block_n
@@ -724,8 +812,9 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
             dvs = torch.empty_like(dks)
         else:
             dks = dvs = delta
+    tma, descs = _descs(cfg, (q, [1, bt, hb, d]), (do, [1, bt, hb, d]))
     _bwd_dkdv_kernel[(n_slots, n_qc, n_bg)](
-        q, k, v, do, lse, delta, dkp, dvp, dks, dvs, dqa,
+        q, k, v, do, lse, delta, dkp, dvp, dks, dvs, dqa, *descs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dqa.stride(0) if cfg.fused_dq else 0, dqa.stride(1) if cfg.fused_dq else 0,
@@ -733,7 +822,7 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
         s, hq, hkv, group, w, ns, scale * LOG2E, scale,
         n_sink_blk, sink_rows, s_pad, chunk_blocks, n_bg,
         HEAD_DIM=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=bn, HB=hb, N_HC=n_hc, ATOMIC=cfg.dkdv_atomic,
-        FUSED_DQ=cfg.fused_dq, UPCAST=upcast, DOT_PREC=prec, num_warps=cfg.dkdv_warps,
+        FUSED_DQ=cfg.fused_dq, UPCAST=upcast, DOT_PREC=prec, TMA=tma, num_warps=cfg.dkdv_warps,
         num_stages=cfg.dkdv_stages)
     dk = torch.empty((b, s, hkv, d), dtype=k.dtype, device=dev)
     dv = torch.empty((b, s, hkv, d), dtype=v.dtype, device=dev)

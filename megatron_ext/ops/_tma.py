@@ -1,0 +1,79 @@
+"""Host-side TMA tensor descriptors for the Triton kernels of every op (sm_90+), or None.
+
+A kernel that takes a descriptor also keeps a pointer path (the CPU interpreter's lane, GPUs before
+sm_90, Triton without descriptors, misaligned views); the launcher asks :func:`tensor_desc` and
+passes ``desc is not None`` as the kernel's switch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from typing import Sequence
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+_bound = threading.local()  # device indices whose context this thread has made sure of
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def ensure_cuda_context(device: torch.device) -> None:
+    """Make the device's primary context current in this thread. Triton < 3.7 encodes host-side
+    TMA descriptors with the driver API in the calling thread without making a context current
+    first; autograd runs backward in its own device thread, where torch's runtime API has not
+    bound one yet ("Failed to create tensor map descriptor: invalid device context"). Pure driver
+    calls: no stream work, so CUDA-graph capture is unaffected."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    done = getattr(_bound, "devices", None)
+    if done is None:
+        done = _bound.devices = set()
+    if idx in done:  # a context once current stays current in this thread
+        return
+    lib = _libcuda()
+    if lib is None:
+        return
+    ctx = ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
+        done.add(idx)
+        return
+    dev = ctypes.c_int()
+    if lib.cuDeviceGet(ctypes.byref(dev), idx) == 0 and \
+            lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0 and lib.cuCtxSetCurrent(ctx) == 0:
+        done.add(idx)
+
+
+def tensor_desc(t: torch.Tensor, block: Sequence[int], interpret: bool):
+    """A descriptor over ``t`` as it is (its shape and strides; boxes ``block``), or None where TMA
+    cannot serve it: last dim not contiguous, base or a stride not 16-byte aligned, a CUDA GPU
+    before sm_90, Triton without descriptors, or a CPU tensor outside the interpreter. Boxes past
+    the tensor's end read zeros."""
+    esize = t.element_size()
+    if t.dim() != len(block) or t.stride(-1) != 1 or t.data_ptr() % 16 or \
+            any((st * esize) % 16 for st in t.stride()[:-1]) or (t.shape[-1] * esize) % 16:
+        return None
+    if t.device.type == "cuda":
+        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        if not _sm90_or_later(idx):
+            return None
+        ensure_cuda_context(t.device)
+    elif not interpret:
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton < 3.4
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
