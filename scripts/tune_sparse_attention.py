@@ -26,26 +26,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def variants(base, groups=("fwd", "dq", "dkdv", "sched")):
+def _tiles(base, part, bm, bn, w, st):
+    """A variant with kernel ``part``'s tiles (block_m x block_n, warps, stages) changed."""
+    cfg = dataclasses.replace(base, **{f"{part}_block_m": bm, f"{part}_block_n": bn,
+                                       f"{part}_warps": w, f"{part}_stages": st})
+    return f"{part} {bm}x{bn} w{w} s{st}", cfg, "fwd" if part == "fwd" else "bwd"
+
+
+def variants(base, groups=("fwd", "dq", "dkdv", "sched"), pointer=None):
     """``(name, config, part)``: ``part`` is the pass the variant changes ("fwd" or "bwd"), so only
-    that pass is timed for it (the default config times both)."""
+    that pass is timed for it (the default config times both). ``pointer``: the head dim's
+    pointer-load config (what GPUs without TMA get), the "tma" group's baseline."""
     out = [("default", base, "both")]
     if "fwd" in groups:
         for bm, bn, w, st in [(128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2),
                               (128, 128, 8, 3), (256, 64, 8, 2), (256, 32, 8, 3), (64, 64, 4, 3),
                               (64, 128, 4, 2), (128, 32, 4, 3)]:
-            out.append((f"fwd {bm}x{bn} w{w} s{st}", dataclasses.replace(
-                base, fwd_block_m=bm, fwd_block_n=bn, fwd_warps=w, fwd_stages=st), "fwd"))
+            out.append(_tiles(base, "fwd", bm, bn, w, st))
     if "dq" in groups:
         for bm, bn, w, st in [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 32, 4, 3),
                               (64, 64, 4, 3), (256, 32, 8, 2), (64, 32, 4, 3), (128, 16, 8, 3)]:
-            out.append((f"dq {bm}x{bn} w{w} s{st}", dataclasses.replace(
-                base, dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=st), "bwd"))
+            out.append(_tiles(base, "dq", bm, bn, w, st))
     if "dkdv" in groups:
         for bm, bn, w, st in [(64, 128, 8, 3), (64, 128, 8, 1), (128, 64, 8, 2), (128, 64, 8, 3),
                               (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 1)]:
-            out.append((f"dkdv {bm}x{bn} w{w} s{st}", dataclasses.replace(
-                base, dkdv_block_m=bm, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=st), "bwd"))
+            out.append(_tiles(base, "dkdv", bm, bn, w, st))
     if "wide" in groups:  # 16 warps: a tile's fp32 accumulators spread over twice the registers
         for part, bm, bn, w, st in [("dkdv", 64, 128, 16, 2), ("dkdv", 64, 128, 16, 3),
                                     ("dkdv", 128, 128, 16, 1), ("dkdv", 128, 128, 16, 2),
@@ -53,22 +58,17 @@ def variants(base, groups=("fwd", "dq", "dkdv", "sched")):
                                     ("fwd", 128, 64, 16, 3), ("fwd", 128, 128, 16, 2),
                                     ("fwd", 256, 64, 16, 2), ("dq", 128, 64, 16, 3),
                                     ("dq", 256, 64, 16, 2), ("dq", 128, 128, 16, 2)]:
-            cfg = dataclasses.replace(base, **{f"{part}_block_m": bm, f"{part}_block_n": bn,
-                                               f"{part}_warps": w, f"{part}_stages": st})
-            out.append((f"{part} {bm}x{bn} w{w} s{st}", cfg, "fwd" if part == "fwd" else "bwd"))
+            out.append(_tiles(base, part, bm, bn, w, st))
     if "tma" in groups:  # TMA descriptor loads vs pointer loads, and the tiles that moved with them
-        old = dict(fwd_block_m=64, fwd_block_n=64, fwd_warps=4, fwd_stages=3, dq_block_m=128, dq_block_n=64,
-                   dq_warps=8, dq_stages=3, dkdv_block_m=64, dkdv_block_n=128, dkdv_warps=8, dkdv_stages=2)
-        out.append(("pointer loads, old tiles", dataclasses.replace(base, tma=False, **old), "both"))
-        out.append(("tma, old tiles", dataclasses.replace(base, tma=True, **old), "both"))
+        pointer = pointer or dataclasses.replace(base, tma=False)
+        out.append(("pointer loads, old tiles", pointer, "both"))
+        out.append(("tma, old tiles", dataclasses.replace(pointer, tma=True), "both"))
         out.append(("pointer loads", dataclasses.replace(base, tma=False), "both"))
         for part, bm, bn, w, st in [("fwd", 64, 64, 4, 2), ("fwd", 64, 64, 4, 3), ("fwd", 128, 64, 4, 3),
                                     ("dq", 64, 32, 4, 3), ("dq", 128, 64, 8, 3), ("dq", 32, 64, 4, 3),
                                     ("dkdv", 64, 64, 4, 1), ("dkdv", 32, 64, 4, 2), ("dkdv", 64, 32, 4, 2),
                                     ("dkdv", 128, 64, 4, 2), ("dkdv", 64, 128, 8, 2)]:
-            cfg = dataclasses.replace(base, **{f"{part}_block_m": bm, f"{part}_block_n": bn,
-                                               f"{part}_warps": w, f"{part}_stages": st})
-            out.append((f"{part} {bm}x{bn} w{w} s{st}", cfg, "fwd" if part == "fwd" else "bwd"))
+            out.append(_tiles(base, part, bm, bn, w, st))
     if "sched" in groups:  # dk/dv work split and the non-deterministic atomic variants
         for chunk in (512, 2048):
             out.append((f"dkdv chunk {chunk}", dataclasses.replace(base, dkdv_chunk=chunk), "bwd"))
@@ -167,7 +167,7 @@ def main() -> int:
     do = torch.randn(shape_q, device="cuda", dtype=torch.bfloat16, generator=g)
     scale = args.d ** -0.5
     base = tw.default_config(args.d, torch.bfloat16, False)
-    all_variants = variants(base, tuple(args.groups.split(",")))
+    all_variants = variants(base, tuple(args.groups.split(",")), tw.POINTER_CONFIGS.get(args.d))
     if args.compile_only:  # a worker of --jobs: run its share of the variants once
         i, n = (int(x) for x in args.shard.split("/"))
         for name, cfg, _ in all_variants[i::n]:

@@ -340,12 +340,17 @@ def test_triton_tma_lane_matches_reference(b, s, hq, hkv, d, window, sinks, with
     _triton_vs_reference(b, s, hq, hkv, d, window, sinks, with_sink, config=cfg, **kw)
 
 
-def test_default_tiles_without_tma(monkeypatch):
+def test_default_tiles_without_tma(monkeypatch, request):
     """A GPU before sm_90 (no TMA) gets the pointer-load tiles; Hopper keeps the TMA lane."""
+    from megatron_ext.ops import _tma
+
     cuda = torch.device("cuda", 0)
+    request.addfinalizer(_tma._sm90_or_later.cache_clear)  # the capability is cached per process
+    _tma._sm90_or_later.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     old = triton_window.default_config(128, torch.bfloat16, False, cuda)
     assert old == triton_window.POINTER_CONFIGS[128] and not old.tma
+    _tma._sm90_or_later.cache_clear()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert triton_window.default_config(128, torch.bfloat16, False, cuda) == triton_window.H100_CONFIGS[128]
     assert triton_window.H100_CONFIGS[128].tma

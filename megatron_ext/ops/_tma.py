@@ -26,34 +26,42 @@ def _libcuda():
 _bound = threading.local()  # device indices whose context this thread has made sure of
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 @functools.lru_cache(maxsize=None)
 def _sm90_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def ensure_cuda_context(device: torch.device) -> None:
+def sm90_or_later(device: torch.device) -> bool:
+    """Whether the CUDA ``device`` has TMA (sm_90+); asked once per device per process."""
+    return _sm90_or_later(_index(device))
+
+
+def ensure_cuda_context(index: int) -> None:
     """Make the device's primary context current in this thread. Triton < 3.7 encodes host-side
     TMA descriptors with the driver API in the calling thread without making a context current
     first; autograd runs backward in its own device thread, where torch's runtime API has not
     bound one yet ("Failed to create tensor map descriptor: invalid device context"). Pure driver
     calls: no stream work, so CUDA-graph capture is unaffected."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
     done = getattr(_bound, "devices", None)
     if done is None:
         done = _bound.devices = set()
-    if idx in done:  # a context once current stays current in this thread
+    if index in done:  # a context once current stays current in this thread
         return
     lib = _libcuda()
     if lib is None:
         return
     ctx = ctypes.c_void_p()
     if lib.cuCtxGetCurrent(ctypes.byref(ctx)) == 0 and ctx.value:
-        done.add(idx)
+        done.add(index)
         return
     dev = ctypes.c_int()
-    if lib.cuDeviceGet(ctypes.byref(dev), idx) == 0 and \
+    if lib.cuDeviceGet(ctypes.byref(dev), index) == 0 and \
             lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) == 0 and lib.cuCtxSetCurrent(ctx) == 0:
-        done.add(idx)
+        done.add(index)
 
 
 def tensor_desc(t: torch.Tensor, block: Sequence[int], interpret: bool):
@@ -66,10 +74,10 @@ def tensor_desc(t: torch.Tensor, block: Sequence[int], interpret: bool):
             any((st * esize) % 16 for st in t.stride()[:-1]) or (t.shape[-1] * esize) % 16:
         return None
     if t.device.type == "cuda":
-        idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        idx = _index(t.device)
         if not _sm90_or_later(idx):
             return None
-        ensure_cuda_context(t.device)
+        ensure_cuda_context(idx)
     elif not interpret:
         return None
     try:

@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._tma import tensor_desc
+from .._tma import sm90_or_later, tensor_desc
 
 LOG2E = 1.4426950408889634
 
@@ -78,7 +78,7 @@ class TileConfig:
     (FlashAttention-2 style) and the separate dq kernel is skipped (not deterministic either).
     ``heavy_first``: forward and dq programs run in reverse token order, so the light programs of
     the first ``W`` tokens (fewer keys) come last and fill the final wave.
-    ``tma``: the Q/dO row tiles and the K/V tiles of the key walks are loaded through TMA tensor
+    ``tma``: the Q/dO/O row tiles and the K/V tiles of the key walks are loaded through TMA tensor
     descriptors (sm_90+; no address registers, zero fill past the ends); where a descriptor cannot
     be made (older GPU, misaligned view) the kernels load through pointers as without it.
     """
@@ -163,8 +163,7 @@ def default_config(head_dim: int, dtype: torch.dtype, interpret: bool,
     if interpret:
         return INTERPRETER_CONFIG
     cfg = H100_CONFIGS[head_dim]
-    if cfg.tma and device is not None and device.type == "cuda" and \
-            torch.cuda.get_device_capability(device) < (9, 0):
+    if cfg.tma and device is not None and device.type == "cuda" and not sm90_or_later(device):
         cfg = POINTER_CONFIGS.get(head_dim, dataclasses.replace(cfg, tma=False))
     if dtype == torch.float32:
         # 4-byte operands: halve the tiles to stay inside shared memory. fp32 is the exact
