@@ -327,6 +327,9 @@ def test_tile_config_rejects_bad_switches():
     (1, 12, 32, 1, 16, 4, 1, True, dict(), {}),                # two head chunks per group
     (2, 19, 4, 2, 16, 6, 1, True, dict(), dict(transpose_inputs=True)),  # strided views
     (1, 37, 4, 1, 16, 8, 3, True, dict(dkdv_chunk=8, fused_dq=True), {}),
+    (1, 40, 4, 1, 16, 8, 3, True, dict(), {}),                 # S % 4 == 0: lse/delta boxes too
+    (1, 20, 6, 2, 16, 4, 2, True, dict(dkdv_chunk=8), {}),     # ... with padded head rows
+    (1, 40, 4, 1, 16, 8, 3, True, dict(dkdv_chunk=8, dkdv_atomic=True), {}),
     (1, 45, 4, 1, 32, 9, 2, True, dict(), dict(dtype=torch.float16, tol=2e-2)),
 ])
 def test_triton_tma_lane_matches_reference(b, s, hq, hkv, d, window, sinks, with_sink, variant, kw):
@@ -337,6 +340,10 @@ def test_triton_tma_lane_matches_reference(b, s, hq, hkv, d, window, sinks, with
     hb, bt, _ = triton_window._group_tiling(hq // hkv, cfg.fwd_block_m)
     q = torch.randn(b, s, hq, d, device=DEVICE)
     assert triton_window._descs(cfg, (q, [1, bt, hb, d]))[0]  # the lane is taken
+    hb, bt, _ = triton_window._group_tiling(hq // hkv, cfg.dkdv_block_m)
+    lse = torch.empty(b, hq, s, device=DEVICE)
+    # the dk/dv kernel also reads lse and delta through boxes when their rows allow it
+    assert triton_window._row_vec_descs(cfg, True, hb, bt, lse, lse)[0] == (s % 4 == 0 and bt % 4 == 0)
     _triton_vs_reference(b, s, hq, hkv, d, window, sinks, with_sink, config=cfg, **kw)
 
 

@@ -78,9 +78,10 @@ class TileConfig:
     (FlashAttention-2 style) and the separate dq kernel is skipped (not deterministic either).
     ``heavy_first``: forward and dq programs run in reverse token order, so the light programs of
     the first ``W`` tokens (fewer keys) come last and fill the final wave.
-    ``tma``: the Q/dO/O row tiles and the K/V tiles of the key walks are loaded through TMA tensor
-    descriptors (sm_90+; no address registers, zero fill past the ends); where a descriptor cannot
-    be made (older GPU, misaligned view) the kernels load through pointers as without it.
+    ``tma``: the Q/dO/O row tiles, the K/V tiles of the key walks and (dk/dv, where their rows
+    allow) the rows' lse and delta are loaded through TMA tensor descriptors (sm_90+; no address
+    registers, zero fill past the ends); where a descriptor cannot be made (older GPU, misaligned
+    view) the kernels load through pointers as without it.
     """
 
     fwd_block_m: int = 128
@@ -140,7 +141,8 @@ class TileConfig:
 # one-warpgroup tiles win, because two ~99 KB programs fit on an SM and overlap each other's
 # softmax with their MMAs: per-kernel time dk/dv 2.281 -> 2.086 ms (64x64 w4 s2, was 64x128 w8
 # s2), dq 1.149 -> 1.020 (64x64 w4 s3, now also computing delta), fwd 0.981 -> 0.951 (128x64 w8
-# s3); fwd + bwd 4.451 -> 4.097 ms. Table: docs/benchmarks.md. The other head dims are not timed
+# s3); fwd + bwd 4.451 -> 4.097 ms; with lse/delta also through TMA boxes in dk/dv, 3.69 ms (dk/dv
+# 1.68). Table: docs/benchmarks.md. The other head dims are not timed
 # yet (pointer loads, the older tiles).
 H100_CONFIGS = {
     16: TileConfig(128, 64, 4, 3, 128, 32, 4, 3, 32, 128, 8, 3),
@@ -441,15 +443,16 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, QD, KD, VD, DOD, OD,
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, h_grp, lse_base, delta_base, dqa_base,
-                stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah, n, hc, qb_lo,
-                qb_hi, seqlen, group, window, num_sink, qk_scale, sm_scale,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, h_grp, lse_base, delta_base,
+                dqa_base, stride_qs, stride_qh, stride_dos, stride_doh, stride_dqas, stride_dqah, n,
+                hc, qb_lo, qb_hi, seqlen, group, window, num_sink, qk_scale, sm_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, HB: tl.constexpr, MASK: tl.constexpr,
                 FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                TMA: tl.constexpr):
+                TMA: tl.constexpr, TMA_LSE: tl.constexpr):
     """Accumulate one key block's dk/dv over query blocks ``[qb_lo, qb_hi)`` of head chunk ``hc``
     (tiles are transposed, ``[keys, rows]``, so no transpose of P or dS is needed). ``FUSED_DQ``:
-    also add this key block's share of dq, ``dS @ K``, into the fp32 buffer at ``dqa_base``."""
+    also add this key block's share of dq, ``dS @ K``, into the fp32 buffer at ``dqa_base``.
+    ``TMA_LSE``: the rows' lse and delta come through the descriptors ``LD``/``DD``."""
     BT: tl.constexpr = BLOCK_M // HB
     r = tl.arange(0, BLOCK_M)
     hl = hc * HB + r % HB
@@ -461,13 +464,23 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, h_grp, lse_base, de
                       HEAD_DIM, BLOCK_M, HB, TMA)
         do = _row_tile(do_base, DOD, b32, qb * BT, h_grp + hc * HB, t, hl, ok, stride_dos, stride_doh,
                        HEAD_DIM, BLOCK_M, HB, TMA)
-        lse2 = tl.load(lse_base + hl * seqlen + t, mask=ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_base + hl * seqlen + t, mask=ok, other=0.0)
+        # lse and delta through TMA boxes where possible: pointer loads of them, once per trip,
+        # stalled every trip (this kernel took 2.13 ms at S=16384 on an H100, 1.64 with them
+        # replaced by constants)
+        if TMA_LSE:
+            lse = tl.where(ok, _row_vec(LD, b32, h_grp + hc * HB, qb * BT, HB, BT), float("inf"))
+        else:
+            lse = tl.load(lse_base + hl * seqlen + t, mask=ok, other=float("inf"))
+        lse2 = lse * 1.4426950408889634
         qkT = _dot(k, tl.trans(q), UPCAST, DOT_PREC) * qk_scale          # [N, M]
         pT = tl.math.exp2(qkT - lse2[None, :])
         if MASK:
             pT = tl.where(_allowed(t[None, :], n[:, None], window, num_sink), pT, 0.0)
         dv += _dot(pT.to(do.dtype), do, UPCAST, DOT_PREC)
+        if TMA_LSE:
+            delta = _row_vec(DD, b32, h_grp + hc * HB, qb * BT, HB, BT)
+        else:
+            delta = tl.load(delta_base + hl * seqlen + t, mask=ok, other=0.0)
         dpT = _dot(v, tl.trans(do), UPCAST, DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(q.dtype), q, UPCAST, DOT_PREC)
@@ -476,6 +489,15 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, h_grp, lse_base, de
             tl.atomic_add(dqa_base + t[:, None] * stride_dqas + hl[:, None] * stride_dqah + d[None, :],
                           dq, mask=ok[:, None], sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _row_vec(DESC, b32, h0, t0, HB: tl.constexpr, BT: tl.constexpr):
+    """The ``[HB * BT]`` per-row values (lse, delta) of a stacked row tile (row ``r``: token
+    ``t0 + r // HB``, head ``h0 + r % HB``) from one ``[1, HB, BT]`` box of a ``[b, hq, s]``
+    descriptor at ``(b32, h0, t0)``; boxes past the heads or the sequence read 0."""
+    x = DESC.load([b32, h0, t0]).reshape(HB, BT)
+    return tl.trans(x).reshape(HB * BT)
 
 
 @triton.jit
@@ -490,7 +512,7 @@ def _query_band(n0, seqlen, window, BT: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA, QD, DOD,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA, QD, DOD, LD, DD,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                      stride_dqab, stride_dqas, stride_dqah,
@@ -499,7 +521,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA, QD, DOD,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HB: tl.constexpr, N_HC: tl.constexpr, ATOMIC: tl.constexpr,
                      FUSED_DQ: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                     TMA: tl.constexpr):
+                     TMA: tl.constexpr, TMA_LSE: tl.constexpr):
     """Program ``(slot, qc, bg)``: key block ``kb`` x query chunk ``qc`` (query blocks
     ``[qc * chunk_blocks, (qc + 1) * chunk_blocks)``). Slots ``[0, n_sink_blk)`` are the sink key
     blocks (every later query sees them); slot ``n_sink_blk + i`` is the ``i``-th non-sink key block
@@ -552,26 +574,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA, QD, DOD,
         far_hi = tl.where(is_sink, c_hi, hi_c)
         lo_c = tl.minimum(lo_c, c_hi)
         for hc in range(N_HC):
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
                                  delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, lo_c, fl_c, seqlen, group,
-                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True,
-                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+                                 stride_dqas, stride_dqah, n, hc, lo_c, fl_c, seqlen, group, window, num_sink,
+                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC,
+                                 TMA, TMA_LSE)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
                                  delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, fl_c, fh_c, seqlen, group,
-                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, False,
-                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+                                 stride_dqas, stride_dqah, n, hc, fl_c, fh_c, seqlen, group, window, num_sink,
+                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, False, FUSED_DQ, UPCAST, DOT_PREC,
+                                 TMA, TMA_LSE)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
                                  delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, fh_c, hi_c, seqlen, group,
-                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True,
-                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, b32, g * group, lse_base,
+                                 stride_dqas, stride_dqah, n, hc, fh_c, hi_c, seqlen, group, window, num_sink,
+                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC,
+                                 TMA, TMA_LSE)
+            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
                                  delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, hi_c, far_hi, seqlen, group,
-                                 window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True,
-                                 FUSED_DQ, UPCAST, DOT_PREC, TMA)
+                                 stride_dqas, stride_dqah, n, hc, hi_c, far_hi, seqlen, group, window,
+                                 num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST,
+                                 DOT_PREC, TMA, TMA_LSE)
         dk = dk * sm_scale
         if ATOMIC:
             off = (pid_bg.to(tl.int64) * s_pad + n[:, None]) * HEAD_DIM + d[None, :]
@@ -669,6 +691,15 @@ def _descs(cfg: TileConfig, *pairs):
         if all(x is not None for x in descs):
             return True, descs
     return False, [t for t, _ in pairs]
+
+
+def _row_vec_descs(cfg: TileConfig, tma: bool, hb: int, bt: int, *vecs):
+    """``(use_tma, descriptors)`` for per-row fp32 ``[b, hq, s]`` tensors (lse, delta) read as
+    ``[1, hb, bt]`` boxes: only with the TMA lane, ``bt`` a multiple of 4 (TMA rows are >= 16 bytes)
+    and ``s % 4 == 0`` (16-byte strides); otherwise pointer loads."""
+    if tma and bt % 4 == 0:
+        return _descs(cfg, *[(x, [1, hb, bt]) for x in vecs])
+    return False, list(vecs)
 
 
 def check_launch(s: int, hq: int, d: int) -> None:
@@ -812,8 +843,9 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
         else:
             dks = dvs = delta
     tma, descs = _descs(cfg, (q, [1, bt, hb, d]), (do, [1, bt, hb, d]))
+    tma_lse, lse_descs = _row_vec_descs(cfg, tma, hb, bt, lse, delta)
     _bwd_dkdv_kernel[(n_slots, n_qc, n_bg)](
-        q, k, v, do, lse, delta, dkp, dvp, dks, dvs, dqa, *descs,
+        q, k, v, do, lse, delta, dkp, dvp, dks, dvs, dqa, *descs, *lse_descs,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dqa.stride(0) if cfg.fused_dq else 0, dqa.stride(1) if cfg.fused_dq else 0,
@@ -821,8 +853,8 @@ def window_attention_bwd(do, q, k, v, out, lse, sink_logits, window_size, num_si
         s, hq, hkv, group, w, ns, scale * LOG2E, scale,
         n_sink_blk, sink_rows, s_pad, chunk_blocks, n_bg,
         HEAD_DIM=d, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=bn, HB=hb, N_HC=n_hc, ATOMIC=cfg.dkdv_atomic,
-        FUSED_DQ=cfg.fused_dq, UPCAST=upcast, DOT_PREC=prec, TMA=tma, num_warps=cfg.dkdv_warps,
-        num_stages=cfg.dkdv_stages)
+        FUSED_DQ=cfg.fused_dq, UPCAST=upcast, DOT_PREC=prec, TMA=tma, TMA_LSE=tma_lse,
+        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
     dk = torch.empty((b, s, hkv, d), dtype=k.dtype, device=dev)
     dv = torch.empty((b, s, hkv, d), dtype=v.dtype, device=dev)
     block_r = min(bn, 32)
