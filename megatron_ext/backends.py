@@ -73,6 +73,12 @@ def _record(op: str, requested: str, observed: str, reason: str, fallback: bool)
         log.info("backend for %s: requested %r, using %r", op, requested, observed)
 
 
+def fallback(op: str, requested: str, observed: str, reason: str) -> None:
+    """Record a fallback chosen inside an op (e.g. a load path its tensors cannot take): logged
+    once per (op, requested, observed), listed in the run receipt with its first reason."""
+    _record(op, requested, observed, reason, fallback=True)
+
+
 def note(op: str, requested: str, observed: str, reason: str) -> None:
     """Record a choice made outside :func:`resolve` (e.g. what a layer spec fixes)."""
     _record(op, requested, observed, reason, fallback=False)

@@ -365,19 +365,35 @@ def test_default_tiles_without_tma(monkeypatch, request):
 
 
 @needs_triton
-def test_triton_tma_lane_falls_back_to_pointer_loads():
+def test_triton_tma_lane_falls_back_to_pointer_loads(caplog):
     """A tensor no descriptor can describe (row not a multiple of 16 bytes) keeps the pointer loads
-    for that launch, with the same results."""
+    for that launch, with the same results; the fallback is logged once and recorded (receipt)."""
+    from megatron_ext import backends
     from megatron_ext.ops._tma import tensor_desc
 
+    backends.reset()
     cfg = dataclasses.replace(triton_window.INTERPRETER_CONFIG, tma=True)
     odd = torch.randn(1, 8, 2, 6, device=DEVICE)       # 24-byte rows
     assert tensor_desc(odd, [1, 4, 2, 6], True) is None
     assert tensor_desc(odd[..., :4].contiguous(), [1, 4, 2, 4], True) is not None
-    use, passed = triton_window._descs(cfg, (odd, [1, 4, 2, 6]))
-    assert not use and passed[0] is odd
+    assert backends.records() == []  # nobody asked for TMA: nothing to record
+    with caplog.at_level("WARNING", logger="megatron_ext.backends"):
+        for _ in range(2):
+            use, passed = triton_window._descs(cfg, (odd, [1, 4, 2, 6]))
+            assert not use and passed[0] is odd
+    [rec] = backends.records()
+    assert (rec["op"], rec["requested"], rec["observed"], rec["count"]) == (
+        triton_window.TMA_OP, "tma loads", "pointer loads", 2)
+    assert "16-byte aligned" in rec["reason"] and "(1, 8, 2, 6)" in rec["reason"]
+    assert sum("pointer loads" in r.getMessage() for r in caplog.records) == 1
     assert triton_window._descs(dataclasses.replace(cfg, tma=False),
                                 (odd[..., :4].contiguous(), [1, 4, 2, 4]))[0] is False
+    # lse/delta boxes need >= 16-byte rows: 2 tokens per box falls back, recorded the same way
+    backends.reset()
+    lse = torch.randn(1, 8, 16, device=DEVICE)
+    assert triton_window._row_vec_descs(cfg, True, 8, 2, lse, lse) == (False, [lse, lse])
+    assert "2 tokens" in backends.records()[0]["reason"]
+    backends.reset()
 
 
 @needs_triton

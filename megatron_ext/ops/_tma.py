@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -64,24 +64,42 @@ def ensure_cuda_context(index: int) -> None:
         done.add(index)
 
 
-def tensor_desc(t: torch.Tensor, block: Sequence[int], interpret: bool):
+def _unserved(t: torch.Tensor, block: Sequence[int], interpret: bool) -> Optional[str]:
+    """Why TMA cannot serve ``t`` with boxes ``block`` (None: it can)."""
+    esize = t.element_size()
+    if t.dim() != len(block):
+        return f"a {t.dim()}-d tensor for a {len(block)}-d box"
+    if t.stride(-1) != 1:
+        return "last dim not contiguous"
+    if t.data_ptr() % 16 or any((st * esize) % 16 for st in t.stride()[:-1]) or \
+            (t.shape[-1] * esize) % 16:
+        return (f"shape {tuple(t.shape)} / strides {tuple(t.stride())} of {t.dtype}: base, strides "
+                f"and rows must be 16-byte aligned")
+    if t.device.type == "cuda":
+        if not _sm90_or_later(_index(t.device)):
+            return "GPU before sm_90"
+    elif not interpret:
+        return f"{t.device.type} tensor outside the interpreter"
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return "Triton without tensor descriptors (< 3.4)"
+    return None
+
+
+def tensor_desc(t: torch.Tensor, block: Sequence[int], interpret: bool, op: Optional[str] = None):
     """A descriptor over ``t`` as it is (its shape and strides; boxes ``block``), or None where TMA
     cannot serve it: last dim not contiguous, base or a stride not 16-byte aligned, a CUDA GPU
     before sm_90, Triton without descriptors, or a CPU tensor outside the interpreter. Boxes past
-    the tensor's end read zeros."""
-    esize = t.element_size()
-    if t.dim() != len(block) or t.stride(-1) != 1 or t.data_ptr() % 16 or \
-            any((st * esize) % 16 for st in t.stride()[:-1]) or (t.shape[-1] * esize) % 16:
+    the tensor's end read zeros. ``op``: the caller's config asked for TMA, so None is a fallback to
+    pointer loads, recorded for ``op`` (logged once, listed in the run receipt)."""
+    why = _unserved(t, block, interpret)
+    if why is not None:
+        if op is not None:
+            from ..backends import fallback
+            fallback(op, "tma loads", "pointer loads", why)
         return None
     if t.device.type == "cuda":
-        idx = _index(t.device)
-        if not _sm90_or_later(idx):
-            return None
-        ensure_cuda_context(idx)
-    elif not interpret:
-        return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # Triton < 3.4
-        return None
+        ensure_cuda_context(_index(t.device))
+    from triton.tools.tensor_descriptor import TensorDescriptor
     return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))

@@ -74,6 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backends import fallback
 from .._tma import tensor_desc
 
 Tensor = torch.Tensor
@@ -234,14 +235,20 @@ def _persistent_grid(work_bound: int, device: torch.device, cfg: TileConfig,
     return (max(1, min(work_bound, _num_sms(idx) * per_sm)),)
 
 
+TMA_OP = "moe grouped GEMMs"
+
+
 def _tma_desc(t: Tensor, rows: int, block: Tuple[int, int], want: bool):
     """2-D TMA descriptor over ``t`` viewed as ``[rows, t.shape[-1]]`` (experts stacked along the
     rows), or None where TMA cannot be used (not asked for, not contiguous, misaligned, or a GPU
     before sm_90); the kernels then load through pointers. Rows past an expert's end read the next
     expert's rows: the kernels use TMA only where those rows meet masked or zero values."""
-    if not want or not t.is_contiguous():
+    if not want:
         return None
-    return tensor_desc(t.view(rows, t.shape[-1]), block, interpreted())
+    if not t.is_contiguous():
+        fallback(TMA_OP, "tma loads", "pointer loads", f"strides {tuple(t.stride())} not contiguous")
+        return None
+    return tensor_desc(t.view(rows, t.shape[-1]), block, interpreted(), op=TMA_OP)
 
 
 def _flags(dtype: torch.dtype) -> Tuple[bool, str]:

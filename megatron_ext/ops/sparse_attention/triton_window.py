@@ -60,6 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...backends import fallback
 from .._tma import sm90_or_later, tensor_desc
 
 LOG2E = 1.4426950408889634
@@ -683,11 +684,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+TMA_OP = "sparse_attention window kernels"
+
+
 def _descs(cfg: TileConfig, *pairs):
     """``(use_tma, descriptors)`` for ``(tensor, box)`` pairs: TMA only if the config asks for it and
-    every tensor can take a descriptor; otherwise the tensors themselves stand in (unused)."""
+    every tensor can take a descriptor (a tensor that cannot is recorded as a fallback to pointer
+    loads); otherwise the tensors themselves stand in (unused)."""
     if cfg.tma:
-        descs = [tensor_desc(t, box, interpreted()) for t, box in pairs]
+        descs = [tensor_desc(t, box, interpreted(), op=TMA_OP) for t, box in pairs]
         if all(x is not None for x in descs):
             return True, descs
     return False, [t for t, _ in pairs]
@@ -699,6 +704,9 @@ def _row_vec_descs(cfg: TileConfig, tma: bool, hb: int, bt: int, *vecs):
     and ``s % 4 == 0`` (16-byte strides); otherwise pointer loads."""
     if tma and bt % 4 == 0:
         return _descs(cfg, *[(x, [1, hb, bt]) for x in vecs])
+    if tma:
+        fallback(TMA_OP, "tma loads", "pointer loads",
+                 f"lse/delta boxes of {bt} tokens (a multiple of 4 is needed)")
     return False, list(vecs)
 
 
