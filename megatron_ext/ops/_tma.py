@@ -14,6 +14,18 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..backends import fallback
+
+
+@functools.lru_cache(maxsize=None)
+def _descriptor_class():
+    """Triton's host-side TensorDescriptor, or None (Triton < 3.4); looked up once."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
 
 @functools.lru_cache(maxsize=None)
 def _libcuda():
@@ -80,9 +92,7 @@ def _unserved(t: torch.Tensor, block: Sequence[int], interpret: bool) -> Optiona
             return "GPU before sm_90"
     elif not interpret:
         return f"{t.device.type} tensor outside the interpreter"
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
+    if _descriptor_class() is None:
         return "Triton without tensor descriptors (< 3.4)"
     return None
 
@@ -96,10 +106,8 @@ def tensor_desc(t: torch.Tensor, block: Sequence[int], interpret: bool, op: Opti
     why = _unserved(t, block, interpret)
     if why is not None:
         if op is not None:
-            from ..backends import fallback
             fallback(op, "tma loads", "pointer loads", why)
         return None
     if t.device.type == "cuda":
         ensure_cuda_context(_index(t.device))
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block))
+    return _descriptor_class()(t, list(t.shape), list(t.stride()), list(block))
