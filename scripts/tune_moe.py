@@ -7,9 +7,11 @@ Each kernel (up, down, dh, dx, wgrad) is timed with every candidate tile while t
 the default; a variant whose output differs from the default's by more than bf16 rounding is
 rejected, and one that fails to compile (shared memory, registers, a Triton without tensor
 descriptors) is skipped. A candidate is (block_m, block_n, block_k, warps, stages,
-programs_per_sm, tma[, flatten]): per-kernel resident programs per SM of the persistent
-kernels, whether the weight operand comes through a TMA tensor descriptor, and whether the
-persistent tile loop and K loop run as one flat pipelined loop. The ``wgrad`` sweep times the
+programs_per_sm, tma[, flatten[, a_tma]]): per-kernel resident programs per SM of the
+persistent kernels, whether the weight operand comes through a TMA tensor descriptor, whether the
+persistent tile loop and K loop run as one flat pipelined loop, and whether the row operand comes
+through TMA (up and dh: with ``TileConfig.pregather``, x / dout gathered into sorted rows once;
+their timing includes that gather). The ``wgrad`` sweep times the
 Triton weight-gradient kernel (the fallback of ``TileConfig.wgrad_grouped_mm``) and prints that
 lane (row gather + ``torch._grouped_mm``) as a reference row. ``dh`` is the plain
 grouped GEMM of the split backward (timed together with its row pass), ``dh_fused`` the one-kernel
@@ -32,25 +34,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 T, F_ = True, False
-# (block_m, block_n, block_k, warps, stages, programs_per_sm, tma[, flatten]): the H100 sweep;
-# flatten = the persistent kernel's tile and K loops fused into one pipelined loop
+# (block_m, block_n, block_k, warps, stages, programs_per_sm, tma[, flatten[, a_tma]]): the H100
+# sweep; flatten = the persistent kernel's tile and K loops fused into one pipelined loop; a_tma =
+# the row operand through TMA (up / dh: on rows pregathered once)
 CANDIDATES = {
     "up": [(128, 128, 64, 8, 3, 1, F_), (128, 128, 64, 8, 3, 1, T), (128, 128, 64, 8, 4, 1, T),
            (128, 64, 64, 8, 3, 2, T), (128, 64, 64, 4, 3, 2, T), (64, 128, 64, 4, 3, 2, T),
-           (128, 128, 64, 8, 4, 1, T, T), (128, 128, 64, 8, 3, 1, T, T)],
+           (128, 128, 64, 8, 4, 1, T, T), (128, 128, 64, 8, 3, 1, T, T),
+           (128, 128, 64, 8, 4, 1, T, F_, T), (128, 128, 64, 8, 3, 1, T, F_, T),
+           (128, 128, 64, 8, 4, 1, T, T, T), (128, 128, 64, 8, 3, 1, T, T, T)],
     "down": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
              (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T),
-             (128, 256, 64, 8, 3, 1, T, T), (128, 256, 64, 8, 4, 1, T, T)],
+             (128, 256, 64, 8, 3, 1, T, T), (128, 256, 64, 8, 4, 1, T, T),
+             (128, 256, 64, 8, 4, 1, T, T, T), (128, 256, 64, 8, 3, 1, T, T, T)],
     # split backward d(h): the plain grouped GEMM dout[token] @ W2^T (timed with the row pass)
     "dh": [(128, 256, 64, 8, 4, 1, T), (128, 256, 64, 8, 3, 1, T), (128, 128, 64, 8, 4, 1, T),
-           (128, 128, 64, 4, 4, 1, T), (128, 256, 64, 8, 3, 1, T, T)],
+           (128, 128, 64, 4, 4, 1, T), (128, 256, 64, 8, 3, 1, T, T),
+           (128, 256, 64, 8, 3, 1, T, T, T), (128, 256, 64, 8, 4, 1, T, T, T)],
     # fused backward d(h) (activation backward in the GEMM epilogue; the earlier default)
     "dh_fused": [(128, 64, 64, 8, 4, 1, T)],
     # row pass of the split d(h): (rows, cols, warps)
     "act": [(32, 128, 4), (16, 256, 4), (32, 256, 8)],
+    # the pregather lane's row gather: (rows, cols) per program step
+    "gather": [(16, 512), (8, 1024), (32, 256), (4, 2048), (16, 1024), (32, 512)],
     "dx": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
            (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T),
-           (128, 256, 64, 8, 4, 1, T, T), (128, 256, 64, 8, 3, 1, T, T)],
+           (128, 256, 64, 8, 4, 1, T, T), (128, 256, 64, 8, 3, 1, T, T),
+           (128, 256, 64, 8, 4, 1, T, T, T), (128, 256, 64, 8, 3, 1, T, T, T)],
     "wgrad": [(128, 128, 64, 8, 4, 1, F_), (128, 128, 64, 8, 4, 1, T), (128, 128, 64, 8, 3, 1, T),
               (128, 128, 64, 8, 3, 1, F_), (128, 128, 128, 8, 3, 1, T), (128, 256, 64, 8, 3, 1, T),
               (128, 128, 32, 4, 4, 1, T), (64, 128, 64, 4, 3, 1, T), (128, 256, 32, 8, 4, 1, T),
@@ -62,9 +72,14 @@ def _variant(base, kernel: str, c):
     """The TileConfig of one candidate (the other kernels keep ``base``)."""
     if kernel == "act":
         return dataclasses.replace(base, act_rows=c[0], act_cols=c[1], act_warps=c[2])
+    if kernel == "gather":
+        return dataclasses.replace(base, gather_r=c[0], gather_c=c[1])
     if kernel == "dh_fused":
         return dataclasses.replace(base, split_dh=False, dh=tm_tile(c))
-    return dataclasses.replace(base, **{kernel: tm_tile(c)})
+    tile = tm_tile(c)
+    if kernel in ("up", "dh") and tile.a_tma:   # a TMA row operand needs the sorted rows
+        return dataclasses.replace(base, pregather=True, **{kernel: tile})
+    return dataclasses.replace(base, **{kernel: tile})
 
 
 def tm_tile(c):
@@ -124,8 +139,14 @@ def main() -> int:
     gemm = 2.0 * n * H * Fd
 
     def runner(kernel, cfg, r):
+        if kernel == "gather":
+            o = new(n, H)
+            return (lambda: tm.gather_rows(x, r, cfg, out=o)), o, None
         if kernel == "up":
             o = (new(n, 2 * Fd), new(n, Fd))
+            if cfg.up.a_tma:   # the forward's pregather lane, its row gather included
+                return (lambda: tm.launch_up(tm.gather_rows(x, r, cfg), w1, o[0], o[1], r,
+                                             "swiglu", cfg, sorted_rows=True)), o, 2 * gemm
             return (lambda: tm.launch_up(x, w1, o[0], o[1], r, "swiglu", cfg)), o, 2 * gemm
         if kernel == "down":
             o = new(n, H)
@@ -136,7 +157,10 @@ def main() -> int:
             tm.launch_dh_gemm(grad, w2, g, r, cfg)
 
             def split():
-                if kernel == "dh":
+                if kernel == "dh" and cfg.dh.a_tma:   # pregather lane, its row gather included
+                    tm.launch_dh_gemm(tm.gather_rows(grad, r, cfg), w2, g, r, cfg,
+                                      sorted_rows=True)
+                elif kernel == "dh":
                     tm.launch_dh_gemm(grad, w2, g, r, cfg)
                 tm.launch_act_bwd(g, a, o[0], o[1], dpr, r, "swiglu", cfg)
             return split, o, (gemm if kernel == "dh" else None)
@@ -153,6 +177,11 @@ def main() -> int:
             if tm._wgrad_lane(x, w1, w2, lane_cfg) != "grouped_mm":
                 raise RuntimeError("torch's grouped GEMM cannot run here (see the backend record)")
             return (lambda: tm.weight_grads(x, da, hp, grad, w1, w2, r, lane_cfg)), o, 3 * gemm
+        if kernel == "wgrad_pre":     # the same lane on rows the pregather lane already has
+            lane_cfg = dataclasses.replace(cfg, wgrad_grouped_mm=True)
+            xs, ds = tm.gather_rows(x, r, cfg), tm.gather_rows(grad, r, cfg)
+            return (lambda: tm.weight_grads(None, da, hp, grad, w1, w2, r, lane_cfg,
+                                            x_sorted=xs, dout_sorted=ds)), o, 3 * gemm
 
         def both():  # dW1 (gathered x, contiguous da) and dW2 (contiguous p*h, gathered dout)
             tm.launch_wgrad(x, da, o[0], r, r.token, None, cfg)
@@ -161,6 +190,7 @@ def main() -> int:
 
     best = {}
     act_bytes = 6.0 * n * Fd * x.element_size()   # read g, a (2F); write da (2F), p*h
+    gather_bytes = (2.0 * n + d.tokens) * H * x.element_size()  # x once, rows written, copied
     print("| kernel | tile (bm, bn, bk, warps, stages, programs/SM, tma) | ms | TFLOP/s (GB/s) "
           "| max diff |")
     print("|---|---|---:|---:|---:|")
@@ -170,18 +200,22 @@ def main() -> int:
         fn()
         ref = [t.float().clone() for t in (ref if isinstance(ref, tuple) else (ref,))]
         if kernel == "wgrad":      # a reference row, not a candidate
-            try:
-                fn_t, _, fl = runner("wgrad_torch", base, r0)
-                ms = triton.testing.do_bench(fn_t, warmup=50, rep=150)
-                print(f"| wgrad | wgrad_grouped_mm lane: gather + torch._grouped_mm | {ms:.3f} "
-                      f"| {fl / ms / 1e9:.0f} | |", flush=True)
-            except Exception as e:
-                print(f"| wgrad | torch._grouped_mm: {type(e).__name__}: {str(e)[:80]} | | | |")
+            for lane, what in (("wgrad_torch", "gather + torch._grouped_mm"),
+                               ("wgrad_pre", "torch._grouped_mm on pregathered rows")):
+                try:
+                    fn_t, _, fl = runner(lane, base, r0)
+                    ms = triton.testing.do_bench(fn_t, warmup=50, rep=150)
+                    print(f"| wgrad | wgrad_grouped_mm lane: {what} | {ms:.3f} "
+                          f"| {fl / ms / 1e9:.0f} | |", flush=True)
+                except Exception as e:
+                    print(f"| wgrad | {lane}: {type(e).__name__}: {str(e)[:80]} | | | |")
         if kernel != "dh_fused":   # the default competes too: a subset sweep cannot pick worse
             ms = triton.testing.do_bench(fn, warmup=50, rep=150)
             c = (base.act_rows, base.act_cols, base.act_warps) if kernel == "act" else \
+                (base.gather_r, base.gather_c) if kernel == "gather" else \
                 dataclasses.astuple(getattr(base, kernel))
-            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({act_bytes / ms / 1e6:.0f})"
+            nbytes = gather_bytes if kernel == "gather" else act_bytes
+            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({nbytes / ms / 1e6:.0f})"
             print(f"| {kernel} | {c} (default) | {ms:.3f} | {rate} | 0 |", flush=True)
             best[kernel] = (ms, c)
         for c in CANDIDATES[kernel][picked[kernel]]:
@@ -199,12 +233,13 @@ def main() -> int:
                 print(f"| {kernel} | {c} | failed: {type(e).__name__}: {why} | | |", flush=True)
                 continue
             ok = diff <= 2e-2 * max(1.0, max(f.abs().max().item() for f in ref))
-            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({act_bytes / ms / 1e6:.0f})"
+            nbytes = gather_bytes if kernel == "gather" else act_bytes
+            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({nbytes / ms / 1e6:.0f})"
             print(f"| {kernel} | {c} | {ms:.3f} | {rate} | {diff:.3g} |", flush=True)
             if ok and (kernel not in best or ms < best[kernel][0]):
                 best[kernel] = (ms, c)
     tuned = base
-    for kernel in ("up", "down", "dx", "wgrad", "act", "dh"):
+    for kernel in ("up", "down", "dx", "wgrad", "act", "gather", "dh"):
         if kernel in best:
             tuned = _variant(tuned, kernel, best[kernel][1])
     # the fused d(h) replaces the split one only if it beats the split GEMM + row pass

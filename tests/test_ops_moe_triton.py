@@ -111,21 +111,23 @@ def test_triton_matches_fp16(name, activation):
 
 
 @needs_triton
-@pytest.mark.parametrize("name,split_dh,flat", [
-    ("random", True, False), ("odd_dims", True, False), ("odd_dims", False, False),
-    ("empty_experts", True, True), ("k8", True, True)])
-def test_triton_tma_and_occupancy_variants_match_fp64(name, split_dh, flat):
-    """Weight operands through TMA tensor descriptors (unmasked tiles that run past an expert's
+@pytest.mark.parametrize("name,split_dh,flat,pre", [
+    ("random", True, False, False), ("odd_dims", True, False, True), ("odd_dims", False, False, False),
+    ("empty_experts", True, True, True), ("k8", True, True, False), ("random", True, False, True)])
+def test_triton_tma_and_occupancy_variants_match_fp64(name, split_dh, flat, pre):
+    """Weight operands AND contiguous row operands (h, da; with ``pre`` also the pregathered
+    x / dout rows) through TMA tensor descriptors (unmasked tiles that run past an expert's
     rows or F) and 2 programs per SM, with the backward d(h) split (plain GEMM + row pass) or
     fused (activation backward in the GEMM epilogue), and (``flat``) the persistent GEMMs' tile
     and K loops flattened into one loop, with the grouped-GEMM weight-gradient lane asked for
-    (on CPU it cannot run: the kernel runs and the record says why): same results as the
-    default pointer path, within fp32 of fp64."""
+    (on CPU it cannot run: the kernel runs and the record says why), and (``pre``) x and dout
+    gathered into sorted rows once: same results as the default pointer path, within fp32 of
+    fp64."""
     import dataclasses
 
     base = triton_moe.default_config(torch.float32)
-    cfg = dataclasses.replace(base, split_dh=split_dh, wgrad_grouped_mm=flat,
-                              **{k: dataclasses.replace(getattr(base, k), tma=True,
+    cfg = dataclasses.replace(base, split_dh=split_dh, wgrad_grouped_mm=flat, pregather=pre,
+                              **{k: dataclasses.replace(getattr(base, k), tma=True, a_tma=True,
                                                         programs_per_sm=2, flatten=flat)
                                  for k in ("up", "down", "dh", "dx", "wgrad")})
     backends.reset()
@@ -179,6 +181,28 @@ def test_triton_routing_metadata_tables(T, E, k, bm):
         covered[rows] += 1
     assert torch.all(covered == 1)
     assert torch.all(table[1:, int(n_tiles):] == 0)      # padding tiles are empty
+
+
+@needs_triton
+@pytest.mark.parametrize("width", [32, 40])
+def test_gather_rows_copies_the_sorted_rows(width):
+    """The pregather lane's row gather: ``out[r] = src[token[r]]`` bit for bit (widths a multiple
+    of the column step and not), for a routing where one id is negative (its pair has no sorted
+    row; the token table there stays 0, a valid row to copy)."""
+    g = _gen(11)
+    T, E, k = 37, 6, 2
+    idx = torch.randint(0, E, (T, k), generator=g)
+    src = _randn(T, width, g=g).to(DEVICE)
+    r = triton_moe.routing_metadata(idx.to(DEVICE), torch.rand(T, k, generator=g).to(DEVICE), E,
+                                    (16,))
+    out = triton_moe.gather_rows(src, r, triton_moe.default_config(torch.float32))
+    assert torch.equal(out, src[r.token.long()])
+    idx[3, 1] = -1                                       # no expert: one sorted row fewer
+    r = triton_moe.routing_metadata(idx.to(DEVICE), torch.rand(T, k, generator=g).to(DEVICE), E,
+                                    (16,))
+    assert int(r.bounds[-1]) == T * k - 1 and int(r.token[-1]) == 0
+    out = triton_moe.gather_rows(src, r, triton_moe.default_config(torch.float32))
+    assert torch.equal(out[:-1], src[r.token.long()[:-1]]) and torch.equal(out[-1], src[0])
 
 
 @needs_triton

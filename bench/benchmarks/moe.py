@@ -118,7 +118,8 @@ def _torch_pipeline_setup(d: Dims, device: str):
 
 def _gemms_only_setup(d: Dims, device: str):
     """The six expert GEMMs of one fwd + bwd on precomputed routing and buffers, as the default
-    tiles run them (the weight gradients on the grouped GEMM lane where the config asks for it)."""
+    tiles run them (the weight gradients on the grouped GEMM lane where the config asks for it;
+    with ``pregather`` on the sorted x / dout rows, gathered once outside the timed step)."""
     import torch
 
     from megatron_ext.ops.moe import triton_moe as tm
@@ -134,21 +135,24 @@ def _gemms_only_setup(d: Dims, device: str):
     g = new(n, Fd)
     dpp = torch.empty(-(-Fd // cfg.dh.block_n), n, device=device)
     xd, w1d, w2d = x.detach(), w1.detach(), w2.detach()
+    pre = cfg.pregather
+    xs = tm.gather_rows(xd, r, cfg) if pre else None
+    ds = tm.gather_rows(grad, r, cfg) if pre else None
     if cfg.split_dh:   # da, p*h once: the timed step runs the GEMMs only, not the row pass
-        tm.launch_up(xd, w1d, a, h, r, "swiglu", cfg)
-        tm.launch_dh_gemm(grad, w2d, g, r, cfg)
+        tm.launch_up(xs if pre else xd, w1d, a, h, r, "swiglu", cfg, sorted_rows=pre)
+        tm.launch_dh_gemm(ds if pre else grad, w2d, g, r, cfg, sorted_rows=pre)
         tm.launch_act_bwd(g, a, da, h2, dpp[0], r, "swiglu", cfg)
 
     def step():
-        tm.launch_up(xd, w1d, a, h, r, "swiglu", cfg)
+        tm.launch_up(xs if pre else xd, w1d, a, h, r, "swiglu", cfg, sorted_rows=pre)
         tm.launch_down(h, w2d, y, r, w2d.stride(), Fd, H, True, cfg.down, cfg)
         if cfg.split_dh:
-            tm.launch_dh_gemm(grad, w2d, g, r, cfg)
+            tm.launch_dh_gemm(ds if pre else grad, w2d, g, r, cfg, sorted_rows=pre)
         else:
             tm.launch_dh(grad, w2d, a, da, h2, dpp, r, "swiglu", cfg)
         tm.launch_down(da, w1d, dxp, r, (w1d.stride(0), w1d.stride(2), w1d.stride(1)), 2 * Fd, H,
                        False, cfg.dx, cfg)
-        tm.weight_grads(xd, da, h2, grad, w1d, w2d, r, cfg)
+        tm.weight_grads(xd, da, h2, grad, w1d, w2d, r, cfg, x_sorted=xs, dout_sorted=ds)
 
     return step
 
@@ -269,16 +273,37 @@ def _breakdown_rows(name: str, d: Dims):
     xd, w1d, w2d = x.detach(), w1.detach(), w2.detach()
     w1t = (w1d.stride(0), w1d.stride(2), w1d.stride(1))
     gemm = 2.0 * n * H * Fd
+    pre = cfg.pregather   # x / dout rows gathered once (their own rows below), then plain GEMMs
+    xs = tm.gather_rows(xd, r, cfg) if pre else None
+    ds = tm.gather_rows(grad, r, cfg) if pre else None
     kernels = [
         ("routing metadata (counting sort, tables)",
          lambda: tm.routing_metadata(idx, probs, d.experts, cfg.row_tiles), None),
-        ("up: gather x @ W1 + swiglu", lambda: tm.launch_up(xd, w1d, a, h, r, "swiglu", cfg),
-         2 * gemm),
+    ]
+    if pre:
+        kernels += [("pregather: x rows in sorted order",
+                     lambda: tm.gather_rows(xd, r, cfg), None),
+                    ("up: x_sorted @ W1 + swiglu",
+                     lambda: tm.launch_up(xs, w1d, a, h, r, "swiglu", cfg, sorted_rows=True),
+                     2 * gemm)]
+    else:
+        kernels.append(("up: gather x @ W1 + swiglu",
+                        lambda: tm.launch_up(xd, w1d, a, h, r, "swiglu", cfg), 2 * gemm))
+    kernels += [
         ("down: p * h @ W2 -> pair rows",
          lambda: tm.launch_down(h, w2d, y, r, w2d.stride(), Fd, H, True, cfg.down, cfg), gemm),
         ("combine over k", lambda: tm.launch_combine(y, out, d.topk, cfg), None),
     ]
-    if cfg.split_dh:
+    if cfg.split_dh and pre:
+        kernels += [
+            ("pregather: dout rows in sorted order",
+             lambda: tm.gather_rows(grad, r, cfg), None),
+            ("dh: dout_sorted @ W2^T -> g",
+             lambda: tm.launch_dh_gemm(ds, w2d, g, r, cfg, sorted_rows=True), gemm),
+            ("dh row pass: act bwd, p h, dprobs",
+             lambda: tm.launch_act_bwd(g, a, da, hp, dpp[0], r, "swiglu", cfg), None),
+        ]
+    elif cfg.split_dh:
         kernels += [
             ("dh: gather dout @ W2^T -> g", lambda: tm.launch_dh_gemm(grad, w2d, g, r, cfg), gemm),
             ("dh row pass: act bwd, p h, dprobs",
@@ -292,11 +317,15 @@ def _breakdown_rows(name: str, d: Dims):
          lambda: tm.launch_down(da, w1d, dxp, r, w1t, 2 * Fd, H, False, cfg.dx, cfg), 2 * gemm),
     ]
     lane = "torch grouped GEMM on gathered rows" if cfg.wgrad_grouped_mm else "Triton kernel"
+    if pre:
+        lane += ", pregathered"
     kernels += [
         (f"dW1: x^T @ da (jagged; {lane})",
-         lambda: tm.weight_grads(xd, da, hp, grad, w1d, w2d, r, cfg, (True, False)), 2 * gemm),
+         lambda: tm.weight_grads(xd, da, hp, grad, w1d, w2d, r, cfg, (True, False),
+                                 x_sorted=xs, dout_sorted=ds), 2 * gemm),
         (f"dW2: (p h)^T @ dout (jagged; {lane})",
-         lambda: tm.weight_grads(xd, da, hp, grad, w1d, w2d, r, cfg, (False, True)), gemm),
+         lambda: tm.weight_grads(xd, da, hp, grad, w1d, w2d, r, cfg, (False, True),
+                                 x_sorted=xs, dout_sorted=ds), gemm),
     ]
     rows = []
     for label, fn, flops in kernels:

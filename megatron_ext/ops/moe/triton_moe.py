@@ -18,7 +18,9 @@ Pipeline (no host synchronisation: every size the kernels need is read on the de
    their loop bound. (The torch version, sort + searchsorted + ~20 small ops, took 0.66 ms at
    T=8192, E=64, k=6 on an H100, mostly launch overhead.)
 2. **GEMM 1** (``_up_kernel``, persistent over (M tile, N tile) work items of all experts): the A
-   tile is GATHERED from ``x`` by the sorted rows' token ids (fused permute, no ``x_sorted``); for
+   tile is GATHERED from ``x`` by the sorted rows' token ids (fused permute, no ``x_sorted``), or
+   with ``TileConfig.pregather`` read through TMA from ``x_sorted`` (rows copied into sorted order
+   once by ``_gather_rows_kernel`` and kept for dW1 in place of ``x``); for
    gated activations one program owns the gate columns ``[n0, n0+BN)`` AND the matching up columns
    ``[F+n0, F+n0+BN)`` (two accumulators), so the epilogue writes ``h = act(gate) * up`` directly.
    It also writes the pre-activation ``a`` (what backward needs); ``h`` is not kept for backward:
@@ -101,6 +103,10 @@ class GemmTile:
     # persistent GEMMs: fuse the tile loop and the K loop into one software-pipelined loop
     # (``tl.range(flatten=True)``), so loads run ahead across output-tile boundaries
     flatten: bool = False
+    # row (A) operand through a TMA descriptor where its rows are contiguous sorted rows (down:
+    # h; dx: da; up and d(h) when TileConfig.pregather gives them sorted x / dout rows); a
+    # gathered A operand always takes pointer loads
+    a_tma: bool = False
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "block_k"):
@@ -127,6 +133,9 @@ class TileConfig:
     wgrad: GemmTile
     combine_t: int = 16
     combine_h: int = 256
+    # row gather of the pregather lane (rows x cols per program step)
+    gather_r: int = 16
+    gather_c: int = 512
     programs_per_sm: int = 1
     # backward d(h): True = plain grouped GEMM (``dh`` tile, wide along F) writing g rows, then a
     # memory-bound row pass (act_rows x act_cols tiles) for the activation backward and dprobs;
@@ -140,9 +149,14 @@ class TileConfig:
     # gathered once, instead of ``_wgrad_kernel``; where it cannot run, the kernel runs and the
     # backend record says why
     wgrad_grouped_mm: bool = False
+    # gather x (forward) and dout (backward) rows into sorted order once (``gather_rows``), so
+    # the up and d(h) GEMMs read contiguous rows (through TMA with ``a_tma``) and the weight
+    # gradients reuse them; costs one ``[T*k, H]`` buffer (x's is saved for backward, as
+    # Megatron's permute-based dispatchers keep their permuted tokens)
+    pregather: bool = False
 
     def __post_init__(self):
-        for name in ("act_rows", "act_cols"):
+        for name in ("act_rows", "act_cols", "gather_r", "gather_c"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1 or v & (v - 1):
                 raise ValueError(f"{name}={v!r}: row-pass tile sizes are powers of two; use "
@@ -160,7 +174,13 @@ class TileConfig:
 # H100 (16-bit inputs), picked by scripts/tune_moe.py at T=8192, H=2048, F=1408, E=64, top-6
 # (one kernel varied at a time, do_bench medians; TFLOP/s of that kernel's GEMM; tile = BMxBN kBK
 # warps w, stages s, "tma" = weight operand through a TMA descriptor, "2/SM" = 2 programs per SM):
-#   up    128x128(x2) k64 w8 s3: 467   +tma: 474   +tma s4: 479 (picked)   128x64 2/SM tma: 441
+#   up    128x128(x2) k64 w8 s3: 467   +tma: 474   +tma s4: 479   128x64 2/SM tma: 441
+#         pregathered x_sorted (gather 0.113 ms apart) + A through TMA: 1.173 -> 1.046 ms (picked;
+#         the weight gradients then reuse x_sorted: dW1 + dW2 1.774 -> 1.624 ms); + s3 1.206,
+#         + flatten 1.39-1.41 (incl. the gather); row-operand TMA elsewhere lost: down 0.494 ->
+#         0.502-0.518, dx 0.915 -> 0.959-0.963, dh on dout_sorted 0.828 -> 0.931-0.945
+#   gather (rows x cols) 16x512: 0.120 ms   8x1024: 0.123   32x256: 0.113 (picked)   32x512: 0.119
+#         (torch index_select: 0.131)
 #   down  128x256 k64 w8 s3: 503   +tma: 536 (picked)   +tma s4: 522   128x128 2/SM tma: 498
 #   dh    fused (one kernel, activation backward in the epilogue): 128x64 k64 w8 s4: 224
 #         +tma: 230   128x64 s3 2/SM: 184 (tma 186)   128x128 tma s4: 220   64x128 w4 2/SM: 209
@@ -189,12 +209,15 @@ class TileConfig:
 # re-read 22 times); the row pass it adds runs near HBM bandwidth.
 # Tile shapes never depend on T (batch invariance, see above).
 H100_CONFIG = TileConfig(
-    up=GemmTile(128, 128, 64, 8, 4, tma=True),
+    up=GemmTile(128, 128, 64, 8, 4, tma=True, a_tma=True),
     down=GemmTile(128, 256, 64, 8, 4, tma=True, flatten=True),
     dh=GemmTile(128, 256, 64, 8, 3, tma=True, flatten=True),
     dx=GemmTile(128, 256, 64, 8, 4, tma=True, flatten=True),
     wgrad=GemmTile(128, 128, 32, 4, 4, tma=True),
     wgrad_grouped_mm=True,
+    pregather=True,
+    gather_r=32,
+    gather_c=256,
 )
 # 4-byte operands: half the tiles to stay in shared memory; fp32 is the exact correctness path.
 FP32_CONFIG = TileConfig(
@@ -206,7 +229,7 @@ FP32_CONFIG = TileConfig(
 INTERPRETER_CONFIG = TileConfig(
     up=GemmTile(16, 16, 16, 1, 1), down=GemmTile(16, 16, 16, 1, 1), dh=GemmTile(16, 16, 16, 1, 1),
     dx=GemmTile(16, 16, 16, 1, 1), wgrad=GemmTile(16, 16, 16, 1, 1), combine_t=16, combine_h=16,
-    act_rows=16, act_cols=16, act_warps=1,
+    act_rows=16, act_cols=16, act_warps=1, gather_r=16, gather_c=16,
 )
 
 
@@ -401,7 +424,9 @@ def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
     offs = torch.empty_like(hist)
     bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     order = torch.empty(n, dtype=torch.int32, device=dev)
-    token = torch.empty(n, dtype=torch.int32, device=dev)
+    # zeros: rows past the routed ones (pairs with an id outside [0, E)) stay valid gather
+    # indices for the row gathers of the pregather / grouped-GEMM lanes
+    token = torch.zeros(n, dtype=torch.int32, device=dev)
     prob = torch.empty(n, dtype=torch.float32, device=dev)
     _route_hist_kernel[(n_blocks,)](flat, hist, n, BLOCK=block, E_PAD=e_pad)
     _route_scan_kernel[(1,)](hist, offs, bounds, n_blocks, num_experts,
@@ -473,16 +498,19 @@ def _tile(TABLE, max_tiles, mt):
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _up_kernel(X, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
+def _up_kernel(X, X_DESC, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidden, ffn,
                stride_x, stride_we, stride_wk, stride_wn, stride_a, stride_h,
                GATED: tl.constexpr, ACT: tl.constexpr, EVEN_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               B_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-               FLATTEN: tl.constexpr):
+               GATHER_A: tl.constexpr, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, FLATTEN: tl.constexpr):
     """Persistent: work item ``w`` = (M tile ``w // n_tn``, F tile ``w % n_tn``). Writes
-    ``a [N, (2)F]`` and ``h [N, F]`` (sorted row order). ``B_TMA``: W1 tiles through the
-    descriptor over ``W1 [E*H, N1]`` (needs EVEN_K so K tiles stay inside one expert; gate
-    columns past F read up columns, which only feed masked output columns)."""
+    ``a [N, (2)F]`` and ``h [N, F]`` (sorted row order). A rows are ``X[token[r]]`` (GATHER_A)
+    or ``X[r]`` (X already in sorted order); ``A_TMA`` (sorted X only): ``[BM, BK]`` boxes of
+    X, rows past the tile's expert read the next expert's rows (their outputs are not stored).
+    ``B_TMA``: W1 tiles through the descriptor over ``W1 [E*H, N1]`` (needs EVEN_K so K tiles
+    stay inside one expert; gate columns past F read up columns, which only feed masked output
+    columns)."""
     n_tn = tl.cdiv(ffn, BLOCK_N)
     total = tl.load(NTILES) * n_tn
     rm = tl.arange(0, BLOCK_M)
@@ -492,7 +520,10 @@ def _up_kernel(X, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidde
         e, row0, row_end = _tile(TABLE, max_tiles, w // n_tn)
         rows = row0 + rm
         row_ok = rows < row_end
-        tok = tl.load(TOKEN + rows, mask=row_ok, other=0).to(tl.int64)
+        if GATHER_A:
+            tok = tl.load(TOKEN + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            tok = rows.to(tl.int64)
         cols = (w % n_tn) * BLOCK_N + rn
         col_ok = cols < ffn
         x_ptr = X + tok[:, None] * stride_x + rk[None, :]
@@ -500,7 +531,14 @@ def _up_kernel(X, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidde
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, n_hidden, BLOCK_K):
-            if B_TMA:
+            if A_TMA:
+                xa = X_DESC.load([row0, k0])
+                if B_TMA:
+                    wg = W1_DESC.load([e * n_hidden + k0, (w % n_tn) * BLOCK_N])
+                else:
+                    k_ok = (k0 + rk) < n_hidden
+                    wg = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            elif B_TMA:
                 xa = tl.load(x_ptr, mask=row_ok[:, None], other=0.0)
                 wg = W1_DESC.load([e * n_hidden + k0, (w % n_tn) * BLOCK_N])
             elif EVEN_K:
@@ -514,6 +552,9 @@ def _up_kernel(X, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidde
             if GATED:
                 if B_TMA:
                     wu = W1_DESC.load([e * n_hidden + k0, ffn + (w % n_tn) * BLOCK_N])
+                elif A_TMA:
+                    wu = tl.load(w_ptr + ffn * stride_wn, mask=k_ok[:, None] & col_ok[None, :],
+                                 other=0.0)
                 elif EVEN_K:
                     wu = tl.load(w_ptr + ffn * stride_wn, mask=col_ok[None, :], other=0.0)
                 else:
@@ -537,18 +578,21 @@ def _up_kernel(X, W1, W1_DESC, A, HOUT, TOKEN, TABLE, NTILES, max_tiles, n_hidde
 
 
 @triton.jit
-def _down_kernel(A, B, B_DESC, C, A_ROWS, C_ROWS, PROB, TABLE, NTILES, max_tiles, n_out, n_in,
-                 stride_a, stride_be, stride_bk, stride_bn, stride_c,
+def _down_kernel(A, A_DESC, B, B_DESC, C, A_ROWS, C_ROWS, PROB, TABLE, NTILES, max_tiles, n_out,
+                 n_in, stride_a, stride_be, stride_bk, stride_bn, stride_c,
                  SCALE: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr,
                  EVEN_K: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 B_TMA: tl.constexpr, B_TRANS: tl.constexpr,
+                 A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_TRANS: tl.constexpr,
                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                  FLATTEN: tl.constexpr):
     """Persistent: ``C[c(r)] = (p[r] *) A[a(r)] @ B[e(r)]`` over sorted rows ``r``, with
     ``a(r) = A_ROWS[r]`` if GATHER_A else ``r`` and ``c(r) = C_ROWS[r]`` if SCATTER_C else ``r``;
     B is ``[E, n_in, n_out]`` with any strides (``W2``; ``W1`` transposed for dx; ``W2``
-    transposed for the backward ``g = dout @ W2^T``). ``B_TMA``: B tiles through a descriptor
+    transposed for the backward ``g = dout @ W2^T``). ``A_TMA`` (not GATHER_A): A tiles are
+    ``[BM, BK]`` boxes of A from the tile's first row (rows past the expert's end read the next
+    expert's rows, whose outputs are masked; K past ``n_in`` reads zeros). ``B_TMA``: B tiles
+    through a descriptor
     over the weight stacked ``[E*n_in, n_out]`` (``B_TRANS``: over ``[E*n_out, n_in]``, tiles
     loaded ``[BN, BK]`` and transposed; K-major, the layout the tensor cores read directly)."""
     n_tn = tl.cdiv(n_out, BLOCK_N)
@@ -570,10 +614,12 @@ def _down_kernel(A, B, B_DESC, C, A_ROWS, C_ROWS, PROB, TABLE, NTILES, max_tiles
         b_ptr = B + e.to(tl.int64) * stride_be + rk[:, None] * stride_bk + cols[None, :] * stride_bn
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for k0 in range(0, n_in, BLOCK_K):
-            if EVEN_K:
+            k_ok = (k0 + rk) < n_in
+            if A_TMA:
+                a = A_DESC.load([row0, k0])
+            elif EVEN_K:
                 a = tl.load(a_ptr, mask=row_ok[:, None], other=0.0)
             else:
-                k_ok = (k0 + rk) < n_in
                 a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             if B_TMA:
                 if B_TRANS:
@@ -768,11 +814,29 @@ def _combine_kernel(Y, OUT, ROWS, n_tok, width, topk, stride_y, stride_o,
     tl.store(OUT + t64[:, None] * stride_o + c[None, :], acc.to(OUT.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _gather_rows_kernel(SRC, IDX, DST, n_rows, width, stride_s, stride_d,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``DST[r] = SRC[IDX[r]]`` for ``BLOCK_R`` rows per program, ``BLOCK_C`` columns a step."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < n_rows
+    src = tl.load(IDX + r, mask=r_ok, other=0).to(tl.int64)
+    s_ptr = SRC + src[:, None] * stride_s
+    d_ptr = DST + r.to(tl.int64)[:, None] * stride_d
+    for c0 in range(0, width, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        ok = r_ok[:, None] & (c < width)[None, :]
+        tl.store(d_ptr + c[None, :], tl.load(s_ptr + c[None, :], mask=ok), mask=ok)
+
+
 # --------------------------------------------------------------------------------------------------
 # launchers (each takes preallocated outputs, so the benchmark can time the GEMMs alone)
 # --------------------------------------------------------------------------------------------------
 
-def launch_up(x, w1, a, h, r: Routing, activation: str, cfg: TileConfig) -> None:
+def launch_up(x, w1, a, h, r: Routing, activation: str, cfg: TileConfig,
+              sorted_rows: bool = False) -> None:
+    """``a, h`` of the sorted rows from ``x [T, H]`` (rows gathered by token) or, with
+    ``sorted_rows``, from ``x [N, H]`` already in sorted order (A through TMA if ``cfg.up.a_tma``)."""
     gated, act = ACT_CODES[activation]
     t = cfg.up
     table, n_tiles, max_tiles = r.tables[t.block_m]
@@ -781,13 +845,15 @@ def launch_up(x, w1, a, h, r: Routing, activation: str, cfg: TileConfig) -> None
     upcast, prec = _flags(x.dtype)
     even_k = n_hidden % t.block_k == 0
     desc = _tma_desc(w1, w1.shape[0] * n_hidden, (t.block_k, t.block_n), t.tma and even_k)
+    x_desc = _tma_desc(x, x.shape[0], (t.block_m, t.block_k), t.a_tma and sorted_rows)
     grid = _persistent_grid(max_tiles * triton.cdiv(ffn, t.block_n), x.device, cfg, t)
     _up_kernel[grid](
-        x, w1, desc if desc is not None else w1, a, h, r.token, table, n_tiles, max_tiles,
-        n_hidden, ffn, x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2), a.stride(0),
-        h.stride(0), GATED=gated, ACT=act, EVEN_K=even_k, BLOCK_M=t.block_m,
-        BLOCK_N=t.block_n, BLOCK_K=t.block_k, B_TMA=desc is not None, UPCAST=upcast,
-        DOT_PREC=prec, FLATTEN=t.flatten, num_warps=t.warps, num_stages=t.stages)
+        x, x_desc if x_desc is not None else x, w1, desc if desc is not None else w1, a, h,
+        r.token, table, n_tiles, max_tiles, n_hidden, ffn, x.stride(0), w1.stride(0),
+        w1.stride(1), w1.stride(2), a.stride(0), h.stride(0), GATED=gated, ACT=act,
+        EVEN_K=even_k, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        GATHER_A=not sorted_rows, A_TMA=x_desc is not None, B_TMA=desc is not None,
+        UPCAST=upcast, DOT_PREC=prec, FLATTEN=t.flatten, num_warps=t.warps, num_stages=t.stages)
 
 
 def launch_down(src, b, dst, r: Routing, b_strides, n_in: int, n_out: int, scale: bool,
@@ -806,13 +872,15 @@ def launch_down(src, b, dst, r: Routing, b_strides, n_in: int, n_out: int, scale
     else:       # tiles [BK, BN] of b [E*n_in, n_out]: K tiles must not cross experts
         desc = _tma_desc(b, b.shape[0] * n_in, (tile.block_k, tile.block_n),
                          tile.tma and even_k and tuple(b.shape[1:]) == (n_in, n_out))
+    a_desc = _tma_desc(src, src.shape[0], (tile.block_m, tile.block_k), tile.a_tma and not gather)
     grid = _persistent_grid(max_tiles * triton.cdiv(n_out, tile.block_n), src.device, cfg, tile)
     _down_kernel[grid](
-        src, b, desc if desc is not None else b, dst, r.token, r.order, r.prob, table, n_tiles,
-        max_tiles, n_out, n_in, src.stride(0), b_strides[0], b_strides[1], b_strides[2],
-        dst.stride(0), SCALE=scale, GATHER_A=gather, SCATTER_C=scatter, EVEN_K=even_k,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-        B_TMA=desc is not None, B_TRANS=trans, UPCAST=upcast, DOT_PREC=prec,
+        src, a_desc if a_desc is not None else src, b, desc if desc is not None else b, dst,
+        r.token, r.order, r.prob, table, n_tiles, max_tiles, n_out, n_in, src.stride(0),
+        b_strides[0], b_strides[1], b_strides[2], dst.stride(0), SCALE=scale, GATHER_A=gather,
+        SCATTER_C=scatter, EVEN_K=even_k, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, A_TMA=a_desc is not None, B_TMA=desc is not None, B_TRANS=trans,
+        UPCAST=upcast, DOT_PREC=prec,
         FLATTEN=tile.flatten, num_warps=tile.warps, num_stages=tile.stages)
 
 
@@ -834,12 +902,13 @@ def launch_dh(dout, w2, a, da, h, dpp, r: Routing, activation: str, cfg: TileCon
         num_warps=t.warps, num_stages=t.stages)
 
 
-def launch_dh_gemm(dout, w2, g, r: Routing, cfg: TileConfig) -> None:
-    """``g[r] = dout[token[r]] @ W2[e]^T`` (split backward, first half): the plain grouped GEMM
-    with ``W2 [E, F, H]`` read as ``[E, in=H, out=F]`` (K-major: the TMA path of dx)."""
+def launch_dh_gemm(dout, w2, g, r: Routing, cfg: TileConfig, sorted_rows: bool = False) -> None:
+    """``g[r] = dout[token[r]] @ W2[e]^T`` (split backward, first half; ``sorted_rows``: ``dout``
+    is already ``[N, H]`` in sorted order): the plain grouped GEMM with ``W2 [E, F, H]`` read as
+    ``[E, in=H, out=F]`` (K-major: the TMA path of dx)."""
     ffn, n_hidden = w2.shape[1], w2.shape[2]
     launch_down(dout, w2, g, r, (w2.stride(0), w2.stride(2), w2.stride(1)), n_hidden, ffn, False,
-                cfg.dh, cfg, gather=True, scatter=False)
+                cfg.dh, cfg, gather=not sorted_rows, scatter=False)
 
 
 def launch_act_bwd(g, a, da, hp, dprobs, r: Routing, activation: str, cfg: TileConfig) -> None:
@@ -878,6 +947,18 @@ def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: 
         num_warps=t.warps, num_stages=t.stages)
 
 
+def gather_rows(src: Tensor, r: Routing, cfg: TileConfig, out: Optional[Tensor] = None) -> Tensor:
+    """``src[token[r]]`` for every sorted row ``r``: ``[N, width]`` (the pregather lane's x and
+    dout rows; rows past the routed ones, if any, copy row 0)."""
+    n, width = r.rows, src.shape[1]
+    if out is None:
+        out = torch.empty((n, width), dtype=src.dtype, device=src.device)
+    _gather_rows_kernel[(max(1, triton.cdiv(n, cfg.gather_r)),)](
+        src, r.token, out, n, width, src.stride(0), out.stride(0), BLOCK_R=cfg.gather_r,
+        BLOCK_C=cfg.gather_c)
+    return out
+
+
 def launch_combine(y_pairs, out, topk: int, cfg: TileConfig,
                    rows: Optional[Tensor] = None) -> None:
     """``out[t] = sum_j y_pairs[t*k + j]`` (``rows``: ``y_pairs[rows[t*k + j]]``), fp32 sums."""
@@ -898,8 +979,9 @@ def _contig(t: Tensor) -> Tensor:
 
 def moe_ffn_fwd(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
                 activation: str, config: Optional[TileConfig] = None
-                ) -> Tuple[Tensor, Tensor, Routing]:
-    """``(out [T, H], a [N, N1] (saved for backward), routing)``."""
+                ) -> Tuple[Tensor, Tensor, Routing, Optional[Tensor]]:
+    """``(out [T, H], a [N, N1], routing, x_sorted [N, H] or None)``: ``a`` and (with
+    ``TileConfig.pregather``) ``x_sorted`` are what backward needs."""
     cfg = config or default_config(x.dtype)
     x, w1, w2 = _contig(x), _contig(w1), _contig(w2)
     T, H = x.shape
@@ -910,86 +992,101 @@ def moe_ffn_fwd(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tenso
     n = r.rows
     a = torch.empty((n, n1), dtype=x.dtype, device=x.device)
     h = torch.empty((n, ffn), dtype=x.dtype, device=x.device)
-    launch_up(x, w1, a, h, r, activation, cfg)
+    xs = gather_rows(x, r, cfg) if cfg.pregather else None
+    launch_up(xs if xs is not None else x, w1, a, h, r, activation, cfg, sorted_rows=xs is not None)
     y = torch.empty((n, H), dtype=x.dtype, device=x.device)   # pair order t*k + j
     launch_down(h, w2, y, r, (w2.stride(0), w2.stride(1), w2.stride(2)), ffn, H, True,
                 cfg.down, cfg)
     if k == 1:   # pair order is token order: the rows are the output (a combine would copy them)
-        return y, a, r
+        return y, a, r, xs
     out = torch.empty((T, H), dtype=x.dtype, device=x.device)
     launch_combine(y, out, k, cfg)
-    return out, a, r
+    return out, a, r, xs
 
 
-def moe_ffn_bwd(dout: Tensor, x: Tensor, w1: Tensor, w2: Tensor, a: Tensor, r: Routing,
+def moe_ffn_bwd(dout: Tensor, x: Optional[Tensor], w1: Tensor, w2: Tensor, a: Tensor, r: Routing,
                 activation: str, needs=(True, True, True, True),
-                config: Optional[TileConfig] = None):
-    """``(dx, dprobs [T, k] fp32, dw1, dw2)``; None where ``needs`` says the grad is not wanted."""
-    cfg = config or default_config(x.dtype)
-    dout = _contig(dout).to(x.dtype)
-    x, w1, w2 = _contig(x), _contig(w1), _contig(w2)
-    T, H = x.shape
-    n1 = w1.shape[2]
+                config: Optional[TileConfig] = None, x_sorted: Optional[Tensor] = None):
+    """``(dx, dprobs [T, k] fp32, dw1, dw2)``; None where ``needs`` says the grad is not wanted.
+    ``x`` (token order) or ``x_sorted`` (what the forward's pregather kept) feeds dW1."""
+    cfg = config or default_config(w1.dtype)
+    dout = _contig(dout).to(w1.dtype)
+    w1, w2 = _contig(w1), _contig(w2)
+    T, H = r.num_tokens, w1.shape[1]
+    dt, dev = w1.dtype, dout.device
     ffn = w2.shape[1]
     n = r.rows
     need_x, need_p, need_w1, need_w2 = needs
     da = torch.empty_like(a)
-    hp = torch.empty((n, ffn), dtype=x.dtype, device=x.device)       # p * h
+    hp = torch.empty((n, ffn), dtype=dt, device=dev)       # p * h
+    ds = gather_rows(dout, r, cfg) if cfg.pregather else None
     dp_pairs = dpp = None
     if cfg.split_dh:   # plain GEMM to g, then one row pass (see launch_act_bwd)
-        g = torch.empty((n, ffn), dtype=x.dtype, device=x.device)
-        launch_dh_gemm(dout, w2, g, r, cfg)
-        dp_pairs = torch.empty(n, dtype=torch.float32, device=x.device)
+        g = torch.empty((n, ffn), dtype=dt, device=dev)
+        launch_dh_gemm(ds if ds is not None else dout, w2, g, r, cfg, sorted_rows=ds is not None)
+        dp_pairs = torch.empty(n, dtype=torch.float32, device=dev)
         launch_act_bwd(g, a, da, hp, dp_pairs, r, activation, cfg)
         del g
     else:              # one kernel, activation backward in the GEMM epilogue
         n_ft = triton.cdiv(ffn, cfg.dh.block_n)
-        dpp = torch.empty((n_ft, n), dtype=torch.float32, device=x.device)
+        dpp = torch.empty((n_ft, n), dtype=torch.float32, device=dev)
         launch_dh(dout, w2, a, da, hp, dpp, r, activation, cfg)
 
     dx = dprobs = None
     if need_x:
-        dx_pairs = torch.empty((n, H), dtype=x.dtype, device=x.device)
+        dx_pairs = torch.empty((n, H), dtype=dt, device=dev)
         # B = W1[e]^T viewed as [E, n1, H]: (expert, in=n1, out=H) strides of w1 [E, H, n1]
-        launch_down(da, w1, dx_pairs, r, (w1.stride(0), w1.stride(2), w1.stride(1)), n1, H, False,
-                    cfg.dx, cfg)
+        launch_down(da, w1, dx_pairs, r, (w1.stride(0), w1.stride(2), w1.stride(1)),
+                    w1.shape[2], H, False, cfg.dx, cfg)
         if r.topk == 1:   # as in forward: the pair rows are the token rows
             dx = dx_pairs
         else:
-            dx = torch.empty((T, H), dtype=x.dtype, device=x.device)
+            dx = torch.empty((T, H), dtype=dt, device=dev)
             launch_combine(dx_pairs, dx, r.topk, cfg)
     if need_p:
         if dp_pairs is None:
-            dp_pairs = torch.empty(n, dtype=torch.float32, device=x.device)
+            dp_pairs = torch.empty(n, dtype=torch.float32, device=dev)
             dp_pairs[r.order.long()] = dpp.sum(0)  # fixed-order sum over F tiles; unique targets
         dprobs = dp_pairs.view(T, r.topk)
-    dw1, dw2 = weight_grads(x, da, hp, dout, w1, w2, r, cfg, (need_w1, need_w2))
+    dw1, dw2 = weight_grads(x, da, hp, dout, w1, w2, r, cfg, (need_w1, need_w2),
+                            x_sorted=x_sorted, dout_sorted=ds)
     return dx, dprobs, dw1, dw2
 
 
-def weight_grads(x: Tensor, da: Tensor, hp: Tensor, dout: Tensor, w1: Tensor, w2: Tensor,
-                 r: Routing, cfg: TileConfig, needs=(True, True)
+def weight_grads(x: Optional[Tensor], da: Tensor, hp: Tensor, dout: Tensor, w1: Tensor,
+                 w2: Tensor, r: Routing, cfg: TileConfig, needs=(True, True),
+                 x_sorted: Optional[Tensor] = None, dout_sorted: Optional[Tensor] = None
                  ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(dW1, dW2)``: ``dW1[e] = x_e^T @ da_e`` and ``dW2[e] = (p h)_e^T @ dout_e`` over expert
-    ``e``'s sorted rows (``x``/``dout`` rows gathered by token); None where ``needs`` says so."""
+    ``e``'s sorted rows (``x``/``dout`` rows gathered by token, or taken from ``x_sorted`` /
+    ``dout_sorted`` where the caller has them in sorted order); None where ``needs`` says so."""
     need_w1, need_w2 = needs
     dw1 = dw2 = None
-    if (need_w1 or need_w2) and _wgrad_lane(x, w1, w2, cfg) == "grouped_mm":
+    if (need_w1 or need_w2) and _wgrad_lane(x_sorted if x is None else x, w1, w2, cfg) == \
+            "grouped_mm":
         from megatron_ext.ops.moe import _grouped_mm_fn
 
-        gmm, offs, rows = _grouped_mm_fn(), r.bounds[1:], r.token.long()
+        gmm, offs = _grouped_mm_fn(), r.bounds[1:]
         # a group with no rows gets a zero block (K = 0); the sums run in a fixed order
         if need_w1:
-            dw1 = gmm(x.index_select(0, rows).t(), da, offs=offs, out_dtype=w1.dtype)
+            xs = x_sorted if x_sorted is not None else gather_rows(x, r, cfg)
+            dw1 = gmm(xs.t(), da, offs=offs, out_dtype=w1.dtype)
         if need_w2:
-            dw2 = gmm(hp.t(), dout.index_select(0, rows), offs=offs, out_dtype=w2.dtype)
+            ds = dout_sorted if dout_sorted is not None else gather_rows(dout, r, cfg)
+            dw2 = gmm(hp.t(), ds, offs=offs, out_dtype=w2.dtype)
         return dw1, dw2
     if need_w1:
-        dw1 = torch.empty(w1.shape, dtype=w1.dtype, device=x.device)
-        launch_wgrad(x, da, dw1, r, r.token, None, cfg)
+        dw1 = torch.empty(w1.shape, dtype=w1.dtype, device=da.device)
+        if x_sorted is not None:
+            launch_wgrad(x_sorted, da, dw1, r, None, None, cfg)
+        else:
+            launch_wgrad(x, da, dw1, r, r.token, None, cfg)
     if need_w2:
-        dw2 = torch.empty(w2.shape, dtype=w2.dtype, device=x.device)
-        launch_wgrad(hp, dout, dw2, r, None, r.token, cfg)
+        dw2 = torch.empty(w2.shape, dtype=w2.dtype, device=da.device)
+        if dout_sorted is not None:
+            launch_wgrad(hp, dout_sorted, dw2, r, None, None, cfg)
+        else:
+            launch_wgrad(hp, dout, dw2, r, None, r.token, cfg)
     return dw1, dw2
 
 
