@@ -424,8 +424,8 @@ def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
     offs = torch.empty_like(hist)
     bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     order = torch.empty(n, dtype=torch.int32, device=dev)
-    # zeros: rows past the routed ones (pairs with an id outside [0, E)) stay valid gather
-    # indices for the row gathers of the pregather / grouped-GEMM lanes
+    # zeros: rows past the routed ones (pairs with an id outside [0, E)) hold valid token ids
+    # (0, or an id in [E, E_PAD)'s own token) for the row gathers of the pregather lane
     token = torch.zeros(n, dtype=torch.int32, device=dev)
     prob = torch.empty(n, dtype=torch.float32, device=dev)
     _route_hist_kernel[(n_blocks,)](flat, hist, n, BLOCK=block, E_PAD=e_pad)
@@ -949,7 +949,8 @@ def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: 
 
 def gather_rows(src: Tensor, r: Routing, cfg: TileConfig, out: Optional[Tensor] = None) -> Tensor:
     """``src[token[r]]`` for every sorted row ``r``: ``[N, width]`` (the pregather lane's x and
-    dout rows; rows past the routed ones, if any, copy row 0)."""
+    dout rows). Rows past the routed ones (pairs with an id outside ``[0, E)``) copy some valid
+    row: the token table there holds 0 or that pair's token, never garbage."""
     n, width = r.rows, src.shape[1]
     if out is None:
         out = torch.empty((n, width), dtype=src.dtype, device=src.device)
