@@ -592,9 +592,9 @@ def _down_kernel(A, A_DESC, B, B_DESC, C, A_ROWS, C_ROWS, PROB, TABLE, NTILES, m
     transposed for the backward ``g = dout @ W2^T``). ``A_TMA`` (not GATHER_A): A tiles are
     ``[BM, BK]`` boxes of A from the tile's first row (rows past the expert's end read the next
     expert's rows, whose outputs are masked; K past ``n_in`` reads zeros). ``B_TMA``: B tiles
-    through a descriptor
-    over the weight stacked ``[E*n_in, n_out]`` (``B_TRANS``: over ``[E*n_out, n_in]``, tiles
-    loaded ``[BN, BK]`` and transposed; K-major, the layout the tensor cores read directly)."""
+    through a descriptor over the weight stacked ``[E*n_in, n_out]`` (``B_TRANS``: over
+    ``[E*n_out, n_in]``, tiles loaded ``[BN, BK]`` and transposed; K-major, the layout the
+    tensor cores read directly)."""
     n_tn = tl.cdiv(n_out, BLOCK_N)
     total = tl.load(NTILES) * n_tn
     rm = tl.arange(0, BLOCK_M)
