@@ -245,6 +245,23 @@ def _row_tile(base, DESC, b32, t0, h0, t, hl, ok, stride_s, stride_h,
 
 
 @triton.jit
+def _span(i: tl.constexpr, s0, e0, b1, b2, b3, b4):
+    """Bounds of range ``i`` of a kernel's four block ranges, picked at compile time: range 0 is
+    ``[s0, e0)``, ranges 1-3 are ``[b1, b2)``, ``[b2, b3)``, ``[b3, b4)``. Query tiles walk key
+    blocks as (sinks, band head, whole blocks, band tail): ``_span(i, 0, sink_hi, lo, fl, fh, hi)``;
+    key blocks walk query tiles as (band head, whole tiles, band tail, past the band):
+    ``_span(i, lo, fl, fl, fh, hi, far_hi)``."""
+    if i == 0:
+        return s0, e0
+    elif i == 1:
+        return b1, b2
+    elif i == 2:
+        return b2, b3
+    else:
+        return b3, b4
+
+
+@triton.jit
 def _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
                blk_lo, blk_hi, seqlen, window, num_sink, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
@@ -321,18 +338,11 @@ def _fwd_kernel(Q, K, V, SINK, O, LSE, QD, KD, VD,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     sink_hi, lo, fl, fh, hi = _key_block_ranges(t0, seqlen, window, num_sink, BT, BLOCK_N)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
-                               t, 0, sink_hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
-                               True, UPCAST, DOT_PREC, TMA)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
-                               t, lo, fl, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
-                               True, UPCAST, DOT_PREC, TMA)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
-                               t, fl, fh, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
-                               False, UPCAST, DOT_PREC, TMA)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
-                               t, fh, hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N,
-                               True, UPCAST, DOT_PREC, TMA)
+    for i in tl.static_range(4):   # sink blocks, band head, whole blocks (unmasked), band tail
+        start, end = _span(i, 0, sink_hi, lo, fl, fh, hi)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, KD, VD, b32, g, stride_ks,
+                                   stride_vs, t, start, end, seqlen, window, num_sink, qk_scale,
+                                   HEAD_DIM, BLOCK_N, i != 2, UPCAST, DOT_PREC, TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padded rows can have l = 0; they are not stored
     out = acc / l_safe[:, None]
@@ -426,18 +436,11 @@ def _bwd_dq_kernel(Q, K, V, DO, O, LSE, DELTA, DQ, QD, KD, VD, DOD, OD,
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     sink_hi, lo, fl, fh, hi = _key_block_ranges(t0, seqlen, window, num_sink, BT, BLOCK_N)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
-                   0, sink_hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST,
-                   DOT_PREC, TMA)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
-                   lo, fl, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST,
-                   DOT_PREC, TMA)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
-                   fl, fh, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, False, UPCAST,
-                   DOT_PREC, TMA)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs, t,
-                   fh, hi, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, True, UPCAST,
-                   DOT_PREC, TMA)
+    for i in tl.static_range(4):   # the forward's four key ranges, whole blocks unmasked
+        start, end = _span(i, 0, sink_hi, lo, fl, fh, hi)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, KD, VD, b32, g, stride_ks, stride_vs,
+                       t, start, end, seqlen, window, num_sink, qk_scale, HEAD_DIM, BLOCK_N, i != 2,
+                       UPCAST, DOT_PREC, TMA)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + t[:, None] * stride_dqs + h[:, None] * stride_dqh + d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -575,26 +578,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DKP, DVP, DKS, DVS, DQA, QD, DOD, 
         far_hi = tl.where(is_sink, c_hi, hi_c)
         lo_c = tl.minimum(lo_c, c_hi)
         for hc in range(N_HC):
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
-                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, lo_c, fl_c, seqlen, group, window, num_sink,
-                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC,
-                                 TMA, TMA_LSE)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
-                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, fl_c, fh_c, seqlen, group, window, num_sink,
-                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, False, FUSED_DQ, UPCAST, DOT_PREC,
-                                 TMA, TMA_LSE)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
-                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, fh_c, hi_c, seqlen, group, window, num_sink,
-                                 qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST, DOT_PREC,
-                                 TMA, TMA_LSE)
-            dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group, lse_base,
-                                 delta_base, dqa_base, stride_qs, stride_qh, stride_dos, stride_doh,
-                                 stride_dqas, stride_dqah, n, hc, hi_c, far_hi, seqlen, group, window,
-                                 num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB, True, FUSED_DQ, UPCAST,
-                                 DOT_PREC, TMA, TMA_LSE)
+            # band head, whole tiles (unmasked), band tail, then the sink blocks' far queries
+            for i in tl.static_range(4):
+                start, end = _span(i, lo_c, fl_c, fl_c, fh_c, hi_c, far_hi)
+                dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, QD, DOD, LD, DD, b32, g * group,
+                                     lse_base, delta_base, dqa_base, stride_qs, stride_qh, stride_dos,
+                                     stride_doh, stride_dqas, stride_dqah, n, hc, start, end, seqlen,
+                                     group, window, num_sink, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, HB,
+                                     i != 1, FUSED_DQ, UPCAST, DOT_PREC, TMA, TMA_LSE)
         dk = dk * sm_scale
         if ATOMIC:
             off = (pid_bg.to(tl.int64) * s_pad + n[:, None]) * HEAD_DIM + d[None, :]
