@@ -1,10 +1,12 @@
 """Where the time of one benchmark case goes: per-kernel GPU time under torch.profiler.
 
-    python scripts/profile_bench.py mhc ours [--iters 10] [--rows 25]
+    python scripts/profile_bench.py mhc ours [--iters 10] [--rows 25] [--graph]
 
 Builds the case exactly as ``python -m bench`` does (same shapes, same setup), warms it up, then
 profiles ``--iters`` calls and prints the kernels sorted by total device time, with their share of
-the whole. Use it before tuning: the table says which kernel to work on.
+the whole. Use it before tuning: the table says which kernel to work on. ``--graph`` also times
+the call back to back (no L2 flush) eagerly and replayed from a CUDA graph: where the graph is
+much faster, launch overhead (the host) is part of the time; where it is not, the kernels are.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ def main(argv=None) -> int:
     p.add_argument("case", help="a case name of that benchmark (e.g. ours, anchor)")
     p.add_argument("--iters", type=int, default=10, help="profiled calls (after 5 warm-up calls)")
     p.add_argument("--rows", type=int, default=25, help="kernels to print")
+    p.add_argument("--graph", action="store_true",
+                   help="also time the call eagerly and as a CUDA graph replay, back to back")
     args = p.parse_args(argv)
 
     import torch
@@ -48,7 +52,44 @@ def main(argv=None) -> int:
     for e in sorted(events, key=lambda e: -e.device_time_total)[:args.rows]:
         print(f"{e.device_time_total / args.iters / 1e3:9.3f} {e.device_time_total / total:6.1%} "
               f"{e.count // args.iters:6d}  {e.key[:110]}")
+    if args.graph:
+        _eager_vs_graph(fn, args.iters)
     return 0
+
+
+def _per_call_ms(fn, iters: int) -> float:
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def _eager_vs_graph(fn, iters: int) -> None:
+    import torch
+
+    print(f"eager, back to back: {_per_call_ms(fn, iters):.3f} ms per call")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:   # a case with a host sync cannot be captured: say so, do not fail
+        print(f"CUDA graph: the call cannot be captured ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:200]})")
+        return
+    graph.replay()
+    torch.cuda.synchronize()
+    print(f"CUDA graph replay, back to back: {_per_call_ms(graph.replay, iters):.3f} ms per call")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ their timing includes that gather). The ``wgrad`` sweep times the
 Triton weight-gradient kernel (the fallback of ``TileConfig.wgrad_grouped_mm``) and prints that
 lane (row gather + ``torch._grouped_mm``) as a reference row. ``dh`` is the plain
 grouped GEMM of the split backward (timed together with its row pass), ``dh_fused`` the one-kernel
-variant (picked only if faster than the split), ``act`` the row pass's (rows, cols, warps).
+variant (picked only if faster than the split), ``act`` the row pass's (rows, cols, warps),
+``gather`` the pregather row copy's and ``combine`` the k-way sum's (rows, cols) per program.
 ``--only dh,act`` limits the sweep. Prints a table and the fastest ``TileConfig``. ``--apply``
 then runs, in this process with the fastest tiles in place of ``H100_CONFIG``,
 ``python -m bench moe moe_32k``, the GPU tests of the MoE ops and the per-kernel breakdown (so the
@@ -54,9 +55,15 @@ CANDIDATES = {
     # fused backward d(h) (activation backward in the GEMM epilogue; the earlier default)
     "dh_fused": [(128, 64, 64, 8, 4, 1, T)],
     # row pass of the split d(h): (rows, cols, warps)
-    "act": [(32, 128, 4), (16, 256, 4), (32, 256, 8)],
+    "act": [(32, 128, 4), (16, 256, 4), (32, 256, 8), (64, 64, 4), (16, 128, 2), (64, 128, 8),
+            (8, 256, 2), (16, 64, 2), (16, 64, 1), (8, 64, 1), (8, 128, 1), (32, 64, 2),
+            (16, 32, 1), (32, 64, 4)],
     # the pregather lane's row gather: (rows, cols) per program step
-    "gather": [(16, 512), (8, 1024), (32, 256), (4, 2048), (16, 1024), (32, 512)],
+    "gather": [(16, 512), (8, 1024), (32, 256), (4, 2048), (16, 1024), (32, 512), (64, 128),
+               (64, 256), (8, 2048), (128, 64), (64, 64), (128, 128), (256, 64)],
+    # the k-way combine of the pair rows: (tokens, cols) per program
+    "combine": [(16, 256), (8, 512), (32, 128), (4, 1024), (8, 1024), (16, 512), (32, 256),
+                (64, 64), (32, 512), (64, 256), (16, 1024), (64, 128), (128, 128)],
     "dx": [(128, 256, 64, 8, 3, 1, F_), (128, 256, 64, 8, 3, 1, T), (128, 256, 64, 8, 4, 1, T),
            (128, 128, 64, 8, 3, 2, T), (128, 128, 64, 4, 3, 2, T),
            (128, 256, 64, 8, 4, 1, T, T), (128, 256, 64, 8, 3, 1, T, T),
@@ -74,6 +81,8 @@ def _variant(base, kernel: str, c):
         return dataclasses.replace(base, act_rows=c[0], act_cols=c[1], act_warps=c[2])
     if kernel == "gather":
         return dataclasses.replace(base, gather_r=c[0], gather_c=c[1])
+    if kernel == "combine":
+        return dataclasses.replace(base, combine_t=c[0], combine_h=c[1])
     if kernel == "dh_fused":
         return dataclasses.replace(base, split_dh=False, dh=tm_tile(c))
     tile = tm_tile(c)
@@ -137,11 +146,15 @@ def main() -> int:
     tm.launch_dh_gemm(grad, w2, gbuf, r0, base)
     tm.launch_act_bwd(gbuf, a, da, hp, dpr, r0, "swiglu", base)
     gemm = 2.0 * n * H * Fd
+    ypairs = torch.randn(n, H, device="cuda", dtype=x.dtype)
 
     def runner(kernel, cfg, r):
         if kernel == "gather":
             o = new(n, H)
             return (lambda: tm.gather_rows(x, r, cfg, out=o)), o, None
+        if kernel == "combine":
+            o = new(d.tokens, H)
+            return (lambda: tm.launch_combine(ypairs, o, d.topk, cfg)), o, None
         if kernel == "up":
             o = (new(n, 2 * Fd), new(n, Fd))
             if cfg.up.a_tma:   # the forward's pregather lane, its row gather included
@@ -191,6 +204,8 @@ def main() -> int:
     best = {}
     act_bytes = 6.0 * n * Fd * x.element_size()   # read g, a (2F); write da (2F), p*h
     gather_bytes = (2.0 * n + d.tokens) * H * x.element_size()  # x once, rows written, copied
+    combine_bytes = (1.0 * n + d.tokens) * H * x.element_size()  # pair rows read, tokens written
+    nbytes_of = {"gather": gather_bytes, "combine": combine_bytes}
     print("| kernel | tile (bm, bn, bk, warps, stages, programs/SM, tma) | ms | TFLOP/s (GB/s) "
           "| max diff |")
     print("|---|---|---:|---:|---:|")
@@ -213,8 +228,9 @@ def main() -> int:
             ms = triton.testing.do_bench(fn, warmup=50, rep=150)
             c = (base.act_rows, base.act_cols, base.act_warps) if kernel == "act" else \
                 (base.gather_r, base.gather_c) if kernel == "gather" else \
+                (base.combine_t, base.combine_h) if kernel == "combine" else \
                 dataclasses.astuple(getattr(base, kernel))
-            nbytes = gather_bytes if kernel == "gather" else act_bytes
+            nbytes = nbytes_of.get(kernel, act_bytes)
             rate = f"{flops / ms / 1e9:.0f}" if flops else f"({nbytes / ms / 1e6:.0f})"
             print(f"| {kernel} | {c} (default) | {ms:.3f} | {rate} | 0 |", flush=True)
             best[kernel] = (ms, c)
@@ -233,13 +249,13 @@ def main() -> int:
                 print(f"| {kernel} | {c} | failed: {type(e).__name__}: {why} | | |", flush=True)
                 continue
             ok = diff <= 2e-2 * max(1.0, max(f.abs().max().item() for f in ref))
-            nbytes = gather_bytes if kernel == "gather" else act_bytes
+            nbytes = nbytes_of.get(kernel, act_bytes)
             rate = f"{flops / ms / 1e9:.0f}" if flops else f"({nbytes / ms / 1e6:.0f})"
             print(f"| {kernel} | {c} | {ms:.3f} | {rate} | {diff:.3g} |", flush=True)
             if ok and (kernel not in best or ms < best[kernel][0]):
                 best[kernel] = (ms, c)
     tuned = base
-    for kernel in ("up", "down", "dx", "wgrad", "act", "gather", "dh"):
+    for kernel in ("up", "down", "dx", "wgrad", "act", "gather", "combine", "dh"):
         if kernel in best:
             tuned = _variant(tuned, kernel, best[kernel][1])
     # the fused d(h) replaces the split one only if it beats the split GEMM + row pass

@@ -179,16 +179,21 @@ class TileConfig:
 #         the weight gradients then reuse x_sorted: dW1 + dW2 1.774 -> 1.624 ms); + s3 1.206,
 #         + flatten 1.39-1.41 (incl. the gather); row-operand TMA elsewhere lost: down 0.494 ->
 #         0.502-0.518, dx 0.915 -> 0.959-0.963, dh on dout_sorted 0.828 -> 0.931-0.945
-#   gather (rows x cols) 16x512: 0.120 ms   8x1024: 0.123   32x256: 0.113 (picked)   32x512: 0.119
+#   gather (rows x cols) 16x512: 0.120 ms   8x1024: 0.123   32x256: 0.113   32x512: 0.119
+#         64x128: 0.104   128x64: 0.105   64x64: 0.108   128x128: 0.100 (picked)   256x64: 0.112
 #         (torch index_select: 0.131)
+#   combine (tokens x cols) 16x256: 0.103 ms   8x512: 0.102   4x1024: 0.097   8x1024: 0.124
+#         16x512: 0.091 (picked)   32x256: 0.091   64x128: 0.091   64x64: 0.111   128x128: 0.094
 #   down  128x256 k64 w8 s3: 503   +tma: 536 (picked)   +tma s4: 522   128x128 2/SM tma: 498
 #   dh    fused (one kernel, activation backward in the epilogue): 128x64 k64 w8 s4: 224
 #         +tma: 230   128x64 s3 2/SM: 184 (tma 186)   128x128 tma s4: 220   64x128 w4 2/SM: 209
 #         split (plain GEMM to g, then the row pass; ms of both, row pass 32x128 w4 0.35 ms):
 #         128x256 k64 w8 s3 tma: 0.846 (picked; GEMM alone 526)   s4: 0.855   128x128 w8 s4
 #         tma: 0.919   w4: 0.931   vs fused 128x64 tma 1.232 ms
-#   act   (row pass rows x cols, warps) 32x128 w4: 0.348 ms, 2383 GB/s (picked)   16x256 w4:
-#         0.361   32x256 w8: 0.365
+#   act   (row pass rows x cols, warps) 32x128 w4: 0.348 ms, 2383 GB/s   16x256 w4: 0.361
+#         32x256 w8: 0.365   64x64 w4: 0.394   16x128 w2: 0.350   8x256 w2: 0.358   16x64 w1:
+#         0.391   16x64 w2: 0.322, 2582 GB/s (picked)   8x64 w1: 0.322   32x64 w4: 0.322
+#         16x32 w1: 0.429
 #   dx    128x256 k64 w8 s3: 504   +tma: 573   +tma s4: 580 (picked)   128x128 2/SM tma: 492
 #   wgrad (dW1 + dW2) 128x128 k64 w8 s4: 364   +tma: 389   128x128 k32 w4 s4 tma: 398 (picked)
 #         128x128 k128 s3 tma: 289   128x256 s3 tma: 378   64x128 w4 tma: 336
@@ -201,6 +206,11 @@ class TileConfig:
 #   flatten (``tl.range(flatten=True)``: tile loop and K loop as one pipelined loop) on the
 #         persistent GEMMs: down 0.543 -> 0.497 ms (s4), dx 0.997 -> 0.952 (s4), dh GEMM + row
 #         pass 0.855 -> 0.837 (picked); up 1.107 -> 1.279 (not picked: its two accumulators)
+# Triton's automatic warp specialization (``tl.range(warp_specialize=True)``, Triton 3.6, both
+# operands through TMA): with 8 warps the loop is not specialized (up 1.152 vs 1.172 ms incl. the
+# gather, down 0.527 vs 0.50: noise); with 4 warps up ran out of shared memory at s4 and every
+# other variant (up, down, dx, dh at s3/s4, 128x128 and 128x256) hung in compile or run (75 s
+# limit). Not kept.
 # Two programs per SM lost everywhere (the persistent programs then share the SM's shared memory
 # and registers without hiding the epilogue), so one program per SM. TMA helps most where the
 # weight tile is K-major (dx: W1^T, +15 %) or the operand is the wgrad's contiguous side (+7 %).
@@ -216,8 +226,13 @@ H100_CONFIG = TileConfig(
     wgrad=GemmTile(128, 128, 32, 4, 4, tma=True),
     wgrad_grouped_mm=True,
     pregather=True,
-    gather_r=32,
-    gather_c=256,
+    gather_r=128,
+    gather_c=128,
+    combine_t=16,
+    combine_h=512,
+    act_rows=16,
+    act_cols=64,
+    act_warps=2,
 )
 # 4-byte operands: half the tiles to stay in shared memory; fp32 is the exact correctness path.
 FP32_CONFIG = TileConfig(
@@ -383,9 +398,9 @@ def _route_scatter_kernel(IDX, PROBS, OFFS, ORDER, TOKEN, PROB, n, topk,
 @triton.jit
 def _route_tiles_kernel(BOUNDS, TABLE, NTILES, num_experts, max_tiles,
                         BM: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
-    """One program: tile table ``[3, max_tiles]`` = (expert, first row, end row) of every
-    ``BM``-row tile, experts in order; ``NTILES`` = real tiles; padding tiles are
-    ``(E-1, 0, 0)`` (empty)."""
+    """Tile table ``[3, max_tiles]`` = (expert, first row, end row) of every ``BM``-row tile,
+    experts in order, ``CHUNK`` tiles per program (each program redoes the E-wide tile scan);
+    ``NTILES`` = real tiles; padding tiles are ``(E-1, 0, 0)`` (empty)."""
     ex = tl.arange(0, E_PAD)
     valid = ex < num_experts
     lo = tl.load(BOUNDS + ex, mask=valid, other=0)
@@ -393,20 +408,20 @@ def _route_tiles_kernel(BOUNDS, TABLE, NTILES, num_experts, max_tiles,
     tiles = (hi - lo + BM - 1) // BM
     tile_end = tl.cumsum(tiles, 0)
     tile_first = tile_end - tiles
-    tl.store(NTILES, tl.sum(tiles, 0))
-    for t0 in range(0, max_tiles, CHUNK):
-        t = t0 + tl.arange(0, CHUNK)
-        # expert of tile t = experts whose tiles all end at or before t (tile_end is monotone)
-        e = tl.sum(((tile_end[None, :] <= t[:, None]) & valid[None, :]).to(tl.int32), 1)
-        real = e < num_experts
-        sel = ex[None, :] == e[:, None]
-        first = tl.sum(tl.where(sel, tile_first[None, :], 0), 1)
-        row0 = tl.sum(tl.where(sel, lo[None, :], 0), 1) + (t - first) * BM
-        row_end = tl.sum(tl.where(sel, hi[None, :], 0), 1)
-        in_tab = t < max_tiles
-        tl.store(TABLE + t, tl.minimum(e, num_experts - 1), mask=in_tab)
-        tl.store(TABLE + max_tiles + t, tl.where(real, row0, 0), mask=in_tab)
-        tl.store(TABLE + 2 * max_tiles + t, tl.where(real, row_end, 0), mask=in_tab)
+    if tl.program_id(0) == 0:
+        tl.store(NTILES, tl.sum(tiles, 0))
+    t = tl.program_id(0) * CHUNK + tl.arange(0, CHUNK)
+    # expert of tile t = experts whose tiles all end at or before t (tile_end is monotone)
+    e = tl.sum(((tile_end[None, :] <= t[:, None]) & valid[None, :]).to(tl.int32), 1)
+    real = e < num_experts
+    sel = ex[None, :] == e[:, None]
+    first = tl.sum(tl.where(sel, tile_first[None, :], 0), 1)
+    row0 = tl.sum(tl.where(sel, lo[None, :], 0), 1) + (t - first) * BM
+    row_end = tl.sum(tl.where(sel, hi[None, :], 0), 1)
+    in_tab = t < max_tiles
+    tl.store(TABLE + t, tl.minimum(e, num_experts - 1), mask=in_tab)
+    tl.store(TABLE + max_tiles + t, tl.where(real, row0, 0), mask=in_tab)
+    tl.store(TABLE + 2 * max_tiles + t, tl.where(real, row_end, 0), mask=in_tab)
 
 
 def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
@@ -429,8 +444,9 @@ def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
     token = torch.zeros(n, dtype=torch.int32, device=dev)
     prob = torch.empty(n, dtype=torch.float32, device=dev)
     _route_hist_kernel[(n_blocks,)](flat, hist, n, BLOCK=block, E_PAD=e_pad)
+    # [CHUNK, E_PAD] tiles of 4K elements: 16K spilled registers (the scan took 16 us)
     _route_scan_kernel[(1,)](hist, offs, bounds, n_blocks, num_experts,
-                             CHUNK=max(16, 16384 // e_pad), E_PAD=e_pad,
+                             CHUNK=max(16, 4096 // e_pad), E_PAD=e_pad,
                              E_BND=_pow2(num_experts + 1))
     _route_scatter_kernel[(n_blocks,)](flat, pflat, offs, order, token, prob, n, k,
                                        BLOCK=block, E_PAD=e_pad)
@@ -439,8 +455,9 @@ def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
         max_tiles = triton.cdiv(n, bm) + num_experts
         table = torch.empty((3, max_tiles), dtype=torch.int32, device=dev)
         n_tiles = torch.empty(1, dtype=torch.int32, device=dev)
-        _route_tiles_kernel[(1,)](bounds, table, n_tiles, num_experts, max_tiles, BM=bm,
-                                  CHUNK=max(16, 16384 // e_pad), E_PAD=e_pad)
+        chunk = max(16, 4096 // e_pad)
+        _route_tiles_kernel[(triton.cdiv(max_tiles, chunk),)](
+            bounds, table, n_tiles, num_experts, max_tiles, BM=bm, CHUNK=chunk, E_PAD=e_pad)
         tables[bm] = (table, n_tiles, max_tiles)
     return Routing(T, k, num_experts, order, token, prob, bounds, tables)
 
