@@ -295,6 +295,7 @@ class TrainConfig:
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_backend: str = "auto"  # auto | triton | grouped_mm | torch
     moe_deterministic: bool = False
+    moe_pregather: Optional[bool] = None  # Triton experts: rows copied to expert order once (None: the tiles' choice)
     moe_routing_trace_out: Optional[str] = None
     moe_routing_replay: Optional[str] = None
     moe_routing_log: Optional[str] = None  # DIR: async JSONL log of expert ids + gates per token
@@ -471,6 +472,9 @@ class MoEConfig:
     routing_trace_out: Optional[str] = None
     routing_replay: Optional[str] = None
     routing_log: Optional[str] = None
+    # Triton experts: x's rows copied into expert order once (faster GEMMs; the [T*k, H] copy is
+    # kept for backward instead of x). None: the tiles' choice (on for the H100 tiles)
+    pregather: Optional[bool] = None
     monitor_interval: int = 10
     seed: int = 1234
 
@@ -486,7 +490,8 @@ def moe_config(cfg: TrainConfig) -> Optional[MoEConfig]:
         return None
     return MoEConfig(impl=cfg.moe_impl, backend=cfg.moe_backend, deterministic=bool(cfg.moe_deterministic),
                      routing_trace_out=cfg.moe_routing_trace_out, routing_replay=cfg.moe_routing_replay,
-                     routing_log=cfg.moe_routing_log, monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
+                     routing_log=cfg.moe_routing_log, pregather=cfg.moe_pregather,
+                     monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
 
 
 def router_config_from(src: Any, num_experts: int):
@@ -517,6 +522,14 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
         raise _err("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size,
                    "must be positive", "None or an integer >= 1")
     router_config_from(cfg, cfg.num_experts)
+    if cfg.moe_pregather is not None:
+        if not isinstance(cfg.moe_pregather, bool):
+            raise _err("moe_pregather", cfg.moe_pregather, "must be a boolean",
+                       "true / false (--moe-pregather / --no-moe-pregather), or unset")
+        if cfg.moe_impl == "megatron" or cfg.moe_backend in ("grouped_mm", "torch"):
+            where = "--moe-impl megatron" if cfg.moe_impl == "megatron" else f"--moe-backend {cfg.moe_backend}"
+            raise _err("moe_pregather", cfg.moe_pregather, f"only the Triton expert kernels have it, not {where}",
+                       "--moe-impl fused with --moe-backend auto or triton, or leave it unset")
     if cfg.moe_impl == "megatron":
         for name in ("moe_deterministic", "moe_routing_trace_out", "moe_routing_replay",
                      "moe_routing_log", "moe_shared_expert_intermediate_size"):

@@ -154,6 +154,8 @@ def test_deterministic_output_does_not_depend_on_the_batch(megatron_world, share
     (["--num-experts", "4", "--moe-expert-capacity-factor", "1.0", "--moe-pad-expert-input-to-capacity"],
      "moe_pad_expert_input_to_capacity=True"),
     (["--num-experts", "4", "--moe-impl", "megatron", "--moe-routing-log", "somewhere"], "moe_routing_log='somewhere'"),
+    (["--num-experts", "4", "--moe-impl", "megatron", "--no-moe-pregather"], "moe_pregather=False"),
+    (["--num-experts", "4", "--moe-backend", "torch", "--moe-pregather"], "moe_pregather=True"),
 ])
 def test_moe_config_errors(tmp_path, capsys, argv, message):
     from megatron_ext.cli import main
@@ -161,6 +163,17 @@ def test_moe_config_errors(tmp_path, capsys, argv, message):
     assert main(["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), *argv]) != 0
     err = capsys.readouterr().err
     assert message in err, err
+
+
+def test_pregather_flag_reaches_the_layer_config():
+    from megatron_ext.cli import parse
+    from megatron_ext.config import TrainConfig, moe_config
+
+    assert parse(["train", "--no-moe-pregather"]).moe_pregather is False
+    assert parse(["train"]).moe_pregather is None
+    cfg = TrainConfig(num_experts=4, moe_pregather=False)
+    assert moe_config(cfg).pregather is False
+    assert moe_config(TrainConfig(num_experts=4)).pregather is None
 
 
 def test_replay_shape_mismatch_is_a_config_error(tmp_path, capsys):

@@ -206,6 +206,28 @@ def test_gather_rows_copies_the_sorted_rows(width):
 
 
 @needs_triton
+def test_pregather_switch_of_moe_ffn_sets_what_backward_keeps():
+    """``moe_ffn(..., pregather=)``: True keeps the ``[T*k, H]`` sorted copy of x for backward,
+    False keeps x itself; both give the fp64 output and gradients."""
+    x, probs, idx, w1, w2 = _case("random", "swiglu", seed=5)   # T=37, k=2, H=32, 2F=96
+    T, H, k = x.shape[0], x.shape[1], idx.shape[1]
+    gout = _randn(*x.shape, g=_gen(105))
+    want = _run(lambda *a: _dense_fp64(*a, "swiglu"), x, probs, idx, w1, w2, gout)
+    cast = [t.to(device=DEVICE, dtype=torch.float32) for t in (x, w1, w2)]
+    args = (cast[0], probs.float().to(DEVICE), idx.to(DEVICE), cast[1], cast[2], gout.to(DEVICE))
+    for pregather in (True, False):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(tuple(t.shape)) or t,
+                                                      lambda t: t):
+            got = _run(lambda *a: moe.moe_ffn(*a, activation="swiglu", backend="triton",
+                                              pregather=pregather), *args)
+        assert ((T * k, H) in kept) == pregather and ((T, H) in kept) == (not pregather), kept
+        for what, g_, w_ in zip(("out", "dx", "dprobs", "dw1", "dw2"), got, want):
+            err = (g_.double().cpu() - w_).abs().max().item()
+            assert err <= 1e-4 * max(1.0, w_.abs().max().item()), f"pregather={pregather} {what}"
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_combine_through_a_permutation_equals_the_fixed_order_loop(dtype):
     """``_combine_kernel`` reading pair rows through ``rows`` (the EP / deterministic layer's

@@ -78,7 +78,7 @@ def _zero(*ts):
         t.grad = None
 
 
-def _ours_setup(d: Dims, device: str, backend: str):
+def _ours_setup(d: Dims, device: str, backend: str, pregather=None):
     from megatron_ext.ops.moe import moe_ffn
 
     x, wr, w1, w2, grad = _params(d, device)
@@ -86,7 +86,8 @@ def _ours_setup(d: Dims, device: str, backend: str):
     def step():
         _zero(x, wr, w1, w2)
         probs, idx = _route(x, wr, d.topk)
-        moe_ffn(x, probs, idx, w1, w2, "swiglu", backend=backend).backward(grad)
+        moe_ffn(x, probs, idx, w1, w2, "swiglu", backend=backend,
+                pregather=pregather).backward(grad)
 
     return step
 
@@ -216,6 +217,11 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
                                                                            "auto" if cpu else b),
                           flops=flops))
     if not cpu:
+        # the memory-saving lane: rows gathered inside the GEMMs, x saved instead of its k copies
+        cases.append(Case(name="ours_triton_no_pregather",
+                          label="ours: moe_ffn backend=triton, --no-moe-pregather", role="ours",
+                          setup=lambda: _ours_setup(d, device, "triton", pregather=False),
+                          flops=flops))
         cases.append(Case(name="triton_gemms",
                           label="ref: the 6 expert GEMMs alone (as moe_ffn runs them)", role="ref",
                           setup=lambda: _gemms_only_setup(d, device), flops=flops))

@@ -479,7 +479,8 @@ class FusedMoELayer(MegatronModule):
         det = self.moe.deterministic
         T, k = indices.shape
         if self.ep_size == 1 and not det:
-            out = moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend).float()
+            out = moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend,
+                          pregather=self.moe.pregather).float()
             return out if shared is None else out + shared()
         flat_e = indices.reshape(-1)
         order = torch.sort(flat_e, stable=True).indices  # pair ids grouped by expert, token order within
@@ -540,7 +541,7 @@ class FusedMoELayer(MegatronModule):
         else:
             # the model dtype on the way back, like Megatron's combine (half the bytes of fp32)
             y = moe_ffn(x_in, p_in[:, None], local[:, None], self.w1, self.w2, self.activation,
-                        self.moe.backend)
+                        self.moe.backend, pregather=self.moe.pregather)
         if timer is not None:
             timer.start("combine", rows.device)
         y = _AllToAll.apply(y, send, recv, group)

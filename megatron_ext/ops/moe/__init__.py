@@ -15,6 +15,7 @@ interpreter when asked for by name); "grouped_mm" = permute -> ``grouped_mm(x_so
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -164,10 +165,26 @@ def _moe_ffn_grouped_mm(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w
     return unpermute(y, order, probs, x.shape[0])
 
 
+def _triton_config(x: Tensor, pregather: Optional[bool]):
+    """The Triton backend's tiles for ``x``'s dtype, with ``pregather`` set where asked (None:
+    the default tiles, returned as None)."""
+    if pregather is None:
+        return None
+    from megatron_ext.ops.moe import triton_moe
+
+    base = triton_moe.default_config(x.dtype)
+    return base if base.pregather == bool(pregather) else \
+        dataclasses.replace(base, pregather=bool(pregather))
+
+
 def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-            activation: str = "swiglu", backend: str = "auto") -> Tensor:
+            activation: str = "swiglu", backend: str = "auto",
+            pregather: Optional[bool] = None) -> Tensor:
     """Routed expert FFN, see the module docstring for shapes; differentiable in x, probs,
-    w1, w2 on every backend."""
+    w1, w2 on every backend. ``pregather`` (Triton backend only; None = its tiles' choice, on
+    for the H100 tiles): copy x's rows into expert order once, which speeds up the grouped
+    GEMMs and keeps that ``[T*k, H]`` copy for backward instead of x (k times x's activation
+    memory); False = gather inside the GEMMs and save x only. Other backends ignore it."""
     _check(x, probs, indices, w1, w2, activation)
     name = backends.resolve("moe_ffn", backend, [("triton", _triton_probe(x, w1, w2, backend)),
                                                  ("grouped_mm", _grouped_mm_probe(x, w1, w2)),
@@ -175,7 +192,8 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
     if name == "triton":
         from megatron_ext.ops.moe.autograd import triton_moe_ffn
 
-        return triton_moe_ffn(x, probs, indices, w1, w2, activation)
+        return triton_moe_ffn(x, probs, indices, w1, w2, activation,
+                              config=_triton_config(x, pregather))
     if name == "grouped_mm":
         return _moe_ffn_grouped_mm(x, probs, indices, w1, w2, activation)
     return reference.moe_ffn_reference(x, probs, indices, w1, w2, activation)
