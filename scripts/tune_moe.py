@@ -75,14 +75,22 @@ CANDIDATES = {
 }
 
 
+# the memory-bound kernels' candidates set these TileConfig fields, in candidate order
+ROW_KNOBS = {"act": ("act_rows", "act_cols", "act_warps"), "gather": ("gather_r", "gather_c"),
+             "combine": ("combine_t", "combine_h")}
+
+
+def _current(base, kernel: str):
+    """``base``'s own candidate tuple for ``kernel`` (the row the sweep calls the default)."""
+    if kernel in ROW_KNOBS:
+        return tuple(getattr(base, f) for f in ROW_KNOBS[kernel])
+    return dataclasses.astuple(getattr(base, kernel))
+
+
 def _variant(base, kernel: str, c):
     """The TileConfig of one candidate (the other kernels keep ``base``)."""
-    if kernel == "act":
-        return dataclasses.replace(base, act_rows=c[0], act_cols=c[1], act_warps=c[2])
-    if kernel == "gather":
-        return dataclasses.replace(base, gather_r=c[0], gather_c=c[1])
-    if kernel == "combine":
-        return dataclasses.replace(base, combine_t=c[0], combine_h=c[1])
+    if kernel in ROW_KNOBS:
+        return dataclasses.replace(base, **dict(zip(ROW_KNOBS[kernel], c)))
     if kernel == "dh_fused":
         return dataclasses.replace(base, split_dh=False, dh=tm_tile(c))
     tile = tm_tile(c)
@@ -202,10 +210,15 @@ def main() -> int:
         return both, o, 3 * gemm
 
     best = {}
-    act_bytes = 6.0 * n * Fd * x.element_size()   # read g, a (2F); write da (2F), p*h
-    gather_bytes = (2.0 * n + d.tokens) * H * x.element_size()  # x once, rows written, copied
-    combine_bytes = (1.0 * n + d.tokens) * H * x.element_size()  # pair rows read, tokens written
-    nbytes_of = {"gather": gather_bytes, "combine": combine_bytes}
+    esize = x.element_size()
+    # HBM bytes of the memory-bound kernels: the row pass reads g, a (2F) and writes da (2F),
+    # p*h; the gather reads x once (a token's k copies come from L2) and writes n rows; the
+    # combine reads n pair rows and writes the token rows
+    nbytes_of = {"act": 6.0 * n * Fd * esize, "gather": (n + d.tokens) * H * esize,
+                 "combine": (n + d.tokens) * H * esize}
+
+    def rate(kernel, flops, ms):   # TFLOP/s of a GEMM, (GB/s) of a memory-bound kernel
+        return f"{flops / ms / 1e9:.0f}" if flops else f"({nbytes_of[kernel] / ms / 1e6:.0f})"
     print("| kernel | tile (bm, bn, bk, warps, stages, programs/SM, tma) | ms | TFLOP/s (GB/s) "
           "| max diff |")
     print("|---|---|---:|---:|---:|")
@@ -226,13 +239,9 @@ def main() -> int:
                     print(f"| wgrad | {lane}: {type(e).__name__}: {str(e)[:80]} | | | |")
         if kernel != "dh_fused":   # the default competes too: a subset sweep cannot pick worse
             ms = triton.testing.do_bench(fn, warmup=50, rep=150)
-            c = (base.act_rows, base.act_cols, base.act_warps) if kernel == "act" else \
-                (base.gather_r, base.gather_c) if kernel == "gather" else \
-                (base.combine_t, base.combine_h) if kernel == "combine" else \
-                dataclasses.astuple(getattr(base, kernel))
-            nbytes = nbytes_of.get(kernel, act_bytes)
-            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({nbytes / ms / 1e6:.0f})"
-            print(f"| {kernel} | {c} (default) | {ms:.3f} | {rate} | 0 |", flush=True)
+            c = _current(base, kernel)
+            print(f"| {kernel} | {c} (default) | {ms:.3f} | {rate(kernel, flops, ms)} | 0 |",
+                  flush=True)
             best[kernel] = (ms, c)
         for c in CANDIDATES[kernel][picked[kernel]]:
             cfg = _variant(base, kernel, c)
@@ -249,9 +258,8 @@ def main() -> int:
                 print(f"| {kernel} | {c} | failed: {type(e).__name__}: {why} | | |", flush=True)
                 continue
             ok = diff <= 2e-2 * max(1.0, max(f.abs().max().item() for f in ref))
-            nbytes = nbytes_of.get(kernel, act_bytes)
-            rate = f"{flops / ms / 1e9:.0f}" if flops else f"({nbytes / ms / 1e6:.0f})"
-            print(f"| {kernel} | {c} | {ms:.3f} | {rate} | {diff:.3g} |", flush=True)
+            print(f"| {kernel} | {c} | {ms:.3f} | {rate(kernel, flops, ms)} | {diff:.3g} |",
+                  flush=True)
             if ok and (kernel not in best or ms < best[kernel][0]):
                 best[kernel] = (ms, c)
     tuned = base

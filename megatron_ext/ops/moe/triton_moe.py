@@ -1037,7 +1037,8 @@ def moe_ffn_bwd(dout: Tensor, x: Optional[Tensor], w1: Tensor, w2: Tensor, a: Te
     need_x, need_p, need_w1, need_w2 = needs
     da = torch.empty_like(a)
     hp = torch.empty((n, ffn), dtype=dt, device=dev)       # p * h
-    ds = gather_rows(dout, r, cfg) if cfg.pregather else None
+    # dout in sorted rows: read by the split d(h) GEMM and dW2 (the fused d(h) gathers its own)
+    ds = gather_rows(dout, r, cfg) if cfg.pregather and (cfg.split_dh or need_w2) else None
     dp_pairs = dpp = None
     if cfg.split_dh:   # plain GEMM to g, then one row pass (see launch_act_bwd)
         g = torch.empty((n, ffn), dtype=dt, device=dev)
