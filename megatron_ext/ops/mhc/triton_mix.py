@@ -5,7 +5,7 @@ Per token t (x = the flattened streams row ``[4C]``, phi ``[4C, 24]`` fp32, colu
 l = alpha_vec * z + bias;  h_pre = sigmoid, h_post = 2 sigmoid, h_res = Sinkhorn(l_res);
 u = sum_i h_pre[i] x_i.  (``reference.mhc_mappings`` + ``reference.mhc_pre`` are the spec.)
 
-Forward, three kernels:
+Forward, two kernels:
   ``_mix_proj_kernel``, grid = (T / BLOCK_T) x (4C / 1024 column splits): ``[BLOCK_T, BLOCK_K] @
   [BLOCK_K, 32]`` (phi's 24 columns zero-padded) plus the sum of squares, written as fp32
   partials per split. bf16 streams take the *split lane*: the x tile goes to the tensor cores as
@@ -14,13 +14,15 @@ Forward, three kernels:
   TF32). Other dtypes widen x to fp32 for a TF32 (IEEE in the interpreter) dot. Measured at
   T=8192, C=2048 (H100): split lane 58 us vs 131 us for the former TF32 kernel, whose fp32 copy
   of every x tile and 16-token tiles (phi re-read from L2 once per 16 tokens) made it slow.
-  ``_mix_maps_kernel`` (BLOCK_T tokens): partials summed in split order (deterministic), inv_r,
-  sigmoid gates and 20 Sinkhorn rounds on a ``[BLOCK_T, 4, 4]`` register tile; stats z, inv_r.
-  ``triton_streams.pre_fwd``: u = sum_i h_pre[i] x_i, one whole row per program.
+  ``_mix_maps_pre_kernel`` (one token per program): partials summed in split order
+  (deterministic), inv_r, sigmoid gates and 20 Sinkhorn rounds on a ``[1, 4, 4]`` register tile
+  (stats z, inv_r), then u = sum_i h_pre[i] x_i over the whole row. Measured at T=8192, C=2048
+  (H100): 66 us, where the mappings as a kernel of their own (32 tokens per program) and the
+  pre mix took 22 + 53 us.
   HBM bytes per token: 4C*d read twice (the projection's row is gone from L2 by the time u is
   formed: 134 MB of streams vs 50 MB of L2 at the size below) + C*d written (d = dtype bytes) +
-  ~0.9 KB of fp32 partials and stats. (One kernel doing all three, re-reading its rows for u
-  from L2, measured 163 us of GPU time against 131 us for the three: not kept.)
+  ~0.9 KB of fp32 partials and stats. (One kernel doing all of it, re-reading its rows for u
+  from L2, measured 163 us of GPU time against 131 us for the then three kernels: not kept.)
 
 Backward, four kernels (the per-token reduction must finish before any dx can be written):
   ``triton_streams.pre_bwd`` (dh only): dh_pre = <x_i, du>, one whole row per program.
@@ -39,10 +41,17 @@ Backward, four kernels (the per-token reduction must finish before any dx can be
   Measured at T=8192, C=2048 (H100): dx 168 us + d phi 57 us, where the former single kernel
   (column tiles walking the tokens, forming dx and accumulating d phi in one pass) took 326 us:
   its per-program token walk kept too few loads in flight.
-  Tried and not kept: handing the post/res backward's raw new-streams gradient to this dx pass
-  (it forms H_res^T g itself, so no stream gradient is written and read back): the post/res
-  backward went 177 -> 134 us but dx 168 -> 205 us (four gradient tiles live per program), 8 us
-  net for an autograd side channel.
+  Tried and not kept (H100, T=8192, C=2048):
+  - handing the post/res backward's raw new-streams gradient to this dx pass (it forms
+    H_res^T g itself, so no stream gradient is written and read back). Twice: first 177 -> 134 us
+    for the post/res backward but dx 168 -> 205 us; then (2026-11-23) with a handoff object
+    instead of an autograd edge and ten dx tilings (64x64 / 32x128 / 64x128 / 32x64, 4 or 8
+    warps, the four raw tiles held or re-loaded, the 16 weights one coalesced row load): the best
+    raw dx was 209-212 us against 169-179 us for the linked one at the same bytes, the site
+    0.707-0.712 ms against 0.716-0.719. 6-10 us for a side channel: not kept.
+  - dh and this rows kernel as one kernel, one token per program (as the forward's maps + pre):
+    110-113 us against 60 + 20 us. The Sinkhorn adjoint of one token (40 dependent rounds through
+    the scratch) is exposed per program where 8 tokens per program hide it.
 """
 
 from __future__ import annotations
@@ -122,46 +131,53 @@ def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
     tl.store(pss_ptr + pid_s.to(tl.int64) * T + rows, sumsq, mask=mask_t)
 
 
+# One token per program, as the pre mix alone was (many programs keep the row loads in flight).
+@tuned(triton_streams.ROW_CONFIGS, key=["C"])
 @triton.jit
-def _mix_maps_kernel(pz_ptr, pss_ptr, alpha_ptr, bias_ptr, hpre_ptr, hpost_ptr, hres_ptr, z_ptr,
-                     invr_ptr, T, NC, n_splits, num_iters, sk_eps, rms_eps, BLOCK_T: tl.constexpr):
-    """Sum the column-split partials in split order (deterministic), then RMS scale, sigmoid
-    gates and Sinkhorn on a ``[BLOCK_T, 4, 4]`` register tile."""
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < T
-    rows = offs_t.to(tl.int64)
+def _mix_maps_pre_kernel(x_ptr, pz_ptr, pss_ptr, alpha_ptr, bias_ptr, u_ptr, hpre_ptr, hpost_ptr,
+                         hres_ptr, z_ptr, invr_ptr, T, C, n_splits, num_iters, sk_eps, rms_eps,
+                         BLOCK_C: tl.constexpr):
+    """One token: sum its column-split partials in split order (deterministic), RMS scale,
+    sigmoid gates, Sinkhorn on a ``[1, 4, 4]`` register tile, then u = sum_i h_pre[i] x_i over
+    the whole row. (The mappings were a kernel of their own: 22 us at T=8192 for ~1 MB of
+    traffic, mostly its launch and tail; here they add ~10 us to the pre mix.)"""
+    t = tl.program_id(0).to(tl.int64)
     i4 = tl.arange(0, 4)
-    m2 = mask_t[:, None]
-    m3 = mask_t[:, None, None]
-    o44 = i4[None, :, None] * 4 + i4[None, None, :]
-    z_pre = tl.zeros([BLOCK_T, 4], dtype=tl.float32)
-    z_post = tl.zeros([BLOCK_T, 4], dtype=tl.float32)
-    z_res = tl.zeros([BLOCK_T, 4, 4], dtype=tl.float32)
-    sumsq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    o44 = i4[None, :, None] * 4 + i4[None, None, :]  # [1, 4, 4]
+    z_pre = tl.zeros([1, 4], dtype=tl.float32)
+    z_post = tl.zeros([1, 4], dtype=tl.float32)
+    z_res = tl.zeros([1, 4, 4], dtype=tl.float32)
+    sumsq = tl.zeros([1], dtype=tl.float32)
     for sp in range(0, n_splits):
-        base = (sp * T + rows) * 24
-        z_pre += tl.load(pz_ptr + base[:, None] + i4[None, :], mask=m2, other=0.0)
-        z_post += tl.load(pz_ptr + base[:, None] + 4 + i4[None, :], mask=m2, other=0.0)
-        z_res += tl.load(pz_ptr + base[:, None, None] + 8 + o44, mask=m3, other=0.0)
-        sumsq += tl.load(pss_ptr + sp * T + rows, mask=mask_t, other=0.0)
-    inv_r = tl.rsqrt(sumsq / NC + rms_eps)
+        base = (sp * T + t) * 24
+        z_pre += tl.load(pz_ptr + base + i4[None, :])
+        z_post += tl.load(pz_ptr + base + 4 + i4[None, :])
+        z_res += tl.load(pz_ptr + base + 8 + o44)
+        sumsq += tl.load(pss_ptr + sp * T + t + tl.arange(0, 1))
+    inv_r = tl.rsqrt(sumsq / (4 * C) + rms_eps)
     z_pre = z_pre * inv_r[:, None]
     z_post = z_post * inv_r[:, None]
     z_res = z_res * inv_r[:, None, None]
-    tl.store(z_ptr + rows[:, None] * 24 + i4[None, :], z_pre, mask=m2)
-    tl.store(z_ptr + rows[:, None] * 24 + 4 + i4[None, :], z_post, mask=m2)
-    tl.store(z_ptr + rows[:, None, None] * 24 + 8 + o44, z_res, mask=m3)
-    tl.store(invr_ptr + rows, inv_r, mask=mask_t)
+    tl.store(z_ptr + t * 24 + i4[None, :], z_pre)
+    tl.store(z_ptr + t * 24 + 4 + i4[None, :], z_post)
+    tl.store(z_ptr + t * 24 + 8 + o44, z_res)
+    tl.store(invr_ptr + t + tl.arange(0, 1), inv_r)
     a_pre, a_post, a_res, b_pre, b_post, b_res = _load_scales(alpha_ptr, bias_ptr, i4)
-    tl.store(hpre_ptr + rows[:, None] * 4 + i4[None, :], tl.sigmoid(a_pre * z_pre + b_pre[None, :]),
-             mask=m2)
-    tl.store(hpost_ptr + rows[:, None] * 4 + i4[None, :],
-             2.0 * tl.sigmoid(a_post * z_post + b_post[None, :]), mask=m2)
-    tl.store(hres_ptr + rows[:, None, None] * 16 + o44,
-             sinkhorn_tile(a_res * z_res + b_res[None, :, :], num_iters, sk_eps), mask=m3)
+    h_pre = tl.sigmoid(a_pre * z_pre + b_pre[None, :])
+    tl.store(hpre_ptr + t * 4 + i4[None, :], h_pre)
+    tl.store(hpost_ptr + t * 4 + i4[None, :], 2.0 * tl.sigmoid(a_post * z_post + b_post[None, :]))
+    tl.store(hres_ptr + t * 16 + o44, sinkhorn_tile(a_res * z_res + b_res[None, :, :], num_iters,
+                                                     sk_eps))
+    h = tl.reshape(h_pre, (4, 1))
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        mc = cc < C
+        xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
+                     other=0.0).to(tl.float32)
+        u = tl.sum(h * xs, axis=0)
+        tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
 
 
-MAPS_BLOCK_T = 32
 PROJ_COLS_PER_SPLIT = 1024  # 8 splits at C=2048: T/16 x 8 programs keep every SM streaming
 
 
@@ -319,16 +335,15 @@ def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float)
     f32 = dict(device=dev, dtype=torch.float32)
     h_pre, h_post = torch.empty(T, 4, **f32), torch.empty(T, 4, **f32)
     h_res, z, inv_r = torch.empty(T, 4, 4, **f32), torch.empty(T, N_COLS, **f32), torch.empty(T, **f32)
+    u = torch.empty(T, C, device=dev, dtype=x.dtype)
     splits = triton.cdiv(NC, PROJ_COLS_PER_SPLIT)
     pz, pss = torch.empty(splits, T, N_COLS, **f32), torch.empty(splits, T, **f32)
     if T:
         _mix_proj_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), splits)](
             x, phi, pz, pss, T, C, PROJ_COLS_PER_SPLIT, SPLIT=_split_lane(x),
             DOT_PRECISION=DOT_PRECISION)
-        _mix_maps_kernel[(triton.cdiv(T, MAPS_BLOCK_T),)](
-            pz, pss, alpha, bias, h_pre, h_post, h_res, z, inv_r, T, NC, splits, num_iters, eps,
-            rms_eps, BLOCK_T=MAPS_BLOCK_T)
-    u = triton_streams.pre_fwd(x.view(T, N_STREAMS, C), h_pre, 4)
+        _mix_maps_pre_kernel[(T,)](x, pz, pss, alpha, bias, u, h_pre, h_post, h_res, z, inv_r, T,
+                                   C, splits, num_iters, eps, rms_eps)
     return u, h_pre, h_post, h_res, z, inv_r
 
 

@@ -27,11 +27,12 @@ from megatron_ext.ops.mhc._triton_util import tuned
 
 # Whole-row tiles with many warps put every load of a token in flight at once (one token per
 # program leaves little else to overlap); the small tiles cover small C.
-_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
-            for bc, w in ((256, 4), (512, 4), (1024, 8), (128, 2), (1024, 4), (2048, 8), (2048, 16))]
+ROW_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
+               for bc, w in ((256, 4), (512, 4), (1024, 8), (128, 2), (1024, 4), (2048, 8),
+                             (2048, 16))]
 
 
-@tuned(_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"])
 @triton.jit
 def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -46,7 +47,7 @@ def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
         tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
 
 
-@tuned(_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"])
 @triton.jit
 def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, WRITE_GX: tl.constexpr,
                     BLOCK_C: tl.constexpr):
@@ -67,7 +68,7 @@ def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, WRITE_GX:
     tl.store(gh_ptr + t * 4 + i4, gh)
 
 
-@tuned(_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"])
 @triton.jit
 def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, out_ptr, C, hres_stride, hpost_stride,
                          BLOCK_C: tl.constexpr):
@@ -85,7 +86,7 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, out_ptr, C, hres_str
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mc[None, :])
 
 
-@tuned(_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"])
 @triton.jit
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, ghres_ptr,
                          ghpost_ptr, C, hres_stride, hpost_stride, BLOCK_C: tl.constexpr):
