@@ -264,6 +264,19 @@ def test_triton_mix_pre_many_tokens_and_splits():
 
 
 @needs_triton
+def test_triton_mix_pre_uneven_column_splits():
+    # 4C = 1280 columns: the projection runs two column splits, 1024 + 256, whose partials the
+    # maps kernel sums in order (every other test fits one split)
+    from megatron_ext.ops.mhc import triton_mix
+
+    assert triton_mix.PROJ_COLS_PER_SPLIT == 1024
+    g = _gen(13)
+    x = _randn(g, 3, 2, 4, 320, grad=True)
+    phi, alpha, bias = _params(g, 4, 320)
+    _compare(mhc.mhc_mix_pre, (x, phi, alpha, bias), g, lambda t: TOL[torch.float32])
+
+
+@needs_triton
 def test_triton_mix_pre_with_only_u_used():
     g = _gen(12)
     x = _randn(g, 2, 3, 4, 32, grad=True)

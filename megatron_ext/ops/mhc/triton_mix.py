@@ -178,7 +178,10 @@ def _mix_maps_pre_kernel(x_ptr, pz_ptr, pss_ptr, alpha_ptr, bias_ptr, u_ptr, hpr
         tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
 
 
-PROJ_COLS_PER_SPLIT = 1024  # 8 splits at C=2048: T/16 x 8 programs keep every SM streaming
+# 8 splits at C=2048: T/16 x 8 programs keep every SM streaming. Tried 2-4 splits (2026-11-23,
+# H100, in the site): the maps + pre kernel sums fewer partials (66 -> 58 us) but the projection
+# slows by as much (58 -> 65 us); no net change, kept 8.
+PROJ_COLS_PER_SPLIT = 1024
 
 
 # Fixed (the partial-sum buffers have one row per program) and small: the Sinkhorn adjoint
@@ -366,7 +369,9 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     ppar = alloc(n_prog, N_COLS + 3, **f32)
     dx = torch.empty_like(x)
     # token splits for the d phi partials: ~4 programs per SM with 128-wide column tiles (a
-    # program walks its split's tokens serially), each split a multiple of the largest BLOCK_T
+    # program walks its split's tokens serially), each split a multiple of the largest BLOCK_T.
+    # ~2 per SM measured 73 vs 57 us in the site (H100), although alone with a cold L2 it was
+    # 5 us faster; ~1 per SM matched 4.
     n_ktiles = triton.cdiv(NC, 128)
     splits = max(1, min(triton.cdiv(4 * _num_sms(dev), n_ktiles), triton.cdiv(T, 128)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 128) * 128
