@@ -168,14 +168,7 @@ def _mix_maps_pre_kernel(x_ptr, pz_ptr, pss_ptr, alpha_ptr, bias_ptr, u_ptr, hpr
     tl.store(hpost_ptr + t * 4 + i4[None, :], 2.0 * tl.sigmoid(a_post * z_post + b_post[None, :]))
     tl.store(hres_ptr + t * 16 + o44, sinkhorn_tile(a_res * z_res + b_res[None, :, :], num_iters,
                                                      sk_eps))
-    h = tl.reshape(h_pre, (4, 1))
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        mc = cc < C
-        xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
-                     other=0.0).to(tl.float32)
-        u = tl.sum(h * xs, axis=0)
-        tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
+    triton_streams.pre_row(x_ptr, u_ptr, t, tl.reshape(h_pre, (4,)), C, BLOCK_C)
 
 
 # 8 splits at C=2048: T/16 x 8 programs keep every SM streaming. Tried 2-4 splits (2026-11-23,

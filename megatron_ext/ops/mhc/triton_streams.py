@@ -32,12 +32,11 @@ ROW_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
                              (2048, 16))]
 
 
-@tuned(ROW_CONFIGS, key=["C"])
 @triton.jit
-def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+def pre_row(x_ptr, u_ptr, t, h, C, BLOCK_C: tl.constexpr):
+    """``u[t] = sum_i h[i] x_i[t]`` over token t's whole row; ``h`` ``[4]`` fp32. The pre mix of
+    ``_pre_fwd_kernel`` and of the fused mappings + pre kernel (triton_mix)."""
     i4 = tl.arange(0, 4)
-    h = tl.load(h_ptr + t * h_stride + i4).to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         mc = cc < C
@@ -45,6 +44,14 @@ def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
                      other=0.0).to(tl.float32)
         u = tl.sum(h[:, None] * xs, axis=0)
         tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
+
+
+@tuned(ROW_CONFIGS, key=["C"])
+@triton.jit
+def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.load(h_ptr + t * h_stride + tl.arange(0, 4)).to(tl.float32)
+    pre_row(x_ptr, u_ptr, t, h, C, BLOCK_C)
 
 
 @tuned(ROW_CONFIGS, key=["C"])

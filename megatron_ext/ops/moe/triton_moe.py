@@ -444,9 +444,10 @@ def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
     token = torch.zeros(n, dtype=torch.int32, device=dev)
     prob = torch.empty(n, dtype=torch.float32, device=dev)
     _route_hist_kernel[(n_blocks,)](flat, hist, n, BLOCK=block, E_PAD=e_pad)
-    # [CHUNK, E_PAD] tiles of 4K elements: 16K spilled registers (the scan took 16 us)
-    _route_scan_kernel[(1,)](hist, offs, bounds, n_blocks, num_experts,
-                             CHUNK=max(16, 4096 // e_pad), E_PAD=e_pad,
+    # [CHUNK, E_PAD] tiles of 4K elements in the scan and the tile table: 16K spilled registers
+    # (the scan took 16 us)
+    chunk = max(16, 4096 // e_pad)
+    _route_scan_kernel[(1,)](hist, offs, bounds, n_blocks, num_experts, CHUNK=chunk, E_PAD=e_pad,
                              E_BND=_pow2(num_experts + 1))
     _route_scatter_kernel[(n_blocks,)](flat, pflat, offs, order, token, prob, n, k,
                                        BLOCK=block, E_PAD=e_pad)
@@ -455,7 +456,6 @@ def routing_metadata(indices: Tensor, probs: Tensor, num_experts: int,
         max_tiles = triton.cdiv(n, bm) + num_experts
         table = torch.empty((3, max_tiles), dtype=torch.int32, device=dev)
         n_tiles = torch.empty(1, dtype=torch.int32, device=dev)
-        chunk = max(16, 4096 // e_pad)
         _route_tiles_kernel[(triton.cdiv(max_tiles, chunk),)](
             bounds, table, n_tiles, num_experts, max_tiles, BM=bm, CHUNK=chunk, E_PAD=e_pad)
         tables[bm] = (table, n_tiles, max_tiles)
