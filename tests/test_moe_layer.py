@@ -362,3 +362,96 @@ def test_routing_log_writes_jsonl_records_off_the_forward_pass(tmp_path):
     assert rows[0]["expert_ids"] == ids.permute(1, 0, 2).tolist()
     assert rows[1]["expert_ids"] == ids.flip(0).permute(1, 0, 2).tolist()
     assert torch.tensor(rows[0]["probs"]).equal(probs.permute(1, 0, 2))
+
+
+# ----------------------------------------------------------------------------- GPU: the layer's hot path
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_router_logits_tensor_core_lane_matches_fp64(dtype):
+    """16-bit x and w -> fp32 logits from one tensor-core GEMM with fp32 output: as exact as the
+    fp32 GEMM on the upcast values (products exact, fp32 sums); the grads (hi + lo split of the
+    fp32 logit gradient) match fp64 to the output dtype's rounding."""
+    from megatron_ext import backends
+    from megatron_ext.modules.moe import router_logits
+
+    backends.reset()
+    g = torch.Generator(device="cuda").manual_seed(5)
+    T, Hd, Ex = 1000, 512, 64
+    x = torch.randn(T, Hd, device="cuda", generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(Ex, Hd, device="cuda", generator=g) * Hd ** -0.5).to(dtype).requires_grad_()
+    dl = torch.randn(T, Ex, device="cuda", generator=g) * 1e-3       # small, full fp32 mantissa
+    out = router_logits(x, w)
+    assert out.dtype == torch.float32
+    out.backward(dl)
+    xd, wd = x.detach().double(), w.detach().double()
+    ref = xd @ wd.t()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    for got, want in ((x.grad, dl.double() @ wd), (w.grad, dl.double().t() @ xd)):
+        assert got.dtype == dtype
+        err = (got.double() - want).abs().max().item()
+        assert err <= 2 ** -7 * want.abs().max().item(), (err, want.abs().max().item())
+    assert not [r for r in backends.records() if r["op"] == "moe.router_logits"]   # no fallback
+    # deterministic mode keeps the fixed-chunk fp32 GEMM (batch invariance)
+    det = router_logits(x.detach(), w.detach(), deterministic=True)
+    torch.testing.assert_close(det.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+_NO_SYNC_CONFIGS = {
+    "topk": {},
+    "aux_z": dict(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001),
+    "capacity": dict(moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0,
+                     moe_token_drop_policy="probs"),
+    "sigmoid_bias_groups": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                                moe_router_num_groups=2, moe_router_group_topk=1),
+    "seq_aux": dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.01),
+}
+
+# Run in a fresh process: this suite's CPU fixtures patch torch.cuda for Megatron's CPU lane.
+_NO_SYNC_SCRIPT = r"""
+import json, sys, torch
+from bench.parallel import ensure_model_parallel
+ensure_model_parallel(cpu=False)
+from megatron_ext.config import from_preset
+from megatron_ext.modules.moe import FusedMoELayer
+from megatron_ext.training.model import transformer_config
+for name, moe in json.loads(sys.argv[1]).items():
+    cfg = from_preset("test", hidden_size=64, num_attention_heads=4, num_experts=8,
+                      moe_ffn_hidden_size=96, moe_router_topk=2, **moe)
+    layer = FusedMoELayer(transformer_config(cfg, "cuda", True)).to(device="cuda", dtype=torch.bfloat16).train()
+    layer.set_layer_number(1)
+    x = torch.randn(64, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layer(x)[0].sum().backward()          # first call: compiles and probes (host work allowed)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)[0]
+        out.float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out.float()).all()), name
+    assert x.grad is not None and layer.router_weight.grad is not None and layer.w1.grad is not None, name
+    print("no-sync", name, flush=True)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_fused_layer_step_has_no_host_sync():
+    """The issue's rule for the hot path: a training forward + backward of the fused layer (EP=1)
+    waits for the GPU nowhere (``set_sync_debug_mode('error')`` raises on any synchronising
+    call), so the step overlaps host and device and can be captured in a CUDA graph; for the
+    default top-k router and for aux/z losses, capacity dropping, sigmoid + expert bias + groups,
+    and the per-sequence aux loss."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", _NO_SYNC_SCRIPT, json.dumps(_NO_SYNC_CONFIGS)], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("no-sync")] == \
+        list(_NO_SYNC_CONFIGS)

@@ -274,6 +274,8 @@ def test_seq_aux_loss_is_mean_of_per_sequence_losses():
     r = route(logits, cfg, training=True, seq_ids=ids)
     per = [_aux_formula(logits[ids == j], r.indices[ids == j], E, k, 0.1) for j in range(b)]
     assert r.aux_loss.item() == pytest.approx(sum(per) / b, rel=1e-5)
+    # the layer passes the sequence count it knows (no host read of the largest id)
+    assert torch.equal(route(logits, cfg, training=True, seq_ids=ids, num_seqs=b).aux_loss, r.aux_loss)
     # packed variable-length sequences
     ids = moe.seq_ids_from_lengths([10, 4, 25])
     r = route(logits, cfg, training=True, seq_ids=ids)
@@ -489,6 +491,22 @@ def test_config_errors_name_field_value_and_fix(kwargs, field):
     assert msg.startswith(field + ": ") and "; use " in msg, msg
 
 
+def test_expert_counts_match_bincount_without_reading_the_ids():
+    g = _gen(23)
+    ids = torch.randint(0, 9, (57, 3), generator=g)
+    ids[:5] = 8                                      # the top bin, and bins 0..7 mostly filled
+    keep = torch.rand(57, 3, generator=g) < 0.6
+    assert torch.equal(moe.expert_counts(ids, 11), torch.bincount(ids.reshape(-1), minlength=11))
+    assert torch.equal(moe.expert_counts(ids, 11, keep), torch.bincount(ids[keep], minlength=11))
+    assert moe.expert_counts(ids, 11).dtype == torch.int64
+    # route()'s load and tokens_per_expert are these counts
+    logits = _randn(57, 9, g=g)
+    r = route(logits, RouterConfig(num_experts=9, topk=3, capacity_factor=0.8), training=True)
+    assert torch.equal(r.load, torch.bincount(r.indices.reshape(-1), minlength=9).float())
+    assert torch.equal(r.tokens_per_expert, torch.bincount(r.indices[r.kept], minlength=9))
+    assert int(r.tokens_per_expert.sum()) == int(r.kept.sum()) < 57 * 3
+
+
 def test_route_argument_errors():
     cfg = RouterConfig(num_experts=4, topk=2)
     with pytest.raises(ValueError, match=r"^logits\.shape=\(3, 5\)"):
@@ -499,6 +517,10 @@ def test_route_argument_errors():
     with pytest.raises(ValueError, match=r"^expert_bias=None: enable_expert_bias=True"):
         route(torch.zeros(3, 4), RouterConfig(num_experts=4, score_function="sigmoid",
                                               enable_expert_bias=True), training=True)
+    with pytest.raises(ValueError, match=r"^replay_indices in \[0, 4\]: expert ids out of range "
+                                         r"for num_experts=4"):
+        route(torch.zeros(3, 4), cfg, training=True,
+              replay_indices=torch.tensor([[0, 1], [2, 3], [4, 0]]))
 
 
 # ----------------------------------------------------------------------------- GPU

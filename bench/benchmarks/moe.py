@@ -13,7 +13,10 @@ anchor = Megatron-Core ``MoELayer`` with the local spec (``layer_specs.gpt.stock
          (the ratio column is against this row);
 anchor = a straightforward torch pipeline: topk, argsort, index, ``grouped_mm``, activation,
          ``grouped_mm``, ``index_add`` (the figure the issue quotes: 9.9 ms at ``moe``);
-ours   = ``megatron_ext.ops.moe.moe_ffn(backend="triton")`` and ``backend="grouped_mm"``;
+ours   = ``megatron_ext.ops.moe.moe_ffn(backend="triton")`` and ``backend="grouped_mm"`` behind the
+         bench's own router (the three lines above); ``ours_layer`` = our Megatron layer
+         ``FusedMoELayer`` on the anchor's config (its fp32 router and routing function, the
+         fused experts, the layer's glue): the row to set beside the Megatron anchor;
 ref    = the six Triton GEMM kernels of one fwd+bwd alone (up, down, dh, dx, dW1, dW2) on
          precomputed routing metadata: ``1 - ref ms / ours ms`` is the share of time outside the
          GEMMs (routing kernels, the d(h) row pass (activation backward, dprobs), combine
@@ -200,6 +203,30 @@ def _megatron_setup(d: Dims, device: str):
     return step
 
 
+def _ours_layer_setup(d: Dims, device: str):
+    """Our Megatron layer (``FusedMoELayer``, what ``--spec`` builds) on the anchor's config:
+    fp32 router logits and routing (``route``), the fused experts, the layer's glue."""
+    import torch
+
+    from bench.parallel import ensure_model_parallel
+
+    ensure_model_parallel(cpu=device == "cpu")
+    from megatron_ext.modules.moe import FusedMoELayer
+    from megatron_ext.observability.moe_stats import STATE
+
+    STATE.reset()   # the per-step monitor sums each layer's load; a new shape starts it afresh
+    layer = FusedMoELayer(megatron_moe_config(d)).to(device=device, dtype=torch.bfloat16).train()
+    params = list(layer.parameters())
+    x = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16)
+
+    def step():
+        _zero(x, *params)
+        layer(x)[0].backward(grad)
+
+    return step
+
+
 def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
     d = SMALL if small else full
     flops = expert_flops(d)
@@ -216,6 +243,9 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
                           role="ours", setup=lambda b=backend: _ours_setup(d, device,
                                                                            "auto" if cpu else b),
                           flops=flops))
+    cases.append(Case(name="ours_layer",
+                      label="ours: FusedMoELayer (Megatron layer: fp32 router + fused experts)",
+                      role="ours", setup=lambda: _ours_layer_setup(d, device), flops=flops))
     if not cpu:
         # the memory-saving lane: rows gathered inside the GEMMs, x saved instead of its k copies
         cases.append(Case(name="ours_triton_no_pregather",

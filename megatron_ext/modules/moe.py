@@ -62,7 +62,7 @@ from megatron.core.tensor_parallel.mappings import (gather_from_sequence_paralle
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from megatron_ext import compat
+from megatron_ext import backends, compat
 from megatron_ext.config import MoEConfig, router_config_from
 from megatron_ext.observability.moe_stats import STATE, fp8_saturation
 from megatron_ext.ops.moe import moe_ffn
@@ -108,6 +108,64 @@ def rows_mm(a: Tensor, w: Tensor, deterministic: bool) -> Tensor:
     a = F.pad(a, (0, 0, 0, pad)).view(-1, DET_CHUNK, a.shape[1])
     out = torch.cat([a[i] @ w for i in range(a.shape[0])], dim=0) if a.shape[0] else a.new_zeros(0, w.shape[1])
     return out[:n]
+
+
+class _RouterLogits(torch.autograd.Function):
+    """fp32 logits ``x @ w^T`` from 16-bit ``x [T, H]`` and ``w [E, H]`` on the tensor cores: the
+    products of 16-bit values are exact in fp32 and the sums run in fp32, so this is the fp32
+    router GEMM (Megatron's ``moe_router_dtype=fp32``) without upcast copies of x or an fp32
+    (non-tensor-core) GEMM. Backward splits the fp32 logit gradient into two 16-bit terms
+    (``hi + lo``, ~16 mantissa bits) and runs each GEMM once over both, fp32 accumulation."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        E = w.shape[0]
+        hi = g.to(x.dtype)
+        hl = torch.cat([hi, (g - hi.float()).to(x.dtype)], dim=1)          # [T, 2E]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = hl @ torch.cat([w, w], dim=0)                             # [T, H]
+        if ctx.needs_input_grad[1]:
+            d2 = torch.mm(hl.t(), x, out_dtype=torch.float32)              # [2E, H]
+            dw = (d2[:E] + d2[E:]).to(w.dtype)
+        return dx, dw
+
+
+_MM_OUT_DTYPE: Dict[str, Optional[str]] = {}
+
+
+def _mm_out_dtype_why(x: Tensor) -> Optional[str]:
+    """None where ``torch.mm(..., out_dtype=float32)`` runs for 16-bit CUDA inputs, else why not
+    (probed once per device type and dtype)."""
+    key = f"{x.device.type}/{x.dtype}"
+    if key not in _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(16, 16, dtype=x.dtype, device=x.device)
+            torch.mm(a, a, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[key] = None
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            _MM_OUT_DTYPE[key] = f"torch.mm(out_dtype=float32) unavailable: {str(exc).splitlines()[0][:120]}"
+    return _MM_OUT_DTYPE[key]
+
+
+def router_logits(x: Tensor, w: Tensor, deterministic: bool = False) -> Tensor:
+    """fp32 router logits ``x [T, H] @ w [E, H]^T``. 16-bit CUDA inputs (not deterministic): one
+    tensor-core GEMM with fp32 output (:class:`_RouterLogits`). Otherwise (CPU, fp32 weights,
+    the deterministic mode's fixed-chunk GEMM) x and w are upcast and multiplied in fp32; on CUDA
+    that fallback is logged once and in the run receipt."""
+    lane_ok = x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype
+    if lane_ok and not deterministic:
+        why = _mm_out_dtype_why(x)
+        if why is None:
+            return _RouterLogits.apply(x, w)
+        backends.fallback("moe.router_logits", "16-bit GEMM, fp32 out", "fp32 GEMM", why)
+    return rows_mm(x.float(), w.float().t(), deterministic)
 
 
 def _ffn_rows_deterministic(rows: Tensor, local_ids: Tensor, w1: Tensor, w2: Tensor,
@@ -386,7 +444,7 @@ class FusedMoELayer(MegatronModule):
         cfg = self.router_cfg
         training = self.training
         tracked = training and torch.is_grad_enabled()  # once per micro-batch, even under recompute
-        logits = rows_mm(hidden_states.reshape(s_local * b, h).float(), self.router_weight.float().t(), det)
+        logits = router_logits(hidden_states.reshape(s_local * b, h), self.router_weight, det)
         if self.tp_size > 1:
             # [s/tp, b] -> [s, b]: every TP rank routes all tokens of the sequence identically
             logits = gather_from_sequence_parallel_region(logits.view(s_local, b, -1), group=self.tp_group)
@@ -404,7 +462,7 @@ class FusedMoELayer(MegatronModule):
             mb = STATE.micro_batch(self.layer_number, advance=tracked)
             if STATE.replay is not None:
                 ids = STATE.read_trace(self.layer_number, mb, (b, s, cfg.topk))
-                replay = ids.permute(1, 0, 2).reshape(s * b, cfg.topk).to(x.device)
+                replay = ids.permute(1, 0, 2).reshape(s * b, cfg.topk)  # route() checks, moves
 
         bias = None
         if self.router_expert_bias is not None:
@@ -424,7 +482,7 @@ class FusedMoELayer(MegatronModule):
             replay, g_tokens = first.indices, s * b * dp
         res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
                     replay_indices=replay, global_tokens_per_expert=g_load, global_num_tokens=g_tokens,
-                    generator=gen)
+                    generator=gen, num_seqs=b)
 
         if mb is not None and tracked:
             if STATE.trace_out is not None:
@@ -474,13 +532,17 @@ class FusedMoELayer(MegatronModule):
 
     def _routed(self, x: Tensor, probs: Tensor, indices: Tensor,
                 shared: Optional[Callable[[], Tensor]] = None) -> Tensor:
-        """Sum over choices of prob * expert FFN (+ the shared expert), fp32 ``[T, H]``; a TP
-        partial sum when TP > 1."""
+        """Sum over choices of prob * expert FFN (+ the shared expert), ``[T, H]``: fp32 where
+        something is summed after it (the shared expert, the TP partial sums), else (the fused
+        experts alone, TP = 1) the experts' output in the model dtype."""
         det = self.moe.deterministic
         T, k = indices.shape
         if self.ep_size == 1 and not det:
             out = moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend,
-                          pregather=self.moe.pregather).float()
+                          pregather=self.moe.pregather)
+            if shared is None and self.tp_size == 1:
+                return out   # nothing to sum: the model dtype, no fp32 round trip (2 passes each way)
+            out = out.float()
             return out if shared is None else out + shared()
         flat_e = indices.reshape(-1)
         order = torch.sort(flat_e, stable=True).indices  # pair ids grouped by expert, token order within

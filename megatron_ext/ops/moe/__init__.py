@@ -27,12 +27,13 @@ from megatron_ext import backends
 from megatron_ext.ops.moe import reference
 from megatron_ext.ops.moe.reference import (ACTIVATIONS, GATED_ACTIVATIONS, expert_activation,
                                             moe_ffn_reference, permute, unpermute)
-from megatron_ext.ops.moe.routing import (RouterConfig, RoutingResult, route, seq_ids_for_layout,
-                                          seq_ids_from_lengths, sinkhorn_balance,
-                                          update_expert_bias)
+from megatron_ext.ops.moe.routing import (RouterConfig, RoutingResult, expert_counts, route,
+                                          seq_ids_for_layout, seq_ids_from_lengths,
+                                          sinkhorn_balance, update_expert_bias)
 
 __all__ = ["moe_ffn", "moe_ffn_reference", "permute", "unpermute", "expert_activation",
-           "RouterConfig", "RoutingResult", "route", "sinkhorn_balance", "update_expert_bias",
+           "RouterConfig", "RoutingResult", "route", "expert_counts", "sinkhorn_balance",
+           "update_expert_bias",
            "seq_ids_for_layout", "seq_ids_from_lengths", "ACTIVATIONS"]
 
 Tensor = torch.Tensor

@@ -268,6 +268,17 @@ def seq_ids_from_lengths(seq_lengths, device=None) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
 
 
+def expert_counts(ids: Tensor, num_bins: int, weights: Optional[Tensor] = None) -> Tensor:
+    """``[num_bins]`` int64: how many of ``ids`` (any shape, values in ``[0, num_bins)``) fall in
+    each bin, each counted ``weights`` times (int or bool, same shape) if given. Unlike
+    ``torch.bincount`` (which reads the largest id on the host) and boolean indexing, it never
+    waits for the GPU, so a routed step has no host sync and can be captured in a CUDA graph;
+    integer sums, so the counts are exact and deterministic."""
+    flat = ids.reshape(-1).long()
+    w = torch.ones_like(flat) if weights is None else weights.reshape(-1).long()
+    return torch.zeros(num_bins, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, w)
+
+
 def _group_limited_topk(scores: Tensor, k: int, num_groups: int, group_topk: int) -> Tensor:
     T, E = scores.shape
     grouped = scores.view(T, num_groups, E // num_groups)
@@ -295,7 +306,7 @@ def _capacity_keep(probs: Tensor, indices: Tensor, E: int, capacity: int, policy
         # stable sort by descending prob first, so equal probs stay in position order
         order = torch.sort(probs.reshape(-1), descending=True, stable=True).indices
     order = order[torch.sort(flat_e[order], stable=True).indices]  # by expert, then policy
-    counts = torch.bincount(flat_e, minlength=E)
+    counts = expert_counts(flat_e, E)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(flat_e)
     rank[order] = torch.arange(T * k, device=indices.device) - starts[flat_e[order]]
@@ -314,12 +325,14 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
           global_tokens_per_expert: Optional[Tensor] = None,
           global_num_tokens: Optional[int] = None,
           generator: Optional[torch.Generator] = None,
-          replay_indices: Optional[Tensor] = None) -> RoutingResult:
+          replay_indices: Optional[Tensor] = None,
+          num_seqs: Optional[int] = None) -> RoutingResult:
     """Route ``logits`` [T, E] (any float dtype) -> :class:`RoutingResult` (fp32 probs).
 
     ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid scores for
     selection only. ``seq_ids`` [T] int: sequence of each token, needed for ``seq_aux_loss``
-    (see :func:`seq_ids_for_layout`, :func:`seq_ids_from_lengths`). ``global_tokens_per_expert``
+    (see :func:`seq_ids_for_layout`, :func:`seq_ids_from_lengths`); ``num_seqs``: how many sequences
+    ``seq_ids`` numbers (default: its largest id + 1, read on the host). ``global_tokens_per_expert``
     [E] and ``global_num_tokens``: counts over the global batch for ``global_aux_loss`` (default:
     this batch). ``generator`` drives the training noise. ``replay_indices`` [T, k] int: use these
     expert ids instead of selecting (routing replay); gates, losses and capacity are computed for
@@ -342,6 +355,11 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         if tuple(replay_indices.shape) != (T, k):
             raise ValueError(f"replay_indices.shape={tuple(replay_indices.shape)}: one row of topk "
                              f"expert ids per token; use [{T}, {k}]")
+        if replay_indices.device.type == "cpu" and replay_indices.numel() and \
+                (int(replay_indices.min()) < 0 or int(replay_indices.max()) >= E):
+            raise ValueError(f"replay_indices in [{int(replay_indices.min())}, "
+                             f"{int(replay_indices.max())}]: expert ids out of range for "
+                             f"num_experts={E}; replay a trace recorded with {E} experts")
         replay_indices = replay_indices.to(device=logits.device, dtype=torch.int64)
     logits = logits.float()
     if training and cfg.input_jitter_eps is not None:
@@ -382,7 +400,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     if cfg.topk_scaling_factor is not None:
         probs = probs * cfg.topk_scaling_factor
 
-    load = torch.bincount(indices.reshape(-1), minlength=E).float()
+    load = expert_counts(indices, E).float()
 
     # --- losses (fp32 scalars with grad to the logits)
     zero = logits.new_zeros(())
@@ -397,15 +415,16 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
             aux_loss = cfg.aux_loss_coeff * E * ((g_load / (g_T * k)) * s.mean(0)).sum()
         else:
             seq_ids = seq_ids.to(logits.device).long()
-            S = int(seq_ids.max()) + 1 if T else 0
+            S = num_seqs if num_seqs is not None else (int(seq_ids.max()) + 1 if T else 0)
             counts = torch.zeros(S, E, device=logits.device)
             counts.index_put_((seq_ids[:, None].expand(T, k), indices),
                               torch.ones(T, k, device=logits.device), accumulate=True)
             prob_sum = torch.zeros(S, E, device=logits.device).index_add(0, seq_ids, s)
-            n_tok = torch.bincount(seq_ids, minlength=S).float()
-            present = n_tok > 0
-            per_seq = E * (counts * prob_sum).sum(-1)[present] / (k * n_tok[present] ** 2)
-            aux_loss = cfg.aux_loss_coeff * per_seq.mean()
+            n_tok = expert_counts(seq_ids, S).float()
+            # mean over the sequences that have tokens (masked, not indexed: no host sync)
+            present = (n_tok > 0).float()
+            per_seq = E * (counts * prob_sum).sum(-1) / (k * n_tok.clamp(min=1.0) ** 2)
+            aux_loss = cfg.aux_loss_coeff * (per_seq * present).sum() / present.sum().clamp(min=1.0)
     z_loss = zero
     if cfg.z_loss_coeff:
         z_loss = cfg.z_loss_coeff * torch.logsumexp(logits, dim=-1).square().mean()
@@ -417,7 +436,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         capacity = math.ceil(T * k / E * cfg.capacity_factor)
         kept = _capacity_keep(probs.detach(), indices, E, capacity, cfg.drop_policy)
         probs = probs * kept
-    tokens_per_expert = torch.bincount(indices[kept], minlength=E)
+    tokens_per_expert = expert_counts(indices, E, kept)
     return RoutingResult(probs=probs, indices=indices, kept=kept,
                          tokens_per_expert=tokens_per_expert, load=load, aux_loss=aux_loss,
                          z_loss=z_loss, capacity=capacity)
