@@ -178,18 +178,15 @@ def megatron_moe_config(d: Dims):
         bias_dropout_fusion=False, gradient_accumulation_fusion=False, moe_grouped_gemm=False)
 
 
-def _megatron_setup(d: Dims, device: str):
+def _layer_step(build, d: Dims, device: str):
+    """fwd + bwd of a Megatron MoE layer on ``[T, 1, H]`` bf16: ``build(config)`` makes the layer
+    (after the world-size-1 model-parallel setup it needs) on the anchor's config."""
     import torch
 
     from bench.parallel import ensure_model_parallel
 
     ensure_model_parallel(cpu=device == "cpu")
-    from megatron.core.transformer.spec_utils import build_module
-
-    from layer_specs.gpt import stock_moe_spec
-
-    layer = build_module(stock_moe_spec(), config=megatron_moe_config(d))
-    layer = layer.to(device=device, dtype=torch.bfloat16).train()
+    layer = build(megatron_moe_config(d)).to(device=device, dtype=torch.bfloat16).train()
     params = list(layer.parameters())
     x = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16)
@@ -203,28 +200,28 @@ def _megatron_setup(d: Dims, device: str):
     return step
 
 
+def _megatron_setup(d: Dims, device: str):
+    def build(config):
+        from megatron.core.transformer.spec_utils import build_module
+
+        from layer_specs.gpt import stock_moe_spec
+
+        return build_module(stock_moe_spec(), config=config)
+
+    return _layer_step(build, d, device)
+
+
 def _ours_layer_setup(d: Dims, device: str):
     """Our Megatron layer (``FusedMoELayer``, what ``--spec`` builds) on the anchor's config:
     fp32 router logits and routing (``route``), the fused experts, the layer's glue."""
-    import torch
+    def build(config):
+        from megatron_ext.modules.moe import FusedMoELayer
+        from megatron_ext.observability.moe_stats import STATE
 
-    from bench.parallel import ensure_model_parallel
+        STATE.reset()   # the per-step monitor sums each layer's load; a new shape starts it afresh
+        return FusedMoELayer(config)
 
-    ensure_model_parallel(cpu=device == "cpu")
-    from megatron_ext.modules.moe import FusedMoELayer
-    from megatron_ext.observability.moe_stats import STATE
-
-    STATE.reset()   # the per-step monitor sums each layer's load; a new shape starts it afresh
-    layer = FusedMoELayer(megatron_moe_config(d)).to(device=device, dtype=torch.bfloat16).train()
-    params = list(layer.parameters())
-    x = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
-    grad = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16)
-
-    def step():
-        _zero(x, *params)
-        layer(x)[0].backward(grad)
-
-    return step
+    return _layer_step(build, d, device)
 
 
 def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:

@@ -27,9 +27,10 @@ from megatron_ext import backends
 from megatron_ext.ops.moe import reference
 from megatron_ext.ops.moe.reference import (ACTIVATIONS, GATED_ACTIVATIONS, expert_activation,
                                             moe_ffn_reference, permute, unpermute)
-from megatron_ext.ops.moe.routing import (RouterConfig, RoutingResult, expert_counts, route,
-                                          seq_ids_for_layout, seq_ids_from_lengths,
-                                          sinkhorn_balance, update_expert_bias)
+from megatron_ext.ops.moe.routing import (RouterConfig, RoutingResult, expert_counts,
+                                          ids_out_of_range, route, seq_ids_for_layout,
+                                          seq_ids_from_lengths, sinkhorn_balance,
+                                          update_expert_bias)
 
 __all__ = ["moe_ffn", "moe_ffn_reference", "permute", "unpermute", "expert_activation",
            "RouterConfig", "RoutingResult", "route", "expert_counts", "sinkhorn_balance",
@@ -147,10 +148,9 @@ def _check(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
         raise ValueError(f"w1.shape={tuple(w1.shape)}: activation={activation!r} with "
                          f"w2.shape={tuple(w2.shape)} (F={ffn}) needs w1's last dim {want}"
                          f"{' ([gate | up])' if want != ffn else ''}; use [{E}, {H}, {want}]")
-    # range check only on CPU: on CUDA it would cost a host sync every step
-    if indices.device.type == "cpu" and indices.numel() and \
-            (int(indices.min()) < 0 or int(indices.max()) >= E):
-        raise ValueError(f"indices in [{int(indices.min())}, {int(indices.max())}]: expert ids "
+    bad = ids_out_of_range(indices, E)   # CPU only: on CUDA a host sync every step
+    if bad is not None:
+        raise ValueError(f"indices in [{bad[0]}, {bad[1]}]: expert ids "
                          f"out of range for E={E}; use 0 <= indices < {E}")
 
 

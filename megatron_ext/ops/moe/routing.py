@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -279,6 +279,15 @@ def expert_counts(ids: Tensor, num_bins: int, weights: Optional[Tensor] = None) 
     return torch.zeros(num_bins, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, w)
 
 
+def ids_out_of_range(ids: Tensor, num_experts: int) -> Optional[Tuple[int, int]]:
+    """``(min, max)`` of ``ids`` where a CPU tensor holds an expert id outside
+    ``[0, num_experts)``, else None. CUDA ids are not read (a host sync every step)."""
+    if ids.device.type != "cpu" or not ids.numel():
+        return None
+    lo, hi = int(ids.min()), int(ids.max())
+    return (lo, hi) if lo < 0 or hi >= num_experts else None
+
+
 def _group_limited_topk(scores: Tensor, k: int, num_groups: int, group_topk: int) -> Tensor:
     T, E = scores.shape
     grouped = scores.view(T, num_groups, E // num_groups)
@@ -297,8 +306,10 @@ def _select(scores: Tensor, cfg: RouterConfig) -> Tensor:
     return scores.topk(cfg.topk, dim=-1).indices
 
 
-def _capacity_keep(probs: Tensor, indices: Tensor, E: int, capacity: int, policy: str) -> Tensor:
-    """kept [T, k]: per expert, the first ``capacity`` pairs in policy order (ties by position)."""
+def _capacity_keep(probs: Tensor, indices: Tensor, counts: Tensor, capacity: int,
+                   policy: str) -> Tensor:
+    """kept [T, k]: per expert, the first ``capacity`` pairs in policy order (ties by position);
+    ``counts [E]``: the pairs that chose each expert (``expert_counts(indices, E)``)."""
     T, k = indices.shape
     flat_e = indices.reshape(-1)
     order = torch.arange(T * k, device=indices.device)
@@ -306,7 +317,6 @@ def _capacity_keep(probs: Tensor, indices: Tensor, E: int, capacity: int, policy
         # stable sort by descending prob first, so equal probs stay in position order
         order = torch.sort(probs.reshape(-1), descending=True, stable=True).indices
     order = order[torch.sort(flat_e[order], stable=True).indices]  # by expert, then policy
-    counts = expert_counts(flat_e, E)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(flat_e)
     rank[order] = torch.arange(T * k, device=indices.device) - starts[flat_e[order]]
@@ -355,10 +365,9 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         if tuple(replay_indices.shape) != (T, k):
             raise ValueError(f"replay_indices.shape={tuple(replay_indices.shape)}: one row of topk "
                              f"expert ids per token; use [{T}, {k}]")
-        if replay_indices.device.type == "cpu" and replay_indices.numel() and \
-                (int(replay_indices.min()) < 0 or int(replay_indices.max()) >= E):
-            raise ValueError(f"replay_indices in [{int(replay_indices.min())}, "
-                             f"{int(replay_indices.max())}]: expert ids out of range for "
+        bad = ids_out_of_range(replay_indices, E)
+        if bad is not None:
+            raise ValueError(f"replay_indices in [{bad[0]}, {bad[1]}]: expert ids out of range for "
                              f"num_experts={E}; replay a trace recorded with {E} experts")
         replay_indices = replay_indices.to(device=logits.device, dtype=torch.int64)
     logits = logits.float()
@@ -400,7 +409,8 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     if cfg.topk_scaling_factor is not None:
         probs = probs * cfg.topk_scaling_factor
 
-    load = expert_counts(indices, E).float()
+    chosen = expert_counts(indices, E)   # pairs per expert before any drop
+    load = chosen.float()
 
     # --- losses (fp32 scalars with grad to the logits)
     zero = logits.new_zeros(())
@@ -434,9 +444,9 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     kept = torch.ones_like(indices, dtype=torch.bool)
     if cfg.capacity_factor is not None:
         capacity = math.ceil(T * k / E * cfg.capacity_factor)
-        kept = _capacity_keep(probs.detach(), indices, E, capacity, cfg.drop_policy)
+        kept = _capacity_keep(probs.detach(), indices, chosen, capacity, cfg.drop_policy)
         probs = probs * kept
-    tokens_per_expert = expert_counts(indices, E, kept)
+    tokens_per_expert = chosen if capacity is None else expert_counts(indices, E, kept)
     return RoutingResult(probs=probs, indices=indices, kept=kept,
                          tokens_per_expert=tokens_per_expert, load=load, aux_loss=aux_loss,
                          z_loss=z_loss, capacity=capacity)
