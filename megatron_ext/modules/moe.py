@@ -469,6 +469,8 @@ class FusedMoELayer(MegatronModule):
             bias = self.router_expert_bias.float()
         seq_ids = seq_ids_for_layout(s, b, device=x.device) if cfg.load_balancing_type == "seq_aux_loss" else None
         gen = self._noise_generator(x.device)
+        # the fused top-k gate unless the torch reference path was asked for
+        gate = "torch" if self.moe.backend == "torch" else "auto"
         g_load = g_tokens = None
         dp = compat.torch_dist_size(self.dp_group)
         if cfg.load_balancing_type == "global_aux_loss" and training and dp > 1:
@@ -476,13 +478,13 @@ class FusedMoELayer(MegatronModule):
             # data-parallel replicas (a collective, no host sync); the selection is then replayed
             with torch.no_grad():
                 first = route(logits.detach(), cfg, training=training, expert_bias=bias,
-                              replay_indices=replay, generator=gen)
+                              replay_indices=replay, generator=gen, backend=gate)
                 g_load = first.load.clone()
                 torch.distributed.all_reduce(g_load, group=self.dp_group)
             replay, g_tokens = first.indices, s * b * dp
         res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
                     replay_indices=replay, global_tokens_per_expert=g_load, global_num_tokens=g_tokens,
-                    generator=gen, num_seqs=b)
+                    generator=gen, num_seqs=b, backend=gate)
 
         if mb is not None and tracked:
             if STATE.trace_out is not None:

@@ -45,10 +45,15 @@ Options (field names follow Megatron's ``moe_router_*`` / ``moe_*`` config, see
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
+
+from megatron_ext import backends
 
 Tensor = torch.Tensor
 
@@ -330,13 +335,44 @@ def _aux_scores(logits: Tensor, cfg: RouterConfig) -> Tensor:
     return s / (s.sum(-1, keepdim=True) + 1e-20)
 
 
+@functools.lru_cache(maxsize=None)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _gate_probe(logits: Tensor, cfg: RouterConfig, replaying: bool, requested: str):
+    """Whether the fused top-k gate (:mod:`.triton_router`) can do this selection: None, or why
+    not (the torch expressions below then run; the backend record says why)."""
+    def probe() -> Optional[str]:
+        if replaying:
+            return "replay_indices given: the recorded ids replace the selection"
+        if cfg.load_balancing_type == "sinkhorn":
+            return "load_balancing_type='sinkhorn': selection by the balanced matrix"
+        if cfg.num_groups is not None:
+            return f"num_groups={cfg.num_groups}: group-limited selection"
+        from megatron_ext.ops.moe.triton_router import MAX_EXPERTS
+
+        if cfg.num_experts > MAX_EXPERTS:
+            return f"num_experts={cfg.num_experts}: the fused gate takes up to {MAX_EXPERTS}"
+        if not _have_triton():
+            return "triton is not installed"
+        if logits.device.type == "cuda":
+            return None
+        interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+        if requested == "triton" and interpret:
+            return None
+        return (f"devices=['{logits.device.type}']: the fused gate runs on CUDA (on CPU only "
+                f"when backend='triton' is asked for under TRITON_INTERPRET=1)")
+    return probe
+
+
 def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
           expert_bias: Optional[Tensor] = None, seq_ids: Optional[Tensor] = None,
           global_tokens_per_expert: Optional[Tensor] = None,
           global_num_tokens: Optional[int] = None,
           generator: Optional[torch.Generator] = None,
           replay_indices: Optional[Tensor] = None,
-          num_seqs: Optional[int] = None) -> RoutingResult:
+          num_seqs: Optional[int] = None, backend: str = "auto") -> RoutingResult:
     """Route ``logits`` [T, E] (any float dtype) -> :class:`RoutingResult` (fp32 probs).
 
     ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid scores for
@@ -348,6 +384,9 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     expert ids instead of selecting (routing replay); gates, losses and capacity are computed for
     them from the current logits, so gradients flow as in the recorded run. Losses are computed whenever configured;
     the caller attaches them to the loss only in training (Megatron does the same check).
+    ``backend``: the selection and gates through the fused top-k gate (``"triton"``, see
+    :mod:`.triton_router`), the torch expressions below (``"torch"``, the spec), or the first that
+    can run (``"auto"``: the fused gate on CUDA for top-k without groups, Sinkhorn or replay).
     """
     if logits.dim() != 2 or logits.shape[1] != cfg.num_experts:
         raise ValueError(f"logits.shape={tuple(logits.shape)}: the router takes one row per "
@@ -379,7 +418,20 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
                                                       device=logits.device)
 
     # --- selection and gate values
-    if cfg.load_balancing_type == "sinkhorn":
+    lane = backends.resolve("moe.route", backend,
+                            [("triton", _gate_probe(logits, cfg, replay_indices is not None,
+                                                    backend)), ("torch", lambda: None)])
+    scale = cfg.topk_scaling_factor
+    if lane == "triton":
+        from megatron_ext.ops.moe.triton_router import topk_gate
+
+        mode = "sigmoid" if cfg.score_function == "sigmoid" else (
+            "pre_softmax" if cfg.pre_softmax else "softmax")
+        normalize = mode == "sigmoid" and cfg.normalize_topk and k > 1
+        probs, indices = topk_gate(logits, k, mode, expert_bias, normalize,
+                                   1.0 if scale is None else scale)
+        scale = None   # applied in the kernel
+    elif cfg.load_balancing_type == "sinkhorn":
         # Megatron: sigmoid for k=1 (a softmax gate over E would be tiny), softmax for k>1
         scores = torch.sigmoid(logits) if k == 1 else torch.softmax(logits, dim=-1)
         if replay_indices is not None:
@@ -406,8 +458,8 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         probs = scores.gather(1, indices)
         if cfg.normalize_topk and k > 1:
             probs = probs / (probs.sum(-1, keepdim=True) + 1e-20)
-    if cfg.topk_scaling_factor is not None:
-        probs = probs * cfg.topk_scaling_factor
+    if scale is not None:
+        probs = probs * scale
 
     chosen = expert_counts(indices, E)   # pairs per expert before any drop
     load = chosen.float()

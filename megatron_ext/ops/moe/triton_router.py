@@ -1,0 +1,196 @@
+"""Fused top-k gate (Triton): the selection and gate values of :func:`routing.route` in one pass
+over the fp32 logits, and their adjoint in one pass back.
+
+Per token (a row of ``E`` logits ``l``), ``mode``:
+
+* ``"softmax"`` (Megatron's default, top-k then softmax): select the ``k`` largest ``l``, gates =
+  softmax over the selected logits.
+* ``"pre_softmax"``: ``s = softmax(l)`` over all experts, select the ``k`` largest ``s``, gates =
+  the selected ``s``.
+* ``"sigmoid"`` (DeepSeek-V3): ``s = sigmoid(l)``, select on ``s + bias`` (the aux-loss-free
+  bias, selection only), gates = the selected ``s``, divided by their sum + 1e-20 when
+  ``normalize``.
+
+Gates are then multiplied by ``scale`` (the top-k scaling factor). Selection is ``k`` rounds of a
+row max; among equal values the lowest expert id wins (``torch.topk`` leaves ties unspecified), ids
+come out in descending order of the selection value, as ``torch.topk``'s do. The torch expressions
+in ``route()`` are the spec; the tests hold both lanes to them.
+
+The backward writes the whole ``[T, E]`` logit gradient (zeros off the selection, except for
+``pre_softmax`` whose softmax couples every expert): one kernel where autograd would run the
+softmax / sigmoid adjoint, a gather's adjoint (zero fill + scatter) and the normalisation's ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MODES = {"softmax": 0, "pre_softmax": 1, "sigmoid": 2}
+# the [BLOCK_T, E_PAD] row tile stays at 4K fp32 values per program
+MAX_EXPERTS = 1024
+
+
+def _blocks(num_experts: int) -> Tuple[int, int]:
+    e_pad = max(16, triton.next_power_of_2(num_experts))
+    return max(1, 4096 // e_pad), e_pad
+
+
+@triton.jit
+def _topk_gate_fwd_kernel(L, BIAS, IDX, PROBS, T, E, stride_l, scale,
+                          K: tl.constexpr, K_PAD: tl.constexpr, MODE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                          BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rm = rows < T
+    ex = tl.arange(0, E_PAD)
+    em = ex < E
+    l = tl.load(L + rows.to(tl.int64)[:, None] * stride_l + ex[None, :],
+                mask=rm[:, None] & em[None, :], other=0.0)
+    l = tl.where(em[None, :], l, float("-inf"))
+    if MODE == 1:
+        p = tl.exp(l - tl.max(l, 1)[:, None])
+        src = p / tl.sum(p, 1)[:, None]
+        sel = src
+    elif MODE == 2:
+        src = tl.sigmoid(l)
+        sel = src
+        if HAS_BIAS:
+            sel = sel + tl.load(BIAS + ex, mask=em, other=0.0)[None, :]
+    else:
+        src = l
+        sel = l
+    kk = tl.arange(0, K_PAD)
+    ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
+    vals = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    free = em[None, :] & (rows[:, None] >= 0)          # [BLOCK_T, E_PAD]: not yet selected
+    for j in tl.static_range(K):
+        cand = tl.where(free, sel, float("-inf"))
+        best = tl.max(cand, 1)
+        # lowest free id holding the max (a row of -inf still yields a free id: k <= E)
+        pick = tl.min(tl.where(free & (cand == best[:, None]), ex[None, :], E_PAD), 1)
+        hit = ex[None, :] == pick[:, None]
+        v = tl.sum(tl.where(hit, src, 0.0), 1)
+        ids = tl.where(kk[None, :] == j, pick[:, None], ids)
+        vals = tl.where(kk[None, :] == j, v[:, None], vals)
+        free = free & (~hit)
+    km = kk[None, :] < K
+    if MODE == 0:
+        v = tl.where(km, vals, float("-inf"))
+        e = tl.exp(v - tl.max(v, 1)[:, None])
+        gates = e / tl.sum(e, 1)[:, None]
+    else:
+        gates = vals
+        if NORMALIZE:
+            gates = gates / (tl.sum(tl.where(km, gates, 0.0), 1)[:, None] + 1e-20)
+    out = rows.to(tl.int64)[:, None] * K + kk[None, :]
+    m2 = rm[:, None] & km
+    tl.store(IDX + out, ids.to(tl.int64), mask=m2)
+    tl.store(PROBS + out, gates * scale, mask=m2)
+
+
+@triton.jit
+def _topk_gate_bwd_kernel(L, IDX, DP, DL, T, E, stride_l, scale,
+                          K: tl.constexpr, K_PAD: tl.constexpr, MODE: tl.constexpr,
+                          NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rm = rows < T
+    r64 = rows.to(tl.int64)
+    ex = tl.arange(0, E_PAD)
+    em = ex < E
+    kk = tl.arange(0, K_PAD)
+    k_ok = kk[None, :] < K
+    km = rm[:, None] & k_ok
+    ids = tl.load(IDX + r64[:, None] * K + kk[None, :], mask=km, other=0).to(tl.int32)
+    g = tl.load(DP + r64[:, None] * K + kk[None, :], mask=km, other=0.0) * scale
+    l_sel = tl.load(L + r64[:, None] * stride_l + ids, mask=km, other=0.0)
+    if MODE == 1:
+        l = tl.load(L + r64[:, None] * stride_l + ex[None, :], mask=rm[:, None] & em[None, :],
+                    other=0.0)
+        l = tl.where(em[None, :], l, float("-inf"))
+        mx = tl.max(l, 1)
+        p = tl.exp(l - mx[:, None])
+        z = tl.sum(p, 1)
+        s = p / z[:, None]
+        s_sel = tl.where(km, tl.exp(l_sel - mx[:, None]) / z[:, None], 0.0)
+        # ds = g scattered to the selected ids; dl = s * (ds - <s, ds>)
+        ds = tl.zeros([BLOCK_T, E_PAD], tl.float32)
+        for j in tl.static_range(K):
+            gj = tl.sum(tl.where(kk[None, :] == j, g, 0.0), 1)
+            ij = tl.sum(tl.where(kk[None, :] == j, ids, 0), 1)
+            ds = tl.where(ex[None, :] == ij[:, None], gj[:, None], ds)
+        dl = s * (ds - tl.sum(s_sel * g, 1)[:, None])
+    else:
+        if MODE == 0:
+            v = tl.where(k_ok, l_sel, float("-inf"))   # rows past T: l_sel = 0, no inf - inf
+            e = tl.exp(v - tl.max(v, 1)[:, None])
+            p = tl.where(km, e / tl.sum(e, 1)[:, None], 0.0)
+            d_sel = p * (g - tl.sum(p * g, 1)[:, None])
+        else:
+            s = tl.where(km, tl.sigmoid(l_sel), 0.0)
+            ds = g
+            if NORMALIZE:
+                den = tl.sum(s, 1)[:, None] + 1e-20
+                ds = g / den - tl.sum(g * s, 1)[:, None] / (den * den)
+            d_sel = tl.where(km, ds * s * (1.0 - s), 0.0)
+        dl = tl.zeros([BLOCK_T, E_PAD], tl.float32)
+        for j in tl.static_range(K):
+            dj = tl.sum(tl.where(kk[None, :] == j, d_sel, 0.0), 1)
+            ij = tl.sum(tl.where(kk[None, :] == j, ids, 0), 1)
+            dl = tl.where(ex[None, :] == ij[:, None], dj[:, None], dl)
+    tl.store(DL + r64[:, None] * E + ex[None, :], dl, mask=rm[:, None] & em[None, :])
+
+
+class _TopKGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, bias: Optional[Tensor], k: int, mode: str, normalize: bool,
+                scale: float):
+        T, E = logits.shape
+        block_t, e_pad = _blocks(E)
+        idx = torch.empty(T, k, dtype=torch.int64, device=logits.device)
+        probs = torch.empty(T, k, dtype=torch.float32, device=logits.device)
+        if T:
+            _topk_gate_fwd_kernel[(triton.cdiv(T, block_t),)](
+                logits, bias if bias is not None else logits, idx, probs, T, E, logits.stride(0),
+                float(scale), K=k, K_PAD=triton.next_power_of_2(k), MODE=MODES[mode],
+                HAS_BIAS=bias is not None, NORMALIZE=normalize, BLOCK_T=block_t, E_PAD=e_pad)
+        ctx.save_for_backward(logits, idx)
+        ctx.cfg = (k, mode, normalize, scale)
+        ctx.mark_non_differentiable(idx)
+        return probs, idx
+
+    @staticmethod
+    def backward(ctx, dprobs: Tensor, _didx):
+        logits, idx = ctx.saved_tensors
+        k, mode, normalize, scale = ctx.cfg
+        T, E = logits.shape
+        block_t, e_pad = _blocks(E)
+        dl = torch.empty(T, E, dtype=torch.float32, device=logits.device)
+        if T:
+            _topk_gate_bwd_kernel[(triton.cdiv(T, block_t),)](
+                logits, idx, dprobs.float().contiguous(), dl, T, E, logits.stride(0),
+                float(scale), K=k, K_PAD=triton.next_power_of_2(k), MODE=MODES[mode],
+                NORMALIZE=normalize, BLOCK_T=block_t, E_PAD=e_pad)
+        return dl, None, None, None, None, None
+
+
+def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
+              normalize: bool = False, scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """``(probs [T, k] fp32, indices [T, k] int64)`` for fp32 ``logits [T, E]`` (see the module
+    docstring; ``bias`` [E] fp32 is used for ``mode="sigmoid"`` selection only, no gradient)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: unknown gate; use one of {sorted(MODES)}")
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits: {tuple(logits.shape)} {logits.dtype}; use [T, E] float32")
+    T, E = logits.shape
+    if not 1 <= k <= E or E > MAX_EXPERTS:
+        raise ValueError(f"k={k}, E={E}: the fused gate takes 1 <= k <= E <= {MAX_EXPERTS}")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    return _TopKGate.apply(logits, bias, k, mode, normalize, scale)
