@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_ext import backends  # noqa: E402
-from megatron_ext.ops.moe.routing import RouterConfig, route  # noqa: E402
+from megatron_ext.ops.moe.routing import RouterConfig, _group_limited_topk, route  # noqa: E402
 
 needs_triton = triton_mark("megatron_ext.ops.moe.triton_moe")
 
@@ -18,22 +18,55 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _fp64_gate(logits, k, mode, bias, normalize, scale):
-    """The gate in fp64 with torch.topk (ties have probability 0 for random logits)."""
+def _fp64_gate(logits, k, mode, bias, normalize, scale, groups=None):
+    """The gate in fp64 with torch.topk and route()'s group-limited selection (``groups`` =
+    (num_groups, group_topk)); ties have probability 0 for random logits."""
+    def select(scores):
+        if groups is None:
+            return scores.topk(k, -1).indices
+        return _group_limited_topk(scores, k, *groups)
+
     if mode == "softmax":
-        idx = logits.topk(k, -1).indices
+        idx = select(logits)
         p = torch.softmax(logits.gather(1, idx), -1)
     elif mode == "pre_softmax":
         s = torch.softmax(logits, -1)
-        idx = s.topk(k, -1).indices
+        idx = select(s)
         p = s.gather(1, idx)
     else:
         s = torch.sigmoid(logits)
-        idx = (s + (0 if bias is None else bias.double())).topk(k, -1).indices
+        idx = select(s + (0 if bias is None else bias.double()))
         p = s.gather(1, idx)
         if normalize:
             p = p / (p.sum(-1, keepdim=True) + 1e-20)
     return p * scale, idx
+
+
+def _fp64_given_ids(logits, idx, mode, normalize, scale):
+    """The gates of the given ids in fp64 (route()'s expressions after the selection)."""
+    if mode == "softmax":
+        p = torch.softmax(logits.gather(1, idx), -1)
+    elif mode == "pre_softmax":
+        p = torch.softmax(logits, -1).gather(1, idx)
+    else:
+        p = torch.sigmoid(logits).gather(1, idx)
+        if normalize:
+            p = p / (p.sum(-1, keepdim=True) + 1e-20)
+    return p * scale
+
+
+def _assert_gpu_selection(idx, idx_ref, sel64, probs, p_ref, tol):
+    """GPU runs select on fp32 scores (sigmoid, softmax) that round differently from fp64: at
+    8192 tokens a near-tie may flip. Where the ids differ, the chosen sets must score the same in
+    fp64 (sum of selection values within ``tol``), and at most 0.1 % of tokens may differ; the
+    gates are compared on the tokens that agree."""
+    same = (idx == idx_ref).all(1)
+    diff = (~same).nonzero().flatten()
+    assert diff.numel() <= idx.shape[0] // 1000, f"{diff.numel()} tokens choose other experts"
+    for t in diff.tolist():
+        got, want = sel64[t, idx[t]].sum().item(), sel64[t, idx_ref[t]].sum().item()
+        assert abs(got - want) <= tol, (t, idx[t].tolist(), idx_ref[t].tolist(), got, want)
+    assert (probs.double() - p_ref)[same].abs().max().item() <= 1e-6 * max(1.0, p_ref.abs().max().item())
 
 
 GATES = [("softmax", False, False), ("pre_softmax", False, False), ("sigmoid", False, False),
@@ -68,6 +101,33 @@ def test_topk_gate_matches_fp64_fwd_and_grad(mode, normalize, with_bias, T, E, k
 
 
 @needs_triton
+@pytest.mark.parametrize("mode,normalize,with_bias", GATES)
+@pytest.mark.parametrize("T,E,k,G,g", [(41, 16, 4, 4, 2), (23, 64, 8, 8, 4), (17, 24, 3, 3, 1),
+                                       (9, 160, 6, 8, 3), (13, 8, 8, 2, 2)])
+def test_topk_gate_group_limited_matches_fp64(mode, normalize, with_bias, T, E, k, G, g):
+    """Group-limited selection (DeepSeek-V3: 8 groups, top-4 groups, k=8; group sizes not a
+    power of two; k = every allowed expert) against route()'s torch selection in fp64."""
+    from megatron_ext.ops.moe.triton_router import topk_gate
+
+    gen = _gen(T + E + k + G)
+    logits = torch.randn(T, E, generator=gen, dtype=torch.float64)
+    bias = torch.randn(E, generator=gen) * 0.1 if with_bias else None
+    dp = torch.randn(T, k, generator=gen, dtype=torch.float64)
+    lf = logits.float().to(DEVICE).requires_grad_()
+    probs, idx = topk_gate(lf, k, mode, None if bias is None else bias.to(DEVICE), normalize, 1.5,
+                           num_groups=G, group_topk=g)
+    (probs.double() * dp.to(DEVICE)).sum().backward()
+    ref = logits.clone().requires_grad_()
+    p_ref, idx_ref = _fp64_gate(ref, k, mode, bias, normalize, 1.5, groups=(G, g))
+    (p_ref * dp).sum().backward()
+    assert torch.equal(idx.cpu(), idx_ref)
+    assert (probs.double().cpu() - p_ref).abs().max().item() <= 2e-6
+    assert (lf.grad.double().cpu() - ref.grad).abs().max().item() <= 4e-6
+    # every chosen expert lies in one of the g chosen groups
+    assert all(len(set((row // (E // G)).tolist())) <= g for row in idx.cpu())
+
+
+@needs_triton
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # the -inf row's softmax is NaN
 def test_topk_gate_ties_pick_distinct_lowest_ids():
     """Equal values (and rows of -inf): the lowest free ids, each once, in order."""
@@ -79,10 +139,17 @@ def test_topk_gate_ties_pick_distinct_lowest_ids():
     probs, idx = topk_gate(logits, 3, "softmax")
     assert idx.cpu().tolist() == [[1, 2, 3], [0, 1, 2], [0, 1, 2]]
     assert torch.allclose(probs[:2].cpu(), torch.full((2, 3), 1 / 3))
+    # NaN ranks first, as in torch.topk; ids stay distinct and in range
+    nan = torch.tensor([[0.1, 0.9, float("nan"), 0.3, 0.2]], device=DEVICE)
+    for mode in ("softmax", "sigmoid"):
+        _, idx = topk_gate(nan, 3, mode)
+        assert idx.cpu().tolist() == [[2, 1, 3]], mode
 
 
 ROUTERS = [
     dict(num_experts=16, topk=4),
+    dict(num_experts=32, topk=8, score_function="sigmoid", enable_expert_bias=True,
+         topk_scaling_factor=2.5, num_groups=8, group_topk=4),
     dict(num_experts=16, topk=4, pre_softmax=True, load_balancing_type="aux_loss",
          aux_loss_coeff=1e-2, z_loss_coeff=1e-3),
     dict(num_experts=12, topk=3, score_function="sigmoid", enable_expert_bias=True,
@@ -93,8 +160,8 @@ ROUTERS = [
 
 
 @needs_triton
-@pytest.mark.parametrize("kw", ROUTERS, ids=["softmax", "pre_softmax_losses", "sigmoid_bias",
-                                             "capacity"])
+@pytest.mark.parametrize("kw", ROUTERS, ids=["softmax", "deepseek_v3", "pre_softmax_losses",
+                                             "sigmoid_bias", "capacity"])
 def test_route_triton_equals_torch_lane(kw):
     """The whole router result through the fused gate equals the torch lane's: ids, kept pairs and
     counts exactly, gates, losses and the logits' gradient (gates + losses) to fp32 rounding."""
@@ -122,7 +189,7 @@ def test_route_triton_equals_torch_lane(kw):
 
 @pytest.mark.parametrize("kw,why", [
     (dict(num_experts=8, topk=2, load_balancing_type="sinkhorn"), "sinkhorn"),
-    (dict(num_experts=8, topk=2, num_groups=4, group_topk=2), "num_groups=4"),
+    (dict(num_experts=1040, topk=2), "num_experts=1040"),
 ])
 def test_route_lanes_outside_the_fused_gate_fall_back_with_the_reason(kw, why):
     """auto: selections the gate does not do run the torch expressions, recorded with the reason;
@@ -158,10 +225,68 @@ def test_gpu_topk_gate_at_benchmark_shape(mode, normalize, with_bias):
     dp = torch.randn(T, k, device="cuda", dtype=torch.float64)
     lf = logits.float().requires_grad_()
     probs, idx = topk_gate(lf, k, mode, bias, normalize, 1.0)
-    (probs.double() * dp).sum().backward()
-    ref = logits.float().double().requires_grad_()
+    ref = logits.float().double()
     p_ref, idx_ref = _fp64_gate(ref, k, mode, bias, normalize, 1.0)
-    (p_ref * dp).sum().backward()
-    assert torch.equal(idx, idx_ref)
-    assert (probs.double() - p_ref).abs().max().item() <= 1e-6
+    sel64 = {"softmax": ref, "pre_softmax": torch.softmax(ref, -1),
+             "sigmoid": torch.sigmoid(ref) + (0 if bias is None else bias.double())}[mode]
+    _assert_gpu_selection(idx, idx_ref, sel64, probs, p_ref, 1e-5)
+    # the logit gradient, against fp64 on the kernel's own selection
+    (probs.double() * dp).sum().backward()
+    ref = ref.requires_grad_()
+    _fp64_given_ids(ref, idx, mode, normalize, 1.0).mul(dp).sum().backward()
     assert (lf.grad.double() - ref.grad).abs().max().item() <= 2e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
+def test_gpu_topk_gate_deepseek_v3_router():
+    """DeepSeek-V3's router on the GPU (E=256 in 8 groups, top-4 groups, k=8, sigmoid + expert
+    bias + normalisation + scaling 2.5) against fp64 route() selection, at T=8192."""
+    from megatron_ext.ops.moe.triton_router import topk_gate
+
+    torch.manual_seed(1)
+    T, E, k = 8192, 256, 8
+    logits = torch.randn(T, E, device="cuda", dtype=torch.float64)
+    bias = torch.randn(E, device="cuda") * 0.1
+    dp = torch.randn(T, k, device="cuda", dtype=torch.float64)
+    lf = logits.float().requires_grad_()
+    probs, idx = topk_gate(lf, k, "sigmoid", bias, True, 2.5, num_groups=8, group_topk=4)
+    ref = logits.float().double()
+    p_ref, idx_ref = _fp64_gate(ref, k, "sigmoid", bias, True, 2.5, groups=(8, 4))
+    _assert_gpu_selection(idx, idx_ref, torch.sigmoid(ref) + bias.double(), probs, p_ref, 1e-5)
+    assert all(len(set((row // 32).tolist())) <= 4 for row in idx.cpu())   # 4 groups at most
+    (probs.double() * dp).sum().backward()
+    ref = ref.requires_grad_()
+    _fp64_given_ids(ref, idx, "sigmoid", True, 2.5).mul(dp).sum().backward()
+    assert (lf.grad.double() - ref.grad).abs().max().item() <= 1e-5
+
+
+@needs_triton
+def test_route_falls_back_once_where_the_gate_does_not_build(monkeypatch):
+    """A kernel build failure at the first launch (a Triton or GPU the gate was not tested on):
+    auto logs the fallback with the cause, routes through torch, and keeps this router on torch;
+    asked for by name it is an error naming the cause."""
+    from megatron_ext.ops.moe import routing, triton_router
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    real_probe = routing._gate_probe
+    monkeypatch.setattr(triton_router, "_topk_gate_fwd_kernel", Unbuildable())
+    monkeypatch.setattr(triton_router, "_BUILT", set())
+    monkeypatch.setattr(routing, "_GATE_FAILED", {})
+    monkeypatch.setattr(routing, "_gate_probe", lambda *a: (lambda: None))   # as on a GPU
+    cfg = RouterConfig(num_experts=8, topk=2).validate()
+    logits = torch.randn(16, 8, generator=_gen(4))
+    want = route(logits, cfg, training=True, backend="torch")
+    got = route(logits, cfg, training=True)
+    assert torch.equal(got.indices, want.indices) and torch.allclose(got.probs, want.probs)
+    rec = [r for r in backends.records() if r["op"] == "moe.route" and r["observed"] == "torch"
+           and r["requested"] == "triton"]
+    assert len(rec) == 1 and "PassManager::run failed" in rec[0]["reason"]
+    assert "did not build" in real_probe(logits, cfg, False, "auto")()
+    with pytest.raises(backends.BackendUnavailable, match="did not build"):
+        route(logits, cfg, training=True, backend="triton")

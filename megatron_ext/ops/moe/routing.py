@@ -48,7 +48,6 @@ import dataclasses
 import functools
 import importlib.util
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -335,6 +334,15 @@ def _aux_scores(logits: Tensor, cfg: RouterConfig) -> Tensor:
     return s / (s.sum(-1, keepdim=True) + 1e-20)
 
 
+# (device, router) pairs whose fused gate failed to build in this process: the torch lane from then on
+_GATE_FAILED: dict = {}
+
+
+def _gate_key(logits: Tensor, cfg: RouterConfig):
+    return (str(logits.device), cfg.score_function, cfg.pre_softmax, cfg.num_groups,
+            cfg.group_topk, cfg.topk, cfg.num_experts)
+
+
 @functools.lru_cache(maxsize=None)
 def _have_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -348,22 +356,49 @@ def _gate_probe(logits: Tensor, cfg: RouterConfig, replaying: bool, requested: s
             return "replay_indices given: the recorded ids replace the selection"
         if cfg.load_balancing_type == "sinkhorn":
             return "load_balancing_type='sinkhorn': selection by the balanced matrix"
-        if cfg.num_groups is not None:
-            return f"num_groups={cfg.num_groups}: group-limited selection"
         from megatron_ext.ops.moe.triton_router import MAX_EXPERTS
 
         if cfg.num_experts > MAX_EXPERTS:
             return f"num_experts={cfg.num_experts}: the fused gate takes up to {MAX_EXPERTS}"
         if not _have_triton():
             return "triton is not installed"
+        failed = _GATE_FAILED.get(_gate_key(logits, cfg))
+        if failed is not None:
+            return f"the fused gate did not build here for this router: {failed}"
         if logits.device.type == "cuda":
             return None
-        interpret = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-        if requested == "triton" and interpret:
+        from megatron_ext.ops.moe import _interpret_env   # (the package imports this module)
+
+        if requested == "triton" and _interpret_env():
             return None
         return (f"devices=['{logits.device.type}']: the fused gate runs on CUDA (on CPU only "
                 f"when backend='triton' is asked for under TRITON_INTERPRET=1)")
     return probe
+
+
+def _fused_selection(logits: Tensor, cfg: RouterConfig, expert_bias: Optional[Tensor],
+                     backend: str) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(probs, indices)`` from the fused top-k gate (scaling applied), or None where its kernel
+    did not build on this device: with ``backend="auto"`` that is logged once, recorded, and this
+    router takes the torch lane from then on; asked for by name it is an error."""
+    from megatron_ext.ops.moe.triton_router import GateUnavailable, topk_gate
+
+    k = cfg.topk
+    mode = "sigmoid" if cfg.score_function == "sigmoid" else (
+        "pre_softmax" if cfg.pre_softmax else "softmax")
+    scale = cfg.topk_scaling_factor
+    try:
+        return topk_gate(logits, k, mode, expert_bias, mode == "sigmoid" and cfg.normalize_topk
+                         and k > 1, 1.0 if scale is None else scale, cfg.num_groups,
+                         cfg.group_topk)
+    except GateUnavailable as exc:
+        if backend == "triton":
+            raise backends.BackendUnavailable(
+                f"backend='triton' for moe.route: the fused gate did not build here ({exc}); "
+                f"use backend='auto' or 'torch'") from exc
+        _GATE_FAILED[_gate_key(logits, cfg)] = str(exc)
+        backends.fallback("moe.route", "triton", "torch", f"the fused gate did not build here: {exc}")
+        return None
 
 
 def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
@@ -386,7 +421,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     the caller attaches them to the loss only in training (Megatron does the same check).
     ``backend``: the selection and gates through the fused top-k gate (``"triton"``, see
     :mod:`.triton_router`), the torch expressions below (``"torch"``, the spec), or the first that
-    can run (``"auto"``: the fused gate on CUDA for top-k without groups, Sinkhorn or replay).
+    can run (``"auto"``: the fused gate on CUDA, except for Sinkhorn and replay).
     """
     if logits.dim() != 2 or logits.shape[1] != cfg.num_experts:
         raise ValueError(f"logits.shape={tuple(logits.shape)}: the router takes one row per "
@@ -421,16 +456,10 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     lane = backends.resolve("moe.route", backend,
                             [("triton", _gate_probe(logits, cfg, replay_indices is not None,
                                                     backend)), ("torch", lambda: None)])
-    scale = cfg.topk_scaling_factor
-    if lane == "triton":
-        from megatron_ext.ops.moe.triton_router import topk_gate
-
-        mode = "sigmoid" if cfg.score_function == "sigmoid" else (
-            "pre_softmax" if cfg.pre_softmax else "softmax")
-        normalize = mode == "sigmoid" and cfg.normalize_topk and k > 1
-        probs, indices = topk_gate(logits, k, mode, expert_bias, normalize,
-                                   1.0 if scale is None else scale)
-        scale = None   # applied in the kernel
+    fused = _fused_selection(logits, cfg, expert_bias, backend) if lane == "triton" else None
+    scale = None if fused is not None else cfg.topk_scaling_factor   # the kernel applies it
+    if fused is not None:
+        probs, indices = fused
     elif cfg.load_balancing_type == "sinkhorn":
         # Megatron: sigmoid for k=1 (a softmax gate over E would be tiny), softmax for k>1
         scores = torch.sigmoid(logits) if k == 1 else torch.softmax(logits, dim=-1)

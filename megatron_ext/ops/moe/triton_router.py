@@ -11,10 +11,14 @@ Per token (a row of ``E`` logits ``l``), ``mode``:
   bias, selection only), gates = the selected ``s``, divided by their sum + 1e-20 when
   ``normalize``.
 
+Any mode may select group-limited (DeepSeek-V2/V3): the experts of the ``group_topk`` groups whose
+top ``max(1, k // group_topk)`` selection values sum highest.
+
 Gates are then multiplied by ``scale`` (the top-k scaling factor). Selection is ``k`` rounds of a
-row max; among equal values the lowest expert id wins (``torch.topk`` leaves ties unspecified), ids
-come out in descending order of the selection value, as ``torch.topk``'s do. The torch expressions
-in ``route()`` are the spec; the tests hold both lanes to them.
+row max: among equal values the lowest expert id wins (``torch.topk`` leaves ties unspecified),
+ids come out in descending order of the selection value and NaN ranks first, as in
+``torch.topk``. The torch expressions in ``route()`` are the spec; the tests hold both lanes to
+them.
 
 The backward writes the whole ``[T, E]`` logit gradient (zeros off the selection, except for
 ``pre_softmax`` whose softmax couples every expert): one kernel where autograd would run the
@@ -31,6 +35,15 @@ import triton.language as tl
 from torch import Tensor
 
 MODES = {"softmax": 0, "pre_softmax": 1, "sigmoid": 2}
+
+
+class GateUnavailable(RuntimeError):
+    """The fused gate's kernel did not build for this configuration on this device (raised by
+    the first launch of a specialization only; ``route()`` then falls back to torch, logged)."""
+
+
+# kernel specialisations that have launched in this process (a later failure is not a build's)
+_BUILT: set = set()
 # the [BLOCK_T, E_PAD] row tile stays at 4K fp32 values per program
 MAX_EXPERTS = 1024
 
@@ -41,10 +54,48 @@ def _blocks(num_experts: int) -> Tuple[int, int]:
 
 
 @triton.jit
+def _take_max(vals, free, idx, PAD: tl.constexpr):
+    """Per row: the largest of ``vals`` where ``free``, and the lowest ``idx`` holding it (``PAD``
+    past the last index); a row of ``-inf`` still yields a free index."""
+    cand = tl.where(free, vals, float("-inf"))
+    best = tl.max(cand, 1)
+    pick = tl.min(tl.where(free & (cand == best[:, None]), idx[None, :], PAD), 1)
+    return best, pick
+
+
+@triton.jit
+def _group_allowed(sel, free, ex, E, G: tl.constexpr, G_PAD: tl.constexpr,
+                   PER_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
+                   E_PAD: tl.constexpr):
+    """Group-limited routing: experts split into ``G`` equal groups of consecutive ids; a group
+    scores the sum of its ``PER_GROUP`` largest ``sel``; the experts of the ``GROUP_TOPK`` best
+    groups (lowest group first among equals) stay allowed."""
+    grp = ex // (E // G)                                  # padding columns: grp >= G, no group
+    gi = tl.arange(0, G_PAD)
+    gscore = tl.full([BLOCK_T, G_PAD], float("-inf"), tl.float32)
+    for g in tl.static_range(G):
+        left = free & (grp == g)[None, :]
+        total = tl.zeros([BLOCK_T], tl.float32)
+        for _ in tl.static_range(PER_GROUP):
+            best, pick = _take_max(sel, left, ex, E_PAD)
+            total += best
+            left = left & (ex[None, :] != pick[:, None])
+        gscore = tl.where(gi[None, :] == g, total[:, None], gscore)
+    gfree = (gi < G)[None, :] & (tl.sum(free.to(tl.int32), 1) >= 0)[:, None]   # [BLOCK_T, G_PAD]
+    allowed = free & (ex < 0)[None, :]
+    for _ in tl.static_range(GROUP_TOPK):
+        _, gpick = _take_max(gscore, gfree, gi, G_PAD)
+        gfree = gfree & (gi[None, :] != gpick[:, None])
+        allowed = allowed | (grp[None, :] == gpick[:, None])
+    return free & allowed
+
+
+@triton.jit
 def _topk_gate_fwd_kernel(L, BIAS, IDX, PROBS, T, E, stride_l, scale,
                           K: tl.constexpr, K_PAD: tl.constexpr, MODE: tl.constexpr,
                           HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
-                          BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+                          G: tl.constexpr, G_PAD: tl.constexpr, PER_GROUP: tl.constexpr,
+                          GROUP_TOPK: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rm = rows < T
     ex = tl.arange(0, E_PAD)
@@ -64,15 +115,19 @@ def _topk_gate_fwd_kernel(L, BIAS, IDX, PROBS, T, E, stride_l, scale,
     else:
         src = l
         sel = l
+    # NaN ranks above every number, as in torch.topk (ids stay distinct and in range; the gates
+    # come out NaN, as the torch lane's do)
+    sel = tl.where(sel != sel, float("inf"), sel)
     kk = tl.arange(0, K_PAD)
     ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
     vals = tl.zeros([BLOCK_T, K_PAD], tl.float32)
-    free = em[None, :] & (rows[:, None] >= 0)          # [BLOCK_T, E_PAD]: not yet selected
+    # [BLOCK_T, E_PAD]: experts not selected yet (the row term only broadcasts to 2-D)
+    free = em[None, :] & (rows[:, None] >= 0)
+    if G > 0:
+        free = _group_allowed(sel, free, ex, E, G, G_PAD, PER_GROUP, GROUP_TOPK, BLOCK_T,
+                              E_PAD)
     for j in tl.static_range(K):
-        cand = tl.where(free, sel, float("-inf"))
-        best = tl.max(cand, 1)
-        # lowest free id holding the max (a row of -inf still yields a free id: k <= E)
-        pick = tl.min(tl.where(free & (cand == best[:, None]), ex[None, :], E_PAD), 1)
+        _, pick = _take_max(sel, free, ex, E_PAD)    # k <= the allowed experts: always free ids
         hit = ex[None, :] == pick[:, None]
         v = tl.sum(tl.where(hit, src, 0.0), 1)
         ids = tl.where(kk[None, :] == j, pick[:, None], ids)
@@ -148,16 +203,27 @@ def _topk_gate_bwd_kernel(L, IDX, DP, DL, T, E, stride_l, scale,
 class _TopKGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, bias: Optional[Tensor], k: int, mode: str, normalize: bool,
-                scale: float):
+                scale: float, groups: Tuple[int, int, int]):
         T, E = logits.shape
         block_t, e_pad = _blocks(E)
         idx = torch.empty(T, k, dtype=torch.int64, device=logits.device)
         probs = torch.empty(T, k, dtype=torch.float32, device=logits.device)
         if T:
-            _topk_gate_fwd_kernel[(triton.cdiv(T, block_t),)](
-                logits, bias if bias is not None else logits, idx, probs, T, E, logits.stride(0),
-                float(scale), K=k, K_PAD=triton.next_power_of_2(k), MODE=MODES[mode],
-                HAS_BIAS=bias is not None, NORMALIZE=normalize, BLOCK_T=block_t, E_PAD=e_pad)
+            meta = dict(K=k, K_PAD=triton.next_power_of_2(k), MODE=MODES[mode],
+                        HAS_BIAS=bias is not None, NORMALIZE=normalize, G=groups[0],
+                        G_PAD=triton.next_power_of_2(max(groups[0], 1)), PER_GROUP=groups[1],
+                        GROUP_TOPK=groups[2], BLOCK_T=block_t, E_PAD=e_pad)
+            key = (str(logits.device), tuple(sorted(meta.items())))
+            try:
+                _topk_gate_fwd_kernel[(triton.cdiv(T, block_t),)](
+                    logits, bias if bias is not None else logits, idx, probs, T, E,
+                    logits.stride(0), float(scale), **meta)
+            except Exception as exc:   # a build failure surfaces at the first launch only
+                if key in _BUILT:
+                    raise
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise GateUnavailable(f"{type(exc).__name__}: {first}") from exc
+            _BUILT.add(key)
         ctx.save_for_backward(logits, idx)
         ctx.cfg = (k, mode, normalize, scale)
         ctx.mark_non_differentiable(idx)
@@ -175,13 +241,17 @@ class _TopKGate(torch.autograd.Function):
                 logits, idx, dprobs.float().contiguous(), dl, T, E, logits.stride(0),
                 float(scale), K=k, K_PAD=triton.next_power_of_2(k), MODE=MODES[mode],
                 NORMALIZE=normalize, BLOCK_T=block_t, E_PAD=e_pad)
-        return dl, None, None, None, None, None
+        return dl, None, None, None, None, None, None
 
 
 def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
-              normalize: bool = False, scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+              normalize: bool = False, scale: float = 1.0, num_groups: Optional[int] = None,
+              group_topk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """``(probs [T, k] fp32, indices [T, k] int64)`` for fp32 ``logits [T, E]`` (see the module
-    docstring; ``bias`` [E] fp32 is used for ``mode="sigmoid"`` selection only, no gradient)."""
+    docstring; ``bias`` [E] fp32 is used for ``mode="sigmoid"`` selection only, no gradient).
+    ``num_groups`` / ``group_topk``: group-limited selection as ``routing.route`` does it (the
+    sum of each group's top ``max(1, k // group_topk)`` selection values ranks the groups, the k
+    experts come from the ``group_topk`` best)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: unknown gate; use one of {sorted(MODES)}")
     if logits.dim() != 2 or logits.dtype != torch.float32:
@@ -189,8 +259,16 @@ def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
     T, E = logits.shape
     if not 1 <= k <= E or E > MAX_EXPERTS:
         raise ValueError(f"k={k}, E={E}: the fused gate takes 1 <= k <= E <= {MAX_EXPERTS}")
+    groups = (0, 0, 0)
+    if num_groups is not None:
+        G, g = num_groups, group_topk
+        if g is None or G < 1 or E % G or not 1 <= g <= G or k > g * (E // G):
+            raise ValueError(f"num_groups={G}, group_topk={g}: use a divisor of E={E} and "
+                             f"1 <= group_topk <= num_groups with k={k} <= group_topk * E / "
+                             f"num_groups")
+        groups = (G, min(max(1, k // g), E // G), g)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if bias is not None:
         bias = bias.detach().float().contiguous()
-    return _TopKGate.apply(logits, bias, k, mode, normalize, scale)
+    return _TopKGate.apply(logits, bias, k, mode, normalize, scale, groups)
