@@ -187,6 +187,33 @@ def test_route_triton_equals_torch_lane(kw):
     assert recs == {"triton", "torch"}
 
 
+@needs_triton
+@pytest.mark.parametrize("kw", ROUTERS, ids=["softmax", "deepseek_v3", "pre_softmax_losses",
+                                             "sigmoid_bias", "capacity"])
+def test_route_replay_through_the_fused_gate_equals_the_torch_lane(kw):
+    """Routing replay: the recorded ids (here a random other routing) pass through unchanged and
+    the fused gate's gates, losses and logit gradients for them equal the torch lane's."""
+    cfg = RouterConfig(**kw).validate()
+    g = _gen(7 + len(kw))
+    T, E, k = 21, cfg.num_experts, cfg.topk
+    logits = torch.randn(T, E, generator=g).to(DEVICE)
+    replay = torch.rand(T, E, generator=g).topk(k, dim=-1).indices   # not what the logits pick
+    bias = (torch.randn(E, generator=g) * 0.1).to(DEVICE) if cfg.enable_expert_bias else None
+    w = torch.randn(T, k, generator=g).to(DEVICE)
+    out = {}
+    for lane in ("triton", "torch"):
+        lg = logits.clone().requires_grad_()
+        r = route(lg, cfg, training=True, expert_bias=bias, replay_indices=replay, backend=lane)
+        ((r.probs * w).sum() + r.aux_loss + r.z_loss).backward()
+        out[lane] = (r, lg.grad)
+    (a, ga), (b, gb) = out["triton"], out["torch"]
+    assert torch.equal(a.indices.cpu(), replay) and torch.equal(b.indices.cpu(), replay)
+    assert torch.equal(a.kept, b.kept) and torch.equal(a.tokens_per_expert, b.tokens_per_expert)
+    assert torch.allclose(a.probs, b.probs, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(a.aux_loss, b.aux_loss, rtol=1e-6)
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kw,why", [
     (dict(num_experts=8, topk=2, load_balancing_type="sinkhorn"), "sinkhorn"),
     (dict(num_experts=1040, topk=2), "num_experts=1040"),
@@ -287,6 +314,31 @@ def test_route_falls_back_once_where_the_gate_does_not_build(monkeypatch):
     rec = [r for r in backends.records() if r["op"] == "moe.route" and r["observed"] == "torch"
            and r["requested"] == "triton"]
     assert len(rec) == 1 and "PassManager::run failed" in rec[0]["reason"]
-    assert "did not build" in real_probe(logits, cfg, False, "auto")()
+    assert "did not build" in real_probe(logits, cfg, "auto")()
     with pytest.raises(backends.BackendUnavailable, match="did not build"):
         route(logits, cfg, training=True, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode,normalize,with_bias", GATES)
+def test_gpu_topk_gate_replayed_ids(mode, normalize, with_bias):
+    """Given ids (routing replay) on the GPU: they come back unchanged, and gates and the logit
+    gradient match fp64 for them."""
+    from megatron_ext.ops.moe.triton_router import topk_gate
+
+    torch.manual_seed(2)
+    T, E, k = 8192, 64, 6
+    logits = torch.randn(T, E, device="cuda", dtype=torch.float64)
+    bias = torch.randn(E, device="cuda") * 0.1 if with_bias else None
+    given = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices
+    dp = torch.randn(T, k, device="cuda", dtype=torch.float64)
+    lf = logits.float().requires_grad_()
+    probs, idx = topk_gate(lf, k, mode, bias, normalize, 1.0, indices=given)
+    (probs.double() * dp).sum().backward()
+    ref = logits.float().double().requires_grad_()
+    p_ref = _fp64_given_ids(ref, given, mode, normalize, 1.0)
+    (p_ref * dp).sum().backward()
+    assert torch.equal(idx, given)
+    assert (probs.double() - p_ref).abs().max().item() <= 1e-6
+    assert (lf.grad.double() - ref.grad).abs().max().item() <= 2e-6

@@ -348,12 +348,10 @@ def _have_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _gate_probe(logits: Tensor, cfg: RouterConfig, replaying: bool, requested: str):
+def _gate_probe(logits: Tensor, cfg: RouterConfig, requested: str):
     """Whether the fused top-k gate (:mod:`.triton_router`) can do this selection: None, or why
     not (the torch expressions below then run; the backend record says why)."""
     def probe() -> Optional[str]:
-        if replaying:
-            return "replay_indices given: the recorded ids replace the selection"
         if cfg.load_balancing_type == "sinkhorn":
             return "load_balancing_type='sinkhorn': selection by the balanced matrix"
         from megatron_ext.ops.moe.triton_router import MAX_EXPERTS
@@ -377,10 +375,11 @@ def _gate_probe(logits: Tensor, cfg: RouterConfig, replaying: bool, requested: s
 
 
 def _fused_selection(logits: Tensor, cfg: RouterConfig, expert_bias: Optional[Tensor],
-                     backend: str) -> Optional[Tuple[Tensor, Tensor]]:
-    """``(probs, indices)`` from the fused top-k gate (scaling applied), or None where its kernel
-    did not build on this device: with ``backend="auto"`` that is logged once, recorded, and this
-    router takes the torch lane from then on; asked for by name it is an error."""
+                     backend: str, replay: Optional[Tensor]) -> Optional[Tuple[Tensor, Tensor]]:
+    """``(probs, indices)`` from the fused top-k gate (scaling applied; ``replay``: the gates of
+    those ids), or None where its kernel did not build on this device: with ``backend="auto"``
+    that is logged once, recorded, and this router takes the torch lane from then on; asked for
+    by name it is an error."""
     from megatron_ext.ops.moe.triton_router import GateUnavailable, topk_gate
 
     k = cfg.topk
@@ -390,7 +389,7 @@ def _fused_selection(logits: Tensor, cfg: RouterConfig, expert_bias: Optional[Te
     try:
         return topk_gate(logits, k, mode, expert_bias, mode == "sigmoid" and cfg.normalize_topk
                          and k > 1, 1.0 if scale is None else scale, cfg.num_groups,
-                         cfg.group_topk)
+                         cfg.group_topk, replay)
     except GateUnavailable as exc:
         if backend == "triton":
             raise backends.BackendUnavailable(
@@ -421,7 +420,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     the caller attaches them to the loss only in training (Megatron does the same check).
     ``backend``: the selection and gates through the fused top-k gate (``"triton"``, see
     :mod:`.triton_router`), the torch expressions below (``"torch"``, the spec), or the first that
-    can run (``"auto"``: the fused gate on CUDA, except for Sinkhorn and replay).
+    can run (``"auto"``: the fused gate on CUDA, except for Sinkhorn).
     """
     if logits.dim() != 2 or logits.shape[1] != cfg.num_experts:
         raise ValueError(f"logits.shape={tuple(logits.shape)}: the router takes one row per "
@@ -454,9 +453,10 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
 
     # --- selection and gate values
     lane = backends.resolve("moe.route", backend,
-                            [("triton", _gate_probe(logits, cfg, replay_indices is not None,
-                                                    backend)), ("torch", lambda: None)])
-    fused = _fused_selection(logits, cfg, expert_bias, backend) if lane == "triton" else None
+                            [("triton", _gate_probe(logits, cfg, backend)),
+                             ("torch", lambda: None)])
+    fused = _fused_selection(logits, cfg, expert_bias, backend, replay_indices) \
+        if lane == "triton" else None
     scale = None if fused is not None else cfg.topk_scaling_factor   # the kernel applies it
     if fused is not None:
         probs, indices = fused

@@ -12,7 +12,8 @@ Per token (a row of ``E`` logits ``l``), ``mode``:
   ``normalize``.
 
 Any mode may select group-limited (DeepSeek-V2/V3): the experts of the ``group_topk`` groups whose
-top ``max(1, k // group_topk)`` selection values sum highest.
+top ``max(1, k // group_topk)`` selection values sum highest. Routing replay passes the ids
+instead: no selection, the same gates for them.
 
 Gates are then multiplied by ``scale`` (the top-k scaling factor). Selection is ``k`` rounds of a
 row max: among equal values the lowest expert id wins (``torch.topk`` leaves ties unspecified),
@@ -91,11 +92,13 @@ def _group_allowed(sel, free, ex, E, G: tl.constexpr, G_PAD: tl.constexpr,
 
 
 @triton.jit
-def _topk_gate_fwd_kernel(L, BIAS, IDX, PROBS, T, E, stride_l, scale,
+def _topk_gate_fwd_kernel(L, BIAS, GIVEN_IDX, IDX, PROBS, T, E, stride_l, scale,
                           K: tl.constexpr, K_PAD: tl.constexpr, MODE: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GIVEN: tl.constexpr,
                           G: tl.constexpr, G_PAD: tl.constexpr, PER_GROUP: tl.constexpr,
                           GROUP_TOPK: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+    """``GIVEN``: the ids come from ``GIVEN_IDX [T, K]`` (routing replay) instead of the
+    selection; the gates are computed for them as for selected ones."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rm = rows < T
     ex = tl.arange(0, E_PAD)
@@ -119,21 +122,28 @@ def _topk_gate_fwd_kernel(L, BIAS, IDX, PROBS, T, E, stride_l, scale,
     # come out NaN, as the torch lane's do)
     sel = tl.where(sel != sel, float("inf"), sel)
     kk = tl.arange(0, K_PAD)
+    km = kk[None, :] < K
+    out = rows.to(tl.int64)[:, None] * K + kk[None, :]
+    m2 = rm[:, None] & km
     ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
     vals = tl.zeros([BLOCK_T, K_PAD], tl.float32)
     # [BLOCK_T, E_PAD]: experts not selected yet (the row term only broadcasts to 2-D)
     free = em[None, :] & (rows[:, None] >= 0)
-    if G > 0:
+    if GIVEN:
+        given = tl.load(GIVEN_IDX + out, mask=m2, other=0).to(tl.int32)
+    elif G > 0:
         free = _group_allowed(sel, free, ex, E, G, G_PAD, PER_GROUP, GROUP_TOPK, BLOCK_T,
                               E_PAD)
     for j in tl.static_range(K):
-        _, pick = _take_max(sel, free, ex, E_PAD)    # k <= the allowed experts: always free ids
+        if GIVEN:
+            pick = tl.sum(tl.where(kk[None, :] == j, given, 0), 1)
+        else:
+            _, pick = _take_max(sel, free, ex, E_PAD)   # k <= the allowed experts: free ids
         hit = ex[None, :] == pick[:, None]
         v = tl.sum(tl.where(hit, src, 0.0), 1)
         ids = tl.where(kk[None, :] == j, pick[:, None], ids)
         vals = tl.where(kk[None, :] == j, v[:, None], vals)
         free = free & (~hit)
-    km = kk[None, :] < K
     if MODE == 0:
         v = tl.where(km, vals, float("-inf"))
         e = tl.exp(v - tl.max(v, 1)[:, None])
@@ -142,8 +152,6 @@ def _topk_gate_fwd_kernel(L, BIAS, IDX, PROBS, T, E, stride_l, scale,
         gates = vals
         if NORMALIZE:
             gates = gates / (tl.sum(tl.where(km, gates, 0.0), 1)[:, None] + 1e-20)
-    out = rows.to(tl.int64)[:, None] * K + kk[None, :]
-    m2 = rm[:, None] & km
     tl.store(IDX + out, ids.to(tl.int64), mask=m2)
     tl.store(PROBS + out, gates * scale, mask=m2)
 
@@ -203,21 +211,23 @@ def _topk_gate_bwd_kernel(L, IDX, DP, DL, T, E, stride_l, scale,
 class _TopKGate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, bias: Optional[Tensor], k: int, mode: str, normalize: bool,
-                scale: float, groups: Tuple[int, int, int]):
+                scale: float, groups: Tuple[int, int, int], given: Optional[Tensor]):
         T, E = logits.shape
         block_t, e_pad = _blocks(E)
         idx = torch.empty(T, k, dtype=torch.int64, device=logits.device)
         probs = torch.empty(T, k, dtype=torch.float32, device=logits.device)
         if T:
             meta = dict(K=k, K_PAD=triton.next_power_of_2(k), MODE=MODES[mode],
-                        HAS_BIAS=bias is not None, NORMALIZE=normalize, G=groups[0],
+                        HAS_BIAS=bias is not None, NORMALIZE=normalize, GIVEN=given is not None,
+                        G=groups[0],
                         G_PAD=triton.next_power_of_2(max(groups[0], 1)), PER_GROUP=groups[1],
                         GROUP_TOPK=groups[2], BLOCK_T=block_t, E_PAD=e_pad)
             key = (str(logits.device), tuple(sorted(meta.items())))
             try:
                 _topk_gate_fwd_kernel[(triton.cdiv(T, block_t),)](
-                    logits, bias if bias is not None else logits, idx, probs, T, E,
-                    logits.stride(0), float(scale), **meta)
+                    logits, bias if bias is not None else logits,
+                    given if given is not None else idx, idx, probs, T, E, logits.stride(0),
+                    float(scale), **meta)
             except Exception as exc:   # a build failure surfaces at the first launch only
                 if key in _BUILT:
                     raise
@@ -241,17 +251,19 @@ class _TopKGate(torch.autograd.Function):
                 logits, idx, dprobs.float().contiguous(), dl, T, E, logits.stride(0),
                 float(scale), K=k, K_PAD=triton.next_power_of_2(k), MODE=MODES[mode],
                 NORMALIZE=normalize, BLOCK_T=block_t, E_PAD=e_pad)
-        return dl, None, None, None, None, None, None
+        return dl, None, None, None, None, None, None, None
 
 
 def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
               normalize: bool = False, scale: float = 1.0, num_groups: Optional[int] = None,
-              group_topk: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+              group_topk: Optional[int] = None,
+              indices: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(probs [T, k] fp32, indices [T, k] int64)`` for fp32 ``logits [T, E]`` (see the module
     docstring; ``bias`` [E] fp32 is used for ``mode="sigmoid"`` selection only, no gradient).
     ``num_groups`` / ``group_topk``: group-limited selection as ``routing.route`` does it (the
     sum of each group's top ``max(1, k // group_topk)`` selection values ranks the groups, the k
-    experts come from the ``group_topk`` best)."""
+    experts come from the ``group_topk`` best). ``indices [T, k]`` (routing replay): no
+    selection, the gates of these ids (which the caller has checked to lie in ``[0, E)``)."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: unknown gate; use one of {sorted(MODES)}")
     if logits.dim() != 2 or logits.dtype != torch.float32:
@@ -271,4 +283,9 @@ def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
         logits = logits.contiguous()
     if bias is not None:
         bias = bias.detach().float().contiguous()
-    return _TopKGate.apply(logits, bias, k, mode, normalize, scale, groups)
+    if indices is not None:
+        if tuple(indices.shape) != (T, k):
+            raise ValueError(f"indices.shape={tuple(indices.shape)}: one row of k ids per token; "
+                             f"use [{T}, {k}]")
+        indices = indices.to(device=logits.device, dtype=torch.int64).contiguous()
+    return _TopKGate.apply(logits, bias, k, mode, normalize, scale, groups, indices)
