@@ -5,4 +5,5 @@ To add one: a module here with ``@register def name(small: bool = False, device:
 """
 
 from bench.benchmarks import (  # noqa: F401
-    calibration, dense_layer, gqla, mhc, mhc_layer, moe, sparse_attention, sparse_decode, sparse_topk)
+    calibration, dense_layer, gqla, mhc, mhc_layer, moe, moe_router, sparse_attention, sparse_decode,
+    sparse_topk)
