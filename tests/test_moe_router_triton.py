@@ -128,6 +128,22 @@ def test_topk_gate_group_limited_matches_fp64(mode, normalize, with_bias, T, E, 
 
 
 @needs_triton
+def test_topk_gate_bad_arguments_name_the_field():
+    from megatron_ext.ops.moe.triton_router import topk_gate
+
+    logits = torch.randn(4, 16, device=DEVICE)
+    for kwargs, match in [(dict(k=2, mode="softmax", bias=torch.zeros(16, device=DEVICE)),
+                           "bias given with mode='softmax'"),
+                          (dict(k=2, mode="tanh"), "mode='tanh'"),
+                          (dict(k=17, mode="softmax"), "k=17, E=16"),
+                          (dict(k=2, mode="softmax", num_groups=3, group_topk=1), "num_groups=3"),
+                          (dict(k=2, mode="softmax", indices=torch.zeros(4, 3, dtype=torch.long)),
+                           "indices.shape=")]:
+        with pytest.raises(ValueError, match=match):
+            topk_gate(logits, **kwargs)
+
+
+@needs_triton
 @pytest.mark.filterwarnings("ignore:invalid value encountered")   # the -inf row's softmax is NaN
 def test_topk_gate_ties_pick_distinct_lowest_ids():
     """Equal values (and rows of -inf): the lowest free ids, each once, in order."""

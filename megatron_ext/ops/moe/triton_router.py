@@ -279,6 +279,9 @@ def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
                              f"1 <= group_topk <= num_groups with k={k} <= group_topk * E / "
                              f"num_groups")
         groups = (G, min(max(1, k // g), E // G), g)
+    if bias is not None and mode != "sigmoid":
+        raise ValueError(f"bias given with mode={mode!r}: the expert bias steers the sigmoid "
+                         f"gate's selection only; use mode='sigmoid' or bias=None")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if bias is not None:
