@@ -65,6 +65,22 @@ def _take_max(vals, free, idx, PAD: tl.constexpr):
 
 
 @triton.jit
+def _col(x, kk, j):
+    """Column ``j`` of a ``[BLOCK_T, K_PAD]`` tile (``kk`` = its column indices)."""
+    return tl.sum(tl.where(kk[None, :] == j, x, 0), 1)
+
+
+@triton.jit
+def _to_experts(vals, ids, kk, ex, K: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
+    """``[BLOCK_T, E_PAD]`` fp32: each row's ``vals[:, j]`` at expert column ``ids[:, j]``,
+    zeros elsewhere (the adjoint of gathering the k chosen experts)."""
+    out = tl.zeros([BLOCK_T, E_PAD], tl.float32)
+    for j in tl.static_range(K):
+        out = tl.where(ex[None, :] == _col(ids, kk, j)[:, None], _col(vals, kk, j)[:, None], out)
+    return out
+
+
+@triton.jit
 def _group_allowed(sel, free, ex, E, G: tl.constexpr, G_PAD: tl.constexpr,
                    PER_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
                    E_PAD: tl.constexpr):
@@ -136,7 +152,7 @@ def _topk_gate_fwd_kernel(L, BIAS, GIVEN_IDX, IDX, PROBS, T, E, stride_l, scale,
                               E_PAD)
     for j in tl.static_range(K):
         if GIVEN:
-            pick = tl.sum(tl.where(kk[None, :] == j, given, 0), 1)
+            pick = _col(given, kk, j)
         else:
             _, pick = _take_max(sel, free, ex, E_PAD)   # k <= the allowed experts: free ids
         hit = ex[None, :] == pick[:, None]
@@ -181,11 +197,7 @@ def _topk_gate_bwd_kernel(L, IDX, DP, DL, T, E, stride_l, scale,
         s = p / z[:, None]
         s_sel = tl.where(km, tl.exp(l_sel - mx[:, None]) / z[:, None], 0.0)
         # ds = g scattered to the selected ids; dl = s * (ds - <s, ds>)
-        ds = tl.zeros([BLOCK_T, E_PAD], tl.float32)
-        for j in tl.static_range(K):
-            gj = tl.sum(tl.where(kk[None, :] == j, g, 0.0), 1)
-            ij = tl.sum(tl.where(kk[None, :] == j, ids, 0), 1)
-            ds = tl.where(ex[None, :] == ij[:, None], gj[:, None], ds)
+        ds = _to_experts(g, ids, kk, ex, K, BLOCK_T, E_PAD)
         dl = s * (ds - tl.sum(s_sel * g, 1)[:, None])
     else:
         if MODE == 0:
@@ -200,11 +212,7 @@ def _topk_gate_bwd_kernel(L, IDX, DP, DL, T, E, stride_l, scale,
                 den = tl.sum(s, 1)[:, None] + 1e-20
                 ds = g / den - tl.sum(g * s, 1)[:, None] / (den * den)
             d_sel = tl.where(km, ds * s * (1.0 - s), 0.0)
-        dl = tl.zeros([BLOCK_T, E_PAD], tl.float32)
-        for j in tl.static_range(K):
-            dj = tl.sum(tl.where(kk[None, :] == j, d_sel, 0.0), 1)
-            ij = tl.sum(tl.where(kk[None, :] == j, ids, 0), 1)
-            dl = tl.where(ex[None, :] == ij[:, None], dj[:, None], dl)
+        dl = _to_experts(d_sel, ids, kk, ex, K, BLOCK_T, E_PAD)
     tl.store(DL + r64[:, None] * E + ex[None, :], dl, mask=rm[:, None] & em[None, :])
 
 
