@@ -137,6 +137,8 @@ def knobs_for(config: Any, path: Optional[str] = None) -> Dict[str, Any]:
 def _validate_file_knobs(config: Any, knobs: Dict[str, Any]) -> None:
     """The checks ``megatron-ext train`` runs on its own flags, for the sections the file supplied
     (at spec-build time, before any layer is built, so a bad knob is one line, not a traceback)."""
+    if knobs.get("moe") is not None:
+        knobs["moe"].validate(prefix="moe.")
     heads = getattr(config, "num_attention_heads", None)
     if heads is None:
         return

@@ -293,7 +293,7 @@ class TrainConfig:
     moe_router_num_groups: Optional[int] = None
     moe_router_group_topk: Optional[int] = None
     moe_shared_expert_intermediate_size: Optional[int] = None
-    moe_backend: str = "auto"  # auto | triton | grouped_mm | torch
+    moe_backend: str = "auto"  # auto | triton | grouped_mm | te | torch
     moe_deterministic: bool = False
     moe_pregather: Optional[bool] = None  # Triton experts: rows copied to expert order once (None: the tiles' choice)
     moe_routing_trace_out: Optional[str] = None
@@ -447,7 +447,7 @@ def sparse_attention_config(cfg: TrainConfig) -> Optional[SparseAttentionConfig]
         backend=cfg.sparse_attention_backend)
 
 
-MOE_BACKENDS = ("auto", "triton", "grouped_mm", "torch")
+MOE_BACKENDS = ("auto", "triton", "grouped_mm", "te", "torch")
 # TrainConfig / TransformerConfig field (Megatron's name) -> RouterConfig field
 MOE_ROUTER_FIELDS = {
     "moe_router_topk": "topk", "moe_router_score_function": "score_function",
@@ -477,6 +477,38 @@ class MoEConfig:
     pregather: Optional[bool] = None
     monitor_interval: int = 10
     seed: int = 1234
+
+    def validate(self, device: str = "auto", prefix: str = "moe_") -> "MoEConfig":
+        """The layer knobs' own checks, fields named ``prefix + name`` (``moe_backend`` for the
+        flags, ``moe.backend`` for a knob file); ``device``: the run's device setting."""
+        if self.impl not in ("fused", "megatron"):
+            raise _err(prefix + "impl", self.impl, "unknown MoE implementation", "'fused' or 'megatron'")
+        if self.backend not in MOE_BACKENDS:
+            raise _err(prefix + "backend", self.backend, "unknown expert backend", f"one of {list(MOE_BACKENDS)}")
+        if self.backend == "te":
+            from megatron_ext import compat
+            from megatron_ext.ops.moe import te_grouped
+
+            why = "transformer_engine is not installed" if not compat.HAVE_TE else te_grouped.unavailable()
+            if not why and device == "cpu":
+                why = "device='cpu': it runs on CUDA tensors"
+            if why:
+                raise _err(prefix + "backend", self.backend,
+                           f"Transformer Engine's grouped GEMM cannot run here ({why})",
+                           "auto, triton or grouped_mm, or install Transformer Engine >= 2.1")
+        if not isinstance(self.monitor_interval, int) or self.monitor_interval < 1:
+            raise _err(prefix + "monitor_interval", self.monitor_interval, "must be a positive integer",
+                       "an integer >= 1")
+        if self.pregather is not None:
+            if not isinstance(self.pregather, bool):
+                raise _err(prefix + "pregather", self.pregather, "must be a boolean",
+                           "true / false (--moe-pregather / --no-moe-pregather), or unset")
+            if self.impl == "megatron" or self.backend in ("grouped_mm", "te", "torch"):
+                where = "--moe-impl megatron" if self.impl == "megatron" else f"--moe-backend {self.backend}"
+                raise _err(prefix + "pregather", self.pregather,
+                           f"only the Triton expert kernels have it, not {where}",
+                           "--moe-impl fused with --moe-backend auto or triton, or leave it unset")
+        return self
 
 
 def moe_load_balancing_type(cfg: TrainConfig) -> str:
@@ -512,24 +544,11 @@ def router_config_from(src: Any, num_experts: int):
 
 def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
     """MoE checks beyond the router's own (which :func:`router_config_from` runs)."""
-    if cfg.moe_impl not in ("fused", "megatron"):
-        raise _err("moe_impl", cfg.moe_impl, "unknown MoE implementation", "'fused' or 'megatron'")
-    if cfg.moe_backend not in MOE_BACKENDS:
-        raise _err("moe_backend", cfg.moe_backend, "unknown expert backend", f"one of {list(MOE_BACKENDS)}")
-    if not isinstance(cfg.moe_monitor_interval, int) or cfg.moe_monitor_interval < 1:
-        raise _err("moe_monitor_interval", cfg.moe_monitor_interval, "must be a positive integer", "an integer >= 1")
+    moe_config(cfg).validate(cfg.device)
     if cfg.moe_shared_expert_intermediate_size is not None and cfg.moe_shared_expert_intermediate_size < 1:
         raise _err("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size,
                    "must be positive", "None or an integer >= 1")
     router_config_from(cfg, cfg.num_experts)
-    if cfg.moe_pregather is not None:
-        if not isinstance(cfg.moe_pregather, bool):
-            raise _err("moe_pregather", cfg.moe_pregather, "must be a boolean",
-                       "true / false (--moe-pregather / --no-moe-pregather), or unset")
-        if cfg.moe_impl == "megatron" or cfg.moe_backend in ("grouped_mm", "torch"):
-            where = "--moe-impl megatron" if cfg.moe_impl == "megatron" else f"--moe-backend {cfg.moe_backend}"
-            raise _err("moe_pregather", cfg.moe_pregather, f"only the Triton expert kernels have it, not {where}",
-                       "--moe-impl fused with --moe-backend auto or triton, or leave it unset")
     if cfg.moe_impl == "megatron":
         for name in ("moe_deterministic", "moe_routing_trace_out", "moe_routing_replay",
                      "moe_routing_log", "moe_shared_expert_intermediate_size"):

@@ -164,6 +164,12 @@ def test_knobs_reach_the_transformer_config(tmp_path, monkeypatch):
     path.write_text("mhc:\n  streams: 2\n")
     with pytest.raises(ConfigError, match=r"mhc.streams=2: unknown knob; use one of \[.*'num_streams'"):
         knobs.knobs_for(types.SimpleNamespace(hidden_size=64))
+    path.write_text("moe:\n  backend: cuda\n")
+    with pytest.raises(ConfigError, match=r"moe.backend='cuda': unknown expert backend; use one of \['auto'"):
+        knobs.knobs_for(types.SimpleNamespace(hidden_size=64))
+    path.write_text("moe:\n  backend: torch\n  pregather: true\n")
+    with pytest.raises(ConfigError, match=r"moe.pregather=True: only the Triton expert kernels"):
+        knobs.knobs_for(types.SimpleNamespace(hidden_size=64))
     path.write_text("attention: {}\n")
     with pytest.raises(ConfigError, match=r"unknown section 'attention'"):
         knobs.knobs_for(types.SimpleNamespace(hidden_size=64))

@@ -14,7 +14,8 @@ anchor = Megatron-Core ``MoELayer`` with the local spec (``layer_specs.gpt.stock
 anchor = a straightforward torch pipeline: topk, argsort, index, ``grouped_mm``, activation,
          ``grouped_mm``, ``index_add`` (the figure the issue quotes: 9.9 ms at ``moe``);
 ours   = ``megatron_ext.ops.moe.moe_ffn(backend="triton")`` and ``backend="grouped_mm"`` behind the
-         bench's own router (the three lines above); ``ours_layer`` = our Megatron layer
+         bench's own router (the three lines above), and ``backend="te"`` where Transformer Engine
+         is installed (row ``ours_te``; absent otherwise); ``ours_layer`` = our Megatron layer
          ``FusedMoELayer`` on the anchor's config (its fp32 router and routing function, the
          fused experts, the layer's glue): the row to set beside the Megatron anchor;
 ref    = the six Triton GEMM kernels of one fwd+bwd alone (up, down, dh, dx, dW1, dW2) on
@@ -240,6 +241,12 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
                           role="ours", setup=lambda b=backend: _ours_setup(d, device,
                                                                            "auto" if cpu else b),
                           flops=flops))
+    if not cpu:
+        from megatron_ext.ops.moe import te_grouped
+
+        if te_grouped.unavailable() is None:   # Transformer Engine installed: its grouped GEMM lane
+            cases.append(Case(name="ours_te", label="ours: moe_ffn backend=te (TE grouped GEMM)",
+                              role="ours", setup=lambda: _ours_setup(d, device, "te"), flops=flops))
     cases.append(Case(name="ours_layer",
                       label="ours: FusedMoELayer (Megatron layer: fp32 router + fused experts)",
                       role="ours", setup=lambda: _ours_layer_setup(d, device), flops=flops))

@@ -4,13 +4,15 @@
 indices [T, k] int, w1 [E, H, 2F] (gated: swiglu/geglu, [gate | up]) or [E, H, F] (plain),
 w2 [E, F, H] -> [T, H] = sum_j probs[t, j] * FFN_{indices[t, j]}(x[t]).
 
-Backends (``backend="auto" | "triton" | "grouped_mm" | "torch"``, resolved by
+Backends (``backend="auto" | "triton" | "grouped_mm" | "te" | "torch"``, resolved by
 :func:`megatron_ext.backends.resolve`, "auto" in that order): "triton" = the fused kernels of
 ``triton_moe.py`` (gather fused into grouped GEMM 1 with the activation epilogue, probability in
 grouped GEMM 2's epilogue, fixed-order combine; deterministic and batch-invariant; CUDA, or the CPU
 interpreter when asked for by name); "grouped_mm" = permute -> ``grouped_mm(x_sorted, w1, offs)``
 -> activation -> ``grouped_mm(h, w2, offs)`` -> weighted unpermute, on the CUTLASS grouped GEMM
-(CUDA, bf16, sm >= 90); "torch" = the per-expert loop in ``reference.py`` (the spec).
+(CUDA, bf16, sm >= 90); "te" = the same pipeline on Transformer Engine's grouped GEMM when TE is
+installed (``te_grouped.py``; one host read of the expert counts per call, TE's API needs them);
+"torch" = the per-expert loop in ``reference.py`` (the spec).
 """
 
 from __future__ import annotations
@@ -64,6 +66,64 @@ def _grouped_mm_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optiona
                     f"every GEMM dim a multiple of 8 (16-byte rows in bf16)")
         return None
     return probe
+
+
+# (device, dtype) pairs on which TE's grouped GEMM failed in this process, and those it ran on
+_TE_FAILED: dict = {}
+_TE_RAN: set = set()
+
+
+def _te_key(x: Tensor):
+    return (str(x.device), x.dtype)
+
+
+def _te_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optional[str]]:
+    def probe() -> Optional[str]:
+        from megatron_ext.ops.moe import te_grouped
+
+        why = te_grouped.unavailable()
+        if why:
+            return why
+        failed = _TE_FAILED.get(_te_key(x))
+        if failed is not None:
+            return f"TE's grouped GEMM failed here earlier in this run: {failed}"
+        devices = {t.device.type for t in (x, w1, w2)}
+        if devices != {"cuda"}:
+            return f"devices={sorted(devices)}: Transformer Engine's grouped GEMM runs on CUDA tensors"
+        dtypes = {t.dtype for t in (x, w1, w2)}
+        if len(dtypes) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return (f"dtypes={sorted(str(d) for d in dtypes)}: TE's grouped GEMM takes x, w1, w2 "
+                    f"all bfloat16, float16 or float32")
+        return None
+    return probe
+
+
+def _moe_ffn_te(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
+                activation: str, requested: str) -> Optional[Tensor]:
+    """The TE lane. Its first call per (device, dtype) is guarded: TE's internal API differs across
+    releases, so an error there is logged once and recorded, and returns None (the caller runs
+    the torch reference; "auto" skips TE from then on); asked for by name it is an error. Later
+    calls are not guarded (an error then is a real one, e.g. out of memory)."""
+    from megatron_ext.ops.moe.te_grouped import te_moe_ffn
+
+    key = _te_key(x)
+    if key in _TE_RAN:
+        return te_moe_ffn(x, probs, indices, w1, w2, activation)
+    try:
+        out = te_moe_ffn(x, probs, indices, w1, w2, activation)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:   # any failure inside TE's extension: see the docstring
+        why = f"{type(exc).__name__}: {exc}"
+        if requested == "te":
+            raise backends.BackendUnavailable(
+                f"backend='te' for moe_ffn: Transformer Engine's grouped GEMM failed here ({why}); "
+                f"use backend='auto' or one of ['triton', 'grouped_mm', 'torch']") from exc
+        _TE_FAILED[key] = why
+        backends.fallback("moe_ffn", "te", "torch", f"TE's grouped GEMM failed: {why}")
+        return None
+    _TE_RAN.add(key)
+    return out
 
 
 def _torch_probe() -> Optional[str]:
@@ -189,6 +249,7 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
     _check(x, probs, indices, w1, w2, activation)
     name = backends.resolve("moe_ffn", backend, [("triton", _triton_probe(x, w1, w2, backend)),
                                                  ("grouped_mm", _grouped_mm_probe(x, w1, w2)),
+                                                 ("te", _te_probe(x, w1, w2)),
                                                  ("torch", _torch_probe)])
     if name == "triton":
         from megatron_ext.ops.moe.autograd import triton_moe_ffn
@@ -197,4 +258,8 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
                               config=_triton_config(x, pregather))
     if name == "grouped_mm":
         return _moe_ffn_grouped_mm(x, probs, indices, w1, w2, activation)
+    if name == "te":
+        out = _moe_ffn_te(x, probs, indices, w1, w2, activation, backend)
+        if out is not None:
+            return out
     return reference.moe_ffn_reference(x, probs, indices, w1, w2, activation)
