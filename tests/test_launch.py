@@ -265,33 +265,32 @@ PRETRAIN_CASES = [
     ("mhc_sparse_moe", ["layer_specs.mhc", "mhc_block_spec"],
      ("mhc:\n  num_streams: 2\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
       "moe:\n  impl: fused\n"),
-     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall"], "flag"),
+     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
+      "--use-distributed-optimizer"], "flag"),
     ("gpt_dense", ["layer_specs.gpt", "gpt_block_spec"], None, [], None),
 ]
 
 
-def _pretrain_log(log: str):
+def _pretrain_log(log: str, train_iters: int = 10):
     import re
 
-    iters = [int(m) for m in re.findall(r"iteration\s+(\d+)/\s*10 \|", log)]
+    iters = [int(m) for m in re.findall(rf"iteration\s+(\d+)/\s*{train_iters} \|", log)]
     losses = [float(m) for m in re.findall(r"lm loss: ([0-9.eE+-]+)", log)]
     return iters, losses
 
 
-@pytest.mark.gpu
-def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
-    """Three `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
-    start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    pytest.importorskip("megatron.training", reason="megatron.training ships with megatron-core >= 0.19")
+# the runs that are resumed from their iteration-10 checkpoint for two more steps
+PRETRAIN_RESUMED = ("pretrain_mhc", "mhc_sparse_moe")
+
+
+def _pretrain_runs(tmp_path, runs):
+    """Launch ``runs`` = [(name, argv, knob text, channel, log file)] together on one GPU; wait;
+    return {name: (rc, log text)}."""
     procs = {}
-    for name, spec, knob_text, extra, channel in PRETRAIN_CASES:
+    for name, argv, knob_text, channel, log_name in runs:
         env = dict(subprocess_env(), CUDA_DEVICE_MAX_CONNECTIONS="1")
         env.pop("MEGATRON_EXT_CONFIG", None)
-        argv = ["--spec", *spec, *PRETRAIN, *extra, "--save", str(tmp_path / name / "ckpt")]
-        (tmp_path / name).mkdir()
+        argv = list(argv)
         if knob_text:
             knob_file = tmp_path / name / "knobs.yaml"
             knob_file.write_text(knob_text)
@@ -299,15 +298,38 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
                 env["MEGATRON_EXT_CONFIG"] = str(knob_file)
             else:
                 argv += ["--megatron-ext-config", str(knob_file)]
-        log = open(tmp_path / name / "run.log", "w")
+        log = open(tmp_path / name / log_name, "w")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                "-m", "launch.pretrain_gpt", *argv]
-        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
-    failures = []
-    for name, (proc, log) in procs.items():
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log,
+                       tmp_path / name / log_name)
+    out = {}
+    for name, (proc, log, path) in procs.items():
         rc = proc.wait(timeout=600)
         log.close()
-        text = (tmp_path / name / "run.log").read_text()
+        out[name] = (rc, path.read_text())
+    return out
+
+
+@pytest.mark.gpu
+def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
+    """Three `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
+    (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
+    stores the optimizer state against the model's sharded tensors). Then two of them resume from
+    that checkpoint for steps 11-12."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    pytest.importorskip("megatron.training", reason="megatron.training ships with megatron-core >= 0.19")
+    runs, argvs = [], {}
+    for name, spec, knob_text, extra, channel in PRETRAIN_CASES:
+        (tmp_path / name).mkdir()
+        argvs[name] = ["--spec", *spec, *PRETRAIN, *extra, "--save", str(tmp_path / name / "ckpt")]
+        runs.append((name, argvs[name], knob_text, channel, "run.log"))
+    results = _pretrain_runs(tmp_path, runs)
+    failures = []
+    for name, (rc, text) in results.items():
         if rc != 0:
             failures.append(f"{name}: rc={rc}\n{text[-4000:]}")
             continue
@@ -319,11 +341,28 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
         assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "10", name
         assert (ckpt / "iter_0000010").is_dir(), name
     assert not failures, "\n\n".join(failures)
-    layers = {name: (tmp_path / name / "run.log").read_text() for name in procs}
+    layers = {name: text for name, (_, text) in results.items()}
     assert "MHCTransformerLayer" in layers["pretrain_mhc"] and "MHCFinalNorm" in layers["pretrain_mhc"]
     for module in ("MHCTransformerLayer", "SparseMQAttention", "FusedMoELayer"):
         assert module in layers["mhc_sparse_moe"], module
     assert "MHCTransformerLayer" not in layers["gpt_dense"] and "SDPACoreAttention" in layers["gpt_dense"]
+
+    resumed = []
+    for name, _, knob_text, _, channel in PRETRAIN_CASES:
+        if name in PRETRAIN_RESUMED:
+            argv = [a if a != "10" or argvs[name][i - 1] != "--train-iters" else "12"
+                    for i, a in enumerate(argvs[name])]
+            resumed.append((name, argv + ["--load", str(tmp_path / name / "ckpt")], knob_text, channel,
+                            "resume.log"))
+    for name, (rc, text) in _pretrain_runs(tmp_path, resumed).items():
+        assert rc == 0, f"{name} resume: rc={rc}\n{text[-4000:]}"
+        assert "successfully loaded checkpoint" in text and "at iteration 10" in text, (name, text[-3000:])
+        iters, losses = _pretrain_log(text, train_iters=12)
+        assert iters == [11, 12], (name, iters, text[-2000:])
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses), (name, losses)
+        first = _pretrain_log(results[name][1])[1]
+        # the resumed model continues where it stopped (a fresh one would restart near step 1's loss)
+        assert max(losses) < first[0], (name, losses, first)
 
 
 # -- the spec modules read the knob file themselves (CPU, the 0.16 TransformerConfig) --------------
