@@ -21,6 +21,7 @@ FIELD_TO_LANE = {
     "pipeline_model_parallel_size": "pp",
     "context_parallel_size": "cp",
     "expert_model_parallel_size": "ep",
+    "expert_tensor_parallel_size": "etp",
     "sequence_parallel": "sp",
     "micro_batch_size": "micro_batch_size",
     "recompute_granularity": "recompute",

@@ -74,7 +74,6 @@ class Target:
     fsdp2: bool
     vpp: bool
     cp: bool
-    expert_tp_free: bool  # False: expert TP follows TP (Megatron's default when not set)
     # host time to issue one layer's forward + backward for one micro-batch (Python, autograd,
     # kernel launches), plus a fixed host cost per step (optimizer, data, logging); the step
     # cannot be faster than the host, however small the GPU work. Fitted on the `small` preset
@@ -91,16 +90,15 @@ TARGETS = {
     # The train loop: Megatron DDP without the distributed optimizer, no overlap, no VPP/CP yet; or
     # FSDP2 over the data-parallel group alone (TP = PP = EP = 1, dense models).
     "train": Target("train", distributed_optimizer=False, overlap_grad_reduce=False, fsdp2=True, vpp=False,
-                    cp=False, expert_tp_free=False),
+                    cp=False),
     # Megatron's pretrain with --use-distributed-optimizer --overlap-grad-reduce and this project's --spec.
     "megatron": Target("megatron", distributed_optimizer=True, overlap_grad_reduce=True, fsdp2=True, vpp=True,
-                       cp=True, expert_tp_free=True),
+                       cp=True),
 }
 
 _NOT_IN_TRAIN = {
     "vpp": "virtual pipeline stages are not wired into train yet; use vpp1",
     "cp": "context parallelism is not supported yet by train; use cp1",
-    "etp": "train runs experts with expert TP = TP (Megatron's default); use etp equal to tp",
 }
 
 
@@ -495,11 +493,12 @@ class Planner:
                     f"{world} ({c.describe()})")
         # train's FSDP2 limits live in check_lanes; Megatron's own FSDP2 also composes with TP
         fsdp2_train = L.fsdp2 and self.target.name == "train"
-        key = (L.tp, L.pp, L.cp, L.ep, L.sp, L.micro_batch_size, fsdp2_train)
+        key = (L.tp, L.pp, L.cp, L.ep, L.etp, L.sp, L.micro_batch_size, fsdp2_train)
         if key not in self._structural:
             trial = dataclasses.replace(
                 self.cfg, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
-                context_parallel_size=L.cp, expert_model_parallel_size=L.ep, sequence_parallel=L.sp,
+                context_parallel_size=L.cp, expert_model_parallel_size=L.ep,
+                expert_tensor_parallel_size=L.etp if self.cfg.num_experts else None, sequence_parallel=L.sp,
                 micro_batch_size=L.micro_batch_size, data_path=None, resume=False,
                 use_torch_fsdp2=fsdp2_train)
             island = c.gpus_per_node
@@ -535,11 +534,12 @@ class Planner:
             if m.seq_length % (2 * L.cp):
                 return (f"cp={L.cp}: seq_length={m.seq_length} is not divisible by 2*cp (causal load "
                         f"balancing splits it into 2*cp chunks); use a cp with seq_length % (2*cp) == 0")
-        if L.etp > 1 or (m.num_experts and L.etp != L.tp and not t.expert_tp_free):
+        if L.etp > 1 or (m.num_experts and L.etp != L.tp):
             if not m.num_experts:
                 return f"etp={L.etp}: expert tensor parallelism needs an MoE model; use etp1"
-            if not t.expert_tp_free and L.etp != L.tp:
-                return _NOT_IN_TRAIN["etp"]
+            if self.cfg.moe_impl == "fused" and L.etp not in (1, L.tp):
+                return (f"etp={L.etp}: the fused MoE layer splits experts over the whole TP group or not "
+                        f"at all; use etp1 or etp{L.tp}")
             if m.moe_ffn_hidden_size % L.etp:
                 return f"etp={L.etp}: does not divide moe_ffn_hidden_size={m.moe_ffn_hidden_size}"
             if world % (L.pp * L.ep * L.etp):
@@ -587,8 +587,7 @@ class Planner:
         first_error: Optional[str] = None
         for tp in ch["tp"]:
             sps = ch["sp"] or [tp > 1]
-            etps = ch["etp"] or ([1, tp] if (self.target.expert_tp_free and tp > 1 and m.num_experts)
-                                 else [tp if m.num_experts else 1])
+            etps = ch["etp"] or (sorted({1, tp}) if m.num_experts else [1])
             for pp in ch["pp"]:
                 for cp in ch["cp"]:
                     if ch["dp"]:
@@ -711,6 +710,7 @@ class LaunchPlan:
                 raise ConfigError(f"lanes={L.spec()!r}: {_NOT_IN_TRAIN[field]}")
         values = dict(use_torch_fsdp2=L.fsdp2, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
                       context_parallel_size=L.cp, expert_model_parallel_size=L.ep, sequence_parallel=L.sp,
+                      expert_tensor_parallel_size=L.etp if cfg.num_experts else None,
                       micro_batch_size=L.micro_batch_size, recompute_granularity=L.recompute)
         if L.recompute == "full" and cfg.recompute_granularity != "full":
             values.update(recompute_method="uniform", recompute_num_layers=1)

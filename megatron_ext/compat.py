@@ -125,7 +125,9 @@ def mla_self_attention_class():
 # Parallel state and RNG
 
 
-def initialize_model_parallel(tp: int, pp: int, ep: int, cp: int = 1, vpp: int | None = None) -> None:
+def initialize_model_parallel(tp: int, pp: int, ep: int, cp: int = 1, vpp: int | None = None,
+                              etp: int | None = None) -> None:
+    """Megatron's process groups; ``etp``: expert tensor-parallel size (None: = tp)."""
     from megatron.core import parallel_state as ps
 
     ps.initialize_model_parallel(
@@ -134,6 +136,7 @@ def initialize_model_parallel(tp: int, pp: int, ep: int, cp: int = 1, vpp: int |
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=cp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
 
 

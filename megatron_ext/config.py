@@ -351,6 +351,9 @@ class TrainConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    # experts split along F over this many TP ranks: None = tensor_model_parallel_size (Megatron's
+    # default), or 1 (whole experts on every rank, each TP rank running its own tokens)
+    expert_tensor_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     # FSDP2 (torch fully_shard) over the data-parallel group instead of replicated DDP: parameters,
     # gradients and Adam states sharded (docs/lanes.md, FSDP2); the lane spec's `fsdp2` sets it
@@ -511,6 +514,12 @@ class MoEConfig:
         return self
 
 
+def expert_tensor_parallel_size(cfg: TrainConfig) -> int:
+    """The expert-TP size the run uses: the flag, else the TP size (Megatron's default)."""
+    etp = cfg.expert_tensor_parallel_size
+    return cfg.tensor_model_parallel_size if etp is None else etp
+
+
 def moe_load_balancing_type(cfg: TrainConfig) -> str:
     if cfg.moe_router_load_balancing_type is not None:
         return cfg.moe_router_load_balancing_type
@@ -561,13 +570,14 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
         raise _err("moe_pad_expert_input_to_capacity", True, "the fused layer's grouped GEMM takes "
                    "jagged expert groups, so padding them to capacity would only add zero rows",
                    "--no-moe-pad-expert-input-to-capacity, or --moe-impl megatron")
-    tp = cfg.tensor_model_parallel_size
+    etp = expert_tensor_parallel_size(cfg)
     moe_ffn = cfg.moe_ffn_hidden_size or ffn_hidden_size(cfg)
+    # with etp = 1 the shared expert is replicated over TP like the routed ones (no split either)
     for name, width in (("moe_ffn_hidden_size", moe_ffn),
                         ("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size)):
-        if width and width % tp:
-            raise _err(name, width, f"expert tensor parallelism splits it over tensor_model_parallel_size={tp}",
-                       f"a multiple of {tp}")
+        if width and width % etp:
+            raise _err(name, width, f"expert tensor parallelism splits it over expert_tensor_parallel_size={etp}",
+                       f"a multiple of {etp}, or --expert-tensor-parallel-size 1")
     if cfg.context_parallel_size > 1:
         raise _err("context_parallel_size", cfg.context_parallel_size, "not supported by the fused MoE layer", "1")
     if cfg.moe_routing_trace_out and cfg.moe_routing_replay and \
@@ -780,6 +790,16 @@ def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] 
     if ep > 1 and not cfg.num_experts:
         raise _err("expert_model_parallel_size", ep, "expert parallelism needs an MoE model",
                    "--num-experts N (a multiple of the EP size), or expert_model_parallel_size 1")
+    etp = expert_tensor_parallel_size(cfg)
+    if cfg.expert_tensor_parallel_size is not None:
+        if not cfg.num_experts:
+            raise _err("expert_tensor_parallel_size", etp, "expert tensor parallelism needs an MoE model",
+                       "--num-experts N, or leave it unset")
+        if cfg.moe_impl == "fused" and etp not in (1, tp):
+            raise _err("expert_tensor_parallel_size", etp,
+                       f"the fused MoE layer splits experts over the whole tensor-parallel group "
+                       f"(tensor_model_parallel_size={tp}) or not at all",
+                       f"1 or {tp}" if tp > 1 else "1")
     if cfg.num_experts is not None:
         if cfg.num_experts < 1 or cfg.num_experts % ep:
             raise _err("num_experts", cfg.num_experts,
@@ -792,10 +812,12 @@ def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] 
         if tp > 1 and not cfg.sequence_parallel:
             raise _err("sequence_parallel", False, "MoE with tensor parallelism needs sequence parallel",
                        "--sequence-parallel")
-    if world_size % (ep * pp):
+    if world_size % (etp * ep * pp):
         raise _err("expert_model_parallel_size", ep,
-                   f"expert*pipeline parallel = {ep * pp} does not divide world_size={world_size}",
-                   "a divisor of world_size / pipeline_model_parallel_size")
+                   f"expert-tensor*expert*pipeline parallel = {etp}*{ep}*{pp} = {etp * ep * pp} does not "
+                   f"divide world_size={world_size}",
+                   "a divisor of world_size / (pipeline_model_parallel_size * expert_tensor_parallel_size)"
+                   + (", or --expert-tensor-parallel-size 1" if etp > 1 else ""))
     if gpus_per_node is not None and tp > gpus_per_node:
         raise _err("tensor_model_parallel_size", tp,
                    f"larger than the {gpus_per_node} devices of one node", f"at most {gpus_per_node}")

@@ -307,6 +307,29 @@ def test_expert_tensor_parallel_widths_must_split(field, value, message):
     assert validate(ok, 2) == 1  # TP=2 is accepted by the fused layer now
 
 
+def test_expert_tensor_parallel_size_is_checked_at_config_time():
+    """--expert-tensor-parallel-size: 1 or the TP size with the fused layer; widths then need to
+    split over the expert-TP size only (with 1, odd widths are fine); it needs an MoE model; the
+    expert grid etp*ep*pp must divide the world."""
+    from megatron_ext.config import ConfigError, from_preset, validate
+
+    base = dict(num_experts=4, tensor_model_parallel_size=2, sequence_parallel=True)
+    with pytest.raises(ConfigError, match=r"expert_tensor_parallel_size=4: the fused MoE layer splits experts "
+                                          r"over the whole tensor-parallel group .* or not at all; use 1 or 2"):
+        validate(from_preset("test", expert_tensor_parallel_size=4, **base), 4)
+    with pytest.raises(ConfigError, match="expert_tensor_parallel_size=1: expert tensor parallelism needs an MoE"):
+        validate(from_preset("test", expert_tensor_parallel_size=1), 1)
+    assert validate(from_preset("test", expert_tensor_parallel_size=1, moe_ffn_hidden_size=33,
+                                moe_shared_expert_intermediate_size=15, **base), 2) == 1
+    with pytest.raises(ConfigError, match=r"moe_ffn_hidden_size=33: .*expert_tensor_parallel_size=2"):
+        validate(from_preset("test", expert_tensor_parallel_size=2, moe_ffn_hidden_size=33, **base), 2)
+    # EP=2 folded onto the TP pair (world 2) is a valid grid only without expert TP
+    assert validate(from_preset("test", expert_tensor_parallel_size=1, expert_model_parallel_size=2, **base), 2) == 1
+    with pytest.raises(ConfigError, match=r"expert_model_parallel_size=2: expert-tensor\*expert\*pipeline "
+                                          r"parallel = 2\*2\*1 = 4 does not divide world_size=2"):
+        validate(from_preset("test", expert_model_parallel_size=2, **base), 2)
+
+
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_tensor_parallel_slices_sum_to_the_whole_expert(activation):
     """The TP sharding convention: rank r keeps columns [gate_r | up_r] of w1 and rows r of w2;

@@ -1,11 +1,13 @@
-"""Fused MoE at world size 2 on CPU (gloo), two torchrun spawns against one world-size-1 run:
+"""Fused MoE at world size 2 on CPU (gloo), torchrun spawns against one world-size-1 run:
 
 * expert parallel EP=2 (one expert half per rank, tokens exchanged by all-to-all, the dispatch
   overlapped with the shared expert) reproduces world size 1, and its checkpoint (experts
   sharded over EP) resumes at EP=1 with world size 1's losses;
 * expert tensor parallel TP=2 + sequence parallel (every expert and the shared expert split
   along F) reproduces world size 1, routes the same tokens to the same experts (routing logs),
-  and its checkpoint (experts sharded over TP) resumes at TP=1.
+  and its checkpoint (experts sharded over TP) resumes at TP=1;
+* TP=2 + SP without expert TP (--expert-tensor-parallel-size 1), alone and with EP=2 over the
+  same ranks, reproduces world size 1, and the EP=2 run's checkpoint resumes at world size 1.
 
 Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * TP, so every run
 here pads to 256 (128 * 2 for the TP=2 run)."""
@@ -44,6 +46,11 @@ def _resume_at_world_size_1(src, dst, *extra):
     assert train_inprocess(dst, *MODEL, *extra, "--resume") == 0
     assert receipt(dst)["loss"]["start_iteration"] == 3
     return train_losses(dst)
+
+
+def _grad_norms(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    return [r["grad_norm"] for r in rows if r["kind"] == "train"]
 
 
 def _flat(nested):
@@ -93,6 +100,31 @@ def test_tp2_sequence_parallel_matches_ws1_routes_alike_and_resumes_at_tp1(ws1, 
     assert sum(pairs) >= 0.99 * len(pairs)  # later steps: a near-tie may flip on rounding
 
     resumed = _resume_at_world_size_1(tp2, tmp_path / "tp2_to_tp1", *VOCAB_256)
+    assert resumed == pytest.approx(train_losses(ws1), rel=2e-5)
+
+
+def test_tp2_without_expert_tp_matches_ws1_and_resumes_at_world_size_1(ws1, tmp_path):
+    """TP=2 + SP with --expert-tensor-parallel-size 1 (whole experts on each rank, each running its
+    own tokens; Megatron's MoE parallel folding): alone (the expert-DP group is the TP pair, so DDP
+    sums the expert gradients of the two token halves) and with EP=2 over the same two ranks (each
+    dispatches only its own tokens). Both reproduce world size 1; the EP=2 checkpoint resumes there."""
+    runs = {}
+    for name, extra in (("etp1", []), ("etp1_ep2", ["--expert-model-parallel-size", "2"])):
+        run = tmp_path / name
+        proc = train_torchrun(run, 2, *MODEL, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                              "--expert-tensor-parallel-size", "1", *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = run
+    for name, ep in (("etp1", 1), ("etp1_ep2", 2)):
+        lane = receipt(runs[name])["lane"]
+        assert (lane["tp"], lane["etp"], lane["ep"], lane["sp"], lane["world_size"]) == (2, 1, ep, True, 2)
+        assert train_losses(runs[name]) == pytest.approx(train_losses(ws1), rel=2e-5), name
+        # the expert weights count once in the clipped grad norm, as at world size 1
+        assert _grad_norms(runs[name]) == pytest.approx(_grad_norms(ws1), rel=1e-4), name
+        bias1 = receipt(ws1)["moe"]["layers"]["2"]["expert_bias"]
+        assert receipt(runs[name])["moe"]["layers"]["2"]["expert_bias"] == \
+            pytest.approx(bias1, rel=1e-4, abs=1e-7), name
+    resumed = _resume_at_world_size_1(runs["etp1_ep2"], tmp_path / "etp1_ep2_to_ws1", *VOCAB_256)
     assert resumed == pytest.approx(train_losses(ws1), rel=2e-5)
 
 

@@ -36,6 +36,14 @@ Losses computed from the gathered logits are identical on the TP ranks, so each 
 links ranks of equal TP rank (Megatron's default expert_tensor_parallel_size = TP), and each
 exchanges the same rows with its EP peers and computes its own ``F/tp`` slice.
 
+Without expert TP (``expert_tensor_parallel_size = 1`` with TP > 1, Megatron's "MoE parallel
+folding"): the logits are all-gathered and routed as above (same routing, losses and capacity as
+at TP = 1), but the tokens are not: every rank holds whole experts (and a whole shared expert) and
+runs only its own ``s/tp`` tokens, so no reduce-scatter follows. The expert-DP group then contains
+the TP ranks (Megatron's expert grid ETP x EP x EDP), so DDP sums their expert gradients; the
+shared expert is marked ``sequence_parallel`` so Megatron sums its gradient over TP. With EP > 1
+the EP group is made of ranks holding different tokens, so each dispatches only its own.
+
 Overlap: with EP > 1 the dispatch all-to-alls are launched asynchronously and the shared expert
 runs before waiting on them.
 
@@ -336,12 +344,15 @@ class FusedMoELayer(MegatronModule):
         if E % self.ep_size:
             raise ValueError(f"num_moe_experts={E}: not divisible by expert_model_parallel_size="
                              f"{self.ep_size}; use a multiple of {self.ep_size}")
+        # expert TP: the whole TP group (etp = tp) or none (etp = 1: whole experts, local tokens)
+        self.etp_size = 1
         if self.tp_size > 1:
             etp = ps.get_expert_tensor_parallel_world_size()
-            if etp != self.tp_size:
-                raise ValueError(f"expert_tensor_parallel_size={etp}: the fused MoE layer shards experts "
-                                 f"over the tensor-parallel group; use expert_tensor_parallel_size="
-                                 f"tensor_model_parallel_size={self.tp_size}")
+            if etp not in (1, self.tp_size):
+                raise ValueError(f"expert_tensor_parallel_size={etp}: the fused MoE layer splits experts "
+                                 f"over the whole tensor-parallel group or not at all; use "
+                                 f"expert_tensor_parallel_size 1 or {self.tp_size}")
+            self.etp_size = etp
             if not config.sequence_parallel:
                 raise ValueError("sequence_parallel=False: the fused MoE layer with tensor parallelism "
                                  "takes [s/tp, b, h] inputs; use --sequence-parallel")
@@ -351,14 +362,16 @@ class FusedMoELayer(MegatronModule):
         Fe = config.moe_ffn_hidden_size or config.ffn_hidden_size
         Fs = getattr(config, "moe_shared_expert_intermediate_size", None)
         for name, width in (("moe_ffn_hidden_size", Fe), ("moe_shared_expert_intermediate_size", Fs)):
-            if width and width % self.tp_size:
-                raise ValueError(f"{name}={width}: not divisible by tensor_model_parallel_size="
-                                 f"{self.tp_size}; use a multiple of {self.tp_size}")
+            if width and width % self.etp_size:
+                raise ValueError(f"{name}={width}: not divisible by expert_tensor_parallel_size="
+                                 f"{self.etp_size}; use a multiple of {self.etp_size}")
         gated = self.activation in GATED_ACTIVATIONS
         self.parts = 2 if gated else 1
         dtype = config.params_dtype
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-        Fl = Fe // self.tp_size
+        # this rank's slice of F: (rank, count) over expert TP; with etp = 1 every rank holds all
+        self.etp_rank = self.tp_rank if self.etp_size > 1 else 0
+        Fl = Fe // self.etp_size
 
         # Router: replicated over TP/EP/DP like Megatron's (a normal, all-reduced parameter; with
         # sequence parallel its per-rank gradient covers the local tokens and is summed over TP).
@@ -369,7 +382,12 @@ class FusedMoELayer(MegatronModule):
                                                  dtype=dtype, device=device))
         self.w2 = torch.nn.Parameter(torch.empty(self.num_local_experts, Fl, H, dtype=dtype, device=device))
         for p, dim in ((self.w1, 2), (self.w2, 1)):
-            setattr(p, "allreduce", False)  # expert-parallel: grads reduced over the expert-DP group
+            # expert-parallel: grads reduced over the expert-DP group (with etp = 1 it holds the TP
+            # ranks, so their per-rank partial sums over different tokens add up there)
+            setattr(p, "allreduce", False)
+            # marked TP-parallel at any etp, as Megatron's expert linears are: the expert
+            # optimizer counts a parameter in its grad norm on every rank only if so (it dedups
+            # unmarked ones over the dense TP group, and with etp = 1 would drop them on TP rank 1)
             set_tensor_model_parallel_attributes(p, True, dim, 1)
         self.shared_w1 = self.shared_w2 = None
         if Fs:
@@ -379,11 +397,18 @@ class FusedMoELayer(MegatronModule):
             full2 = torch.empty(Fs, H, dtype=dtype, device=device)
             config.init_method(full1)
             config.output_layer_init_method(full2)
-            Fsl = Fs // self.tp_size
-            self.shared_w1 = torch.nn.Parameter(_tp_cols(full1, self.parts, self.tp_rank, self.tp_size).clone())
-            self.shared_w2 = torch.nn.Parameter(full2[self.tp_rank * Fsl:(self.tp_rank + 1) * Fsl].clone())
-            set_tensor_model_parallel_attributes(self.shared_w1, True, 1, 1)
-            set_tensor_model_parallel_attributes(self.shared_w2, True, 0, 1)
+            r, n = self.etp_rank, self.etp_size
+            Fsl = Fs // n
+            self.shared_w1 = torch.nn.Parameter(_tp_cols(full1, self.parts, r, n).clone())
+            self.shared_w2 = torch.nn.Parameter(full2[r * Fsl:(r + 1) * Fsl].clone())
+            if n > 1:
+                set_tensor_model_parallel_attributes(self.shared_w1, True, 1, 1)
+                set_tensor_model_parallel_attributes(self.shared_w2, True, 0, 1)
+            else:
+                # whole on every TP rank, each over its own tokens: Megatron sums the gradients
+                # of `sequence_parallel` parameters over TP
+                for p in (self.shared_w1, self.shared_w2):
+                    setattr(p, "sequence_parallel", self.tp_size > 1)
         if self.router_cfg.enable_expert_bias:
             self.register_buffer("router_expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
         else:
@@ -404,7 +429,7 @@ class FusedMoELayer(MegatronModule):
         this TP rank's slice: every (EP, TP) layout builds the same experts."""
         std = self.config.init_method_std
         out_std = std / math.sqrt(2.0 * self.config.num_layers)
-        r, n = self.tp_rank, self.tp_size
+        r, n = self.etp_rank, self.etp_size
         Fl = self.w2.shape[1]
         with torch.no_grad():
             for i in range(self.num_local_experts):
@@ -449,11 +474,13 @@ class FusedMoELayer(MegatronModule):
             # [s/tp, b] -> [s, b]: every TP rank routes all tokens of the sequence identically
             logits = gather_from_sequence_parallel_region(logits.view(s_local, b, -1), group=self.tp_group)
             logits = logits.reshape(-1, logits.shape[-1])
+        if self.etp_size > 1:
+            # each expert split over TP: every rank runs its F slice on all the tokens
             hidden_full = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
         else:
             hidden_full = hidden_states
-        s = hidden_full.shape[0]
-        x = hidden_full.reshape(s * b, h)
+        s = logits.shape[0] // b
+        x = hidden_full.reshape(-1, h)
 
         replay = None
         mb = None
@@ -498,9 +525,14 @@ class FusedMoELayer(MegatronModule):
             def shared():
                 hs = expert_activation(rows_mm(x, self.shared_w1, det), self.activation)
                 return rows_mm(hs, self.shared_w2, det).float()
-        out = self._routed(x, res.probs, res.indices, shared)
-        out = out.to(hidden_states.dtype).view(s, b, h)
-        if self.tp_size > 1:
+        probs, indices = res.probs, res.indices
+        if self.tp_size > 1 and self.etp_size == 1:
+            # whole experts: this rank's own tokens, rows [r*s/tp*b, (r+1)*s/tp*b) of the [s, b] order
+            mine = slice(self.tp_rank * s_local * b, (self.tp_rank + 1) * s_local * b)
+            probs, indices = probs[mine], indices[mine]
+        out = self._routed(x, probs, indices, shared)
+        out = out.to(hidden_states.dtype).view(-1, b, h)
+        if self.etp_size > 1:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
 
         if tracked:
@@ -542,7 +574,7 @@ class FusedMoELayer(MegatronModule):
         if self.ep_size == 1 and not det:
             out = moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend,
                           pregather=self.moe.pregather)
-            if shared is None and self.tp_size == 1:
+            if shared is None and self.etp_size == 1:
                 return out   # nothing to sum: the model dtype, no fp32 round trip (2 passes each way)
             out = out.float()
             return out if shared is None else out + shared()
@@ -621,17 +653,24 @@ class FusedMoELayer(MegatronModule):
         another. The router and the bias are replicated."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         ep = (0, self.ep_rank, self.ep_size)
-        r, n = self.tp_rank, self.tp_size
+        r, n = self.etp_rank, self.etp_size
         g = self.parts == 2
         E_l, H, Fl = self.num_local_experts, self.w1.shape[1], self.w2.shape[1]
+
+        def split(axis):   # the F axis sharded over expert TP (none with etp = 1)
+            return [(axis, r, n)] if n > 1 else []
+
+        # with etp = 1 the routed experts' copies on the TP ranks differ in expert-DP rank, and the
+        # shared expert's in TP rank: one copy of each is saved
         specs = {
-            "w1": ((E_l, H, 2, Fl) if g else (E_l, H, Fl), [ep, (3 if g else 2, r, n)], (0, 0, self.edp_rank)),
-            "w2": ((E_l, Fl, H), [ep, (1, r, n)], (0, 0, self.edp_rank)),
+            "w1": ((E_l, H, 2, Fl) if g else (E_l, H, Fl), [ep, *split(3 if g else 2)], (0, 0, self.edp_rank)),
+            "w2": ((E_l, Fl, H), [ep, *split(1)], (0, 0, self.edp_rank)),
         }
         if self.shared_w1 is not None:
             Fsl = self.shared_w2.shape[0]
-            specs["shared_w1"] = ((H, 2, Fsl) if g else (H, Fsl), [(2 if g else 1, r, n)], (0, 0, self.dp_rank))
-            specs["shared_w2"] = ((Fsl, H), [(0, r, n)], (0, 0, self.dp_rank))
+            rep = (0, 0 if n > 1 else self.tp_rank, self.dp_rank)
+            specs["shared_w1"] = ((H, 2, Fsl) if g else (H, Fsl), split(2 if g else 1), rep)
+            specs["shared_w2"] = ((Fsl, H), split(0), rep)
         for name, (view, axes, replica) in specs.items():
             key = f"{prefix}{name}"
             sd[key] = _reshaping_factory(key, getattr(self, name), view, axes, sharded_offsets, replica)

@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 from megatron_ext import backends, compat
-from megatron_ext.config import ConfigError, TrainConfig
+from megatron_ext.config import ConfigError, TrainConfig, expert_tensor_parallel_size
 from megatron_ext.observability.files import append_jsonl, read_jsonl, write_jsonl
 from megatron_ext.observability.plot import plot_loss
 from megatron_ext.observability.progress import Progress
@@ -124,7 +124,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     patches.apply_patches(lane)
     compat.check_mcore_supported()
     compat.initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                                     cfg.expert_model_parallel_size, cfg.context_parallel_size)
+                                     cfg.expert_model_parallel_size, cfg.context_parallel_size,
+                                     etp=cfg.expert_tensor_parallel_size)
     compat.seed_model_parallel(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -232,7 +233,9 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     progress = Progress(cfg.train_iters, start_iter, cfg.progress, rank0, cfg.log_interval)
     progress.write(f"megatron-ext train | preset {cfg.preset} | {n_params / 1e6:.2f}M params on this rank "
                    f"| lane tp={cfg.tensor_model_parallel_size} pp={cfg.pipeline_model_parallel_size} "
-                   f"ep={cfg.expert_model_parallel_size} dp={dp_size}{' (fsdp2)' if fsdp2 else ''} sp={cfg.sequence_parallel} "
+                   f"ep={cfg.expert_model_parallel_size}"
+                   f"{f' etp={expert_tensor_parallel_size(cfg)}' if cfg.num_experts else ''} "
+                   f"dp={dp_size}{' (fsdp2)' if fsdp2 else ''} sp={cfg.sequence_parallel} "
                    f"| {env.lane} ({device_name(env.lane)}) | {'bf16' if bf16 else 'fp32'} "
                    f"| run folder {run_dir}")
     if cfg.resume:
@@ -309,7 +312,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
                  "parameters_on_rank0": n_params, "dtype": "bf16" if bf16 else "fp32"},
         device=device_name(env.lane),
         lane={"tp": cfg.tensor_model_parallel_size, "pp": cfg.pipeline_model_parallel_size,
-              "cp": cfg.context_parallel_size, "ep": cfg.expert_model_parallel_size, "dp": dp_size, "fsdp2": fsdp2,
+              "cp": cfg.context_parallel_size, "ep": cfg.expert_model_parallel_size,
+              "etp": expert_tensor_parallel_size(cfg) if cfg.num_experts else None, "dp": dp_size, "fsdp2": fsdp2,
               "sp": cfg.sequence_parallel, "world_size": env.world_size, "backend": env.backend,
               "device_lane": env.lane},
         backends=backends.records(),

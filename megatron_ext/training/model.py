@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext import compat
-from megatron_ext.config import (TrainConfig, ffn_hidden_size, gqla_config, mhc_config, mla_config, moe_config,
-                                 moe_load_balancing_type, sparse_attention_config)
+from megatron_ext.config import (TrainConfig, expert_tensor_parallel_size, ffn_hidden_size, gqla_config,
+                                 mhc_config, mla_config, moe_config, moe_load_balancing_type,
+                                 sparse_attention_config)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -33,6 +34,7 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
         expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size(cfg),
         sequence_parallel=cfg.sequence_parallel,
         use_cpu_initialization=lane == "cpu",
         perform_initialization=True,
