@@ -45,8 +45,8 @@ def test_receipt_records_what_the_issue_asks(full_run):
     r = receipt(full_run)
     assert RECEIPT_KEYS <= set(r)
     assert {"torch", "megatron-core"} <= set(r["versions"])
-    assert r["lane"] == {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "dp": 1, "sp": False, "fsdp2": False, "world_size": 1,
-                         "backend": "gloo", "device_lane": "cpu"}
+    assert r["lane"] == {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": None, "dp": 1, "sp": False, "fsdp2": False,
+                         "world_size": 1, "backend": "gloo", "device_lane": "cpu"}  # etp: MoE models only
     assert {"op": "core_attention", "requested": "auto", "observed": "torch_sdpa"}.items() <= r["backends"][0].items()
     assert "cpu_rng_tracker" in r["patches"] and "cpu_clip_grads" in r["patches"]
     t = r["throughput"]
