@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 log = logging.getLogger("megatron_ext.backends")
 
@@ -84,9 +84,32 @@ def note(op: str, requested: str, observed: str, reason: str) -> None:
     _record(op, requested, observed, reason, fallback=False)
 
 
+# (op, key) -> what went wrong: a backend that passed its probe but failed when run on ``key`` (a
+# device, a dtype, a configuration); probes ask :func:`failed` and skip it from then on
+_FAILED: Dict[Tuple[str, Hashable], str] = {}
+
+
+def failed(op: str, key: Hashable) -> Optional[str]:
+    """What made ``op``'s backend fail at run time on ``key`` earlier in this process, or None."""
+    return _FAILED.get((op, key))
+
+
+def run_failure(op: str, requested: str, name: str, key: Hashable, what: str, detail: str,
+                fallback_to: str, use: str) -> None:
+    """Backend ``name`` of ``op`` passed its probe but failed when run on ``key`` (``what``: the
+    failure in words, ``detail``: its cause). Asked for by name: :class:`BackendUnavailable`,
+    ``use`` saying what to ask for instead. Under "auto": remembered for ``key`` (its probe asks
+    :func:`failed`), logged once and recorded as a fallback to ``fallback_to``."""
+    if requested == name:
+        raise BackendUnavailable(f"backend={name!r} for {op}: {what} ({detail}); use {use}")
+    _FAILED[(op, key)] = detail
+    fallback(op, name, fallback_to, f"{what}: {detail}")
+
+
 def records() -> List[dict]:
     return [dataclasses.asdict(r) for r in _RECORDS.values()]
 
 
 def reset() -> None:
     _RECORDS.clear()
+    _FAILED.clear()

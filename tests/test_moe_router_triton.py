@@ -320,7 +320,6 @@ def test_route_falls_back_once_where_the_gate_does_not_build(monkeypatch):
     real_probe = routing._gate_probe
     monkeypatch.setattr(triton_router, "_topk_gate_fwd_kernel", Unbuildable())
     monkeypatch.setattr(triton_router, "_BUILT", set())
-    monkeypatch.setattr(routing, "_GATE_FAILED", {})
     monkeypatch.setattr(routing, "_gate_probe", lambda *a: (lambda: None))   # as on a GPU
     cfg = RouterConfig(num_experts=8, topk=2).validate()
     logits = torch.randn(16, 8, generator=_gen(4))

@@ -68,8 +68,7 @@ def _grouped_mm_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optiona
     return probe
 
 
-# (device, dtype) pairs on which TE's grouped GEMM failed in this process, and those it ran on
-_TE_FAILED: dict = {}
+# (device, dtype) pairs on which TE's grouped GEMM has run in this process (past its guarded first call)
 _TE_RAN: set = set()
 
 
@@ -84,7 +83,7 @@ def _te_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optional[str]]:
         why = te_grouped.unavailable()
         if why:
             return why
-        failed = _TE_FAILED.get(_te_key(x))
+        failed = backends.failed("moe_ffn", _te_key(x))
         if failed is not None:
             return f"TE's grouped GEMM failed here earlier in this run: {failed}"
         devices = {t.device.type for t in (x, w1, w2)}
@@ -114,13 +113,9 @@ def _moe_ffn_te(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tenso
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:   # any failure inside TE's extension: see the docstring
-        why = f"{type(exc).__name__}: {exc}"
-        if requested == "te":
-            raise backends.BackendUnavailable(
-                f"backend='te' for moe_ffn: Transformer Engine's grouped GEMM failed here ({why}); "
-                f"use backend='auto' or one of ['triton', 'grouped_mm', 'torch']") from exc
-        _TE_FAILED[key] = why
-        backends.fallback("moe_ffn", "te", "torch", f"TE's grouped GEMM failed: {why}")
+        backends.run_failure("moe_ffn", requested, "te", key, "Transformer Engine's grouped GEMM "
+                             "failed here", f"{type(exc).__name__}: {exc}", "torch",
+                             "backend='auto' or one of ['triton', 'grouped_mm', 'torch']")
         return None
     _TE_RAN.add(key)
     return out

@@ -334,10 +334,6 @@ def _aux_scores(logits: Tensor, cfg: RouterConfig) -> Tensor:
     return s / (s.sum(-1, keepdim=True) + 1e-20)
 
 
-# (device, router) pairs whose fused gate failed to build in this process: the torch lane from then on
-_GATE_FAILED: dict = {}
-
-
 def _gate_key(logits: Tensor, cfg: RouterConfig):
     return (str(logits.device), cfg.score_function, cfg.pre_softmax, cfg.num_groups,
             cfg.group_topk, cfg.topk, cfg.num_experts)
@@ -360,7 +356,7 @@ def _gate_probe(logits: Tensor, cfg: RouterConfig, requested: str):
             return f"num_experts={cfg.num_experts}: the fused gate takes up to {MAX_EXPERTS}"
         if not _have_triton():
             return "triton is not installed"
-        failed = _GATE_FAILED.get(_gate_key(logits, cfg))
+        failed = backends.failed("moe.route", _gate_key(logits, cfg))
         if failed is not None:
             return f"the fused gate did not build here for this router: {failed}"
         if logits.device.type == "cuda":
@@ -391,12 +387,9 @@ def _fused_selection(logits: Tensor, cfg: RouterConfig, expert_bias: Optional[Te
                          and k > 1, 1.0 if scale is None else scale, cfg.num_groups,
                          cfg.group_topk, replay)
     except GateUnavailable as exc:
-        if backend == "triton":
-            raise backends.BackendUnavailable(
-                f"backend='triton' for moe.route: the fused gate did not build here ({exc}); "
-                f"use backend='auto' or 'torch'") from exc
-        _GATE_FAILED[_gate_key(logits, cfg)] = str(exc)
-        backends.fallback("moe.route", "triton", "torch", f"the fused gate did not build here: {exc}")
+        backends.run_failure("moe.route", backend, "triton", _gate_key(logits, cfg),
+                             "the fused gate did not build here", str(exc), "torch",
+                             "backend='auto' or 'torch'")
         return None
 
 
