@@ -47,6 +47,16 @@ def _grouped_mm_fn() -> Optional[Callable]:
     return fn if fn is not None else getattr(torch, "_grouped_mm", None)
 
 
+def _one_float_dtype(x: Tensor, w1: Tensor, w2: Tensor, who: str) -> Optional[str]:
+    """None when x, w1, w2 share one of bfloat16 / float16 / float32, else why not (``who``: the
+    backend, e.g. "the Triton kernels take")."""
+    dtypes = {t.dtype for t in (x, w1, w2)}
+    if len(dtypes) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return (f"dtypes={sorted(str(d) for d in dtypes)}: {who} x, w1, w2 all bfloat16, float16 "
+                f"or float32")
+    return None
+
+
 def _grouped_mm_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optional[str]]:
     def probe() -> Optional[str]:
         if _grouped_mm_fn() is None:
@@ -89,11 +99,7 @@ def _te_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optional[str]]:
         devices = {t.device.type for t in (x, w1, w2)}
         if devices != {"cuda"}:
             return f"devices={sorted(devices)}: Transformer Engine's grouped GEMM runs on CUDA tensors"
-        dtypes = {t.dtype for t in (x, w1, w2)}
-        if len(dtypes) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return (f"dtypes={sorted(str(d) for d in dtypes)}: TE's grouped GEMM takes x, w1, w2 "
-                    f"all bfloat16, float16 or float32")
-        return None
+        return _one_float_dtype(x, w1, w2, "TE's grouped GEMM takes")
     return probe
 
 
@@ -151,10 +157,9 @@ def _triton_probe(x: Tensor, w1: Tensor, w2: Tensor, requested: str) -> Callable
         why = _triton_too_old()
         if why:
             return why
-        dtypes = {t.dtype for t in (x, w1, w2)}
-        if len(dtypes) != 1 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            return (f"dtypes={sorted(str(d) for d in dtypes)}: the Triton kernels take x, w1, w2 "
-                    f"all bfloat16, float16 or float32")
+        why = _one_float_dtype(x, w1, w2, "the Triton kernels take")
+        if why:
+            return why
         devices = {t.device.type for t in (x, w1, w2)}
         if devices == {"cuda"}:
             return None
@@ -212,13 +217,14 @@ def _check(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
 def _moe_ffn_grouped_mm(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
                         activation: str) -> Tensor:
     gmm = _grouped_mm_fn()
-    x_sorted, order, tokens_per_expert = permute(x, indices, w1.shape[0])
-    # offs = end row of each group; offs[-1] == rows, so no garbage padding rows
-    # (torchtitan #1237: rows past offs[-1] come back as inf/NaN)
-    offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-    h = expert_activation(gmm(x_sorted, w1, offs=offs), activation)
-    y = gmm(h, w2, offs=offs)
-    return unpermute(y, order, probs, x.shape[0])
+
+    def grouped(tokens_per_expert: Tensor):
+        # offs = end row of each group; offs[-1] == rows, so no garbage padding rows
+        # (torchtitan #1237: rows past offs[-1] come back as inf/NaN)
+        offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        return lambda rows, w: gmm(rows, w, offs=offs)
+
+    return reference.permuted_ffn(x, probs, indices, w1, w2, activation, grouped)
 
 
 def _triton_config(x: Tensor, pregather: Optional[bool]):

@@ -11,7 +11,7 @@ Shapes: x [T, H], probs [T, k] (float), indices [T, k] (int), w1 [E, H, 2F] (gat
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,3 +86,15 @@ def unpermute(y_sorted: Tensor, sort_order: Tensor, probs: Tensor, num_tokens: i
     out = torch.zeros(num_tokens, y_sorted.shape[1], dtype=acc, device=y_sorted.device)
     out = out.index_add(0, sort_order // k, y_sorted.to(acc) * w[:, None])
     return out.to(y_sorted.dtype)
+
+
+def permuted_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
+                 activation: str, grouped: Callable[[Tensor], Callable[[Tensor, Tensor], Tensor]]
+                 ) -> Tensor:
+    """The expert FFN as permute -> grouped GEMM -> activation -> grouped GEMM -> weighted
+    unpermute, the pipeline of the grouped-GEMM backends: ``grouped(tokens_per_expert)`` returns
+    ``gemm(rows, w)``, the per-expert ``rows_e @ w[e]`` over rows grouped by expert."""
+    x_sorted, order, tokens_per_expert = permute(x, indices, w1.shape[0])
+    gemm = grouped(tokens_per_expert)
+    h = expert_activation(gemm(x_sorted, w1), activation)
+    return unpermute(gemm(h, w2), order, probs, x.shape[0])

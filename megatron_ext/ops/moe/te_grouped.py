@@ -43,7 +43,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_ext.ops.moe.reference import expert_activation, permute, unpermute
+from megatron_ext.ops.moe.reference import permuted_ffn
 
 Tensor = torch.Tensor
 
@@ -147,8 +147,8 @@ def te_grouped_linear(x: Tensor, w: Tensor, m_splits: List[int]) -> Tensor:
 def te_moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
                activation: str) -> Tensor:
     """``moe_ffn`` on TE's grouped GEMM (shapes as ``moe_ffn``; arguments checked there)."""
-    x_sorted, order, tokens_per_expert = permute(x, indices, w1.shape[0])
-    m_splits = tokens_per_expert.tolist()   # TE's API: group sizes on the host
-    h = expert_activation(te_grouped_linear(x_sorted, w1, m_splits), activation)
-    y = te_grouped_linear(h, w2, m_splits)
-    return unpermute(y, order, probs, x.shape[0])
+    def grouped(tokens_per_expert: Tensor):
+        m_splits = tokens_per_expert.tolist()   # TE's API: group sizes on the host
+        return lambda rows, w: te_grouped_linear(rows, w, m_splits)
+
+    return permuted_ffn(x, probs, indices, w1, w2, activation, grouped)
