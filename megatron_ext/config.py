@@ -489,10 +489,9 @@ class MoEConfig:
         if self.backend not in MOE_BACKENDS:
             raise _err(prefix + "backend", self.backend, "unknown expert backend", f"one of {list(MOE_BACKENDS)}")
         if self.backend == "te":
-            from megatron_ext import compat
             from megatron_ext.ops.moe import te_grouped
 
-            why = "transformer_engine is not installed" if not compat.HAVE_TE else te_grouped.unavailable()
+            why = te_grouped.unavailable()   # "transformer_engine is not installed", or TE's own reason
             if not why and device == "cpu":
                 why = "device='cpu': it runs on CUDA tensors"
             if why:
