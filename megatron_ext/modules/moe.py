@@ -567,8 +567,8 @@ class FusedMoELayer(MegatronModule):
     def _routed(self, x: Tensor, probs: Tensor, indices: Tensor,
                 shared: Optional[Callable[[], Tensor]] = None) -> Tensor:
         """Sum over choices of prob * expert FFN (+ the shared expert), ``[T, H]``: fp32 where
-        something is summed after it (the shared expert, the TP partial sums), else (the fused
-        experts alone, TP = 1) the experts' output in the model dtype."""
+        something is summed after it (the shared expert, the expert-TP partial sums), else (the
+        fused experts alone, no expert TP) the experts' output in the model dtype."""
         det = self.moe.deterministic
         T, k = indices.shape
         if self.ep_size == 1 and not det:
@@ -656,21 +656,18 @@ class FusedMoELayer(MegatronModule):
         r, n = self.etp_rank, self.etp_size
         g = self.parts == 2
         E_l, H, Fl = self.num_local_experts, self.w1.shape[1], self.w2.shape[1]
-
-        def split(axis):   # the F axis sharded over expert TP (none with etp = 1)
-            return [(axis, r, n)] if n > 1 else []
-
-        # with etp = 1 the routed experts' copies on the TP ranks differ in expert-DP rank, and the
-        # shared expert's in TP rank: one copy of each is saved
+        # the F axis is sharded over expert TP (one fragment with etp = 1). With etp = 1 the routed
+        # experts' copies on the TP ranks differ in expert-DP rank, and the shared expert's in TP
+        # rank: one copy of each is saved
         specs = {
-            "w1": ((E_l, H, 2, Fl) if g else (E_l, H, Fl), [ep, *split(3 if g else 2)], (0, 0, self.edp_rank)),
-            "w2": ((E_l, Fl, H), [ep, *split(1)], (0, 0, self.edp_rank)),
+            "w1": ((E_l, H, 2, Fl) if g else (E_l, H, Fl), [ep, (3 if g else 2, r, n)], (0, 0, self.edp_rank)),
+            "w2": ((E_l, Fl, H), [ep, (1, r, n)], (0, 0, self.edp_rank)),
         }
         if self.shared_w1 is not None:
             Fsl = self.shared_w2.shape[0]
             rep = (0, 0 if n > 1 else self.tp_rank, self.dp_rank)
-            specs["shared_w1"] = ((H, 2, Fsl) if g else (H, Fsl), split(2 if g else 1), rep)
-            specs["shared_w2"] = ((Fsl, H), split(0), rep)
+            specs["shared_w1"] = ((H, 2, Fsl) if g else (H, Fsl), [(2 if g else 1, r, n)], rep)
+            specs["shared_w2"] = ((Fsl, H), [(0, r, n)], rep)
         for name, (view, axes, replica) in specs.items():
             key = f"{prefix}{name}"
             sd[key] = _reshaping_factory(key, getattr(self, name), view, axes, sharded_offsets, replica)
