@@ -513,6 +513,23 @@ class MoEConfig:
         return self
 
 
+def check_expert_tp(etp: int, tp: int) -> None:
+    """The fused MoE layer splits experts over the whole TP group (etp = tp) or not at all (1)."""
+    if etp not in (1, tp):
+        raise _err("expert_tensor_parallel_size", etp,
+                   f"the fused MoE layer splits experts over the whole tensor-parallel group "
+                   f"(tensor_model_parallel_size={tp}) or not at all",
+                   f"1 or {tp}" if tp > 1 else "1")
+
+
+def check_expert_widths(etp: int, widths: Dict[str, Optional[int]]) -> None:
+    """Each expert width (field name -> value, None = absent) splits evenly over expert TP."""
+    for name, width in widths.items():
+        if width and width % etp:
+            raise _err(name, width, f"expert tensor parallelism splits it over expert_tensor_parallel_size={etp}",
+                       f"a multiple of {etp}, or --expert-tensor-parallel-size 1")
+
+
 def expert_tensor_parallel_size(cfg: TrainConfig) -> int:
     """The expert-TP size the run uses: the flag, else the TP size (Megatron's default)."""
     etp = cfg.expert_tensor_parallel_size
@@ -569,14 +586,10 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
         raise _err("moe_pad_expert_input_to_capacity", True, "the fused layer's grouped GEMM takes "
                    "jagged expert groups, so padding them to capacity would only add zero rows",
                    "--no-moe-pad-expert-input-to-capacity, or --moe-impl megatron")
-    etp = expert_tensor_parallel_size(cfg)
-    moe_ffn = cfg.moe_ffn_hidden_size or ffn_hidden_size(cfg)
     # with etp = 1 the shared expert is replicated over TP like the routed ones (no split either)
-    for name, width in (("moe_ffn_hidden_size", moe_ffn),
-                        ("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size)):
-        if width and width % etp:
-            raise _err(name, width, f"expert tensor parallelism splits it over expert_tensor_parallel_size={etp}",
-                       f"a multiple of {etp}, or --expert-tensor-parallel-size 1")
+    check_expert_widths(expert_tensor_parallel_size(cfg),
+                        {"moe_ffn_hidden_size": cfg.moe_ffn_hidden_size or ffn_hidden_size(cfg),
+                         "moe_shared_expert_intermediate_size": cfg.moe_shared_expert_intermediate_size})
     if cfg.context_parallel_size > 1:
         raise _err("context_parallel_size", cfg.context_parallel_size, "not supported by the fused MoE layer", "1")
     if cfg.moe_routing_trace_out and cfg.moe_routing_replay and \
@@ -794,11 +807,8 @@ def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] 
         if not cfg.num_experts:
             raise _err("expert_tensor_parallel_size", etp, "expert tensor parallelism needs an MoE model",
                        "--num-experts N, or leave it unset")
-        if cfg.moe_impl == "fused" and etp not in (1, tp):
-            raise _err("expert_tensor_parallel_size", etp,
-                       f"the fused MoE layer splits experts over the whole tensor-parallel group "
-                       f"(tensor_model_parallel_size={tp}) or not at all",
-                       f"1 or {tp}" if tp > 1 else "1")
+        if cfg.moe_impl == "fused":
+            check_expert_tp(etp, tp)
     if cfg.num_experts is not None:
         if cfg.num_experts < 1 or cfg.num_experts % ep:
             raise _err("num_experts", cfg.num_experts,

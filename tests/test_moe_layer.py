@@ -317,6 +317,10 @@ def test_expert_tensor_parallel_size_is_checked_at_config_time():
     with pytest.raises(ConfigError, match=r"expert_tensor_parallel_size=4: the fused MoE layer splits experts "
                                           r"over the whole tensor-parallel group .* or not at all; use 1 or 2"):
         validate(from_preset("test", expert_tensor_parallel_size=4, **base), 4)
+    # without TP there is no group to split experts over (the layer makes the same check)
+    with pytest.raises(ConfigError, match=r"expert_tensor_parallel_size=2: .*\(tensor_model_parallel_size=1\) or "
+                                          r"not at all; use 1$"):
+        validate(from_preset("test", num_experts=4, expert_tensor_parallel_size=2), 2)
     with pytest.raises(ConfigError, match="expert_tensor_parallel_size=1: expert tensor parallelism needs an MoE"):
         validate(from_preset("test", expert_tensor_parallel_size=1), 1)
     assert validate(from_preset("test", expert_tensor_parallel_size=1, moe_ffn_hidden_size=33,

@@ -71,7 +71,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_ext import backends, compat
-from megatron_ext.config import MoEConfig, router_config_from
+from megatron_ext.config import MoEConfig, check_expert_tp, check_expert_widths, router_config_from
 from megatron_ext.observability.moe_stats import STATE, fp8_saturation
 from megatron_ext.ops.moe import moe_ffn
 from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order
@@ -345,14 +345,9 @@ class FusedMoELayer(MegatronModule):
             raise ValueError(f"num_moe_experts={E}: not divisible by expert_model_parallel_size="
                              f"{self.ep_size}; use a multiple of {self.ep_size}")
         # expert TP: the whole TP group (etp = tp) or none (etp = 1: whole experts, local tokens)
-        self.etp_size = 1
+        self.etp_size = ps.get_expert_tensor_parallel_world_size()
+        check_expert_tp(self.etp_size, self.tp_size)
         if self.tp_size > 1:
-            etp = ps.get_expert_tensor_parallel_world_size()
-            if etp not in (1, self.tp_size):
-                raise ValueError(f"expert_tensor_parallel_size={etp}: the fused MoE layer splits experts "
-                                 f"over the whole tensor-parallel group or not at all; use "
-                                 f"expert_tensor_parallel_size 1 or {self.tp_size}")
-            self.etp_size = etp
             if not config.sequence_parallel:
                 raise ValueError("sequence_parallel=False: the fused MoE layer with tensor parallelism "
                                  "takes [s/tp, b, h] inputs; use --sequence-parallel")
@@ -361,10 +356,7 @@ class FusedMoELayer(MegatronModule):
         H = config.hidden_size
         Fe = config.moe_ffn_hidden_size or config.ffn_hidden_size
         Fs = getattr(config, "moe_shared_expert_intermediate_size", None)
-        for name, width in (("moe_ffn_hidden_size", Fe), ("moe_shared_expert_intermediate_size", Fs)):
-            if width and width % self.etp_size:
-                raise ValueError(f"{name}={width}: not divisible by expert_tensor_parallel_size="
-                                 f"{self.etp_size}; use a multiple of {self.etp_size}")
+        check_expert_widths(self.etp_size, {"moe_ffn_hidden_size": Fe, "moe_shared_expert_intermediate_size": Fs})
         gated = self.activation in GATED_ACTIVATIONS
         self.parts = 2 if gated else 1
         dtype = config.params_dtype
