@@ -43,7 +43,7 @@ def check_mcore_supported() -> None:
     if not lo <= v < hi:
         raise RuntimeError(
             f"megatron-core={v}: unsupported; use megatron-core>={lo},<{hi} "
-            f"(0.16.1 is the newest for Python 3.11, 0.19.2 is tested on GPU)")
+            f"(0.16.1 is the newest that installs on Python 3.11; 0.19.2 is tested on GPU and on CPU)")
 
 
 def has_megatron_training() -> bool:

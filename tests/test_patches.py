@@ -59,3 +59,20 @@ def test_cpu_rng_tracker_forks_reproducibly():
     tracker.add("a", 7)
     with tracker.fork("a"):
         assert torch.equal(torch.rand(4), x)
+
+
+def test_the_megatron_core_under_test_is_the_one_asked_for():
+    """The second CI lane (``scripts/mcore_overlay.py``) puts a newer megatron-core first on the path
+    and names it in MEGATRON_EXT_EXPECT_MCORE; if the overlay did not take, every test of that lane
+    would silently test the installed release again."""
+    import os
+
+    import megatron.core
+
+    expected = os.environ.get("MEGATRON_EXT_EXPECT_MCORE")
+    version = compat.mcore_version()
+    lo, hi = compat.SUPPORTED_MCORE
+    assert lo <= version < hi
+    if expected:
+        assert version == Version(expected), f"imported megatron-core {version} from {megatron.core.__file__}"
+        assert compat.package_versions().get("megatron-core") == expected
