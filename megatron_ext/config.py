@@ -341,7 +341,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     seed: int = 1234
-    bf16: Optional[bool] = None  # default: on for CUDA, off on CPU
+    bf16: Optional[bool] = None  # default: on for CUDA, off on CPU (where it is allowed)
     # activation recompute (Megatron's): full layers, uniform chunks of recompute_num_layers
     recompute_granularity: Optional[str] = None  # None | full | selective
     recompute_method: str = "uniform"
@@ -738,8 +738,10 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
                            or cfg.sparse_topk):
         raise _err("attention_pattern", None, "window/sink/top-k options need sparse attention on",
                    "--attention-pattern (e.g. W) or --sparse-attention (window/sinks also: --attention-type gqla)")
-    if cfg.bf16 and lane == "cpu":
-        raise _err("bf16", True, "the CPU lane trains in fp32", "--no-bf16, or run on a GPU")
+    if cfg.bf16 and lane == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in (
+            "1", "true", "yes", "on"):
+        raise _err("bf16", True, "under TRITON_INTERPRET=1 the CPU lane runs the Triton kernels in the "
+                   "interpreter, whose tl.dot is wrong on bf16 inputs", "--no-bf16, or unset TRITON_INTERPRET")
     if cfg.exit_after_iters is not None and cfg.exit_after_iters < 1:
         raise _err("exit_after_iters", cfg.exit_after_iters, "must be positive", "an integer >= 1")
     if cfg.hang_dump_seconds is not None and not cfg.hang_dump_seconds > 0:

@@ -207,3 +207,46 @@ def _recompute_rng():
 
     mr._get_cuda_rng_state = lambda *args, **kwargs: None
     mr._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor"}
+
+
+@contextlib.contextmanager
+def _cpu_params_named_as_cuda():
+    """``Tensor.type()`` (no arguments) on a CPU float tensor answers with the CUDA type name."""
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        if not args and not kwargs and self.device.type == "cpu" and self.dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[self.dtype]
+        return original(self, *args, **kwargs)
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+@patch("cpu_mixed_precision_optimizer", lane="cpu",
+       reason="optimizer.py Float16OptimizerWithFloat16Params and distrib_optimizer.py DistributedOptimizer "
+              "sort parameters into bf16/fp16 (with fp32 main copies) and fp32 groups by "
+              "param.type() in ['torch.cuda.HalfTensor', 'torch.cuda.BFloat16Tensor'] / "
+              "'torch.cuda.FloatTensor' and raise TypeError on CPU tensors; while they are built, "
+              "Tensor.type() names CPU floats by their CUDA type")
+def _mixed_precision_optimizer():
+    import functools
+
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def wrapped(self, *args, __init=init, **kwargs):
+            with _cpu_params_named_as_cuda():
+                return __init(self, *args, **kwargs)
+
+        cls.__init__ = wrapped

@@ -16,7 +16,6 @@ CASES = [
     (["--tensor-model-parallel-size", "3"], "world_size=1", "a multiple of 3"),
     (["--hidden-size", "66"], "hidden_size=66", "num_attention_heads=4"),
     (["--sequence-parallel"], "sequence_parallel=True", "tensor_model_parallel_size > 1"),
-    (["--bf16"], "bf16=True", "--no-bf16"),
     (["--expert-model-parallel-size", "2"], "expert_model_parallel_size=2", "--num-experts"),
     (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5", "1 <= k <= num_experts"),
     (["--normalization", "BatchNorm"], "normalization='BatchNorm'", "'LayerNorm', 'RMSNorm'"),
@@ -34,6 +33,18 @@ def test_bad_input_fails_at_config_time(tmp_path, capsys, argv, field, allowed):
     assert len(err) == 1 and err[0].startswith("megatron-ext: error: ")
     assert field in err[0] and allowed in err[0], err[0]
     assert not runs.exists(), "a rejected run must leave nothing behind"
+
+
+def test_bf16_under_the_triton_interpreter_is_refused(tmp_path, capsys, monkeypatch):
+    """bf16 trains on the CPU lane (tests/test_train.py), but not with the kernels interpreted."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    runs = tmp_path / "runs"
+    rc = main(["train", "--runs-root", str(runs), "--device", "cpu", "--bf16"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not runs.exists()
+    assert err == ("megatron-ext: error: bf16=True: under TRITON_INTERPRET=1 the CPU lane runs the Triton "
+                   "kernels in the interpreter, whose tl.dot is wrong on bf16 inputs; use --no-bf16, or unset "
+                   "TRITON_INTERPRET")
 
 
 def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):

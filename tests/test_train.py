@@ -81,3 +81,26 @@ def test_killed_run_resumes_onto_the_same_curve(full_run, tmp_path):
     assert r["loss"]["start_iteration"] == 10 and r["throughput"]["steps_this_run"] == 10
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals if e["kind"] == "eval"] == [10, 20]
+
+
+def test_bf16_on_cpu_trains_near_fp32_and_resumes_onto_the_same_curve(tmp_path):
+    """The GPU's precision path on the CPU lane: Float16Module, Megatron's mixed-precision optimizer
+    (bf16 model weights, fp32 masters) and their checkpoint, with mHC streams and a fused MoE layer
+    in the model; under `make test-mcore-next` the same on megatron-core 0.19.2."""
+    args = ["--mhc-num-streams", "4", "--num-experts", "4", "--train-iters", "6", "--save-interval", "3",
+            "--eval-iters", "0"]
+    fp32, bf16, killed = tmp_path / "fp32", tmp_path / "bf16", tmp_path / "killed"
+    assert train_inprocess(fp32, *args) == 0
+    assert train_inprocess(bf16, *args, "--bf16") == 0
+    assert train_inprocess(killed, *args, "--bf16", "--exit-after-iters", "5") == 0
+    assert checkpoint.latest_iteration(killed / "checkpoints") == 3
+    assert train_inprocess(killed, *args, "--bf16", "--resume") == 0
+
+    reference, losses = train_losses(fp32), train_losses(bf16)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
+    assert losses == pytest.approx(reference, rel=2e-2)  # bf16 rounding, not a different model
+    assert losses != reference
+    assert train_losses(killed) == pytest.approx(losses, rel=1e-6)
+    r = receipt(killed)
+    assert r["runtime"]["dtype"] == "bf16" and "cpu_mixed_precision_optimizer" in r["patches"]
+    assert receipt(fp32)["runtime"]["dtype"] == "fp32"
