@@ -87,8 +87,8 @@ class Target:
 
 
 TARGETS = {
-    # The train loop: Megatron DDP without the distributed optimizer, no overlap, no VPP/CP yet; or
-    # FSDP2 over the data-parallel group alone (TP = PP = EP = 1, dense models).
+    # The train loop: Megatron DDP (the distributed optimizer when the config asks for it), no
+    # overlap, no VPP/CP yet; or FSDP2 over the data-parallel group alone (TP = PP = EP = 1, dense).
     "train": Target("train", distributed_optimizer=False, overlap_grad_reduce=False, fsdp2=True, vpp=False,
                     cp=False),
     # Megatron's pretrain with --use-distributed-optimizer --overlap-grad-reduce and this project's --spec.
@@ -481,6 +481,9 @@ class Planner:
         self.cfg = cfg
         self.cluster = cluster
         self.target = TARGETS[target]
+        if target == "train" and cfg.use_distributed_optimizer:
+            # train with --use-distributed-optimizer: Adam states sharded over DP; FSDP2 excludes it
+            self.target = dataclasses.replace(self.target, distributed_optimizer=True, fsdp2=False)
         self.model = ModelShape.from_config(cfg, vocab_size)
         self._structural: Dict[Tuple, Optional[str]] = {}
 

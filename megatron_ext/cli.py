@@ -26,6 +26,8 @@ _HELP = {
     "progress": "auto: a bar on a terminal, log lines otherwise",
     "device": "auto: CUDA when visible, else CPU with gloo",
     "exit_after_iters": "stop after this iteration (as if the job were killed); resume continues it",
+    "use_distributed_optimizer": "Megatron's distributed optimizer: Adam states and fp32 master weights "
+                                 "sharded over data parallelism (checkpoints stay loadable at any layout)",
     "bf16": "bf16 parameters and compute with fp32 master weights (default: on for CUDA, off on CPU)",
     "sparse_attention": "sparse MQA attention in every layer (default: on when --attention-pattern is set)",
     "attention_pattern": "sparse attention per layer, one letter a layer, repeated: D dense, W window+sinks, "

@@ -358,6 +358,9 @@ class TrainConfig:
     # FSDP2 (torch fully_shard) over the data-parallel group instead of replicated DDP: parameters,
     # gradients and Adam states sharded (docs/lanes.md, FSDP2); the lane spec's `fsdp2` sets it
     use_torch_fsdp2: bool = False
+    # Megatron's distributed optimizer (ZeRO-1): Adam states and fp32 master weights sharded over the
+    # data-parallel group, gradients reduce-scattered, parameters all-gathered after the step
+    use_distributed_optimizer: bool = False
     # "auto" or an explicit lane spec ("tp2,sp,pp1,ep4,dp2"): planned by launch/plan.py before
     # validation; the lane fields above are then set from the plan (docs/lanes.md)
     lanes: Optional[str] = None
@@ -801,6 +804,9 @@ def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] 
     dp = world_size // model_parallel
     if cfg.use_torch_fsdp2:
         _check_fsdp2(cfg)
+        if cfg.use_distributed_optimizer:
+            raise _err("use_distributed_optimizer", True, "FSDP2 already shards the optimizer states",
+                       "one of --use-torch-fsdp2 and --use-distributed-optimizer")
     if ep > 1 and not cfg.num_experts:
         raise _err("expert_model_parallel_size", ep, "expert parallelism needs an MoE model",
                    "--num-experts N (a multiple of the EP size), or expert_model_parallel_size 1")

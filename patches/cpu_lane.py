@@ -250,3 +250,25 @@ def _mixed_precision_optimizer():
                 return __init(self, *args, **kwargs)
 
         cls.__init__ = wrapped
+
+
+@patch("cpu_dist_optimizer_gather", lane="cpu",
+       reason="distrib_optimizer.py get_parameter_state_dp_zero(use_gloo_comm=False), which the "
+              "'fully_reshardable' checkpoint format calls, moves each shard with .cuda() before "
+              "gathering it over the data-parallel group; on the CPU lane every group is gloo, so "
+              "take its gloo-group branch (use_gloo_comm=True), which keeps the shards on the CPU")
+def _dist_optimizer_gather():
+    import functools
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.get_parameter_state_dp_zero
+
+    @functools.wraps(original)
+    def get_parameter_state_dp_zero(self, *args, **kwargs):
+        kwargs["use_gloo_comm"] = True
+        if args:  # use_gloo_comm is the first positional parameter
+            args = args[1:]
+        return original(self, *args, **kwargs)
+
+    DistributedOptimizer.get_parameter_state_dp_zero = get_parameter_state_dp_zero

@@ -46,3 +46,78 @@ def _pp_stream_width():
         return [tuple(shape[:-1]) + (shape[-1] * n,) for shape in shapes] if n > 1 else shapes
 
     sch.get_tensor_shapes = get_tensor_shapes
+
+
+@patch("dist_optimizer_fresh_state_dict", lane="any",
+       reason="distrib_optimizer.DistributedOptimizer.state_dict without apex/TE reads Adam's 'step' "
+              "from the inner optimizer's per-parameter state and asserts exactly one value; before the "
+              "first step that state is empty, and loading a checkpoint builds exactly that state dict "
+              "(sharded_state_dict(is_loading=True)), so every distributed-optimizer resume without "
+              "apex/TE failed with a bare AssertionError (a never-stepped optimizer now reports step 0); "
+              "its 'fully_reshardable' load then raised KeyError 'step' (the step is kept), and "
+              "load_state_dict gave all parameters one shared step tensor that Adam then advanced "
+              "once per parameter per iteration (one step tensor each)")
+def _dist_optimizer_fresh_state_dict():
+    import functools
+
+    import torch
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    original = dopt.DistributedOptimizer.state_dict
+
+    @functools.wraps(original)
+    def state_dict(self):
+        inner = getattr(self, "optimizer", None)
+        if dopt.HAVE_APEX_OR_TE or inner is None or len(inner.state) > 0:
+            return original(self)
+        real = inner.state_dict
+
+        def stepped_zero():
+            sd = real()
+            # state_dict keeps only the step from the per-parameter state (and drops the rest)
+            sd["state"] = {0: {"step": torch.tensor(0.0)}}
+            return sd
+
+        inner.state_dict = stepped_zero
+        try:
+            return original(self)
+        finally:
+            del inner.state_dict
+
+    dopt.DistributedOptimizer.state_dict = state_dict
+
+    # Loading the 'fully_reshardable' format copies every entry of each parameter's Adam state from
+    # the checkpoint's tensors (param, exp_avg, exp_avg_sq); without apex/TE that state also holds
+    # torch Adam's 'step' (set by load_state_dict from the param groups), which the checkpoint's
+    # tensors never carry: KeyError 'step'. Keep the step load_state_dict has just set.
+    set_states = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(set_states)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if not dopt.HAVE_APEX_OR_TE and "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return set_states(self, model_param, tensors)
+
+    dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+
+    # load_state_dict without apex/TE gives every parameter's Adam state the same 'step' tensor
+    # object; torch's Adam increments each parameter's step in place, so after a resume the shared
+    # step advanced once per parameter per iteration (3 -> 27 after one step of a 24-parameter
+    # group) and the bias correction ran at the wrong step. One step tensor per parameter.
+    load = dopt.DistributedOptimizer.load_state_dict
+
+    @functools.wraps(load)
+    def load_state_dict(self, state_dict):
+        out = load(self, state_dict)
+        inner = getattr(self, "optimizer", None)
+        if not dopt.HAVE_APEX_OR_TE and inner is not None:
+            for state in inner.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+        return out
+
+    dopt.DistributedOptimizer.load_state_dict = load_state_dict

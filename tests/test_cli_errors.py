@@ -16,6 +16,8 @@ CASES = [
     (["--tensor-model-parallel-size", "3"], "world_size=1", "a multiple of 3"),
     (["--hidden-size", "66"], "hidden_size=66", "num_attention_heads=4"),
     (["--sequence-parallel"], "sequence_parallel=True", "tensor_model_parallel_size > 1"),
+    (["--use-torch-fsdp2", "--use-distributed-optimizer"], "use_distributed_optimizer=True",
+     "one of --use-torch-fsdp2 and --use-distributed-optimizer"),
     (["--expert-model-parallel-size", "2"], "expert_model_parallel_size=2", "--num-experts"),
     (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5", "1 <= k <= num_experts"),
     (["--normalization", "BatchNorm"], "normalization='BatchNorm'", "'LayerNorm', 'RMSNorm'"),

@@ -59,3 +59,24 @@ def test_mhc_tp2_sequence_parallel_matches_world_size_1(tmp_path):
 
 def test_mhc_pp2_carries_the_streams_between_stages(tmp_path):
     _pp2_continues_ws1(tmp_path, "mhc", "--mhc-num-streams", "4", "--mhc-backend", "torch")
+
+
+def test_distributed_optimizer_dp2_matches_world_size_1_and_resumes_there(tmp_path):
+    """Megatron's distributed optimizer at DP=2 over gloo (gradients reduce-scattered, Adam states and
+    fp32 masters sharded, parameters all-gathered) equals world size 1, dense and expert parameters
+    alike; its checkpoint ('fully_reshardable') then resumes at world size 1 with the same losses."""
+    model = ["--num-experts", "4", "--mhc-num-streams", "2", "--mhc-backend", "torch", "--save-interval", "3"]
+    ws1 = tmp_path / "ws1"
+    assert train_inprocess(ws1, *ITERS, *model) == 0
+    dp2 = tmp_path / "dp2"
+    proc = train_torchrun(dp2, 2, *ITERS, *model, "--use-distributed-optimizer")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert receipt(dp2)["lane"]["dp"] == 2
+    assert train_losses(dp2) == pytest.approx(train_losses(ws1), rel=2e-5)
+    resumed = tmp_path / "dp2_at_ws1"
+    shutil.copytree(dp2, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "iter_0000006")
+    (resumed / "checkpoints" / checkpoint.TRACKER).write_text("3")
+    assert train_inprocess(resumed, *ITERS, *model, "--use-distributed-optimizer", "--resume") == 0
+    assert receipt(resumed)["loss"]["start_iteration"] == 3
+    assert train_losses(resumed) == pytest.approx(train_losses(ws1), rel=2e-5)

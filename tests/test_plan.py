@@ -121,7 +121,12 @@ def test_optimizer_sharding_and_fsdp2_memory():
     assert dp8.optimizer == pytest.approx(12 * params / 8, rel=0.01)
     assert fsdp.weights + fsdp.grads + fsdp.optimizer < 0.5 * (dp8.weights + dp8.grads + dp8.optimizer)
     train = _planner(DENSE_7B, 1, "h100-80g", "train").evaluate(Lanes(dp=8)).memory
-    assert train.optimizer == pytest.approx(12 * params, rel=0.01)  # no distributed optimizer in train
+    assert train.optimizer == pytest.approx(12 * params, rel=0.01)  # train's default: replicated Adam
+    dist = _planner(DENSE_7B, 1, "h100-80g", "train", use_distributed_optimizer=True)
+    assert dist.evaluate(Lanes(dp=8)).memory.optimizer == pytest.approx(12 * params / 8, rel=0.01)
+    plan = dist.plan("auto")
+    assert not plan.lanes.fsdp2 and plan.memory.fits, plan.table()  # FSDP2 and it exclude each other
+    assert "distributed optimizer shards Adam states over DP" in plan.table()
 
 
 def test_train_plans_fsdp2_and_applies_it_to_the_config():

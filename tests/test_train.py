@@ -104,3 +104,24 @@ def test_bf16_on_cpu_trains_near_fp32_and_resumes_onto_the_same_curve(tmp_path):
     r = receipt(killed)
     assert r["runtime"]["dtype"] == "bf16" and "cpu_mixed_precision_optimizer" in r["patches"]
     assert receipt(fp32)["runtime"]["dtype"] == "fp32"
+
+    # Megatron's distributed optimizer (at world size 1 the same Adam on the same fp32 masters),
+    # killed and resumed: its checkpoint format and three upstream resume bugs without apex/TE
+    dist = tmp_path / "distopt"
+    assert train_inprocess(dist, *args, "--bf16", "--use-distributed-optimizer", "--exit-after-iters", "5") == 0
+    assert train_inprocess(dist, *args, "--bf16", "--use-distributed-optimizer", "--resume") == 0
+    assert train_losses(dist) == pytest.approx(losses, rel=2e-5)
+    assert {"dist_optimizer_fresh_state_dict", "cpu_dist_optimizer_gather"} <= set(receipt(dist)["patches"])
+
+
+def test_resuming_across_optimizer_layouts_is_a_clear_error(tmp_path, capsys):
+    """The distributed optimizer stores its fp32 masters under other keys than Megatron's other
+    optimizers: resuming with the other one is refused, naming the flag, before any state loads."""
+    run = tmp_path / "distopt"
+    args = ["--train-iters", "2", "--lr-warmup-iters", "1", "--save-interval", "2", "--eval-iters", "0"]
+    assert train_inprocess(run, *args, "--use-distributed-optimizer") == 0
+    capsys.readouterr()
+    assert train_inprocess(run, *args, "--resume") == 2
+    err = capsys.readouterr().err
+    assert ("use_distributed_optimizer=False: " in err and "optimizer state written with "
+            "--use-distributed-optimizer" in err and "resume with --use-distributed-optimizer" in err), err

@@ -41,9 +41,17 @@ def latest_iteration(root: Path) -> Optional[int]:
     return int(text)
 
 
+# How Megatron's distributed optimizer lays out its shards in a checkpoint: "fully_reshardable"
+# writes each parameter's Adam states and fp32 master in the parameter's own (global) shape, so the
+# checkpoint loads at any TP/PP/EP/DP layout, with or without the distributed optimizer (Megatron's
+# --dist-ckpt-optim-fully-reshardable). Other optimizers ignore it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def _state(model, optimizer, is_loading: bool) -> Dict[str, Any]:
     model_sd = model.sharded_state_dict()
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                                         metadata=OPTIMIZER_METADATA)}
 
 
 def _write(root: Path, iteration: int, state: Dict[str, Any]) -> Path:
@@ -84,9 +92,17 @@ def save_weights_only(root: Path, iteration: int, model, extra: Dict[str, Any]) 
                                     "extra": extra, WEIGHTS_ONLY: True})
 
 
-def load(root: Path, model, optimizer, scheduler) -> Optional[Tuple[int, Dict[str, Any]]]:
+# ``extra`` key naming the optimizer layout a checkpoint's optimizer state was written in: Megatron's
+# distributed optimizer stores its fp32 masters as ``param``, the other optimizers as ``fp32_param``
+DISTRIBUTED_OPTIMIZER = "distributed_optimizer"
+
+
+def load(root: Path, model, optimizer, scheduler,
+         distributed_optimizer: bool = False) -> Optional[Tuple[int, Dict[str, Any]]]:
     """Load the newest checkpoint under ``root`` in place; None when there is none. A weights-only
-    checkpoint (:func:`save_weights_only`) restores the model and leaves optimizer and scheduler fresh."""
+    checkpoint (:func:`save_weights_only`) restores the model and leaves optimizer and scheduler fresh.
+    ``distributed_optimizer``: whether this run uses Megatron's distributed optimizer, whose optimizer
+    state a checkpoint written without it cannot fill (and the reverse)."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
@@ -100,6 +116,15 @@ def load(root: Path, model, optimizer, scheduler) -> Optional[Tuple[int, Dict[st
         logging.getLogger("megatron_ext.train").info(
             "%s holds weights only: the optimizer and the LR schedule start fresh", path)
         return int(common["iteration"]), dict(common["extra"])
+    saved = bool(common.get("extra", {}).get(DISTRIBUTED_OPTIMIZER, False))
+    if saved != distributed_optimizer:
+        from megatron_ext.config import ConfigError
+
+        flag = "--use-distributed-optimizer"
+        raise ConfigError(
+            f"use_distributed_optimizer={distributed_optimizer}: {path} holds optimizer state written "
+            f"{'with' if saved else 'without'} {flag}, whose layout this run's optimizer cannot load; "
+            f"resume {'with' if saved else 'without'} {flag}")
     # Non-sharded entries (scheduler, iteration, extra) come back from the common state file.
     state = _state(model, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))

@@ -239,9 +239,11 @@ class ShardedAdam:
                 for k in _ADAM_STATES:
                     state[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading: bool = False):
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading: bool = False, metadata=None):
         """The layout of Megatron's FP32Optimizer (fp32 runs) or Float16OptimizerWithFloat16Params
-        (bf16 runs: Adam states under ``optimizer``, the fp32 masters as ``fp32_from_fp16_params``)."""
+        (bf16 runs: Adam states under ``optimizer``, the fp32 masters as ``fp32_from_fp16_params``).
+        ``metadata`` (Megatron's format options, which only its distributed optimizer reads) is
+        accepted for the same call signature and ignored."""
         from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 
         if is_loading:

@@ -175,13 +175,14 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
             module = Float16Module(tconfig, model)
         ddp = DistributedDataParallel(
             tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                       use_distributed_optimizer=False), module)
+                                       use_distributed_optimizer=cfg.use_distributed_optimizer), module)
         tconfig.finalize_model_grads_func = finalize_model_grads
         optimizer = get_megatron_optimizer(
             compat.optimizer_config(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr,
                                     weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
                                     adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, bf16=bf16,
-                                    params_dtype=tconfig.params_dtype, use_distributed_optimizer=False),
+                                    params_dtype=tconfig.params_dtype,
+                                    use_distributed_optimizer=cfg.use_distributed_optimizer),
             [ddp])
     ckpt_model = ddp if fsdp2 else ddp.module  # FSDP2 writes its shards in the DDP lane's layout
     gbs = cfg.global_batch_size
@@ -198,7 +199,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     start_iter, consumed = 0, 0
     if cfg.resume:
         with clock.phase("checkpoint"):
-            loaded = checkpoint.load(ckpt_root, ckpt_model, optimizer, scheduler)
+            loaded = checkpoint.load(ckpt_root, ckpt_model, optimizer, scheduler,
+                                     distributed_optimizer=cfg.use_distributed_optimizer)
         if loaded is None:
             raise ConfigError(f"resume=True: no checkpoint in {str(ckpt_root)!r}; "
                              "run without --resume to start fresh")
@@ -294,7 +296,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
             with clock.phase("checkpoint"):
                 checkpoint.save(ckpt_root, iteration, ckpt_model, optimizer, scheduler,
                                 {"consumed_samples": consumed, "global_batch_size": gbs,
-                                 "seq_length": cfg.seq_length, "preset": cfg.preset})
+                                 "seq_length": cfg.seq_length, "preset": cfg.preset,
+                                 checkpoint.DISTRIBUTED_OPTIMIZER: cfg.use_distributed_optimizer})
             progress.write(f"iter {iteration:>6} | saved checkpoint {checkpoint.iteration_dir(ckpt_root, iteration)}")
         faults.maybe_kill(env.rank, iteration)  # test-only (MEGATRON_EXT_TEST_KILL_RANK); no-op unset
     progress.close()
