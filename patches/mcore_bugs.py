@@ -54,7 +54,9 @@ def _pp_stream_width():
               "first step that state is empty, and loading a checkpoint builds exactly that state dict "
               "(sharded_state_dict(is_loading=True)), so every distributed-optimizer resume without "
               "apex/TE failed with a bare AssertionError (a never-stepped optimizer now reports step 0); "
-              "its 'fully_reshardable' load then raised KeyError 'step' (the step is kept), and "
+              "its 'fully_reshardable' load then raised KeyError 'step' and its 'dp_reshardable' load reset "
+              "the step to the load's placeholder (the saved step is kept) and failed on fp32 models "
+              "(an in-place copy into parameter views outside no_grad), and "
               "load_state_dict gave all parameters one shared step tensor that Adam then advanced "
               "once per parameter per iteration (one step tensor each)")
 def _dist_optimizer_fresh_state_dict():
@@ -86,15 +88,20 @@ def _dist_optimizer_fresh_state_dict():
 
     dopt.DistributedOptimizer.state_dict = state_dict
 
-    # Loading the 'fully_reshardable' format copies every entry of each parameter's Adam state from
-    # the checkpoint's tensors (param, exp_avg, exp_avg_sq); without apex/TE that state also holds
-    # torch Adam's 'step' (set by load_state_dict from the param groups), which the checkpoint's
-    # tensors never carry: KeyError 'step'. Keep the step load_state_dict has just set.
+    # Loading copies every entry of each parameter's Adam state from the checkpoint's tensors.
+    # Without apex/TE that state also holds torch Adam's 'step', which load_state_dict has just set
+    # from the checkpoint's param groups (the saved step). The 'fully_reshardable' tensors never
+    # carry it (KeyError 'step'); the 'dp_reshardable' ones carry a step that is not loaded but left
+    # at the placeholder the load was set up with, so the resumed Adam restarted its bias
+    # correction at step 0. Keep the step load_state_dict set, in both. Also: the 'dp_reshardable'
+    # load runs outside no_grad, and in an fp32 model the main params are views of the parameters,
+    # so its copy_ failed ("a view of a leaf Variable that requires grad ..."); copy under no_grad.
     set_states = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
 
     @functools.wraps(set_states)
+    @torch.no_grad()
     def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if not dopt.HAVE_APEX_OR_TE and "step" not in tensors:
+        if not dopt.HAVE_APEX_OR_TE:
             group_index, group_order = self.model_param_group_index_map[model_param]
             main_param = self.optimizer.param_groups[group_index]["params"][group_order]
             step = self.optimizer.state[main_param].get("step")

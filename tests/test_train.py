@@ -128,3 +128,19 @@ def test_resuming_across_optimizer_layouts_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert ("use_distributed_optimizer=False: " in err and "optimizer state written with "
             "--use-distributed-optimizer" in err and "resume with --use-distributed-optimizer" in err), err
+
+
+def test_distributed_optimizer_resumes_in_megatrons_default_format(tmp_path, monkeypatch):
+    """Megatron's own pretrain saves the distributed optimizer as 'dp_reshardable' (train uses
+    'fully_reshardable'); without apex/TE its resume restarted Adam's step at the load's placeholder
+    0 (the loss left the curve) until patched: a killed run must continue the uninterrupted one."""
+    from megatron_ext.training import checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "OPTIMIZER_METADATA", {"distrib_optim_sharding_type": "dp_reshardable"})
+    args = ["--num-experts", "4", "--train-iters", "6", "--save-interval", "3", "--eval-iters", "0",
+            "--use-distributed-optimizer"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert train_inprocess(whole, *args) == 0
+    assert train_inprocess(killed, *args, "--exit-after-iters", "5") == 0
+    assert train_inprocess(killed, *args, "--resume") == 0
+    assert train_losses(killed) == pytest.approx(train_losses(whole), rel=1e-6)
