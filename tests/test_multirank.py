@@ -61,20 +61,25 @@ def test_mhc_pp2_carries_the_streams_between_stages(tmp_path):
     _pp2_continues_ws1(tmp_path, "mhc", "--mhc-num-streams", "4", "--mhc-backend", "torch")
 
 
-def test_distributed_optimizer_dp2_matches_world_size_1_and_resumes_there(tmp_path):
-    """Megatron's distributed optimizer at DP=2 over gloo (gradients reduce-scattered, Adam states and
-    fp32 masters sharded, parameters all-gathered) equals world size 1, dense and expert parameters
-    alike; its checkpoint ('fully_reshardable') then resumes at world size 1 with the same losses."""
-    model = ["--num-experts", "4", "--mhc-num-streams", "2", "--mhc-backend", "torch", "--save-interval", "3"]
+@pytest.mark.parametrize("lane,model", [
+    (["--use-distributed-optimizer"], ["--num-experts", "4", "--mhc-num-streams", "2", "--mhc-backend", "torch"]),
+    (["--use-distributed-optimizer", "--expert-model-parallel-size", "2"], ["--num-experts", "4"]),
+], ids=["dp2_moe_mhc", "ep2_moe"])
+def test_distributed_optimizer_matches_world_size_1_and_resumes_there(tmp_path, lane, model):
+    """Megatron's distributed optimizer over gloo equals world size 1: at DP=2 (gradients
+    reduce-scattered, Adam states and fp32 masters sharded, parameters all-gathered), and at EP=2
+    (dense parameters sharded over DP=2, experts split over EP with expert-DP 1). Its checkpoint
+    ('fully_reshardable') then resumes at world size 1, EP=1, onto world size 1's losses."""
+    model = [*model, "--save-interval", "3"]
     ws1 = tmp_path / "ws1"
     assert train_inprocess(ws1, *ITERS, *model) == 0
-    dp2 = tmp_path / "dp2"
-    proc = train_torchrun(dp2, 2, *ITERS, *model, "--use-distributed-optimizer")
+    two = tmp_path / "two_ranks"
+    proc = train_torchrun(two, 2, *ITERS, *model, *lane)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert receipt(dp2)["lane"]["dp"] == 2
-    assert train_losses(dp2) == pytest.approx(train_losses(ws1), rel=2e-5)
-    resumed = tmp_path / "dp2_at_ws1"
-    shutil.copytree(dp2, resumed)
+    assert receipt(two)["lane"]["dp"] == 2
+    assert train_losses(two) == pytest.approx(train_losses(ws1), rel=2e-5)
+    resumed = tmp_path / "resumed_at_ws1"
+    shutil.copytree(two, resumed)
     shutil.rmtree(resumed / "checkpoints" / "iter_0000006")
     (resumed / "checkpoints" / checkpoint.TRACKER).write_text("3")
     assert train_inprocess(resumed, *ITERS, *model, "--use-distributed-optimizer", "--resume") == 0
