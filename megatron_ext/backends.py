@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 log = logging.getLogger("megatron_ext.backends")
@@ -32,6 +33,11 @@ _RECORDS: Dict[Tuple[str, str, str], BackendRecord] = {}
 
 class BackendUnavailable(ValueError):
     pass
+
+
+def triton_interpret_env() -> bool:
+    """Whether TRITON_INTERPRET asks for the Triton CPU interpreter (the values Triton accepts)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def resolve(op: str, requested: str, candidates: Sequence[Tuple[str, Probe]]) -> str:

@@ -10,6 +10,8 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional
 
+from megatron_ext import backends
+
 
 class ConfigError(ValueError):
     """Bad user input, found at config time."""
@@ -741,8 +743,7 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
                            or cfg.sparse_topk):
         raise _err("attention_pattern", None, "window/sink/top-k options need sparse attention on",
                    "--attention-pattern (e.g. W) or --sparse-attention (window/sinks also: --attention-type gqla)")
-    if cfg.bf16 and lane == "cpu" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() in (
-            "1", "true", "yes", "on"):
+    if cfg.bf16 and lane == "cpu" and backends.triton_interpret_env():
         raise _err("bf16", True, "under TRITON_INTERPRET=1 the CPU lane runs the Triton kernels in the "
                    "interpreter, whose tl.dot is wrong on bf16 inputs", "--no-bf16, or unset TRITON_INTERPRET")
     if cfg.exit_after_iters is not None and cfg.exit_after_iters < 1:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import os
 from typing import Callable, Optional
 
 import torch
@@ -131,10 +130,6 @@ def _torch_probe() -> Optional[str]:
     return None
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_too_old() -> Optional[str]:
     """The kernels pass ``flatten=`` to ``tl.range`` (Triton >= 3.3). Cached: the probe runs on
@@ -168,7 +163,7 @@ def _triton_probe(x: Tensor, w1: Tensor, w2: Tensor, requested: str) -> Callable
         if requested != "triton":
             # the interpreter is a test lane, orders of magnitude slower than the torch loop
             return "devices=['cpu']: the CPU interpreter runs only when backend='triton' is asked for"
-        if not _interpret_env():
+        if not backends.triton_interpret_env():
             return "CPU tensors need TRITON_INTERPRET=1 (the Triton CPU interpreter)"
         from megatron_ext.ops.moe import triton_moe
 

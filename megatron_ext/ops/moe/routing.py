@@ -361,9 +361,7 @@ def _gate_probe(logits: Tensor, cfg: RouterConfig, requested: str):
             return f"the fused gate did not build here for this router: {failed}"
         if logits.device.type == "cuda":
             return None
-        from megatron_ext.ops.moe import _interpret_env   # (the package imports this module)
-
-        if requested == "triton" and _interpret_env():
+        if requested == "triton" and backends.triton_interpret_env():
             return None
         return (f"devices=['{logits.device.type}']: the fused gate runs on CUDA (on CPU only "
                 f"when backend='triton' is asked for under TRITON_INTERPRET=1)")

@@ -11,7 +11,6 @@ reference with the reason recorded).
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Optional
 
 import torch
@@ -27,10 +26,6 @@ BACKENDS = ("auto", "triton", "torch")
 _TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def triton_unusable_reason(q: torch.Tensor, *, topk_indices=None, causal: bool = True) -> Optional[str]:
     """None if the Triton kernels can run this call, else why not (names the offending value)."""
     if importlib.util.find_spec("triton") is None:
@@ -43,7 +38,7 @@ def triton_unusable_reason(q: torch.Tensor, *, topk_indices=None, causal: bool =
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype={q.dtype}: the Triton kernels take float16, bfloat16 or float32"
     if q.device.type == "cpu":
-        if not _interpret_env():
+        if not backends.triton_interpret_env():
             return "CPU tensors need TRITON_INTERPRET=1 (the Triton CPU interpreter)"
         from megatron_ext.ops.sparse_attention import triton_window
 

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from megatron_ext import backends
 
 LOG2E = 1.4426950408889634
 _SPLIT_GRANULE = 256  # split lengths are multiples of this, hence of every BLOCK_N below
@@ -223,10 +224,6 @@ def interpreted() -> bool:
     return type(_split_kernel).__name__ == "InterpretedFunction"
 
 
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def unusable_reason(q: torch.Tensor, *, auto: bool = False, head_dims=()) -> Optional[str]:
     """None if :func:`decode_attention` can run on ``q``'s device and dtype, else why not.
 
@@ -245,7 +242,7 @@ def unusable_reason(q: torch.Tensor, *, auto: bool = False, head_dims=()) -> Opt
         return f"device={q.device.type!r}: the decode kernel runs on CUDA (or the CPU interpreter)"
     if auto:
         return "CPU tensors: the Triton interpreter is taken only with backend='triton'"
-    if not _interpret_env():
+    if not backends.triton_interpret_env():
         return "CPU tensors need TRITON_INTERPRET=1 (the Triton CPU interpreter)"
     if not interpreted():
         return ("CPU tensors: the decode kernel was built for the GPU because TRITON_INTERPRET=1 was "
