@@ -53,12 +53,7 @@ def _pp_stream_width():
               "from the inner optimizer's per-parameter state and asserts exactly one value; before the "
               "first step that state is empty, and loading a checkpoint builds exactly that state dict "
               "(sharded_state_dict(is_loading=True)), so every distributed-optimizer resume without "
-              "apex/TE failed with a bare AssertionError (a never-stepped optimizer now reports step 0); "
-              "its 'fully_reshardable' load then raised KeyError 'step' and its 'dp_reshardable' load reset "
-              "the step to the load's placeholder (the saved step is kept) and failed on fp32 models "
-              "(an in-place copy into parameter views outside no_grad), and "
-              "load_state_dict gave all parameters one shared step tensor that Adam then advanced "
-              "once per parameter per iteration (one step tensor each)")
+              "apex/TE failed with a bare AssertionError. A never-stepped optimizer reports step 0")
 def _dist_optimizer_fresh_state_dict():
     import functools
 
@@ -88,14 +83,22 @@ def _dist_optimizer_fresh_state_dict():
 
     dopt.DistributedOptimizer.state_dict = state_dict
 
-    # Loading copies every entry of each parameter's Adam state from the checkpoint's tensors.
-    # Without apex/TE that state also holds torch Adam's 'step', which load_state_dict has just set
-    # from the checkpoint's param groups (the saved step). The 'fully_reshardable' tensors never
-    # carry it (KeyError 'step'); the 'dp_reshardable' ones carry a step that is not loaded but left
-    # at the placeholder the load was set up with, so the resumed Adam restarted its bias
-    # correction at step 0. Keep the step load_state_dict set, in both. Also: the 'dp_reshardable'
-    # load runs outside no_grad, and in an fp32 model the main params are views of the parameters,
-    # so its copy_ failed ("a view of a leaf Variable that requires grad ..."); copy under no_grad.
+
+@patch("dist_optimizer_loaded_step", lane="any",
+       reason="distrib_optimizer._set_main_param_and_optimizer_states copies every entry of a "
+              "parameter's Adam state from the checkpoint's tensors; without apex/TE that state also "
+              "holds torch Adam's 'step', which load_state_dict has just set from the saved param "
+              "groups. The 'fully_reshardable' tensors never carry it (KeyError 'step'); the "
+              "'dp_reshardable' ones carry the load's placeholder, not a loaded value, so a resumed Adam "
+              "restarted its bias correction at step 0. Keep the saved step in both; and copy under "
+              "no_grad (the 'dp_reshardable' load copies into an fp32 model's parameter views outside "
+              "no_grad: 'a view of a leaf Variable that requires grad')")
+def _dist_optimizer_loaded_step():
+    import functools
+
+    import torch
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
     set_states = dopt.DistributedOptimizer._set_main_param_and_optimizer_states
 
     @functools.wraps(set_states)
@@ -111,10 +114,19 @@ def _dist_optimizer_fresh_state_dict():
 
     dopt.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
 
-    # load_state_dict without apex/TE gives every parameter's Adam state the same 'step' tensor
-    # object; torch's Adam increments each parameter's step in place, so after a resume the shared
-    # step advanced once per parameter per iteration (3 -> 27 after one step of a 24-parameter
-    # group) and the bias correction ran at the wrong step. One step tensor per parameter.
+
+@patch("dist_optimizer_step_per_param", lane="any",
+       reason="distrib_optimizer.DistributedOptimizer.load_state_dict without apex/TE gives every "
+              "parameter's Adam state the same 'step' tensor object; torch's Adam increments each "
+              "parameter's step in place, so after a resume the shared step advanced once per parameter "
+              "per iteration (3 -> 27 after one step of a 24-parameter group) and the bias correction "
+              "ran at the wrong step. One step tensor per parameter")
+def _dist_optimizer_step_per_param():
+    import functools
+
+    import torch
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
     load = dopt.DistributedOptimizer.load_state_dict
 
     @functools.wraps(load)

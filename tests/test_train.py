@@ -114,7 +114,8 @@ def test_bf16_on_cpu_trains_near_fp32_and_resumes_onto_the_same_curve(tmp_path, 
     assert train_inprocess(dist, *args, "--bf16", "--use-distributed-optimizer", "--exit-after-iters", "5") == 0
     assert train_inprocess(dist, *args, "--bf16", "--use-distributed-optimizer", "--resume") == 0
     assert train_losses(dist) == pytest.approx(losses, rel=2e-5)
-    assert {"dist_optimizer_fresh_state_dict", "cpu_dist_optimizer_gather"} <= set(receipt(dist)["patches"])
+    assert {"dist_optimizer_fresh_state_dict", "dist_optimizer_loaded_step", "dist_optimizer_step_per_param",
+            "cpu_dist_optimizer_gather"} <= set(receipt(dist)["patches"])
 
 
 def test_resuming_across_optimizer_layouts_is_a_clear_error(tmp_path, capsys):
@@ -134,9 +135,7 @@ def test_distributed_optimizer_resumes_in_megatrons_default_format(tmp_path, mon
     """Megatron's own pretrain saves the distributed optimizer as 'dp_reshardable' (train uses
     'fully_reshardable'); without apex/TE its resume restarted Adam's step at the load's placeholder
     0 (the loss left the curve) until patched: a killed run must continue the uninterrupted one."""
-    from megatron_ext.training import checkpoint as ckpt
-
-    monkeypatch.setattr(ckpt, "OPTIMIZER_METADATA", {"distrib_optim_sharding_type": "dp_reshardable"})
+    monkeypatch.setattr(checkpoint, "OPTIMIZER_METADATA", {"distrib_optim_sharding_type": "dp_reshardable"})
     args = ["--num-experts", "4", "--train-iters", "6", "--save-interval", "3", "--eval-iters", "0",
             "--use-distributed-optimizer"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
