@@ -352,7 +352,10 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
         if name in PRETRAIN_RESUMED:
             argv = [a if a != "10" or argvs[name][i - 1] != "--train-iters" else "12"
                     for i, a in enumerate(argvs[name])]
-            resumed.append((name, argv + ["--load", str(tmp_path / name / "ckpt")], knob_text, channel,
+            # more --train-iters than the checkpoint's schedule: Megatron refuses a changed schedule
+            # unless told to keep the checkpoint's (as a user extending a run does)
+            resumed.append((name, argv + ["--load", str(tmp_path / name / "ckpt"),
+                                          "--use-checkpoint-opt_param-scheduler"], knob_text, channel,
                             "resume.log"))
     for name, (rc, text) in _pretrain_runs(tmp_path, resumed).items():
         assert rc == 0, f"{name} resume: rc={rc}\n{text[-4000:]}"
