@@ -123,7 +123,7 @@ class SparseAttentionConfig:
                 raise _err("sparse_attention_backend", self.backend,
                            f"head_dim={head_dim} has no Triton tile",
                            f"a head dim in {list(_TRITON_HEAD_DIMS)}, or backend 'auto'/'torch'")
-            if lane == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "yes", "on"):
+            if lane == "cpu" and not backends.triton_interpret_env():
                 raise _err("sparse_attention_backend", self.backend,
                            "the CPU lane runs Triton only under TRITON_INTERPRET=1 (slow)",
                            "'torch' or 'auto' on CPU")

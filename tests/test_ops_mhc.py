@@ -396,6 +396,20 @@ def test_cpu_without_interpreter_falls_back(monkeypatch):
         mhc.mhc_pre(x, torch.rand(4, generator=_gen(64)), backend="triton")
 
 
+@pytest.mark.skipif(DEVICE != "cpu" or TRITON_WHY_NOT is not None,
+                    reason="the CPU interpreter lane (kernels imported under TRITON_INTERPRET)")
+@pytest.mark.parametrize("value", ["true", " 1 ", "ON"])
+def test_cpu_interpreter_spellings_triton_accepts_run_the_kernels(monkeypatch, value):
+    """Triton's interpreter switch accepts 1/true/yes/on (any case); the probe reads it the same
+    way (it used to require exactly '1' and fell back to torch on the others)."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    x = torch.randn(2, 1, 4, 8, generator=_gen(67))
+    h = torch.rand(4, generator=_gen(68))
+    out = mhc.mhc_pre(x, h)
+    assert [rec["observed"] for rec in backends.records()] == ["triton"]
+    torch.testing.assert_close(out, ref.mhc_pre(x, h), rtol=2e-5, atol=2e-5)
+
+
 def test_fp64_streams_fall_back_with_the_dtype_named():
     if TRITON_WHY_NOT is not None:
         pytest.skip("the triton probe stops before the dtype check: " + str(TRITON_WHY_NOT))

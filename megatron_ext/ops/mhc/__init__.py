@@ -13,7 +13,6 @@ output ``[s, b, C]``, dynamic mappings per token ``[s, b, n]`` / ``[s, b, n, n]`
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -38,8 +37,8 @@ def _triton_probe(tensors: Sequence[Tensor], n: int, dtype: torch.dtype) -> Call
             return "triton is not installed"
         devices = sorted({t.device.type for t in tensors})
         if devices == ["cpu"]:
-            if os.environ.get("TRITON_INTERPRET", "0") != "1":
-                return "tensors are on CPU and TRITON_INTERPRET is not '1'"
+            if not backends.triton_interpret_env():
+                return "tensors are on CPU and TRITON_INTERPRET is not set (the Triton CPU interpreter)"
         elif devices != ["cuda"]:
             return f"devices={devices}: the kernels need all tensors on one CUDA device (or CPU " \
                    f"with TRITON_INTERPRET=1)"

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 import triton
+
+from megatron_ext import backends
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``).
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, or
+    another value Triton accepts).
 
     Read when a kernel module is imported, as ``triton.jit`` itself does."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return backends.triton_interpret_env()
 
 
 def kernels_interpreted() -> bool:
