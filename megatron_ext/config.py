@@ -32,6 +32,9 @@ class MHCConfig:
     backend: str = "auto"  # auto | triton | torch
     alpha_init: float = 0.01
     eps: float = 1e-6
+    # keep phi / alpha / bias in fp32 when the model is cast to bf16/fp16 (Float16Module); the
+    # mappings are computed in fp32 either way, this removes the rounding of the weights themselves
+    fp32_params: bool = False
 
     def validate(self, hidden_size: int) -> None:
         if not isinstance(self.num_streams, int) or self.num_streams < 1:
@@ -48,6 +51,8 @@ class MHCConfig:
             raise _err("mhc_backend", self.backend,
                        f"the fused Triton lane is for num_streams=4, not {self.num_streams}",
                        "mhc_backend='auto' or 'torch', or mhc_num_streams=4")
+        if not isinstance(self.fp32_params, bool):
+            raise _err("mhc_fp32_params", self.fp32_params, "must be a boolean", "true or false")
         if self.alpha_init <= 0:
             raise _err("mhc_alpha_init", self.alpha_init, "must be positive", "a small value such as 0.01")
         if hidden_size < 1:
@@ -308,6 +313,7 @@ class TrainConfig:
     mhc_sinkhorn_iters: int = 20
     mhc_mode: str = "dynamic"
     mhc_backend: str = "auto"
+    mhc_fp32_params: bool = False  # mixer weights stay fp32 in a --bf16/--fp16 model
     # sparse MQA attention: on when sparse_attention or attention_pattern is set
     sparse_attention: Optional[bool] = None  # None: implied by attention_pattern
     attention_pattern: Optional[str] = None  # per-layer letters, cyclic: D dense, W window, T top-k
@@ -435,7 +441,7 @@ def mhc_config(cfg: TrainConfig) -> Optional[MHCConfig]:
     if cfg.mhc_num_streams is None:
         return None
     return MHCConfig(num_streams=cfg.mhc_num_streams, sinkhorn_iters=cfg.mhc_sinkhorn_iters,
-                     mode=cfg.mhc_mode, backend=cfg.mhc_backend)
+                     mode=cfg.mhc_mode, backend=cfg.mhc_backend, fp32_params=cfg.mhc_fp32_params)
 
 
 def sparse_attention_config(cfg: TrainConfig) -> Optional[SparseAttentionConfig]:
@@ -788,6 +794,11 @@ def _check_fsdp2(cfg: TrainConfig) -> None:
     if cfg.num_experts:
         raise _err("num_experts", cfg.num_experts, "MoE layers are not run under FSDP2 in train yet",
                    "a dense model with --use-torch-fsdp2, or drop --use-torch-fsdp2 for MoE")
+    if cfg.mhc_fp32_params and cfg.mhc_num_streams:
+        raise _err("mhc_fp32_params", True, "FSDP2 gathers every parameter in the one dtype of its "
+                   "mixed-precision policy (bf16 under --bf16), so the mixers' weights would not stay fp32",
+                   "drop --mhc-fp32-params under --use-torch-fsdp2, or use data parallelism / "
+                   "--use-distributed-optimizer")
 
 
 def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = None) -> int:

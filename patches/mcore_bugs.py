@@ -140,3 +140,84 @@ def _dist_optimizer_step_per_param():
         return out
 
     dopt.DistributedOptimizer.load_state_dict = load_state_dict
+
+
+@patch("float16_optimizer_fp32_params_checkpoint", lane="any",
+       reason="optimizer.Float16OptimizerWithFloat16Params.sharded_state_dict numbers the optimizer's "
+              "parameters over its bf16/fp16 groups only, while torch numbers every parameter of each "
+              "group: a bf16 model with any fp32 parameter (e.g. mHC mixers under --mhc-fp32-params) "
+              "failed to save its checkpoint with KeyError, and its fp32 master copies were paired with "
+              "the wrong ids. Numbered over all parameters in the optimizer's order; models without fp32 "
+              "parameters take the original method")
+def _float16_optimizer_fp32_params():
+    import functools
+
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor, optim_state_to_sharding_state)
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    original = Float16OptimizerWithFloat16Params.sharded_state_dict
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        if not any(self.fp32_from_fp32_groups):
+            return original(self, model_sharded_state_dict, is_loading=is_loading, metadata=metadata)
+        if is_loading:
+            self.init_state_fn(self.optimizer, self.config)
+        state_dict = self.state_dict()
+        # the model parameter behind each optimizer slot, in torch's numbering (groups in order)
+        model_params, half_ids = [], []
+        for group, halves, mains in zip(self.optimizer.param_groups, self.float16_groups,
+                                        self.fp32_from_float16_groups):
+            model_of_main = {id(main): half for main, half in zip(mains, halves)}
+            group_half_ids = []
+            for param in group["params"]:
+                if id(param) in model_of_main:
+                    group_half_ids.append(len(model_params))
+                    model_params.append(model_of_main[id(param)])
+                else:
+                    model_params.append(param)
+            half_ids.append(group_half_ids)
+        id_to_sharded = get_param_id_to_sharded_param_map(model_sharded_state_dict, model_params)
+        state_dict["fp32_from_fp16_params"] = [
+            [make_sharded_optimizer_tensor(id_to_sharded[i], main, prefix="optimizer.state.fp32_param")
+             for i, main in zip(ids, mains)]
+            for ids, mains in zip(half_ids, state_dict["fp32_from_fp16_params"])
+        ]
+        step = self._extract_common_per_param_step(state_dict["optimizer"])
+        optim_state_to_sharding_state(state_dict["optimizer"], id_to_sharded, exclude_keys="step")
+        if step:
+            state_dict["optimizer"]["state"]["common_step"] = step
+        return state_dict
+
+    Float16OptimizerWithFloat16Params.sharded_state_dict = sharded_state_dict
+
+
+@patch("dist_optimizer_mixed_dtype_index", lane="any",
+       reason="distrib_optimizer.DistributedOptimizer orders each inner param group as [fp32 shards, then "
+              "the fp32 copies of bf16/fp16 shards] but indexes model_param_group_index_map by the buffer "
+              "order, where the two kinds interleave: with fp32 parameters in a bf16 model (e.g. mHC mixers "
+              "under --mhc-fp32-params) every checkpoint save and load fetched another parameter's state "
+              "(size mismatch at save). The map is rebuilt in the group's actual order; models of one "
+              "dtype keep the original map (identical)")
+def _dist_optimizer_mixed_dtype_index():
+    import functools
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        fp32_groups = getattr(self, "model_fp32_groups", None) or []
+        half_groups = getattr(self, "model_float16_groups", None) or []
+        if not (any(fp32_groups) and any(half_groups)):
+            return
+        index = {}
+        for g, (fp32s, halves) in enumerate(zip(fp32_groups, half_groups)):
+            index.update({p: (g, i) for i, p in enumerate(fp32s)})
+            index.update({p: (g, len(fp32s) + i) for i, p in enumerate(halves)})
+        self.model_param_group_index_map = index
+
+    DistributedOptimizer.__init__ = __init__

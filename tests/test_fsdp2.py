@@ -32,6 +32,7 @@ REL = 1e-5  # fp32, two ranks reduce-scatter what one rank sums over two micro-b
     (dict(pipeline_model_parallel_size=2), "pipeline_model_parallel_size=2: FSDP2 does not run under pipeline"),
     (dict(num_experts=2, expert_model_parallel_size=2), "expert_model_parallel_size=2: FSDP2 does not shard"),
     (dict(num_experts=2), "num_experts=2: MoE layers are not run under FSDP2 in train yet"),
+    (dict(mhc_num_streams=2, mhc_fp32_params=True), "mhc_fp32_params=True: FSDP2 gathers every parameter"),
 ])
 def test_fsdp2_rejects_lanes_it_does_not_compose_with(fields, message):
     cfg = TrainConfig(num_layers=2, hidden_size=64, num_attention_heads=4, micro_batch_size=1,

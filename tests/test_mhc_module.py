@@ -109,3 +109,57 @@ def test_mhc_config_errors(tmp_path, capsys, argv, message):
     assert main(["train", "--runs-root", str(tmp_path / "r"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_fp32_params_survive_a_precision_cast_and_move_with_the_module():
+    """``fp32_params``: ``.bfloat16()`` (what Megatron's Float16Module does to the model) leaves the
+    mixer's weights fp32 with their exact values; other casts and the default setting follow the
+    module as usual."""
+    from megatron_ext.modules.mhc import StreamMixer
+
+    kept = StreamMixer(_Cfg(), MHCConfig(num_streams=4, backend="torch", fp32_params=True))
+    plain = StreamMixer(_Cfg(), MHCConfig(num_streams=4, backend="torch"))
+    with torch.no_grad():
+        for p in kept.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # values that bf16 cannot hold
+    before = {name: p.detach().clone() for name, p in kept.named_parameters()}
+    wrapper = torch.nn.Sequential(kept, plain, torch.nn.Linear(6, 6)).bfloat16()
+    assert {p.dtype for p in kept.parameters()} == {torch.float32}
+    for name, p in kept.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name   # not a round trip through bf16
+        assert p.detach().to(torch.bfloat16).float().ne(p.detach()).any(), name
+    assert {p.dtype for p in plain.parameters()} == {torch.bfloat16}
+    assert wrapper[2].weight.dtype == torch.bfloat16
+    wrapper.double()   # not a 16-bit cast: applied
+    assert {p.dtype for p in kept.parameters()} == {torch.float64}
+    # a bf16 model step with fp32 mixer weights: bf16 branch input, fp32 gradients for the weights
+    kept.float()
+    streams = torch.randn(2, 1, 4, 6, dtype=torch.bfloat16)
+    u, h_post, h_res, link = kept.pre(streams)
+    assert u.dtype == torch.bfloat16
+    kept.post(link, h_res, h_post, u).float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in kept.parameters())
+
+
+def test_fp32_mixer_params_in_a_bf16_model_train_save_and_resume(tmp_path, monkeypatch):
+    """--mhc-fp32-params under --bf16: Megatron's mixed-precision optimizer gets fp32 parameters
+    next to its bf16 ones. Its checkpoint used to fail on them (KeyError); killed and resumed runs
+    now continue the uninterrupted curve, with either optimizer."""
+    from megatron_ext.training import checkpoint
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # bf16 is refused under the interpreter
+    args = ["--mhc-num-streams", "4", *TORCH, "--mhc-fp32-params", "--train-iters", "6", "--save-interval", "3",
+            "--eval-iters", "0", "--bf16"]
+    full, killed, dist = tmp_path / "full", tmp_path / "killed", tmp_path / "dist"
+    assert train_inprocess(full, *args) == 0
+    assert train_inprocess(killed, *args, "--exit-after-iters", "5") == 0
+    assert checkpoint.latest_iteration(killed / "checkpoints") == 3
+    assert train_inprocess(killed, *args, "--resume") == 0
+    losses = train_losses(full)
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
+    assert train_losses(killed) == pytest.approx(losses, rel=1e-6)
+    assert "float16_optimizer_fp32_params_checkpoint" in receipt(killed)["patches"]
+    assert train_inprocess(dist, *args, "--use-distributed-optimizer", "--exit-after-iters", "5") == 0
+    assert train_inprocess(dist, *args, "--use-distributed-optimizer", "--resume") == 0
+    assert train_losses(dist) == pytest.approx(losses, rel=2e-5)
+    assert "dist_optimizer_mixed_dtype_index" in receipt(dist)["patches"]

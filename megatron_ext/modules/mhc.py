@@ -72,6 +72,21 @@ class StreamMixer(torch.nn.Module):
             # Under sequence parallel each TP rank mixes different tokens: all-reduce the grads.
             p.sequence_parallel = bool(config.sequence_parallel)
 
+    def _apply(self, fn, recurse=True):
+        """With ``mhc.fp32_params``, a precision cast of the model (Megatron's Float16Module calls
+        ``.bfloat16()`` / ``.half()``) leaves this mixer's fp32 weights in fp32; device moves
+        still apply. The weights are taken from their fp32 values, not from the rounded copy."""
+        if not self.mhc.fp32_params:
+            return super()._apply(fn, recurse)
+
+        def keep_fp32(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in (torch.bfloat16, torch.float16):
+                out = t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_fp32, recurse)
+
     def pre(self, streams: torch.Tensor):
         """streams ``[s, b, n, C]`` -> (u ``[s, b, C]``, h_post, h_res, streams for :meth:`post`)
         (mappings per token or static)."""
