@@ -64,13 +64,18 @@ def test_mhc_pp2_carries_the_streams_between_stages(tmp_path):
 @pytest.mark.parametrize("lane,model", [
     (["--use-distributed-optimizer"], ["--num-experts", "4", "--mhc-num-streams", "2", "--mhc-backend", "torch"]),
     (["--use-distributed-optimizer", "--expert-model-parallel-size", "2"], ["--num-experts", "4"]),
-], ids=["dp2_moe_mhc", "ep2_moe"])
-def test_distributed_optimizer_matches_world_size_1_and_resumes_there(tmp_path, lane, model):
+    # bf16 model with fp32 mixer weights: the optimizer's groups mix dtypes (dist_optimizer_mixed_dtype_index)
+    (["--use-distributed-optimizer"], ["--mhc-num-streams", "2", "--mhc-backend", "torch", "--bf16",
+                                       "--mhc-fp32-params"]),
+], ids=["dp2_moe_mhc", "ep2_moe", "dp2_bf16_fp32_mixers"])
+def test_distributed_optimizer_matches_world_size_1_and_resumes_there(tmp_path, lane, model, monkeypatch):
     """Megatron's distributed optimizer over gloo equals world size 1: at DP=2 (gradients
     reduce-scattered, Adam states and fp32 masters sharded, parameters all-gathered), and at EP=2
     (dense parameters sharded over DP=2, experts split over EP with expert-DP 1). Its checkpoint
     ('fully_reshardable') then resumes at world size 1, EP=1, onto world size 1's losses."""
     model = [*model, "--save-interval", "3"]
+    if "--bf16" in model:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # bf16 is refused under the interpreter
     ws1 = tmp_path / "ws1"
     assert train_inprocess(ws1, *ITERS, *model) == 0
     two = tmp_path / "two_ranks"
