@@ -6,6 +6,35 @@ import dataclasses
 from typing import Callable, List, Optional
 
 ROLES = ("ours", "anchor", "ref")
+
+
+class CaseUnavailable(RuntimeError):
+    """Raised by a :class:`Case`'s ``setup()`` when the case cannot run here (say a CUDA graph
+    capture the step refuses). The harness leaves the case untimed, prints the reason, and shows it
+    in the case's row; the other cases still run."""
+
+
+def cuda_graph(step: Callable[[], object], warmup_calls: int = 3) -> Callable[[], None]:
+    """``step`` captured once as a CUDA graph; returns its replay. The warm-up calls (autotuning,
+    first-call logging, lazy allocations) run on a side stream before the capture. A step that
+    cannot be captured (a host synchronisation, a CPU tensor) raises :class:`CaseUnavailable`
+    naming the error."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup_calls):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as e:  # noqa: BLE001 - any capture failure makes the case unavailable
+        torch.cuda.synchronize()
+        raise CaseUnavailable(f"CUDA graph capture failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    return graph.replay
 BOUNDS = ("compute", "memory")
 
 

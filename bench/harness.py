@@ -11,7 +11,7 @@ import gc
 import sys
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
-from bench.cases import BOUNDS, ROLES, Benchmark, Case  # noqa: F401
+from bench.cases import BOUNDS, ROLES, Benchmark, Case, CaseUnavailable, cuda_graph  # noqa: F401
 from bench.devices import (  # noqa: F401
     CEILING_MODES, DEVICE_PROFILES, Ceilings, DeviceProfile, calibrate, datasheet_ceilings,
     device_name, profile_for, resolve_ceilings)
@@ -78,10 +78,17 @@ def run(names: Optional[Iterable[str]] = None, cpu: bool = False,
         if bench.name != name:
             raise ValueError(f"Benchmark.name={bench.name!r}: differs from its registered name; "
                              f"use {name!r}")
-        timings = []
+        timings, skipped = [], {}
         for case in bench.cases:
             torch.manual_seed(seed)
-            fn = case.setup()
+            try:
+                fn = case.setup()
+            except CaseUnavailable as e:
+                skipped[case.name] = str(e)
+                timings.append(None)
+                if progress is not None:
+                    progress(f"[bench] {name} / {case.label}: skipped: {e}")
+                continue
             t = timer(fn, **timing)
             del fn
             gc.collect()
@@ -91,5 +98,5 @@ def run(names: Optional[Iterable[str]] = None, cpu: bool = False,
             if progress is not None:
                 progress(f"[bench] {name} / {case.label}: {t.median_ms:.3f} ms "
                          f"(p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f}, {t.reps} reps)")
-        rows.extend(make_rows(bench, timings, ceilings))
+        rows.extend(make_rows(bench, timings, ceilings, skipped))
     return rows

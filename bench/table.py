@@ -23,9 +23,9 @@ class Row:
     label: str
     role: str
     bound: str
-    ms: float
-    p20_ms: float
-    p80_ms: float
+    ms: Optional[float]  # None: the case was skipped (its label says why)
+    p20_ms: Optional[float]
+    p80_ms: Optional[float]
     reps: int
     flops: Optional[float]
     bytes: Optional[float]
@@ -46,15 +46,26 @@ def roofline_pct(bound: str, tflops: Optional[float], gbs: Optional[float],
     return 100.0 * achieved / ceiling
 
 
-def make_rows(bench: Benchmark, timings: Sequence[Timing], ceilings: Optional[Ceilings]) -> List[Row]:
-    """One row per case of ``bench`` (``timings`` in case order)."""
+def make_rows(bench: Benchmark, timings: Sequence[Optional[Timing]], ceilings: Optional[Ceilings],
+              skipped: Optional[Dict[str, str]] = None) -> List[Row]:
+    """One row per case of ``bench`` (``timings`` in case order). A None timing is a skipped case:
+    its row has no figures and its label ends with ``skipped[case.name]``, the reason."""
     if len(timings) != len(bench.cases):
         raise ValueError(f"timings={len(timings)}: need one per case of {bench.name!r} "
                          f"({len(bench.cases)}); use a list aligned with bench.cases")
+    skipped = skipped or {}
     anchor = bench.anchor
-    anchor_ms = timings[bench.cases.index(anchor)].median_ms if anchor is not None else None
+    anchor_t = timings[bench.cases.index(anchor)] if anchor is not None else None
+    anchor_ms = anchor_t.median_ms if anchor_t is not None else None
     rows = []
     for case, t in zip(bench.cases, timings):
+        if t is None:
+            why = skipped.get(case.name, "not timed")
+            rows.append(Row(benchmark=bench.name, case=case.name, label=f"{case.label} (skipped: {why})",
+                            role=case.role, bound=case.bound, ms=None, p20_ms=None, p80_ms=None, reps=0,
+                            flops=case.flops, bytes=case.bytes, tflops=None, gbs=None, ratio=None,
+                            roofline_pct=None))
+            continue
         sec = t.median_ms * 1e-3
         tflops = case.flops / sec / 1e12 if case.flops else None
         gbs = case.bytes / sec / 1e9 if case.bytes else None
@@ -78,7 +89,8 @@ def _fmt(x: Optional[float], decimals: int) -> str:
 
 def format_row(r: Row) -> List[str]:
     roof = "" if r.roofline_pct is None else f"{_fmt(r.roofline_pct, 1)} ({r.bound})"
-    return [r.benchmark, r.label, _fmt(r.ms, 3), f"{_fmt(r.p20_ms, 3)}–{_fmt(r.p80_ms, 3)}",
+    spread = "" if r.ms is None else f"{_fmt(r.p20_ms, 3)}–{_fmt(r.p80_ms, 3)}"
+    return [r.benchmark, r.label, _fmt(r.ms, 3), spread,
             _fmt(r.tflops, 1), _fmt(r.gbs, 0), _fmt(r.ratio, 2), roof]
 
 

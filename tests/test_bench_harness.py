@@ -235,6 +235,44 @@ def test_registry_rejects_name_clash():
         registry.register(calibration)
 
 
+@pytest.mark.parametrize("skip_anchor", [False, True])
+def test_a_case_that_cannot_run_is_reported_and_the_rest_still_run(skip_anchor):
+    """A setup raising CaseUnavailable: the run goes on; that row has no figures and says why; the
+    ratio column is blank when the anchor itself was skipped."""
+    from bench.cases import CaseUnavailable
+
+    def unavailable():
+        raise CaseUnavailable("CUDA graph capture failed: synchronising call")
+
+    def setup():
+        a = torch.randn(16, 16)
+        return lambda: a @ a
+
+    cases = [Case("anchor", "anchor: matmul", "anchor", unavailable if skip_anchor else setup, flops=8192.0),
+             Case("ours", "ours: matmul", "ours", setup, flops=8192.0),
+             Case("graph", "ours: matmul, one CUDA graph", "ours", unavailable, flops=8192.0)]
+
+    @registry.register
+    def skip_bench_for_tests(small=False, device="cuda"):
+        return Benchmark("skip_bench_for_tests", "toy", "a[16, 16]", cases)
+
+    try:
+        lines = []
+        rows = harness.run(["skip_bench_for_tests"], cpu=True, ceilings=CEIL, progress=lines.append)
+    finally:
+        registry._REGISTRY.pop("skip_bench_for_tests", None)
+    by = {r.case: r for r in rows}
+    assert [r.case for r in rows] == ["anchor", "ours", "graph"]
+    assert by["graph"].ms is None and by["graph"].tflops is None and by["graph"].ratio is None
+    assert by["graph"].label == "ours: matmul, one CUDA graph (skipped: CUDA graph capture failed: synchronising call)"
+    assert by["ours"].ms > 0 and by["ours"].tflops > 0
+    assert (by["ours"].ratio is None) == skip_anchor
+    assert any("skipped: CUDA graph capture failed" in line for line in lines)
+    table = format_table(rows)
+    assert "(skipped: CUDA graph capture failed: synchronising call) |  |  |  |  |  |  |" in table
+    json.loads(to_json(rows))
+
+
 def test_run_cpu_in_process(toy_benchmark):
     rows = harness.run([toy_benchmark], cpu=True, ceilings=CEIL, progress=None)
     assert [r.role for r in rows] == ["ours", "anchor"]
@@ -293,7 +331,6 @@ def test_cpu_smoke_dense_layer_end_to_end(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
 def test_time_cuda_matmul():
     a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
@@ -302,8 +339,27 @@ def test_time_cuda_matmul():
 
 
 @pytest.mark.gpu
-@pytest.mark.gpu
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
 def test_calibrate_on_gpu():
     c = harness.calibrate(cpu=False)
     assert c.source == "measured" and c.matmul_tflops > 1 and c.copy_gbs > 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+def test_cuda_graph_replays_the_step_and_refuses_a_synchronising_one():
+    from bench.cases import CaseUnavailable, cuda_graph
+
+    a = torch.randn(256, 256, device="cuda")
+    out = torch.empty_like(a)
+
+    def step():
+        torch.matmul(a, a, out=out)
+
+    replay = cuda_graph(step)
+    a.copy_(torch.randn_like(a))
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, a @ a)
+    with pytest.raises(CaseUnavailable, match="CUDA graph capture failed"):
+        cuda_graph(lambda: (a.sum() > 0).item())

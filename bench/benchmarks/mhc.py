@@ -99,19 +99,9 @@ def _graphed_setup(d: Dims, device: str):
     """``ours`` captured once as a CUDA graph (forward, backward and the grad resets): the same
     kernels replayed with no host work between them, so ours minus this is the launch and
     autograd overhead of the site (the kernels' own time is what this row shows)."""
-    import torch
+    from bench.cases import cuda_graph
 
-    step = _ours_setup(d, device, "triton")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # autotuning and first-call logging must happen before capture
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    return cuda_graph(_ours_setup(d, device, "triton"))
 
 
 def _einsum_setup(d: Dims, device: str):
