@@ -72,24 +72,17 @@ def _per_call_ms(fn, iters: int) -> float:
 def _eager_vs_graph(fn, iters: int) -> None:
     import torch
 
+    from bench.cases import CaseUnavailable, cuda_graph
+
     print(f"eager, back to back: {_per_call_ms(fn, iters):.3f} ms per call")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):   # warm-up off the default stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
-            fn()
-    except Exception as e:   # a case with a host sync cannot be captured: say so, do not fail
-        print(f"CUDA graph: the call cannot be captured ({type(e).__name__}: "
-              f"{' '.join(str(e).split())[:200]})")
+        replay = cuda_graph(fn)
+    except CaseUnavailable as e:   # a case with a host sync cannot be captured: say so, do not fail
+        print(f"CUDA graph: the call cannot be captured ({' '.join(str(e).split())[:200]})")
         return
-    graph.replay()
+    replay()
     torch.cuda.synchronize()
-    print(f"CUDA graph replay, back to back: {_per_call_ms(graph.replay, iters):.3f} ms per call")
+    print(f"CUDA graph replay, back to back: {_per_call_ms(replay, iters):.3f} ms per call")
 
 
 if __name__ == "__main__":
