@@ -105,9 +105,8 @@ def _dist_optimizer_loaded_step():
     @torch.no_grad()
     def _set_main_param_and_optimizer_states(self, model_param, tensors):
         if not dopt.HAVE_APEX_OR_TE:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            step = self.optimizer.state[main_param].get("step")
+            # the getter that pairs with this setter: the parameter's current Adam state (its step a tensor)
+            step = self._get_main_param_and_optimizer_states(model_param).get("step")
             if step is not None:
                 tensors = {**tensors, "step": step}
         return set_states(self, model_param, tensors)
