@@ -6,6 +6,7 @@ import dataclasses
 from typing import Callable, List, Optional
 
 ROLES = ("ours", "anchor", "ref")
+BOUNDS = ("compute", "memory")
 
 
 class CaseUnavailable(RuntimeError):
@@ -35,7 +36,6 @@ def cuda_graph(step: Callable[[], object], warmup_calls: int = 3) -> Callable[[]
         torch.cuda.synchronize()
         raise CaseUnavailable(f"CUDA graph capture failed: {type(e).__name__}: {e}".splitlines()[0]) from e
     return graph.replay
-BOUNDS = ("compute", "memory")
 
 
 @dataclasses.dataclass

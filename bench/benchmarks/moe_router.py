@@ -67,24 +67,22 @@ def _setup(d: RouterDims, device: str, backend: str):
 def _benchmark(name: str, full: RouterDims, what: str, small: bool, device: str) -> Benchmark:
     d = dataclasses.replace(full, tokens=64) if small else full
     nbytes = 3.0 * d.tokens * d.experts * 4
-    if device == "cpu":
-        cases = [Case(name="torch", label="anchor: route(backend='torch'), torch expressions",
-                      role="anchor", setup=lambda: _setup(d, device, "torch"), bytes=nbytes,
-                      bound="memory")]
-    else:
-        from bench.cases import cuda_graph
+    from bench.cases import cuda_graph
 
+    def case(name, label, role, backend, graph):
+        build = (lambda: cuda_graph(_setup(d, device, backend))) if graph else (lambda: _setup(d, device, backend))
+        return Case(name=name, label=label, role=role, setup=build, bytes=nbytes, bound="memory")
+
+    if device == "cpu":
+        cases = [case("torch", "anchor: route(backend='torch'), torch expressions", "anchor", "torch", False)]
+    else:
         cases = [
-            Case(name="torch_graph", label="anchor: route(backend='torch'), torch expressions, one CUDA graph",
-                 role="anchor", setup=lambda: cuda_graph(_setup(d, device, "torch")), bytes=nbytes,
-                 bound="memory"),
-            Case(name="fused_graph", label="ours: route(backend='triton'), fused top-k gate, one CUDA graph",
-                 role="ours", setup=lambda: cuda_graph(_setup(d, device, "triton")), bytes=nbytes,
-                 bound="memory"),
-            Case(name="torch", label="ref: route(backend='torch') called eagerly (host-bound)", role="ref",
-                 setup=lambda: _setup(d, device, "torch"), bytes=nbytes, bound="memory"),
-            Case(name="fused", label="ref: route(backend='triton') called eagerly (host-bound)", role="ref",
-                 setup=lambda: _setup(d, device, "triton"), bytes=nbytes, bound="memory"),
+            case("torch_graph", "anchor: route(backend='torch'), torch expressions, one CUDA graph", "anchor",
+                 "torch", True),
+            case("fused_graph", "ours: route(backend='triton'), fused top-k gate, one CUDA graph", "ours",
+                 "triton", True),
+            case("torch", "ref: route(backend='torch') called eagerly (host-bound)", "ref", "torch", False),
+            case("fused", "ref: route(backend='triton') called eagerly (host-bound)", "ref", "triton", False),
         ]
     return Benchmark(
         name=name,
