@@ -258,17 +258,29 @@ PRETRAIN = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 
             "--disable-bias-linear", "--position-embedding-type", "rope", "--attention-dropout", "0",
             "--hidden-dropout", "0", "--eval-iters", "0", "--log-interval", "1", "--save-interval", "10"]
 
-# (name, --spec, knob file, extra flags): the wrappers with the env channel, the spec modules
+# (name, --spec, knob file, extra flags): the mHC runs keep their mixer weights fp32 in the bf16
+# model (Float16 optimizer in one, the distributed optimizer in the other); the wrappers with the env channel, the spec modules
 # themselves with the flag channel (mHC + sparse attention + fused MoE), and the plain dense block
 PRETRAIN_CASES = [
-    ("pretrain_mhc", ["layer_specs.pretrain", "mhc_block_spec"], "mhc:\n  num_streams: 4\n", [], "env"),
+    ("pretrain_mhc", ["layer_specs.pretrain", "mhc_block_spec"], "mhc:\n  num_streams: 4\n  fp32_params: true\n",
+     [], "env"),
     ("mhc_sparse_moe", ["layer_specs.mhc", "mhc_block_spec"],
-     ("mhc:\n  num_streams: 2\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
+     ("mhc:\n  num_streams: 2\n  fp32_params: true\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
       "moe:\n  impl: fused\n"),
      ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
       "--use-distributed-optimizer"], "flag"),
     ("gpt_dense", ["layer_specs.gpt", "gpt_block_spec"], None, [], None),
 ]
+
+
+def _checkpoint_dtypes(path):
+    """{key: dtype} of the tensors in a torch distributed checkpoint's metadata (model weights,
+    not the optimizer state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k: v.properties.dtype for k, v in meta.items()
+            if hasattr(v, "properties") and not k.startswith("optimizer")}
 
 
 def _pretrain_log(log: str, train_iters: int = 10):
@@ -346,6 +358,12 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
     for module in ("MHCTransformerLayer", "SparseMQAttention", "FusedMoELayer"):
         assert module in layers["mhc_sparse_moe"], module
     assert "MHCTransformerLayer" not in layers["gpt_dense"] and "SDPACoreAttention" in layers["gpt_dense"]
+    for name in ("pretrain_mhc", "mhc_sparse_moe"):  # mhc.fp32_params: fp32 mixers beside bf16 weights
+        dtypes = _checkpoint_dtypes(tmp_path / name / "ckpt" / "iter_0000010")
+        mixers = {k: v for k, v in dtypes.items() if "mixer.phi" in k}
+        qkv = {k: v for k, v in dtypes.items() if k.endswith("linear_qkv.weight")}
+        assert mixers and set(mixers.values()) == {torch.float32}, (name, mixers)
+        assert qkv and set(qkv.values()) == {torch.bfloat16}, (name, qkv)
 
     resumed = []
     for name, _, knob_text, _, channel in PRETRAIN_CASES:
