@@ -7,11 +7,13 @@ benchmark modules and callers need only ``from bench.harness import ...``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
 from bench.cases import BOUNDS, ROLES, Benchmark, Case, CaseUnavailable, cuda_graph  # noqa: F401
+from bench.clocks import ClockSampler, ClockStats, sampler_for_device  # noqa: F401
 from bench.devices import (  # noqa: F401
     CEILING_MODES, DEVICE_PROFILES, Ceilings, DeviceProfile, calibrate, datasheet_ceilings,
     device_name, profile_for, resolve_ceilings)
@@ -71,6 +73,10 @@ def run(names: Optional[Iterable[str]] = None, cpu: bool = False,
     timing = timing_config(cpu, warmup_ms, rep_ms)
     timer = time_cpu if cpu else time_cuda
     device = "cpu" if cpu else "cuda"
+    # the GPU's clock and power during each case's timed calls (see bench.clocks)
+    sampler = None if cpu else sampler_for_device()[0]
+    if sampler is not None:
+        timer = functools.partial(time_cuda, clocks=sampler)
 
     rows: List[Row] = []
     for name, build in builders.items():
@@ -78,7 +84,7 @@ def run(names: Optional[Iterable[str]] = None, cpu: bool = False,
         if bench.name != name:
             raise ValueError(f"Benchmark.name={bench.name!r}: differs from its registered name; "
                              f"use {name!r}")
-        timings, skipped = [], {}
+        timings, skipped, clocks = [], {}, []
         for case in bench.cases:
             torch.manual_seed(seed)
             try:
@@ -86,6 +92,7 @@ def run(names: Optional[Iterable[str]] = None, cpu: bool = False,
             except CaseUnavailable as e:
                 skipped[case.name] = str(e)
                 timings.append(None)
+                clocks.append(None)
                 if progress is not None:
                     progress(f"[bench] {name} / {case.label}: skipped: {e}")
                 continue
@@ -95,8 +102,11 @@ def run(names: Optional[Iterable[str]] = None, cpu: bool = False,
             if not cpu:
                 torch.cuda.empty_cache()
             timings.append(t)
+            clk = sampler.stats() if sampler is not None else None
+            clocks.append(clk)
             if progress is not None:
+                at = "" if clk is None else f", SM {clk.sm_mhz:.0f} MHz"
                 progress(f"[bench] {name} / {case.label}: {t.median_ms:.3f} ms "
-                         f"(p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f}, {t.reps} reps)")
-        rows.extend(make_rows(bench, timings, ceilings, skipped))
+                         f"(p20 {t.p20_ms:.3f}, p80 {t.p80_ms:.3f}, {t.reps} reps{at})")
+        rows.extend(make_rows(bench, timings, ceilings, skipped, clocks))
     return rows

@@ -28,6 +28,12 @@ def collect_meta(cpu: bool, ceilings: Ceilings, timing: Optional[Dict[str, float
     if not cpu:
         meta["cuda"] = torch.version.cuda
         meta["capability"] = "sm_%d%d" % torch.cuda.get_device_capability()
+        from bench.clocks import device_limits, sampler_for_device
+
+        meta["clock_source"] = sampler_for_device()[1]
+        limits = device_limits()
+        if limits is not None:
+            meta["max_sm_mhz"], meta["power_limit_w"] = limits
         sheet = datasheet_ceilings(meta["device"])
         if ceilings.source != "datasheet" and sheet.source == "datasheet":
             meta["datasheet_text"] = sheet.describe()
@@ -51,6 +57,15 @@ def format_header(meta: Dict[str, Any]) -> str:
     ]
     if "datasheet_text" in meta:
         lines.append(f"- for reference, {meta['datasheet_text']}")
+    if "clock_source" in meta:
+        limits = []
+        if meta.get("max_sm_mhz") is not None:
+            limits.append(f"max SM clock {meta['max_sm_mhz']:.0f} MHz")
+        if meta.get("power_limit_w") is not None:
+            limits.append(f"power limit {meta['power_limit_w']:.0f} W")
+        lines.append(f"- GPU clock: {', '.join(limits) or 'limits unknown'}; SM MHz (W) = mean SM clock "
+                     f"(board power) over each case's timed calls ({meta['clock_source']}). A GPU at its "
+                     "power limit runs below its maximum clock, so compare figures at like clocks")
     lines += [
         "- ms: median per call (p20–p80 spread); ratio = anchor ms / case ms (>1: faster than the "
         "anchor); % roofline = TFLOP/s / compute ceiling or GB/s / memory ceiling",

@@ -52,7 +52,7 @@ def _counts(estimate_ms: float, warmup_ms: float, rep_ms: float, min_reps: int, 
 
 def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 50.0, rep_ms: float = 200.0,
               rotate: Sequence[Callable[[], object]] = (), flush_l2: bool = True,
-              min_reps: int = 10, max_reps: int = 1000) -> Timing:
+              min_reps: int = 10, max_reps: int = 1000, clocks=None) -> Timing:
     """Time ``fn`` on the current CUDA device.
 
     One untimed call (compilation, autotuning, allocator warm-up), a 3-call estimate, then about
@@ -60,6 +60,8 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 50.0, rep_ms: floa
     Each timed call is bracketed by its own ``torch.cuda.Event(enable_timing=True)`` pair; before it
     a 256 MB buffer is written (``flush_l2``) so no call finds the previous call's data in L2.
     ``rotate``: more callables doing the same work on other input sets, cycled with ``fn``.
+    ``clocks``: a :class:`bench.clocks.ClockSampler`, started when the timed calls are queued (the
+    GPU is still in the warm-up calls, same work) and stopped once they have run.
     """
     import torch
 
@@ -81,6 +83,8 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 50.0, rep_ms: floa
         fns[i % len(fns)]()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    if clocks is not None:
+        clocks.start()
     for i in range(n_rep):
         if flush is not None:
             flush.zero_()
@@ -88,6 +92,8 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 50.0, rep_ms: floa
         fns[i % len(fns)]()
         ends[i].record()
     torch.cuda.synchronize()
+    if clocks is not None:
+        clocks.stop()
     return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
