@@ -85,15 +85,17 @@ def time_cuda(fn: Callable[[], object], *, warmup_ms: float = 50.0, rep_ms: floa
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
     if clocks is not None:
         clocks.start()
-    for i in range(n_rep):
-        if flush is not None:
-            flush.zero_()
-        starts[i].record()
-        fns[i % len(fns)]()
-        ends[i].record()
-    torch.cuda.synchronize()
-    if clocks is not None:
-        clocks.stop()
+    try:
+        for i in range(n_rep):
+            if flush is not None:
+                flush.zero_()
+            starts[i].record()
+            fns[i % len(fns)]()
+            ends[i].record()
+        torch.cuda.synchronize()
+    finally:  # a failing call must not leave the sampler's thread or process running
+        if clocks is not None:
+            clocks.stop()
     return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 

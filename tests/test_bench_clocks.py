@@ -147,3 +147,12 @@ def test_the_gpu_is_sampled_while_a_case_is_timed():
     limits = device_limits()
     assert stats is not None and stats.samples >= 2, (source, stats)
     assert limits is not None and 100 < stats.sm_mhz_min <= stats.sm_mhz <= limits[0] + 1, (stats, limits)
+
+    def fails_once_sampled():  # a case that fails during its timed calls stops the sampler too
+        if sampler._thread is not None:
+            raise RuntimeError("case failed")
+        return a @ a
+
+    with pytest.raises(RuntimeError, match="case failed"):
+        time_cuda(fails_once_sampled, warmup_ms=5, rep_ms=20, clocks=sampler)
+    assert sampler._thread is None and sampler._proc is None
