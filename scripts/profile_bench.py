@@ -1,12 +1,16 @@
 """Where the time of one benchmark case goes: per-kernel GPU time under torch.profiler.
 
-    python scripts/profile_bench.py mhc ours [--iters 10] [--rows 25] [--graph]
+    python scripts/profile_bench.py mhc ours [--iters 10] [--rows 25] [--graph] [--timeline]
 
 Builds the case exactly as ``python -m bench`` does (same shapes, same setup), warms it up, then
 profiles ``--iters`` calls and prints the kernels sorted by total device time, with their share of
 the whole. Use it before tuning: the table says which kernel to work on. ``--graph`` also times
 the call back to back (no L2 flush) eagerly and replayed from a CUDA graph: where the graph is
 much faster, launch overhead (the host) is part of the time; where it is not, the kernels are.
+``--timeline`` prints the GPU work of one call in launch order (each kernel, its time and the idle
+gap before it), replayed from a CUDA graph when the call can be captured: where span and kernel
+time agree, the step has no gaps to close. (A short burst like this runs at the boost clock; the
+benchmark's sustained figure can be slower on a GPU at its power limit, see bench/clocks.py.)
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25, help="kernels to print")
     p.add_argument("--graph", action="store_true",
                    help="also time the call eagerly and as a CUDA graph replay, back to back")
+    p.add_argument("--timeline", action="store_true",
+                   help="also print one call's kernels in launch order with the gaps between them")
     args = p.parse_args(argv)
 
     import torch
@@ -54,7 +60,41 @@ def main(argv=None) -> int:
               f"{e.count // args.iters:6d}  {e.key[:110]}")
     if args.graph:
         _eager_vs_graph(fn, args.iters)
+    if args.timeline:
+        _timeline(fn, rows=max(args.rows, 60))
     return 0
+
+
+def _timeline(fn, rows: int, calls: int = 3) -> None:
+    import json
+    import os
+    import tempfile
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.cases import CaseUnavailable, cuda_graph
+    from bench.timeline import gpu_events, one_call
+
+    how = "replayed from a CUDA graph"
+    try:
+        call = cuda_graph(fn)
+    except CaseUnavailable as e:
+        call, how = fn, f"eager (cannot be captured: {' '.join(str(e).split())[:120]})"
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = gpu_events(json.load(f))
+    print(f"timeline of one call ({how}, the middle of {calls}):")
+    print(one_call(events, calls).format(rows=rows))
 
 
 def _per_call_ms(fn, iters: int) -> float:

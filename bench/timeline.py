@@ -1,0 +1,79 @@
+"""The GPU work of one call in launch order: each kernel (or memset/copy), its duration and the
+idle gap before it, from a ``torch.profiler`` Chrome trace of several identical calls.
+
+Used by ``scripts/profile_bench.py --timeline``. It answers "is the step busy or waiting?": a span
+much longer than its kernels means gaps (launch overhead, a host sync, a stream wait). A span
+equal to its kernels means the kernels themselves are the time. Pure data handling, no CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, List, Sequence
+
+GPU_CATEGORIES = ("kernel", "gpu_memset", "gpu_memcpy")
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    name: str
+    dur_us: float
+    gap_us: float  # idle time between the previous slot's end and this one's start (0 for the first)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    slots: List[Slot]
+    span_us: float  # first start to last end
+    busy_us: float  # sum of the durations (more than the span where streams ran side by side)
+
+    @property
+    def gaps_us(self) -> float:
+        return self.span_us - self.busy_us
+
+    def format(self, rows: int = 60, width: int = 100) -> str:
+        lines = [f"{len(self.slots)} kernels, span {self.span_us / 1e3:.3f} ms, kernels "
+                 f"{self.busy_us / 1e3:.3f} ms, gaps {self.gaps_us / 1e3:.3f} ms",
+                 f"{'us':>9} {'gap us':>8}  kernel"]
+        shown = self.slots if len(self.slots) <= rows else self.slots[:rows]
+        lines += [f"{s.dur_us:9.1f} {s.gap_us:8.1f}  {s.name[:width]}" for s in shown]
+        if len(shown) < len(self.slots):
+            lines.append(f"... {len(self.slots) - len(shown)} more")
+        return "\n".join(lines)
+
+
+def gpu_events(trace: Dict) -> List[Dict]:
+    """The GPU-side events (kernels, memsets, copies) of a Chrome trace dict, by start time."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("cat") in GPU_CATEGORIES and "dur" in e]
+    return sorted(events, key=lambda e: float(e["ts"]))
+
+
+def one_call(events: Sequence[Dict], calls: int, which: int = -1) -> Timeline:
+    """The timeline of call ``which`` (default: the middle one) of ``calls`` identical calls whose
+    GPU events are ``events`` in start order."""
+    if calls < 1:
+        raise ValueError(f"calls={calls}: need at least one profiled call")
+    if not events or len(events) % calls:
+        raise ValueError(f"{len(events)} GPU events for calls={calls}: not the same work per call; "
+                         "profile identical calls (warm up first: autotuning adds kernels)")
+    per_call = len(events) // calls
+    which = calls // 2 if which < 0 else which
+    if not 0 <= which < calls:
+        raise ValueError(f"which={which}: outside 0..{calls - 1}")
+    chunk = list(events[which * per_call:(which + 1) * per_call])
+    return timeline_of(chunk)
+
+
+def timeline_of(events: Iterable[Dict]) -> Timeline:
+    slots, end, start = [], None, None
+    busy = 0.0
+    for e in events:
+        ts, dur = float(e["ts"]), float(e["dur"])
+        slots.append(Slot(name=str(e.get("name", "?")), dur_us=dur,
+                          gap_us=0.0 if end is None else max(0.0, ts - end)))
+        start = ts if start is None else start
+        end = ts + dur if end is None else max(end, ts + dur)
+        busy += dur
+    if start is None:
+        raise ValueError("no GPU events: nothing ran on the GPU in the profiled calls")
+    return Timeline(slots=slots, span_us=end - start, busy_us=busy)
