@@ -3,13 +3,14 @@ idle gap before it, from a ``torch.profiler`` Chrome trace of several identical 
 
 Used by ``scripts/profile_bench.py --timeline``. It answers "is the step busy or waiting?": a span
 much longer than its kernels means gaps (launch overhead, a host sync, a stream wait). A span
-equal to its kernels means the kernels themselves are the time. Pure data handling, no CUDA.
+equal to its kernels means the kernels themselves are the time. :func:`profile_calls` (the
+profiler run shared by the profiling scripts) needs CUDA; the rest is data handling.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence
 
 GPU_CATEGORIES = ("kernel", "gpu_memset", "gpu_memcpy")
 
@@ -40,6 +41,22 @@ class Timeline:
         if len(shown) < len(self.slots):
             lines.append(f"... {len(self.slots) - len(shown)} more")
         return "\n".join(lines)
+
+
+def profile_calls(call: Callable[[], object], calls: int, warmup: int = 3):
+    """``warmup`` untimed calls, then ``calls`` calls under ``torch.profiler`` (CUDA activity);
+    returns the profiler (``key_averages()``, ``export_chrome_trace()``)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    return prof
 
 
 def gpu_events(trace: Dict) -> List[Dict]:

@@ -31,10 +31,8 @@ def main(argv=None) -> int:
                    help="also print one call's kernels in launch order with the gaps between them")
     args = p.parse_args(argv)
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from bench import harness
+    from bench.timeline import profile_calls
 
     bench = harness.select([args.benchmark])[args.benchmark](small=False, device="cuda")
     cases = {c.name: c for c in bench.cases}
@@ -43,13 +41,7 @@ def main(argv=None) -> int:
               f"{sorted(cases)}", file=sys.stderr)
         return 2
     fn = cases[args.case].setup()
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(args.iters):
-            fn()
-        torch.cuda.synchronize()
+    prof = profile_calls(fn, args.iters, warmup=5)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events)
     print(f"{bench.name} / {args.case}: {total / args.iters / 1e3:.3f} ms of kernels per call "
@@ -70,24 +62,15 @@ def _timeline(fn, rows: int, calls: int = 3) -> None:
     import os
     import tempfile
 
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     from bench.cases import CaseUnavailable, cuda_graph
-    from bench.timeline import gpu_events, one_call
+    from bench.timeline import gpu_events, one_call, profile_calls
 
     how = "replayed from a CUDA graph"
     try:
         call = cuda_graph(fn)
     except CaseUnavailable as e:
         call, how = fn, f"eager (cannot be captured: {' '.join(str(e).split())[:120]})"
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
+    prof = profile_calls(call, calls)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)

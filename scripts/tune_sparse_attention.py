@@ -82,16 +82,9 @@ def variants(base, groups=("fwd", "dq", "dkdv", "sched"), pointer=None):
 
 def _profile(run, iters=10):
     """Per-kernel GPU ms of one ``run()`` (mean over ``iters`` calls), largest first."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    from bench.timeline import profile_calls
 
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            run()
-        torch.cuda.synchronize()
+    prof = profile_calls(run, iters)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     total = sum(e.device_time_total for e in events) / iters / 1e3
     print(f"per-kernel GPU time of the default fwd + bwd: {total:.3f} ms per call")
