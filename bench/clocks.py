@@ -121,12 +121,11 @@ class ClockSampler:
     ``stats()`` summarises what was collected since the last start."""
 
     def __init__(self, query: Optional[Callable[[], Optional[Sample]]] = None,
-                 command: Optional[Sequence[str]] = None, interval_ms: int = INTERVAL_MS,
-                 source: str = ""):
+                 command: Optional[Sequence[str]] = None, interval_ms: int = INTERVAL_MS):
         if (query is None) == (command is None):
             raise ValueError("ClockSampler: give exactly one of query= (a polled function) or "
                              "command= (a process printing samples)")
-        self.query, self.command, self.interval_s, self.source = query, command, interval_ms / 1e3, source
+        self.query, self.command, self.interval_s = query, command, interval_ms / 1e3
         self._samples: List[Sample] = []
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -184,10 +183,10 @@ def sampler_for_device(index: Optional[int] = None) -> Tuple[Optional[ClockSampl
     selector = device_selector(index)
     query = nvml_query(selector)
     if query is not None:
-        return ClockSampler(query=query, source="NVML"), f"NVML, every {INTERVAL_MS} ms"
+        return ClockSampler(query=query), f"NVML, every {INTERVAL_MS} ms"
     command = smi_command(selector)
     if command is not None:
-        return ClockSampler(command=command, source="nvidia-smi"), f"nvidia-smi, every {INTERVAL_MS} ms"
+        return ClockSampler(command=command), f"nvidia-smi, every {INTERVAL_MS} ms"
     return None, "not sampled: neither pynvml (nvidia-ml-py) nor nvidia-smi is available"
 
 
