@@ -16,13 +16,24 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 
 from layer_specs.gpt import attention_spec_for, block_spec, dense_layer_spec, mlp_spec_for
 from megatron_ext.config import MHCConfig
-from megatron_ext.modules.mhc import MHCFinalNorm, MHCTransformerLayer, no_residual_bda
+from megatron_ext import backends
+from megatron_ext.modules.mhc import MHCFinalNorm, MHCFoldedNorm, MHCTransformerLayer, no_residual_bda
 
 
 def mhc_layer_spec(mhc: MHCConfig, qk_layernorm: bool = False, mlp: ModuleSpec | None = None,
-                   attention: ModuleSpec | None = None) -> ModuleSpec:
+                   attention: ModuleSpec | None = None, normalization: str = "LayerNorm") -> ModuleSpec:
+    """One mHC layer. ``normalization``: the model's (``config.normalization``; Megatron's default
+    is LayerNorm); with RMSNorm and ``mhc.fold_norm`` the sublayers' input norms are folded into
+    the sites (:class:`MHCFoldedNorm`)."""
     base = dense_layer_spec(qk_layernorm, mlp, attention)
-    submodules = dataclasses.replace(base.submodules, self_attn_bda=no_residual_bda, mlp_bda=no_residual_bda)
+    fold = mhc.folds_norm(normalization)
+    norms = dict(input_layernorm=MHCFoldedNorm, pre_mlp_layernorm=MHCFoldedNorm) if fold else {}
+    backends.note("mhc_norm_fold", "on" if mhc.fold_norm else "off", "on" if fold else "off",
+                  "input RMSNorms fused into the sites' pre mix" if fold else
+                  ("mhc fold_norm is off" if not mhc.fold_norm else
+                   f"normalization={normalization!r}: only an RMSNorm folds"))
+    submodules = dataclasses.replace(base.submodules, self_attn_bda=no_residual_bda,
+                                     mlp_bda=no_residual_bda, **norms)
     return ModuleSpec(module=MHCTransformerLayer, params={"mhc": mhc}, submodules=submodules)
 
 
@@ -40,5 +51,7 @@ def mhc_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSu
     # Pipeline p2p buffers are sized from the config; the shape patch reads this to carry n*C.
     config.mhc_num_streams = mhc.num_streams
     mlp = mlp_spec_for(config)
-    return block_spec(config, lambda n: mhc_layer_spec(mhc, mlp=mlp, attention=attention_spec_for(config, n)),
+    norm = getattr(config, "normalization", "LayerNorm")
+    return block_spec(config, lambda n: mhc_layer_spec(mhc, mlp=mlp, attention=attention_spec_for(config, n),
+                                                       normalization=norm),
                       vp_stage, final_norm=MHCFinalNorm)

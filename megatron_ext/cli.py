@@ -44,6 +44,8 @@ _HELP = {
     "moe_pad_expert_input_to_capacity": "pad each expert's tokens to capacity (--moe-impl megatron only)",
     "mhc_fp32_params": "keep the mHC mixers' weights (phi, alpha, bias) in fp32 in a --bf16/--fp16 model "
                        "instead of rounding them to the model dtype (default: off, as upstream)",
+    "mhc_fold_norm": "fuse each sublayer's input RMSNorm into the mHC site's pre mix (same math and "
+                     "checkpoint keys; no effect with LayerNorm); --no-mhc-fold-norm keeps separate norms",
     "moe_pregather": "Triton experts: copy each layer's token rows into expert order once and keep that "
                      "[tokens*topk, hidden] copy for backward (faster GEMMs, topk x the layer input's "
                      "activation memory); --no-moe-pregather saves the memory (default: on with the H100 tiles)",

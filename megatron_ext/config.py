@@ -35,6 +35,12 @@ class MHCConfig:
     # keep phi / alpha / bias in fp32 when the model is cast to bf16/fp16 (Float16Module); the
     # mappings are computed in fp32 either way, this removes the rounding of the weights themselves
     fp32_params: bool = False
+    # fold each sublayer's input RMSNorm into the site's fused pre mix (no effect with LayerNorm)
+    fold_norm: bool = True
+
+    def folds_norm(self, normalization: str) -> bool:
+        """Whether the sites fold the sublayers' input norms: ``fold_norm`` and an RMSNorm model."""
+        return self.fold_norm and normalization == "RMSNorm"
 
     def validate(self, hidden_size: int) -> None:
         if not isinstance(self.num_streams, int) or self.num_streams < 1:
@@ -53,6 +59,8 @@ class MHCConfig:
                        "mhc_backend='auto' or 'torch', or mhc_num_streams=4")
         if not isinstance(self.fp32_params, bool):
             raise _err("mhc_fp32_params", self.fp32_params, "must be a boolean", "true or false")
+        if not isinstance(self.fold_norm, bool):
+            raise _err("mhc_fold_norm", self.fold_norm, "must be a boolean", "true or false")
         if self.alpha_init <= 0:
             raise _err("mhc_alpha_init", self.alpha_init, "must be positive", "a small value such as 0.01")
         if hidden_size < 1:
@@ -314,6 +322,7 @@ class TrainConfig:
     mhc_mode: str = "dynamic"
     mhc_backend: str = "auto"
     mhc_fp32_params: bool = False  # mixer weights stay fp32 in a --bf16/--fp16 model
+    mhc_fold_norm: bool = True  # sublayer input RMSNorms fused into the sites' pre mix
     # sparse MQA attention: on when sparse_attention or attention_pattern is set
     sparse_attention: Optional[bool] = None  # None: implied by attention_pattern
     attention_pattern: Optional[str] = None  # per-layer letters, cyclic: D dense, W window, T top-k
@@ -441,7 +450,8 @@ def mhc_config(cfg: TrainConfig) -> Optional[MHCConfig]:
     if cfg.mhc_num_streams is None:
         return None
     return MHCConfig(num_streams=cfg.mhc_num_streams, sinkhorn_iters=cfg.mhc_sinkhorn_iters,
-                     mode=cfg.mhc_mode, backend=cfg.mhc_backend, fp32_params=cfg.mhc_fp32_params)
+                     mode=cfg.mhc_mode, backend=cfg.mhc_backend, fp32_params=cfg.mhc_fp32_params,
+                     fold_norm=cfg.mhc_fold_norm)
 
 
 def sparse_attention_config(cfg: TrainConfig) -> Optional[SparseAttentionConfig]:

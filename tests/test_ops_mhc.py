@@ -183,6 +183,24 @@ def _naive_mappings(x_flat, phi, alpha, bias, n, num_iters, eps, rms_eps):
     return as_t(pre), as_t(post), as_t(res)
 
 
+def test_folded_norm_reference_is_rmsnorm_of_the_fp32_pre_mix():
+    """``norm_weight``: the first output is rms_norm(u) * w of the unrounded u (fp64 check), and
+    the fp32 reference stays within fp32 rounding of it even for bf16 streams."""
+    g = _gen(8)
+    x = torch.randn(3, 2, 4, 16, generator=g).to(torch.bfloat16)
+    phi = torch.randn(64, 24, generator=g) / 8
+    alpha, bias = torch.tensor([0.8, 1.1, 1.3]), torch.randn(24, generator=g) * 0.3
+    w = 1 + 0.3 * torch.randn(16, generator=g)
+    h_pre = ref.mhc_mappings(x.double().reshape(6, 64), phi.double(), alpha.double(), bias.double(), 4)[0]
+    u = (h_pre.view(3, 2, 4, 1) * x.double()).sum(2)
+    want = u / torch.sqrt(u.square().mean(-1, keepdim=True) + 1e-5) * w.double()
+    got64 = ref.mhc_mix_pre(x.double(), phi.double(), alpha.double(), bias.double(), norm_weight=w.double())[0]
+    assert (got64 - want).abs().max() < 1e-12
+    got = ref.mhc_mix_pre(x, phi, alpha, bias, norm_weight=w)[0]
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - want).abs() / want.abs().clamp_min(1)).max() < 8e-3  # bf16 output rounding
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_mappings_match_fp64_naive_math(n):
     g = _gen(7)
@@ -274,6 +292,43 @@ def test_triton_mix_pre_uneven_column_splits():
     x = _randn(g, 3, 2, 4, 320, grad=True)
     phi, alpha, bias = _params(g, 4, 320)
     _compare(mhc.mhc_mix_pre, (x, phi, alpha, bias), g, lambda t: TOL[torch.float32])
+
+
+def _folded(x, phi, alpha, bias, w, backend):
+    return mhc.mhc_mix_pre(x, phi, alpha, bias, backend=backend, norm_weight=w, norm_eps=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (2, 3, 32)), (torch.float16, (2, 3, 48)),
+                                         (torch.float32, (65, 1, 16)), (torch.float32, (3, 1, 320))])
+def test_triton_folded_norm_matches_reference(dtype, shape):
+    """The branch's RMSNorm folded into the pre mix: the normed output and the gradients of the
+    streams, the mapping parameters and the norm weight. (65 tokens: several programs and dx
+    token blocks, so several d(norm weight) partial rows; C = 320: rows walked in several tiles.)"""
+    s, b, c = shape
+    g = _gen(14 + c)
+    x = _randn(g, s, b, 4, c, dtype=dtype, grad=True)
+    phi, alpha, bias = _params(g, 4, c)
+    w = (1 + _randn(g, c, scale=0.3)).requires_grad_()
+    _compare(_folded, (x, phi, alpha, bias, w), g, lambda t: TOL[dtype])
+
+
+@needs_triton
+def test_triton_folded_norm_site_with_link():
+    """The folded site as the layer runs it: linked streams into post/res, a branch on the normed
+    input, against the reference, every gradient including the norm weight's."""
+    g = _gen(15)
+    x = _randn(g, 2, 3, 4, 32, grad=True)
+    phi, alpha, bias = _params(g, 4, 32)
+    w = (1 + _randn(g, 32, scale=0.3)).requires_grad_()
+    lin = _randn(g, 32, 32, scale=0.2)
+
+    def site(x, phi, alpha, bias, w, backend):
+        n, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend=backend,
+                                                          norm_weight=w)
+        return mhc.mhc_post_res(x_link, h_res, h_post, torch.tanh(n @ lin), backend=backend)
+
+    _compare(site, (x, phi, alpha, bias, w), g, lambda t: TOL[torch.float32])
 
 
 @needs_triton
@@ -425,6 +480,8 @@ def test_fp64_streams_fall_back_with_the_dtype_named():
                               torch.zeros(2, 3, 9)), r"branch_out.shape=\(2, 3, 9\)"),
     (lambda: mhc.mhc_mix_pre(torch.zeros(2, 3, 4, 8), torch.zeros(32, 16), torch.zeros(3),
                              torch.zeros(24)), r"phi.shape=\(32, 16\)"),
+    (lambda: mhc.mhc_mix_pre(torch.zeros(2, 3, 4, 8), torch.zeros(32, 24), torch.zeros(3),
+                             torch.zeros(24), norm_weight=torch.ones(32)), r"norm_weight.shape=\(32,\)"),
 ])
 def test_shape_errors_name_the_field(call, field):
     with pytest.raises(ValueError, match=field + r": .*; use "):
@@ -484,6 +541,32 @@ def test_gpu_full_size_post_res_and_pre_bf16():
         go = torch.randn(*out_t.shape, generator=gen).to("cuda", out_t.dtype)
         for a, b_ in zip(torch.autograd.grad(out_t, args, go), torch.autograd.grad(out_r, args, go)):
             assert _err(a, b_) < 3e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_full_size_folded_norm_site_bf16():
+    """The folded site at full size in bf16 against the reference, every gradient (the norm
+    weight's included), and bitwise reproducible."""
+    x, phi, alpha, bias = _full_inputs()
+    gen = _gen(74)
+    w = (1 + 0.3 * torch.randn(FULL["c"], generator=gen)).cuda().requires_grad_()
+    args = (x, phi, alpha, bias, w)
+
+    def site(backend):
+        n, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend=backend,
+                                                          norm_weight=w)
+        return mhc.mhc_post_res(x_link, h_res, h_post, n, backend=backend)
+
+    out_t, out_r = site("triton"), site("torch")
+    assert _err(out_t, out_r) < TOL[torch.bfloat16]
+    go = torch.randn(*out_t.shape, generator=gen).to("cuda", out_t.dtype)
+    g_t = torch.autograd.grad(out_t, args, go)
+    g_r = torch.autograd.grad(out_r, args, go)
+    for a, b in zip(g_t, g_r):
+        assert _err(a, b) < 3e-2
+    for a, b in zip(g_t, torch.autograd.grad(site("triton"), args, go)):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.gpu

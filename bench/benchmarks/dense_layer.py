@@ -30,8 +30,9 @@ FULL = Dims(s=4096, b=2, hidden=2048, heads=16, ffn=8192)
 SMALL = Dims(s=64, b=2, hidden=64, heads=4, ffn=256)
 
 
-def layer_config(d: Dims):
-    """The TransformerConfig both sides share: bf16, local impl, no bias, no dropout, no fusions."""
+def layer_config(d: Dims, **overrides):
+    """The TransformerConfig both sides share: bf16, local impl, no bias, no dropout, no fusions
+    (``overrides``: other TransformerConfig fields, e.g. ``normalization``)."""
     import torch
 
     from megatron_ext.compat import make_transformer_config
@@ -41,7 +42,8 @@ def layer_config(d: Dims):
         gated_linear_unit=False, bf16=True, params_dtype=torch.bfloat16, transformer_impl="local",
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False)
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        **overrides)
 
 
 def _ours_spec():
@@ -56,9 +58,10 @@ def _anchor_spec():
     return get_gpt_layer_local_spec()
 
 
-def _layer_setup(spec_fn, d: Dims, device: str, width: int | None = None, layer_number: int = 1):
+def _layer_setup(spec_fn, d: Dims, device: str, width: int | None = None, layer_number: int = 1,
+                 **config):
     """Build the layer and fresh ``x, grad [s, b, width]`` (width defaults to h); the timed call
-    is fwd + bwd."""
+    is fwd + bwd. ``config``: overrides of :func:`layer_config`."""
     import torch
 
     from bench.parallel import ensure_model_parallel
@@ -66,7 +69,7 @@ def _layer_setup(spec_fn, d: Dims, device: str, width: int | None = None, layer_
     ensure_model_parallel(cpu=device == "cpu")
     from megatron.core.transformer.spec_utils import build_module
 
-    layer = build_module(spec_fn(), config=layer_config(d), layer_number=layer_number)
+    layer = build_module(spec_fn(), config=layer_config(d, **config), layer_number=layer_number)
     layer = layer.to(device=device, dtype=torch.bfloat16).train()
     params = list(layer.parameters())
     width = width or d.hidden

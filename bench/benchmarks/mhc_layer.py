@@ -1,11 +1,14 @@
 """``mhc_layer``: a whole Megatron TransformerLayer with mHC n=4 vs the same layer with a plain
-residual, forward + backward, bf16, TP=1 (the paper reports 6.7% overhead; target <= 7%).
+residual, forward + backward, bf16, TP=1, RMSNorm (the paper reports 6.7% overhead; target <= 7%).
 
 anchor = the dense layer of ``layer_specs.gpt.dense_layer_spec()`` on ``x [s, b, C]``;
-ours   = ``layer_specs.mhc.mhc_layer_spec`` (fused Triton mixers) on the streams ``[s, b, 4*C]`` of a
-         middle layer (two mixing sites: around attention and around the MLP);
-ref    = the same mHC layer with the torch reference mixers.
-The ratio column is anchor ms / ours ms, so the overhead of mHC is 1/ratio - 1.
+ours   = ``layer_specs.mhc.mhc_layer_spec`` (fused Triton mixers, the sublayers' input RMSNorms
+         folded into the sites: the default) on the streams ``[s, b, 4*C]`` of a middle layer (two
+         mixing sites: around attention and around the MLP);
+ref    = the same mHC layer with separate norms (``fold_norm=False``), and with the torch
+         reference mixers.
+The ratio column is anchor ms / ours ms, so the overhead of mHC is 1/ratio - 1. (Until
+2026-11-24 both layers used Megatron's default LayerNorm, which the sites do not fold.)
 """
 
 from __future__ import annotations
@@ -18,16 +21,20 @@ from bench.registry import register
 STREAMS = 4
 
 
-def _setup(d: Dims, device: str, mhc_backend: str | None):
+NORM = "RMSNorm"
+
+
+def _setup(d: Dims, device: str, mhc_backend: str | None, fold_norm: bool = True):
     """The plain layer on ``[s, b, C]`` (mhc_backend None) or a middle mHC layer on ``[s, b, 4C]``."""
     from layer_specs.gpt import dense_layer_spec
     from layer_specs.mhc import mhc_layer_spec
     from megatron_ext.config import MHCConfig
 
     if mhc_backend is None:
-        return _layer_setup(dense_layer_spec, d, device, layer_number=2)
-    return _layer_setup(lambda: mhc_layer_spec(MHCConfig(num_streams=STREAMS, backend=mhc_backend)),
-                        d, device, width=STREAMS * d.hidden, layer_number=2)
+        return _layer_setup(dense_layer_spec, d, device, layer_number=2, normalization=NORM)
+    mhc = MHCConfig(num_streams=STREAMS, backend=mhc_backend, fold_norm=fold_norm)
+    return _layer_setup(lambda: mhc_layer_spec(mhc, normalization=NORM), d, device,
+                        width=STREAMS * d.hidden, layer_number=2, normalization=NORM)
 
 
 @register
@@ -39,10 +46,14 @@ def mhc_layer(small: bool = False, device: str = "cuda") -> Benchmark:
         name="mhc_layer",
         description="TransformerLayer fwd+bwd with mHC n=4 mixers vs a plain residual",
         shape=(f"x[s={d.s}, b={d.b}, C={d.hidden}] bf16 (mHC: {STREAMS} streams), {d.heads} heads, "
-               f"ffn {d.ffn} gelu, causal, TP=1, fwd+bwd; TFLOP/s counts the layer's matmuls only"),
+               f"ffn {d.ffn} gelu, {NORM}, causal, TP=1, fwd+bwd; TFLOP/s counts the layer's "
+               f"matmuls only"),
         cases=[
-            Case(name="ours", label=f"ours: mHC n=4 layer ({backend} mixers)", role="ours",
+            Case(name="ours", label=f"ours: mHC n=4 layer ({backend} mixers, norms folded)", role="ours",
                  setup=lambda: _setup(d, device, backend), flops=flops, bound="compute"),
+            Case(name="ref_unfolded", label=f"ref: mHC n=4 layer ({backend} mixers, separate norms)",
+                 role="ref", setup=lambda: _setup(d, device, backend, fold_norm=False), flops=flops,
+                 bound="compute"),
             Case(name="ref_torch", label="ref: mHC n=4 layer (torch reference mixers)", role="ref",
                  setup=lambda: _setup(d, device, "torch"), flops=flops, bound="compute"),
             Case(name="anchor", label="anchor: same layer, plain residual", role="anchor",

@@ -7,6 +7,12 @@ sublayer F (attention, then MLP/MoE), per token:
     u   = sum_i H_pre[i] x_i                      (branch input; F applies its own norm)
     x'_i = sum_j H_res[i, j] x_j + H_post[i] F(u)  (H_res doubly stochastic via Sinkhorn)
 
+With an RMSNorm model and ``mhc.fold_norm`` (the default) the sublayer's input norm is folded
+into the site: the spec builds it as :class:`MHCFoldedNorm` (same ``weight`` parameter and
+checkpoint key, an identity in the stock forward) and the mixer's fused pre mix writes
+``rms_norm(u) * weight`` directly, so ``u`` is never written or read back and the norm's backward
+runs inside the site's kernels.
+
 Between layers the streams travel as one ``[s, b, n*C]`` tensor, so Megatron's block, sequence
 parallel, recompute and pipeline p2p (with the shape patch in ``patches/``) carry them unchanged.
 The first layer of the model expands ``[s, b, C]`` into ``n`` copies; :class:`MHCFinalNorm`
@@ -18,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
@@ -87,19 +94,23 @@ class StreamMixer(torch.nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
-    def pre(self, streams: torch.Tensor):
+    def pre(self, streams: torch.Tensor, norm: "MHCFoldedNorm | None" = None):
         """streams ``[s, b, n, C]`` -> (u ``[s, b, C]``, h_post, h_res, streams for :meth:`post`)
-        (mappings per token or static)."""
+        (mappings per token or static). With ``norm`` (the sublayer's folded input norm) the
+        first output is the normed branch input, fused into the pre mix on the dynamic lane."""
         m = self.mhc
         if m.mode == "dynamic":
+            fold = {} if norm is None else dict(norm_weight=norm.fold_weight(), norm_eps=norm.eps)
             return mhc_ops.mhc_mix_pre_linked(streams, self.phi, self.alpha, self.bias,
-                                              num_iters=m.sinkhorn_iters, eps=m.eps, backend=m.backend)
+                                              num_iters=m.sinkhorn_iters, eps=m.eps, backend=m.backend,
+                                              **fold)
         n = self.n
         b = self.bias.to(torch.promote_types(self.bias.dtype, torch.float32))  # fp32 math, fp64 kept
         h_pre = torch.sigmoid(b[:n])
         h_post = 2.0 * torch.sigmoid(b[n:2 * n])
         h_res = mhc_ops.sinkhorn(b[2 * n:].view(n, n), num_iters=m.sinkhorn_iters, eps=m.eps, backend="torch")
-        return mhc_ops.mhc_pre(streams, h_pre, backend=m.backend), h_post, h_res, streams
+        u = mhc_ops.mhc_pre(streams, h_pre, backend=m.backend)
+        return (u if norm is None else norm.normalize(u)), h_post, h_res, streams
 
     def post(self, streams, h_res, h_post, branch_out):
         return mhc_ops.mhc_post_res(streams, h_res, h_post, branch_out, backend=self.mhc.backend)
@@ -129,8 +140,8 @@ class MHCTransformerLayer(TransformerLayer):
                              f"num_streams*hidden_size={n * c}; use the mHC block spec for every layer")
         return hidden_states.view(s, b, n, c)
 
-    def _mix(self, mixer: StreamMixer, streams, branch, *args, **kwargs):
-        u, h_post, h_res, streams = mixer.pre(streams)
+    def _mix(self, mixer: StreamMixer, norm, streams, branch, *args, **kwargs):
+        u, h_post, h_res, streams = mixer.pre(streams, norm if isinstance(norm, MHCFoldedNorm) else None)
         out = branch(u, *args, **kwargs)
         extra = None
         if isinstance(out, tuple):
@@ -143,11 +154,13 @@ class MHCTransformerLayer(TransformerLayer):
 
     def _forward_attention(self, hidden_states, *args, **kwargs):
         streams = self._streams(hidden_states)
-        return self._mix(self.attn_mixer, streams, super()._forward_attention, *args, **kwargs)
+        return self._mix(self.attn_mixer, self.input_layernorm, streams, super()._forward_attention,
+                         *args, **kwargs)
 
     def _forward_mlp(self, hidden_states, *args, **kwargs):
         streams = self._streams(hidden_states)
-        out, _ = self._mix(self.mlp_mixer, streams, super()._forward_mlp, *args, **kwargs)
+        out, _ = self._mix(self.mlp_mixer, self.pre_mlp_layernorm, streams, super()._forward_mlp,
+                           *args, **kwargs)
         return out
 
 
@@ -159,3 +172,28 @@ class MHCFinalNorm(Norm):
             s, b, width = x.shape
             x = x.view(s, b, width // self.hidden_size, self.hidden_size).mean(dim=2)
         return super().forward(x)
+
+
+class MHCFoldedNorm(Norm, IdentityOp):
+    """A sublayer's input RMSNorm folded into the mHC site before it: it keeps the norm's
+    ``weight`` (same parameter, same checkpoint key, interchangeable with :class:`Norm`) and is
+    an identity where Megatron's layer calls it (an ``IdentityOp``, so Megatron neither
+    recomputes nor offloads it); :class:`MHCTransformerLayer` hands it to the site's mixer, whose
+    pre mix applies it."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        super().__init__(config, hidden_size, eps, **kwargs)
+        if self.kind != "RMSNorm":
+            raise ValueError(f"normalization={self.kind!r}: the mHC sites fold only an RMSNorm into "
+                             f"their pre mix; use normalization='RMSNorm', or mhc fold_norm=false "
+                             f"(--no-mhc-fold-norm) to keep a separate {self.kind}")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+    def fold_weight(self) -> torch.Tensor:
+        return self.weight + 1 if self.zero_centered_gamma else self.weight
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm itself (for a site without the fused lane)."""
+        return Norm.forward(self, x)

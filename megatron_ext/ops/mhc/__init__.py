@@ -122,21 +122,29 @@ def mhc_post_res(streams: Tensor, h_res: Tensor, h_post: Tensor, branch_out: Ten
 
 
 def mhc_mix_pre(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, num_iters: int = 20,
-                eps: float = 1e-6, rms_eps: float = 1e-6,
-                backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor]:
+                eps: float = 1e-6, rms_eps: float = 1e-6, backend: str = "auto", *,
+                norm_weight: Optional[Tensor] = None,
+                norm_eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
     """Fused dynamic mappings + pre-aggregation of one sublayer site.
 
     ``streams [s, b, n, C]``, ``phi [n*C, n*n + 2n]``, ``alpha [3]``, ``bias [n*n + 2n]`` ->
     ``(u [s, b, C] stream dtype, h_post [s, b, n] fp32, h_res [s, b, n, n] fp32)``; feed h_post /
     h_res to :func:`mhc_post_res`. Gradients flow to streams, phi, alpha and bias (fp32 math; the
     parameter grads come back in each parameter's dtype). ``eps``: Sinkhorn sum clamp;
-    ``rms_eps``: inside the RMS square root."""
-    return mhc_mix_pre_linked(streams, phi, alpha, bias, num_iters, eps, rms_eps, backend)[:3]
+    ``rms_eps``: inside the RMS square root.
+
+    ``norm_weight [C]`` (the branch's RMSNorm weight; ``norm_eps`` its epsilon): the branch's
+    input norm folded into the site. The first output is then ``rms_norm(u) * norm_weight``, the
+    norm's input ``u`` is never written, and the norm's backward runs inside the site's (gradient
+    to ``norm_weight`` included)."""
+    return mhc_mix_pre_linked(streams, phi, alpha, bias, num_iters, eps, rms_eps, backend,
+                              norm_weight=norm_weight, norm_eps=norm_eps)[:3]
 
 
 def mhc_mix_pre_linked(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor,
                        num_iters: int = 20, eps: float = 1e-6, rms_eps: float = 1e-6,
-                       backend: str = "auto") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                       backend: str = "auto", *, norm_weight: Optional[Tensor] = None,
+                       norm_eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`mhc_mix_pre` plus a fourth output, the streams to hand to :func:`mhc_post_res` of
     the same site. Same values as ``streams``; on the Triton lane it is a view whose gradient is
     summed into the mix-pre backward kernel (one pass over the stream gradient instead of
@@ -147,10 +155,15 @@ def mhc_mix_pre_linked(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor
     _check_shape("phi", phi, [(n * c, m)], "the mapping projection of the flattened streams")
     _check_shape("alpha", alpha, [(3,)], "the pre, post and res gating scales")
     _check_shape("bias", bias, [(m,)], "the mapping bias, ordered [pre(n), post(n), res(n*n)]")
-    if _resolve("mhc_mix_pre", backend, [streams, phi, alpha, bias], n,
-                streams.dtype) == "torch":
-        return (*reference.mhc_mix_pre(streams, phi, alpha, bias, num_iters, eps, rms_eps), streams)
+    tensors = [streams, phi, alpha, bias]
+    if norm_weight is not None:
+        _check_shape("norm_weight", norm_weight, [(c,)], "the branch's RMSNorm weight, one per channel")
+        tensors.append(norm_weight)
+    if _resolve("mhc_mix_pre", backend, tensors, n, streams.dtype) == "torch":
+        return (*reference.mhc_mix_pre(streams, phi, alpha, bias, num_iters, eps, rms_eps,
+                                       norm_weight, norm_eps), streams)
     from megatron_ext.ops.mhc.autograd import MixPreFn
 
-    return MixPreFn.apply(streams, phi.float(), alpha.float(), bias.float(), num_iters, eps,
-                          rms_eps)
+    return MixPreFn.apply(streams, phi.float(), alpha.float(), bias.float(),
+                          None if norm_weight is None else norm_weight.float(), num_iters, eps,
+                          rms_eps, norm_eps)

@@ -94,18 +94,23 @@ class MixPreFn(torch.autograd.Function):
     the streams (the site's post/res mix) has its stream gradient summed into this backward's dx
     kernel rather than by a separate autograd add.
 
+    ``gamma [C]`` fp32 or None: the branch's RMSNorm weight folded into the site (``u`` is then
+    ``rms_norm(u) * gamma``; its gradient comes back as a fifth gradient).
+
     Saved for backward: the streams (already alive as the residual) and 116 B/token of fp32
-    stats (z, inv_r, h_pre); nothing else is recomputed but the Sinkhorn iterations."""
+    stats (z, inv_r, h_pre; 4 B more with the norm); nothing else is recomputed but the Sinkhorn
+    iterations and, with the norm, u."""
 
     @staticmethod
-    def forward(ctx, streams, phi, alpha, bias, num_iters, eps, rms_eps):
+    def forward(ctx, streams, phi, alpha, bias, gamma, num_iters, eps, rms_eps, norm_eps):
         ctx.set_materialize_grads(False)
         s_shape = streams.shape
         x = streams.contiguous().view(-1, s_shape[-2] * s_shape[-1])
         phi_c, alpha_c, bias_c = phi.contiguous(), alpha.contiguous(), bias.contiguous()
-        u, h_pre, h_post, h_res, z, inv_r = triton_mix.mix_pre_fwd(
-            x, phi_c, alpha_c, bias_c, num_iters, eps, rms_eps)
-        ctx.save_for_backward(x, phi_c, alpha_c, bias_c, z, inv_r, h_pre)
+        gamma_c = None if gamma is None else gamma.contiguous()
+        u, h_pre, h_post, h_res, z, inv_r, rstd = triton_mix.mix_pre_fwd(
+            x, phi_c, alpha_c, bias_c, num_iters, eps, rms_eps, gamma_c, norm_eps)
+        ctx.save_for_backward(x, phi_c, alpha_c, bias_c, z, inv_r, h_pre, gamma_c, rstd)
         ctx.cfg = (num_iters, eps, s_shape)
         lead = tuple(s_shape[:-2])
         return (u.view(*lead, s_shape[-1]), h_post.view(*lead, 4), h_res.view(*lead, 4, 4),
@@ -113,7 +118,7 @@ class MixPreFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gu, gh_post, gh_res, g_link):
-        x, phi, alpha, bias, z, inv_r, h_pre = ctx.saved_tensors
+        x, phi, alpha, bias, z, inv_r, h_pre, gamma, rstd = ctx.saved_tensors
         num_iters, eps, s_shape = ctx.cfg
         T, NC = x.shape
         f32 = dict(device=x.device, dtype=torch.float32)
@@ -125,7 +130,9 @@ class MixPreFn(torch.autograd.Function):
                   else gh_res.float().contiguous().view(T, 4, 4))
         if g_link is not None:
             g_link = g_link.contiguous().view(T, NC)
-        dx, dphi, dalpha, dbias = triton_mix.mix_pre_bwd(
-            x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_iters, eps, g_link)
+        dx, dphi, dalpha, dbias, dgamma = triton_mix.mix_pre_bwd(
+            x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_iters, eps, g_link,
+            gamma, rstd)
         return (dx.view(s_shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype),
-                dbias.to(bias.dtype), None, None, None)
+                dbias.to(bias.dtype), None if dgamma is None else dgamma.to(gamma.dtype),
+                None, None, None, None)

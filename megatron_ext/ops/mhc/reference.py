@@ -105,14 +105,30 @@ def mhc_post_res(streams: Tensor, h_res: Tensor, h_post: Tensor, branch_out: Ten
 
 
 def mhc_mix_pre(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, num_iters: int = 20,
-                eps: float = 1e-6, rms_eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+                eps: float = 1e-6, rms_eps: float = 1e-6, norm_weight: Tensor | None = None,
+                norm_eps: float = 1e-5) -> Tuple[Tensor, Tensor, Tensor]:
     """Mappings + pre-aggregation of ``streams [s, b, n, C]`` -> ``(u [s, b, C],
-    h_post [s, b, n] fp32, h_res [s, b, n, n] fp32)``."""
+    h_post [s, b, n] fp32, h_res [s, b, n, n] fp32)``.
+
+    ``norm_weight [C]`` (the branch's RMSNorm weight, folded into the site): the first output is
+    the branch's normed input ``rms_norm(u) * norm_weight`` instead of ``u``, with ``u`` kept in
+    fp32 between the two (the unfolded layer rounds ``u`` to the stream dtype first)."""
     s, b, n, c = streams.shape
     h_pre, h_post, h_res = mhc_mappings(streams.reshape(s * b, n * c), phi, alpha, bias, n,
                                         num_iters, eps, rms_eps)
-    u = mhc_pre(streams, h_pre.view(s, b, n))
+    if norm_weight is None:
+        u = mhc_pre(streams, h_pre.view(s, b, n))
+    else:
+        dt = _math_dtype(streams, h_pre, norm_weight)
+        u = (h_pre.view(s, b, n, 1).to(dt) * streams.to(dt)).sum(dim=-2)
+        u = rms_norm(u, norm_weight, norm_eps).to(streams.dtype)
     return u, h_post.view(s, b, n), h_res.view(s, b, n, n)
+
+
+def rms_norm(u: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``u * rsqrt(mean(u^2) + eps) * weight`` over the last dim; ``u`` fp32 or fp64 (its dtype
+    out)."""
+    return u * torch.rsqrt(u.square().mean(dim=-1, keepdim=True) + eps) * weight.to(u.dtype)
 
 
 def branch_mix_weights(logits: Tensor, temperature: float = 1.0, blend_alpha: float = 1.0,

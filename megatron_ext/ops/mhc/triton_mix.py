@@ -132,11 +132,13 @@ def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
 
 
 # One token per program, as the pre mix alone was (many programs keep the row loads in flight).
-@tuned(triton_streams.ROW_CONFIGS, key=["C"])
+@tuned(triton_streams.ROW_CONFIGS, key=["C", "NORM"])
+@triton.heuristics({"ONE_TILE": lambda args: args["C"] <= args["BLOCK_C"]})
 @triton.jit
 def _mix_maps_pre_kernel(x_ptr, pz_ptr, pss_ptr, alpha_ptr, bias_ptr, u_ptr, hpre_ptr, hpost_ptr,
-                         hres_ptr, z_ptr, invr_ptr, T, C, n_splits, num_iters, sk_eps, rms_eps,
-                         BLOCK_C: tl.constexpr):
+                         hres_ptr, z_ptr, invr_ptr, gamma_ptr, rstd_ptr, T, C, n_splits, num_iters,
+                         sk_eps, rms_eps, norm_eps, NORM: tl.constexpr, BLOCK_C: tl.constexpr,
+                         ONE_TILE: tl.constexpr):
     """One token: sum its column-split partials in split order (deterministic), RMS scale,
     sigmoid gates, Sinkhorn on a ``[1, 4, 4]`` register tile, then u = sum_i h_pre[i] x_i over
     the whole row. (The mappings were a kernel of their own: 22 us at T=8192 for ~1 MB of
@@ -168,7 +170,81 @@ def _mix_maps_pre_kernel(x_ptr, pz_ptr, pss_ptr, alpha_ptr, bias_ptr, u_ptr, hpr
     tl.store(hpost_ptr + t * 4 + i4[None, :], 2.0 * tl.sigmoid(a_post * z_post + b_post[None, :]))
     tl.store(hres_ptr + t * 16 + o44, sinkhorn_tile(a_res * z_res + b_res[None, :, :], num_iters,
                                                      sk_eps))
-    triton_streams.pre_row(x_ptr, u_ptr, t, tl.reshape(h_pre, (4,)), C, BLOCK_C)
+    if NORM:
+        _pre_norm_row(x_ptr, u_ptr, gamma_ptr, rstd_ptr, t, tl.reshape(h_pre, (4,)), C, norm_eps,
+                      BLOCK_C, ONE_TILE)
+    else:
+        triton_streams.pre_row(x_ptr, u_ptr, t, tl.reshape(h_pre, (4,)), C, BLOCK_C)
+
+
+@triton.jit
+def _pre_norm_row(x_ptr, n_ptr, gamma_ptr, rstd_ptr, t, h, C, norm_eps, BLOCK_C: tl.constexpr,
+                  ONE_TILE: tl.constexpr):
+    """The branch's RMSNorm folded into the pre mix: ``n[t] = u * rstd * gamma`` with
+    ``u = sum_i h[i] x_i[t]`` in fp32 and ``rstd = rsqrt(mean(u^2) + eps)`` (stored for backward).
+    ``ONE_TILE`` (the row fits one tile): u stays in registers; else two walks over the row, the
+    sum of squares, then u again (from cache) for the output."""
+    i4 = tl.arange(0, 4)
+    if ONE_TILE:
+        cc = tl.arange(0, BLOCK_C)
+        mc = cc < C
+        xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
+                     other=0.0).to(tl.float32)
+        u = tl.sum(h[:, None] * xs, axis=0)
+        rstd = tl.rsqrt(tl.sum(u * u, axis=0) / C + norm_eps)
+        tl.store(rstd_ptr + t, rstd)
+        gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0)
+        tl.store(n_ptr + t * C + cc, (u * rstd * gam).to(n_ptr.dtype.element_ty), mask=mc)
+    else:
+        ss = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            mc = cc < C
+            xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
+                         other=0.0).to(tl.float32)
+            u = tl.sum(h[:, None] * xs, axis=0)
+            ss += u * u
+        rstd = tl.rsqrt(tl.sum(ss, axis=0) / C + norm_eps)
+        tl.store(rstd_ptr + t, rstd)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            mc = cc < C
+            xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
+                         other=0.0).to(tl.float32)
+            u = tl.sum(h[:, None] * xs, axis=0)
+            gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0)
+            tl.store(n_ptr + t * C + cc, (u * rstd * gam).to(n_ptr.dtype.element_ty), mask=mc)
+
+
+@tuned(triton_streams.ROW_CONFIGS, key=["C"])
+@triton.jit
+def _pre_norm_bwd_dh_kernel(x_ptr, h_ptr, gn_ptr, gamma_ptr, rstd_ptr, dh_ptr, k_ptr, C,
+                            BLOCK_C: tl.constexpr):
+    """dh_pre of the folded site, one token per program. With ``g = gamma * dn``, ``u`` the fp32
+    pre mix and ``r`` its rstd: ``du = r g - k u``, ``k = r^3 <g, u> / C``, so
+    ``dh_pre[i] = <x_i, du> = r <x_i, g> - k <x_i, u>``: one walk over the row accumulates
+    ``<x_i, g>``, ``<x_i, u>`` and ``<g, u>``. ``k`` is stored for the dx pass."""
+    t = tl.program_id(0).to(tl.int64)
+    i4 = tl.arange(0, 4)
+    h = tl.load(h_ptr + t * 4 + i4)
+    xg = tl.zeros([4, BLOCK_C], dtype=tl.float32)
+    xu = tl.zeros([4, BLOCK_C], dtype=tl.float32)
+    gu = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        mc = cc < C
+        xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
+                     other=0.0).to(tl.float32)
+        g = tl.load(gn_ptr + t * C + cc, mask=mc, other=0.0).to(tl.float32) * tl.load(
+            gamma_ptr + cc, mask=mc, other=0.0)
+        u = tl.sum(h[:, None] * xs, axis=0)
+        xg += xs * g[None, :]
+        xu += xs * u[None, :]
+        gu += g * u
+    r = tl.load(rstd_ptr + t)
+    k = r * r * r * tl.sum(gu, axis=0) / C
+    tl.store(dh_ptr + t * 4 + i4, r * tl.sum(xg, axis=1) - k * tl.sum(xu, axis=1))
+    tl.store(k_ptr + t, k)
 
 
 # 8 splits at C=2048: T/16 x 8 programs keep every SM streaming. Tried 2-4 splits (2026-11-23,
@@ -236,20 +312,30 @@ def _mix_pre_bwd_rows_kernel(dh_ptr, z_ptr, invr_ptr, alpha_ptr, bias_ptr,
     tl.store(base + 26, tl.sum(da_res, axis=0))
 
 
-@tuned([triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w, num_stages=1)
-        for bt, bc, w in ((64, 64, 8), (64, 64, 4), (32, 128, 4), (64, 128, 8))],
-       key=["C", "HAS_LINK"])
+_DX_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w, num_stages=1)
+               for bt, bc, w in ((64, 64, 8), (64, 64, 4), (32, 128, 4), (64, 128, 8))]
+_DX_MIN_BLOCK_T = min(c.kwargs["BLOCK_T"] for c in _DX_CONFIGS)
+
+
+@tuned(_DX_CONFIGS, key=["C", "HAS_LINK", "NORM"])
 @triton.jit
 def _mix_pre_bwd_dx_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, glink_ptr, gx_ptr,
-                           T, C, DOT_PRECISION: tl.constexpr, HAS_LINK: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                           gamma_ptr, rstd_ptr, k_ptr, pdg_ptr, T, C,
+                           DOT_PRECISION: tl.constexpr, HAS_LINK: tl.constexpr,
+                           NORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """dx of BLOCK_T tokens x BLOCK_C channels of all four streams:
     ``dx_i = h_pre[i] * du + coef * x_i (+ g_link_i) + G @ phi_i^T``. Every tile is read and
     written once; du and G are loaded once for the four streams. Many small independent programs
     (T/BLOCK_T x C/BLOCK_C) keep the loads in flight: the former column-tile kernel that also
-    accumulated d phi over a token walk ran at a third of this bandwidth."""
+    accumulated d phi over a token walk ran at a third of this bandwidth.
+
+    ``NORM`` (the branch's RMSNorm folded in): ``gu`` is the gradient of the normed output dn;
+    the program loads its four x tiles once and keeps them in registers (u needs all four before
+    any dx), re-forms u, ``du = r * gamma * dn - k * u``, and writes its d gamma partial ``sum_t dn * r * u`` as row
+    ``program_id(0)`` of ``pdg``."""
     NC = 4 * C
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_t = tl.program_id(0)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     mt = offs_t < T
     rows = offs_t.to(tl.int64)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -260,18 +346,63 @@ def _mix_pre_bwd_dx_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, gl
                 other=0.0)
     coef = tl.load(coef_ptr + rows, mask=mt, other=0.0)
     gu = tl.load(gu_ptr + rows[:, None] * C + cc[None, :], mask=m2, other=0.0)  # used 4 times
-    for i in tl.static_range(4):
-        kk = i * C + cc
-        hp = tl.load(hpre_ptr + rows * 4 + i, mask=mt, other=0.0)
-        xt = tl.load(x_ptr + rows[:, None] * NC + kk[None, :], mask=m2, other=0.0).to(tl.float32)
-        phiT = tl.load(phi_ptr + kk[None, :] * 24 + j[:, None], mask=(j < 24)[:, None] & mc[None, :],
-                       other=0.0)
-        dx = hp[:, None] * gu.to(tl.float32) + coef[:, None] * xt
-        if HAS_LINK:  # the streams' other gradient (the post/res mix of the same site)
-            dx += tl.load(glink_ptr + rows[:, None] * NC + kk[None, :], mask=m2,
-                          other=0.0).to(tl.float32)
-        dx = tl.dot(g, phiT, dx, input_precision=DOT_PRECISION)
-        tl.store(gx_ptr + rows[:, None] * NC + kk[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
+    if NORM:
+        # the four x tiles stay in registers: u needs all of them before any dx can be formed
+        x0 = _load_stream_tile(x_ptr, rows, cc, m2, NC, C, 0)
+        x1 = _load_stream_tile(x_ptr, rows, cc, m2, NC, C, 1)
+        x2 = _load_stream_tile(x_ptr, rows, cc, m2, NC, C, 2)
+        x3 = _load_stream_tile(x_ptr, rows, cc, m2, NC, C, 3)
+        h = hpre_ptr + rows * 4
+        u = (tl.load(h, mask=mt, other=0.0)[:, None] * x0.to(tl.float32)
+             + tl.load(h + 1, mask=mt, other=0.0)[:, None] * x1.to(tl.float32)
+             + tl.load(h + 2, mask=mt, other=0.0)[:, None] * x2.to(tl.float32)
+             + tl.load(h + 3, mask=mt, other=0.0)[:, None] * x3.to(tl.float32))
+        r = tl.load(rstd_ptr + rows, mask=mt, other=0.0)
+        kt = tl.load(k_ptr + rows, mask=mt, other=0.0)
+        dn = gu.to(tl.float32)
+        gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0)
+        tl.store(pdg_ptr + pid_t.to(tl.int64) * C + cc, tl.sum(dn * (r[:, None] * u), axis=0),
+                 mask=mc)
+        du = r[:, None] * gam[None, :] * dn - kt[:, None] * u
+        _dx_stream_tile(x0, 0, du, coef, g, rows, mt, cc, mc, m2, hpre_ptr, phi_ptr, glink_ptr,
+                        gx_ptr, NC, C, DOT_PRECISION, HAS_LINK)
+        _dx_stream_tile(x1, 1, du, coef, g, rows, mt, cc, mc, m2, hpre_ptr, phi_ptr, glink_ptr,
+                        gx_ptr, NC, C, DOT_PRECISION, HAS_LINK)
+        _dx_stream_tile(x2, 2, du, coef, g, rows, mt, cc, mc, m2, hpre_ptr, phi_ptr, glink_ptr,
+                        gx_ptr, NC, C, DOT_PRECISION, HAS_LINK)
+        _dx_stream_tile(x3, 3, du, coef, g, rows, mt, cc, mc, m2, hpre_ptr, phi_ptr, glink_ptr,
+                        gx_ptr, NC, C, DOT_PRECISION, HAS_LINK)
+    else:
+        du = gu.to(tl.float32)
+        for i in tl.static_range(4):
+            _dx_stream_tile(_load_stream_tile(x_ptr, rows, cc, m2, NC, C, i), i, du, coef, g, rows,
+                            mt, cc, mc, m2, hpre_ptr, phi_ptr, glink_ptr, gx_ptr, NC, C,
+                            DOT_PRECISION, HAS_LINK)
+
+
+@triton.jit
+def _load_stream_tile(x_ptr, rows, cc, m2, NC, C, i: tl.constexpr):
+    """Stream i's ``[BLOCK_T, BLOCK_C]`` tile in the stream dtype (held tiles take half the
+    registers of fp32 ones; the math widens them where it uses them)."""
+    return tl.load(x_ptr + rows[:, None] * NC + (i * C + cc)[None, :], mask=m2, other=0.0)
+
+
+@triton.jit
+def _dx_stream_tile(xt, i: tl.constexpr, du, coef, g, rows, mt, cc, mc, m2, hpre_ptr, phi_ptr,
+                    glink_ptr, gx_ptr, NC, C, DOT_PRECISION: tl.constexpr,
+                    HAS_LINK: tl.constexpr):
+    """``dx_i = h_pre[i] * du + coef * x_i (+ g_link_i) + G @ phi_i^T`` of one stream's tile."""
+    j = tl.arange(0, 32)
+    kk = i * C + cc
+    hp = tl.load(hpre_ptr + rows * 4 + i, mask=mt, other=0.0)
+    phiT = tl.load(phi_ptr + kk[None, :] * 24 + j[:, None], mask=(j < 24)[:, None] & mc[None, :],
+                   other=0.0)
+    dx = hp[:, None] * du + coef[:, None] * xt.to(tl.float32)
+    if HAS_LINK:  # the streams' other gradient (the post/res mix of the same site)
+        dx += tl.load(glink_ptr + rows[:, None] * NC + kk[None, :], mask=m2,
+                      other=0.0).to(tl.float32)
+    dx = tl.dot(g, phiT, dx, input_precision=DOT_PRECISION)
+    tl.store(gx_ptr + rows[:, None] * NC + kk[None, :], dx.to(gx_ptr.dtype.element_ty), mask=m2)
 
 
 @tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
@@ -321,10 +452,13 @@ def _split_lane(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and not interpreting()
 
 
-def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float):
+def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float, gamma=None,
+                norm_eps: float = 1e-5):
     """``x [T, 4C]`` (bf16/fp16/fp32, contiguous), ``phi [4C, 24]``, ``alpha [3]``, ``bias [24]``
     (fp32, contiguous) -> ``u [T, C]`` (x dtype), fp32 ``h_pre [T, 4]``, ``h_post [T, 4]``,
-    ``h_res [T, 4, 4]``, and the backward's stats ``z [T, 24]`` (= x~ @ phi), ``inv_r [T]``."""
+    ``h_res [T, 4, 4]``, and the backward's stats ``z [T, 24]`` (= x~ @ phi), ``inv_r [T]``, and
+    ``rstd [T]`` (None without ``gamma``). ``gamma [C]`` fp32 (the branch's RMSNorm weight):
+    the first output is ``rms_norm(u) * gamma`` instead of ``u``."""
     T, NC = x.shape
     C = NC // N_STREAMS
     dev = x.device
@@ -332,24 +466,29 @@ def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float)
     h_pre, h_post = torch.empty(T, 4, **f32), torch.empty(T, 4, **f32)
     h_res, z, inv_r = torch.empty(T, 4, 4, **f32), torch.empty(T, N_COLS, **f32), torch.empty(T, **f32)
     u = torch.empty(T, C, device=dev, dtype=x.dtype)
+    rstd = None if gamma is None else torch.empty(T, **f32)
     splits = triton.cdiv(NC, PROJ_COLS_PER_SPLIT)
     pz, pss = torch.empty(splits, T, N_COLS, **f32), torch.empty(splits, T, **f32)
     if T:
         _mix_proj_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), splits)](
             x, phi, pz, pss, T, C, PROJ_COLS_PER_SPLIT, SPLIT=_split_lane(x),
             DOT_PRECISION=DOT_PRECISION)
-        _mix_maps_pre_kernel[(T,)](x, pz, pss, alpha, bias, u, h_pre, h_post, h_res, z, inv_r, T,
-                                   C, splits, num_iters, eps, rms_eps)
-    return u, h_pre, h_post, h_res, z, inv_r
+        _mix_maps_pre_kernel[(T,)](x, pz, pss, alpha, bias, u, h_pre, h_post, h_res, z, inv_r,
+                                   x if gamma is None else gamma, inv_r if rstd is None else rstd,
+                                   T, C, splits, num_iters, eps, rms_eps, norm_eps,
+                                   NORM=gamma is not None)
+    return u, h_pre, h_post, h_res, z, inv_r, rstd
 
 
 def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_iters: int,
-                eps: float, g_link=None):
+                eps: float, g_link=None, gamma=None, rstd=None):
     """Adjoint of :func:`mix_pre_fwd`. ``gu [T, C]`` (any float dtype), ``gh_post [T, 4]`` and
     ``gh_res [T, 4, 4]`` fp32, all contiguous -> ``(dx [T, 4C] x dtype, dphi [4C, 24],
-    dalpha [3], dbias [24])`` fp32 for the parameters. ``g_link [T, 4C]`` (optional): a gradient
-    of the same streams from elsewhere (the site's post/res mix), added into dx in the same pass,
-    which saves autograd's separate read-read-write sum of the two."""
+    dalpha [3], dbias [24], dgamma [C] or None)`` fp32 for the parameters. ``g_link [T, 4C]``
+    (optional): a gradient of the same streams from elsewhere (the site's post/res mix), added
+    into dx in the same pass, which saves autograd's separate read-read-write sum of the two.
+    ``gamma`` / ``rstd`` (the folded norm's weight and the forward's stats): ``gu`` is then the
+    gradient of the normed output."""
     T, NC = x.shape
     C = NC // N_STREAMS
     dev = x.device
@@ -369,18 +508,31 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     splits = max(1, min(triton.cdiv(4 * _num_sms(dev), n_ktiles), triton.cdiv(T, 128)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 128) * 128
     pphi = alloc(splits, NC, N_COLS, **f32)
+    # d gamma partials, one row per dx token block: sized for the smallest BLOCK_T the dx
+    # autotuner may try; only the rows of the config that ran are summed (its autotuning runs
+    # of other configs may have left rows past those)
+    pdg = None if gamma is None else torch.empty(triton.cdiv(T, _DX_MIN_BLOCK_T), C, **f32)
     if T:
         # dh_pre[i] = <x_i, du>: one whole row per program
-        _, dh = triton_streams.pre_bwd(x.view(T, N_STREAMS, C), h_pre, 4, gu, want_gx=False)
+        if gamma is None:
+            _, dh = triton_streams.pre_bwd(x.view(T, N_STREAMS, C), h_pre, 4, gu, want_gx=False)
+        else:
+            dh, k = torch.empty(T, 4, **f32), torch.empty(T, **f32)
+            _pre_norm_bwd_dh_kernel[(T,)](x, h_pre, gu, gamma, rstd, dh, k, C)
         scratch = torch.empty(T, num_iters, 16, **f32)  # the Sinkhorn adjoint's iterates
         _mix_pre_bwd_rows_kernel[(n_prog,)](
             dh, z, inv_r, alpha, bias, gh_post, gh_res, g, coef, ppar, scratch,
             T, C, num_iters, eps, BLOCK_T=BWD_ROWS_BLOCK_T, num_warps=2)
         _mix_pre_bwd_dx_kernel[lambda meta: (triton.cdiv(T, meta["BLOCK_T"]),
                                              triton.cdiv(C, meta["BLOCK_C"]))](
-            x, gu, h_pre, g, coef, phi, x if g_link is None else g_link, dx, T, C,
-            DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None)
+            x, gu, h_pre, g, coef, phi, x if g_link is None else g_link, dx,
+            *((x, x, x, x) if gamma is None else (gamma, rstd, k, pdg)), T, C,
+            DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None, NORM=gamma is not None)
         _mix_pre_bwd_dphi_kernel[lambda meta: (triton.cdiv(NC, meta["BLOCK_K"]), splits)](
             x, g, pphi, T, C, tokens_per_split, SPLIT=_split_lane(x), DOT_PRECISION=DOT_PRECISION)
     par = ppar.sum(0)
-    return dx, pphi.sum(0), par[N_COLS:], par[:N_COLS]
+    dgamma = None
+    if pdg is not None:
+        ran = _mix_pre_bwd_dx_kernel.best_config.kwargs["BLOCK_T"] if T else 1
+        dgamma = pdg[:triton.cdiv(T, ran)].sum(0)
+    return dx, pphi.sum(0), par[N_COLS:], par[:N_COLS], dgamma
