@@ -190,13 +190,8 @@ def _pre_norm_row(x_ptr, n_ptr, gamma_ptr, rstd_ptr, t, h, C, norm_eps, BLOCK_C:
     ``u = sum_i h[i] x_i[t]`` in fp32 and ``rstd = rsqrt(mean(u^2) + eps)`` (stored for backward).
     ``ONE_TILE`` (the row fits one tile): u stays in registers; else two walks over the row, the
     sum of squares, then u again (from cache) for the output."""
-    i4 = tl.arange(0, 4)
     if ONE_TILE:
-        cc = tl.arange(0, BLOCK_C)
-        mc = cc < C
-        xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
-                     other=0.0).to(tl.float32)
-        u = tl.sum(h[:, None] * xs, axis=0)
+        cc, mc, xs, u = triton_streams.row_tile_mix(x_ptr, t, h, C, 0, BLOCK_C)
         rstd = tl.rsqrt(tl.sum(u * u, axis=0) / C + norm_eps)
         tl.store(rstd_ptr + t, rstd)
         gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0)
@@ -204,20 +199,12 @@ def _pre_norm_row(x_ptr, n_ptr, gamma_ptr, rstd_ptr, t, h, C, norm_eps, BLOCK_C:
     else:
         ss = tl.zeros([BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            mc = cc < C
-            xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
-                         other=0.0).to(tl.float32)
-            u = tl.sum(h[:, None] * xs, axis=0)
+            cc, mc, xs, u = triton_streams.row_tile_mix(x_ptr, t, h, C, c0, BLOCK_C)
             ss += u * u
         rstd = tl.rsqrt(tl.sum(ss, axis=0) / C + norm_eps)
         tl.store(rstd_ptr + t, rstd)
         for c0 in range(0, C, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            mc = cc < C
-            xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
-                         other=0.0).to(tl.float32)
-            u = tl.sum(h[:, None] * xs, axis=0)
+            cc, mc, xs, u = triton_streams.row_tile_mix(x_ptr, t, h, C, c0, BLOCK_C)
             gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0)
             tl.store(n_ptr + t * C + cc, (u * rstd * gam).to(n_ptr.dtype.element_ty), mask=mc)
 
@@ -237,13 +224,9 @@ def _pre_norm_bwd_dh_kernel(x_ptr, h_ptr, gn_ptr, gamma_ptr, rstd_ptr, dh_ptr, k
     xu = tl.zeros([4, BLOCK_C], dtype=tl.float32)
     gu = tl.zeros([BLOCK_C], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        mc = cc < C
-        xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
-                     other=0.0).to(tl.float32)
+        cc, mc, xs, u = triton_streams.row_tile_mix(x_ptr, t, h, C, c0, BLOCK_C)
         g = tl.load(gn_ptr + t * C + cc, mask=mc, other=0.0).to(tl.float32) * tl.load(
             gamma_ptr + cc, mask=mc, other=0.0)
-        u = tl.sum(h[:, None] * xs, axis=0)
         xg += xs * g[None, :]
         xu += xs * u[None, :]
         gu += g * u

@@ -33,16 +33,23 @@ ROW_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
 
 
 @triton.jit
+def row_tile_mix(x_ptr, t, h, C, c0, BLOCK_C: tl.constexpr):
+    """Channels ``c0 .. c0 + BLOCK_C`` of token t's four streams: ``(cc, mask, x [4, BLOCK_C]
+    fp32, u = sum_i h[i] x_i)``; ``h`` ``[4]`` fp32."""
+    i4 = tl.arange(0, 4)
+    cc = c0 + tl.arange(0, BLOCK_C)
+    mc = cc < C
+    xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
+                 other=0.0).to(tl.float32)
+    return cc, mc, xs, tl.sum(h[:, None] * xs, axis=0)
+
+
+@triton.jit
 def pre_row(x_ptr, u_ptr, t, h, C, BLOCK_C: tl.constexpr):
     """``u[t] = sum_i h[i] x_i[t]`` over token t's whole row; ``h`` ``[4]`` fp32. The pre mix of
     ``_pre_fwd_kernel`` and of the fused mappings + pre kernel (triton_mix)."""
-    i4 = tl.arange(0, 4)
     for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        mc = cc < C
-        xs = tl.load(x_ptr + t * 4 * C + i4[:, None] * C + cc[None, :], mask=mc[None, :],
-                     other=0.0).to(tl.float32)
-        u = tl.sum(h[:, None] * xs, axis=0)
+        cc, mc, xs, u = row_tile_mix(x_ptr, t, h, C, c0, BLOCK_C)
         tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
 
 
