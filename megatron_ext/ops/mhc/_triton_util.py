@@ -42,10 +42,12 @@ class TunedKernel:
     dtype of every tensor argument (tens of microseconds of host time per launch, ~14 launches
     per mHC site): that made an eager site host-bound (host 1.9 ms per fwd+bwd on an H100 host,
     0.72 ms of kernels). Here the key is the key arguments' values and the first argument's dtype
-    (the streams': the other tensors' dtypes follow from it and the key flags); the first launch
-    of a key runs the autotuner (which benchmarks the configs), later ones launch its choice
-    directly, exactly as the autotuner itself launches it. ``best_config``: the config of the
-    latest launch."""
+    (the streams'); the first launch of a key runs the autotuner (which benchmarks the configs),
+    later ones launch its choice directly, exactly as the autotuner itself launches it. A config
+    tuned for one dtype of another tensor argument (e.g. a branch output in another dtype than the
+    streams) is reused for the next: still correct, as Triton compiles per dtype, if perhaps not
+    the fastest. ``best_config``: the config of the latest launch. Measured on an H100 host: an
+    eager site's host time 1.91 -> 1.82 ms per fwd+bwd."""
 
     def __init__(self, tuner, key):
         self.tuner = tuner
