@@ -8,7 +8,7 @@ ours   = ``layer_specs.mhc.mhc_layer_spec`` (fused Triton mixers, the sublayers'
 ref    = the same mHC layer with separate norms (``fold_norm=False``), and with the torch
          reference mixers.
 The ratio column is anchor ms / ours ms, so the overhead of mHC is 1/ratio - 1. (Until
-2026-11-24 both layers used Megatron's default LayerNorm, which the sites do not fold.)
+2026-11-23 both layers used Megatron's default LayerNorm, which the sites do not fold.)
 """
 
 from __future__ import annotations

@@ -87,9 +87,14 @@ def mhc_pre(streams: Tensor, h_pre: Tensor) -> Tensor:
 
     ``u = sum_i h_pre[i] x_i`` in fp32, returned in the stream dtype.
     """
-    dt = _math_dtype(streams, h_pre)
-    u = (h_pre.to(dt).unsqueeze(-1) * streams.to(dt)).sum(dim=-2)
-    return u.to(streams.dtype)
+    return _pre_mix(streams, h_pre).to(streams.dtype)
+
+
+def _pre_mix(streams: Tensor, h_pre: Tensor, *others: Tensor) -> Tensor:
+    """``sum_i h_pre[i] x_i`` in the math dtype of the inputs and ``others`` (fp32, or fp64 when
+    any is fp64), not rounded."""
+    dt = _math_dtype(streams, h_pre, *others)
+    return (h_pre.to(dt).unsqueeze(-1) * streams.to(dt)).sum(dim=-2)
 
 
 def mhc_post_res(streams: Tensor, h_res: Tensor, h_post: Tensor, branch_out: Tensor) -> Tensor:
@@ -119,8 +124,7 @@ def mhc_mix_pre(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor, num_i
     if norm_weight is None:
         u = mhc_pre(streams, h_pre.view(s, b, n))
     else:
-        dt = _math_dtype(streams, h_pre, norm_weight)
-        u = (h_pre.view(s, b, n, 1).to(dt) * streams.to(dt)).sum(dim=-2)
+        u = _pre_mix(streams, h_pre.view(s, b, n), norm_weight)
         u = rms_norm(u, norm_weight, norm_eps).to(streams.dtype)
     return u, h_post.view(s, b, n), h_res.view(s, b, n, n)
 
