@@ -270,6 +270,9 @@ PRETRAIN_CASES = [
      ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
       "--use-distributed-optimizer"], "flag"),
     ("gpt_dense", ["layer_specs.gpt", "gpt_block_spec"], None, [], None),
+    # pretrain_mhc again with every layer captured and replayed by Megatron's own CUDA graphs
+    ("mhc_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],
+     "mhc:\n  num_streams: 4\n  fp32_params: true\n", ["--cuda-graph-impl", "local"], "env"),
 ]
 
 
@@ -325,11 +328,12 @@ def _pretrain_runs(tmp_path, runs):
 
 @pytest.mark.gpu
 def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
-    """Three `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    """Four `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
     start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
     (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
-    stores the optimizer state against the model's sharded tensors). Then two of them resume from
-    that checkpoint for steps 11-12."""
+    stores the optimizer state against the model's sharded tensors); the mHC run under Megatron's
+    CUDA graphs gives the eager run's losses. Then two of them resume from that checkpoint for
+    steps 11-12."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -358,6 +362,11 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
     for module in ("MHCTransformerLayer", "SparseMQAttention", "FusedMoELayer"):
         assert module in layers["mhc_sparse_moe"], module
     assert "MHCTransformerLayer" not in layers["gpt_dense"] and "SDPACoreAttention" in layers["gpt_dense"]
+    # Megatron's local CUDA graphs (--cuda-graph-impl local) capture both mHC layers (forward and
+    # backward graphs) after their warm-up steps and replay the same kernels: the eager run's losses
+    assert "built 4 cuda graph(s)" in layers["mhc_cuda_graphs"], layers["mhc_cuda_graphs"][-3000:]
+    eager, graphed = (_pretrain_log(layers[n])[1] for n in ("pretrain_mhc", "mhc_cuda_graphs"))
+    assert max(abs(a - b) / abs(a) for a, b in zip(eager, graphed)) < 1e-3, (eager, graphed)
     for name in ("pretrain_mhc", "mhc_sparse_moe"):  # mhc.fp32_params: fp32 mixers beside bf16 weights
         dtypes = _checkpoint_dtypes(tmp_path / name / "ckpt" / "iter_0000010")
         mixers = {k: v for k, v in dtypes.items() if "mixer.phi" in k}

@@ -332,6 +332,54 @@ def test_triton_folded_norm_site_with_link():
 
 
 @needs_triton
+@pytest.mark.parametrize("pdtype", [torch.bfloat16, torch.float16])
+def test_triton_site_takes_16bit_mixer_params_without_casts(pdtype):
+    """A bf16 model's mixer weights (Megatron's Float16Module casts them) go to the kernels as
+    they are: the kernels widen them on load, so the outputs equal those of the same values in
+    fp32, and each gradient comes back in its parameter's dtype, the fp32 sum rounded once."""
+    g = _gen(16)
+    x = _randn(g, 9, 2, 4, 32, grad=True)
+    phi, alpha, bias = _params(g, 4, 32, grad=False)
+    w = 1 + _randn(g, 32, scale=0.3)
+    low = [t.to(pdtype).requires_grad_() for t in (phi, alpha, bias, w)]
+    wide = [t.detach().float().requires_grad_() for t in low]
+    go = [_randn(g, 9, 2, 32), _randn(g, 9, 2, 4), _randn(g, 9, 2, 4, 4), _randn(g, 9, 2, 4, 32)]
+    res = []
+    for params in (low, wide):
+        outs = mhc.mhc_mix_pre_linked(x, *params[:3], backend="triton", norm_weight=params[3])
+        res.append((outs, torch.autograd.grad(outs, [x] + params, go)))
+    (outs_l, grads_l), (outs_w, grads_w) = res
+    for a, b in zip(outs_l, outs_w):
+        assert torch.equal(a, b)
+    assert torch.equal(grads_l[0], grads_w[0])
+    # rounded once: on the GPU exactly as torch rounds (to nearest even); the interpreter's
+    # fp32 -> 16-bit cast may land on the other neighbour, so there within one unit in the last place
+    for a, b, p in zip(grads_l[1:], grads_w[1:], low):
+        assert a.dtype == pdtype and a.shape == p.shape
+        if DEVICE == "cuda":
+            assert torch.equal(a, b.to(pdtype))
+        else:
+            assert ((a.float() - b).abs() <= torch.finfo(pdtype).eps * b.abs()).all()
+
+
+@needs_triton
+def test_triton_site_with_zero_tokens():
+    """No tokens (an empty micro-batch shard): empty outputs, zero parameter gradients."""
+    g = _gen(17)
+    x = _randn(g, 0, 2, 4, 32, grad=True)
+    phi, alpha, bias = _params(g, 4, 32)
+    w = (1 + _randn(g, 32, scale=0.3)).requires_grad_()
+    n, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend="triton",
+                                                      norm_weight=w)
+    out = mhc.mhc_post_res(x_link, h_res, h_post, n, backend="triton")
+    assert out.shape == x.shape
+    grads = torch.autograd.grad(out.sum(), (x, phi, alpha, bias, w))
+    assert grads[0].shape == x.shape
+    for gr, p in zip(grads[1:], (phi, alpha, bias, w)):
+        assert gr.shape == p.shape and not gr.abs().sum().item()
+
+
+@needs_triton
 def test_triton_mix_pre_with_only_u_used():
     g = _gen(12)
     x = _randn(g, 2, 3, 4, 32, grad=True)

@@ -13,7 +13,7 @@ output ``[s, b, C]``, dynamic mappings per token ``[s, b, n]`` / ``[s, b, n, n]`
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,31 +29,44 @@ TRITON_NUM_STREAMS = 4
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _triton_probe(tensors: Sequence[Tensor], n: int, dtype: torch.dtype) -> Callable[[], Optional[str]]:
-    def probe() -> Optional[str]:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed"
-        devices = sorted({t.device.type for t in tensors})
-        if devices == ["cpu"]:
-            if not backends.triton_interpret_env():
-                return "tensors are on CPU and TRITON_INTERPRET is not set (the Triton CPU interpreter)"
-        elif devices != ["cuda"]:
-            return f"devices={devices}: the kernels need all tensors on one CUDA device (or CPU " \
-                   f"with TRITON_INTERPRET=1)"
-        if n != TRITON_NUM_STREAMS:
-            return f"num_streams={n}: the fused kernels are built for n={TRITON_NUM_STREAMS}"
-        if dtype not in TRITON_DTYPES:
-            return f"dtype={dtype}: the kernels take {[str(d) for d in TRITON_DTYPES]}"
-        from megatron_ext.ops.mhc._triton_util import kernels_interpreted
+# (device types, n, dtype, TRITON_INTERPRET) -> the Triton probe's answer: a site asks twice per
+# forward, and every answer but the environment's is fixed for the process
+_PROBED: Dict[Tuple, Optional[str]] = {}
 
-        if kernels_interpreted() != (devices == ["cpu"]):
-            return (f"the mHC kernels were imported {'with' if devices == ['cuda'] else 'without'} "
-                    f"TRITON_INTERPRET=1 (triton.jit fixes that at import), unusable for "
-                    f"{devices[0]} tensors; set it before the first mHC Triton call")
-        return None
+
+def _triton_probe(tensors: Sequence[Tensor], n: int, dtype: torch.dtype) -> Callable[[], Optional[str]]:
+    devices = tuple(sorted({t.device.type for t in tensors}))
+    key = (devices, n, dtype, backends.triton_interpret_env())
+
+    def probe() -> Optional[str]:
+        if key not in _PROBED:
+            _PROBED[key] = _probe_triton(devices, n, dtype)
+        return _PROBED[key]
     return probe
+
+
+def _probe_triton(devices: Tuple[str, ...], n: int, dtype: torch.dtype) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if devices == ("cpu",):
+        if not backends.triton_interpret_env():
+            return "tensors are on CPU and TRITON_INTERPRET is not set (the Triton CPU interpreter)"
+    elif devices != ("cuda",):
+        return f"devices={list(devices)}: the kernels need all tensors on one CUDA device (or CPU " \
+               f"with TRITON_INTERPRET=1)"
+    if n != TRITON_NUM_STREAMS:
+        return f"num_streams={n}: the fused kernels are built for n={TRITON_NUM_STREAMS}"
+    if dtype not in TRITON_DTYPES:
+        return f"dtype={dtype}: the kernels take {[str(d) for d in TRITON_DTYPES]}"
+    from megatron_ext.ops.mhc._triton_util import kernels_interpreted
+
+    if kernels_interpreted() != (devices == ("cpu",)):
+        return (f"the mHC kernels were imported {'with' if devices == ('cuda',) else 'without'} "
+                f"TRITON_INTERPRET=1 (triton.jit fixes that at import), unusable for "
+                f"{devices[0]} tensors; set it before the first mHC Triton call")
+    return None
 
 
 def _torch_probe() -> Optional[str]:
@@ -164,6 +177,5 @@ def mhc_mix_pre_linked(streams: Tensor, phi: Tensor, alpha: Tensor, bias: Tensor
                                        norm_weight, norm_eps), streams)
     from megatron_ext.ops.mhc.autograd import MixPreFn
 
-    return MixPreFn.apply(streams, phi.float(), alpha.float(), bias.float(),
-                          None if norm_weight is None else norm_weight.float(), num_iters, eps,
-                          rms_eps, norm_eps)
+    return MixPreFn.apply(streams, phi, alpha, bias, norm_weight, num_iters, eps, rms_eps,
+                          norm_eps)

@@ -89,12 +89,13 @@ class PostResFn(torch.autograd.Function):
 
 class MixPreFn(torch.autograd.Function):
     """Fused mappings + pre: ``streams [s, b, 4, C]``, ``phi [4C, 24]``, ``alpha [3]``,
-    ``bias [24]`` (fp32) -> ``(u [s, b, C], h_post [s, b, 4] fp32, h_res [s, b, 4, 4] fp32,
-    streams_link)``. ``streams_link`` is a view of the streams: a consumer that uses it instead of
+    ``bias [24]`` (any float dtype; the kernels compute in fp32 and return each gradient in its
+    parameter's dtype, so a bf16 model pays no cast kernels) -> ``(u [s, b, C], h_post [s, b, 4]
+    fp32, h_res [s, b, 4, 4] fp32, streams_link)``. ``streams_link`` is a view of the streams: a consumer that uses it instead of
     the streams (the site's post/res mix) has its stream gradient summed into this backward's dx
     kernel rather than by a separate autograd add.
 
-    ``gamma [C]`` fp32 or None: the branch's RMSNorm weight folded into the site (``u`` is then
+    ``gamma [C]`` or None: the branch's RMSNorm weight folded into the site (``u`` is then
     ``rms_norm(u) * gamma``; its gradient comes back as a fifth gradient).
 
     Saved for backward: the streams (already alive as the residual) and 116 B/token of fp32
@@ -133,6 +134,4 @@ class MixPreFn(torch.autograd.Function):
         dx, dphi, dalpha, dbias, dgamma = triton_mix.mix_pre_bwd(
             x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_iters, eps, g_link,
             gamma, rstd)
-        return (dx.view(s_shape), dphi.to(phi.dtype), dalpha.to(alpha.dtype),
-                dbias.to(bias.dtype), None if dgamma is None else dgamma.to(gamma.dtype),
-                None, None, None, None)
+        return dx.view(s_shape), dphi, dalpha, dbias, dgamma, None, None, None, None

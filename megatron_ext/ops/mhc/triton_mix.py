@@ -76,21 +76,24 @@ N_COLS = N_STREAMS * N_STREAMS + 2 * N_STREAMS  # 24
 
 @triton.jit
 def _load_scales(alpha_ptr, bias_ptr, i4):
-    """alpha (pre, post, res) scalars and the bias split as pre ``[4]``, post ``[4]``, res ``[4, 4]``."""
-    a_pre = tl.load(alpha_ptr)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
-    b_pre = tl.load(bias_ptr + i4)
-    b_post = tl.load(bias_ptr + 4 + i4)
-    b_res = tl.load(bias_ptr + 8 + i4[:, None] * 4 + i4[None, :])
+    """alpha (pre, post, res) scalars and the bias split as pre ``[4]``, post ``[4]``, res ``[4, 4]``,
+    in fp32 whatever the parameters' dtype."""
+    a_pre = tl.load(alpha_ptr).to(tl.float32)
+    a_post = tl.load(alpha_ptr + 1).to(tl.float32)
+    a_res = tl.load(alpha_ptr + 2).to(tl.float32)
+    b_pre = tl.load(bias_ptr + i4).to(tl.float32)
+    b_post = tl.load(bias_ptr + 4 + i4).to(tl.float32)
+    b_res = tl.load(bias_ptr + 8 + i4[:, None] * 4 + i4[None, :]).to(tl.float32)
     return a_pre, a_post, a_res, b_pre, b_post, b_res
 
 
 @triton.jit
 def _dot_hi_lo(a, b, acc):
-    """``acc + a @ b`` for a 16-bit ``a`` and an fp32 ``b`` on the 16-bit tensor-core path: ``b``
-    split into ``hi + lo`` of ``a``'s dtype, two dots into the fp32 ``acc`` (exact products, ~16
-    mantissa bits of ``b``)."""
+    """``acc + a @ b`` for a 16-bit ``a`` on the 16-bit tensor-core path. An fp32 ``b`` is split
+    into ``hi + lo`` of ``a``'s dtype, two dots into the fp32 ``acc`` (exact products, ~16
+    mantissa bits of ``b``); a ``b`` of ``a``'s dtype (bf16 parameters) takes one dot."""
+    if b.dtype == a.dtype:
+        return tl.dot(a, b, acc)
     b_hi = b.to(a.dtype)
     acc = tl.dot(a, b_hi, acc)
     return tl.dot(a, (b - b_hi.to(tl.float32)).to(a.dtype), acc)
@@ -130,7 +133,7 @@ def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
         if SPLIT:
             acc = _dot_hi_lo(xt, p, acc)
         else:
-            acc = tl.dot(xf, p, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(xf, p.to(tl.float32), acc, input_precision=DOT_PRECISION)
         sumsq += tl.sum(xf * xf, axis=1)
     base = (pid_s.to(tl.int64) * T + rows) * 24
     tl.store(pz_ptr + base[:, None] + j[None, :], acc, mask=mask_t[:, None] & (j < 24)[None, :])
@@ -196,7 +199,7 @@ def _pre_norm_row(x_ptr, n_ptr, gamma_ptr, rstd_ptr, t, h, C, norm_eps, BLOCK_C:
     tl.store(rstd_ptr + t, rstd)
     for c0 in range(0, C, BLOCK_C):
         cc, mc, xs, u = triton_streams.row_tile_mix(x_ptr, t, h, C, c0, BLOCK_C)
-        gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0)
+        gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0).to(tl.float32)
         tl.store(n_ptr + t * C + cc, (u * rstd * gam).to(n_ptr.dtype.element_ty), mask=mc)
 
 
@@ -217,7 +220,7 @@ def _pre_norm_bwd_dh_kernel(x_ptr, h_ptr, gn_ptr, gamma_ptr, rstd_ptr, dh_ptr, k
     for c0 in range(0, C, BLOCK_C):
         cc, mc, xs, u = triton_streams.row_tile_mix(x_ptr, t, h, C, c0, BLOCK_C)
         g = tl.load(gn_ptr + t * C + cc, mask=mc, other=0.0).to(tl.float32) * tl.load(
-            gamma_ptr + cc, mask=mc, other=0.0)
+            gamma_ptr + cc, mask=mc, other=0.0).to(tl.float32)
         xg += xs * g[None, :]
         xu += xs * u[None, :]
         gu += g * u
@@ -338,7 +341,7 @@ def _mix_pre_bwd_dx_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, gl
         r = tl.load(rstd_ptr + rows, mask=mt, other=0.0)
         kt = tl.load(k_ptr + rows, mask=mt, other=0.0)
         dn = gu.to(tl.float32)
-        gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0)
+        gam = tl.load(gamma_ptr + cc, mask=mc, other=0.0).to(tl.float32)
         tl.store(pdg_ptr + pid_t.to(tl.int64) * C + cc, tl.sum(dn * (r[:, None] * u), axis=0),
                  mask=mc)
         du = r[:, None] * gam[None, :] * dn - kt[:, None] * u
@@ -366,7 +369,7 @@ def _dx_stream_tile(xt, i: tl.constexpr, du, coef, g, rows, mt, cc, mc, m2, hpre
     kk = i * C + cc
     hp = tl.load(hpre_ptr + rows * 4 + i, mask=mt, other=0.0)
     phiT = tl.load(phi_ptr + kk[None, :] * 24 + j[:, None], mask=(j < 24)[:, None] & mc[None, :],
-                   other=0.0)
+                   other=0.0).to(tl.float32)
     dx = hp[:, None] * du + coef[:, None] * xt.to(tl.float32)
     if HAS_LINK:  # the streams' other gradient (the post/res mix of the same site)
         dx += tl.load(glink_ptr + rows[:, None] * NC + kk[None, :], mask=m2,
@@ -410,6 +413,55 @@ def _mix_pre_bwd_dphi_kernel(x_ptr, g_ptr, pphi_ptr, T, C, tokens_per_split, SPL
     tl.store(base + kk[:, None] * 24 + j[None, :], acc, mask=mk[:, None] & (j < 24)[None, :])
 
 
+@triton.jit
+def _column_sum(src_ptr, R, M, cols, BLOCK_R: tl.constexpr):
+    """``sum_r src[r, cols]`` over the R rows of an fp32 ``[R, M]`` buffer, in row-block order
+    (each ``[BLOCK_R, len(cols)]`` tile reduced by one fixed tree): deterministic."""
+    mm = cols < M
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.sum(tl.load(src_ptr + rr.to(tl.int64)[:, None] * M + cols[None, :],
+                              mask=(rr < R)[:, None] & mm[None, :], other=0.0), axis=0)
+    return acc
+
+
+# (rows per tile, columns per program) of the three partial buffers: d phi [splits ~ 4 per SM /
+# column tiles, 4C * 24], d bias + d alpha [T / 8, 27], d gamma [T / dx BLOCK_T, C]
+_FIN_PHI = (16, 1024)
+_FIN_PAR = (512, 32)
+_FIN_GAMMA = (64, 256)
+
+
+@triton.jit
+def _mix_pre_bwd_finish_kernel(pphi_ptr, dphi_ptr, phi_rows, phi_cols, ppar_ptr, dbias_ptr,
+                               dalpha_ptr, par_rows, pdg_ptr, dgamma_ptr, dg_rows, C,
+                               PHI_R: tl.constexpr, PHI_M: tl.constexpr, PAR_R: tl.constexpr,
+                               PAR_M: tl.constexpr, DG_R: tl.constexpr, DG_M: tl.constexpr):
+    """The mapping parameters' gradients from the backward's per-program partials, written in
+    each parameter's dtype: one launch instead of three torch sums and up to four casts (host
+    time of an eager site). Axis 1 picks the buffer: 0 d phi, 1 d bias + d alpha, 2 d gamma."""
+    pid = tl.program_id(0)
+    which = tl.program_id(1)
+    if which == 0:
+        cols = pid * PHI_M + tl.arange(0, PHI_M)
+        if pid * PHI_M < phi_cols:
+            acc = _column_sum(pphi_ptr, phi_rows, phi_cols, cols, PHI_R)
+            tl.store(dphi_ptr + cols, acc.to(dphi_ptr.dtype.element_ty), mask=cols < phi_cols)
+    elif which == 1:
+        if pid == 0:
+            j = tl.arange(0, PAR_M)
+            acc = _column_sum(ppar_ptr, par_rows, 27, j, PAR_R)
+            tl.store(dbias_ptr + j, acc.to(dbias_ptr.dtype.element_ty), mask=j < 24)
+            tl.store(dalpha_ptr + j - 24, acc.to(dalpha_ptr.dtype.element_ty),
+                     mask=(j >= 24) & (j < 27))
+    else:
+        cols = pid * DG_M + tl.arange(0, DG_M)
+        if pid * DG_M < C:
+            acc = _column_sum(pdg_ptr, dg_rows, C, cols, DG_R)
+            tl.store(dgamma_ptr + cols, acc.to(dgamma_ptr.dtype.element_ty), mask=cols < C)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -425,10 +477,11 @@ def _split_lane(x: torch.Tensor) -> bool:
 def mix_pre_fwd(x, phi, alpha, bias, num_iters: int, eps: float, rms_eps: float, gamma=None,
                 norm_eps: float = 1e-5):
     """``x [T, 4C]`` (bf16/fp16/fp32, contiguous), ``phi [4C, 24]``, ``alpha [3]``, ``bias [24]``
-    (fp32, contiguous) -> ``u [T, C]`` (x dtype), fp32 ``h_pre [T, 4]``, ``h_post [T, 4]``,
-    ``h_res [T, 4, 4]``, and the backward's stats ``z [T, 24]`` (= x~ @ phi), ``inv_r [T]``, and
-    ``rstd [T]`` (None without ``gamma``). ``gamma [C]`` fp32 (the branch's RMSNorm weight):
-    the first output is ``rms_norm(u) * gamma`` instead of ``u``."""
+    (contiguous, any float dtype: the kernels widen them to fp32 as they load them) -> ``u [T, C]``
+    (x dtype), fp32 ``h_pre [T, 4]``, ``h_post [T, 4]``, ``h_res [T, 4, 4]``, and the backward's
+    stats ``z [T, 24]`` (= x~ @ phi), ``inv_r [T]``, and ``rstd [T]`` (None without ``gamma``).
+    ``gamma [C]`` (the branch's RMSNorm weight, any float dtype): the first output is
+    ``rms_norm(u) * gamma`` instead of ``u``."""
     T, NC = x.shape
     C = NC // N_STREAMS
     dev = x.device
@@ -454,7 +507,8 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
                 eps: float, g_link=None, gamma=None, rstd=None):
     """Adjoint of :func:`mix_pre_fwd`. ``gu [T, C]`` (any float dtype), ``gh_post [T, 4]`` and
     ``gh_res [T, 4, 4]`` fp32, all contiguous -> ``(dx [T, 4C] x dtype, dphi [4C, 24],
-    dalpha [3], dbias [24], dgamma [C] or None)`` fp32 for the parameters. ``g_link [T, 4C]``
+    dalpha [3], dbias [24], dgamma [C] or None)``, each parameter's gradient in its dtype (fp32
+    sums of fp32 partials, rounded once). ``g_link [T, 4C]``
     (optional): a gradient of the same streams from elsewhere (the site's post/res mix), added
     into dx in the same pass, which saves autograd's separate read-read-write sum of the two.
     ``gamma`` / ``rstd`` (the folded norm's weight and the forward's stats): ``gu`` is then the
@@ -464,11 +518,11 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
     n_prog = max(1, triton.cdiv(T, BWD_ROWS_BLOCK_T))
-    # every program writes its whole partial row, so the partial buffers need no zero fill
-    alloc = torch.empty if T else torch.zeros
+    # every program writes its whole partial row, so the partial buffers need no zero fill (with
+    # T = 0 the finish kernel reads no rows)
     g = torch.empty(T, N_COLS, **f32)
     coef = torch.empty(T, **f32)
-    ppar = alloc(n_prog, N_COLS + 3, **f32)
+    ppar = torch.empty(n_prog, N_COLS + 3, **f32)
     dx = torch.empty_like(x)
     # token splits for the d phi partials: ~4 programs per SM with 128-wide column tiles (a
     # program walks its split's tokens serially), each split a multiple of the largest BLOCK_T.
@@ -477,7 +531,7 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     n_ktiles = triton.cdiv(NC, 128)
     splits = max(1, min(triton.cdiv(4 * _num_sms(dev), n_ktiles), triton.cdiv(T, 128)))
     tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 128) * 128
-    pphi = alloc(splits, NC, N_COLS, **f32)
+    pphi = torch.empty(splits, NC, N_COLS, **f32)
     # d gamma partials, one row per dx token block: sized for the smallest BLOCK_T the dx
     # autotuner may try; only the rows of the config that ran are summed (its autotuning runs
     # of other configs may have left rows past those)
@@ -500,9 +554,16 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
             DOT_PRECISION=DOT_PRECISION, HAS_LINK=g_link is not None, NORM=gamma is not None)
         _mix_pre_bwd_dphi_kernel[lambda meta: (triton.cdiv(NC, meta["BLOCK_K"]), splits)](
             x, g, pphi, T, C, tokens_per_split, SPLIT=_split_lane(x), DOT_PRECISION=DOT_PRECISION)
-    par = ppar.sum(0)
-    dgamma = None
-    if pdg is not None:
-        ran = _mix_pre_bwd_dx_kernel.best_config.kwargs["BLOCK_T"] if T else 1
-        dgamma = pdg[:triton.cdiv(T, ran)].sum(0)
-    return dx, pphi.sum(0), par[N_COLS:], par[:N_COLS], dgamma
+    dphi = torch.empty(NC, N_COLS, device=dev, dtype=phi.dtype)
+    dbias = torch.empty(N_COLS, device=dev, dtype=bias.dtype)
+    dalpha = torch.empty(3, device=dev, dtype=alpha.dtype)
+    dgamma = None if gamma is None else torch.empty(C, device=dev, dtype=gamma.dtype)
+    # the dx config that ran wrote the first cdiv(T, its BLOCK_T) rows of pdg
+    dg_rows = triton.cdiv(T, _mix_pre_bwd_dx_kernel.best_config.kwargs["BLOCK_T"]) if T else 0
+    n_cols = max(triton.cdiv(NC * N_COLS, _FIN_PHI[1]), triton.cdiv(C, _FIN_GAMMA[1]))
+    _mix_pre_bwd_finish_kernel[(n_cols, 2 if gamma is None else 3)](
+        pphi, dphi, splits if T else 0, NC * N_COLS, ppar, dbias, dalpha, n_prog if T else 0,
+        dphi if pdg is None else pdg, dphi if dgamma is None else dgamma, dg_rows, C,
+        PHI_R=_FIN_PHI[0], PHI_M=_FIN_PHI[1], PAR_R=_FIN_PAR[0], PAR_M=_FIN_PAR[1],
+        DG_R=_FIN_GAMMA[0], DG_M=_FIN_GAMMA[1], num_warps=8)
+    return dx, dphi, dalpha, dbias, dgamma
