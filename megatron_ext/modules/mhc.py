@@ -100,7 +100,7 @@ class StreamMixer(torch.nn.Module):
         first output is the normed branch input, fused into the pre mix on the dynamic lane."""
         m = self.mhc
         if m.mode == "dynamic":
-            fold = {} if norm is None else dict(norm_weight=norm.fold_weight(), norm_eps=norm.eps)
+            fold = {} if norm is None else dict(norm_weight=norm.effective_weight(), norm_eps=norm.eps)
             return mhc_ops.mhc_mix_pre_linked(streams, self.phi, self.alpha, self.bias,
                                               num_iters=m.sinkhorn_iters, eps=m.eps, backend=m.backend,
                                               **fold)
@@ -190,9 +190,6 @@ class MHCFoldedNorm(Norm, IdentityOp):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return x
-
-    def fold_weight(self) -> torch.Tensor:
-        return self.weight + 1 if self.zero_centered_gamma else self.weight
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The norm itself (for a site without the fused lane)."""

@@ -34,8 +34,12 @@ class Norm(torch.nn.Module):
         for p in self.parameters():
             p.sequence_parallel = sp
 
+    def effective_weight(self) -> torch.Tensor:
+        """The scale the norm applies (``weight + 1`` with a zero-centred gamma)."""
+        return self.weight + 1 if self.zero_centered_gamma else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight + 1 if self.zero_centered_gamma else self.weight
+        weight = self.effective_weight()
         if self.kind == "RMSNorm":
             return F.rms_norm(x, (self.hidden_size,), weight, self.eps)
         return F.layer_norm(x, (self.hidden_size,), weight, self.bias, self.eps)

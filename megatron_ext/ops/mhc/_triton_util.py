@@ -39,8 +39,8 @@ class TunedKernel:
     """An autotuned kernel whose launches after the first one per key skip Triton's autotuner.
 
     ``Autotuner.run`` rebuilds its cache key on every launch from the key arguments plus the
-    dtype of every tensor argument (tens of microseconds of host time per launch, ~14 launches
-    per mHC site): that made an eager site host-bound (host 1.9 ms per fwd+bwd on an H100 host,
+    dtype of every tensor argument (tens of microseconds of host time per launch; an mHC site
+    made ~14 launches then, 9 now): that made an eager site host-bound (host 1.9 ms per fwd+bwd on an H100 host,
     0.72 ms of kernels). Here the key is the key arguments' values and the first argument's dtype
     (the streams'); the first launch of a key runs the autotuner (which benchmarks the configs),
     later ones launch its choice directly, exactly as the autotuner itself launches it. A config

@@ -91,9 +91,9 @@ class MixPreFn(torch.autograd.Function):
     """Fused mappings + pre: ``streams [s, b, 4, C]``, ``phi [4C, 24]``, ``alpha [3]``,
     ``bias [24]`` (any float dtype; the kernels compute in fp32 and return each gradient in its
     parameter's dtype, so a bf16 model pays no cast kernels) -> ``(u [s, b, C], h_post [s, b, 4]
-    fp32, h_res [s, b, 4, 4] fp32, streams_link)``. ``streams_link`` is a view of the streams: a consumer that uses it instead of
-    the streams (the site's post/res mix) has its stream gradient summed into this backward's dx
-    kernel rather than by a separate autograd add.
+    fp32, h_res [s, b, 4, 4] fp32, streams_link)``. ``streams_link`` is a view of the streams: a
+    consumer that uses it instead of the streams (the site's post/res mix) has its stream
+    gradient summed into this backward's dx kernel rather than by a separate autograd add.
 
     ``gamma [C]`` or None: the branch's RMSNorm weight folded into the site (``u`` is then
     ``rms_norm(u) * gamma``; its gradient comes back as a fifth gradient).

@@ -355,8 +355,8 @@ def _mix_pre_bwd_dx_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, gl
 
 @triton.jit
 def _load_stream_tile(x_ptr, rows, cc, m2, NC, C, i: tl.constexpr):
-    """Stream i's ``[BLOCK_T, BLOCK_C]`` tile in the stream dtype (held tiles take half the
-    registers of fp32 ones; the math widens them where it uses them)."""
+    """Stream i's ``[BLOCK_T, BLOCK_C]`` tile in the stream dtype (the math widens it where it
+    uses it)."""
     return tl.load(x_ptr + rows[:, None] * NC + (i * C + cc)[None, :], mask=m2, other=0.0)
 
 
@@ -508,9 +508,9 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     """Adjoint of :func:`mix_pre_fwd`. ``gu [T, C]`` (any float dtype), ``gh_post [T, 4]`` and
     ``gh_res [T, 4, 4]`` fp32, all contiguous -> ``(dx [T, 4C] x dtype, dphi [4C, 24],
     dalpha [3], dbias [24], dgamma [C] or None)``, each parameter's gradient in its dtype (fp32
-    sums of fp32 partials, rounded once). ``g_link [T, 4C]``
-    (optional): a gradient of the same streams from elsewhere (the site's post/res mix), added
-    into dx in the same pass, which saves autograd's separate read-read-write sum of the two.
+    sums of fp32 partials, rounded once). ``g_link [T, 4C]`` (optional): a gradient of the same
+    streams from elsewhere (the site's post/res mix), added into dx in the same pass, which saves
+    autograd's separate read-read-write sum of the two.
     ``gamma`` / ``rstd`` (the folded norm's weight and the forward's stats): ``gu`` is then the
     gradient of the normed output."""
     T, NC = x.shape
