@@ -46,6 +46,9 @@ _HELP = {
                        "instead of rounding them to the model dtype (default: off, as upstream)",
     "mhc_fold_norm": "fuse each sublayer's input RMSNorm into the mHC site's pre mix (same math and "
                      "checkpoint keys; no effect with LayerNorm); --no-mhc-fold-norm keeps separate norms",
+    "mhc_deterministic": "pin the fused mHC kernels' tilings to a function of the shape instead of the "
+                         "autotuner's fastest, so two runs give bitwise-equal losses (on with Megatron's "
+                         "--deterministic-mode too; docs/mhc.md)",
     "moe_pregather": "Triton experts: copy each layer's token rows into expert order once and keep that "
                      "[tokens*topk, hidden] copy for backward (faster GEMMs, topk x the layer input's "
                      "activation memory); --no-moe-pregather saves the memory (default: on with the H100 tiles)",

@@ -37,6 +37,9 @@ class MHCConfig:
     fp32_params: bool = False
     # fold each sublayer's input RMSNorm into the site's fused pre mix (no effect with LayerNorm)
     fold_norm: bool = True
+    # pin the fused kernels' tilings (ops.mhc.pin_tilings): bitwise-equal runs; Megatron's
+    # --deterministic-mode (config.deterministic_mode) pins them too
+    deterministic: bool = False
 
     def folds_norm(self, normalization: str) -> bool:
         """Whether the sites fold the sublayers' input norms: ``fold_norm`` and an RMSNorm model."""
@@ -61,6 +64,8 @@ class MHCConfig:
             raise _err("mhc_fp32_params", self.fp32_params, "must be a boolean", "true or false")
         if not isinstance(self.fold_norm, bool):
             raise _err("mhc_fold_norm", self.fold_norm, "must be a boolean", "true or false")
+        if not isinstance(self.deterministic, bool):
+            raise _err("mhc_deterministic", self.deterministic, "must be a boolean", "true or false")
         if self.alpha_init <= 0:
             raise _err("mhc_alpha_init", self.alpha_init, "must be positive", "a small value such as 0.01")
         if hidden_size < 1:
@@ -323,6 +328,7 @@ class TrainConfig:
     mhc_backend: str = "auto"
     mhc_fp32_params: bool = False  # mixer weights stay fp32 in a --bf16/--fp16 model
     mhc_fold_norm: bool = True  # sublayer input RMSNorms fused into the sites' pre mix
+    mhc_deterministic: bool = False  # fused kernels' tilings pinned: bitwise-equal runs
     # sparse MQA attention: on when sparse_attention or attention_pattern is set
     sparse_attention: Optional[bool] = None  # None: implied by attention_pattern
     attention_pattern: Optional[str] = None  # per-layer letters, cyclic: D dense, W window, T top-k
@@ -451,7 +457,7 @@ def mhc_config(cfg: TrainConfig) -> Optional[MHCConfig]:
         return None
     return MHCConfig(num_streams=cfg.mhc_num_streams, sinkhorn_iters=cfg.mhc_sinkhorn_iters,
                      mode=cfg.mhc_mode, backend=cfg.mhc_backend, fp32_params=cfg.mhc_fp32_params,
-                     fold_norm=cfg.mhc_fold_norm)
+                     fold_norm=cfg.mhc_fold_norm, deterministic=cfg.mhc_deterministic)
 
 
 def sparse_attention_config(cfg: TrainConfig) -> Optional[SparseAttentionConfig]:

@@ -3,6 +3,7 @@ adapter round trips, the knob file of Megatron's pretrain CLI, and the launch sc
 
 import json
 import math
+import re
 import subprocess
 import sys
 import types
@@ -273,6 +274,12 @@ PRETRAIN_CASES = [
     # pretrain_mhc again with every layer captured and replayed by Megatron's own CUDA graphs
     ("mhc_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],
      "mhc:\n  num_streams: 4\n  fp32_params: true\n", ["--cuda-graph-impl", "local"], "env"),
+    # twice under Megatron's --deterministic-mode (the first also with the mhc knob): pinned
+    # tilings, so the two runs' losses are equal to every printed digit
+    ("mhc_deterministic", ["layer_specs.pretrain", "mhc_block_spec"],
+     "mhc:\n  num_streams: 4\n  deterministic: true\n", ["--deterministic-mode"], "env"),
+    ("mhc_deterministic_again", ["layer_specs.pretrain", "mhc_block_spec"],
+     "mhc:\n  num_streams: 4\n", ["--deterministic-mode"], "env"),
 ]
 
 
@@ -287,8 +294,6 @@ def _checkpoint_dtypes(path):
 
 
 def _pretrain_log(log: str, train_iters: int = 10):
-    import re
-
     iters = [int(m) for m in re.findall(rf"iteration\s+(\d+)/\s*{train_iters} \|", log)]
     losses = [float(m) for m in re.findall(r"lm loss: ([0-9.eE+-]+)", log)]
     return iters, losses
@@ -328,11 +333,12 @@ def _pretrain_runs(tmp_path, runs):
 
 @pytest.mark.gpu
 def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
-    """Four `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    """Six `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
     start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
     (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
     stores the optimizer state against the model's sharded tensors); the mHC run under Megatron's
-    CUDA graphs gives the eager run's losses. Then two of them resume from that checkpoint for
+    CUDA graphs gives the eager run's losses, and two mHC runs under Megatron's --deterministic-mode
+    (pinned kernel tilings) give equal losses. Then two of them resume from that checkpoint for
     steps 11-12."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
@@ -367,6 +373,8 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
     assert "built 4 cuda graph(s)" in layers["mhc_cuda_graphs"], layers["mhc_cuda_graphs"][-3000:]
     eager, graphed = (_pretrain_log(layers[n])[1] for n in ("pretrain_mhc", "mhc_cuda_graphs"))
     assert max(abs(a - b) / abs(a) for a, b in zip(eager, graphed)) < 1e-3, (eager, graphed)
+    det = [re.findall(r"lm loss: ([0-9.eE+-]+)", layers[n]) for n in ("mhc_deterministic", "mhc_deterministic_again")]
+    assert len(det[0]) == 10 and det[0] == det[1], det
     for name in ("pretrain_mhc", "mhc_sparse_moe"):  # mhc.fp32_params: fp32 mixers beside bf16 weights
         dtypes = _checkpoint_dtypes(tmp_path / name / "ckpt" / "iter_0000010")
         mixers = {k: v for k, v in dtypes.items() if "mixer.phi" in k}

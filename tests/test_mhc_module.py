@@ -177,6 +177,42 @@ def test_norm_fold_needs_rmsnorm():
         MHCFoldedNorm(_layer_config("LayerNorm"), 16)
 
 
+@pytest.mark.parametrize("knob,megatron,pinned", [(False, False, False), (True, False, True),
+                                                   (False, True, True)])
+def test_deterministic_knobs_pin_the_kernel_tilings(monkeypatch, knob, megatron, pinned):
+    """``mhc.deterministic`` or Megatron's ``deterministic_mode`` pins the fused kernels' tilings
+    (process-wide) when the layer is built, and the receipt says which and why; neither leaves the
+    autotuner's choice, also recorded."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from layer_specs.mhc import mhc_layer_spec
+    from megatron_ext import backends
+    from megatron_ext.config import TrainConfig, mhc_config
+    from megatron_ext.ops import mhc as mhc_ops
+    from tests.helpers import cpu_model_parallel
+
+    monkeypatch.setattr(mhc_ops, "_PIN_TILINGS", False)  # restored afterwards: the flag is process-wide
+    backends.reset()
+    with cpu_model_parallel(5):
+        spec = mhc_layer_spec(MHCConfig(backend="torch", deterministic=knob), normalization="RMSNorm")
+        build_module(spec, config=_layer_config(deterministic_mode=megatron), layer_number=1)
+    assert mhc_ops.tilings_pinned() is pinned
+    rec = [r for r in backends.records() if r["op"] == "mhc_tilings"]
+    assert len(rec) == 1, rec
+    assert (rec[0]["requested"], rec[0]["observed"]) == (("pinned",) * 2 if pinned else ("autotuned",) * 2)
+    assert ("Megatron's deterministic_mode" in rec[0]["reason"]) is (megatron and not knob)
+    backends.reset()
+    # megatron-ext train's flag reaches the layer's config
+    assert mhc_config(TrainConfig(mhc_num_streams=4, mhc_deterministic=knob)).deterministic is knob
+
+
+def test_mhc_deterministic_must_be_a_boolean():
+    from megatron_ext.config import ConfigError
+
+    with pytest.raises(ConfigError, match="mhc_deterministic='yes': must be a boolean"):
+        MHCConfig(deterministic="yes").validate(16)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mhc-num-streams", "0"], "mhc_num_streams=0: must be a positive integer"),
     (["--mhc-num-streams", "4", "--mhc-sinkhorn-iters", "0"], "mhc_sinkhorn_iters=0"),

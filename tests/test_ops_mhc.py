@@ -387,6 +387,92 @@ def test_triton_site_with_zero_tokens():
         assert gr.shape == p.shape and not gr.abs().sum().item()
 
 
+def _tuned_kernels():
+    """{name: TunedKernel} of every autotuned mHC kernel."""
+    from megatron_ext.ops.mhc import triton_mix, triton_sinkhorn, triton_streams
+    from megatron_ext.ops.mhc._triton_util import TunedKernel
+
+    return {f"{m.__name__.rsplit('.', 1)[-1]}.{name}": k
+            for m in (triton_mix, triton_sinkhorn, triton_streams)
+            for name, k in vars(m).items() if isinstance(k, TunedKernel)}
+
+
+class _NoAutotuner:
+    def __getitem__(self, grid):
+        raise AssertionError("the autotuner ran while the tilings were pinned")
+
+
+@pytest.fixture
+def pinned(monkeypatch):
+    """Tilings pinned for one test (the flag is process-wide; restored afterwards)."""
+    monkeypatch.setattr(mhc, "_PIN_TILINGS", False)
+    mhc.pin_tilings(True)
+    yield monkeypatch
+
+
+@needs_triton
+def test_pinned_tilings_skip_the_autotuner_and_match_the_reference(pinned):
+    """Deterministic mode: every launch takes its kernel's pinned tiling, a function of the shape
+    alone, the autotuner never runs, and the results are the reference's: the folded linked site, the unfolded mix-pre, the static stream ops, Sinkhorn."""
+    kernels = _tuned_kernels()
+    assert len(kernels) == 11, sorted(kernels)
+    for k in kernels.values():
+        pinned.setattr(k, "tuner", _NoAutotuner())
+        pinned.setattr(k, "_pinned", {})
+        pinned.setattr(k, "best_config", None)
+    g = _gen(18)
+    c = 48
+    x = _randn(g, 5, 3, 4, c, grad=True)
+    phi, alpha, bias = _params(g, 4, c)
+    w = (1 + _randn(g, c, scale=0.3)).requires_grad_()
+    lin = _randn(g, c, c, scale=0.2)
+
+    def site(x, phi, alpha, bias, w, backend):
+        n, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend=backend,
+                                                          norm_weight=w)
+        return mhc.mhc_post_res(x_link, h_res, h_post, torch.tanh(n @ lin), backend=backend)
+
+    _compare(site, (x, phi, alpha, bias, w), g, lambda t: TOL[torch.float32])
+    _compare(lambda *a, backend: mhc.mhc_mix_pre(*a, backend=backend), (x, phi, alpha, bias), g,
+             lambda t: TOL[torch.float32])
+    h_pre, h_post = torch.rand(4, generator=g).to(DEVICE), torch.rand(4, generator=g).to(DEVICE)
+    h_res = ref.sinkhorn(torch.randn(4, 4, generator=g)).to(DEVICE)
+    f = _randn(g, 5, 3, c, grad=True)
+    _compare(lambda x, f, backend: mhc.mhc_post_res(x, h_res, h_post, f, backend=backend), (x, f), g,
+             lambda t: TOL[torch.float32])
+    _compare(lambda x, backend: mhc.mhc_pre(x, h_pre, backend=backend), (x,), g,
+             lambda t: TOL[torch.float32])
+    logits = _randn(g, 7, 4, 4, grad=True)
+    _compare(lambda l, backend: mhc.sinkhorn(l, backend=backend), (logits,), g,
+             lambda t: TOL[torch.float32])
+    for name, k in kernels.items():
+        assert k.best_config is not None, f"{name} did not run"
+        assert k._pinned and all(cfg is k.configs[k.pin(dict(C=c, B=0))] for cfg in k._pinned.values()), name
+    # narrow rows: the stream mixes take 128-channel tiles, the maps + pre and dh kernels 1024
+    widths = {name.rsplit(".", 1)[1]: k.best_config.kwargs.get("BLOCK_C") for name, k in kernels.items()}
+    assert widths == dict(_mix_proj_kernel=None, _mix_maps_pre_kernel=1024, _pre_norm_bwd_dh_kernel=1024,
+                          _mix_pre_bwd_dx_kernel=64, _mix_pre_bwd_dphi_kernel=None, _sinkhorn_fwd_kernel=None,
+                          _sinkhorn_bwd_kernel=None, _pre_fwd_kernel=128, _pre_bwd_kernel=128,
+                          _post_res_fwd_kernel=128, _post_res_bwd_kernel=128), widths
+
+
+@needs_triton
+def test_pinned_tilings_do_not_follow_the_sm_count(pinned):
+    """The backward's d phi token splits (the order of its sum) follow the GPU's SM count unless
+    the tilings are pinned: pinned, every SM count gets the 132-SM GPU's splits."""
+    from megatron_ext.ops.mhc import triton_mix
+
+    def splits(sms, T=65536, NC=8192):
+        pinned.setattr(triton_mix, "_num_sms", lambda device: sms)
+        return triton_mix.dphi_splits(T, NC, torch.device(DEVICE))
+
+    assert {splits(sms) for sms in (1, 78, 114, 132, 148)} == {(9, 7296)}
+    assert splits(132, T=256, NC=512) == (2, 128)
+    mhc.pin_tilings(False)
+    assert [splits(sms)[0] for sms in (78, 114, 132)] == [5, 8, 9]
+    assert splits(1, T=256, NC=512) == (1, 256)
+
+
 @needs_triton
 def test_triton_mix_pre_with_only_u_used():
     g = _gen(12)
@@ -644,3 +730,56 @@ def test_gpu_full_size_linked_site_bf16():
     g_r = torch.autograd.grad(out_r, (x, phi, alpha, bias), go)
     for a, b in zip(g_t, g_r):
         assert _err(a, b) < 3e-2
+
+
+# One process's pinned full-size site: the sha256 of its outputs and every gradient. "warm": the
+# autotuner picks its own tilings for every kernel first (what a process without the knob does).
+_PINNED_SITE = r"""
+import hashlib, math, sys
+import torch
+from megatron_ext.ops import mhc
+
+g = torch.Generator().manual_seed(75)
+s, b, c = 4096, 2, 2048
+x = torch.randn(s, b, 4, c, generator=g).to("cuda", torch.bfloat16).requires_grad_()
+phi = (torch.randn(4 * c, 24, generator=g) / math.sqrt(4 * c)).cuda().requires_grad_()
+alpha = torch.tensor([0.8, 1.1, 1.3], device="cuda").requires_grad_()
+bias = (torch.randn(24, generator=g) * 0.3).cuda().requires_grad_()
+w = (1 + 0.3 * torch.randn(c, generator=g)).cuda().requires_grad_()
+go = torch.randn(s, b, 4, c, generator=g).to("cuda", torch.bfloat16)
+
+
+def site():
+    n, h_post, h_res, x_link = mhc.mhc_mix_pre_linked(x, phi, alpha, bias, backend="triton",
+                                                      norm_weight=w)
+    out = mhc.mhc_post_res(x_link, h_res, h_post, n, backend="triton")
+    return [out, *torch.autograd.grad(out, (x, phi, alpha, bias, w), go)]
+
+
+if sys.argv[1] == "warm":
+    site()
+mhc.pin_tilings(True)
+digest = hashlib.sha256()
+for t in site():
+    digest.update(t.detach().float().cpu().numpy().tobytes())
+print("digest", digest.hexdigest())
+"""
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_pinned_tilings_give_the_same_bits_in_every_process():
+    """Deterministic mode at full size in bf16: the folded linked site's output and every
+    gradient are bitwise equal in three fresh processes, one of which ran the autotuner first."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    digests = []
+    for mode in ("cold", "warm", "cold"):
+        run = subprocess.run([sys.executable, "-c", _PINNED_SITE, mode], cwd=ROOT, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        digests.append(run.stdout.split("digest", 1)[1].strip())
+    assert len(set(digests)) == 1, digests

@@ -7,6 +7,7 @@ takes a random ``[s, b, 4, C]`` gradient. Full: s=4096, b=2, C=2048 (T = 8192 to
 ours   = ``megatron_ext.ops.mhc`` Triton kernels (mhc_mix_pre_linked + mhc_post_res, as the layer
          calls them); ``ours_graph`` = the same step replayed as one CUDA graph (GPU only): its
          time is the kernels' alone, the difference to ``ours`` the host side (launches, autograd);
+         ``ours_graph_pinned`` the same with the tilings pinned (``--mhc-deterministic``);
 ref    = the same ops' torch reference; the seed's einsum formulation (bf16 einsums for the stream
          mixes, fp32 mappings); a plain residual add ``x + f`` on ``[s, b, C]`` (the floor);
 anchor = Megatron-LM ``HyperConnectionModule`` (``megatron.core.transformer.hyper_connection``,
@@ -104,6 +105,18 @@ def _graphed_setup(d: Dims, device: str):
     return cuda_graph(_ours_setup(d, device, "triton"))
 
 
+def _pinned_graph_setup(d: Dims, device: str):
+    """``ours_graph`` with the kernels' tilings pinned (the deterministic mode), captured with
+    the pins on; the process's setting is restored afterwards."""
+    from megatron_ext.ops import mhc
+
+    prev = mhc.pin_tilings(True)
+    try:
+        return _graphed_setup(d, device)
+    finally:
+        mhc.pin_tilings(prev)
+
+
 def _einsum_setup(d: Dims, device: str):
     """The seed's formulation: fp32 mappings, then the stream mixes as einsums in the activation
     dtype (``bn,btnd->btd`` pre, ``bnm,btmd->btnd`` + post * f), per token here."""
@@ -189,6 +202,10 @@ def mhc(small: bool = False, device: str = "cuda") -> Benchmark:
         cases.append(Case(name="ours_graph", label="ours: triton fused, one CUDA graph",
                           role="ours", bound="memory", bytes=nbytes,
                           setup=lambda: _graphed_setup(d, device)))
+        cases.append(Case(name="ours_graph_pinned",
+                          label="ours: triton fused, one CUDA graph, pinned tilings (deterministic mode)",
+                          role="ref", bound="memory", bytes=nbytes,
+                          setup=lambda: _pinned_graph_setup(d, device)))
     cases += [
         Case(name="ref_torch", label="ref: torch reference (ours)", role="ref", bound="memory",
              bytes=nbytes, setup=lambda: _ours_setup(d, device, "torch")),

@@ -28,6 +28,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
+from megatron_ext import backends
 from megatron_ext.config import MHCConfig
 from megatron_ext.modules.norm import Norm
 from megatron_ext.ops import mhc as mhc_ops
@@ -46,6 +47,27 @@ def no_residual_bda(training: bool, fused: bool):
         return torch.nn.functional.dropout(x, p=prob, training=training)
 
     return bda
+
+
+def pin_mixer_tilings(mhc: MHCConfig, config) -> bool:
+    """Pin the fused kernels' tilings (:func:`megatron_ext.ops.mhc.pin_tilings`, process-wide) when
+    ``mhc.deterministic`` or Megatron's ``config.deterministic_mode`` asks; recorded in the receipt
+    either way. Returns whether they are pinned."""
+    megatron = bool(getattr(config, "deterministic_mode", False))
+    if mhc.deterministic or megatron:
+        mhc_ops.pin_tilings(True)
+    pinned = mhc_ops.tilings_pinned()
+    if mhc.deterministic:
+        why = "mhc deterministic is on"
+    elif megatron:
+        why = "Megatron's deterministic_mode is on"
+    elif pinned:
+        why = "pinned elsewhere in this process (pin_tilings or torch.use_deterministic_algorithms)"
+    else:
+        why = "the autotuner's fastest tiling per shape (runs may differ in the last bits)"
+    backends.note("mhc_tilings", "pinned" if (mhc.deterministic or megatron) else "autotuned",
+                  "pinned" if pinned else "autotuned", why)
+    return pinned
 
 
 class StreamMixer(torch.nn.Module):
@@ -127,6 +149,7 @@ class MHCTransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number=layer_number, **kwargs)
         self.mhc = mhc or MHCConfig()
         self.mhc.validate(config.hidden_size)
+        pin_mixer_tilings(self.mhc, config)
         self.attn_mixer = StreamMixer(config, self.mhc)
         self.mlp_mixer = StreamMixer(config, self.mhc)
 

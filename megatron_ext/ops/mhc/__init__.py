@@ -22,11 +22,36 @@ from megatron_ext.ops.mhc import reference
 from megatron_ext.ops.mhc.reference import branch_mix_weights, mhc_mappings
 
 __all__ = ["sinkhorn", "mhc_pre", "mhc_post_res", "mhc_mix_pre", "mhc_mix_pre_linked", "mhc_mappings",
-           "branch_mix_weights", "TRITON_NUM_STREAMS", "TRITON_DTYPES"]
+           "branch_mix_weights", "pin_tilings", "tilings_pinned", "TRITON_NUM_STREAMS", "TRITON_DTYPES"]
 
 Tensor = torch.Tensor
 TRITON_NUM_STREAMS = 4
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+_PIN_TILINGS = False
+
+
+def pin_tilings(on: bool = True) -> bool:
+    """The fused lane's deterministic mode, process-wide (as ``torch.use_deterministic_algorithms``).
+
+    Each Triton kernel's tiling sets the order of its sums (the projection's K chunks, the row
+    reductions, the partial sums of the parameter gradients). By default the autotuner picks the
+    fastest tiling by timing, so two processes may pick differently and round differently from
+    the first step. Pinned, every launch takes one tiling that is a function of the shape alone,
+    and the backward's d phi token splits no longer follow the GPU's SM count: the same inputs
+    give bitwise-equal outputs and gradients in every process on the same GPU model and software
+    (within a process the kernels are bitwise reproducible either way; none uses atomics). The
+    pinned tilings are the H100 autotuner's choices at C = 2048 (docs/mhc.md, "Deterministic
+    mode"). Returns the previous setting."""
+    global _PIN_TILINGS
+    prev, _PIN_TILINGS = _PIN_TILINGS, bool(on)
+    return prev
+
+
+def tilings_pinned() -> bool:
+    """:func:`pin_tilings` is on, or ``torch.are_deterministic_algorithms_enabled()`` (Megatron's
+    ``--deterministic-mode`` turns that on)."""
+    return _PIN_TILINGS or torch.are_deterministic_algorithms_enabled()
 
 
 # (device types, n, dtype, TRITON_INTERPRET) -> the Triton probe's answer: a site asks twice per

@@ -5,6 +5,7 @@ from __future__ import annotations
 import triton
 
 from megatron_ext import backends
+from megatron_ext.ops.mhc import tilings_pinned
 
 
 def interpreting() -> bool:
@@ -25,14 +26,32 @@ def kernels_interpreted() -> bool:
     return all(type(getattr(k, "fn", k)).__name__ == "InterpretedFunction" for k in kernels)
 
 
-def tuned(configs, key, **kwargs):
+def tuned(configs, key, pin, **kwargs):
     """``triton.autotune`` over ``configs`` on a GPU; the first config alone in the interpreter
-    (benchmarking configs there would only cost time). Launches go through :class:`TunedKernel`."""
+    (benchmarking configs there would only cost time). Launches go through :class:`TunedKernel`.
+
+    ``pin(key values as a dict) -> index into configs``: the tiling a launch takes when tilings are
+    pinned (:func:`megatron_ext.ops.mhc.pin_tilings`, the deterministic mode), a function of the
+    shape alone."""
     def wrap(fn):
         tuner = triton.autotune(configs=configs[:1] if interpreting() else configs, key=key,
                                 **kwargs)(fn)
-        return TunedKernel(tuner, key)
+        return TunedKernel(tuner, key, configs, pin)
     return wrap
+
+
+def by_width(*steps):
+    """A pin (see :func:`tuned`) by the stream width: ``steps`` = ``(C, index)`` pairs in rising C;
+    a launch takes the index of the last step whose C it reaches (the first step's below them all).
+    The indices are the H100 autotuner's choices at T = 8192 tokens and C = 256, 1024, 2048 and
+    4096 (docs/mhc.md, "Deterministic mode")."""
+    def pin(key) -> int:
+        index = steps[0][1]
+        for c, i in steps:
+            if key["C"] >= c:
+                index = i
+        return index
+    return pin
 
 
 class TunedKernel:
@@ -47,15 +66,27 @@ class TunedKernel:
     tuned for one dtype of another tensor argument (e.g. a branch output in another dtype than the
     streams) is reused for the next: still correct, as Triton compiles per dtype, if perhaps not
     the fastest. ``best_config``: the config of the latest launch. Measured on an H100 host: an
-    eager site's host time 1.91 -> 1.82 ms per fwd+bwd."""
+    eager site's host time 1.91 -> 1.82 ms per fwd+bwd.
 
-    def __init__(self, tuner, key):
+    With tilings pinned (:func:`megatron_ext.ops.mhc.tilings_pinned`) a launch takes
+    ``configs[pin(key values)]`` and the autotuner never runs: the tiling sets the order of every
+    sum in these kernels, and the autotuner's choice depends on timing noise, so two processes
+    would otherwise round differently."""
+
+    def __init__(self, tuner, key, configs, pin):
         self.tuner = tuner
         self.fn = tuner.fn
         self.best_config = None
+        self.configs = list(configs)
+        self.pin = pin
         names = list(tuner.arg_names)
         self._key_pos = [(names.index(k), k) for k in key]
         self._chosen = {}
+        self._pinned = {}
+
+    def pinned_config(self, **key_values):
+        """The config a launch with these key values takes when tilings are pinned."""
+        return self.configs[self.pin(key_values)]
 
     def _key(self, args, kwargs):
         vals = tuple(args[i] if i < len(args) else kwargs[k] for i, k in self._key_pos)
@@ -65,6 +96,13 @@ class TunedKernel:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             key = self._key(args, kwargs)
+            if tilings_pinned():
+                cfg = self._pinned.get(key)
+                if cfg is None:
+                    cfg = self._pinned[key] = self.pinned_config(
+                        **{k: v for (_, k), v in zip(self._key_pos, key)})
+                self.best_config = cfg
+                return self.fn[grid](*args, **kwargs, **cfg.all_kwargs())
             cfg = self._chosen.get(key)
             if cfg is None:
                 out = self.tuner[grid](*args, **kwargs)

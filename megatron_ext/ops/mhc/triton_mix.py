@@ -66,8 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ext.ops.mhc import triton_streams
-from megatron_ext.ops.mhc._triton_util import DOT_PRECISION, interpreting, tuned
+from megatron_ext.ops.mhc import tilings_pinned, triton_streams
+from megatron_ext.ops.mhc._triton_util import DOT_PRECISION, by_width, interpreting, tuned
 from megatron_ext.ops.mhc.triton_sinkhorn import sinkhorn_tile, sinkhorn_tile_vjp
 
 N_STREAMS = 4
@@ -102,7 +102,7 @@ def _dot_hi_lo(a, b, acc):
 @tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
         for bt, bk, w, ns in ((128, 64, 4, 4), (64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3),
                               (128, 128, 8, 3), (32, 128, 4, 4))],
-       key=["C", "SPLIT"])
+       key=["C", "SPLIT"], pin=by_width((0, 3), (1024, 2), (2048, 4)))
 @triton.jit
 def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
                      SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -141,7 +141,7 @@ def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
 
 
 # One token per program, as the pre mix alone was (many programs keep the row loads in flight).
-@tuned(triton_streams.ROW_CONFIGS, key=["C", "NORM"])
+@tuned(triton_streams.ROW_CONFIGS, key=["C", "NORM"], pin=by_width((0, 4), (4096, 5)))
 @triton.jit
 def _mix_maps_pre_kernel(x_ptr, pz_ptr, pss_ptr, alpha_ptr, bias_ptr, u_ptr, hpre_ptr, hpost_ptr,
                          hres_ptr, z_ptr, invr_ptr, gamma_ptr, rstd_ptr, T, C, n_splits, num_iters,
@@ -203,7 +203,7 @@ def _pre_norm_row(x_ptr, n_ptr, gamma_ptr, rstd_ptr, t, h, C, norm_eps, BLOCK_C:
         tl.store(n_ptr + t * C + cc, (u * rstd * gam).to(n_ptr.dtype.element_ty), mask=mc)
 
 
-@tuned(triton_streams.ROW_CONFIGS, key=["C"])
+@tuned(triton_streams.ROW_CONFIGS, key=["C"], pin=by_width((0, 4)))
 @triton.jit
 def _pre_norm_bwd_dh_kernel(x_ptr, h_ptr, gn_ptr, gamma_ptr, rstd_ptr, dh_ptr, k_ptr, C,
                             BLOCK_C: tl.constexpr):
@@ -300,7 +300,7 @@ _DX_CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w, num_st
 _DX_MIN_BLOCK_T = min(c.kwargs["BLOCK_T"] for c in _DX_CONFIGS)
 
 
-@tuned(_DX_CONFIGS, key=["C", "HAS_LINK", "NORM"])
+@tuned(_DX_CONFIGS, key=["C", "HAS_LINK", "NORM"], pin=by_width((0, 0)))
 @triton.jit
 def _mix_pre_bwd_dx_kernel(x_ptr, gu_ptr, hpre_ptr, g_ptr, coef_ptr, phi_ptr, glink_ptr, gx_ptr,
                            gamma_ptr, rstd_ptr, k_ptr, pdg_ptr, T, C,
@@ -380,7 +380,7 @@ def _dx_stream_tile(xt, i: tl.constexpr, du, coef, g, rows, mt, cc, mc, m2, hpre
 
 @tuned([triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=ns)
         for bt, bk, w, ns in ((128, 128, 8, 2), (64, 128, 4, 3), (64, 256, 8, 3), (32, 64, 4, 3))],
-       key=["C", "SPLIT"])
+       key=["C", "SPLIT"], pin=by_width((0, 1), (1024, 0), (2048, 2), (4096, 1)))
 @triton.jit
 def _mix_pre_bwd_dphi_kernel(x_ptr, g_ptr, pphi_ptr, T, C, tokens_per_split, SPLIT: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -462,10 +462,24 @@ def _mix_pre_bwd_finish_kernel(pphi_ptr, dphi_ptr, phi_rows, phi_cols, ppar_ptr,
             tl.store(dgamma_ptr + cols, acc.to(dgamma_ptr.dtype.element_ty), mask=cols < C)
 
 
+PINNED_NUM_SMS = 132  # an H100/H200 SXM's
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2
+
+
+def dphi_splits(T: int, NC: int, device: torch.device):
+    """(splits, tokens per split) of the d phi partials: ~4 programs per SM with 128-wide column
+    tiles (a program walks its split's tokens serially), each split a multiple of the largest
+    BLOCK_T. ~2 per SM measured 73 vs 57 us in the site (H100), although alone with a cold L2 it
+    was 5 us faster; ~1 per SM matched 4. Tilings pinned (deterministic mode): the splits of a
+    132-SM GPU whatever this one has, so the order of the d phi sum does not follow the SM count."""
+    sms = PINNED_NUM_SMS if tilings_pinned() else _num_sms(device)
+    splits = max(1, min(triton.cdiv(4 * sms, triton.cdiv(NC, 128)), triton.cdiv(T, 128)))
+    return splits, triton.cdiv(triton.cdiv(max(T, 1), splits), 128) * 128
 
 
 def _split_lane(x: torch.Tensor) -> bool:
@@ -524,13 +538,7 @@ def mix_pre_bwd(x, phi, alpha, bias, z, inv_r, h_pre, gu, gh_post, gh_res, num_i
     coef = torch.empty(T, **f32)
     ppar = torch.empty(n_prog, N_COLS + 3, **f32)
     dx = torch.empty_like(x)
-    # token splits for the d phi partials: ~4 programs per SM with 128-wide column tiles (a
-    # program walks its split's tokens serially), each split a multiple of the largest BLOCK_T.
-    # ~2 per SM measured 73 vs 57 us in the site (H100), although alone with a cold L2 it was
-    # 5 us faster; ~1 per SM matched 4.
-    n_ktiles = triton.cdiv(NC, 128)
-    splits = max(1, min(triton.cdiv(4 * _num_sms(dev), n_ktiles), triton.cdiv(T, 128)))
-    tokens_per_split = triton.cdiv(triton.cdiv(max(T, 1), splits), 128) * 128
+    splits, tokens_per_split = dphi_splits(T, NC, dev)
     pphi = torch.empty(splits, NC, N_COLS, **f32)
     # d gamma partials, one row per dx token block: sized for the smallest BLOCK_T the dx
     # autotuner may try; only the rows of the config that ran are summed (its autotuning runs

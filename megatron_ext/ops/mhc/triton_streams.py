@@ -23,13 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_ext.ops.mhc._triton_util import tuned
+from megatron_ext.ops.mhc._triton_util import by_width, tuned
 
 # Whole-row tiles with many warps put every load of a token in flight at once (one token per
 # program leaves little else to overlap); the small tiles cover small C.
 ROW_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
                for bc, w in ((256, 4), (512, 4), (1024, 8), (128, 2), (1024, 4), (2048, 8),
                              (2048, 16))]
+
+# Pinned tilings (deterministic mode), by C: one token per program runs fastest with 4 warps over
+# 1024-channel tiles for most row kernels on an H100, with 16 or 8 warps over whole 2048-channel
+# rows for the static pre mix, and with 128 x 2 warps for the post/res mix of narrow rows.
+ROW_PIN = by_width((0, 3), (512, 4))
 
 
 @triton.jit
@@ -53,7 +58,7 @@ def pre_row(x_ptr, u_ptr, t, h, C, BLOCK_C: tl.constexpr):
         tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
 
 
-@tuned(ROW_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 3), (1024, 5)))
 @triton.jit
 def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -61,7 +66,7 @@ def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
     pre_row(x_ptr, u_ptr, t, h, C, BLOCK_C)
 
 
-@tuned(ROW_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 3), (1024, 6)))
 @triton.jit
 def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, WRITE_GX: tl.constexpr,
                     BLOCK_C: tl.constexpr):
@@ -82,7 +87,7 @@ def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, WRITE_GX:
     tl.store(gh_ptr + t * 4 + i4, gh)
 
 
-@tuned(ROW_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"], pin=ROW_PIN)
 @triton.jit
 def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, out_ptr, C, hres_stride, hpost_stride,
                          BLOCK_C: tl.constexpr):
@@ -100,7 +105,7 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, out_ptr, C, hres_str
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mc[None, :])
 
 
-@tuned(ROW_CONFIGS, key=["C"])
+@tuned(ROW_CONFIGS, key=["C"], pin=ROW_PIN)
 @triton.jit
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, ghres_ptr,
                          ghpost_ptr, C, hres_stride, hpost_stride, BLOCK_C: tl.constexpr):
