@@ -274,6 +274,13 @@ PRETRAIN_CASES = [
     # pretrain_mhc again with every layer captured and replayed by Megatron's own CUDA graphs
     ("mhc_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],
      "mhc:\n  num_streams: 4\n  fp32_params: true\n", ["--cuda-graph-impl", "local"], "env"),
+    # mHC + sparse attention + the fused MoE layer, every layer captured by Megatron's local CUDA
+    # graphs (the fused layer never synchronises with the host)
+    ("mhc_sparse_moe_cuda_graphs", ["layer_specs.mhc", "mhc_block_spec"],
+     ("mhc:\n  num_streams: 2\n  fp32_params: true\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
+      "moe:\n  impl: fused\n"),
+     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
+      "--use-distributed-optimizer", "--cuda-graph-impl", "local"], "flag"),
     # twice under Megatron's --deterministic-mode (the first also with the mhc knob): pinned
     # tilings, so the two runs' losses are equal to every printed digit
     ("mhc_deterministic", ["layer_specs.pretrain", "mhc_block_spec"],
@@ -333,11 +340,11 @@ def _pretrain_runs(tmp_path, runs):
 
 @pytest.mark.gpu
 def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
-    """Six `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    """Seven `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
     start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
     (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
     stores the optimizer state against the model's sharded tensors); the mHC run under Megatron's
-    CUDA graphs gives the eager run's losses, and two mHC runs under Megatron's --deterministic-mode
+    CUDA graphs gives the eager run's losses (also with sparse attention and the fused MoE), and two mHC runs under Megatron's --deterministic-mode
     (pinned kernel tilings) give equal losses. Then two of them resume from that checkpoint for
     steps 11-12."""
     torch = pytest.importorskip("torch")
@@ -370,9 +377,10 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
     assert "MHCTransformerLayer" not in layers["gpt_dense"] and "SDPACoreAttention" in layers["gpt_dense"]
     # Megatron's local CUDA graphs (--cuda-graph-impl local) capture both mHC layers (forward and
     # backward graphs) after their warm-up steps and replay the same kernels: the eager run's losses
-    assert "built 4 cuda graph(s)" in layers["mhc_cuda_graphs"], layers["mhc_cuda_graphs"][-3000:]
-    eager, graphed = (_pretrain_log(layers[n])[1] for n in ("pretrain_mhc", "mhc_cuda_graphs"))
-    assert max(abs(a - b) / abs(a) for a, b in zip(eager, graphed)) < 1e-3, (eager, graphed)
+    for eager_run, graphed_run in (("pretrain_mhc", "mhc_cuda_graphs"), ("mhc_sparse_moe", "mhc_sparse_moe_cuda_graphs")):
+        assert "built 4 cuda graph(s)" in layers[graphed_run], layers[graphed_run][-3000:]
+        eager, graphed = (_pretrain_log(layers[n])[1] for n in (eager_run, graphed_run))
+        assert max(abs(a - b) / abs(a) for a, b in zip(eager, graphed)) < 1e-3, (graphed_run, eager, graphed)
     det = [re.findall(r"lm loss: ([0-9.eE+-]+)", layers[n]) for n in ("mhc_deterministic", "mhc_deterministic_again")]
     assert len(det[0]) == 10 and det[0] == det[1], det
     for name in ("pretrain_mhc", "mhc_sparse_moe"):  # mhc.fp32_params: fp32 mixers beside bf16 weights
