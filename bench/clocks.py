@@ -15,6 +15,7 @@ lags a 0.2 s timed window. With neither the rows leave the column blank and the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import shutil
 import subprocess
 import threading
@@ -178,8 +179,11 @@ class ClockSampler:
         return summarize_samples(list(self._samples))
 
 
+@functools.lru_cache(maxsize=None)
 def sampler_for_device(index: Optional[int] = None) -> Tuple[Optional[ClockSampler], str]:
-    """(sampler, description) for a CUDA device: NVML, else nvidia-smi, else (None, why not)."""
+    """(sampler, description) for a CUDA device: NVML, else nvidia-smi, else (None, why not).
+    One per device and process: the report's header and the harness share it (``start`` resets
+    its samples)."""
     selector = device_selector(index)
     query = nvml_query(selector)
     if query is not None:

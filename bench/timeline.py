@@ -59,6 +59,14 @@ def profile_calls(call: Callable[[], object], calls: int, warmup: int = 3):
     return prof
 
 
+def kernel_averages(prof):
+    """(events with GPU time, longest first; their total GPU time in us) of a finished profiler's
+    ``key_averages()``."""
+    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                    key=lambda e: -e.device_time_total)
+    return events, sum(e.device_time_total for e in events)
+
+
 def gpu_events(trace: Dict) -> List[Dict]:
     """The GPU-side events (kernels, memsets, copies) of a Chrome trace dict, by start time."""
     events = [e for e in trace.get("traceEvents", []) if e.get("cat") in GPU_CATEGORIES and "dur" in e]

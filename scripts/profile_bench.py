@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bench import harness
-    from bench.timeline import profile_calls
+    from bench.timeline import kernel_averages, profile_calls
 
     bench = harness.select([args.benchmark])[args.benchmark](small=False, device="cuda")
     cases = {c.name: c for c in bench.cases}
@@ -42,12 +42,11 @@ def main(argv=None) -> int:
         return 2
     fn = cases[args.case].setup()
     prof = profile_calls(fn, args.iters, warmup=5)
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events)
+    events, total = kernel_averages(prof)
     print(f"{bench.name} / {args.case}: {total / args.iters / 1e3:.3f} ms of kernels per call "
           f"({bench.shape})")
     print(f"{'ms/call':>9} {'share':>6} {'calls':>6}  kernel")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:args.rows]:
+    for e in events[:args.rows]:
         print(f"{e.device_time_total / args.iters / 1e3:9.3f} {e.device_time_total / total:6.1%} "
               f"{e.count // args.iters:6d}  {e.key[:110]}")
     if args.graph:

@@ -82,13 +82,11 @@ def variants(base, groups=("fwd", "dq", "dkdv", "sched"), pointer=None):
 
 def _profile(run, iters=10):
     """Per-kernel GPU ms of one ``run()`` (mean over ``iters`` calls), largest first."""
-    from bench.timeline import profile_calls
+    from bench.timeline import kernel_averages, profile_calls
 
-    prof = profile_calls(run, iters)
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    total = sum(e.device_time_total for e in events) / iters / 1e3
-    print(f"per-kernel GPU time of the default fwd + bwd: {total:.3f} ms per call")
-    for e in sorted(events, key=lambda e: -e.device_time_total):
+    events, total = kernel_averages(profile_calls(run, iters))
+    print(f"per-kernel GPU time of the default fwd + bwd: {total / iters / 1e3:.3f} ms per call")
+    for e in events:
         print(f"  {e.device_time_total / iters / 1e3:8.3f} ms  x{e.count // iters:<3d} {e.key[:90]}")
 
 
