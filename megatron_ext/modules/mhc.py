@@ -54,7 +54,8 @@ def pin_mixer_tilings(mhc: MHCConfig, config) -> bool:
     ``mhc.deterministic`` or Megatron's ``config.deterministic_mode`` asks; recorded in the receipt
     either way. Returns whether they are pinned."""
     megatron = bool(getattr(config, "deterministic_mode", False))
-    if mhc.deterministic or megatron:
+    asked = mhc.deterministic or megatron
+    if asked:
         mhc_ops.pin_tilings(True)
     pinned = mhc_ops.tilings_pinned()
     if mhc.deterministic:
@@ -65,7 +66,7 @@ def pin_mixer_tilings(mhc: MHCConfig, config) -> bool:
         why = "pinned elsewhere in this process (pin_tilings or torch.use_deterministic_algorithms)"
     else:
         why = "the autotuner's fastest tiling per shape (runs may differ in the last bits)"
-    backends.note("mhc_tilings", "pinned" if (mhc.deterministic or megatron) else "autotuned",
+    backends.note("mhc_tilings", "pinned" if asked else "autotuned",
                   "pinned" if pinned else "autotuned", why)
     return pinned
 

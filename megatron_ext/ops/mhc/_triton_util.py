@@ -101,13 +101,12 @@ class TunedKernel:
                 if cfg is None:
                     cfg = self._pinned[key] = self.pinned_config(
                         **{k: v for (_, k), v in zip(self._key_pos, key)})
-                self.best_config = cfg
-                return self.fn[grid](*args, **kwargs, **cfg.all_kwargs())
-            cfg = self._chosen.get(key)
-            if cfg is None:
-                out = self.tuner[grid](*args, **kwargs)
-                self.best_config = self._chosen[key] = self.tuner.best_config
-                return out
+            else:
+                cfg = self._chosen.get(key)
+                if cfg is None:
+                    out = self.tuner[grid](*args, **kwargs)
+                    self.best_config = self._chosen[key] = self.tuner.best_config
+                    return out
             self.best_config = cfg
             return self.fn[grid](*args, **kwargs, **cfg.all_kwargs())
         return launch
