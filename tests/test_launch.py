@@ -287,6 +287,11 @@ PRETRAIN_CASES = [
      "mhc:\n  num_streams: 4\n  deterministic: true\n", ["--deterministic-mode"], "env"),
     ("mhc_deterministic_again", ["layer_specs.pretrain", "mhc_block_spec"],
      "mhc:\n  num_streams: 4\n", ["--deterministic-mode"], "env"),
+    # and once more replayed by Megatron's local CUDA graphs: the same tilings, so the eager runs'
+    # losses bit for bit (autotuned, a graphed run can differ from its eager twin in the last
+    # digits: each process times its own tilings)
+    ("mhc_deterministic_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],
+     "mhc:\n  num_streams: 4\n", ["--deterministic-mode", "--cuda-graph-impl", "local"], "env"),
 ]
 
 
@@ -340,12 +345,12 @@ def _pretrain_runs(tmp_path, runs):
 
 @pytest.mark.gpu
 def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
-    """Seven `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    """Eight `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
     start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
     (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
     stores the optimizer state against the model's sharded tensors); the mHC run under Megatron's
-    CUDA graphs gives the eager run's losses (also with sparse attention and the fused MoE), and two mHC runs under Megatron's --deterministic-mode
-    (pinned kernel tilings) give equal losses. Then two of them resume from that checkpoint for
+    CUDA graphs gives the eager run's losses (also with sparse attention and the fused MoE), and three mHC runs under Megatron's --deterministic-mode
+    (pinned kernel tilings; one replayed as CUDA graphs) give equal losses. Then two of them resume from that checkpoint for
     steps 11-12."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
@@ -381,8 +386,10 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
         assert "built 4 cuda graph(s)" in layers[graphed_run], layers[graphed_run][-3000:]
         eager, graphed = (_pretrain_log(layers[n])[1] for n in (eager_run, graphed_run))
         assert max(abs(a - b) / abs(a) for a, b in zip(eager, graphed)) < 1e-3, (graphed_run, eager, graphed)
-    det = [re.findall(r"lm loss: ([0-9.eE+-]+)", layers[n]) for n in ("mhc_deterministic", "mhc_deterministic_again")]
-    assert len(det[0]) == 10 and det[0] == det[1], det
+    assert "built 4 cuda graph(s)" in layers["mhc_deterministic_cuda_graphs"]
+    det = [re.findall(r"lm loss: ([0-9.eE+-]+)", layers[n])
+           for n in ("mhc_deterministic", "mhc_deterministic_again", "mhc_deterministic_cuda_graphs")]
+    assert len(det[0]) == 10 and det[0] == det[1] == det[2], det
     for name in ("pretrain_mhc", "mhc_sparse_moe"):  # mhc.fp32_params: fp32 mixers beside bf16 weights
         dtypes = _checkpoint_dtypes(tmp_path / name / "ckpt" / "iter_0000010")
         mixers = {k: v for k, v in dtypes.items() if "mixer.phi" in k}
