@@ -29,10 +29,19 @@ def cuda_graph(step: Callable[[], object], warmup_calls: int = 3) -> Callable[[]
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.current_stream()
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    rng = generator.clone_state()  # a copy outside capture mode, same seed and offset
     try:
         with torch.cuda.graph(graph):
             step()
     except Exception as e:  # noqa: BLE001 - any capture failure makes the case unavailable
+        # A capture that fails leaves the process as it was mid-capture: torch.cuda.graph's
+        # capture stream still current and the default CUDA generator in capture mode, so every
+        # later random op on the GPU (the next case's inputs) fails with "Offset increment
+        # outside graph capture encountered unexpectedly". Put both back.
+        torch.cuda.set_stream(stream)
+        generator.graphsafe_set_state(rng)
         torch.cuda.synchronize()
         raise CaseUnavailable(f"CUDA graph capture failed: {type(e).__name__}: {e}".splitlines()[0]) from e
     return graph.replay

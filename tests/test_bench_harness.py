@@ -361,5 +361,20 @@ def test_cuda_graph_replays_the_step_and_refuses_a_synchronising_one():
     replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, a @ a)
+    stream = torch.cuda.current_stream()
     with pytest.raises(CaseUnavailable, match="CUDA graph capture failed"):
         cuda_graph(lambda: (a.sum() > 0).item())
+    # the refused capture leaves the process usable: the stream it ran on and the GPU's random
+    # numbers (a failed capture used to leave the default generator in capture mode)
+    assert torch.cuda.current_stream() == stream
+    torch.manual_seed(0)
+    r1 = torch.randn(1000, device="cuda")
+    torch.manual_seed(0)
+    assert torch.equal(r1, torch.randn(1000, device="cuda")) and r1.std() > 0.5
+    # and a later capture of a random op replays fresh numbers
+    noise = torch.empty(1000, device="cuda")
+    replay = cuda_graph(lambda: noise.normal_())
+    replay()
+    first = noise.clone()
+    replay()
+    assert not torch.equal(first, noise)
