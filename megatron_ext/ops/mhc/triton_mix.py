@@ -140,8 +140,11 @@ def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
     tl.store(pss_ptr + pid_s.to(tl.int64) * T + rows, sumsq, mask=mask_t)
 
 
+_MAPS_PRE_PINS = {True: by_width((0, 7), (2048, 4), (4096, 5)), False: by_width((0, 7))}
+
+
 # One token per program, as the pre mix alone was (many programs keep the row loads in flight).
-@tuned(triton_streams.ROW_CONFIGS, key=["C", "NORM"], pin=by_width((0, 4), (4096, 5)))
+@tuned(triton_streams.ROW_CONFIGS, key=["C", "NORM"], pin=lambda key: _MAPS_PRE_PINS[bool(key["NORM"])](key))
 @triton.jit
 def _mix_maps_pre_kernel(x_ptr, pz_ptr, pss_ptr, alpha_ptr, bias_ptr, u_ptr, hpre_ptr, hpost_ptr,
                          hres_ptr, z_ptr, invr_ptr, gamma_ptr, rstd_ptr, T, C, n_splits, num_iters,
@@ -203,7 +206,7 @@ def _pre_norm_row(x_ptr, n_ptr, gamma_ptr, rstd_ptr, t, h, C, norm_eps, BLOCK_C:
         tl.store(n_ptr + t * C + cc, (u * rstd * gam).to(n_ptr.dtype.element_ty), mask=mc)
 
 
-@tuned(triton_streams.ROW_CONFIGS, key=["C"], pin=by_width((0, 4)))
+@tuned(triton_streams.ROW_CONFIGS, key=["C"], pin=by_width((0, 7), (2048, 4)))
 @triton.jit
 def _pre_norm_bwd_dh_kernel(x_ptr, h_ptr, gn_ptr, gamma_ptr, rstd_ptr, dh_ptr, k_ptr, C,
                             BLOCK_C: tl.constexpr):

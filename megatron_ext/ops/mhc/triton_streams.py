@@ -29,12 +29,13 @@ from megatron_ext.ops.mhc._triton_util import by_width, tuned
 # program leaves little else to overlap); the small tiles cover small C.
 ROW_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
                for bc, w in ((256, 4), (512, 4), (1024, 8), (128, 2), (1024, 4), (2048, 8),
-                             (2048, 16))]
+                             (2048, 16), (512, 1), (1024, 2), (2048, 4))]
 
-# Pinned tilings (deterministic mode), by C: one token per program runs fastest with 4 warps over
-# 1024-channel tiles for most row kernels on an H100, with 16 or 8 warps over whole 2048-channel
-# rows for the static pre mix, and with 128 x 2 warps for the post/res mix of narrow rows.
-ROW_PIN = by_width((0, 3), (512, 4))
+# The last three (one or two warps per token): the post/res backward at C=2048 took 167 us with
+# 1024-channel tiles over 2 warps against 176-180 us over 4, at C=1024 89 vs 98 us with 512 x 1
+# (H100, 2026-11-23); a narrow row's program needs few threads, and more of them fit per SM.
+# Pinned tilings (deterministic mode), by C: the H100 autotuner's choices at C = 256, 1024, 2048
+# and 4096 (T = 8192), per kernel in its decorator.
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def pre_row(x_ptr, u_ptr, t, h, C, BLOCK_C: tl.constexpr):
         tl.store(u_ptr + t * C + cc, u.to(u_ptr.dtype.element_ty), mask=mc)
 
 
-@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 3), (1024, 5)))
+@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 7), (1024, 5)))
 @triton.jit
 def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -66,7 +67,7 @@ def _pre_fwd_kernel(x_ptr, h_ptr, u_ptr, C, h_stride, BLOCK_C: tl.constexpr):
     pre_row(x_ptr, u_ptr, t, h, C, BLOCK_C)
 
 
-@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 3), (1024, 6)))
+@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 7), (1024, 2), (2048, 6)))
 @triton.jit
 def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, WRITE_GX: tl.constexpr,
                     BLOCK_C: tl.constexpr):
@@ -87,7 +88,7 @@ def _pre_bwd_kernel(x_ptr, h_ptr, gu_ptr, gx_ptr, gh_ptr, C, h_stride, WRITE_GX:
     tl.store(gh_ptr + t * 4 + i4, gh)
 
 
-@tuned(ROW_CONFIGS, key=["C"], pin=ROW_PIN)
+@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 7), (1024, 8), (2048, 9)))
 @triton.jit
 def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, out_ptr, C, hres_stride, hpost_stride,
                          BLOCK_C: tl.constexpr):
@@ -105,7 +106,7 @@ def _post_res_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, out_ptr, C, hres_str
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mc[None, :])
 
 
-@tuned(ROW_CONFIGS, key=["C"], pin=ROW_PIN)
+@tuned(ROW_CONFIGS, key=["C"], pin=by_width((0, 7), (2048, 8)))
 @triton.jit
 def _post_res_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, f_ptr, g_ptr, gx_ptr, gf_ptr, ghres_ptr,
                          ghpost_ptr, C, hres_stride, hpost_stride, BLOCK_C: tl.constexpr):
