@@ -41,8 +41,9 @@ def pin_tilings(on: bool = True) -> bool:
     and the backward's d phi token splits no longer follow the GPU's SM count: the same inputs
     give bitwise-equal outputs and gradients in every process on the same GPU model and software
     (within a process the kernels are bitwise reproducible either way; none uses atomics). The
-    pinned tilings are the H100 autotuner's choices at C = 256, 1024, 2048 and 4096 (docs/mhc.md,
-    "Deterministic mode"). Returns the previous setting."""
+    pinned tilings were measured at C = 256, 1024, 2048 and 4096: for the one-token row kernels
+    the tiling with the smallest worst-case loss over an H100 and an H200, for the others the
+    H100 autotuner's choice (docs/mhc.md, "Deterministic mode"). Returns the previous setting."""
     global _PIN_TILINGS
     prev, _PIN_TILINGS = _PIN_TILINGS, bool(on)
     return prev

@@ -43,8 +43,8 @@ def tuned(configs, key, pin, **kwargs):
 def by_width(*steps):
     """A pin (see :func:`tuned`) by the stream width: ``steps`` = ``(C, index)`` pairs in rising C;
     a launch takes the index of the last step whose C it reaches (the first step's below them all).
-    The indices are the H100 autotuner's choices at T = 8192 tokens and C = 256, 1024, 2048 and
-    4096 (docs/mhc.md, "Deterministic mode")."""
+    The indices were measured at T = 8192 tokens and C = 256, 1024, 2048 and 4096 (docs/mhc.md,
+    "Deterministic mode")."""
     def pin(key) -> int:
         index = steps[0][1]
         for c, i in steps:

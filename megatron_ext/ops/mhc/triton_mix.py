@@ -140,7 +140,7 @@ def _mix_proj_kernel(x_ptr, phi_ptr, pz_ptr, pss_ptr, T, C, cols_per_split,
     tl.store(pss_ptr + pid_s.to(tl.int64) * T + rows, sumsq, mask=mask_t)
 
 
-_MAPS_PRE_PINS = {True: by_width((0, 7), (2048, 4), (4096, 5)), False: by_width((0, 7))}
+_MAPS_PRE_PINS = {True: by_width((0, 7), (2048, 4), (4096, 9)), False: by_width((0, 7))}
 
 
 # One token per program, as the pre mix alone was (many programs keep the row loads in flight).
@@ -206,7 +206,7 @@ def _pre_norm_row(x_ptr, n_ptr, gamma_ptr, rstd_ptr, t, h, C, norm_eps, BLOCK_C:
         tl.store(n_ptr + t * C + cc, (u * rstd * gam).to(n_ptr.dtype.element_ty), mask=mc)
 
 
-@tuned(triton_streams.ROW_CONFIGS, key=["C"], pin=by_width((0, 7), (2048, 4)))
+@tuned(triton_streams.ROW_CONFIGS, key=["C"], pin=by_width((0, 7), (4096, 4)))
 @triton.jit
 def _pre_norm_bwd_dh_kernel(x_ptr, h_ptr, gn_ptr, gamma_ptr, rstd_ptr, dh_ptr, k_ptr, C,
                             BLOCK_C: tl.constexpr):
