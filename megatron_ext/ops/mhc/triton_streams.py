@@ -25,15 +25,15 @@ import triton.language as tl
 
 from megatron_ext.ops.mhc._triton_util import by_width, tuned
 
-# Whole-row tiles with many warps put every load of a token in flight at once (one token per
-# program leaves little else to overlap); the small tiles cover small C.
+# One token per program, its row walked in BLOCK_C tiles. Whole-row tiles with many warps put
+# every load of a token in flight at once; the last three (one or two warps per token) let more
+# programs fit on each SM instead, which the stream mixes prefer: the post/res backward at C=2048
+# took 167 us with 1024-channel tiles over 2 warps against 176-180 us over 4, at C=1024 89 vs
+# 98 us with 512 x 1 (H100, 2026-11-23). The small tiles cover small C.
 ROW_CONFIGS = [triton.Config({"BLOCK_C": bc}, num_warps=w)
                for bc, w in ((256, 4), (512, 4), (1024, 8), (128, 2), (1024, 4), (2048, 8),
                              (2048, 16), (512, 1), (1024, 2), (2048, 4))]
 
-# The last three (one or two warps per token): the post/res backward at C=2048 took 167 us with
-# 1024-channel tiles over 2 warps against 176-180 us over 4, at C=1024 89 vs 98 us with 512 x 1
-# (H100, 2026-11-23); a narrow row's program needs few threads, and more of them fit per SM.
 # Pinned tilings (deterministic mode), by C, per kernel in its decorator: every tiling was timed
 # inside the site on an H100 and an H200 at C = 256, 1024, 2048 and 4096 (T = 8192), and the pin
 # is the one whose larger loss against either GPU's fastest is smallest (at most 3.7 %).
