@@ -19,6 +19,10 @@ def subprocess_env() -> dict:
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", PYTHONPATH=path)
     # Kernel tests set TRITON_INTERPRET=1 for this process; a training run must not inherit it.
     env.pop("TRITON_INTERPRET", None)
+    # An in-process run of this pytest process set the rendezvous of its world of one (its store
+    # may still hold that port): a child must start its own, not join or collide with that one.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
     return env
 
 
