@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from megatron_ext.config import ConfigError
+from megatron_ext.config import REFUSED_MEGATRON_MOE_OPTIONS, ConfigError
 
 Arg = Tuple[str, List[str]]  # ("--flag", [values])
 
@@ -205,6 +205,11 @@ def adapt_args(args: List[Arg], attention: Optional[str] = None, moe: Optional[s
     if moe == "fused":
         if a.get("--num-experts") is None:
             raise ConfigError("moe='fused': the recipe has no --num-experts; use a MoE recipe or drop --moe")
+        for name, what in REFUSED_MEGATRON_MOE_OPTIONS.items():
+            flag = "--" + name.replace("_", "-")
+            if a.get(flag) is not None:
+                raise ConfigError(f"{flag}: {what}, which the fused MoE layer does not implement; "
+                                  "drop it from the recipe, or adapt without --moe fused (Megatron's MoELayer)")
         for flag in sorted(_MOE_SPEC_FLAGS):
             a.remove(flag, "the fused MoE layer has its own grouped GEMM")
         dispatcher = a.get("--moe-token-dispatcher-type")

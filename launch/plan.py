@@ -52,7 +52,7 @@ from typing import Dict, List, Optional, Tuple
 
 from launch.hardware import HardwareProfile
 from launch.lanes import Lanes, parse_lanes, pins_spec
-from megatron_ext.config import ConfigError, TrainConfig, check_lanes, ffn_hidden_size
+from megatron_ext.config import ConfigError, TrainConfig, check_lanes, ffn_hidden_size, moe_layer_pattern
 
 GIB = float(2**30)
 _OVERHEAD_FIXED = 3 * GIB
@@ -131,6 +131,8 @@ class ModelShape:
     moe_router_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None
     mhc_num_streams: Optional[int] = None
+    # one entry per layer, 1 = MoE, 0 = dense MLP (Megatron's moe_layer_freq); None: every layer MoE
+    moe_pattern: Optional[Tuple[int, ...]] = None
     swiglu: bool = True
     untied: bool = False
     flash_attention: bool = True
@@ -146,6 +148,8 @@ class ModelShape:
                    moe_router_topk=cfg.moe_router_topk,
                    moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or (ffn_hidden_size(cfg) if cfg.num_experts else None),
                    mhc_num_streams=cfg.mhc_num_streams, swiglu=cfg.swiglu,
+                   moe_pattern=(tuple(moe_layer_pattern(cfg.moe_layer_freq, cfg.num_layers))
+                                if cfg.num_experts else None),
                    untied=cfg.untie_embeddings_and_output_weights,
                    make_vocab_size_divisible_by=cfg.make_vocab_size_divisible_by)
 
@@ -162,8 +166,19 @@ class ModelShape:
         h = self.hidden_size
         return h * (h + 2 * self.kv_dim) + h * h
 
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) has experts (else the dense MLP)."""
+        if not self.num_experts:
+            return False
+        return self.moe_pattern is None or bool(self.moe_pattern[layer])
+
+    def moe_layers(self, start: int = 0, stop: Optional[int] = None) -> int:
+        """How many of layers [start, stop) have experts."""
+        return sum(self.is_moe(i) for i in range(start, self.num_layers if stop is None else stop))
+
     def mlp_params(self) -> int:
-        return 0 if self.num_experts else self._gated * self.hidden_size * self.ffn_hidden_size
+        """The dense MLP of one layer without experts."""
+        return self._gated * self.hidden_size * self.ffn_hidden_size
 
     def router_params(self) -> int:
         return self.hidden_size * self.num_experts if self.num_experts else 0
@@ -184,18 +199,23 @@ class ModelShape:
         step = self.make_vocab_size_divisible_by * tp
         return (self.vocab_size + step - 1) // step * step
 
+    def _layers_params(self, experts: int) -> int:
+        """Every layer's parameters, with ``experts`` counted per MoE layer."""
+        moe = self.moe_layers()
+        common = self.num_layers * (self.attention_params() + self.replicated_params())
+        return (common + (self.num_layers - moe) * self.mlp_params()
+                + moe * (self.router_params() + experts))
+
     def total_params(self) -> int:
-        per_layer = self.attention_params() + self.mlp_params() + self.router_params() + self.replicated_params()
         emb = self.padded_vocab(1) * self.hidden_size * (2 if self.untied else 1)
-        return self.num_layers * (per_layer + self.expert_params()) + emb
+        return self._layers_params(self.expert_params()) + emb
 
     def active_params(self) -> int:
         """Parameters one token multiplies (embedding lookup excluded, output projection included)."""
-        per_layer = self.attention_params() + self.mlp_params() + self.router_params() + self.replicated_params()
         experts = 0
         if self.num_experts:
             experts = self.moe_router_topk * self._gated * self.hidden_size * self.moe_ffn_hidden_size
-        return self.num_layers * (per_layer + experts) + self.padded_vocab(1) * self.hidden_size
+        return self._layers_params(experts) + self.padded_vocab(1) * self.hidden_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,18 +298,29 @@ def _simplicity(lanes: Lanes) -> Tuple:
 def _stage_params(m: ModelShape, L: Lanes) -> Tuple[float, float, float, float]:
     """(dense params on the first stage, on the last stage, expert params, params of one layer) per GPU."""
     layers = m.num_layers // L.pp
-    dense_layer = ((m.attention_params() + m.mlp_params()) / L.tp + m.router_params() + m.replicated_params())
+
+    def dense_layer(i: int) -> float:
+        moe = m.is_moe(i)
+        return ((m.attention_params() + (0 if moe else m.mlp_params())) / L.tp
+                + (m.router_params() if moe else 0) + m.replicated_params())
+
+    def stage_dense(stage: int) -> float:
+        return sum(dense_layer(i) for i in range(stage * layers, (stage + 1) * layers))
+
     emb = m.padded_vocab(L.tp) * m.hidden_size / L.tp
     # Tied embeddings share one matrix only when one stage holds both ends (train unties at PP > 1).
     output = emb if (m.untied or L.pp > 1) else 0.0
-    first = layers * dense_layer + emb + (output if L.pp == 1 else 0.0)
-    last = layers * dense_layer + (output if L.pp > 1 else 0.0)
-    experts = layers * m.expert_params() / (L.ep * L.etp)
-    one_layer = dense_layer + m.expert_params() / (L.ep * L.etp)
+    first = stage_dense(0) + emb + (output if L.pp == 1 else 0.0)
+    last = stage_dense(L.pp - 1) + (output if L.pp > 1 else 0.0)
+    # the stage with the most MoE layers (with moe_layer_freq the stages can differ)
+    most = max(m.moe_layers(st * layers, (st + 1) * layers) for st in range(L.pp))
+    experts = most * m.expert_params() / (L.ep * L.etp)
+    one_layer = max(dense_layer(i) + (m.expert_params() / (L.ep * L.etp) if m.is_moe(i) else 0.0)
+                    for i in range(m.num_layers))
     return first, last, experts, one_layer
 
 
-def _layer_activations(m: ModelShape, L: Lanes) -> Dict[str, float]:
+def _layer_activations(m: ModelShape, L: Lanes, moe: Optional[bool] = None) -> Dict[str, float]:
     """Bytes one layer stores for backward per micro-batch, by recompute policy (Korthikanti, generalised)."""
     s = m.seq_length / L.cp
     b = L.micro_batch_size
@@ -297,7 +328,7 @@ def _layer_activations(m: ModelShape, L: Lanes) -> Dict[str, float]:
     sbh = s * b * h
     attn = 7 * sbh + 4 * s * b * m.kv_dim
     scores = 4 * a * s * b if m.flash_attention else 5 * a * s * s * b
-    if m.num_experts:
+    if m.num_experts and (moe is None or moe):
         k, fm, E = m.moe_router_topk, m.moe_ffn_hidden_size, m.num_experts
         mlp = 3 * sbh + 4 * s * b * E + k * (4 * sbh + (6 if m.swiglu else 4) * s * b * fm)
     else:
@@ -338,15 +369,19 @@ def estimate_memory(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -
     micro = max(1, m.global_batch_size // (L.micro_batch_size * L.dp))
     inflight = min(L.pp, micro)
     interleave = 1 + (L.pp - 1) / (L.pp * L.vpp) if L.vpp > 1 else 1.0
-    per_layer = _layer_activations(m, L)
+    by_kind = {moe: _layer_activations(m, L, moe) for moe in (False, True)}
     logits = 4 * (m.seq_length / L.cp) * L.micro_batch_size * m.padded_vocab(L.tp) / L.tp
 
     def acts(policy: str, stage: str) -> float:
         n_micro = inflight * interleave if stage == "first" else 1
+        first_layer = 0 if stage == "first" else (L.pp - 1) * layers
+        kinds = [m.is_moe(i) for i in range(first_layer, first_layer + layers)]
         if policy == "full":
-            stored = layers * per_layer["full"] * n_micro + per_layer["none"]
+            # the stored layer inputs, plus one layer's activations while it is recomputed
+            stored = (sum(by_kind[k]["full"] for k in kinds) * n_micro
+                      + max(by_kind[k]["none"] for k in kinds))
         else:
-            stored = layers * per_layer[policy] * n_micro
+            stored = sum(by_kind[k][policy] for k in kinds) * n_micro
         return stored + (logits if stage == "last" or L.pp == 1 else 0.0)
 
     policy = L.recompute or "none"
@@ -384,7 +419,7 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     # forward FLOPs per token: 2 per multiply-add of every active weight + causal attention 2*s*h per layer
     expert_fwd = 0.0
     if m.num_experts:
-        expert_fwd = 2.0 * m.num_layers * m.moe_router_topk * m._gated * h * m.moe_ffn_hidden_size
+        expert_fwd = 2.0 * m.moe_layers() * m.moe_router_topk * m._gated * h * m.moe_ffn_hidden_size
     attn_core_fwd = 2.0 * m.num_layers * s_full * h
     dense_fwd = 2.0 * m.active_params() - expert_fwd + attn_core_fwd
     model_flops = 3.0 * tokens * (dense_fwd + expert_fwd)
@@ -420,7 +455,8 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     if m.num_experts and L.ep > 1:
         a2a = m.moe_router_topk * sbh_bytes / L.tp * (L.ep - 1) / L.ep
         bw = nvlink if L.tp * L.cp * L.ep <= gpn else ib
-        ep_comm = micro * layers * passes * a2a / bw
+        moe_stage = max(m.moe_layers(st * layers, (st + 1) * layers) for st in range(L.pp))
+        ep_comm = micro * moe_stage * passes * a2a / bw
     pp_p2p = 0.0
     if L.pp > 1:
         bw = ib if cluster.nodes > 1 else nvlink
@@ -854,7 +890,7 @@ def _reasons(planner: Planner, chosen: Candidate, pins: Dict[str, object], pool:
     else:
         out["cp"] = "whole sequence on each rank"
     if m.num_experts:
-        share = m.num_layers * m.expert_params() / m.total_params()
+        share = m.moe_layers() * m.expert_params() / m.total_params()
         head = f"experts are {100 * share:.0f}% of the parameters; "
         if L.ep > 1:
             where = "NVLink" if L.tp * L.cp * L.ep <= c.gpus_per_node else "IB"

@@ -17,6 +17,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -54,11 +55,13 @@ def dense_mlp_spec() -> ModuleSpec:
 
 
 def stock_moe_spec() -> ModuleSpec:
-    """Megatron's MoELayer with per-expert MLPs (SequentialMLP): the baseline the fused MoE replaces."""
+    """Megatron's MoELayer with per-expert MLPs (SequentialMLP) and its SharedExpertMLP (built when
+    ``moe_shared_expert_intermediate_size`` is set): the baseline the fused MoE replaces."""
     expert = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     return ModuleSpec(
         module=MoELayer,
-        submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP, submodules=expert)),
+        submodules=MoESubmodules(experts=ModuleSpec(module=SequentialMLP, submodules=expert),
+                                 shared_experts=ModuleSpec(module=SharedExpertMLP, submodules=expert)),
     )
 
 
@@ -109,10 +112,29 @@ def attention_spec_for(config, layer_number: int = 1) -> ModuleSpec:
     return self_attention_spec(getattr(config, "qk_layernorm", False))
 
 
-def mlp_spec_for(config) -> ModuleSpec:
-    """With ``num_moe_experts``: the fused MoE layer (``layer_specs.moe``), or Megatron's stock
-    MoELayer when ``config.moe.impl == "megatron"``; else the dense MLP."""
+def moe_layer_pattern_for(config) -> list:
+    """One entry per layer of the model (1 = MoE, 0 = dense MLP) from Megatron's
+    ``config.moe_layer_freq``; all zeros without experts. Recorded once in the receipt."""
+    from megatron_ext import backends
+    from megatron_ext.config import moe_layer_pattern
+
     if not getattr(config, "num_moe_experts", None):
+        return [0] * config.num_layers
+    freq = getattr(config, "moe_layer_freq", 1)
+    pattern = moe_layer_pattern(freq, config.num_layers)
+    backends.note("moe_layer_pattern", str(freq), "".join(map(str, pattern)),
+                  "Megatron's moe_layer_freq: 1 = MoE layer, 0 = dense MLP (ffn_hidden_size)")
+    return pattern
+
+
+def mlp_spec_for(config, layer_number: Optional[int] = None) -> ModuleSpec:
+    """The MLP of global layer ``layer_number`` (1-based): with ``num_moe_experts`` and that layer an
+    MoE layer in ``moe_layer_freq`` (every layer by default), the fused MoE layer
+    (``layer_specs.moe``), or Megatron's stock MoELayer when ``config.moe.impl == "megatron"``; else
+    the dense MLP. ``layer_number=None``: the MoE MLP whenever the model has experts."""
+    if not getattr(config, "num_moe_experts", None):
+        return dense_mlp_spec()
+    if layer_number is not None and not moe_layer_pattern_for(config)[layer_number - 1]:
         return dense_mlp_spec()
     moe = getattr(config, "moe", None)
     if moe is not None and moe.impl == "megatron":
@@ -124,7 +146,6 @@ def mlp_spec_for(config) -> ModuleSpec:
 
 def gpt_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     """``--spec layer_specs.gpt gpt_block_spec``: the baseline block, dense or (with
-    ``num_moe_experts``) Megatron's stock MoE in every layer."""
-    mlp = mlp_spec_for(config)
-    return block_spec(config, lambda n: dense_layer_spec(mlp=mlp, attention=attention_spec_for(config, n)),
-                      vp_stage)
+    ``num_moe_experts``) MoE in the layers ``moe_layer_freq`` names (every layer by default)."""
+    return block_spec(config, lambda n: dense_layer_spec(mlp=mlp_spec_for(config, n),
+                                                         attention=attention_spec_for(config, n)), vp_stage)

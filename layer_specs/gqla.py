@@ -21,4 +21,4 @@ def gqla_layer_spec(mlp: Optional[ModuleSpec] = None) -> ModuleSpec:
 def gqla_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
     if getattr(config, "gqla", None) is None:
         raise ValueError("config.gqla=None: the GQLA block spec needs a GQLAConfig; use --attention-type gqla")
-    return block_spec(config, gqla_layer_spec(mlp_spec_for(config)), vp_stage)
+    return block_spec(config, lambda n: gqla_layer_spec(mlp_spec_for(config, n)), vp_stage)

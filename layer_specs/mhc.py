@@ -50,8 +50,7 @@ def mhc_block_spec(config, vp_stage: Optional[int] = None) -> TransformerBlockSu
     mhc.validate(config.hidden_size)
     # Pipeline p2p buffers are sized from the config; the shape patch reads this to carry n*C.
     config.mhc_num_streams = mhc.num_streams
-    mlp = mlp_spec_for(config)
     norm = getattr(config, "normalization", "LayerNorm")
-    return block_spec(config, lambda n: mhc_layer_spec(mhc, mlp=mlp, attention=attention_spec_for(config, n),
-                                                       normalization=norm),
+    return block_spec(config, lambda n: mhc_layer_spec(mhc, mlp=mlp_spec_for(config, n),
+                                                       attention=attention_spec_for(config, n), normalization=norm),
                       vp_stage, final_norm=MHCFinalNorm)

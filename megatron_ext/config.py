@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from megatron_ext import backends
 
@@ -294,7 +294,10 @@ class TrainConfig:
     untie_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
-    num_experts: Optional[int] = None  # MoE in every layer when set
+    num_experts: Optional[int] = None  # MoE layers when set (every layer unless moe_layer_freq says)
+    # Megatron's --moe-layer-freq: N (an MoE layer every N layers, from layer 1) or a 0/1 list, one
+    # entry per layer, as a list expression, e.g. "([0]+[1]*26)": 1 = MoE, 0 = dense MLP (ffn_hidden_size)
+    moe_layer_freq: Optional[str] = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None  # default: ffn_hidden_size
     moe_aux_loss_coeff: float = 0.0
@@ -313,6 +316,7 @@ class TrainConfig:
     moe_router_num_groups: Optional[int] = None
     moe_router_group_topk: Optional[int] = None
     moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False  # Megatron's: the shared output scaled by sigmoid(x . w_g) (Qwen-MoE)
     moe_backend: str = "auto"  # auto | triton | grouped_mm | te | torch
     moe_deterministic: bool = False
     moe_pregather: Optional[bool] = None  # Triton experts: rows copied to expert order once (None: the tiles' choice)
@@ -578,6 +582,151 @@ def moe_config(cfg: TrainConfig) -> Optional[MoEConfig]:
                      monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
 
 
+_FREQ = "moe_layer_freq"
+_FREQ_FORMS = "an integer N >= 1 (an MoE layer every N layers) or a 0/1 list expression such as '([0]+[1]*26)'"
+
+
+def _eval_layer_list(node, text: str) -> Union[int, List[int]]:
+    """The value of a list expression built from int literals, ``[...]``, ``+`` and ``*`` (what
+    Megatron's ``--moe-layer-freq`` patterns use), without ``eval``."""
+    import ast
+
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_eval_layer_list(e, text) for e in node.elts]
+        if any(isinstance(i, list) for i in items):
+            raise _err(_FREQ, text, "nested lists are not a layer pattern", _FREQ_FORMS)
+        return list(items)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _eval_layer_list(node.left, text), _eval_layer_list(node.right, text)
+        if isinstance(node.op, ast.Add) and isinstance(left, list) and isinstance(right, list):
+            return left + right
+        if isinstance(node.op, ast.Mult) and isinstance(left, list) != isinstance(right, list):
+            times = right if isinstance(left, list) else left
+            if times < 0 or times > 1_000_000:
+                raise _err(_FREQ, text, f"repeat count {times} is out of range", _FREQ_FORMS)
+            return (left if isinstance(left, list) else right) * times
+    raise _err(_FREQ, text, "only int literals, [...], + and * may appear in the pattern", _FREQ_FORMS)
+
+
+def parse_moe_layer_freq(value: Any) -> Union[int, List[int]]:
+    """Megatron's ``moe_layer_freq`` in any form a user gives it (int, its string, a list, or a
+    list expression string such as ``"([0]*3+[1]*9)"``) -> an int or a list of ints."""
+    import ast
+
+    if isinstance(value, bool):
+        raise _err(_FREQ, value, "not a layer frequency", _FREQ_FORMS)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if not isinstance(value, str):
+        raise _err(_FREQ, value, f"a {type(value).__name__} is not a layer frequency", _FREQ_FORMS)
+    text = value.strip()
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        raise _err(_FREQ, value, "not an integer or a list expression", _FREQ_FORMS) from None
+    return _eval_layer_list(tree.body, value)
+
+
+def moe_layer_pattern(freq: Any, num_layers: int) -> List[int]:
+    """One entry per layer (1 = MoE, 0 = dense MLP), as Megatron reads ``moe_layer_freq``: an int N
+    puts MoE in layers 1, 1+N, 1+2N, ...; a list gives every layer's entry."""
+    parsed = parse_moe_layer_freq(1 if freq is None else freq)
+    if isinstance(parsed, int):
+        if parsed < 1:
+            raise _err(_FREQ, freq, "must be positive", _FREQ_FORMS)
+        return [1 if i % parsed == 0 else 0 for i in range(num_layers)]
+    bad = [v for v in parsed if isinstance(v, bool) or v not in (0, 1)]
+    if bad:
+        raise _err(_FREQ, freq, f"entries must be 0 (dense) or 1 (MoE), got {bad[0]!r}", _FREQ_FORMS)
+    if len(parsed) != num_layers:
+        raise _err(_FREQ, freq, f"the pattern has {len(parsed)} entries for num_layers={num_layers}",
+                   f"one 0/1 entry per layer ({num_layers})")
+    return list(parsed)
+
+
+def moe_layer_numbers(cfg: "TrainConfig") -> List[int]:
+    """The 1-based numbers of the MoE layers of a run (``moe_layer_freq``)."""
+    return [n for n, v in enumerate(moe_layer_pattern(cfg.moe_layer_freq, cfg.num_layers), 1) if v]
+
+
+# Megatron MoE options (TransformerConfig fields) the fused layer meets under ``--spec``, and what it
+# does with one set away from its default. Refused: the option changes the model's math and the
+# fused layer does not implement it (an error at build time, before any GPU work). Ignored: the
+# option picks one of Megatron's implementations (kernels, dispatcher, memory layout, logging) and
+# the fused layer computes the same model its own way; logged once and listed in the receipt.
+REFUSED_MEGATRON_MOE_OPTIONS = {
+    "moe_apply_probs_on_input": "scales the experts' inputs by the gates instead of their outputs",
+    "moe_latent_size": "runs the experts in a projected latent space",
+    "moe_router_force_load_balancing": "replaces the router's choices by random ones (a benchmark mode)",
+    "moe_router_force_biased": "adds a random bias to the router logits",
+    "moe_router_quantile_balancing_ema": "sets the memory of Megatron's quantile-balancing bias",
+    "moe_expert_rank_capacity_factor": "drops tokens by a per-rank capacity of Megatron's flex dispatcher",
+    "moe_enable_routing_replay": "is Megatron's own routing replay (this project's: --moe-routing-trace-out "
+                                 "and --moe-routing-replay, knobs moe.routing_trace_out / moe.routing_replay)",
+}
+_OWN_GEMMS = "the fused layer runs its own grouped GEMMs"
+_OWN_DISPATCH = "the fused layer has its own dispatch (sort by expert; all-to-all over EP)"
+IGNORED_MEGATRON_MOE_OPTIONS = {
+    "moe_grouped_gemm": _OWN_GEMMS,
+    "moe_use_legacy_grouped_gemm": _OWN_GEMMS,
+    "moe_single_grouped_weight": _OWN_GEMMS + " on grouped weights of its own",
+    "moe_single_grouped_bias": _OWN_GEMMS + " on grouped weights of its own",
+    "moe_mlp_glu_interleave_size": "the fused layer keeps its own [gate | up] weight layout",
+    "moe_shared_expert_glu_interleave_size": "the fused layer keeps its own [gate | up] weight layout",
+    "moe_permute_fusion": "the fused layer's sort and gathers are fused already",
+    "moe_router_fusion": "the fused layer's router has a fused top-k kernel of its own",
+    "moe_shared_expert_overlap": "the fused layer overlaps the shared expert with the EP dispatch itself",
+    "moe_token_dispatcher_type": _OWN_DISPATCH,
+    "moe_enable_deepep": _OWN_DISPATCH,
+    "moe_flex_dispatcher_backend": _OWN_DISPATCH,
+    "moe_flex_dispatcher_num_sms": _OWN_DISPATCH,
+    "moe_deepep_num_sms": _OWN_DISPATCH,
+    "moe_hybridep_num_sms": _OWN_DISPATCH,
+    "moe_hybridep_num_sms_preprocessing": _OWN_DISPATCH,
+    "moe_hybridep_num_blocks_permute": _OWN_DISPATCH,
+    "moe_hybridep_num_blocks_unpermute": _OWN_DISPATCH,
+    "moe_hybridep_pad_uneven_dispatch_inputs": _OWN_DISPATCH,
+    "moe_permute_fusion_into_hybridep": _OWN_DISPATCH,
+    "moe_ncclep_static_shape": _OWN_DISPATCH,
+    "moe_ncclep_zero_copy": _OWN_DISPATCH,
+    "moe_router_padding_for_fp8": "padding for FP8 expert GEMMs; the fused layer's GEMMs are bf16 and jagged",
+    "moe_router_padding_for_quantization": "padding for FP8/FP4 expert GEMMs; the fused layer's GEMMs are "
+                                           "bf16 and jagged",
+    "moe_pad_experts_for_cuda_graph_inference": "an inference option of Megatron's MoE layer",
+    "moe_layer_recompute": "the fused layer keeps its activations (--recompute-granularity full recomputes "
+                           "whole layers, the fused MoE included)",
+    "moe_paged_stash": "a memory option of Megatron's MoE layer",
+    "moe_per_layer_logging": "the fused layer logs per layer always (receipt['moe'], metrics.jsonl)",
+}
+
+
+def check_megatron_moe_options(config) -> None:
+    """Refuse the Megatron MoE options the fused layer cannot honour, note the ones it ignores.
+    An option counts as set when it differs from its TransformerConfig default."""
+    defaults = {}
+    for f in dataclasses.fields(type(config)) if dataclasses.is_dataclass(config) else ():
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+    for name, what in REFUSED_MEGATRON_MOE_OPTIONS.items():
+        value = getattr(config, name, None)
+        if name in defaults and value != defaults[name]:
+            raise ConfigError(f"{name}={value!r}: {what}, which the fused MoE layer does not implement; "
+                             f"unset it, or use Megatron's MoELayer (knob moe.impl: megatron, "
+                             f"megatron-ext train --moe-impl megatron)")
+    for name, why in IGNORED_MEGATRON_MOE_OPTIONS.items():
+        value = getattr(config, name, None)
+        if name in defaults and value != defaults[name] and not (
+                name == "moe_token_dispatcher_type" and value == "alltoall"):
+            backends.fallback(f"megatron_option.{name}", repr(value), "ignored", why)
+    if getattr(config, "moe_router_dtype", None) == "fp64":
+        backends.fallback("megatron_option.moe_router_dtype", "'fp64'", "fp32",
+                          "the fused layer routes in fp32")
+
+
 def router_config_from(src: Any, num_experts: int):
     """A validated ``RouterConfig`` from any object with Megatron's ``moe_*`` attribute names
     (TrainConfig or TransformerConfig); a RouterConfig error is re-raised under Megatron's name."""
@@ -597,13 +746,19 @@ def router_config_from(src: Any, num_experts: int):
 def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
     """MoE checks beyond the router's own (which :func:`router_config_from` runs)."""
     moe_config(cfg).validate(cfg.device)
+    if not any(moe_layer_pattern(cfg.moe_layer_freq, cfg.num_layers)):
+        raise _err("moe_layer_freq", cfg.moe_layer_freq, f"no layer of {cfg.num_layers} would be MoE",
+                   "a pattern with at least one 1, or drop --num-experts for a dense model")
+    if cfg.moe_shared_expert_gate and not cfg.moe_shared_expert_intermediate_size:
+        raise _err("moe_shared_expert_gate", True, "gates the shared expert, but the model has none",
+                   "--moe-shared-expert-intermediate-size N, or drop the gate")
     if cfg.moe_shared_expert_intermediate_size is not None and cfg.moe_shared_expert_intermediate_size < 1:
         raise _err("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size,
                    "must be positive", "None or an integer >= 1")
     router_config_from(cfg, cfg.num_experts)
     if cfg.moe_impl == "megatron":
         for name in ("moe_deterministic", "moe_routing_trace_out", "moe_routing_replay",
-                     "moe_routing_log", "moe_shared_expert_intermediate_size"):
+                     "moe_routing_log"):
             if getattr(cfg, name):
                 raise _err(name, getattr(cfg, name), "only the fused MoE layer has it "
                            "(the stock baseline spec is Megatron's MoELayer + SequentialMLP)",
@@ -638,6 +793,9 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
             meta = json.load(f)
         want = {"num_layers": cfg.num_layers, "num_experts": cfg.num_experts, "topk": cfg.moe_router_topk,
                 "seq_length": cfg.seq_length, "micro_batch_size": cfg.micro_batch_size, "world_size": world_size}
+        # traces written before moe_layer_freq existed had MoE in every layer
+        meta.setdefault("moe_layers", list(range(1, cfg.num_layers + 1)))
+        want["moe_layers"] = moe_layer_numbers(cfg)
         bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
         if bad:
             shown = ", ".join(f"{k}: trace {t} vs run {r}" for k, (t, r) in bad.items())
@@ -838,6 +996,9 @@ def check_lanes(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] 
     if ep > 1 and not cfg.num_experts:
         raise _err("expert_model_parallel_size", ep, "expert parallelism needs an MoE model",
                    "--num-experts N (a multiple of the EP size), or expert_model_parallel_size 1")
+    if cfg.moe_layer_freq is not None and not cfg.num_experts:
+        raise _err("moe_layer_freq", cfg.moe_layer_freq, "says which layers are MoE, but the model has no experts",
+                   "--num-experts N, or leave it unset")
     etp = expert_tensor_parallel_size(cfg)
     if cfg.expert_tensor_parallel_size is not None:
         if not cfg.num_experts:

@@ -137,10 +137,15 @@ def test_adapter_deepseek_mla_becomes_gqla(tmp_path, capsys):
     (["--from", "deepseek_v2_lite"], "multi_latent_attention=True: the recipe asks for MLA"),
     (["--from", "missing"], "cannot read the argument file"),
     (["--from", "mixtral_8x7b", "--mhc", "0"], "mhc=0: the stream count must be positive"),
+    (["--from", "probs_on_input", "--moe", "fused"],
+     "--moe-apply-probs-on-input: scales the experts' inputs by the gates instead of their outputs, which the"),
 ])
 def test_adapter_errors(tmp_path, capsys, argv, expected):
-    argv = [a if a not in ("deepseek_v2_lite", "missing", "mixtral_8x7b") else str(RECIPES / f"{a}.args")
-            for a in argv]
+    if "probs_on_input" in argv:  # a Llama-4-style option the fused layer does not implement
+        text = (RECIPES / "mixtral_8x7b.args").read_text()
+        (tmp_path / "probs_on_input.args").write_text(text + "\n--moe-apply-probs-on-input\n")
+    argv = [a if a not in ("deepseek_v2_lite", "missing", "mixtral_8x7b", "probs_on_input") else
+            str((tmp_path if a == "probs_on_input" else RECIPES) / f"{a}.args") for a in argv]
     assert main(["adapt", *argv, "--out", str(tmp_path / "x.args")]) == 2
     assert expected in capsys.readouterr().err
 
@@ -261,7 +266,8 @@ PRETRAIN = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 
 
 # (name, --spec, knob file, extra flags): the mHC runs keep their mixer weights fp32 in the bf16
 # model (Float16 optimizer in one, the distributed optimizer in the other); the wrappers with the env channel, the spec modules
-# themselves with the flag channel (mHC + sparse attention + fused MoE), and the plain dense block
+# themselves with the flag channel (mHC + sparse attention + fused MoE, layer 1 dense by Megatron's
+# --moe-layer-freq), and the plain dense block
 PRETRAIN_CASES = [
     ("pretrain_mhc", ["layer_specs.pretrain", "mhc_block_spec"], "mhc:\n  num_streams: 4\n  fp32_params: true\n",
      [], "env"),
@@ -269,7 +275,7 @@ PRETRAIN_CASES = [
      ("mhc:\n  num_streams: 2\n  fp32_params: true\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
       "moe:\n  impl: fused\n"),
      ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
-      "--use-distributed-optimizer"], "flag"),
+      "--moe-layer-freq", "([0]+[1]*1)", "--use-distributed-optimizer"], "flag"),
     ("gpt_dense", ["layer_specs.gpt", "gpt_block_spec"], None, [], None),
     # pretrain_mhc again with every layer captured and replayed by Megatron's own CUDA graphs
     ("mhc_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],
@@ -280,7 +286,7 @@ PRETRAIN_CASES = [
      ("mhc:\n  num_streams: 2\n  fp32_params: true\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
       "moe:\n  impl: fused\n"),
      ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
-      "--use-distributed-optimizer", "--cuda-graph-impl", "local"], "flag"),
+      "--moe-layer-freq", "([0]+[1]*1)", "--use-distributed-optimizer", "--cuda-graph-impl", "local"], "flag"),
     # twice under Megatron's --deterministic-mode (the first also with the mhc knob): pinned
     # tilings, so the two runs' losses are equal to every printed digit
     ("mhc_deterministic", ["layer_specs.pretrain", "mhc_block_spec"],
@@ -379,6 +385,9 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
     assert "MHCTransformerLayer" in layers["pretrain_mhc"] and "MHCFinalNorm" in layers["pretrain_mhc"]
     for module in ("MHCTransformerLayer", "SparseMQAttention", "FusedMoELayer"):
         assert module in layers["mhc_sparse_moe"], module
+    # Megatron's --moe-layer-freq ([0]+[1]*1): layer 1 keeps the dense MLP, layer 2 is the fused MoE
+    mlps = re.findall(r"mlp=(\w+)\)", layers["mhc_sparse_moe"])  # launch.pretrain_gpt.describe_layers
+    assert mlps == ["MLP", "FusedMoELayer"], mlps
     assert "MHCTransformerLayer" not in layers["gpt_dense"] and "SDPACoreAttention" in layers["gpt_dense"]
     # Megatron's local CUDA graphs (--cuda-graph-impl local) capture both mHC layers (forward and
     # backward graphs) after their warm-up steps and replay the same kernels: the eager run's losses

@@ -44,6 +44,8 @@ def _tconfig(**moe):
 
 
 def _layers(tconfig):
+    """Megatron's stock MoELayer (SequentialMLP experts, SharedExpertMLP when the config has a shared
+    expert) and the fused layer with the same weights."""
     from layer_specs.gpt import stock_moe_spec
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
@@ -58,6 +60,11 @@ def _layers(tconfig):
         for e, mlp in enumerate(stock.experts.local_experts):
             fused.w1[e].copy_(mlp.linear_fc1.weight.t())
             fused.w2[e].copy_(mlp.linear_fc2.weight.t())
+        if stock.shared_experts is not None:
+            fused.shared_w1.copy_(stock.shared_experts.linear_fc1.weight.t())
+            fused.shared_w2.copy_(stock.shared_experts.linear_fc2.weight.t())
+            if stock.shared_experts.gate_weight is not None:
+                fused.shared_gate_weight.copy_(stock.shared_experts.gate_weight)
     return stock, fused
 
 
@@ -67,7 +74,10 @@ def _layers(tconfig):
          moe_router_num_groups=2, moe_router_group_topk=1),
     dict(moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0, moe_aux_loss_coeff=0.1,
          moe_token_drop_policy="probs"),
-], ids=["softmax_aux_z", "sigmoid_groups_scaled", "pre_softmax_capacity"])
+    dict(moe_shared_expert_intermediate_size=24, moe_aux_loss_coeff=0.01),
+    dict(moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True, moe_router_score_function="sigmoid",
+         moe_router_topk_scaling_factor=2.0),
+], ids=["softmax_aux_z", "sigmoid_groups_scaled", "pre_softmax_capacity", "shared_expert", "shared_expert_gate"])
 def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
     stock, fused = _layers(_tconfig(**moe))
     x = torch.randn(S, B, H, dtype=torch.float64).float()
@@ -84,6 +94,14 @@ def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
     for e, mlp in enumerate(stock.experts.local_experts):
         torch.testing.assert_close(fused.w1.grad[e], mlp.linear_fc1.weight.grad.t(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fused.w2.grad[e], mlp.linear_fc2.weight.grad.t(), rtol=1e-5, atol=1e-6)
+    shared = stock.shared_experts
+    if shared is not None:
+        torch.testing.assert_close(fused.shared_w1.grad, shared.linear_fc1.weight.grad.t(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.shared_w2.grad, shared.linear_fc2.weight.grad.t(), rtol=1e-5, atol=1e-6)
+        assert (fused.shared_gate_weight is None) == (shared.gate_weight is None)
+        if shared.gate_weight is not None:
+            assert fused.shared_gate_weight.grad.abs().sum() > 0
+            torch.testing.assert_close(fused.shared_gate_weight.grad, shared.gate_weight.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_expert_weights_are_drawn_per_global_expert_and_layer(megatron_world):
@@ -260,6 +278,143 @@ def test_specs_pick_the_fused_layer_unless_megatron_is_asked(megatron_world):
     assert mlp_spec_for(tconfig).module is FusedMoELayer
     assert all(s.submodules.mlp.module is FusedMoELayer for s in moe_block_spec(tconfig).layer_specs)
     assert mlp_spec_for(_tconfig(moe_impl="megatron")).module is MoELayer
+
+
+@pytest.mark.parametrize("freq,pattern", [
+    ("1", [1, 1, 1, 1]), ("2", [1, 0, 1, 0]), (3, [1, 0, 0, 1]), ("([0]+[1]*3)", [0, 1, 1, 1]),
+    (" ( [0]*2 + [1]*2 ) ", [0, 0, 1, 1]), ("([1]*1+[0]*1)*2", [1, 0, 1, 0]), ("2*[0,1]", [0, 1, 0, 1]),
+    ([0, 1, 1, 0], [0, 1, 1, 0]), (None, [1, 1, 1, 1]),
+])
+def test_moe_layer_freq_forms_read_as_megatron_reads_them(freq, pattern):
+    from megatron_ext.config import moe_layer_pattern
+
+    assert moe_layer_pattern(freq, 4) == pattern
+
+
+@pytest.mark.parametrize("freq,message", [
+    ("0", "must be positive"), ("[0,1,2,1]", "entries must be 0 (dense) or 1 (MoE), got 2"),
+    ("[0,1]", "the pattern has 2 entries for num_layers=4"),
+    ("__import__('os').getcwd()", "only int literals, [...], + and * may appear"),
+    ("[1]*-4", "only int literals"), ("1.5", "only int literals"), ("[[1]]*4", "nested lists"),
+    ("[1,", "not an integer or a list expression"), (True, "not a layer frequency"),
+])
+def test_moe_layer_freq_errors_name_the_field(freq, message):
+    from megatron_ext.config import ConfigError, moe_layer_pattern
+
+    with pytest.raises(ConfigError, match=r"^moe_layer_freq=") as e:
+        moe_layer_pattern(freq, 4)
+    assert message in str(e.value)
+
+
+def test_moe_layer_freq_makes_dense_layers_in_every_block_spec(megatron_world):
+    """Megatron's ``moe_layer_freq`` (read from the TransformerConfig under --spec, or set by
+    ``megatron-ext train --moe-layer-freq``): the 0 layers get the dense MLP in the GPT, MoE, mHC and
+    GQLA blocks, with the fused or the stock MoE layer in the others; the receipt records it."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from layer_specs.gpt import gpt_block_spec
+    from layer_specs.gqla import gqla_block_spec
+    from layer_specs.mhc import mhc_block_spec
+    from layer_specs.moe import moe_block_spec
+    from megatron_ext import backends
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    def mlps(block):
+        return [s.submodules.mlp.module for s in block.layer_specs]
+
+    backends.reset()
+    fused = [MLP, FusedMoELayer, FusedMoELayer, MLP]
+    tconfig = _tconfig(num_layers=4, moe_layer_freq="([0]+[1]*2+[0])")
+    assert tconfig.moe_layer_freq == [0, 1, 1, 0]
+    for build in (gpt_block_spec, moe_block_spec, mhc_block_spec):
+        assert mlps(build(tconfig)) == fused, build.__module__
+    assert mlps(gqla_block_spec(_tconfig(num_layers=4, moe_layer_freq="[0,1,1,0]", attention_type="gqla"))) == fused
+    assert mlps(gpt_block_spec(_tconfig(num_layers=4, moe_layer_freq="2", moe_impl="megatron"))) == \
+        [MoELayer, MLP, MoELayer, MLP]
+    assert mlps(gpt_block_spec(_tconfig(num_layers=4))) == [FusedMoELayer] * 4
+    recorded = {r["observed"] for r in backends.records() if r["op"] == "moe_layer_pattern"}
+    assert recorded == {"0110", "1010", "1111"}
+
+
+def test_moe_layer_freq_trains_traces_and_replays(tmp_path, capsys):
+    """Layer 1 dense, layer 2 MoE: the run trains, only layer 2 reports routing and writes a trace,
+    the trace replays, and a replay under another pattern is refused at config time."""
+    from megatron_ext.cli import main
+
+    opts = [*RUN, "--num-experts", "4", "--moe-layer-freq", "[0,1]", "--moe-deterministic"]
+    a, c = tmp_path / "a", tmp_path / "c"
+    assert train_inprocess(a, *opts, "--moe-routing-trace-out", str(tmp_path / "trace")) == 0
+    assert train_losses(a)[-1] < train_losses(a)[0]
+    assert set(receipt(a)["moe"]["layers"]) == {"2"}
+    assert {r["observed"] for r in receipt(a)["backends"] if r["op"] == "moe_layer_pattern"} == {"01"}
+    assert {p.name.split("_")[0] for p in (tmp_path / "trace").rglob("*.pt")} == {"layer002"}
+    assert json.loads((tmp_path / "trace" / "meta.json").read_text())["moe_layers"] == [2]
+    assert train_inprocess(c, *opts, "--moe-routing-replay", str(tmp_path / "trace")) == 0
+    assert train_losses(c) == train_losses(a)
+    assert main(["train", "--device", "cpu", "--run-dir", str(tmp_path / "d"), *RUN, "--num-experts", "4",
+                 "--moe-layer-freq", "[1,0]", "--moe-routing-replay", str(tmp_path / "trace")]) != 0
+    assert "moe_layers: trace [2] vs run [1]" in capsys.readouterr().err
+    # the stock baseline under the same pattern, with Megatron's gated SharedExpertMLP
+    stock = tmp_path / "stock"
+    assert train_inprocess(stock, *RUN, "--num-experts", "4", "--moe-layer-freq", "[0,1]", "--moe-impl", "megatron",
+                           "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-gate") == 0
+    assert train_losses(stock)[-1] < train_losses(stock)[0]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--moe-layer-freq", "2"], "moe_layer_freq='2': says which layers are MoE, but the model has no experts"),
+    (["--num-experts", "4", "--moe-layer-freq", "[0,0]"], "moe_layer_freq='[0,0]': no layer of 2 would be MoE"),
+    (["--num-experts", "4", "--moe-layer-freq", "[0,1,1]"], "the pattern has 3 entries for num_layers=2"),
+    (["--num-experts", "4", "--moe-shared-expert-gate"],
+     "moe_shared_expert_gate=True: gates the shared expert, but the model has none"),
+])
+def test_moe_layer_freq_config_errors(tmp_path, capsys, argv, message):
+    from megatron_ext.cli import main
+
+    assert main(["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), *argv]) != 0
+    err = capsys.readouterr().err
+    assert message in err, err
+
+
+def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(megatron_world):
+    """Under --spec the fused layer meets every moe_* field of Megatron's TransformerConfig: one that
+    changes the model's math is refused naming it; one that picks an implementation Megatron has and
+    the fused layer replaces is logged once and listed in the receipt's backend records."""
+    from megatron_ext import backends
+    from megatron_ext.config import IGNORED_MEGATRON_MOE_OPTIONS, REFUSED_MEGATRON_MOE_OPTIONS, ConfigError
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    fields = set(vars(_tconfig()))
+    known = set(REFUSED_MEGATRON_MOE_OPTIONS) | set(IGNORED_MEGATRON_MOE_OPTIONS)
+    # every table entry that this megatron-core has is a real field (0.19.2 has all of them)
+    assert {name for name in known if name in fields} >= {"moe_router_force_load_balancing", "moe_grouped_gemm",
+                                                             "moe_apply_probs_on_input", "moe_layer_recompute"}
+    for name, value in (("moe_latent_size", 16), ("moe_apply_probs_on_input", True),
+                        ("moe_router_force_load_balancing", True)):
+        tconfig = _tconfig()
+        setattr(tconfig, name, value)
+        with pytest.raises(ConfigError, match=rf"^{name}={value}: .*which the fused MoE layer does not implement"):
+            FusedMoELayer(tconfig)
+    tconfig = _tconfig()
+    tconfig.moe_shared_expert_gate = True  # a gate needs a shared expert
+    with pytest.raises(ConfigError, match=r"^moe_shared_expert_gate=True: gates the shared expert, but"):
+        FusedMoELayer(tconfig)
+    backends.reset()
+    tconfig = _tconfig()
+    tconfig.moe_grouped_gemm, tconfig.moe_token_dispatcher_type, tconfig.moe_router_dtype = True, "flex", "fp64"
+    FusedMoELayer(tconfig)
+    FusedMoELayer(tconfig)
+    recs = {r["op"]: r for r in backends.records() if r["op"].startswith("megatron_option.")}
+    assert set(recs) == {"megatron_option.moe_grouped_gemm", "megatron_option.moe_token_dispatcher_type",
+                         "megatron_option.moe_router_dtype"}
+    assert recs["megatron_option.moe_token_dispatcher_type"]["requested"] == "'flex'"
+    assert recs["megatron_option.moe_grouped_gemm"]["observed"] == "ignored"
+    assert recs["megatron_option.moe_router_dtype"]["observed"] == "fp32"
+    assert recs["megatron_option.moe_grouped_gemm"]["count"] == 2  # logged once, counted per layer
+    backends.reset()
+    FusedMoELayer(_tconfig())  # this project's own config sets alltoall, fp32: nothing to record
+    assert not [r for r in backends.records() if r["op"].startswith("megatron_option.")]
 
 
 @pytest.mark.gpu

@@ -1,5 +1,8 @@
 """Fused MoE at world size 2 on CPU (gloo), torchrun spawns against one world-size-1 run:
 
+The model has a gated shared expert (Megatron's --moe-shared-expert-gate), so its gate's gradient is
+checked on every lane below too.
+
 * expert parallel EP=2 (one expert half per rank, tokens exchanged by all-to-all, the dispatch
   overlapped with the shared expert) reproduces world size 1, and its checkpoint (experts
   sharded over EP) resumes at EP=1 with world size 1's losses;
@@ -18,6 +21,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_ext.training import checkpoint
 from tests.helpers import ROOT, receipt, subprocess_env, train_inprocess, train_losses, train_torchrun
@@ -28,7 +32,7 @@ MODEL = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "-
          "--global-batch-size", "4", "--num-experts", "4", "--moe-aux-loss-coeff", "0.01",
          "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
          "--moe-router-bias-update-rate", "0.01", "--moe-z-loss-coeff", "0.001",
-         "--moe-shared-expert-intermediate-size", "16", "--moe-backend", "torch"]
+         "--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-gate", "--moe-backend", "torch"]
 VOCAB_256 = ["--make-vocab-size-divisible-by", "256"]
 
 
@@ -55,6 +59,17 @@ def _grad_norms(run):
 
 def _flat(nested):
     return [v for row in nested for tok in row for v in tok]
+
+
+def _saved(run, name, iteration=6):
+    """Parameter ``name`` of the MoE layers (stacked over layers) in ``run``'s checkpoint."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import torch
+
+    out = run / f"{name}.pt"
+    dcp_to_torch_save(str(run / "checkpoints" / f"iter_{iteration:07d}"), str(out))
+    state = torch.load(out, weights_only=False)
+    return state[f"decoder.layers.mlp.{name}"]
 
 
 def _log(path):
@@ -99,6 +114,13 @@ def test_tp2_sequence_parallel_matches_ws1_routes_alike_and_resumes_at_tp1(ws1, 
     pairs = [a == b for r, w in zip(got, want) for a, b in zip(_flat(r["expert_ids"]), _flat(w["expert_ids"]))]
     assert sum(pairs) >= 0.99 * len(pairs)  # later steps: a near-tie may flip on rounding
 
+    # the shared expert's gate: each TP rank's gradient covers its F slice of the shared output,
+    # summed over TP (a missing sum would leave the losses close but move the gate differently)
+    gate1, gate2 = _saved(ws1, "shared_gate_weight"), _saved(tp2, "shared_gate_weight")
+    assert gate1.shape == (2, 1, 32)  # [layers, 1, H]
+    assert (gate1 - _saved(ws1, "shared_gate_weight", 3)).abs().max() > 1e-4  # it trained
+    torch.testing.assert_close(gate2, gate1, rtol=1e-4, atol=1e-6)
+
     resumed = _resume_at_world_size_1(tp2, tmp_path / "tp2_to_tp1", *VOCAB_256)
     assert resumed == pytest.approx(train_losses(ws1), rel=2e-5)
 
@@ -124,6 +146,9 @@ def test_tp2_without_expert_tp_matches_ws1_and_resumes_at_world_size_1(ws1, tmp_
         bias1 = receipt(ws1)["moe"]["layers"]["2"]["expert_bias"]
         assert receipt(runs[name])["moe"]["layers"]["2"]["expert_bias"] == \
             pytest.approx(bias1, rel=1e-4, abs=1e-7), name
+        # the shared expert's gate: each TP rank's gradient covers its own tokens, summed over TP
+        torch.testing.assert_close(_saved(runs[name], "shared_gate_weight"), _saved(ws1, "shared_gate_weight"),
+                                   rtol=1e-4, atol=1e-6, msg=name)
     resumed = _resume_at_world_size_1(runs["etp1_ep2"], tmp_path / "etp1_ep2_to_ws1", *VOCAB_256)
     assert resumed == pytest.approx(train_losses(ws1), rel=2e-5)
 

@@ -226,3 +226,27 @@ def test_hardware_profiles():
     assert detect("NVIDIA B200").name == "b200-192g" and detect("Tesla V100") is None
     with pytest.raises(ConfigError, match=r"hardware='a100': unknown hardware profile; use one of"):
         get_profile("a100")
+
+
+def test_moe_layer_freq_counts_dense_layers_as_dense():
+    """A first dense layer (DeepSeek-style ``--moe-layer-freq ([0]+[1]*15)``) swaps one layer's router
+    and experts for a dense MLP in the parameter counts, and the first stage, which holds it, plans
+    fewer expert parameters than the last."""
+    cfg = from_preset("tiny", **MOE_23B)
+    every = ModelShape.from_config(cfg, VOCAB)
+    mixed = ModelShape.from_config(dataclasses.replace(cfg, moe_layer_freq="([0]+[1]*15)"), VOCAB)
+    assert every.moe_layers() == 16 and mixed.moe_layers() == 15 and mixed.moe_layers(0, 8) == 7
+    swap = every.router_params() + every.expert_params() - mixed.mlp_params()
+    assert every.total_params() - mixed.total_params() == swap
+    active_swap = every.router_params() + 2 * every._gated * 4096 * 14336 - mixed.mlp_params()
+    assert every.active_params() - mixed.active_params() == active_swap
+    # every other layer MoE (Megatron's integer form): half the expert parameters per stage
+    half = ModelShape.from_config(dataclasses.replace(cfg, moe_layer_freq="2"), VOCAB)
+    assert half.moe_pattern == (1, 0) * 8
+    from launch.plan import _stage_params
+
+    lanes = Lanes(pp=2, ep=8)
+    e_every, e_half = _stage_params(every, lanes)[2], _stage_params(half, lanes)[2]
+    assert e_half == pytest.approx(e_every / 2)
+    first, last, _, _ = _stage_params(mixed, lanes)
+    assert first > last  # the dense MLP (and the embedding) sit on the first stage

@@ -71,7 +71,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_ext import backends, compat
-from megatron_ext.config import MoEConfig, check_expert_tp, check_expert_widths, router_config_from
+from megatron_ext.config import (ConfigError, MoEConfig, check_expert_tp, check_expert_widths,
+                                 check_megatron_moe_options, router_config_from)
 from megatron_ext.observability.moe_stats import STATE, fp8_saturation
 from megatron_ext.ops.moe import moe_ffn
 from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order
@@ -333,6 +334,7 @@ class FusedMoELayer(MegatronModule):
                  pg_collection=None, **_ignored):
         super().__init__(config=config)
         self.moe: MoEConfig = getattr(config, "moe", None) or MoEConfig()
+        check_megatron_moe_options(config)
         E = config.num_moe_experts
         self.router_cfg = router_config_from(config, E)
         self.activation = activation_name(config)
@@ -381,7 +383,10 @@ class FusedMoELayer(MegatronModule):
             # optimizer counts a parameter in its grad norm on every rank only if so (it dedups
             # unmarked ones over the dense TP group, and with etp = 1 would drop them on TP rank 1)
             set_tensor_model_parallel_attributes(p, True, dim, 1)
-        self.shared_w1 = self.shared_w2 = None
+        self.shared_w1 = self.shared_w2 = self.shared_gate_weight = None
+        if getattr(config, "moe_shared_expert_gate", False) and not Fs:
+            raise ConfigError("moe_shared_expert_gate=True: gates the shared expert, but the layer has none; "
+                              "set moe_shared_expert_intermediate_size, or drop the gate")
         if Fs:
             # drawn whole and sliced (like Megatron's CPU initialisation), so every TP size builds
             # the same shared expert from the same RNG position
@@ -401,6 +406,13 @@ class FusedMoELayer(MegatronModule):
                 # of `sequence_parallel` parameters over TP
                 for p in (self.shared_w1, self.shared_w2):
                     setattr(p, "sequence_parallel", self.tp_size > 1)
+            if getattr(config, "moe_shared_expert_gate", False):
+                # Megatron's shared-expert gate (Qwen-MoE): the shared output scaled per token by
+                # sigmoid(x . w_g). Replicated; each TP rank's gradient covers its tokens (etp = 1)
+                # or its F slice's partial output (etp = tp), so Megatron sums it over TP
+                self.shared_gate_weight = torch.nn.Parameter(torch.empty(1, H, dtype=dtype, device=device))
+                config.init_method(self.shared_gate_weight.data)
+                setattr(self.shared_gate_weight, "sequence_parallel", self.tp_size > 1)
         if self.router_cfg.enable_expert_bias:
             self.register_buffer("router_expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
         else:
@@ -516,7 +528,10 @@ class FusedMoELayer(MegatronModule):
         if self.shared_w1 is not None:
             def shared():
                 hs = expert_activation(rows_mm(x, self.shared_w1, det), self.activation)
-                return rows_mm(hs, self.shared_w2, det).float()
+                out = rows_mm(hs, self.shared_w2, det).float()
+                if self.shared_gate_weight is not None:  # one dot per token, in fp32
+                    out = out * torch.sigmoid(rows_mm(x.float(), self.shared_gate_weight.float().t(), det))
+                return out
         probs, indices = res.probs, res.indices
         if self.tp_size > 1 and self.etp_size == 1:
             # whole experts: this rank's own tokens, rows [r*s/tp*b, (r+1)*s/tp*b) of the [s, b] order

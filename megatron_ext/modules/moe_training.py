@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from megatron_ext import compat
+from megatron_ext.config import moe_layer_numbers
 from megatron_ext.observability.files import append_jsonl
 from megatron_ext.observability.moe_stats import STATE
 
@@ -38,7 +39,8 @@ class MoETrainingHooks:
         meta = {"format": "uint16 [micro_batch_size, seq_length, topk] per layer per micro-batch",
                 "num_layers": cfg.num_layers, "num_experts": cfg.num_experts, "topk": cfg.moe_router_topk,
                 "seq_length": cfg.seq_length, "micro_batch_size": cfg.micro_batch_size,
-                "world_size": world_size, "expert_model_parallel_size": cfg.expert_model_parallel_size}
+                "world_size": world_size, "expert_model_parallel_size": cfg.expert_model_parallel_size,
+                "moe_layers": moe_layer_numbers(cfg)}
         STATE.configure(moe, rank, meta)
         if self.rank0:
             self.tb = _tensorboard(run_dir)

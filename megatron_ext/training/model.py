@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from megatron_ext import compat
 from megatron_ext.config import (TrainConfig, expert_tensor_parallel_size, ffn_hidden_size, gqla_config,
                                  mhc_config, mla_config, moe_config, moe_load_balancing_type,
-                                 sparse_attention_config)
+                                 parse_moe_layer_freq, sparse_attention_config)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -76,9 +76,11 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_router_num_groups=cfg.moe_router_num_groups,
             moe_router_group_topk=cfg.moe_router_group_topk,
             moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+            moe_shared_expert_gate=bool(cfg.moe_shared_expert_gate),
             moe_token_dispatcher_type="alltoall",
             moe_grouped_gemm=False,
             moe_router_dtype="fp32",
+            moe_layer_freq=parse_moe_layer_freq(cfg.moe_layer_freq or 1),
         )
     mla = mla_config(cfg)
     if mla is not None:  # Megatron's MLASelfAttention reads its dims from an MLATransformerConfig
