@@ -715,8 +715,8 @@ def check_megatron_moe_options(config) -> None:
         value = getattr(config, name, None)
         if name in defaults and value != defaults[name]:
             raise ConfigError(f"{name}={value!r}: {what}, which the fused MoE layer does not implement; "
-                             f"unset it, or use Megatron's MoELayer (knob moe.impl: megatron, "
-                             f"megatron-ext train --moe-impl megatron)")
+                              "unset it, or use Megatron's MoELayer (knob moe.impl: megatron, "
+                              "megatron-ext train --moe-impl megatron)")
     for name, why in IGNORED_MEGATRON_MOE_OPTIONS.items():
         value = getattr(config, name, None)
         if name in defaults and value != defaults[name] and not (

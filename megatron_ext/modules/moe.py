@@ -4,7 +4,8 @@ combine, with expert parallelism over an all-to-all, routing trace/replay and a 
 Math (Switch Transformer eq. 1-2, arXiv 2101.03961; DeepSeekMoE shared experts, arXiv 2401.06066)::
 
     l = x W_r^T  (fp32)           p, idx = route(l)          (megatron_ext.ops.moe.routing)
-    y_t = sum_j p[t, j] * FFN_{idx[t, j]}(x_t)  +  FFN_shared(x_t)
+    y_t = sum_j p[t, j] * FFN_{idx[t, j]}(x_t)  +  g_t * FFN_shared(x_t)
+    g_t = sigmoid(x_t . w_g) with Megatron's moe_shared_expert_gate, else 1
     FFN_e(x) = (act(x W1_e[:, :F]) * x W1_e[:, F:]) W2_e      (Megatron's GLU order [gate | up])
 
 Drop-in for the ``mlp`` submodule of a TransformerLayer spec on megatron-core 0.16.1 and 0.19.2:
