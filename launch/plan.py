@@ -176,6 +176,12 @@ class ModelShape:
         """How many of layers [start, stop) have experts."""
         return sum(self.is_moe(i) for i in range(start, self.num_layers if stop is None else stop))
 
+    def busiest_stage_moe_layers(self, pp: int) -> int:
+        """MoE layers of the pipeline stage that holds the most (``pp`` equal stages): with
+        ``moe_layer_freq`` the stages can differ."""
+        per = self.num_layers // pp
+        return max(self.moe_layers(st * per, (st + 1) * per) for st in range(pp))
+
     def mlp_params(self) -> int:
         """The dense MLP of one layer without experts."""
         return self._gated * self.hidden_size * self.ffn_hidden_size
@@ -312,9 +318,7 @@ def _stage_params(m: ModelShape, L: Lanes) -> Tuple[float, float, float, float]:
     output = emb if (m.untied or L.pp > 1) else 0.0
     first = stage_dense(0) + emb + (output if L.pp == 1 else 0.0)
     last = stage_dense(L.pp - 1) + (output if L.pp > 1 else 0.0)
-    # the stage with the most MoE layers (with moe_layer_freq the stages can differ)
-    most = max(m.moe_layers(st * layers, (st + 1) * layers) for st in range(L.pp))
-    experts = most * m.expert_params() / (L.ep * L.etp)
+    experts = m.busiest_stage_moe_layers(L.pp) * m.expert_params() / (L.ep * L.etp)
     one_layer = max(dense_layer(i) + (m.expert_params() / (L.ep * L.etp) if m.is_moe(i) else 0.0)
                     for i in range(m.num_layers))
     return first, last, experts, one_layer
@@ -455,8 +459,7 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     if m.num_experts and L.ep > 1:
         a2a = m.moe_router_topk * sbh_bytes / L.tp * (L.ep - 1) / L.ep
         bw = nvlink if L.tp * L.cp * L.ep <= gpn else ib
-        moe_stage = max(m.moe_layers(st * layers, (st + 1) * layers) for st in range(L.pp))
-        ep_comm = micro * moe_stage * passes * a2a / bw
+        ep_comm = micro * m.busiest_stage_moe_layers(L.pp) * passes * a2a / bw
     pp_p2p = 0.0
     if L.pp > 1:
         bw = ib if cluster.nodes > 1 else nvlink
