@@ -49,6 +49,9 @@ _HELP = {
     "mhc_deterministic": "pin the fused mHC kernels' tilings to a function of the shape instead of the "
                          "autotuner's fastest, so two runs give bitwise-equal losses (on with Megatron's "
                          "--deterministic-mode too; docs/mhc.md)",
+    "recompute_modules": "with --recompute-granularity selective: what to recompute, Megatron's names comma "
+                         "separated (core_attn, moe_act, layernorm, mla_up_proj, mlp, moe, shared_experts; "
+                         "Megatron's default core_attn); the MoE ones in docs/moe.md",
     "moe_pregather": "Triton experts: copy each layer's token rows into expert order once and keep that "
                      "[tokens*topk, hidden] copy for backward (faster GEMMs, topk x the layer input's "
                      "activation memory); --no-moe-pregather saves the memory (default: on with the H100 tiles)",

@@ -373,6 +373,8 @@ class TrainConfig:
     recompute_granularity: Optional[str] = None  # None | full | selective
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
+    # selective recompute (Megatron's --recompute-modules): names, comma separated (default core_attn)
+    recompute_modules: Optional[str] = None
     # parallel lanes
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -697,11 +699,36 @@ IGNORED_MEGATRON_MOE_OPTIONS = {
     "moe_router_padding_for_quantization": "padding for FP8/FP4 expert GEMMs; the fused layer's GEMMs are "
                                            "bf16 and jagged",
     "moe_pad_experts_for_cuda_graph_inference": "an inference option of Megatron's MoE layer",
-    "moe_layer_recompute": "the fused layer keeps its activations (--recompute-granularity full recomputes "
-                           "whole layers, the fused MoE included)",
     "moe_paged_stash": "a memory option of Megatron's MoE layer",
     "moe_per_layer_logging": "the fused layer logs per layer always (receipt['moe'], metrics.jsonl)",
 }
+
+
+# Megatron's --recompute-modules entries that concern an MoE layer, as the fused layer honours them
+MOE_RECOMPUTE_MODULES = {
+    "moe": "the routed experts and the shared expert (after the router: sort, EP exchanges, expert "
+           "FFNs, combine) run again in backward; only the layer input and the routing are kept",
+    "moe_act": "the expert activation's output is rebuilt in backward from the pre-activation "
+               "(the Triton kernels always do; the other expert backends do it when asked)",
+    "shared_experts": "the shared expert runs again in backward",
+}
+
+
+def moe_recompute_modules(config) -> set:
+    """The MoE entries of Megatron's selective recompute on ``config`` (a TransformerConfig:
+    ``recompute_granularity == "selective"`` and ``recompute_modules``; Megatron turns
+    ``moe_layer_recompute`` into "moe" itself), recorded once in the run receipt."""
+    if getattr(config, "recompute_granularity", None) != "selective":
+        return set()
+    mods = set(getattr(config, "recompute_modules", None) or ()) & set(MOE_RECOMPUTE_MODULES)
+    if mods:
+        backends.note("moe_recompute", ",".join(sorted(mods)), ",".join(sorted(mods)),
+                      "; ".join(f"{m}: {MOE_RECOMPUTE_MODULES[m]}" for m in sorted(mods)))
+    return mods
+
+
+# (option, value) pairs that describe the fused layer itself: set, they need no record
+_WHAT_THE_FUSED_LAYER_DOES = {("moe_token_dispatcher_type", "alltoall"), ("moe_grouped_gemm", True)}
 
 
 def check_megatron_moe_options(config) -> None:
@@ -719,8 +746,7 @@ def check_megatron_moe_options(config) -> None:
                               "megatron-ext train --moe-impl megatron)")
     for name, why in IGNORED_MEGATRON_MOE_OPTIONS.items():
         value = getattr(config, name, None)
-        if name in defaults and value != defaults[name] and not (
-                name == "moe_token_dispatcher_type" and value == "alltoall"):
+        if name in defaults and value != defaults[name] and (name, value) not in _WHAT_THE_FUSED_LAYER_DOES:
             backends.fallback(f"megatron_option.{name}", repr(value), "ignored", why)
     if getattr(config, "moe_router_dtype", None) == "fp64":
         backends.fallback("megatron_option.moe_router_dtype", "'fp64'", "fp32",
@@ -861,6 +887,44 @@ def ffn_hidden_size(cfg: TrainConfig) -> int:
     return 4 * cfg.hidden_size
 
 
+# Megatron's --recompute-modules choices (TransformerConfig.recompute_modules)
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+
+
+def parse_recompute_modules(value: Optional[str]) -> List[str]:
+    """``"moe_act,layernorm"`` (commas or spaces) -> ``["moe_act", "layernorm"]``."""
+    return [m for m in str(value or "").replace(",", " ").split() if m]
+
+
+def _validate_recompute_modules(cfg: TrainConfig) -> None:
+    if cfg.recompute_modules is None:
+        return
+    mods = parse_recompute_modules(cfg.recompute_modules)
+    if cfg.recompute_granularity != "selective":
+        raise _err("recompute_modules", cfg.recompute_modules, "chooses what selective recompute "
+                   f"recomputes, but recompute_granularity={cfg.recompute_granularity!r}",
+                   "--recompute-granularity selective, or drop --recompute-modules")
+    bad = [m for m in mods if m not in RECOMPUTE_MODULES]
+    if bad or not mods:
+        raise _err("recompute_modules", cfg.recompute_modules, f"unknown module(s) {bad}" if bad else "empty",
+                   f"names from {list(RECOMPUTE_MODULES)}, comma separated")
+    moe_parts = [m for m in mods if m in MOE_RECOMPUTE_MODULES]
+    if moe_parts and not cfg.num_experts:
+        raise _err("recompute_modules", cfg.recompute_modules, f"{moe_parts} recompute MoE parts, but the "
+                   "model has no experts", "drop them, or --num-experts N")
+    if "shared_experts" in mods and not cfg.moe_shared_expert_intermediate_size:
+        raise _err("recompute_modules", cfg.recompute_modules, "shared_experts: the model has no shared "
+                   "expert", "--moe-shared-expert-intermediate-size N, or drop shared_experts")
+    if "moe_act" in mods and cfg.moe_impl == "megatron":
+        raise _err("recompute_modules", cfg.recompute_modules, "moe_act: Megatron recomputes the expert "
+                   "activation only in its grouped-GEMM experts (Transformer Engine); --moe-impl megatron "
+                   "here runs SequentialMLP", "--moe-impl fused (it honours moe_act), or drop moe_act")
+    if "mla_up_proj" in mods and cfg.attention_type != "mla":
+        raise _err("recompute_modules", cfg.recompute_modules, "mla_up_proj recomputes Megatron's MLA "
+                   f"up-projections, but attention_type={cfg.attention_type!r}",
+                   "--attention-type mla, or drop mla_up_proj")
+
+
 def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = None,
              lane: str = "cpu") -> int:
     """Check every field; return the data-parallel size. Raises ConfigError on the first problem."""
@@ -876,6 +940,7 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise _err(name, value, "must be a positive integer", "an integer >= 1")
+    _validate_recompute_modules(cfg)
     for name in ("eval_iters", "lr_warmup_iters"):
         if getattr(cfg, name) < 0:
             raise _err(name, getattr(cfg, name), "must not be negative", "an integer >= 0")

@@ -61,6 +61,13 @@ def parse(argv=None) -> argparse.Namespace:
                    help="worst-case imbalance: an expert bias sends every token to the last EP rank's "
                         "experts (the other ranks receive no rows)")
     p.add_argument("--verbose", action="store_true", help="every rank prints each iteration's time")
+    p.add_argument("--anchor", action="store_true",
+                   help="also time Megatron's MoELayer (local spec: SequentialMLP, alltoall dispatcher) "
+                        "at each EP size, same shapes and dtype (column 'Megatron ms')")
+    p.add_argument("--profile-dir", type=str, default=None,
+                   help="CUDA: after timing each EP size, profile 3 more steps on every rank and write "
+                        "the kernels by GPU time and one step's timeline (kernels in launch order, "
+                        "idle gaps) to DIR/ep{EP}_rank{R}.txt; rank 0's is printed")
     p.add_argument("--hang-dump-seconds", type=float, default=None,
                    help="an iteration over this many seconds dumps every thread's stack to stderr")
     args = p.parse_args(argv)
@@ -126,6 +133,42 @@ def _elapsed(t0, t1) -> float:
     return t0.elapsed_time(t1) / 1e3
 
 
+def measure_anchor(args, ep: int, env, bf16: bool) -> float:
+    """fwd+bwd seconds (slowest rank) of Megatron's MoELayer with the local spec at this EP size."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from bench.benchmarks.moe import Dims, megatron_moe_config
+    from layer_specs.gpt import stock_moe_spec
+    from megatron_ext import compat
+
+    compat.destroy_model_parallel()
+    compat.initialize_model_parallel(1, 1, ep)
+    compat.seed_model_parallel(1234)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    dims = Dims(args.tokens_per_gpu, args.hidden, args.ffn, args.num_experts, args.topk)
+    config = megatron_moe_config(dims, expert_model_parallel_size=ep, bf16=bf16, params_dtype=dtype)
+    layer = build_module(stock_moe_spec(), config=config).to(device=env.device, dtype=dtype).train()
+    g = torch.Generator(device="cpu").manual_seed(1000 + env.rank)
+    x = torch.randn(args.tokens_per_gpu, 1, args.hidden, generator=g).to(env.device, dtype).requires_grad_()
+    dy = torch.randn(x.shape, generator=g).to(env.device, dtype)
+    times = []
+    for i in range(args.warmup + args.iters):
+        t0 = _now(env.lane)
+        out = layer(x)
+        (out[0] if isinstance(out, tuple) else out).backward(dy)
+        t1 = _now(env.lane)
+        if i >= args.warmup:
+            times.append(_elapsed(t0, t1))
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    mean = torch.tensor([sum(times) / len(times)], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        dev = env.device if env.backend == "nccl" else "cpu"
+        mean = mean.to(dev)
+        torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.MAX)
+    return float(mean.cpu()[0])
+
+
 def measure(args, ep: int, env, bf16: bool) -> dict:
     from megatron_ext.modules.moe import CommTimer
     from megatron_ext.observability.moe_stats import STATE
@@ -158,6 +201,8 @@ def measure(args, ep: int, env, bf16: bool) -> dict:
                 times[-1] = (times[-1], comm)
         x.grad = None
         layer.zero_grad(set_to_none=True)
+    if args.profile_dir and env.lane == "cuda":
+        _profile(args, ep, env, layer, x, dy)
     STATE.begin_step(0)  # drop the statistics the layer recorded
     step = [t if isinstance(t, float) else t[0] for t in times]
     comm = {"dispatch": [0.0, 0], "combine": [0.0, 0]}
@@ -192,10 +237,48 @@ def measure(args, ep: int, env, bf16: bool) -> dict:
     return row
 
 
+def _profile(args, ep: int, env, layer, x, dy, calls: int = 3) -> None:
+    """Kernels by GPU time and the middle step's timeline on this rank (see ``--profile-dir``)."""
+    import tempfile
+
+    from bench.timeline import gpu_events, kernel_averages, one_call, profile_calls
+
+    def step():
+        y, _ = layer(x)
+        y.backward(dy)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    layer.comm_timer = None
+    torch.distributed.barrier()
+    prof = profile_calls(step, calls, warmup=1)
+    events, total = kernel_averages(prof)
+    lines = [f"EP={ep} rank {env.rank}: {total / calls / 1e3:.3f} ms of GPU work per step "
+             f"(all streams; NCCL kernels included)", f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel"]
+    lines += [f"{e.device_time_total / calls / 1e3:9.3f} {e.device_time_total / total:6.1%} "
+              f"{e.count // calls:6d}  {e.key[:110]}" for e in events[:30]]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            gpu = gpu_events(json.load(f))
+    try:
+        lines += ["", "the middle step in launch order:", one_call(gpu, calls).format(rows=200)]
+    except ValueError as e:
+        lines += ["", f"no timeline: {e}"]
+    text = "\n".join(lines)
+    out = Path(args.profile_dir) / f"ep{ep}_rank{env.rank}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    if env.rank == 0:
+        print(text, flush=True)
+
+
 def table(rows, link_gbps: float) -> str:
     base = rows[0]["fwd_bwd_ms"] if rows and rows[0]["ep"] == 1 else None
     head = (f"{'EP':>3} {'GPUs':>4} {'T/GPU':>6} {'E_loc':>5} {'fwd+bwd ms':>10} {'eff':>5} "
-            f"{'disp ms':>8} {'disp GB/s':>9} {'comb ms':>8} {'comb GB/s':>9} {'% link':>6}")
+            f"{'disp ms':>8} {'disp GB/s':>9} {'comb ms':>8} {'comb GB/s':>9} {'% link':>6}"
+            f"{'Megatron ms':>12} {'x Megatron':>10}")
     out = [head, "-" * len(head)]
     for r in rows:
         eff = f"{base / r['fwd_bwd_ms']:.2f}" if base else "-"
@@ -205,7 +288,9 @@ def table(rows, link_gbps: float) -> str:
         out.append(f"{r['ep']:>3} {r['gpus']:>4} {r['tokens_per_gpu']:>6} {r['local_experts']:>5} "
                    f"{r['fwd_bwd_ms']:>10.2f} {eff:>5} {f(r['dispatch_ms'], '8.3f'):>8} "
                    f"{f(r['dispatch_gbps'], '9.1f'):>9} {f(r['combine_ms'], '8.3f'):>8} "
-                   f"{f(r['combine_gbps'], '9.1f'):>9} {pct:>6}")
+                   f"{f(r['combine_gbps'], '9.1f'):>9} {pct:>6}"
+                   f"{f(r.get('megatron_ms'), '12.2f'):>12} "
+                   f"{f(r.get('megatron_ms') and r['megatron_ms'] / r['fwd_bwd_ms'], '10.2f'):>10}")
     return "\n".join(out)
 
 
@@ -219,7 +304,10 @@ def main(argv=None) -> int:
     env = init_distributed(lane)
     patches.apply_patches(lane)
     bf16 = (args.dtype or ("bf16" if lane == "cuda" else "fp32")) == "bf16"
-    rows = [measure(args, ep, env, bf16) for ep in _ep_sizes(args, env.world_size)]
+    rows = []
+    for ep in _ep_sizes(args, env.world_size):
+        rows.append(measure(args, ep, env, bf16))
+        rows[-1]["megatron_ms"] = 1e3 * measure_anchor(args, ep, env, bf16) if args.anchor else None
     compat.destroy_model_parallel()
     if env.rank == 0:
         print(f"fused MoE EP weak scaling: H={args.hidden} F={args.ffn} E={args.num_experts} "

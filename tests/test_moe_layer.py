@@ -389,7 +389,7 @@ def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(mega
     known = set(REFUSED_MEGATRON_MOE_OPTIONS) | set(IGNORED_MEGATRON_MOE_OPTIONS)
     # every table entry that this megatron-core has is a real field (0.19.2 has all of them)
     assert {name for name in known if name in fields} >= {"moe_router_force_load_balancing", "moe_grouped_gemm",
-                                                             "moe_apply_probs_on_input", "moe_layer_recompute"}
+                                                             "moe_apply_probs_on_input", "moe_permute_fusion"}
     for name, value in (("moe_latent_size", 16), ("moe_apply_probs_on_input", True),
                         ("moe_router_force_load_balancing", True)):
         tconfig = _tconfig()
@@ -402,18 +402,21 @@ def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(mega
         FusedMoELayer(tconfig)
     backends.reset()
     tconfig = _tconfig()
-    tconfig.moe_grouped_gemm, tconfig.moe_token_dispatcher_type, tconfig.moe_router_dtype = True, "flex", "fp64"
+    tconfig.moe_permute_fusion, tconfig.moe_token_dispatcher_type, tconfig.moe_router_dtype = True, "flex", "fp64"
     FusedMoELayer(tconfig)
     FusedMoELayer(tconfig)
     recs = {r["op"]: r for r in backends.records() if r["op"].startswith("megatron_option.")}
-    assert set(recs) == {"megatron_option.moe_grouped_gemm", "megatron_option.moe_token_dispatcher_type",
+    assert set(recs) == {"megatron_option.moe_permute_fusion", "megatron_option.moe_token_dispatcher_type",
                          "megatron_option.moe_router_dtype"}
     assert recs["megatron_option.moe_token_dispatcher_type"]["requested"] == "'flex'"
-    assert recs["megatron_option.moe_grouped_gemm"]["observed"] == "ignored"
+    assert recs["megatron_option.moe_permute_fusion"]["observed"] == "ignored"
     assert recs["megatron_option.moe_router_dtype"]["observed"] == "fp32"
-    assert recs["megatron_option.moe_grouped_gemm"]["count"] == 2  # logged once, counted per layer
+    assert recs["megatron_option.moe_permute_fusion"]["count"] == 2  # logged once, counted per layer
     backends.reset()
     FusedMoELayer(_tconfig())  # this project's own config sets alltoall, fp32: nothing to record
+    tconfig = _tconfig()
+    tconfig.moe_grouped_gemm = True  # grouped-GEMM experts are what the fused layer is
+    FusedMoELayer(tconfig)
     assert not [r for r in backends.records() if r["op"].startswith("megatron_option.")]
 
 

@@ -4,8 +4,9 @@ The model has a gated shared expert (Megatron's --moe-shared-expert-gate), so it
 checked on every lane below too.
 
 * expert parallel EP=2 (one expert half per rank, tokens exchanged by all-to-all, the dispatch
-  overlapped with the shared expert) reproduces world size 1, and its checkpoint (experts
-  sharded over EP) resumes at EP=1 with world size 1's losses;
+  overlapped with the shared expert), with the MoE layer recomputed in backward, reproduces
+  world size 1, and its checkpoint (experts sharded over EP) resumes at EP=1 with world size
+  1's losses;
 * expert tensor parallel TP=2 + sequence parallel (every expert and the shared expert split
   along F) reproduces world size 1, routes the same tokens to the same experts (routing logs),
   and its checkpoint (experts sharded over TP) resumes at TP=1;
@@ -77,11 +78,16 @@ def _log(path):
 
 
 def test_ep2_matches_ep1_and_its_checkpoint_resumes_at_ep1(ws1, tmp_path):
+    """EP=2 with Megatron's MoE layer recompute (--recompute-modules moe): backward runs the
+    dispatch, the experts and the combine again, exchanges included, and still gives world size 1's
+    losses."""
     ep2 = tmp_path / "ep2"
-    proc = train_torchrun(ep2, 2, *MODEL, *VOCAB_256, "--expert-model-parallel-size", "2")
+    proc = train_torchrun(ep2, 2, *MODEL, *VOCAB_256, "--expert-model-parallel-size", "2",
+                          "--recompute-granularity", "selective", "--recompute-modules", "moe")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lane = receipt(ep2)["lane"]
     assert (lane["ep"], lane["dp"], lane["world_size"]) == (2, 2, 2)
+    assert {r["op"]: r for r in receipt(ep2)["backends"]}["moe_recompute"]["requested"] == "moe"
     assert train_losses(ep2) == pytest.approx(train_losses(ws1), rel=1e-5)
     bias1 = receipt(ws1)["moe"]["layers"]["1"]["expert_bias"]
     bias2 = receipt(ep2)["moe"]["layers"]["1"]["expert_bias"]
@@ -156,13 +162,14 @@ def test_tp2_without_expert_tp_matches_ws1_and_resumes_at_world_size_1(ws1, tmp_
 def test_ep_scaling_script_runs_on_gloo(tmp_path):
     """scripts/moe_ep_scaling.py at tiny sizes, all tokens routed to the last rank: a row per EP
     size, the bytes it counts are consistent (each row sent off-rank in the dispatch comes back in
-    the combine), and a rank whose experts get no rows still completes forward and backward."""
+    the combine), and a rank whose experts get no rows still completes forward and backward. With
+    --anchor, Megatron's MoELayer (local spec) is timed at each EP size too."""
     out = tmp_path / "scaling.json"
     # every token to the last rank's experts: rank 0 receives no rows, yet must join the dispatch's
     # reverse exchange in backward (it once skipped it: NCCL hung, gloo aborted)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "scripts" / "moe_ep_scaling.py"), "--device", "cpu", "--tiny", "--json", str(out),
-           "--route-to-last-rank"]
+           "--route-to-last-rank", "--anchor"]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fwd+bwd ms" in proc.stdout
@@ -176,3 +183,4 @@ def test_ep_scaling_script_runs_on_gloo(tmp_path):
     assert rows_out == pytest.approx(ep2["combine_bytes_per_rank"] / (4 * h))
     assert rows_out > 0
     assert ep2["route_to_last_rank"] and ep2["min_rows_received"] == 0
+    assert ep1["megatron_ms"] > 0 and ep2["megatron_ms"] > 0 and "x Megatron" in proc.stdout

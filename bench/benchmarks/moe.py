@@ -162,14 +162,15 @@ def _gemms_only_setup(d: Dims, device: str):
     return step
 
 
-def megatron_moe_config(d: Dims):
-    """TransformerConfig of the Megatron anchor: local experts, alltoall, no aux loss, bf16."""
+def megatron_moe_config(d: Dims, **overrides):
+    """TransformerConfig of the Megatron anchor: local experts, alltoall, no aux loss, bf16
+    (``overrides`` replace or add fields, e.g. ``expert_model_parallel_size``)."""
     import torch
     import torch.nn.functional as F
 
     from megatron_ext.compat import make_transformer_config
 
-    return make_transformer_config(
+    fields = dict(
         num_layers=1, hidden_size=d.hidden, num_attention_heads=16 if d.hidden % 16 == 0 else 1,
         ffn_hidden_size=d.ffn, moe_ffn_hidden_size=d.ffn, num_moe_experts=d.experts,
         moe_router_topk=d.topk, moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
@@ -177,6 +178,8 @@ def megatron_moe_config(d: Dims):
         bf16=True, params_dtype=torch.bfloat16, transformer_impl="local", add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False, moe_grouped_gemm=False)
+    fields.update(overrides)
+    return make_transformer_config(**fields)
 
 
 def _layer_step(build, d: Dims, device: str):

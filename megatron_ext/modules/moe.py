@@ -48,6 +48,12 @@ the EP group is made of ranks holding different tokens, so each dispatches only 
 Overlap: with EP > 1 the dispatch all-to-alls are launched asynchronously and the shared expert
 runs before waiting on them.
 
+Selective recompute (Megatron's ``--recompute-granularity selective --recompute-modules``, read
+from the TransformerConfig): ``moe`` checkpoints everything after the router (sort, EP exchanges,
+experts, combine, shared expert; the router, its losses, trace and statistics run once),
+``shared_experts`` the shared expert, ``moe_act`` drops the expert activation's output until the
+backward needs it (``ops.moe.recompute``; the Triton experts never keep it).
+
 Deterministic mode: every GEMM runs on fixed 16-row chunks (a GEMM's per-row result depends on
 its shape, not on the other rows), the combine is a fixed-order sum over the k choices, no
 atomics: the layer's output for a token is bitwise the same whatever batch it comes in, for
@@ -63,6 +69,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -73,10 +80,12 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 from megatron_ext import backends, compat
 from megatron_ext.config import (ConfigError, MoEConfig, check_expert_tp, check_expert_widths,
-                                 check_megatron_moe_options, router_config_from)
+                                 check_megatron_moe_options, moe_recompute_modules,
+                                 router_config_from)
 from megatron_ext.observability.moe_stats import STATE, fp8_saturation
 from megatron_ext.ops.moe import moe_ffn
 from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order
+from megatron_ext.ops.moe.recompute import recomputed_activation
 from megatron_ext.ops.moe.reference import GATED_ACTIVATIONS, expert_activation
 from megatron_ext.ops.moe.routing import route, seq_ids_for_layout, update_expert_bias
 
@@ -113,9 +122,17 @@ def rows_mm(a: Tensor, w: Tensor, deterministic: bool) -> Tensor:
     result does not depend on how many rows come with it."""
     if not deterministic:
         return a @ w
-    n = a.shape[0]
-    pad = (-n) % DET_CHUNK
-    a = F.pad(a, (0, 0, 0, pad)).view(-1, DET_CHUNK, a.shape[1])
+    return _chunks_mm(_pad_rows(a), w, a.shape[0])
+
+
+def _pad_rows(a: Tensor) -> Tensor:
+    """``a [n, K]`` zero-padded to a multiple of the deterministic chunk's rows."""
+    return F.pad(a, (0, 0, 0, (-a.shape[0]) % DET_CHUNK))
+
+
+def _chunks_mm(padded: Tensor, w: Tensor, n: int) -> Tensor:
+    """The first ``n`` rows of ``padded @ w``, one 16-row chunk per GEMM."""
+    a = padded.view(-1, DET_CHUNK, padded.shape[1])
     out = torch.cat([a[i] @ w for i in range(a.shape[0])], dim=0) if a.shape[0] else a.new_zeros(0, w.shape[1])
     return out[:n]
 
@@ -179,15 +196,22 @@ def router_logits(x: Tensor, w: Tensor, deterministic: bool = False) -> Tensor:
 
 
 def _ffn_rows_deterministic(rows: Tensor, local_ids: Tensor, w1: Tensor, w2: Tensor,
-                            activation: str) -> Tensor:
-    """Unweighted expert FFN of each row ``rows [n, H]`` for its expert ``local_ids [n]``."""
+                            activation: str, recompute_activation: bool = False) -> Tensor:
+    """Unweighted expert FFN of each row ``rows [n, H]`` for its expert ``local_ids [n]``;
+    ``recompute_activation``: the padded activation output the chunked GEMM saves is rebuilt in
+    backward instead of kept (``ops.moe.recompute``)."""
     out = rows.new_zeros(rows.shape[0], w2.shape[2])
     for e in range(w1.shape[0]):
         sel = (local_ids == e).nonzero(as_tuple=True)[0]
         if sel.numel() == 0:
             continue
-        h = expert_activation(rows_mm(rows[sel], w1[e], True), activation)
-        out = out.index_copy(0, sel, rows_mm(h, w2[e], True))
+        a = rows_mm(rows[sel], w1[e], True)
+        if recompute_activation:
+            hp, state = recomputed_activation(a, lambda t: _pad_rows(expert_activation(t, activation)))
+            y = state.release(_chunks_mm(hp, w2[e], sel.numel()))
+        else:
+            y = rows_mm(expert_activation(a, activation), w2[e], True)
+        out = out.index_copy(0, sel, y)
     return out
 
 
@@ -336,6 +360,13 @@ class FusedMoELayer(MegatronModule):
         super().__init__(config=config)
         self.moe: MoEConfig = getattr(config, "moe", None) or MoEConfig()
         check_megatron_moe_options(config)
+        # Megatron's selective recompute of MoE parts (--recompute-modules moe / moe_act /
+        # shared_experts; --moe-layer-recompute is "moe"): see moe_recompute_modules
+        mods = moe_recompute_modules(config)
+        self.recompute_layer = "moe" in mods
+        self.recompute_shared = "shared_experts" in mods and not self.recompute_layer
+        # inside the layer's checkpoint nothing is kept anyway
+        self.recompute_act = "moe_act" in mods and not self.recompute_layer
         E = config.num_moe_experts
         self.router_cfg = router_config_from(config, E)
         self.activation = activation_name(config)
@@ -526,19 +557,32 @@ class FusedMoELayer(MegatronModule):
                                   res.probs.detach().view(s, b, cfg.topk))
 
         shared = None
+        grad = torch.is_grad_enabled()
         if self.shared_w1 is not None:
-            def shared():
+            def shared_ffn(x: Tensor) -> Tensor:
                 hs = expert_activation(rows_mm(x, self.shared_w1, det), self.activation)
                 out = rows_mm(hs, self.shared_w2, det).float()
                 if self.shared_gate_weight is not None:  # one dot per token, in fp32
                     out = out * torch.sigmoid(rows_mm(x.float(), self.shared_gate_weight.float().t(), det))
                 return out
+
+            def shared() -> Tensor:
+                if self.recompute_shared and grad:
+                    return torch.utils.checkpoint.checkpoint(shared_ffn, x, use_reentrant=False,
+                                                             preserve_rng_state=False)
+                return shared_ffn(x)
         probs, indices = res.probs, res.indices
         if self.tp_size > 1 and self.etp_size == 1:
             # whole experts: this rank's own tokens, rows [r*s/tp*b, (r+1)*s/tp*b) of the [s, b] order
             mine = slice(self.tp_rank * s_local * b, (self.tp_rank + 1) * s_local * b)
             probs, indices = probs[mine], indices[mine]
-        out = self._routed(x, probs, indices, shared)
+        if self.recompute_layer and grad:
+            # everything after the router, recomputed in backward (the EP exchanges included, as
+            # Megatron's moe recompute does); the router, its losses, trace and statistics run once
+            out = torch.utils.checkpoint.checkpoint(self._routed, x, probs, indices, shared,
+                                                    use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = self._routed(x, probs, indices, shared)
         out = out.to(hidden_states.dtype).view(-1, b, h)
         if self.etp_size > 1:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
@@ -581,7 +625,7 @@ class FusedMoELayer(MegatronModule):
         T, k = indices.shape
         if self.ep_size == 1 and not det:
             out = moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend,
-                          pregather=self.moe.pregather)
+                          pregather=self.moe.pregather, recompute_activation=self.recompute_act)
             if shared is None and self.etp_size == 1:
                 return out   # nothing to sum: the model dtype, no fp32 round trip (2 passes each way)
             out = out.float()
@@ -594,7 +638,7 @@ class FusedMoELayer(MegatronModule):
         e_rows = flat_e[order]
         shared_out = None
         if self.ep_size == 1:
-            y = _ffn_rows_deterministic(rows, e_rows, self.w1, self.w2, self.activation)
+            y = _ffn_rows_deterministic(rows, e_rows, self.w1, self.w2, self.activation, self.recompute_act)
             y = y.float() * p_rows[:, None].float()
         else:
             y, shared_out = self._expert_parallel(rows, p_rows, e_rows, shared)
@@ -641,11 +685,13 @@ class FusedMoELayer(MegatronModule):
             y = x_in.new_zeros(0, x_in.shape[1]) + (x_in.sum() + p_in.sum()).to(x_in.dtype) * 0
         elif self.moe.deterministic:
             # fp32 on the way back: the fixed-order combine stays bitwise batch-invariant
-            y = _ffn_rows_deterministic(x_in, local, self.w1, self.w2, self.activation).float() * p_in[:, None]
+            y = _ffn_rows_deterministic(x_in, local, self.w1, self.w2, self.activation,
+                                        self.recompute_act).float() * p_in[:, None]
         else:
             # the model dtype on the way back, like Megatron's combine (half the bytes of fp32)
             y = moe_ffn(x_in, p_in[:, None], local[:, None], self.w1, self.w2, self.activation,
-                        self.moe.backend, pregather=self.moe.pregather)
+                        self.moe.backend, pregather=self.moe.pregather,
+                        recompute_activation=self.recompute_act)
         if timer is not None:
             timer.start("combine", rows.device)
         y = _AllToAll.apply(y, send, recv, group)

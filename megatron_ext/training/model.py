@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from megatron_ext import compat
 from megatron_ext.config import (TrainConfig, expert_tensor_parallel_size, ffn_hidden_size, gqla_config,
                                  mhc_config, mla_config, moe_config, moe_load_balancing_type,
-                                 parse_moe_layer_freq, sparse_attention_config)
+                                 parse_moe_layer_freq, parse_recompute_modules,
+                                 sparse_attention_config)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int, tp: int) -> int:
@@ -56,6 +57,8 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
         fields.update(recompute_granularity=cfg.recompute_granularity)
         if cfg.recompute_granularity == "full":
             fields.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
+        elif cfg.recompute_modules:
+            fields.update(recompute_modules=parse_recompute_modules(cfg.recompute_modules))
     if cfg.num_experts:
         fields.update(
             num_moe_experts=cfg.num_experts,
@@ -78,7 +81,8 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=bool(cfg.moe_shared_expert_gate),
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=False,
+            # Megatron accepts moe_act only with grouped-GEMM experts, which the fused layer is
+            moe_grouped_gemm="moe_act" in parse_recompute_modules(cfg.recompute_modules),
             moe_router_dtype="fp32",
             moe_layer_freq=parse_moe_layer_freq(cfg.moe_layer_freq or 1),
         )

@@ -103,7 +103,7 @@ def _te_probe(x: Tensor, w1: Tensor, w2: Tensor) -> Callable[[], Optional[str]]:
 
 
 def _moe_ffn_te(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-                activation: str, requested: str) -> Optional[Tensor]:
+                activation: str, requested: str, recompute_activation: bool = False) -> Optional[Tensor]:
     """The TE lane. Its first call per (device, dtype) is guarded: TE's internal API differs across
     releases, so an error there is logged once and recorded, and returns None (the caller runs
     the torch reference; "auto" skips TE from then on); asked for by name it is an error. Later
@@ -112,9 +112,9 @@ def _moe_ffn_te(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tenso
 
     key = _te_key(x)
     if key in _TE_RAN:
-        return te_moe_ffn(x, probs, indices, w1, w2, activation)
+        return te_moe_ffn(x, probs, indices, w1, w2, activation, recompute_activation)
     try:
-        out = te_moe_ffn(x, probs, indices, w1, w2, activation)
+        out = te_moe_ffn(x, probs, indices, w1, w2, activation, recompute_activation)
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:   # any failure inside TE's extension: see the docstring
@@ -210,7 +210,7 @@ def _check(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
 
 
 def _moe_ffn_grouped_mm(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-                        activation: str) -> Tensor:
+                        activation: str, recompute_activation: bool = False) -> Tensor:
     gmm = _grouped_mm_fn()
 
     def grouped(tokens_per_expert: Tensor):
@@ -219,7 +219,7 @@ def _moe_ffn_grouped_mm(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w
         offs = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
         return lambda rows, w: gmm(rows, w, offs=offs)
 
-    return reference.permuted_ffn(x, probs, indices, w1, w2, activation, grouped)
+    return reference.permuted_ffn(x, probs, indices, w1, w2, activation, grouped, recompute_activation)
 
 
 def _triton_config(x: Tensor, pregather: Optional[bool]):
@@ -236,12 +236,15 @@ def _triton_config(x: Tensor, pregather: Optional[bool]):
 
 def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
             activation: str = "swiglu", backend: str = "auto",
-            pregather: Optional[bool] = None) -> Tensor:
+            pregather: Optional[bool] = None, recompute_activation: bool = False) -> Tensor:
     """Routed expert FFN, see the module docstring for shapes; differentiable in x, probs,
     w1, w2 on every backend. ``pregather`` (Triton backend only; None = its tiles' choice, on
     for the H100 tiles): copy x's rows into expert order once, which speeds up the grouped
     GEMMs and keeps that ``[T*k, H]`` copy for backward instead of x (k times x's activation
-    memory); False = gather inside the GEMMs and save x only. Other backends ignore it."""
+    memory); False = gather inside the GEMMs and save x only. Other backends ignore it.
+    ``recompute_activation`` (Megatron's ``moe_act`` recompute): keep the pre-activation
+    ``[T*k, 2F]`` only and rebuild the activation's output in backward. The Triton kernels always
+    work that way; the other backends do it when asked (:mod:`.recompute`)."""
     _check(x, probs, indices, w1, w2, activation)
     name = backends.resolve("moe_ffn", backend, [("triton", _triton_probe(x, w1, w2, backend)),
                                                  ("grouped_mm", _grouped_mm_probe(x, w1, w2)),
@@ -253,9 +256,9 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
         return triton_moe_ffn(x, probs, indices, w1, w2, activation,
                               config=_triton_config(x, pregather))
     if name == "grouped_mm":
-        return _moe_ffn_grouped_mm(x, probs, indices, w1, w2, activation)
+        return _moe_ffn_grouped_mm(x, probs, indices, w1, w2, activation, recompute_activation)
     if name == "te":
-        out = _moe_ffn_te(x, probs, indices, w1, w2, activation, backend)
+        out = _moe_ffn_te(x, probs, indices, w1, w2, activation, backend, recompute_activation)
         if out is not None:
             return out
-    return reference.moe_ffn_reference(x, probs, indices, w1, w2, activation)
+    return reference.moe_ffn_reference(x, probs, indices, w1, w2, activation, recompute_activation)

@@ -40,8 +40,22 @@ def expert_activation(a: Tensor, activation: str) -> Tensor:
                      f"{list(ACTIVATIONS)}")
 
 
+def expert_ffn(rows: Tensor, w1: Tensor, w2: Tensor, activation: str,
+               recompute_activation: bool = False,
+               gemm: Callable[[Tensor, Tensor], Tensor] = torch.matmul) -> Tensor:
+    """``act(rows @ w1) @ w2`` with ``gemm``; ``recompute_activation``: the activation's output
+    is not kept for backward but rebuilt there from ``rows @ w1`` (:mod:`.recompute`)."""
+    a = gemm(rows, w1)
+    if not recompute_activation:
+        return gemm(expert_activation(a, activation), w2)
+    from megatron_ext.ops.moe.recompute import recomputed_activation
+
+    h, state = recomputed_activation(a, activation)
+    return state.release(gemm(h, w2))
+
+
 def moe_ffn_reference(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-                      activation: str = "swiglu") -> Tensor:
+                      activation: str = "swiglu", recompute_activation: bool = False) -> Tensor:
     """Loop over experts; each gathers its (token, choice) pairs, runs its FFN, scatters
     ``prob * y`` back with an fp32 accumulate. Shapes in the module docstring."""
     T, H = x.shape
@@ -50,7 +64,7 @@ def moe_ffn_reference(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2:
         tok, choice = (indices == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        y = expert_activation(x[tok] @ w1[e], activation) @ w2[e]
+        y = expert_ffn(x[tok], w1[e], w2[e], activation, recompute_activation)
         out = out.index_add(0, tok, y.to(out.dtype) * probs[tok, choice, None].to(out.dtype))
     return out.to(x.dtype)
 
@@ -89,12 +103,11 @@ def unpermute(y_sorted: Tensor, sort_order: Tensor, probs: Tensor, num_tokens: i
 
 
 def permuted_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-                 activation: str, grouped: Callable[[Tensor], Callable[[Tensor, Tensor], Tensor]]
-                 ) -> Tensor:
+                 activation: str, grouped: Callable[[Tensor], Callable[[Tensor, Tensor], Tensor]],
+                 recompute_activation: bool = False) -> Tensor:
     """The expert FFN as permute -> grouped GEMM -> activation -> grouped GEMM -> weighted
     unpermute, the pipeline of the grouped-GEMM backends: ``grouped(tokens_per_expert)`` returns
     ``gemm(rows, w)``, the per-expert ``rows_e @ w[e]`` over rows grouped by expert."""
     x_sorted, order, tokens_per_expert = permute(x, indices, w1.shape[0])
-    gemm = grouped(tokens_per_expert)
-    h = expert_activation(gemm(x_sorted, w1), activation)
-    return unpermute(gemm(h, w2), order, probs, x.shape[0])
+    y = expert_ffn(x_sorted, w1, w2, activation, recompute_activation, grouped(tokens_per_expert))
+    return unpermute(y, order, probs, x.shape[0])

@@ -145,10 +145,10 @@ def te_grouped_linear(x: Tensor, w: Tensor, m_splits: List[int]) -> Tensor:
 
 
 def te_moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
-               activation: str) -> Tensor:
+               activation: str, recompute_activation: bool = False) -> Tensor:
     """``moe_ffn`` on TE's grouped GEMM (shapes as ``moe_ffn``; arguments checked there)."""
     def grouped(tokens_per_expert: Tensor):
         m_splits = tokens_per_expert.tolist()   # TE's API: group sizes on the host
         return lambda rows, w: te_grouped_linear(rows, w, m_splits)
 
-    return permuted_ffn(x, probs, indices, w1, w2, activation, grouped)
+    return permuted_ffn(x, probs, indices, w1, w2, activation, grouped, recompute_activation)
