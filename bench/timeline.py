@@ -10,7 +10,7 @@ profiler run shared by the profiling scripts) needs CUDA; the rest is data handl
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Iterable, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 GPU_CATEGORIES = ("kernel", "gpu_memset", "gpu_memcpy")
 
@@ -65,6 +65,29 @@ def kernel_averages(prof):
     events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
                     key=lambda e: -e.device_time_total)
     return events, sum(e.device_time_total for e in events)
+
+
+def kernel_table(prof, calls: int, rows: int) -> Tuple[List[str], float]:
+    """(a column header and the ``rows`` longest kernels of a finished profiler, per call: ms, share
+    of all GPU time, launches; that total GPU time in us) for ``calls`` profiled calls."""
+    events, total = kernel_averages(prof)
+    lines = [f"{'ms/call':>9} {'share':>6} {'calls':>6}  kernel"]
+    lines += [f"{e.device_time_total / calls / 1e3:9.3f} {e.device_time_total / total:6.1%} "
+              f"{e.count // calls:6d}  {e.key[:110]}" for e in events[:rows]]
+    return lines, total
+
+
+def profiled_gpu_events(prof) -> List[Dict]:
+    """The GPU-side events of a finished profiler, by start time (via its Chrome trace)."""
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return gpu_events(json.load(f))
 
 
 def gpu_events(trace: Dict) -> List[Dict]:

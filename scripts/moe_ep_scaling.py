@@ -93,24 +93,45 @@ def _ep_sizes(args, world: int):
     return sizes
 
 
-def _build_layer(args, ep: int, lane: str, bf16: bool):
+def _dims(args):
+    from bench.benchmarks.moe import Dims
+
+    return Dims(args.tokens_per_gpu, args.hidden, args.ffn, args.num_experts, args.topk)
+
+
+def _set_ep(ep: int) -> None:
+    """Megatron's parallel state rebuilt with this EP size (the other ranks expert-data parallel)."""
     from megatron_ext import compat
-    from megatron_ext.config import from_preset
-    from megatron_ext.modules.moe import FusedMoELayer
-    from megatron_ext.training.model import transformer_config
 
     compat.destroy_model_parallel()
     compat.initialize_model_parallel(1, 1, ep)
     compat.seed_model_parallel(1234)
-    heads = max(h for h in (16, 8, 4, 2, 1) if args.hidden % h == 0)
-    cfg = from_preset("test", num_layers=1, hidden_size=args.hidden, num_attention_heads=heads,
-                      num_experts=args.num_experts, moe_ffn_hidden_size=args.ffn, moe_router_topk=args.topk,
-                      moe_backend=args.backend, expert_model_parallel_size=ep,
-                      moe_shared_expert_intermediate_size=args.shared_expert or None,
-                      **(dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
-                         if args.route_to_last_rank else {}))
-    layer = FusedMoELayer(transformer_config(cfg, lane, bf16))
-    layer.set_layer_number(1)
+
+
+def _inputs(args, env, dtype):
+    """This rank's layer input (requiring grad) and output gradient, ``[T, 1, H]``."""
+    g = torch.Generator(device="cpu").manual_seed(1000 + env.rank)
+    x = torch.randn(args.tokens_per_gpu, 1, args.hidden, generator=g).to(env.device, dtype).requires_grad_()
+    return x, torch.randn(x.shape, generator=g).to(env.device, dtype)
+
+
+def _all_reduced(t, env, op=None):
+    """``t`` (a CPU tensor) reduced over the world (sum, or ``op``), back on the CPU."""
+    if not torch.distributed.is_initialized():
+        return t
+    t = t.to(env.device if env.backend == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+    return t.cpu()
+
+
+def _build_layer(args, ep: int, lane: str, bf16: bool):
+    from bench.benchmarks.moe import fused_moe_layer
+
+    _set_ep(ep)
+    layer = fused_moe_layer(_dims(args), lane, bf16, moe_backend=args.backend, expert_model_parallel_size=ep,
+                            moe_shared_expert_intermediate_size=args.shared_expert or None,
+                            **(dict(moe_router_enable_expert_bias=True, moe_router_score_function="sigmoid")
+                               if args.route_to_last_rank else {}))
     if args.route_to_last_rank:  # the bias only steers the choice; the gates stay the router's
         with torch.no_grad():
             layer.router_expert_bias.fill_(-1e4)
@@ -137,20 +158,14 @@ def measure_anchor(args, ep: int, env, bf16: bool) -> float:
     """fwd+bwd seconds (slowest rank) of Megatron's MoELayer with the local spec at this EP size."""
     from megatron.core.transformer.spec_utils import build_module
 
-    from bench.benchmarks.moe import Dims, megatron_moe_config
+    from bench.benchmarks.moe import megatron_moe_config
     from layer_specs.gpt import stock_moe_spec
-    from megatron_ext import compat
 
-    compat.destroy_model_parallel()
-    compat.initialize_model_parallel(1, 1, ep)
-    compat.seed_model_parallel(1234)
+    _set_ep(ep)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    dims = Dims(args.tokens_per_gpu, args.hidden, args.ffn, args.num_experts, args.topk)
-    config = megatron_moe_config(dims, expert_model_parallel_size=ep, bf16=bf16, params_dtype=dtype)
+    config = megatron_moe_config(_dims(args), expert_model_parallel_size=ep, bf16=bf16, params_dtype=dtype)
     layer = build_module(stock_moe_spec(), config=config).to(device=env.device, dtype=dtype).train()
-    g = torch.Generator(device="cpu").manual_seed(1000 + env.rank)
-    x = torch.randn(args.tokens_per_gpu, 1, args.hidden, generator=g).to(env.device, dtype).requires_grad_()
-    dy = torch.randn(x.shape, generator=g).to(env.device, dtype)
+    x, dy = _inputs(args, env, dtype)
     times = []
     for i in range(args.warmup + args.iters):
         t0 = _now(env.lane)
@@ -162,11 +177,7 @@ def measure_anchor(args, ep: int, env, bf16: bool) -> float:
         x.grad = None
         layer.zero_grad(set_to_none=True)
     mean = torch.tensor([sum(times) / len(times)], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        dev = env.device if env.backend == "nccl" else "cpu"
-        mean = mean.to(dev)
-        torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.MAX)
-    return float(mean.cpu()[0])
+    return float(_all_reduced(mean, env, torch.distributed.ReduceOp.MAX)[0])
 
 
 def measure(args, ep: int, env, bf16: bool) -> dict:
@@ -176,10 +187,7 @@ def measure(args, ep: int, env, bf16: bool) -> dict:
 
     watchdog = StepWatchdog(args.hang_dump_seconds, env.rank)
     layer = _build_layer(args, ep, env.lane, bf16)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    g = torch.Generator(device="cpu").manual_seed(1000 + env.rank)
-    x = torch.randn(args.tokens_per_gpu, 1, args.hidden, generator=g).to(env.device, dtype).requires_grad_()
-    dy = torch.randn(x.shape, generator=g).to(env.device, dtype)
+    x, dy = _inputs(args, env, torch.bfloat16 if bf16 else torch.float32)
     times = []
     recv_rows = []  # rows this rank's experts received, per forward
     for i in range(args.warmup + args.iters):
@@ -214,16 +222,9 @@ def measure(args, ep: int, env, bf16: bool) -> dict:
     # the slowest rank sets the pace of a step; bandwidths are averaged over ranks
     stats = torch.tensor([sum(step) / len(step), comm["dispatch"][0], comm["dispatch"][1],
                           comm["combine"][0], comm["combine"][1]], dtype=torch.float64)
-    mx, sm = stats.clone(), stats.clone()
-    fewest = torch.tensor([min(recv_rows)], dtype=torch.float64)
-    if torch.distributed.is_initialized():
-        dev = env.device if env.backend == "nccl" else "cpu"
-        mx, sm = mx.to(dev), sm.to(dev)
-        torch.distributed.all_reduce(mx, op=torch.distributed.ReduceOp.MAX)
-        torch.distributed.all_reduce(sm)
-        fewest = fewest.to(dev)
-        torch.distributed.all_reduce(fewest, op=torch.distributed.ReduceOp.MIN)
-        mx, sm, fewest = mx.cpu(), sm.cpu(), fewest.cpu()
+    mx = _all_reduced(stats.clone(), env, torch.distributed.ReduceOp.MAX)
+    sm = _all_reduced(stats.clone(), env)
+    fewest = _all_reduced(torch.tensor([min(recv_rows)], dtype=torch.float64), env, torch.distributed.ReduceOp.MIN)
     n = env.world_size
     row = {"ep": ep, "gpus": n, "tokens_per_gpu": args.tokens_per_gpu, "experts": args.num_experts,
            "local_experts": args.num_experts // ep, "topk": args.topk, "hidden": args.hidden, "ffn": args.ffn,
@@ -239,9 +240,7 @@ def measure(args, ep: int, env, bf16: bool) -> dict:
 
 def _profile(args, ep: int, env, layer, x, dy, calls: int = 3) -> None:
     """Kernels by GPU time and the middle step's timeline on this rank (see ``--profile-dir``)."""
-    import tempfile
-
-    from bench.timeline import gpu_events, kernel_averages, one_call, profile_calls
+    from bench.timeline import kernel_table, one_call, profile_calls, profiled_gpu_events
 
     def step():
         y, _ = layer(x)
@@ -252,18 +251,12 @@ def _profile(args, ep: int, env, layer, x, dy, calls: int = 3) -> None:
     layer.comm_timer = None
     torch.distributed.barrier()
     prof = profile_calls(step, calls, warmup=1)
-    events, total = kernel_averages(prof)
+    kernels, total = kernel_table(prof, calls, rows=30)
     lines = [f"EP={ep} rank {env.rank}: {total / calls / 1e3:.3f} ms of GPU work per step "
-             f"(all streams; NCCL kernels included)", f"{'ms/step':>9} {'share':>6} {'calls':>6}  kernel"]
-    lines += [f"{e.device_time_total / calls / 1e3:9.3f} {e.device_time_total / total:6.1%} "
-              f"{e.count // calls:6d}  {e.key[:110]}" for e in events[:30]]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            gpu = gpu_events(json.load(f))
+             f"(all streams; NCCL kernels included)", *kernels]
     try:
-        lines += ["", "the middle step in launch order:", one_call(gpu, calls).format(rows=200)]
+        lines += ["", "the middle step in launch order:",
+                  one_call(profiled_gpu_events(prof), calls).format(rows=200)]
     except ValueError as e:
         lines += ["", f"no timeline: {e}"]
     text = "\n".join(lines)

@@ -55,20 +55,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def build(args, modules: str, device: str):
-    from megatron_ext.config import from_preset
-    from megatron_ext.modules.moe import FusedMoELayer
+    from bench.benchmarks.moe import Dims, fused_moe_layer
     from megatron_ext.observability.moe_stats import STATE
-    from megatron_ext.training.model import transformer_config
 
     extra = dict(recompute_granularity="selective", recompute_modules=modules) if modules else {}
-    heads = max(h for h in (16, 8, 4, 2, 1) if args.hidden % h == 0)
-    cfg = from_preset("test", num_layers=1, hidden_size=args.hidden, num_attention_heads=heads,
-                      num_experts=args.num_experts, moe_ffn_hidden_size=args.ffn, moe_router_topk=args.topk,
-                      moe_backend=args.backend, moe_deterministic=args.deterministic,
-                      moe_shared_expert_intermediate_size=args.shared_expert or None, **extra)
     STATE.reset()
-    layer = FusedMoELayer(transformer_config(cfg, "cuda" if device == "cuda" else "cpu", device == "cuda"))
-    layer.set_layer_number(1)
+    layer = fused_moe_layer(Dims(args.tokens, args.hidden, args.ffn, args.num_experts, args.topk),
+                            "cuda" if device == "cuda" else "cpu", device == "cuda", moe_backend=args.backend,
+                            moe_deterministic=args.deterministic,
+                            moe_shared_expert_intermediate_size=args.shared_expert or None, **extra)
     return layer.to(device)
 
 

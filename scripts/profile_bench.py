@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from bench import harness
-    from bench.timeline import kernel_averages, profile_calls
+    from bench.timeline import kernel_table, profile_calls
 
     bench = harness.select([args.benchmark])[args.benchmark](small=False, device="cuda")
     cases = {c.name: c for c in bench.cases}
@@ -42,13 +42,10 @@ def main(argv=None) -> int:
         return 2
     fn = cases[args.case].setup()
     prof = profile_calls(fn, args.iters, warmup=5)
-    events, total = kernel_averages(prof)
+    lines, total = kernel_table(prof, args.iters, args.rows)
     print(f"{bench.name} / {args.case}: {total / args.iters / 1e3:.3f} ms of kernels per call "
           f"({bench.shape})")
-    print(f"{'ms/call':>9} {'share':>6} {'calls':>6}  kernel")
-    for e in events[:args.rows]:
-        print(f"{e.device_time_total / args.iters / 1e3:9.3f} {e.device_time_total / total:6.1%} "
-              f"{e.count // args.iters:6d}  {e.key[:110]}")
+    print("\n".join(lines))
     if args.graph:
         _eager_vs_graph(fn, args.iters)
     if args.timeline:
@@ -57,24 +54,15 @@ def main(argv=None) -> int:
 
 
 def _timeline(fn, rows: int, calls: int = 3) -> None:
-    import json
-    import os
-    import tempfile
-
     from bench.cases import CaseUnavailable, cuda_graph
-    from bench.timeline import gpu_events, one_call, profile_calls
+    from bench.timeline import one_call, profile_calls, profiled_gpu_events
 
     how = "replayed from a CUDA graph"
     try:
         call = cuda_graph(fn)
     except CaseUnavailable as e:
         call, how = fn, f"eager (cannot be captured: {' '.join(str(e).split())[:120]})"
-    prof = profile_calls(call, calls)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = gpu_events(json.load(f))
+    events = profiled_gpu_events(profile_calls(call, calls))
     print(f"timeline of one call ({how}, the middle of {calls}):")
     print(one_call(events, calls).format(rows=rows))
 

@@ -182,6 +182,22 @@ def megatron_moe_config(d: Dims, **overrides):
     return make_transformer_config(**fields)
 
 
+def fused_moe_layer(d: Dims, lane: str, bf16: bool, **fields):
+    """One :class:`FusedMoELayer` (layer 1 of 1) of shape ``d`` built the way ``megatron-ext train``
+    builds it: the ``test`` preset with ``fields`` (TrainConfig names, e.g. ``moe_backend``,
+    ``expert_model_parallel_size``) on top. Megatron's parallel state must exist already."""
+    from megatron_ext.config import from_preset
+    from megatron_ext.modules.moe import FusedMoELayer
+    from megatron_ext.training.model import transformer_config
+
+    heads = max(h for h in (16, 8, 4, 2, 1) if d.hidden % h == 0)
+    cfg = from_preset("test", num_layers=1, hidden_size=d.hidden, num_attention_heads=heads,
+                      num_experts=d.experts, moe_ffn_hidden_size=d.ffn, moe_router_topk=d.topk, **fields)
+    layer = FusedMoELayer(transformer_config(cfg, lane, bf16))
+    layer.set_layer_number(1)
+    return layer
+
+
 def _layer_step(build, d: Dims, device: str):
     """fwd + bwd of a Megatron MoE layer on ``[T, 1, H]`` bf16: ``build(config)`` makes the layer
     (after the world-size-1 model-parallel setup it needs) on the anchor's config."""

@@ -53,12 +53,13 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
     )
+    recompute_modules = parse_recompute_modules(cfg.recompute_modules)
     if cfg.recompute_granularity is not None:
         fields.update(recompute_granularity=cfg.recompute_granularity)
         if cfg.recompute_granularity == "full":
             fields.update(recompute_method=cfg.recompute_method, recompute_num_layers=cfg.recompute_num_layers)
-        elif cfg.recompute_modules:
-            fields.update(recompute_modules=parse_recompute_modules(cfg.recompute_modules))
+        elif recompute_modules:
+            fields.update(recompute_modules=recompute_modules)
     if cfg.num_experts:
         fields.update(
             num_moe_experts=cfg.num_experts,
@@ -82,7 +83,7 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_shared_expert_gate=bool(cfg.moe_shared_expert_gate),
             moe_token_dispatcher_type="alltoall",
             # Megatron accepts moe_act only with grouped-GEMM experts, which the fused layer is
-            moe_grouped_gemm="moe_act" in parse_recompute_modules(cfg.recompute_modules),
+            moe_grouped_gemm="moe_act" in recompute_modules,
             moe_router_dtype="fp32",
             moe_layer_freq=parse_moe_layer_freq(cfg.moe_layer_freq or 1),
         )
