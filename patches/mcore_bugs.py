@@ -220,3 +220,31 @@ def _dist_optimizer_mixed_dtype_index():
         self.model_param_group_index_map = index
 
     DistributedOptimizer.__init__ = __init__
+
+
+@patch("fused_moe_not_recomputed_as_mlp", lane="any",
+       reason="transformer_layer.TransformerLayer recognises an MoE layer by isinstance(mlp, MoELayer) "
+              "and checkpoints every other MLP whole under --recompute-modules mlp, so the fused MoE "
+              "layer (router, losses and statistics included) ran its forward again in backward, and "
+              "three times with 'moe' also set. Megatron's 'mlp' is the dense MLP's entry (an MoE "
+              "layer takes 'moe', 'moe_act', 'shared_experts'); the fused layer is left to those")
+def _fused_moe_not_recomputed_as_mlp():
+    import functools
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_ext import backends
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    original = TransformerLayer.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if getattr(self, "recompute_mlp", False) and isinstance(getattr(self, "mlp", None), FusedMoELayer):
+            self.recompute_mlp = False
+            backends.note("recompute_modules.mlp", "mlp", "dense MLPs only",
+                          "as in Megatron, 'mlp' checkpoints dense MLPs; the fused MoE layer takes "
+                          "'moe' (all after the router), 'moe_act' or 'shared_experts'")
+
+    TransformerLayer.__init__ = __init__

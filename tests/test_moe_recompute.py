@@ -186,6 +186,46 @@ def test_train_with_moe_recompute_gives_the_same_losses(tmp_path):
         assert "megatron_option.moe_grouped_gemm" not in records  # set for Megatron's moe_act check only
 
 
+def test_mlp_entry_recomputes_dense_mlps_not_the_fused_moe_layer(tmp_path, monkeypatch):
+    """Megatron's 'mlp' entry is the dense MLP's: a TransformerLayer checkpoints its MLP unless it is
+    Megatron's MoELayer, which the fused layer is not, so 'mlp' used to run the whole fused layer
+    (router and statistics included) again in backward. Now, as with Megatron's MoELayer, the dense
+    layer's MLP runs twice per step and the fused layer once (its own 'moe' entry recomputes what
+    follows the router inside it)."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    calls = {"dense": 0, "fused": 0, "routed": 0}
+
+    def counted(cls, name, key):
+        original = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            calls[key] += 1
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, wrapper)
+
+    counted(MLP, "forward", "dense")
+    counted(FusedMoELayer, "forward", "fused")
+    counted(FusedMoELayer, "_routed", "routed")
+    model = ["--train-iters", "3", "--eval-iters", "0", "--num-layers", "2", "--num-experts", "4",
+             "--moe-layer-freq", "[0,1]", "--moe-backend", "torch"]
+    assert train_inprocess(tmp_path / "plain", *model) == 0
+    once = dict(calls)
+    assert once["dense"] > 0 and once["fused"] == once["routed"] > 0, once
+    calls.update(dense=0, fused=0, routed=0)
+    run = tmp_path / "run"
+    assert train_inprocess(run, *model, "--recompute-granularity", "selective",
+                           "--recompute-modules", "mlp,moe") == 0
+    assert calls == {"dense": 2 * once["dense"], "fused": once["fused"], "routed": 2 * once["routed"]}, \
+        (once, calls)
+    records = {r["op"]: r for r in receipt(run)["backends"]}
+    assert records["recompute_modules.mlp"]["observed"] == "dense MLPs only"
+    assert records["moe_recompute"]["requested"] == "moe"
+    assert "fused_moe_not_recomputed_as_mlp" in receipt(run)["patches"]
+
+
 def _script(*argv):
     import subprocess
     import sys
