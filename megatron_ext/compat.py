@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import importlib.util
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from packaging.version import Version
 
@@ -85,11 +85,32 @@ def _known_fields(config_cls, fields: Dict[str, Any]):
     return config_cls(**{k: v for k, v in fields.items() if k in known})
 
 
-def make_transformer_config(config_cls=None, **fields: Any):
-    """A TransformerConfig (or subclass such as MLATransformerConfig) valid on this version."""
+def mcore_score_functions() -> Tuple[str, ...]:
+    """The router score functions this megatron-core's TransformerConfig names
+    (``moe_router_score_function``'s Literal: softmax and sigmoid; sqrtsoftplus from 0.19)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return _known_fields(config_cls or TransformerConfig, fields)
+    annotation = str({f.name: f.type for f in dataclasses.fields(TransformerConfig)}
+                     .get("moe_router_score_function", ""))
+    return tuple(fn for fn in ("softmax", "sigmoid", "sqrtsoftplus") if f"'{fn}'" in annotation)
+
+
+def make_transformer_config(config_cls=None, **fields: Any):
+    """A TransformerConfig (or subclass such as MLATransformerConfig) valid on this version.
+
+    A router score function this version does not know (``sqrtsoftplus`` before 0.19) is what
+    only the fused MoE layer reads: the config is validated with ``sigmoid``, which Megatron checks
+    the same way (the expert bias needs one of the two), and then holds the one asked for."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    score = fields.get("moe_router_score_function")
+    stand_in = score == "sqrtsoftplus" and score not in mcore_score_functions()
+    if stand_in:
+        fields = {**fields, "moe_router_score_function": "sigmoid"}
+    config = _known_fields(config_cls or TransformerConfig, fields)
+    if stand_in:
+        config.moe_router_score_function = score
+    return config
 
 
 def mla_transformer_config_class():

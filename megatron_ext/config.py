@@ -789,6 +789,14 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
                 raise _err(name, getattr(cfg, name), "only the fused MoE layer has it "
                            "(the stock baseline spec is Megatron's MoELayer + SequentialMLP)",
                            "--moe-impl fused")
+        from megatron_ext import compat
+
+        known = compat.mcore_score_functions()
+        if cfg.moe_router_score_function not in known:
+            raise _err("moe_router_score_function", cfg.moe_router_score_function,
+                       f"Megatron's MoELayer in megatron-core {compat.mcore_version()} knows "
+                       f"{list(known)} (sqrtsoftplus came with 0.19)",
+                       "--moe-impl fused, or megatron-core >= 0.19")
         return
     if cfg.moe_pad_expert_input_to_capacity:
         raise _err("moe_pad_expert_input_to_capacity", True, "the fused layer's grouped GEMM takes "

@@ -77,8 +77,15 @@ def _layers(tconfig):
     dict(moe_shared_expert_intermediate_size=24, moe_aux_loss_coeff=0.01),
     dict(moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True, moe_router_score_function="sigmoid",
          moe_router_topk_scaling_factor=2.0),
-], ids=["softmax_aux_z", "sigmoid_groups_scaled", "pre_softmax_capacity", "shared_expert", "shared_expert_gate"])
+    dict(moe_router_score_function="sqrtsoftplus", moe_router_topk_scaling_factor=1.5, moe_aux_loss_coeff=0.01),
+], ids=["softmax_aux_z", "sigmoid_groups_scaled", "pre_softmax_capacity", "shared_expert", "shared_expert_gate",
+        "sqrtsoftplus_aux"])
 def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
+    from megatron_ext import compat
+
+    score = moe.get("moe_router_score_function", "softmax")
+    if score not in compat.mcore_score_functions():
+        pytest.skip(f"Megatron's router in megatron-core {compat.mcore_version()} has no {score}")
     stock, fused = _layers(_tconfig(**moe))
     x = torch.randn(S, B, H, dtype=torch.float64).float()
     xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -181,6 +188,32 @@ def test_moe_config_errors(tmp_path, capsys, argv, message):
     assert main(["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), *argv]) != 0
     err = capsys.readouterr().err
     assert message in err, err
+
+
+def test_sqrtsoftplus_router_trains_on_every_megatron_core(tmp_path, capsys):
+    """Megatron 0.19's sqrtsoftplus gate with the aux-loss-free bias through the fused layer also
+    on a megatron-core whose config does not know it (0.16.1 validates the config with sigmoid, the
+    layer routes with sqrtsoftplus); Megatron's own MoELayer there is refused at config time."""
+    from megatron_ext import compat
+    from megatron_ext.cli import main
+
+    run = tmp_path / "sqrtsoftplus"
+    assert train_inprocess(run, *RUN, "--num-experts", "4", "--moe-router-score-function", "sqrtsoftplus",
+                           "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01",
+                           "--moe-router-topk-scaling-factor", "1.5") == 0
+    losses = train_losses(run)
+    assert losses[-1] < losses[0] - 0.3
+    moe = receipt(run)["moe"]
+    assert moe["router"]["score_function"] == "sqrtsoftplus"
+    assert moe["layers"]["1"]["expert_bias"]["mean_abs"] > 0
+    stock = ["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), "--num-experts", "4",
+             "--moe-impl", "megatron", "--moe-router-score-function", "sqrtsoftplus", "--train-iters", "2",
+             "--eval-iters", "0", "--lr-warmup-iters", "0"]
+    if "sqrtsoftplus" in compat.mcore_score_functions():
+        assert main([*stock, "--run-dir", str(tmp_path / "stock")]) == 0
+    else:
+        assert main(stock) != 0
+        assert "moe_router_score_function='sqrtsoftplus'" in capsys.readouterr().err
 
 
 def test_pregather_flag_reaches_the_layer_config():

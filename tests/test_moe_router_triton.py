@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_ext import backends  # noqa: E402
-from megatron_ext.ops.moe.routing import RouterConfig, _group_limited_topk, route  # noqa: E402
+from megatron_ext.ops.moe.routing import RouterConfig, _group_limited_topk, pointwise_scores, route  # noqa: E402
 
 needs_triton = triton_mark("megatron_ext.ops.moe.triton_moe")
 
@@ -34,7 +34,7 @@ def _fp64_gate(logits, k, mode, bias, normalize, scale, groups=None):
         idx = select(s)
         p = s.gather(1, idx)
     else:
-        s = torch.sigmoid(logits)
+        s = pointwise_scores(logits, mode)
         idx = select(s + (0 if bias is None else bias.double()))
         p = s.gather(1, idx)
         if normalize:
@@ -49,7 +49,7 @@ def _fp64_given_ids(logits, idx, mode, normalize, scale):
     elif mode == "pre_softmax":
         p = torch.softmax(logits, -1).gather(1, idx)
     else:
-        p = torch.sigmoid(logits).gather(1, idx)
+        p = pointwise_scores(logits, mode).gather(1, idx)
         if normalize:
             p = p / (p.sum(-1, keepdim=True) + 1e-20)
     return p * scale
@@ -70,7 +70,8 @@ def _assert_gpu_selection(idx, idx_ref, sel64, probs, p_ref, tol):
 
 
 GATES = [("softmax", False, False), ("pre_softmax", False, False), ("sigmoid", False, False),
-         ("sigmoid", True, False), ("sigmoid", True, True)]
+         ("sigmoid", True, False), ("sigmoid", True, True), ("sqrtsoftplus", False, False),
+         ("sqrtsoftplus", True, True)]
 
 
 @needs_triton
@@ -157,9 +158,35 @@ def test_topk_gate_ties_pick_distinct_lowest_ids():
     assert torch.allclose(probs[:2].cpu(), torch.full((2, 3), 1 / 3))
     # NaN ranks first, as in torch.topk; ids stay distinct and in range
     nan = torch.tensor([[0.1, 0.9, float("nan"), 0.3, 0.2]], device=DEVICE)
-    for mode in ("softmax", "sigmoid"):
+    for mode in ("softmax", "sigmoid", "sqrtsoftplus"):
         _, idx = topk_gate(nan, 3, mode)
         assert idx.cpu().tolist() == [[2, 1, 3]], mode
+
+
+@needs_triton
+def test_sqrtsoftplus_gate_exact_over_the_whole_range():
+    """sqrt(softplus(l)) from logits of -200 to 200 (where exp(l) underflows and where softplus is
+    l): every score within 2e-6 relative of fp64 (the GPU's exp and log are approximate), or
+    within 1e-19 where fp32 underflows (the GPU flushes denormals: scores below ~1e-19 are 0); the
+    gradient finite and equal to fp64's sigmoid(l) / (2 sqrt(softplus(l))) to the same tolerances."""
+    from megatron_ext.ops.moe.triton_router import topk_gate
+
+    row = torch.tensor([-200.0, -104.0, -90.0, -30.0, -16.0, -1e-3, 0.0, 3e-4, 0.7, 15.0, 25.0, 200.0],
+                       dtype=torch.float64)
+    E = row.numel()
+    logits = torch.stack([row, row.flip(0) * 0.5])
+    lf = logits.float().to(DEVICE).requires_grad_()
+    probs, idx = topk_gate(lf, E, "sqrtsoftplus")   # every expert, in descending order
+    dp = torch.randn(2, E, generator=_gen(3), dtype=torch.float64)
+    (probs.double() * dp.to(DEVICE)).sum().backward()
+    ref = logits.float().double()
+    want = torch.nn.functional.softplus(ref).sqrt().gather(1, idx.cpu())
+    assert torch.allclose(probs.double().cpu(), want, rtol=2e-6, atol=1e-19)
+    grad = torch.sigmoid(ref) / (2 * torch.nn.functional.softplus(ref).sqrt())
+    grad = torch.where(torch.nn.functional.softplus(ref) > 0, grad, 0.0)
+    dl = torch.zeros_like(ref).scatter(1, idx.cpu(), dp)
+    assert torch.isfinite(lf.grad).all()
+    assert torch.allclose(lf.grad.double().cpu(), dl * grad, rtol=2e-6, atol=1e-19)
 
 
 ROUTERS = [
@@ -172,12 +199,16 @@ ROUTERS = [
          topk_scaling_factor=2.5),
     dict(num_experts=8, topk=2, capacity_factor=0.75, drop_policy="probs",
          load_balancing_type="aux_loss", aux_loss_coeff=1e-2),
+    dict(num_experts=16, topk=4, score_function="sqrtsoftplus", enable_expert_bias=True,
+         topk_scaling_factor=2.0, num_groups=4, group_topk=2, load_balancing_type="aux_loss",
+         aux_loss_coeff=1e-2),
 ]
+ROUTER_IDS = ["softmax", "deepseek_v3", "pre_softmax_losses", "sigmoid_bias", "capacity",
+              "sqrtsoftplus_bias_groups"]
 
 
 @needs_triton
-@pytest.mark.parametrize("kw", ROUTERS, ids=["softmax", "deepseek_v3", "pre_softmax_losses",
-                                             "sigmoid_bias", "capacity"])
+@pytest.mark.parametrize("kw", ROUTERS, ids=ROUTER_IDS)
 def test_route_triton_equals_torch_lane(kw):
     """The whole router result through the fused gate equals the torch lane's: ids, kept pairs and
     counts exactly, gates, losses and the logits' gradient (gates + losses) to fp32 rounding."""
@@ -204,8 +235,7 @@ def test_route_triton_equals_torch_lane(kw):
 
 
 @needs_triton
-@pytest.mark.parametrize("kw", ROUTERS, ids=["softmax", "deepseek_v3", "pre_softmax_losses",
-                                             "sigmoid_bias", "capacity"])
+@pytest.mark.parametrize("kw", ROUTERS, ids=ROUTER_IDS)
 def test_route_replay_through_the_fused_gate_equals_the_torch_lane(kw):
     """Routing replay: the recorded ids (here a random other routing) pass through unchanged and
     the fused gate's gates, losses and logit gradients for them equal the torch lane's."""
@@ -271,7 +301,9 @@ def test_gpu_topk_gate_at_benchmark_shape(mode, normalize, with_bias):
     ref = logits.float().double()
     p_ref, idx_ref = _fp64_gate(ref, k, mode, bias, normalize, 1.0)
     sel64 = {"softmax": ref, "pre_softmax": torch.softmax(ref, -1),
-             "sigmoid": torch.sigmoid(ref) + (0 if bias is None else bias.double())}[mode]
+             "sigmoid": torch.sigmoid(ref), "sqrtsoftplus": pointwise_scores(ref, "sqrtsoftplus")}[mode]
+    if bias is not None:
+        sel64 = sel64 + bias.double()
     _assert_gpu_selection(idx, idx_ref, sel64, probs, p_ref, 1e-5)
     # the logit gradient, against fp64 on the kernel's own selection
     (probs.double() * dp).sum().backward()

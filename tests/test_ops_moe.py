@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from megatron_ext import backends  # noqa: E402
 from megatron_ext.ops import moe  # noqa: E402
 from megatron_ext.ops.moe import RouterConfig, route  # noqa: E402
+from megatron_ext.ops.moe.routing import pointwise_scores  # noqa: E402
 
 
 def _gen(seed=0):
@@ -222,6 +223,28 @@ def test_sigmoid_normalised_scaled_exact():
     torch.testing.assert_close(r.probs[0], torch.tensor([a, b]))
 
 
+def test_sqrtsoftplus_normalised_scaled_exact_with_bias():
+    """Megatron >= 0.19's sqrtsoftplus gate: sqrt(softplus(l)), the bias shifting the selection
+    only, gates normalised over the k chosen and scaled; by hand in fp64. Logits so low that fp32
+    softplus underflows (Megatron's expression gives NaN gradients there) score 0 with gradient 0."""
+    sq = lambda v: math.sqrt(math.log1p(math.exp(v)))  # noqa: E731
+    cfg = RouterConfig(num_experts=4, topk=2, score_function="sqrtsoftplus", enable_expert_bias=True,
+                       topk_scaling_factor=2.0).validate()
+    bias = torch.tensor([0.0, 0.0, 5.0, 0.0])   # lifts expert 2 into the selection
+    r = route(HAND, cfg, training=False, expert_bias=bias)
+    row = HAND[0].double().tolist()
+    assert r.indices[0].tolist() == [2, 1]
+    a, b = sq(row[2]), sq(row[1])
+    torch.testing.assert_close(r.probs[0].double(), torch.tensor([2 * a / (a + b), 2 * b / (a + b)],
+                                                                 dtype=torch.float64), rtol=1e-6, atol=0)
+    low = torch.tensor([[-300.0, -120.0, 1.0, 2.0]], requires_grad=True)
+    r = route(low, RouterConfig(num_experts=4, topk=4, score_function="sqrtsoftplus",
+                                normalize_topk=False).validate(), training=False)
+    r.probs.sum().backward()
+    assert r.probs[0, 2:].tolist() == [0.0, 0.0] and torch.isfinite(low.grad).all()
+    assert low.grad[0, :2].tolist() == [0.0, 0.0] and (low.grad[0, 2:] > 0).all()
+
+
 def test_bf16_logits_give_fp32_outputs_and_grad():
     logits = _randn(33, 8, g=_gen(5), dtype=torch.bfloat16).requires_grad_(True)
     cfg = RouterConfig(num_experts=8, topk=2, load_balancing_type="aux_loss",
@@ -242,7 +265,7 @@ def _aux_formula(logits, indices, E, k, coeff, score_function="softmax"):
     if score_function == "softmax":
         s = torch.softmax(lg, -1)
     else:
-        s = torch.sigmoid(lg)
+        s = torch.sigmoid(lg) if score_function == "sigmoid" else torch.nn.functional.softplus(lg).sqrt()
         s = s / s.sum(-1, keepdim=True)
     total = 0.0
     for e in range(E):
@@ -252,7 +275,7 @@ def _aux_formula(logits, indices, E, k, coeff, score_function="softmax"):
     return coeff * E * total
 
 
-@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid", "sqrtsoftplus"])
 def test_aux_loss_and_z_loss_equal_formulas(score_function):
     logits = _randn(45, 6, g=_gen(6), scale=2.0)
     cfg = RouterConfig(num_experts=6, topk=2, score_function=score_function,
@@ -417,14 +440,15 @@ def test_dropped_pairs_contribute_zero_to_moe_ffn():
 
 # ------------------------------------------------------------------------ router: groups, noise
 
-@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid", "sqrtsoftplus"])
 def test_group_limited_experts_lie_in_top_groups(score_function):
     T, E, G, g_top, k = 57, 16, 4, 2, 4
     logits = _randn(T, E, g=_gen(15), scale=2.0)
     cfg = RouterConfig(num_experts=E, topk=k, score_function=score_function, num_groups=G,
                        group_topk=g_top, pre_softmax=score_function == "softmax").validate()
     r = route(logits, cfg, training=False)
-    s = torch.softmax(logits, -1) if score_function == "softmax" else torch.sigmoid(logits)
+    s = torch.softmax(logits, -1) if score_function == "softmax" else \
+        pointwise_scores(logits, score_function)
     gs = s.view(T, G, E // G).topk(k // g_top, dim=-1).values.sum(-1)
     top_groups = gs.topk(g_top, dim=-1).indices
     allowed = (r.indices // (E // G))[:, :, None] == top_groups[:, None, :]

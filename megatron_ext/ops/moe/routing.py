@@ -9,7 +9,9 @@ Options (field names follow Megatron's ``moe_router_*`` / ``moe_*`` config, see
 * score function: ``softmax`` (Switch/GShard; ``pre_softmax`` picks top-k on the full softmax,
   else softmax over the k chosen logits) or ``sigmoid`` (DeepSeek-V3 eq. 15-16: top-k of
   sigmoid scores, normalised over the k chosen when ``normalize_topk`` and k > 1, times
-  ``topk_scaling_factor``, DeepSeek's ``route_scale``).
+  ``topk_scaling_factor``, DeepSeek's ``route_scale``), or ``sqrtsoftplus`` (Megatron >= 0.19:
+  ``sqrt(softplus(l))`` in place of the sigmoid, everything else as for sigmoid, the expert bias
+  included).
 * group-limited routing (DeepSeek-V2 device-limited / DeepSeek-V3 node-limited): experts split into
   ``num_groups`` equal groups; a group's score is the sum of its top ``max(1, topk // group_topk)``
   selection scores (Megatron; DeepSeek-V3's top-2 with k=8, 4 groups); the token picks the
@@ -22,8 +24,8 @@ Options (field names follow Megatron's ``moe_router_*`` / ``moe_*`` config, see
       f_e = (#(token, choice) pairs routed to e) / (T * k)      (fraction over the k choices)
       P_e = mean_t s[t, e]                                      (mean router prob over tokens)
 
-  with ``s`` the softmax over all E (or, for sigmoid, the sigmoid scores normalised over E,
-  as Megatron does). ``seq_aux_loss`` (DeepSeek-V3 eq. 17-20) applies the same formula within
+  with ``s`` the softmax over all E (or, for sigmoid and sqrtsoftplus, the scores normalised
+  over E, as Megatron does). ``seq_aux_loss`` (DeepSeek-V3 eq. 17-20) applies the same formula within
   each sequence and averages over sequences. ``global_aux_loss`` (arXiv 2501.11873) takes f_e
   from counts over the global batch (passed in) and P_e from the local tokens.
   f_e counts the *actual* selection (bias and groups included, before capacity dropping).
@@ -56,7 +58,10 @@ from megatron_ext import backends
 
 Tensor = torch.Tensor
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid")
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+# the score functions whose gates are the selected scores themselves (normalised over the k
+# chosen when normalize_topk and k > 1), which the aux-loss-free bias may shift
+POINTWISE_SCORES = ("sigmoid", "sqrtsoftplus")
 LOAD_BALANCING_TYPES = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn")
 DROP_POLICIES = ("probs", "position")
 _AUX_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
@@ -142,12 +147,12 @@ class RouterConfig:
         if self.z_loss_coeff is not None and not self.z_loss_coeff >= 0:
             raise _bad("z_loss_coeff", self.z_loss_coeff, "must be >= 0", "None or a float >= 0")
         if self.enable_expert_bias:
-            if self.score_function != "sigmoid":
-                # Megatron validates the same: the bias shifts sigmoid scores, which are not
+            if self.score_function not in POINTWISE_SCORES:
+                # Megatron validates the same: the bias shifts per-expert scores, which are not
                 # renormalised across experts, so a constant shift has a fixed meaning
-                raise _bad("enable_expert_bias", True, "aux-loss-free balancing biases sigmoid "
-                           f"scores (DeepSeek-V3); score_function={self.score_function!r}",
-                           "score_function='sigmoid' or enable_expert_bias=False")
+                raise _bad("enable_expert_bias", True, "aux-loss-free balancing biases sigmoid or "
+                           f"sqrtsoftplus scores (DeepSeek-V3); score_function={self.score_function!r}",
+                           "score_function='sigmoid' or 'sqrtsoftplus', or enable_expert_bias=False")
             if self.load_balancing_type == "sinkhorn":
                 raise _bad("enable_expert_bias", True, "Sinkhorn already balances the selection",
                            "enable_expert_bias=False with load_balancing_type='sinkhorn'")
@@ -330,8 +335,19 @@ def _capacity_keep(probs: Tensor, indices: Tensor, counts: Tensor, capacity: int
 def _aux_scores(logits: Tensor, cfg: RouterConfig) -> Tensor:
     if cfg.score_function == "softmax":
         return torch.softmax(logits, dim=-1)
-    s = torch.sigmoid(logits)
+    s = pointwise_scores(logits, cfg.score_function)
     return s / (s.sum(-1, keepdim=True) + 1e-20)
+
+
+def pointwise_scores(logits: Tensor, score_function: str) -> Tensor:
+    """Per-expert scores of the ``POINTWISE_SCORES`` functions, as Megatron computes them. Where
+    softplus underflows to 0 (fp32 logits below about -104) the score is 0 with gradient 0:
+    ``softplus(l).sqrt()`` alone would give ``0 * inf = NaN`` there."""
+    if score_function == "sigmoid":
+        return torch.sigmoid(logits)
+    sp = torch.nn.functional.softplus(logits)
+    pos = sp > 0
+    return torch.where(pos, torch.where(pos, sp, 1.0).sqrt(), 0.0)
 
 
 def _gate_key(logits: Tensor, cfg: RouterConfig):
@@ -377,11 +393,11 @@ def _fused_selection(logits: Tensor, cfg: RouterConfig, expert_bias: Optional[Te
     from megatron_ext.ops.moe.triton_router import GateUnavailable, topk_gate
 
     k = cfg.topk
-    mode = "sigmoid" if cfg.score_function == "sigmoid" else (
-        "pre_softmax" if cfg.pre_softmax else "softmax")
+    pointwise = cfg.score_function in POINTWISE_SCORES
+    mode = cfg.score_function if pointwise else ("pre_softmax" if cfg.pre_softmax else "softmax")
     scale = cfg.topk_scaling_factor
     try:
-        return topk_gate(logits, k, mode, expert_bias, mode == "sigmoid" and cfg.normalize_topk
+        return topk_gate(logits, k, mode, expert_bias, pointwise and cfg.normalize_topk
                          and k > 1, 1.0 if scale is None else scale, cfg.num_groups,
                          cfg.group_topk, replay)
     except GateUnavailable as exc:
@@ -400,7 +416,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
           num_seqs: Optional[int] = None, backend: str = "auto") -> RoutingResult:
     """Route ``logits`` [T, E] (any float dtype) -> :class:`RoutingResult` (fp32 probs).
 
-    ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid scores for
+    ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid/sqrtsoftplus scores for
     selection only. ``seq_ids`` [T] int: sequence of each token, needed for ``seq_aux_loss``
     (see :func:`seq_ids_for_layout`, :func:`seq_ids_from_lengths`); ``num_seqs``: how many sequences
     ``seq_ids`` numbers (default: its largest id + 1, read on the host). ``global_tokens_per_expert``
@@ -472,7 +488,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
             indices = _select(logits, cfg) if replay_indices is None else replay_indices
             probs = torch.softmax(logits.gather(1, indices), dim=-1)
     else:
-        scores = torch.sigmoid(logits)
+        scores = pointwise_scores(logits, cfg.score_function)
         sel = scores if expert_bias is None else scores + expert_bias.float().detach()
         indices = _select(sel, cfg) if replay_indices is None else replay_indices
         probs = scores.gather(1, indices)

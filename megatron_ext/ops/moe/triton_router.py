@@ -10,6 +10,7 @@ Per token (a row of ``E`` logits ``l``), ``mode``:
 * ``"sigmoid"`` (DeepSeek-V3): ``s = sigmoid(l)``, select on ``s + bias`` (the aux-loss-free
   bias, selection only), gates = the selected ``s``, divided by their sum + 1e-20 when
   ``normalize``.
+* ``"sqrtsoftplus"`` (Megatron >= 0.19): as ``"sigmoid"`` with ``s = sqrt(softplus(l))``.
 
 Any mode may select group-limited (DeepSeek-V2/V3): the experts of the ``group_topk`` groups whose
 top ``max(1, k // group_topk)`` selection values sum highest. Routing replay passes the ids
@@ -35,7 +36,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MODES = {"softmax": 0, "pre_softmax": 1, "sigmoid": 2}
+MODES = {"softmax": 0, "pre_softmax": 1, "sigmoid": 2, "sqrtsoftplus": 3}
+# the modes whose gates are per-expert scores (MODES >= 2), which the expert bias may shift
+POINTWISE_MODES = ("sigmoid", "sqrtsoftplus")
 
 
 class GateUnavailable(RuntimeError):
@@ -108,6 +111,17 @@ def _group_allowed(sel, free, ex, E, G: tl.constexpr, G_PAD: tl.constexpr,
 
 
 @triton.jit
+def _sqrt_softplus(l):
+    """``sqrt(softplus(l))`` for fp32 ``l`` (``-inf`` -> 0): ``softplus(l) = max(l, 0) +
+    log1p(exp(-|l|))``, with ``log1p(x) = log(u) * x / (u - 1)``, ``u = 1 + x`` (exact to a few
+    ulps where ``log(1 + x)`` alone would lose the small ``x`` of large ``|l|``)."""
+    x = tl.exp(-tl.abs(l))
+    u = 1.0 + x
+    log1p = tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+    return tl.sqrt(tl.maximum(l, 0.0) + log1p)
+
+
+@triton.jit
 def _topk_gate_fwd_kernel(L, BIAS, GIVEN_IDX, IDX, PROBS, T, E, stride_l, scale,
                           K: tl.constexpr, K_PAD: tl.constexpr, MODE: tl.constexpr,
                           HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, GIVEN: tl.constexpr,
@@ -126,8 +140,11 @@ def _topk_gate_fwd_kernel(L, BIAS, GIVEN_IDX, IDX, PROBS, T, E, stride_l, scale,
         p = tl.exp(l - tl.max(l, 1)[:, None])
         src = p / tl.sum(p, 1)[:, None]
         sel = src
-    elif MODE == 2:
-        src = tl.sigmoid(l)
+    elif MODE >= 2:
+        if MODE == 2:
+            src = tl.sigmoid(l)
+        else:
+            src = _sqrt_softplus(l)
         sel = src
         if HAS_BIAS:
             sel = sel + tl.load(BIAS + ex, mask=em, other=0.0)[None, :]
@@ -206,12 +223,19 @@ def _topk_gate_bwd_kernel(L, IDX, DP, DL, T, E, stride_l, scale,
             p = tl.where(km, e / tl.sum(e, 1)[:, None], 0.0)
             d_sel = p * (g - tl.sum(p * g, 1)[:, None])
         else:
-            s = tl.where(km, tl.sigmoid(l_sel), 0.0)
+            sig = tl.sigmoid(l_sel)
+            if MODE == 2:
+                s = tl.where(km, sig, 0.0)
+                ds_dl = s * (1.0 - s)
+            else:
+                # d sqrt(softplus(l)) / dl = sigmoid(l) / (2 sqrt(softplus(l))); 0 where it underflows
+                s = tl.where(km, _sqrt_softplus(l_sel), 0.0)
+                ds_dl = tl.where(s > 0.0, sig / (2.0 * tl.where(s > 0.0, s, 1.0)), 0.0)
             ds = g
             if NORMALIZE:
                 den = tl.sum(s, 1)[:, None] + 1e-20
                 ds = g / den - tl.sum(g * s, 1)[:, None] / (den * den)
-            d_sel = tl.where(km, ds * s * (1.0 - s), 0.0)
+            d_sel = tl.where(km, ds * ds_dl, 0.0)
         dl = _to_experts(d_sel, ids, kk, ex, K, BLOCK_T, E_PAD)
     tl.store(DL + r64[:, None] * E + ex[None, :], dl, mask=rm[:, None] & em[None, :])
 
@@ -267,7 +291,8 @@ def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
               group_topk: Optional[int] = None,
               indices: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(probs [T, k] fp32, indices [T, k] int64)`` for fp32 ``logits [T, E]`` (see the module
-    docstring; ``bias`` [E] fp32 is used for ``mode="sigmoid"`` selection only, no gradient).
+    docstring; ``bias`` [E] fp32 is used for the selection of ``mode="sigmoid"`` or
+    ``"sqrtsoftplus"`` only, no gradient).
     ``num_groups`` / ``group_topk``: group-limited selection as ``routing.route`` does it (the
     sum of each group's top ``max(1, k // group_topk)`` selection values ranks the groups, the k
     experts come from the ``group_topk`` best). ``indices [T, k]`` (routing replay): no
@@ -287,9 +312,9 @@ def topk_gate(logits: Tensor, k: int, mode: str, bias: Optional[Tensor] = None,
                              f"1 <= group_topk <= num_groups with k={k} <= group_topk * E / "
                              f"num_groups")
         groups = (G, min(max(1, k // g), E // G), g)
-    if bias is not None and mode != "sigmoid":
-        raise ValueError(f"bias given with mode={mode!r}: the expert bias steers the sigmoid "
-                         f"gate's selection only; use mode='sigmoid' or bias=None")
+    if bias is not None and mode not in POINTWISE_MODES:
+        raise ValueError(f"bias given with mode={mode!r}: the expert bias steers the selection "
+                         f"of per-expert scores only; use mode in {list(POINTWISE_MODES)} or bias=None")
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     if bias is not None:
