@@ -111,6 +111,62 @@ def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
             torch.testing.assert_close(fused.shared_gate_weight.grad, shared.gate_weight.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("moe", [
+    dict(moe_aux_loss_coeff=0.05, moe_z_loss_coeff=0.01),
+    dict(moe_router_score_function="sigmoid", moe_router_load_balancing_type="seq_aux_loss",
+         moe_aux_loss_coeff=0.05, moe_z_loss_coeff=0.01),
+    dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.05),
+], ids=["aux_z", "sigmoid_seq_aux_z", "global_aux"])
+def test_padding_mask_leaves_padding_out_of_the_losses_as_megatron(megatron_world, moe):
+    """Megatron's padding_mask ([b, s], True = padding; SFT batches): padding tokens are routed but
+    left out of the aux losses and the z-loss. Same output and every gradient (the losses reach the
+    router weight) as Megatron's MoELayer given the same mask; and the losses differ from the
+    unmasked run, so the mask is not ignored."""
+    stock, fused = _layers(_tconfig(**moe))
+    torch.manual_seed(5)
+    x = torch.randn(S, B, H)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[0, -3:] = True   # the first sequence ends in three pad tokens, the second in one
+    pad[1, -1] = True
+    g = torch.randn(S, B, H)
+    grads = []
+    for layer, mask in ((stock, pad), (fused, pad), (fused, None)):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y, _ = layer(xi, padding_mask=mask)
+        y.backward(g)
+        w = layer.router.weight.grad if layer is stock else layer.router_weight.grad
+        grads.append((y.detach(), xi.grad, w.clone()))
+    (ys, dxs, dws), (yf, dxf, dwf), (_, _, dw_unmasked) = grads
+    torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dxf, dxs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dwf, dws, rtol=1e-5, atol=1e-6)
+    assert (dwf - dw_unmasked).abs().max() > 1e-6
+
+
+def test_padding_mask_leaves_padding_out_of_the_load_and_the_bias_update(megatron_world):
+    """With the aux-loss-free bias the load that moves it counts only real tokens (Megatron's
+    own bias update cannot take a padding mask in 0.16-0.19: it broadcasts [T] against [T, E]);
+    a bad mask shape is an error naming it."""
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    layer = FusedMoELayer(_tconfig(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True))
+    layer.set_layer_number(1)
+    torch.manual_seed(6)
+    x = torch.randn(S, B, H)
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, 2:] = True
+    layer(x.clone().requires_grad_(), padding_mask=pad)[0].sum().backward()
+    masked = layer.router_load_accum.clone()
+    layer.router_load_accum.zero_()
+    layer(x.clone().requires_grad_())[0].sum().backward()
+    full = layer.router_load_accum.clone()
+    real = int((~pad).sum())
+    assert masked.sum().item() == real * 2 and full.sum().item() == S * B * 2   # topk = 2
+    with pytest.raises(ValueError, match=r"padding_mask.shape=\(8, 2\)"):
+        layer(x, padding_mask=pad.t())
+
+
 def test_expert_weights_are_drawn_per_global_expert_and_layer(megatron_world):
     from megatron_ext.modules.moe import FusedMoELayer
 

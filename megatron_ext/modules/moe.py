@@ -10,6 +10,8 @@ Math (Switch Transformer eq. 1-2, arXiv 2101.03961; DeepSeekMoE shared experts, 
 
 Drop-in for the ``mlp`` submodule of a TransformerLayer spec on megatron-core 0.16.1 and 0.19.2:
 called as ``mlp(hidden_states [s, b, h], padding_mask=...)``, returns ``(output [s, b, h], None)``.
+``padding_mask`` (``[b, s]``, True = padding, as Megatron passes it) leaves padding tokens out of
+the load, the aux losses and the z-loss, as Megatron's router does; they are still routed.
 Experts live as grouped weights ``w1 [E_local, H, 2F]``, ``w2 [E_local, F, H]`` drawn from a
 generator seeded by (seed, layer, *global* expert id), so every EP size builds the same model;
 they carry ``allreduce=False`` (Megatron's expert-parallel tag), so DDP reduces their grads over
@@ -517,6 +519,7 @@ class FusedMoELayer(MegatronModule):
             hidden_full = hidden_states
         s = logits.shape[0] // b
         x = hidden_full.reshape(-1, h)
+        valid = self._valid_tokens(padding_mask, s_local, b)
 
         replay = None
         mb = None
@@ -541,13 +544,18 @@ class FusedMoELayer(MegatronModule):
             # data-parallel replicas (a collective, no host sync); the selection is then replayed
             with torch.no_grad():
                 first = route(logits.detach(), cfg, training=training, expert_bias=bias,
-                              replay_indices=replay, generator=gen, backend=gate)
+                              replay_indices=replay, generator=gen, valid=valid, backend=gate)
                 g_load = first.load.clone()
                 torch.distributed.all_reduce(g_load, group=self.dp_group)
-            replay, g_tokens = first.indices, s * b * dp
+                if valid is None:
+                    g_tokens = s * b * dp
+                else:
+                    g_tokens = valid.float().sum()
+                    torch.distributed.all_reduce(g_tokens, group=self.dp_group)
+            replay = first.indices
         res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
                     replay_indices=replay, global_tokens_per_expert=g_load, global_num_tokens=g_tokens,
-                    generator=gen, num_seqs=b, backend=gate)
+                    generator=gen, num_seqs=b, valid=valid, backend=gate)
 
         if mb is not None and tracked:
             if STATE.trace_out is not None:
@@ -597,6 +605,20 @@ class FusedMoELayer(MegatronModule):
                 STATE.record(self.layer_number or 0, res.load, (~res.kept).sum(), res.kept.numel(),
                              res.aux_loss, res.z_loss, sat)
         return out, None
+
+    def _valid_tokens(self, padding_mask: Optional[Tensor], s_local: int, b: int) -> Optional[Tensor]:
+        """Megatron's ``padding_mask`` (``[b, s]``, this rank's sequence part under sequence
+        parallel; True marks padding) as ``[s * b]`` bool in the router's token order, True for a
+        real token (gathered over TP like the logits), or None."""
+        if padding_mask is None:
+            return None
+        if tuple(padding_mask.shape) != (b, s_local):
+            raise ValueError(f"padding_mask.shape={tuple(padding_mask.shape)}: one flag per token of "
+                             f"the layer input [s={s_local}, b={b}]; use [{b}, {s_local}] (True = padding)")
+        valid = ~padding_mask.to(torch.bool).t()
+        if self.tp_size > 1:
+            valid = gather_from_sequence_parallel_region(valid.float().contiguous(), group=self.tp_group) > 0.5
+        return valid.reshape(-1)
 
     def _attach_losses(self, out: Tensor, res) -> Tensor:
         """The TP ranks hold the same losses and the logits' gather sums their gradients over TP,

@@ -413,7 +413,8 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
           global_num_tokens: Optional[int] = None,
           generator: Optional[torch.Generator] = None,
           replay_indices: Optional[Tensor] = None,
-          num_seqs: Optional[int] = None, backend: str = "auto") -> RoutingResult:
+          num_seqs: Optional[int] = None, valid: Optional[Tensor] = None,
+          backend: str = "auto") -> RoutingResult:
     """Route ``logits`` [T, E] (any float dtype) -> :class:`RoutingResult` (fp32 probs).
 
     ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid/sqrtsoftplus scores for
@@ -425,6 +426,10 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     expert ids instead of selecting (routing replay); gates, losses and capacity are computed for
     them from the current logits, so gradients flow as in the recorded run. Losses are computed whenever configured;
     the caller attaches them to the loss only in training (Megatron does the same check).
+    ``valid`` [T] bool (Megatron's ``padding_mask`` inverted: True for a real token): padding
+    tokens are still routed, but the load (and so the expert-bias update and the statistics), the
+    aux losses and the z-loss count only the valid ones, as Megatron's router does; with
+    ``seq_aux_loss`` every sequence is weighted by the batch's mean valid length, as Megatron's.
     ``backend``: the selection and gates through the fused top-k gate (``"triton"``, see
     :mod:`.triton_router`), the torch expressions below (``"torch"``, the spec), or the first that
     can run (``"auto"``: the fused gate on CUDA, except for Sinkhorn).
@@ -498,34 +503,52 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         probs = probs * scale
 
     chosen = expert_counts(indices, E)   # pairs per expert before any drop
-    load = chosen.float()
+    if valid is not None:
+        valid = valid.reshape(-1).to(device=logits.device, dtype=torch.bool)
+        if valid.shape[0] != T:
+            raise ValueError(f"valid.shape={tuple(valid.shape)}: one flag per token; use [{T}]")
+        vf = valid.float()
+        n_valid = vf.sum().clamp(min=1.0)
+        load = expert_counts(indices, E, valid[:, None].expand(T, k)).float()
+    else:
+        load = chosen.float()
 
     # --- losses (fp32 scalars with grad to the logits)
     zero = logits.new_zeros(())
     aux_loss = zero
     if cfg.load_balancing_type in _AUX_TYPES and cfg.aux_loss_coeff > 0:
         s = _aux_scores(logits, cfg)
+        if valid is not None:
+            s = s * vf[:, None]
+        n_tokens = T if valid is None else n_valid
+        p_mean = s.mean(0) if valid is None else s.sum(0) / n_valid   # P_e over the valid tokens
         if cfg.load_balancing_type == "aux_loss":
-            aux_loss = cfg.aux_loss_coeff * E * ((load / (T * k)) * s.mean(0)).sum()
+            aux_loss = cfg.aux_loss_coeff * E * ((load / (n_tokens * k)) * p_mean).sum()
         elif cfg.load_balancing_type == "global_aux_loss":
             g_load = load if global_tokens_per_expert is None else global_tokens_per_expert.float()
-            g_T = T if global_num_tokens is None else global_num_tokens
-            aux_loss = cfg.aux_loss_coeff * E * ((g_load / (g_T * k)) * s.mean(0)).sum()
+            g_T = n_tokens if global_num_tokens is None else global_num_tokens
+            aux_loss = cfg.aux_loss_coeff * E * ((g_load / (g_T * k)) * p_mean).sum()
         else:
             seq_ids = seq_ids.to(logits.device).long()
             S = num_seqs if num_seqs is not None else (int(seq_ids.max()) + 1 if T else 0)
             counts = torch.zeros(S, E, device=logits.device)
             counts.index_put_((seq_ids[:, None].expand(T, k), indices),
-                              torch.ones(T, k, device=logits.device), accumulate=True)
+                              torch.ones(T, k, device=logits.device) if valid is None
+                              else vf[:, None].expand(T, k), accumulate=True)
             prob_sum = torch.zeros(S, E, device=logits.device).index_add(0, seq_ids, s)
-            n_tok = expert_counts(seq_ids, S).float()
+            if valid is not None:
+                # Megatron: every sequence weighted by the batch's mean valid length
+                n_tok = (n_valid / max(S, 1)).expand(S)
+            else:
+                n_tok = expert_counts(seq_ids, S).float()
             # mean over the sequences that have tokens (masked, not indexed: no host sync)
             present = (n_tok > 0).float()
             per_seq = E * (counts * prob_sum).sum(-1) / (k * n_tok.clamp(min=1.0) ** 2)
             aux_loss = cfg.aux_loss_coeff * (per_seq * present).sum() / present.sum().clamp(min=1.0)
     z_loss = zero
     if cfg.z_loss_coeff:
-        z_loss = cfg.z_loss_coeff * torch.logsumexp(logits, dim=-1).square().mean()
+        z = torch.logsumexp(logits, dim=-1).square()
+        z_loss = cfg.z_loss_coeff * (z.mean() if valid is None else (z * vf).sum() / n_valid)
 
     # --- capacity
     capacity = None
