@@ -1,4 +1,5 @@
-"""``moe_router`` / ``moe_router_dsv3``: the router's selection and gates, forward + backward.
+"""``moe_router`` / ``moe_router_dsv3`` / ``moe_router_sqrtsoftplus``: the router's selection and
+gates, forward + backward.
 
 The timed call is ``route()`` on fp32 logits ``[T, E]`` (training, no aux loss, dropless) and the
 backward of ``sum(probs * w)`` into the logits: everything of the router after its GEMM.
@@ -6,7 +7,8 @@ backward of ``sum(probs * w)`` into the logits: everything of the router after i
 Shapes: ``moe_router`` T=8192 tokens, E=64, top-6, top-k then softmax (the ``moe`` benchmark's
 router); ``moe_router_dsv3`` T=8192, E=256, top-8, DeepSeek-V3's router (sigmoid scores, expert
 bias for selection, 8 groups of which the top 4 by the sum of their top-2 scores, gates normalised
-over the k and scaled by 2.5).
+over the k and scaled by 2.5); ``moe_router_sqrtsoftplus`` the same router with Megatron 0.19's
+``sqrt(softplus(l))`` scores in place of the sigmoid.
 
 anchor = ``route(backend="torch")``: the torch expressions of ``megatron_ext.ops.moe.routing``
          (softmax / sigmoid, ``torch.topk``, group scores, gather, normalisation) and their
@@ -44,6 +46,8 @@ SOFTMAX = RouterDims(8192, 64, 6, ())
 DSV3 = RouterDims(8192, 256, 8, (("score_function", "sigmoid"), ("enable_expert_bias", True),
                                  ("topk_scaling_factor", 2.5), ("num_groups", 8),
                                  ("group_topk", 4)))
+
+SQRTSOFTPLUS = dataclasses.replace(DSV3, kw=(("score_function", "sqrtsoftplus"),) + DSV3.kw[1:])
 
 
 def _setup(d: RouterDims, device: str, backend: str):
@@ -102,3 +106,9 @@ def moe_router(small: bool = False, device: str = "cuda") -> Benchmark:
 def moe_router_dsv3(small: bool = False, device: str = "cuda") -> Benchmark:
     return _benchmark("moe_router_dsv3", DSV3, "DeepSeek-V3: sigmoid + bias, 8 groups / top-4, "
                       "normalised, x2.5", small, device)
+
+
+@register
+def moe_router_sqrtsoftplus(small: bool = False, device: str = "cuda") -> Benchmark:
+    return _benchmark("moe_router_sqrtsoftplus", SQRTSOFTPLUS, "sqrt(softplus) + bias, 8 groups / "
+                      "top-4, normalised, x2.5", small, device)
