@@ -248,3 +248,26 @@ def _fused_moe_not_recomputed_as_mlp():
                           "'moe' (all after the router), 'moe_act' or 'shared_experts'")
 
     TransformerLayer.__init__ = __init__
+
+
+@patch("checkpoint_without_output_no_te", lane="any",
+       reason="tensor_parallel.random.CheckpointWithoutOutput sets self.fp8 = (fp8 is not None), so its "
+              "default fp8=False reads as FP8 on and its forward calls Transformer Engine's "
+              "FP8GlobalStateManager, a name bound only when TE imports: selective recompute of the "
+              "layer norms (--recompute-modules layernorm) died with a NameError without TE. Without "
+              "TE there is no FP8, so the flag is off")
+def _checkpoint_without_output_no_te():
+    import functools
+
+    import megatron.core.tensor_parallel.random as rnd
+
+    if getattr(rnd, "HAVE_TE", False):
+        return
+    original = rnd.CheckpointWithoutOutput.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.fp8 = False
+
+    rnd.CheckpointWithoutOutput.__init__ = __init__

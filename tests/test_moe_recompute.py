@@ -226,6 +226,36 @@ def test_mlp_entry_recomputes_dense_mlps_not_the_fused_moe_layer(tmp_path, monke
     assert "fused_moe_not_recomputed_as_mlp" in receipt(run)["patches"]
 
 
+def test_layernorm_entry_recomputes_the_norms_without_transformer_engine(tmp_path, monkeypatch):
+    """Megatron's 'layernorm' entry (CheckpointWithoutOutput around each layer's two input norms)
+    died with a NameError without Transformer Engine (patch checkpoint_without_output_no_te): now
+    each norm of the layers runs twice per step (the final norm once) and the losses equal the
+    run without recompute."""
+    from megatron_ext.modules.norm import Norm
+
+    calls = {"norm": 0}
+    original = Norm.forward
+
+    def counted(self, *args, **kwargs):
+        calls["norm"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Norm, "forward", counted)
+    model = ["--train-iters", "3", "--eval-iters", "0", "--num-layers", "2"]
+    assert train_inprocess(tmp_path / "plain", *model) == 0
+    once = calls["norm"]
+    calls["norm"] = 0
+    run = tmp_path / "run"
+    assert train_inprocess(run, *model, "--recompute-granularity", "selective",
+                           "--recompute-modules", "layernorm") == 0
+    assert once > 0 and once % 5 == 0, once   # 2 layers x 2 norms + the final norm, per micro-batch
+    assert calls["norm"] == once // 5 * 9, (once, calls)
+    assert train_losses(run) == train_losses(tmp_path / "plain")
+    import megatron.core.tensor_parallel.random as rnd
+    if not getattr(rnd, "HAVE_TE", False):
+        assert "checkpoint_without_output_no_te" in receipt(run)["patches"]
+
+
 def _script(*argv):
     import subprocess
     import sys
