@@ -701,6 +701,11 @@ IGNORED_MEGATRON_MOE_OPTIONS = {
     "moe_pad_experts_for_cuda_graph_inference": "an inference option of Megatron's MoE layer",
     "moe_paged_stash": "a memory option of Megatron's MoE layer",
     "moe_per_layer_logging": "the fused layer logs per layer always (receipt['moe'], metrics.jsonl)",
+    "overlap_moe_expert_parallel_comm": "Megatron's combined 1F1B schedule splits only its own MoELayer "
+                                        "into dispatch / experts / combine nodes; the fused layer runs "
+                                        "as one MLP node there, its EP exchanges inside it (overlapped "
+                                        "with its shared expert, not with the other micro-batch; "
+                                        "not run on GPUs here)",
 }
 
 

@@ -492,11 +492,12 @@ def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(mega
     backends.reset()
     tconfig = _tconfig()
     tconfig.moe_permute_fusion, tconfig.moe_token_dispatcher_type, tconfig.moe_router_dtype = True, "flex", "fp64"
+    tconfig.overlap_moe_expert_parallel_comm = True
     FusedMoELayer(tconfig)
     FusedMoELayer(tconfig)
     recs = {r["op"]: r for r in backends.records() if r["op"].startswith("megatron_option.")}
     assert set(recs) == {"megatron_option.moe_permute_fusion", "megatron_option.moe_token_dispatcher_type",
-                         "megatron_option.moe_router_dtype"}
+                         "megatron_option.moe_router_dtype", "megatron_option.overlap_moe_expert_parallel_comm"}
     assert recs["megatron_option.moe_token_dispatcher_type"]["requested"] == "'flex'"
     assert recs["megatron_option.moe_permute_fusion"]["observed"] == "ignored"
     assert recs["megatron_option.moe_router_dtype"]["observed"] == "fp32"
