@@ -52,6 +52,21 @@ def patch(name: str, *, reason: str, lane: str, min_version: str = "0.16.0", max
     return deco
 
 
+def after_init(cls, fix: Callable[[object], None]) -> None:
+    """Make ``cls.__init__`` run ``fix(self)`` after the original (for patches that correct the
+    state a constructor leaves)."""
+    import functools
+
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        fix(self)
+
+    cls.__init__ = __init__
+
+
 def registered() -> Dict[str, Patch]:
     _load_all()
     return dict(_REGISTRY)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patches import patch
+from patches import after_init, patch
 
 
 @patch("moe_te_general_gemm_name", lane="any",
@@ -200,15 +200,9 @@ def _float16_optimizer_fp32_params():
               "(size mismatch at save). The map is rebuilt in the group's actual order; models of one "
               "dtype keep the original map (identical)")
 def _dist_optimizer_mixed_dtype_index():
-    import functools
-
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    original = DistributedOptimizer.__init__
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+    def fix(self):
         fp32_groups = getattr(self, "model_fp32_groups", None) or []
         half_groups = getattr(self, "model_float16_groups", None) or []
         if not (any(fp32_groups) and any(half_groups)):
@@ -219,7 +213,7 @@ def _dist_optimizer_mixed_dtype_index():
             index.update({p: (g, len(fp32s) + i) for i, p in enumerate(halves)})
         self.model_param_group_index_map = index
 
-    DistributedOptimizer.__init__ = __init__
+    after_init(DistributedOptimizer, fix)
 
 
 @patch("fused_moe_not_recomputed_as_mlp", lane="any",
@@ -229,25 +223,19 @@ def _dist_optimizer_mixed_dtype_index():
               "three times with 'moe' also set. Megatron's 'mlp' is the dense MLP's entry (an MoE "
               "layer takes 'moe', 'moe_act', 'shared_experts'); the fused layer is left to those")
 def _fused_moe_not_recomputed_as_mlp():
-    import functools
-
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from megatron_ext import backends
     from megatron_ext.modules.moe import FusedMoELayer
 
-    original = TransformerLayer.__init__
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+    def fix(self):
         if getattr(self, "recompute_mlp", False) and isinstance(getattr(self, "mlp", None), FusedMoELayer):
             self.recompute_mlp = False
             backends.note("recompute_modules.mlp", "mlp", "dense MLPs only",
                           "as in Megatron, 'mlp' checkpoints dense MLPs; the fused MoE layer takes "
                           "'moe' (all after the router), 'moe_act' or 'shared_experts'")
 
-    TransformerLayer.__init__ = __init__
+    after_init(TransformerLayer, fix)
 
 
 @patch("checkpoint_without_output_no_te", lane="any",
@@ -257,17 +245,7 @@ def _fused_moe_not_recomputed_as_mlp():
               "layer norms (--recompute-modules layernorm) died with a NameError without TE. Without "
               "TE there is no FP8, so the flag is off")
 def _checkpoint_without_output_no_te():
-    import functools
-
     import megatron.core.tensor_parallel.random as rnd
 
-    if getattr(rnd, "HAVE_TE", False):
-        return
-    original = rnd.CheckpointWithoutOutput.__init__
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.fp8 = False
-
-    rnd.CheckpointWithoutOutput.__init__ = __init__
+    if not getattr(rnd, "HAVE_TE", False):
+        after_init(rnd.CheckpointWithoutOutput, lambda self: setattr(self, "fp8", False))
