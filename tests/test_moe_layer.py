@@ -117,17 +117,22 @@ def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
          moe_aux_loss_coeff=0.05, moe_z_loss_coeff=0.01),
     dict(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.05),
 ], ids=["aux_z", "sigmoid_seq_aux_z", "global_aux"])
-def test_padding_mask_leaves_padding_out_of_the_losses_as_megatron(megatron_world, moe):
+@pytest.mark.parametrize("real", [None, 1], ids=["tail_padding", "one_real_token"])
+def test_padding_mask_leaves_padding_out_of_the_losses_as_megatron(megatron_world, moe, real):
     """Megatron's padding_mask ([b, s], True = padding; SFT batches): padding tokens are routed but
     left out of the aux losses and the z-loss. Same output and every gradient (the losses reach the
-    router weight) as Megatron's MoELayer given the same mask; and the losses differ from the
-    unmasked run, so the mask is not ignored."""
+    router weight) as Megatron's MoELayer given the same mask, also when a single token is real
+    (the sequences' mean real length below one); and the losses differ from the unmasked run, so
+    the mask is not ignored."""
     stock, fused = _layers(_tconfig(**moe))
     torch.manual_seed(5)
     x = torch.randn(S, B, H)
     pad = torch.zeros(B, S, dtype=torch.bool)
     pad[0, -3:] = True   # the first sequence ends in three pad tokens, the second in one
     pad[1, -1] = True
+    if real is not None:   # all but `real` tokens padding: the mean real length is below one
+        pad[:] = True
+        pad[1, :real] = False
     g = torch.randn(S, B, H)
     grads = []
     for layer, mask in ((stock, pad), (fused, pad), (fused, None)):

@@ -541,9 +541,10 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
                 n_tok = (n_valid / max(S, 1)).expand(S)
             else:
                 n_tok = expert_counts(seq_ids, S).float()
-            # mean over the sequences that have tokens (masked, not indexed: no host sync)
+            # mean over the sequences that have tokens (masked, not indexed: no host sync); the
+            # mean valid length may be below one token, so empty sequences divide by 1, not a clamp
             present = (n_tok > 0).float()
-            per_seq = E * (counts * prob_sum).sum(-1) / (k * n_tok.clamp(min=1.0) ** 2)
+            per_seq = E * (counts * prob_sum).sum(-1) / (k * torch.where(n_tok > 0, n_tok, 1.0) ** 2)
             aux_loss = cfg.aux_loss_coeff * (per_seq * present).sum() / present.sum().clamp(min=1.0)
     z_loss = zero
     if cfg.z_loss_coeff:
