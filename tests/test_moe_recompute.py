@@ -186,6 +186,17 @@ def test_train_with_moe_recompute_gives_the_same_losses(tmp_path):
         assert "megatron_option.moe_grouped_gemm" not in records  # set for Megatron's moe_act check only
 
 
+def count_calls(monkeypatch, calls: dict, key: str, cls, name: str) -> None:
+    """Count in ``calls[key]`` every call of the method ``cls.name`` (for this test only)."""
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        calls[key] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+
+
 def test_mlp_entry_recomputes_dense_mlps_not_the_fused_moe_layer(tmp_path, monkeypatch):
     """Megatron's 'mlp' entry is the dense MLP's: a TransformerLayer checkpoints its MLP unless it is
     Megatron's MoELayer, which the fused layer is not, so 'mlp' used to run the whole fused layer
@@ -196,19 +207,9 @@ def test_mlp_entry_recomputes_dense_mlps_not_the_fused_moe_layer(tmp_path, monke
     from megatron_ext.modules.moe import FusedMoELayer
 
     calls = {"dense": 0, "fused": 0, "routed": 0}
-
-    def counted(cls, name, key):
-        original = getattr(cls, name)
-
-        def wrapper(self, *args, **kwargs):
-            calls[key] += 1
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, name, wrapper)
-
-    counted(MLP, "forward", "dense")
-    counted(FusedMoELayer, "forward", "fused")
-    counted(FusedMoELayer, "_routed", "routed")
+    count_calls(monkeypatch, calls, "dense", MLP, "forward")
+    count_calls(monkeypatch, calls, "fused", FusedMoELayer, "forward")
+    count_calls(monkeypatch, calls, "routed", FusedMoELayer, "_routed")
     model = ["--train-iters", "3", "--eval-iters", "0", "--num-layers", "2", "--num-experts", "4",
              "--moe-layer-freq", "[0,1]", "--moe-backend", "torch"]
     assert train_inprocess(tmp_path / "plain", *model) == 0
@@ -234,13 +235,7 @@ def test_layernorm_entry_recomputes_the_norms_without_transformer_engine(tmp_pat
     from megatron_ext.modules.norm import Norm
 
     calls = {"norm": 0}
-    original = Norm.forward
-
-    def counted(self, *args, **kwargs):
-        calls["norm"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Norm, "forward", counted)
+    count_calls(monkeypatch, calls, "norm", Norm, "forward")
     model = ["--train-iters", "3", "--eval-iters", "0", "--num-layers", "2"]
     assert train_inprocess(tmp_path / "plain", *model) == 0
     once = calls["norm"]
