@@ -18,6 +18,12 @@ from typing import List, Optional
 from megatron_ext.config import PRESETS, ConfigError, TrainConfig, from_preset, validate
 
 _HELP = {
+    "moe_router_load_balancing_type": "aux_loss | seq_aux_loss | global_aux_loss | sinkhorn | quantile_balancing "
+                                      "| none (default: aux_loss when --moe-aux-loss-coeff > 0); several aux-loss "
+                                      "types combine, one --moe-aux-loss-coeff each (Megatron's list form)",
+    "moe_aux_loss_coeff": "one coefficient, or one per --moe-router-load-balancing-type entry",
+    "moe_router_quantile_balancing_ema": "quantile_balancing: the bias moves to ema * bias + (1 - ema) * the "
+                                         "step's quantile (default 0: replaced each step)",
     "preset": f"embedded preset: {', '.join(sorted(PRESETS))} (default tiny)",
     "data_path": "a .txt file or a Megatron .bin/.idx prefix (default: the corpus shipped in the package)",
     "run_dir": "run folder (default: <runs-root>/<preset>-<timestamp>)",
@@ -58,6 +64,9 @@ _HELP = {
 }
 
 
+_LISTS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -69,7 +78,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
         help_text = _HELP.get(f.name, "")
-        if base is bool:
+        if f.name in _LISTS:   # Megatron's nargs="+" flags: one value, or one per balancing type
+            p.add_argument(_flag(f.name), dest=f.name, type=base, nargs="+", default=None,
+                           metavar=base.__name__.upper(), help=help_text or "(default: from the preset)")
+        elif base is bool:
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text or f"(default {getattr(defaults, f.name)})")
         else:
@@ -101,6 +113,9 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "preset" and getattr(args, f.name) is not None}
+    for name in _LISTS:   # one value given: the plain form, as Megatron's parser leaves it
+        if isinstance(overrides.get(name), list) and len(overrides[name]) == 1:
+            overrides[name] = overrides[name][0]
     return from_preset(args.preset or "tiny", **overrides)
 
 

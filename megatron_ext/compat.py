@@ -95,6 +95,13 @@ def mcore_score_functions() -> Tuple[str, ...]:
     return tuple(fn for fn in ("softmax", "sigmoid", "sqrtsoftplus") if f"'{fn}'" in annotation)
 
 
+def mcore_has_quantile_balancing() -> bool:
+    """Whether this megatron-core's router knows ``quantile_balancing`` (from 0.19)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return "moe_router_quantile_balancing_ema" in {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
 def make_transformer_config(config_cls=None, **fields: Any):
     """A TransformerConfig (or subclass such as MLATransformerConfig) valid on this version.
 
@@ -110,6 +117,8 @@ def make_transformer_config(config_cls=None, **fields: Any):
     config = _known_fields(config_cls or TransformerConfig, fields)
     if stand_in:
         config.moe_router_score_function = score
+    if "moe_router_quantile_balancing_ema" in fields:   # read by the fused layer on any version
+        config.moe_router_quantile_balancing_ema = fields["moe_router_quantile_balancing_ema"]
     return config
 
 
@@ -222,6 +231,22 @@ def torch_dist_size(group) -> int:
     import torch
 
     return torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+
+
+def megatron_router_updates() -> frozenset:
+    """What this megatron-core's ``finalize_model_grads`` does once per step to every module that
+    carries a router's attributes: "expert_bias" (moves ``expert_bias`` from
+    ``local_tokens_per_expert``) and, from 0.19, "quantile_balancing" (moves ``qb_beta`` from
+    ``qb_beta_accum`` / ``qb_beta_count``). The fused MoE layer carries both names."""
+    import importlib
+
+    mod = importlib.import_module("megatron.core.distributed.finalize_model_grads")
+    out = set()
+    if hasattr(mod, "_update_router_expert_bias"):
+        out.add("expert_bias")
+    if hasattr(mod, "_update_router_qb_beta"):
+        out.add("quantile_balancing")
+    return frozenset(out)
 
 
 def clear_moe_aux_loss_tracker() -> None:

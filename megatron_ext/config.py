@@ -300,13 +300,16 @@ class TrainConfig:
     moe_layer_freq: Optional[str] = None
     moe_router_topk: int = 2
     moe_ffn_hidden_size: Optional[int] = None  # default: ffn_hidden_size
-    moe_aux_loss_coeff: float = 0.0
+    # one coefficient, or one per type when moe_router_load_balancing_type lists several (Megatron)
+    moe_aux_loss_coeff: Union[float, List[float]] = 0.0
     # MoE (docs/moe.md): router options keep Megatron's names; the rest drive the fused layer
     moe_impl: str = "fused"  # fused (this project's FusedMoELayer) | megatron (stock MoELayer baseline)
     moe_router_score_function: str = "softmax"
     moe_router_pre_softmax: bool = False
     moe_router_topk_scaling_factor: Optional[float] = None
-    moe_router_load_balancing_type: Optional[str] = None  # default: aux_loss if moe_aux_loss_coeff > 0 else none
+    # default: aux_loss if moe_aux_loss_coeff > 0 else none; a list combines aux-loss types (Megatron)
+    moe_router_load_balancing_type: Optional[Union[str, List[str]]] = None
+    moe_router_quantile_balancing_ema: float = 0.0  # Megatron >= 0.19's quantile_balancing bias EMA
     moe_z_loss_coeff: Optional[float] = None
     moe_router_enable_expert_bias: bool = False
     moe_router_bias_update_rate: float = 1e-3
@@ -495,6 +498,7 @@ MOE_ROUTER_FIELDS = {
     "moe_router_num_groups": "num_groups", "moe_router_group_topk": "group_topk",
     "expert_model_parallel_size": "expert_parallel_size",
     "moe_pad_expert_input_to_capacity": "pad_to_capacity",
+    "moe_router_quantile_balancing_ema": "quantile_balancing_ema",
 }
 
 
@@ -569,9 +573,12 @@ def expert_tensor_parallel_size(cfg: TrainConfig) -> int:
     return cfg.tensor_model_parallel_size if etp is None else etp
 
 
-def moe_load_balancing_type(cfg: TrainConfig) -> str:
+def moe_load_balancing_type(cfg: TrainConfig) -> Union[str, List[str]]:
     if cfg.moe_router_load_balancing_type is not None:
         return cfg.moe_router_load_balancing_type
+    if not isinstance(cfg.moe_aux_loss_coeff, (int, float)):
+        raise _err("moe_aux_loss_coeff", cfg.moe_aux_loss_coeff, "a list of coefficients needs one "
+                   "balancing type each", "--moe-router-load-balancing-type with as many types, or one coefficient")
     return "aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none"
 
 
@@ -665,7 +672,6 @@ REFUSED_MEGATRON_MOE_OPTIONS = {
     "moe_latent_size": "runs the experts in a projected latent space",
     "moe_router_force_load_balancing": "replaces the router's choices by random ones (a benchmark mode)",
     "moe_router_force_biased": "adds a random bias to the router logits",
-    "moe_router_quantile_balancing_ema": "sets the memory of Megatron's quantile-balancing bias",
     "moe_expert_rank_capacity_factor": "drops tokens by a per-rank capacity of Megatron's flex dispatcher",
     "moe_enable_routing_replay": "is Megatron's own routing replay (this project's: --moe-routing-trace-out "
                                  "and --moe-routing-replay, knobs moe.routing_trace_out / moe.routing_replay)",
@@ -786,7 +792,14 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
     if cfg.moe_shared_expert_intermediate_size is not None and cfg.moe_shared_expert_intermediate_size < 1:
         raise _err("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size,
                    "must be positive", "None or an integer >= 1")
-    router_config_from(cfg, cfg.num_experts)
+    router = router_config_from(cfg, cfg.num_experts)
+    if router.selection == "quantile_balancing":
+        tokens = cfg.seq_length * cfg.micro_batch_size
+        if tokens * cfg.moe_router_topk % cfg.num_experts:
+            raise _err("moe_router_load_balancing_type", "quantile_balancing",
+                       f"each expert's share of a micro-batch, seq_length x micro_batch_size x topk / "
+                       f"num_experts = {tokens}*{cfg.moe_router_topk}/{cfg.num_experts}, must be whole",
+                       f"a micro-batch whose tokens x topk is a multiple of {cfg.num_experts}")
     if cfg.moe_impl == "megatron":
         for name in ("moe_deterministic", "moe_routing_trace_out", "moe_routing_replay",
                      "moe_routing_log"):
@@ -796,6 +809,10 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
                            "--moe-impl fused")
         from megatron_ext import compat
 
+        if router.selection == "quantile_balancing" and not compat.mcore_has_quantile_balancing():
+            raise _err("moe_router_load_balancing_type", "quantile_balancing",
+                       f"Megatron's router in megatron-core {compat.mcore_version()} has no quantile "
+                       "balancing (it came with 0.19)", "--moe-impl fused, or megatron-core >= 0.19")
         known = compat.mcore_score_functions()
         if cfg.moe_router_score_function not in known:
             raise _err("moe_router_score_function", cfg.moe_router_score_function,

@@ -298,7 +298,17 @@ PRETRAIN_CASES = [
     # digits: each process times its own tilings)
     ("mhc_deterministic_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],
      "mhc:\n  num_streams: 4\n", ["--deterministic-mode", "--cuda-graph-impl", "local"], "env"),
+    # the fused MoE layer's router state under Megatron's own loop: its finalize_model_grads moves
+    # the aux-loss-free bias and the quantile-balancing bias, which stay fp32 in the bf16 model
+    ("moe_expert_bias", ["layer_specs.moe", "moe_block_spec"], None,
+     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-score-function", "sigmoid",
+      "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0.01",
+      "--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "1e-3"], None),
+    ("moe_quantile_balancing", ["layer_specs.moe", "moe_block_spec"], None,
+     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "quantile_balancing"],
+     None),
 ]
+ROUTER_STATE = {"moe_expert_bias": "router_expert_bias", "moe_quantile_balancing": "router_qb_beta"}
 
 
 def _checkpoint_dtypes(path):
@@ -309,6 +319,27 @@ def _checkpoint_dtypes(path):
     meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     return {k: v.properties.dtype for k, v in meta.items()
             if hasattr(v, "properties") and not k.startswith("optimizer")}
+
+
+def _checkpoint_tensors(path, suffix):
+    """{key: tensor} of the checkpoint's model tensors whose key ends with ``suffix``."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = path.parent / f"{path.name}_{suffix}.pt"
+    dcp_to_torch_save(str(path), str(out))
+    import torch
+
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, torch.Tensor) and prefix.endswith(suffix) and not prefix.startswith("optimizer"):
+            flat[prefix] = obj
+
+    walk("", torch.load(out, weights_only=False))
+    return flat
 
 
 def _pretrain_log(log: str, train_iters: int = 10):
@@ -405,6 +436,18 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
         qkv = {k: v for k, v in dtypes.items() if k.endswith("linear_qkv.weight")}
         assert mixers and set(mixers.values()) == {torch.float32}, (name, mixers)
         assert qkv and set(qkv.values()) == {torch.bfloat16}, (name, qkv)
+
+    for name, buffer in ROUTER_STATE.items():   # moved every step (10 steps), kept fp32
+        state = _checkpoint_tensors(tmp_path / name / "ckpt" / "iter_0000010", buffer)
+        # Megatron saves the layers' buffers stacked: [layers, experts], both layers MoE
+        assert [tuple(v.shape) for v in state.values()] == [(2, 4)], (name, state)
+        value = next(iter(state.values()))
+        assert value.dtype == torch.float32 and (value.abs().amax(dim=1) > 0).all(), (name, value)
+        if buffer == "router_expert_bias":   # ten sign steps of 0.01 each
+            ticks = value.double() / 0.01
+            assert torch.allclose(ticks, ticks.round(), atol=1e-3) and ticks.abs().max() <= 10, value
+        else:   # re-centred every step
+            assert value.sum(dim=1).abs().max() < 1e-5, value
 
     resumed = []
     for name, _, knob_text, _, channel in PRETRAIN_CASES:

@@ -65,6 +65,15 @@ def _layers(tconfig):
             fused.shared_w2.copy_(stock.shared_experts.linear_fc2.weight.t())
             if stock.shared_experts.gate_weight is not None:
                 fused.shared_gate_weight.copy_(stock.shared_experts.gate_weight)
+        # the routers' biases at values that steer the selection (a fresh router's are zero)
+        gen = torch.Generator().manual_seed(3)
+        for theirs, ours in ((getattr(stock.router, "expert_bias", None), fused.router_expert_bias),
+                             (getattr(stock.router, "qb_beta", None), fused.router_qb_beta)):
+            assert (theirs is None) == (ours is None)
+            if theirs is not None:
+                b = torch.randn(E, generator=gen) * 0.5
+                theirs.copy_(b)
+                ours.copy_(b)
     return stock, fused
 
 
@@ -78,14 +87,31 @@ def _layers(tconfig):
     dict(moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True, moe_router_score_function="sigmoid",
          moe_router_topk_scaling_factor=2.0),
     dict(moe_router_score_function="sqrtsoftplus", moe_router_topk_scaling_factor=1.5, moe_aux_loss_coeff=0.01),
+    # DeepSeek-V3's router: the biased, group-limited selection; f_e of the balance loss counts
+    # the plain top-k of the scores (eq. 18), as Megatron's does
+    dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=2,
+         moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5,
+         moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.05),
+    dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+         moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.05),
+    # Megatron's list form: three aux losses, one coefficient each
+    dict(moe_router_load_balancing_type=["aux_loss", "seq_aux_loss", "global_aux_loss"],
+         moe_aux_loss_coeff=[0.01, 0.02, 0.03], moe_z_loss_coeff=0.001),
+    dict(moe_router_load_balancing_type="quantile_balancing", moe_router_score_function="sigmoid",
+         moe_router_topk_scaling_factor=2.0, moe_z_loss_coeff=0.001),
+    dict(moe_router_load_balancing_type="quantile_balancing", moe_router_pre_softmax=True),
 ], ids=["softmax_aux_z", "sigmoid_groups_scaled", "pre_softmax_capacity", "shared_expert", "shared_expert_gate",
-        "sqrtsoftplus_aux"])
+        "sqrtsoftplus_aux", "dsv3_bias_groups_seq_aux", "sigmoid_bias_aux", "listed_aux_types",
+        "quantile_sigmoid", "quantile_pre_softmax"])
 def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
     from megatron_ext import compat
 
     score = moe.get("moe_router_score_function", "softmax")
     if score not in compat.mcore_score_functions():
         pytest.skip(f"Megatron's router in megatron-core {compat.mcore_version()} has no {score}")
+    quantile = moe.get("moe_router_load_balancing_type") == "quantile_balancing"
+    if quantile and not compat.mcore_has_quantile_balancing():
+        pytest.skip(f"Megatron's router in megatron-core {compat.mcore_version()} has no quantile balancing")
     stock, fused = _layers(_tconfig(**moe))
     x = torch.randn(S, B, H, dtype=torch.float64).float()
     xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -109,6 +135,9 @@ def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
         if shared.gate_weight is not None:
             assert fused.shared_gate_weight.grad.abs().sum() > 0
             torch.testing.assert_close(fused.shared_gate_weight.grad, shared.gate_weight.grad, rtol=1e-5, atol=1e-6)
+    if quantile:   # the step's quantile estimate, as Megatron accumulates it
+        torch.testing.assert_close(fused.qb_beta_accum, stock.router.qb_beta_accum, rtol=1e-6, atol=1e-7)
+        assert fused.qb_beta_count.item() == stock.router.qb_beta_count.item() == 1
 
 
 @pytest.mark.parametrize("moe", [
@@ -147,6 +176,122 @@ def test_padding_mask_leaves_padding_out_of_the_losses_as_megatron(megatron_worl
     torch.testing.assert_close(dxf, dxs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dwf, dws, rtol=1e-5, atol=1e-6)
     assert (dwf - dw_unmasked).abs().max() > 1e-6
+
+
+def _finalize_module():
+    import importlib
+
+    return importlib.import_module("megatron.core.distributed.finalize_model_grads")
+
+
+def test_global_aux_loss_averages_the_steps_micro_batches_as_megatron(megatron_world):
+    """global_aux_loss: f_e of each micro-batch is the running mean of the step's global counts
+    so far (Megatron's ga_steps), reset once per step by Megatron's finalize_model_grads, which
+    finds the fused layer's tracker as it finds its own router's."""
+    cfg = _tconfig(moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1)
+    stock, fused = _layers(cfg)
+    gen = torch.Generator().manual_seed(8)
+    xs = [torch.randn(S, B, H, generator=gen) * (1 + i) for i in range(3)]
+
+    def micro_batch(x):
+        grads = []
+        for layer in (stock, fused):
+            layer.zero_grad()
+            y, _ = layer(x.clone())
+            y.backward(torch.zeros_like(y))   # only the aux loss reaches the router weight
+            w = layer.router.weight if layer is stock else layer.router_weight
+            grads.append(w.grad.clone())
+        return grads
+
+    first = micro_batch(xs[0])
+    second = micro_batch(xs[1])   # f_e: the mean of both micro-batches' counts
+    for ours, theirs in (first, second):
+        assert theirs.abs().max() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
+    assert fused.router_global_steps.item() == 2
+    _finalize_module().reset_model_temporary_tensors(cfg, [stock, fused])
+    assert fused.router_global_steps.item() == 0 and fused.router_global_load.abs().sum() == 0
+    ours, theirs = micro_batch(xs[2])   # a new step: this micro-batch's counts alone
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
+    fused.zero_grad()
+    y, _ = fused(xs[0].clone())   # the first micro-batch's input, now averaged with xs[2]'s counts
+    y.backward(torch.zeros_like(y))
+    assert not torch.allclose(fused.router_weight.grad, first[0], rtol=1e-3, atol=0)
+
+
+def test_expert_bias_moves_once_per_step_under_megatrons_finalize(megatron_world):
+    """Megatron's finalize_model_grads moves every router's expert_bias from its
+    local_tokens_per_expert: the fused layer answers to those names, so the bias moves under
+    Megatron's own training loop; moe_step_end then leaves it (megatron-ext train runs both) and
+    moves it itself where no finalize ran (FSDP2). Module casts keep it fp32."""
+    from megatron_ext.modules.moe import FusedMoELayer, moe_step_end
+    from megatron_ext.ops.moe import update_expert_bias
+
+    cfg = _tconfig(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                   moe_router_bias_update_rate=0.01)
+    layer = FusedMoELayer(cfg)
+    layer.set_layer_number(1)
+    gen = torch.Generator().manual_seed(9)
+    before = torch.randn(E, generator=gen) * 0.1
+    layer.router_expert_bias.copy_(before)
+    layer(torch.randn(S, B, H, generator=gen))[0].sum().backward()
+    load = layer.router_load_accum.clone()
+    assert load.sum() == S * B * 2
+    fin = _finalize_module()
+    fin._update_router_expert_bias([layer], cfg)
+    fin.reset_model_temporary_tensors(cfg, [layer])
+    want = update_expert_bias(before, load, 0.01)
+    torch.testing.assert_close(layer.router_expert_bias, want, rtol=0, atol=1e-7)
+    assert not torch.equal(layer.router_expert_bias, before) and layer.router_load_accum.abs().sum() == 0
+    moe_step_end([layer], compat.megatron_router_updates())
+    torch.testing.assert_close(layer.router_expert_bias, want, rtol=0, atol=1e-7)   # not twice
+    layer(torch.randn(S, B, H, generator=gen))[0].sum().backward()
+    load2 = layer.router_load_accum.clone()
+    moe_step_end([layer])   # no finalize ran (FSDP2's lane): the step end moves it
+    torch.testing.assert_close(layer.router_expert_bias, update_expert_bias(want, load2, 0.01), rtol=0, atol=1e-7)
+    # Megatron's Float16Module casts the module to bf16: the router state stays fp32, bit for bit
+    kept = layer.router_expert_bias.clone()
+    layer.bfloat16()
+    assert layer.w1.dtype == torch.bfloat16 and layer.router_expert_bias.dtype == torch.float32
+    assert torch.equal(layer.router_expert_bias, kept) and layer.router_load_accum.dtype == torch.float32
+    assert not hasattr(FusedMoELayer(_tconfig()), "expert_bias")   # no bias: nothing for Megatron to move
+
+
+def test_quantile_balancing_bias_moves_once_per_step(megatron_world):
+    """quantile_balancing's bias: moved by Megatron's finalize_model_grads where it knows quantile
+    balancing (0.19, as its own router's: same beta), else by moe_step_end; the EMA and the
+    re-centring as Megatron's."""
+    from megatron_ext.modules.moe import FusedMoELayer, moe_step_end
+    from megatron_ext.ops.moe import update_qb_beta
+
+    cfg = _tconfig(moe_router_load_balancing_type="quantile_balancing", moe_router_quantile_balancing_ema=0.25)
+    assert cfg.moe_router_quantile_balancing_ema == 0.25   # carried on 0.16.1 too
+    layer = FusedMoELayer(cfg)
+    layer.set_layer_number(1)
+    assert layer.router_cfg.quantile_balancing_ema == 0.25
+    gen = torch.Generator().manual_seed(10)
+    for _ in range(2):   # two micro-batches
+        layer(torch.randn(S, B, H, generator=gen))[0].sum().backward()
+    assert layer.router_qb_count.item() == 2
+    mean = layer.router_qb_accum / 2
+    moe_step_end([layer])
+    want = update_qb_beta(torch.zeros(E), mean, 0.25)
+    torch.testing.assert_close(layer.router_qb_beta, want)
+    assert abs(layer.router_qb_beta.sum().item()) < 1e-6 and layer.router_qb_beta.abs().sum() > 0
+    assert layer.router_qb_count.item() == 0 and layer.router_qb_accum.abs().sum() == 0
+    if not compat.mcore_has_quantile_balancing():
+        assert "quantile_balancing" not in compat.megatron_router_updates()
+        return
+    stock, fused = _layers(cfg)
+    for _ in range(2):
+        x = torch.randn(S, B, H, generator=gen)
+        for m in (stock, fused):
+            m(x.clone())[0].sum().backward()
+    _finalize_module()._update_router_qb_beta([stock, fused], cfg)
+    torch.testing.assert_close(fused.router_qb_beta, stock.router.qb_beta, rtol=1e-6, atol=1e-7)
+    moved = fused.router_qb_beta.clone()
+    moe_step_end([fused], compat.megatron_router_updates())
+    assert torch.equal(fused.router_qb_beta, moved)
 
 
 def test_padding_mask_leaves_padding_out_of_the_load_and_the_bias_update(megatron_world):
@@ -242,6 +387,15 @@ def test_deterministic_output_does_not_depend_on_the_batch(megatron_world, share
     (["--num-experts", "4", "--moe-impl", "megatron", "--moe-routing-log", "somewhere"], "moe_routing_log='somewhere'"),
     (["--num-experts", "4", "--moe-impl", "megatron", "--no-moe-pregather"], "moe_pregather=False"),
     (["--num-experts", "4", "--moe-backend", "torch", "--moe-pregather"], "moe_pregather=True"),
+    (["--num-experts", "4", "--moe-aux-loss-coeff", "0.01", "0.02"], "moe_aux_loss_coeff=[0.01, 0.02]"),
+    (["--num-experts", "4", "--moe-router-load-balancing-type", "aux_loss", "seq_aux_loss",
+      "--moe-aux-loss-coeff", "0.01"], "moe_aux_loss_coeff=0.01: one coefficient per balancing type"),
+    (["--num-experts", "4", "--moe-router-load-balancing-type", "aux_loss", "sinkhorn",
+      "--moe-aux-loss-coeff", "0.01", "0"], "moe_router_load_balancing_type=['aux_loss', 'sinkhorn']"),
+    (["--num-experts", "6", "--moe-router-load-balancing-type", "quantile_balancing"],
+     "moe_router_load_balancing_type='quantile_balancing': each expert's share"),
+    (["--num-experts", "4", "--moe-router-load-balancing-type", "quantile_balancing", "--moe-aux-loss-coeff",
+      "0.01"], "moe_aux_loss_coeff=0.01"),
 ])
 def test_moe_config_errors(tmp_path, capsys, argv, message):
     from megatron_ext.cli import main
@@ -275,6 +429,44 @@ def test_sqrtsoftplus_router_trains_on_every_megatron_core(tmp_path, capsys):
     else:
         assert main(stock) != 0
         assert "moe_router_score_function='sqrtsoftplus'" in capsys.readouterr().err
+
+
+def test_listed_aux_losses_and_quantile_balancing_train(tmp_path, capsys):
+    """Megatron's list form (three aux losses, one coefficient each, global_aux_loss averaging the
+    step's two micro-batches) and quantile balancing train through `megatron-ext train` on every
+    megatron-core (0.16.1's finalize does not know quantile balancing: the step end moves its bias,
+    0.19's finalize does); Megatron's own MoELayer with quantile balancing only where it has it."""
+    from megatron_ext import compat
+    from megatron_ext.cli import main
+
+    listed = tmp_path / "listed"
+    assert train_inprocess(listed, *RUN, "--num-experts", "4", "--moe-router-load-balancing-type", "aux_loss",
+                           "seq_aux_loss", "global_aux_loss", "--moe-aux-loss-coeff", "0.01", "0.001", "0.01",
+                           "--moe-z-loss-coeff", "0.001") == 0
+    assert train_losses(listed)[-1] < train_losses(listed)[0] - 0.3
+    moe = receipt(listed)["moe"]
+    assert moe["router"]["load_balancing_type"] == ["aux_loss", "seq_aux_loss", "global_aux_loss"]
+    assert moe["router"]["aux_loss_coeff"] == [0.01, 0.001, 0.01]
+    assert all(moe["layers"][n]["aux_loss"] > 0 for n in ("1", "2"))
+
+    qb = tmp_path / "quantile"
+    assert train_inprocess(qb, *RUN, "--num-experts", "4", "--moe-router-load-balancing-type", "quantile_balancing",
+                           "--moe-router-quantile-balancing-ema", "0.5") == 0
+    assert train_losses(qb)[-1] < train_losses(qb)[0] - 0.3
+    moe = receipt(qb)["moe"]
+    assert moe["router"]["load_balancing_type"] == "quantile_balancing"
+    assert moe["router"]["quantile_balancing_ema"] == 0.5
+    for n in ("1", "2"):
+        beta = moe["layers"][n]["qb_beta"]
+        assert beta["mean_abs"] > 0 and beta["min"] < 0 < beta["max"]   # moved, re-centred
+    stock = ["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), "--num-experts", "4",
+             "--moe-impl", "megatron", "--moe-router-load-balancing-type", "quantile_balancing",
+             "--train-iters", "2", "--eval-iters", "0", "--lr-warmup-iters", "0"]
+    if compat.mcore_has_quantile_balancing():
+        assert main([*stock, "--run-dir", str(tmp_path / "stock")]) == 0
+    else:
+        assert main(stock) != 0
+        assert "moe_router_load_balancing_type='quantile_balancing'" in capsys.readouterr().err
 
 
 def test_pregather_flag_reaches_the_layer_config():

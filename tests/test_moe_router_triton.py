@@ -260,6 +260,31 @@ def test_route_replay_through_the_fused_gate_equals_the_torch_lane(kw):
     assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
 
 
+@needs_triton
+@pytest.mark.parametrize("kw", [dict(score_function="sigmoid", topk_scaling_factor=2.0),
+                                dict(pre_softmax=True), dict()], ids=["sigmoid", "pre_softmax", "softmax"])
+def test_quantile_balancing_through_the_fused_gate_equals_the_torch_lane(kw):
+    """Quantile balancing picks top-k of ``logits - beta`` in torch; the fused gate computes the
+    gates of those ids (as a replay): ids, gates, the step's estimate and the logit gradient as the
+    torch lane's."""
+    cfg = RouterConfig(num_experts=16, topk=4, load_balancing_type="quantile_balancing", **kw).validate()
+    g = _gen(41)
+    logits = torch.randn(32, 16, generator=g).to(DEVICE)
+    beta = (torch.randn(16, generator=g) * 0.3).to(DEVICE)
+    w = torch.randn(32, 4, generator=g).to(DEVICE)
+    out = {}
+    for lane in ("triton", "torch"):
+        lg = logits.clone().requires_grad_()
+        r = route(lg, cfg, training=True, qb_beta=beta, backend=lane)
+        (r.probs * w).sum().backward()
+        out[lane] = (r, lg.grad)
+    (a, ga), (b, gb) = out["triton"], out["torch"]
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.indices, (logits - beta).topk(4, -1).indices)
+    assert torch.equal(a.qb_quantile, b.qb_quantile)
+    assert torch.allclose(a.probs, b.probs, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kw,why", [
     (dict(num_experts=8, topk=2, load_balancing_type="sinkhorn"), "sinkhorn"),
     (dict(num_experts=1040, topk=2), "num_experts=1040"),

@@ -327,6 +327,147 @@ def test_global_aux_loss_uses_global_counts():
         _aux_formula(logits, local.indices, E, k, 0.5), rel=1e-5)
 
 
+def test_aux_loss_counts_the_plain_topk_not_the_biased_grouped_selection():
+    """DeepSeek-V3 eq. 18 / Megatron: f_e counts the top-k of the scores themselves, not the
+    selection the expert bias and the group limit steer (which still picks the experts)."""
+    E, k = 8, 2
+    logits = _randn(40, E, g=_gen(31), scale=2.0)
+    bias = _randn(E, g=_gen(32))
+    cfg = RouterConfig(num_experts=E, topk=k, score_function="sigmoid", enable_expert_bias=True,
+                       num_groups=4, group_topk=2, load_balancing_type="aux_loss", aux_loss_coeff=0.03).validate()
+    r = route(logits, cfg, training=True, expert_bias=bias)
+    plain = torch.sigmoid(logits).topk(k, dim=-1).indices
+    assert not torch.equal(r.indices.sort(-1).values, plain.sort(-1).values)   # the bias steered
+    want = _aux_formula(logits, plain, E, k, 0.03, "sigmoid")
+    assert r.aux_loss.item() == pytest.approx(want, rel=1e-5)
+    assert r.aux_loss.item() != pytest.approx(_aux_formula(logits, r.indices, E, k, 0.03, "sigmoid"), rel=1e-3)
+    # a replayed selection is not what f_e counts either
+    replay = torch.rand(40, E, generator=_gen(33)).topk(k, -1).indices
+    rr = route(logits, cfg, training=True, expert_bias=bias, replay_indices=replay)
+    assert rr.aux_loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_listed_aux_loss_types_sum_their_terms():
+    """Megatron's list form: each type with its own coefficient; the terms are the single-type
+    losses, aux_loss is their sum, and so is the logits' gradient."""
+    s_len, b, E, k = 7, 3, 6, 2
+    g = _gen(34)
+    logits = _randn(s_len * b, E, g=g)
+    ids = moe.seq_ids_for_layout(s_len, b)
+    types, coeffs = ["aux_loss", "seq_aux_loss", "global_aux_loss"], [0.01, 0.02, 0.05]
+    both = RouterConfig(num_experts=E, topk=k, load_balancing_type=types, aux_loss_coeff=coeffs).validate()
+    assert both.load_balancing_type == tuple(types) and both.aux_coeffs() == dict(zip(types, coeffs))
+    lg = logits.clone().requires_grad_()
+    r = route(lg, both, training=True, seq_ids=ids, num_seqs=b)
+    r.aux_loss.backward()
+    assert list(r.aux_losses) == types
+    want_grad = torch.zeros_like(logits)
+    for t, c in zip(types, coeffs):
+        one = logits.clone().requires_grad_()
+        single = route(one, RouterConfig(num_experts=E, topk=k, load_balancing_type=t, aux_loss_coeff=c),
+                       training=True, seq_ids=ids, num_seqs=b)
+        single.aux_loss.backward()
+        want_grad += one.grad
+        assert torch.equal(r.aux_losses[t], single.aux_loss), t
+    torch.testing.assert_close(r.aux_loss, sum(r.aux_losses.values()))
+    torch.testing.assert_close(lg.grad, want_grad, rtol=1e-6, atol=1e-9)
+    # a zero coefficient in the list is no term at all
+    off = RouterConfig(num_experts=E, topk=k, load_balancing_type=["aux_loss", "none"], aux_loss_coeff=[0.0, 0.0])
+    assert route(logits, off.validate(), training=True).aux_losses == {}
+
+
+def test_global_aux_loss_takes_f_from_the_reduce_counts_callback():
+    """The layer's hook: called with the plain top-k counts and the token count of this batch,
+    its answer is what f_e is taken over."""
+    E, k = 4, 2
+    logits = _randn(12, E, g=_gen(35))
+    cfg = RouterConfig(num_experts=E, topk=k, load_balancing_type="global_aux_loss", aux_loss_coeff=0.5).validate()
+    seen = {}
+
+    def reduce_counts(counts, n):
+        seen["counts"], seen["n"] = counts.clone(), n.clone()
+        return counts * 3 + torch.arange(E), n * 3
+
+    r = route(logits, cfg, training=True, reduce_counts=reduce_counts)
+    plain = torch.softmax(logits, -1).topk(k, -1).indices
+    assert torch.equal(seen["counts"], moe.expert_counts(plain, E).float()) and seen["n"].item() == 12
+    P = torch.softmax(logits.double(), -1).mean(0)
+    want = 0.5 * E * float(((seen["counts"].double() * 3 + torch.arange(E)) / (36 * k) * P).sum())
+    assert r.aux_loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def _qb_reference(logits, k, beta):
+    """Quantile balancing by loops in fp64: per token its (k+1)-th largest l - beta; per expert the
+    (T*k/E + 1)-th largest of l - alpha over tokens."""
+    T, E = logits.shape
+    lg = logits.double()
+    alpha = [sorted((lg[t] - beta.double()).tolist(), reverse=True)[k] for t in range(T)]
+    share = T * k // E
+    return torch.tensor([sorted([lg[t, e].item() - alpha[t] for t in range(T)], reverse=True)[share]
+                         for e in range(E)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("score_function,pre_softmax", [("softmax", False), ("softmax", True), ("sigmoid", False)])
+def test_quantile_balancing_picks_topk_of_biased_logits_and_estimates_each_share(score_function, pre_softmax):
+    T, E, k = 48, 8, 2
+    g = _gen(36)
+    logits = _randn(T, E, g=g, scale=2.0)
+    beta = _randn(E, g=g) * 0.5
+    cfg = RouterConfig(num_experts=E, topk=k, score_function=score_function, pre_softmax=pre_softmax,
+                       load_balancing_type="quantile_balancing", topk_scaling_factor=1.5).validate()
+    lg = logits.clone().requires_grad_()
+    r = route(lg, cfg, training=True, qb_beta=beta)
+    want_ids = (logits - beta).topk(k, -1).indices
+    assert torch.equal(r.indices, want_ids)
+    # the gates are the score function's at those experts (as a replay of them), with gradient
+    ref = route(logits, RouterConfig(num_experts=E, topk=k, score_function=score_function,
+                                     pre_softmax=pre_softmax, topk_scaling_factor=1.5),
+                training=True, replay_indices=want_ids)
+    torch.testing.assert_close(r.probs, ref.probs)
+    r.probs.sum().backward()
+    assert lg.grad.abs().sum() > 0
+    q = r.qb_quantile
+    torch.testing.assert_close(q.double(), _qb_reference(logits, k, beta), rtol=0, atol=1e-6)
+    # q_e is the bias at which expert e takes exactly its share of this batch's tokens
+    alpha = (logits - beta).topk(k + 1, -1).values[:, k:]
+    assert ((logits - alpha) > q).sum(0).tolist() == [T * k // E] * E
+    # eval: selection only, no estimate; no gradient: the same
+    assert route(logits, cfg, training=False, qb_beta=beta).qb_quantile is None
+    with torch.no_grad():
+        assert route(logits, cfg, training=True, qb_beta=beta).qb_quantile is None
+
+
+def test_quantile_balancing_balances_a_skewed_router():
+    T, E, k = 4096, 8, 2
+    offset = torch.linspace(1.5, -1.5, E)
+    cfg = RouterConfig(num_experts=E, topk=k, load_balancing_type="quantile_balancing",
+                       quantile_balancing_ema=0.5).validate()
+    g = _gen(37)
+    beta = torch.zeros(E)
+    first = route(_randn(T, E, g=g) + offset, cfg, training=True, qb_beta=beta)
+    assert first.load.max() / first.load.mean() > 2.5      # skewed: the first expert takes 2.8x its share
+    for _ in range(15):
+        r = route(_randn(T, E, g=g) + offset, cfg, training=True, qb_beta=beta)
+        beta = moe.update_qb_beta(beta, r.qb_quantile, cfg.quantile_balancing_ema)
+        assert abs(beta.mean().item()) < 1e-6
+    # three fresh batches: within sampling noise of the share (about 2 % per expert here)
+    load = sum(route(_randn(T, E, g=g) + offset, cfg, training=True, qb_beta=beta).load for _ in range(3))
+    assert load.max() / load.mean() < 1.1
+
+
+def test_quantile_balancing_runtime_errors():
+    cfg = RouterConfig(num_experts=8, topk=2, load_balancing_type="quantile_balancing").validate()
+    logits = _randn(10, 8, g=_gen(38))
+    with pytest.raises(ValueError, match=r"tokens=10: .* 10\*2/8"):
+        route(logits, cfg, training=True, qb_beta=torch.zeros(8))
+    with pytest.raises(ValueError, match=r"^qb_beta=None: load_balancing_type='quantile_balancing'"):
+        route(logits, cfg, training=False)
+    with pytest.raises(ValueError, match=r"^valid=a padding mask: load_balancing_type='quantile_balancing'"):
+        route(logits[:8], cfg, training=True, qb_beta=torch.zeros(8), valid=torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^qb_beta=a tensor"):
+        route(logits, RouterConfig(num_experts=8, topk=2), training=False, qb_beta=torch.zeros(8))
+
+
 # ----------------------------------------------------------------------------- router: balancing
 
 def test_sinkhorn_rows_and_columns_balanced():
@@ -507,6 +648,24 @@ def test_noise_only_in_training_and_deterministic(knob):
     (dict(num_experts=8, z_loss_coeff=-0.1), "z_loss_coeff=-0.1"),
     (dict(num_experts=8, topk_scaling_factor=0.0), "topk_scaling_factor=0.0"),
     (dict(num_experts=8, score_function="sigmoid", bias_update_rate=0.0), "bias_update_rate=0.0"),
+    (dict(num_experts=8, load_balancing_type=["aux_loss", "sinkhorn"], aux_loss_coeff=[0.1, 0.0]),
+     "load_balancing_type=['aux_loss', 'sinkhorn']"),
+    (dict(num_experts=8, load_balancing_type=["aux_loss", "aux_loss"], aux_loss_coeff=[0.1, 0.1]),
+     "load_balancing_type=['aux_loss', 'aux_loss']"),
+    (dict(num_experts=8, load_balancing_type=["aux_loss", "seq_aux_loss"], aux_loss_coeff=[0.1]),
+     "aux_loss_coeff=[0.1]"),
+    (dict(num_experts=8, load_balancing_type="aux_loss", aux_loss_coeff=[0.1, 0.2]), "aux_loss_coeff=[0.1, 0.2]"),
+    (dict(num_experts=8, load_balancing_type=["aux_loss", "none"], aux_loss_coeff=[0.1, 0.2]),
+     "aux_loss_coeff=[0.1, 0.2]"),
+    (dict(num_experts=8, load_balancing_type=["aux_loss"], aux_loss_coeff=[-0.1]), "aux_loss_coeff=[-0.1]"),
+    (dict(num_experts=8, load_balancing_type="quantile_balancing", aux_loss_coeff=0.1), "aux_loss_coeff=0.1"),
+    (dict(num_experts=8, load_balancing_type="quantile_balancing", num_groups=4, group_topk=2), "num_groups=4"),
+    (dict(num_experts=8, load_balancing_type="quantile_balancing", score_function="sigmoid",
+          enable_expert_bias=True), "enable_expert_bias=True"),
+    (dict(num_experts=8, load_balancing_type="quantile_balancing", capacity_factor=1.0), "capacity_factor=1.0"),
+    (dict(num_experts=8, topk=8, load_balancing_type="quantile_balancing"), "topk=8"),
+    (dict(num_experts=8, load_balancing_type="quantile_balancing", quantile_balancing_ema=1.0),
+     "quantile_balancing_ema=1.0"),
 ])
 def test_config_errors_name_field_value_and_fix(kwargs, field):
     with pytest.raises(ValueError) as err:

@@ -15,9 +15,10 @@ the load, the aux losses and the z-loss, as Megatron's router does; they are sti
 Experts live as grouped weights ``w1 [E_local, H, 2F]``, ``w2 [E_local, F, H]`` drawn from a
 generator seeded by (seed, layer, *global* expert id), so every EP size builds the same model;
 they carry ``allreduce=False`` (Megatron's expert-parallel tag), so DDP reduces their grads over
-the expert-data-parallel group. The aux-loss-free expert bias (DeepSeek-V3 §2.1.2) is a buffer
-updated once per optimizer step by :func:`moe_step_end` from the load summed over the step and
-the data-parallel ranks.
+the expert-data-parallel group. The aux-loss-free expert bias (DeepSeek-V3 §2.1.2) and the
+quantile-balancing bias are fp32 buffers moved once per optimizer step from the step's load (or
+quantile) over the data-parallel ranks: by Megatron's ``finalize_model_grads``, which finds them
+under its own router's attribute names, or by :func:`moe_step_end` where that did not run.
 
 EP > 1 (token dispatch like Megatron's alltoall dispatcher, GShard §3.2): pairs sorted by expert,
 per-rank counts exchanged (the one host sync: ``all_to_all_single`` needs split sizes on the
@@ -89,7 +90,7 @@ from megatron_ext.ops.moe import moe_ffn
 from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order
 from megatron_ext.ops.moe.recompute import recomputed_activation
 from megatron_ext.ops.moe.reference import GATED_ACTIVATIONS, expert_activation
-from megatron_ext.ops.moe.routing import route, seq_ids_for_layout, update_expert_bias
+from megatron_ext.ops.moe.routing import route, seq_ids_for_layout, update_expert_bias, update_qb_beta
 
 Tensor = torch.Tensor
 DET_CHUNK = 16
@@ -447,13 +448,26 @@ class FusedMoELayer(MegatronModule):
                 self.shared_gate_weight = torch.nn.Parameter(torch.empty(1, H, dtype=dtype, device=device))
                 config.init_method(self.shared_gate_weight.data)
                 setattr(self.shared_gate_weight, "sequence_parallel", self.tp_size > 1)
+        # The router's running state, kept in fp32 whatever the module is cast to (see _apply) and
+        # also reachable under the names Megatron's finalize_model_grads looks for (the
+        # properties below), so its once-per-step updates reach this layer under Megatron's own
+        # training loop as they reach its own router.
+        f32 = dict(dtype=torch.float32, device=device)
         if self.router_cfg.enable_expert_bias:
-            self.register_buffer("router_expert_bias", torch.zeros(E, dtype=torch.float32, device=device))
+            self.register_buffer("router_expert_bias", torch.zeros(E, **f32))
         else:
             self.router_expert_bias = None
         # load summed over the micro-batches of one optimizer step (not saved)
-        self.register_buffer("router_load_accum", torch.zeros(E, dtype=torch.float32, device=device),
-                             persistent=False)
+        self.register_buffer("router_load_accum", torch.zeros(E, **f32), persistent=False)
+        # the global batch's plain top-k counts summed over this step's micro-batches so far
+        # (f_e of each micro-batch is their running mean, as Megatron's ga_steps)
+        glob = "global_aux_loss" in self.router_cfg.aux_coeffs()
+        self.register_buffer("router_global_load", torch.zeros(E, **f32) if glob else None, persistent=False)
+        self.register_buffer("router_global_steps", torch.zeros((), **f32) if glob else None, persistent=False)
+        qb = self.router_cfg.selection == "quantile_balancing"
+        self.register_buffer("router_qb_beta", torch.zeros(E, **f32) if qb else None)   # saved, as Megatron's
+        self.register_buffer("router_qb_accum", torch.zeros(E, **f32) if qb else None, persistent=False)
+        self.register_buffer("router_qb_count", torch.zeros((), **f32) if qb else None, persistent=False)
         self.comm_timer: Optional[CommTimer] = None
         self._noise_gen = None
         self.layer_number = None
@@ -477,6 +491,54 @@ class FusedMoELayer(MegatronModule):
                     full_shape = (w.shape[1], w.shape[2] * n) if which == "w1" else (Fl * n, w.shape[2])
                     full = torch.randn(full_shape, generator=g, dtype=torch.float32) * s
                     w[i].copy_(_tp_cols(full, self.parts, r, n) if which == "w1" else full[r * Fl:(r + 1) * Fl])
+
+    # ---- the router state as Megatron's finalize_model_grads finds a router's
+    _FP32_STATE = ("router_expert_bias", "router_load_accum", "router_global_load", "router_global_steps",
+                   "router_qb_beta", "router_qb_accum", "router_qb_count")
+
+    @property
+    def expert_bias(self) -> Tensor:
+        """Megatron's name for the aux-loss-free bias: its finalize_model_grads moves every
+        module's ``expert_bias`` in place from ``local_tokens_per_expert`` once per step (summed
+        over TP x DP x CP; the TP ranks here hold the same load, so the sign is the same)."""
+        if self.router_expert_bias is None:
+            raise AttributeError("expert_bias: this router has no expert bias")
+        return self.router_expert_bias
+
+    @property
+    def local_tokens_per_expert(self) -> Tensor:
+        return self.router_load_accum
+
+    @property
+    def qb_beta(self) -> Optional[Tensor]:
+        return self.router_qb_beta
+
+    @property
+    def qb_beta_accum(self) -> Optional[Tensor]:
+        """Megatron (>= 0.19) averages it over DP and moves ``qb_beta`` once per step."""
+        return self.router_qb_accum
+
+    @property
+    def qb_beta_count(self) -> Optional[Tensor]:
+        return self.router_qb_count
+
+    def reset_global_aux_loss_tracker(self) -> None:
+        """Called by Megatron's finalize_model_grads (and :func:`moe_step_end`) once per step."""
+        if self.router_global_load is not None:
+            self.router_global_load.zero_()
+            self.router_global_steps.zero_()
+
+    def _apply(self, fn, *args, **kwargs):
+        """Module casts (Megatron's Float16Module turns every float buffer into bf16) leave the
+        router's running state in fp32: a bias moving by 1e-3 a step would round away in bf16,
+        and a checkpoint's fp32 values would be rounded on load. Device moves still apply."""
+        keep = {n: self._buffers[n] for n in self._FP32_STATE if self._buffers.get(n) is not None}
+        out = super()._apply(fn, *args, **kwargs)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device)
+        return out
 
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron calls this after construction (0.16.1 passes no layer number to ``mlp``)."""
@@ -533,29 +595,19 @@ class FusedMoELayer(MegatronModule):
         bias = None
         if self.router_expert_bias is not None:
             bias = self.router_expert_bias.float()
-        seq_ids = seq_ids_for_layout(s, b, device=x.device) if cfg.load_balancing_type == "seq_aux_loss" else None
+        aux = cfg.aux_coeffs()
+        seq_ids = seq_ids_for_layout(s, b, device=x.device) if "seq_aux_loss" in aux else None
         gen = self._noise_generator(x.device)
         # the fused top-k gate unless the torch reference path was asked for
         gate = "torch" if self.moe.backend == "torch" else "auto"
-        g_load = g_tokens = None
-        dp = compat.torch_dist_size(self.dp_group)
-        if cfg.load_balancing_type == "global_aux_loss" and training and dp > 1:
-            # f_e over the global batch (arXiv 2501.11873): this selection's load summed over the
-            # data-parallel replicas (a collective, no host sync); the selection is then replayed
-            with torch.no_grad():
-                first = route(logits.detach(), cfg, training=training, expert_bias=bias,
-                              replay_indices=replay, generator=gen, valid=valid, backend=gate)
-                g_load = first.load.clone()
-                torch.distributed.all_reduce(g_load, group=self.dp_group)
-                if valid is None:
-                    g_tokens = s * b * dp
-                else:
-                    g_tokens = valid.float().sum()
-                    torch.distributed.all_reduce(g_tokens, group=self.dp_group)
-            replay = first.indices
+        reduce_counts = self._global_counts if "global_aux_loss" in aux and tracked else None
         res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
-                    replay_indices=replay, global_tokens_per_expert=g_load, global_num_tokens=g_tokens,
-                    generator=gen, num_seqs=b, valid=valid, backend=gate)
+                    replay_indices=replay, reduce_counts=reduce_counts, generator=gen, num_seqs=b,
+                    valid=valid, qb_beta=self.router_qb_beta, backend=gate)
+        if tracked and res.qb_quantile is not None:
+            with torch.no_grad():
+                self.router_qb_accum += res.qb_quantile
+                self.router_qb_count += 1
 
         if mb is not None and tracked:
             if STATE.trace_out is not None:
@@ -606,6 +658,21 @@ class FusedMoELayer(MegatronModule):
                              res.aux_loss, res.z_loss, sat)
         return out, None
 
+    def _global_counts(self, counts: Tensor, num_tokens: Tensor):
+        """``global_aux_loss``'s f_e counts (arXiv 2501.11873, as Megatron): this micro-batch's
+        plain top-k counts and token count summed over the data-parallel replicas (one collective,
+        no host sync; the TP ranks route the same tokens), the counts averaged with the step's
+        earlier micro-batches. The token count is this micro-batch's global one. P_e stays this
+        rank's mean (the paper's form; Megatron's divides it by the global count too, which
+        scales its loss down by the DP size: see docs/moe.md)."""
+        with torch.no_grad():
+            both = torch.cat([counts.float(), num_tokens.float().reshape(1)])
+            if compat.torch_dist_size(self.dp_group) > 1:
+                torch.distributed.all_reduce(both, group=self.dp_group)
+            self.router_global_load += both[:-1]
+            self.router_global_steps += 1
+            return self.router_global_load / self.router_global_steps, both[-1]
+
     def _valid_tokens(self, padding_mask: Optional[Tensor], s_local: int, b: int) -> Optional[Tensor]:
         """Megatron's ``padding_mask`` (``[b, s]``, this rank's sequence part under sequence
         parallel; True marks padding) as ``[s * b]`` bool in the router's token order, True for a
@@ -626,11 +693,13 @@ class FusedMoELayer(MegatronModule):
         cfg = self.router_cfg
         num_layers = self.config.num_layers
         share = 1.0 / self.tp_size
-        if cfg.load_balancing_type in _AUX_NAMES and cfg.aux_loss_coeff > 0:
+        if res.aux_losses:
             out = MoEAuxLossAutoScaler.apply(out, res.aux_loss * share if share != 1.0 else res.aux_loss)
             if self.layer_number:
-                compat.record_moe_aux_loss(_AUX_NAMES[cfg.load_balancing_type],
-                                           res.aux_loss.detach() / cfg.aux_loss_coeff, self.layer_number, num_layers)
+                coeffs = cfg.aux_coeffs()
+                for name, term in res.aux_losses.items():
+                    compat.record_moe_aux_loss(_AUX_NAMES[name], term.detach() / coeffs[name],
+                                               self.layer_number, num_layers)
         if cfg.z_loss_coeff:
             out = MoEAuxLossAutoScaler.apply(out, res.z_loss * share if share != 1.0 else res.z_loss)
             if self.layer_number:
@@ -759,19 +828,40 @@ def fused_moe_layers(model_chunks: Iterable[torch.nn.Module]) -> Dict[int, Fused
     return out
 
 
-def moe_step_end(model_chunks: Iterable[torch.nn.Module]) -> Dict[str, dict]:
-    """Once per optimizer step: sum the step's expert load over the data-parallel replicas,
-    move the aux-loss-free biases, reset the accumulators and return this step's statistics."""
+def moe_step_end(model_chunks: Iterable[torch.nn.Module],
+                 megatron_handles: Iterable[str] = ()) -> Dict[str, dict]:
+    """Once per optimizer step: move the aux-loss-free biases (from the step's load summed over
+    the data-parallel replicas) and the quantile-balancing biases (from the step's mean quantile,
+    averaged over them), reset the accumulators and return this step's statistics.
+    ``megatron_handles``: what Megatron's finalize_model_grads already did this step to the
+    layers it finds by attribute ("expert_bias", "quantile_balancing"; see
+    ``compat.megatron_router_updates``), which is then not done twice."""
+    handled = set(megatron_handles)
     layers = fused_moe_layers(model_chunks)
-    if layers:
-        mods = list(layers.values())
-        load = torch.stack([m.router_load_accum.float() for m in mods])
+    mods = list(layers.values())
+    if mods:
         group = mods[0].dp_group
-        if compat.torch_dist_size(group) > 1:
-            torch.distributed.all_reduce(load, group=group)
-        for m, l in zip(mods, load):
-            if m.router_expert_bias is not None:
+        dp = compat.torch_dist_size(group)
+        biased = [m for m in mods if m.router_expert_bias is not None and "expert_bias" not in handled]
+        if biased:
+            load = torch.stack([m.router_load_accum.float() for m in biased])
+            if dp > 1:
+                torch.distributed.all_reduce(load, group=group)
+            for m, l in zip(biased, load):
                 m.router_expert_bias.data = update_expert_bias(m.router_expert_bias, l,
                                                                m.router_cfg.bias_update_rate)
+        qb = [m for m in mods if m.router_qb_beta is not None and "quantile_balancing" not in handled]
+        if qb:
+            mean = torch.stack([m.router_qb_accum / m.router_qb_count.clamp(min=1) for m in qb])
+            if dp > 1:
+                torch.distributed.all_reduce(mean, group=group)
+                mean /= dp
+            for m, q in zip(qb, mean):
+                m.router_qb_beta.data = update_qb_beta(m.router_qb_beta, q, m.router_cfg.quantile_balancing_ema)
+        for m in mods:
             m.router_load_accum.zero_()
+            m.reset_global_aux_loss_tracker()
+            if m.router_qb_accum is not None:
+                m.router_qb_accum.zero_()
+                m.router_qb_count.zero_()
     return STATE.end_step(layers)

@@ -30,6 +30,7 @@ class MoETrainingHooks:
         moe = getattr(tconfig, "moe", None)
         self.active = moe is not None and moe.impl == "fused"
         self.chunks = model_chunks
+        self.tconfig = tconfig
         self.moe = moe
         self.rank0 = rank == 0
         self.tb = None
@@ -55,7 +56,10 @@ class MoETrainingHooks:
             return
         from megatron_ext.modules.moe import moe_step_end
 
-        layers = moe_step_end(self.chunks)
+        # Megatron's finalize_model_grads (the DDP lane; FSDP2 has none) already moved the biases
+        # it knows how to move
+        finalized = getattr(self.tconfig, "finalize_model_grads_func", None) is not None
+        layers = moe_step_end(self.chunks, compat.megatron_router_updates() if finalized else ())
         compat.clear_moe_aux_loss_tracker()
         self.steps += 1
         if not self.rank0 or not (last or iteration % self.moe.monitor_interval == 0 or iteration == 1):

@@ -242,11 +242,11 @@ class MoERunState:
                    "dropped_fraction": float(s["dropped"]) / max(s["pairs"], 1),
                    "aux_loss": float(s["aux_loss"]) / n, "z_loss": float(s["z_loss"]) / n}
             mod = layers.get(layer)
-            bias = getattr(mod, "router_expert_bias", None) if mod is not None else None
-            if bias is not None:
-                b = bias.detach().float().cpu()
-                row["expert_bias"] = {"min": float(b.min()), "max": float(b.max()),
-                                      "mean_abs": float(b.abs().mean())}
+            for attr, key in (("router_expert_bias", "expert_bias"), ("router_qb_beta", "qb_beta")):
+                bias = getattr(mod, attr, None) if mod is not None else None
+                if bias is not None:   # the aux-loss-free or the quantile-balancing bias
+                    b = bias.detach().float().cpu()
+                    row[key] = {"min": float(b.min()), "max": float(b.max()), "mean_abs": float(b.abs().mean())}
             if s["logits_sat"] is not None or (self.monitor_now and mod is not None):
                 sat = {}
                 if s["logits_sat"] is not None:
@@ -286,7 +286,8 @@ class MoERunState:
                 "max_over_mean_load": float(load.max() / load.mean()) if float(load.mean()) > 0 else None,
                 "dropped_fraction": r["dropped"] / max(r["pairs"], 1),
                 "aux_loss": last.get("aux_loss"), "z_loss": last.get("z_loss"),
-                "expert_bias": last.get("expert_bias"), "fp8_saturation": r.get("fp8"),
+                "expert_bias": last.get("expert_bias"), "qb_beta": last.get("qb_beta"),
+                "fp8_saturation": r.get("fp8"),
             }
         return layers
 

@@ -67,6 +67,7 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or ffn_hidden_size(cfg),
             moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
             moe_router_load_balancing_type=moe_load_balancing_type(cfg),
+            moe_router_quantile_balancing_ema=cfg.moe_router_quantile_balancing_ema,
             moe_router_score_function=cfg.moe_router_score_function,
             moe_router_pre_softmax=bool(cfg.moe_router_pre_softmax),
             moe_router_topk_scaling_factor=cfg.moe_router_topk_scaling_factor,

@@ -31,11 +31,11 @@ from megatron_ext.ops.moe.reference import (ACTIVATIONS, GATED_ACTIVATIONS, expe
 from megatron_ext.ops.moe.routing import (RouterConfig, RoutingResult, expert_counts,
                                           ids_out_of_range, route, seq_ids_for_layout,
                                           seq_ids_from_lengths, sinkhorn_balance,
-                                          update_expert_bias)
+                                          update_expert_bias, update_qb_beta)
 
 __all__ = ["moe_ffn", "moe_ffn_reference", "permute", "unpermute", "expert_activation",
            "RouterConfig", "RoutingResult", "route", "expert_counts", "sinkhorn_balance",
-           "update_expert_bias",
+           "update_expert_bias", "update_qb_beta",
            "seq_ids_for_layout", "seq_ids_from_lengths", "ACTIVATIONS"]
 
 Tensor = torch.Tensor

@@ -27,11 +27,24 @@ Options (field names follow Megatron's ``moe_router_*`` / ``moe_*`` config, see
   with ``s`` the softmax over all E (or, for sigmoid and sqrtsoftplus, the scores normalised
   over E, as Megatron does). ``seq_aux_loss`` (DeepSeek-V3 eq. 17-20) applies the same formula within
   each sequence and averages over sequences. ``global_aux_loss`` (arXiv 2501.11873) takes f_e
-  from counts over the global batch (passed in) and P_e from the local tokens.
-  f_e counts the *actual* selection (bias and groups included, before capacity dropping).
+  from counts over the global batch (a ``reduce_counts`` callback sums them) and P_e from the
+  local tokens. f_e counts the plain top-k of the scores ``s`` (DeepSeek-V3 eq. 18, Megatron's
+  ``compute_routing_scores_for_aux_loss``): without the expert bias, the group limit, a replayed
+  or quantile-balanced selection and capacity dropping, so a DeepSeek-V3 router's balance loss
+  measures the scores' own preference, not the bias-corrected dispatch. Several of the three may
+  be combined, each with its own coefficient (Megatron's list form of
+  ``moe_router_load_balancing_type`` / ``moe_aux_loss_coeff``); ``aux_loss`` is their sum.
 * router z-loss (ST-MoE eq. 5, arXiv 2202.08906): ``z_loss = coeff * mean_t logsumexp(l_t)^2``.
 * Sinkhorn balancing (BASE layers / Megatron ``sinkhorn``): in training, experts are chosen by
   top-k of the Sinkhorn-balanced matrix; the gate values are the score function of the raw logits.
+* quantile balancing (Megatron >= 0.19 ``quantile_balancing``, a dual coordinate-descent
+  assignment): experts are chosen by top-k of ``l - beta`` with a per-expert bias ``beta`` on the
+  raw fp32 logits; the gates are the score function's at those experts. In training the router
+  also returns, per expert, the ``T*k/E + 1``-th largest over tokens of ``l - alpha_t`` (``alpha_t``
+  the token's ``k+1``-th largest ``l - beta``): the ``beta`` that would give every expert its
+  share. The caller averages it over the step's micro-batches and the data-parallel ranks and
+  moves ``beta`` once per step (:func:`update_qb_beta`). No aux loss, groups, expert bias or
+  capacity with it (Megatron refuses them too).
 * capacity (Switch Transformer §2.2, GShard): ``capacity = ceil(T * k / E * capacity_factor)``
   (Megatron's ``get_capacity``); per expert the first ``capacity`` pairs are kept, by descending
   prob (``drop_policy="probs"``) or by token position (``"position"``); ties broken by position,
@@ -50,7 +63,7 @@ import dataclasses
 import functools
 import importlib.util
 import math
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -62,9 +75,12 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 # the score functions whose gates are the selected scores themselves (normalised over the k
 # chosen when normalize_topk and k > 1), which the aux-loss-free bias may shift
 POINTWISE_SCORES = ("sigmoid", "sqrtsoftplus")
-LOAD_BALANCING_TYPES = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn")
+LOAD_BALANCING_TYPES = ("none", "aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn",
+                        "quantile_balancing")
 DROP_POLICIES = ("probs", "position")
 _AUX_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+# the balancing types that choose the experts themselves (one at most, never in a list)
+_SELECTIONS = ("sinkhorn", "quantile_balancing")
 
 
 def _bad(field: str, value, why: str, allowed: str) -> ValueError:
@@ -83,8 +99,11 @@ class RouterConfig:
     moe_router_bias_update_rate, capacity_factor=moe_expert_capacity_factor, drop_policy=
     moe_token_drop_policy, pad_to_capacity=moe_pad_expert_input_to_capacity, input_jitter_eps=
     moe_input_jitter_eps, num_groups=moe_router_num_groups, group_topk=moe_router_group_topk,
-    expert_parallel_size=expert_model_parallel_size. ``normalize_topk``, ``noise_std`` and the
-    ``sinkhorn_*`` knobs are ours (Megatron hard-codes them). ``pad_to_capacity`` is validated
+    expert_parallel_size=expert_model_parallel_size, quantile_balancing_ema=
+    moe_router_quantile_balancing_ema. ``normalize_topk``, ``noise_std`` and the
+    ``sinkhorn_*`` knobs are ours (Megatron hard-codes them). ``load_balancing_type`` may be a
+    list of aux-loss types (and "none") with ``aux_loss_coeff`` a list of the same length, one
+    coefficient each, as Megatron takes them; :meth:`validate` stores lists as tuples. ``pad_to_capacity`` is validated
     here but honoured by the dispatcher (each expert's group padded to ``RoutingResult.capacity``
     rows for static shapes); :func:`route`'s output does not depend on it.
     """
@@ -95,8 +114,8 @@ class RouterConfig:
     pre_softmax: bool = False
     topk_scaling_factor: Optional[float] = None
     normalize_topk: bool = True
-    load_balancing_type: str = "none"
-    aux_loss_coeff: float = 0.0
+    load_balancing_type: Union[str, Sequence[str]] = "none"
+    aux_loss_coeff: Union[float, Sequence[float]] = 0.0
     z_loss_coeff: Optional[float] = None
     enable_expert_bias: bool = False
     bias_update_rate: float = 1e-3
@@ -110,6 +129,23 @@ class RouterConfig:
     expert_parallel_size: int = 1
     sinkhorn_iters: int = 30
     sinkhorn_eps: float = 1e-8
+    quantile_balancing_ema: float = 0.0
+
+    def balancing_types(self) -> Tuple[str, ...]:
+        t = self.load_balancing_type
+        return (t,) if isinstance(t, str) else tuple(t)
+
+    def aux_coeffs(self) -> Dict[str, float]:
+        """The aux-loss types this router computes, each with its coefficient (> 0), in order."""
+        c = self.aux_loss_coeff
+        coeffs = (c,) if isinstance(c, (int, float)) else tuple(c)
+        return {t: float(v) for t, v in zip(self.balancing_types(), coeffs) if t in _AUX_TYPES and v > 0}
+
+    @property
+    def selection(self) -> str:
+        """How experts are chosen: "sinkhorn", "quantile_balancing" or "topk" (of the scores)."""
+        t = self.load_balancing_type
+        return t if isinstance(t, str) and t in _SELECTIONS else "topk"
 
     def validate(self) -> "RouterConfig":
         """Raise ``ValueError(f"{field}={value!r}: {why}; use {allowed}")`` on a bad combination."""
@@ -126,24 +162,15 @@ class RouterConfig:
             raise _bad("pre_softmax", self.pre_softmax, "only meaningful with "
                        f"score_function='softmax' (got {self.score_function!r})",
                        "pre_softmax=False")
+        self._validate_balancing()
         if self.score_function == "softmax" and k == 1 and not self.pre_softmax \
-                and self.load_balancing_type != "sinkhorn":
+                and self.selection != "sinkhorn":
             # softmax over a single chosen logit is always 1.0: the router gets no gradient
             raise _bad("pre_softmax", self.pre_softmax, "topk=1 with softmax after top-k gives "
                        "every token prob 1.0 (no router gradient)", "pre_softmax=True for topk=1")
         if self.topk_scaling_factor is not None and not self.topk_scaling_factor > 0:
             raise _bad("topk_scaling_factor", self.topk_scaling_factor, "must scale by a "
                        "positive number", "None or a float > 0")
-        if self.load_balancing_type not in LOAD_BALANCING_TYPES:
-            raise _bad("load_balancing_type", self.load_balancing_type, "unknown balancing type",
-                       f"one of {list(LOAD_BALANCING_TYPES)}")
-        if not self.aux_loss_coeff >= 0:
-            raise _bad("aux_loss_coeff", self.aux_loss_coeff, "must be >= 0", "a float >= 0")
-        if self.aux_loss_coeff > 0 and self.load_balancing_type not in _AUX_TYPES:
-            raise _bad("aux_loss_coeff", self.aux_loss_coeff,
-                       f"load_balancing_type={self.load_balancing_type!r} computes no aux loss, "
-                       "the coefficient would be silently ignored",
-                       f"aux_loss_coeff=0 or load_balancing_type in {list(_AUX_TYPES)}")
         if self.z_loss_coeff is not None and not self.z_loss_coeff >= 0:
             raise _bad("z_loss_coeff", self.z_loss_coeff, "must be >= 0", "None or a float >= 0")
         if self.enable_expert_bias:
@@ -153,19 +180,19 @@ class RouterConfig:
                 raise _bad("enable_expert_bias", True, "aux-loss-free balancing biases sigmoid or "
                            f"sqrtsoftplus scores (DeepSeek-V3); score_function={self.score_function!r}",
                            "score_function='sigmoid' or 'sqrtsoftplus', or enable_expert_bias=False")
-            if self.load_balancing_type == "sinkhorn":
-                raise _bad("enable_expert_bias", True, "Sinkhorn already balances the selection",
-                           "enable_expert_bias=False with load_balancing_type='sinkhorn'")
+            if self.selection != "topk":
+                raise _bad("enable_expert_bias", True, f"{self.selection} already balances the selection",
+                           f"enable_expert_bias=False with load_balancing_type={self.selection!r}")
         if not self.bias_update_rate > 0:
             raise _bad("bias_update_rate", self.bias_update_rate, "must be > 0", "a float > 0")
         if self.capacity_factor is not None:
             if not self.capacity_factor > 0:
                 raise _bad("capacity_factor", self.capacity_factor, "an expert must hold at "
                            "least one token", "None (dropless) or a float > 0")
-            if self.load_balancing_type == "sinkhorn":
+            if self.selection != "topk":
                 raise _bad("capacity_factor", self.capacity_factor, "token dropping is not "
-                           "defined for Sinkhorn routing (Megatron rejects it too)",
-                           "capacity_factor=None with load_balancing_type='sinkhorn'")
+                           f"defined for {self.selection} routing (Megatron rejects it too)",
+                           f"capacity_factor=None with load_balancing_type={self.selection!r}")
         if self.drop_policy not in DROP_POLICIES:
             raise _bad("drop_policy", self.drop_policy, "unknown drop policy",
                        f"one of {list(DROP_POLICIES)}")
@@ -194,9 +221,9 @@ class RouterConfig:
             if k > g * (E // G):
                 raise _bad("topk", k, f"group_topk={g} groups of {E // G} experts hold only "
                            f"{g * (E // G)} experts", f"topk <= {g * (E // G)} or more groups")
-            if self.load_balancing_type == "sinkhorn":
-                raise _bad("num_groups", G, "group-limited selection is not defined for Sinkhorn",
-                           "num_groups=None with load_balancing_type='sinkhorn'")
+            if self.selection != "topk":
+                raise _bad("num_groups", G, f"group-limited selection is not defined for {self.selection}",
+                           f"num_groups=None with load_balancing_type={self.selection!r}")
         if not isinstance(self.expert_parallel_size, int) or self.expert_parallel_size < 1 \
                 or E % self.expert_parallel_size:
             raise _bad("expert_parallel_size", self.expert_parallel_size, f"each EP rank holds "
@@ -206,7 +233,46 @@ class RouterConfig:
             raise _bad("sinkhorn_iters", self.sinkhorn_iters, "must be a positive int", ">= 1")
         if not self.sinkhorn_eps > 0:
             raise _bad("sinkhorn_eps", self.sinkhorn_eps, "clamps denominators", "a float > 0")
+        if not 0 <= self.quantile_balancing_ema < 1:
+            raise _bad("quantile_balancing_ema", self.quantile_balancing_ema, "the bias moves by "
+                       "(1 - ema) of the new quantile each step", "0 <= ema < 1")
+        if self.selection == "quantile_balancing" and k >= E:
+            raise _bad("topk", k, "quantile balancing reads each token's (topk+1)-th logit",
+                       f"topk < num_experts={E}")
         return self
+
+    def _validate_balancing(self) -> None:
+        """``load_balancing_type`` / ``aux_loss_coeff``: one type and one coefficient, or lists
+        of aux-loss types with one coefficient each (stored as tuples)."""
+        t, c = self.load_balancing_type, self.aux_loss_coeff
+        if isinstance(t, str):
+            if t not in LOAD_BALANCING_TYPES:
+                raise _bad("load_balancing_type", t, "unknown balancing type",
+                           f"one of {list(LOAD_BALANCING_TYPES)}")
+            if not isinstance(c, (int, float)):
+                raise _bad("aux_loss_coeff", c, f"a list of coefficients needs a list of "
+                           f"balancing types (got load_balancing_type={t!r})",
+                           "one float, or one type per coefficient")
+            types, coeffs = (t,), (c,)
+        else:
+            types = tuple(t)
+            combinable = _AUX_TYPES + ("none",)
+            if not types or any(x not in combinable for x in types) or len(set(types)) < len(types):
+                raise _bad("load_balancing_type", list(types), "a list combines distinct aux-loss "
+                           "types (Megatron's router ignores sinkhorn or quantile_balancing in a list)",
+                           f"distinct entries of {list(combinable)}, or one type")
+            coeffs = (c,) if isinstance(c, (int, float)) else tuple(c)
+            if len(coeffs) != len(types):
+                raise _bad("aux_loss_coeff", c, f"one coefficient per balancing type "
+                           f"({len(types)}: {list(types)})", f"a list of {len(types)} floats")
+            self.load_balancing_type, self.aux_loss_coeff = types, coeffs
+        for ty, co in zip(types, coeffs):
+            if not co >= 0:
+                raise _bad("aux_loss_coeff", c, "must be >= 0", "floats >= 0")
+            if co > 0 and ty not in _AUX_TYPES:
+                raise _bad("aux_loss_coeff", c, f"load_balancing_type={ty!r} computes no aux loss, "
+                           "the coefficient would be silently ignored",
+                           f"0 for {ty!r}, or load_balancing_type in {list(_AUX_TYPES)}")
 
 
 @dataclasses.dataclass
@@ -217,7 +283,9 @@ class RoutingResult:
     tokens_per_expert [E] int64 (kept pairs: what each expert computes), load [E] fp32 (pairs
     that *chose* each expert before dropping: the signal for :func:`update_expert_bias`),
     aux_loss and z_loss fp32 scalars (0 when off; they carry grad to the logits), capacity
-    (None when dropless).
+    (None when dropless); aux_losses: each configured aux-loss type's term (coefficient
+    included; they sum to aux_loss); qb_quantile [E] fp32: quantile balancing's per-expert
+    estimate of the balancing bias from this batch (training only, else None).
     """
 
     probs: Tensor
@@ -228,6 +296,8 @@ class RoutingResult:
     aux_loss: Tensor
     z_loss: Tensor
     capacity: Optional[int]
+    aux_losses: Dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    qb_quantile: Optional[Tensor] = None
 
     @property
     def dropped_mask(self) -> Tensor:
@@ -364,7 +434,7 @@ def _gate_probe(logits: Tensor, cfg: RouterConfig, requested: str):
     """Whether the fused top-k gate (:mod:`.triton_router`) can do this selection: None, or why
     not (the torch expressions below then run; the backend record says why)."""
     def probe() -> Optional[str]:
-        if cfg.load_balancing_type == "sinkhorn":
+        if cfg.selection == "sinkhorn":
             return "load_balancing_type='sinkhorn': selection by the balanced matrix"
         from megatron_ext.ops.moe.triton_router import MAX_EXPERTS
 
@@ -414,7 +484,8 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
           generator: Optional[torch.Generator] = None,
           replay_indices: Optional[Tensor] = None,
           num_seqs: Optional[int] = None, valid: Optional[Tensor] = None,
-          backend: str = "auto") -> RoutingResult:
+          reduce_counts: Optional[Callable[[Tensor, Tensor], Tuple[Tensor, Tensor]]] = None,
+          qb_beta: Optional[Tensor] = None, backend: str = "auto") -> RoutingResult:
     """Route ``logits`` [T, E] (any float dtype) -> :class:`RoutingResult` (fp32 probs).
 
     ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid/sqrtsoftplus scores for
@@ -422,7 +493,11 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     (see :func:`seq_ids_for_layout`, :func:`seq_ids_from_lengths`); ``num_seqs``: how many sequences
     ``seq_ids`` numbers (default: its largest id + 1, read on the host). ``global_tokens_per_expert``
     [E] and ``global_num_tokens``: counts over the global batch for ``global_aux_loss`` (default:
-    this batch). ``generator`` drives the training noise. ``replay_indices`` [T, k] int: use these
+    this batch); or ``reduce_counts(counts [E], num_tokens 0-d)``, called with this batch's counts
+    of the plain top-k and its (valid) token count, returns the pair f_e is taken over (the layer
+    sums them over the data-parallel replicas and averages the step's micro-batches, as Megatron).
+    ``qb_beta`` [E] fp32: the bias of ``quantile_balancing`` (needed iff that is the type).
+    ``generator`` drives the training noise. ``replay_indices`` [T, k] int: use these
     expert ids instead of selecting (routing replay); gates, losses and capacity are computed for
     them from the current logits, so gradients flow as in the recorded run. Losses are computed whenever configured;
     the caller attaches them to the loss only in training (Megatron does the same check).
@@ -441,7 +516,14 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         raise ValueError(f"expert_bias={'a tensor' if expert_bias is not None else None}: "
                          f"enable_expert_bias={cfg.enable_expert_bias}; use "
                          f"{'a [num_experts] fp32 tensor' if cfg.enable_expert_bias else 'None'}")
-    if cfg.load_balancing_type == "seq_aux_loss" and seq_ids is None:
+    if (cfg.selection == "quantile_balancing") != (qb_beta is not None):
+        raise ValueError(f"qb_beta={'a tensor' if qb_beta is not None else None}: load_balancing_type="
+                         f"{cfg.load_balancing_type!r}; use "
+                         f"{'a [num_experts] fp32 tensor' if qb_beta is None else 'None'}")
+    if global_tokens_per_expert is not None and reduce_counts is not None:
+        raise ValueError("global_tokens_per_expert and reduce_counts: f_e comes from one of them; pass one")
+    aux = cfg.aux_coeffs()
+    if "seq_aux_loss" in aux and seq_ids is None:
         raise ValueError("seq_ids=None: load_balancing_type='seq_aux_loss' needs each token's "
                          "sequence; use seq_ids_for_layout(s, b) or seq_ids_from_lengths(lengths)")
     T, E = logits.shape
@@ -464,6 +546,17 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
                                                       device=logits.device)
 
     # --- selection and gate values
+    qb_quantile = None
+    if cfg.selection == "quantile_balancing":
+        if valid is not None:
+            raise ValueError("valid=a padding mask: load_balancing_type='quantile_balancing' counts "
+                             "every token in its quantile (Megatron refuses the mask too); use no "
+                             "padding mask, or another balancing type")
+        estimate = training and torch.is_grad_enabled()   # as Megatron: only where it trains
+        with torch.no_grad():
+            qb_sel, qb_quantile = _quantile_balance(logits.detach(), k, qb_beta.float(), estimate)
+        if replay_indices is None:
+            replay_indices = qb_sel   # the gates below are the score function's at these experts
     lane = backends.resolve("moe.route", backend,
                             [("triton", _gate_probe(logits, cfg, backend)),
                              ("torch", lambda: None)])
@@ -472,7 +565,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     scale = None if fused is not None else cfg.topk_scaling_factor   # the kernel applies it
     if fused is not None:
         probs, indices = fused
-    elif cfg.load_balancing_type == "sinkhorn":
+    elif cfg.selection == "sinkhorn":
         # Megatron: sigmoid for k=1 (a softmax gate over E would be tiny), softmax for k>1
         scores = torch.sigmoid(logits) if k == 1 else torch.softmax(logits, dim=-1)
         if replay_indices is not None:
@@ -515,24 +608,39 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
 
     # --- losses (fp32 scalars with grad to the logits)
     zero = logits.new_zeros(())
-    aux_loss = zero
-    if cfg.load_balancing_type in _AUX_TYPES and cfg.aux_loss_coeff > 0:
+    aux_losses: Dict[str, Tensor] = {}
+    if aux:
         s = _aux_scores(logits, cfg)
+        # f_e from the plain top-k of s (see the module doc); where nothing steers the selection
+        # away from it (no bias, groups, replay or balancing), that is the selection itself
+        plain = expert_bias is None and cfg.num_groups is None and replay_indices is None \
+            and cfg.selection == "topk"
+        aux_idx = indices if plain else s.detach().topk(k, dim=-1).indices
         if valid is not None:
             s = s * vf[:, None]
+            counts_all = load if plain else expert_counts(aux_idx, E, valid[:, None].expand(T, k)).float()
+        else:
+            counts_all = load if plain else expert_counts(aux_idx, E).float()
         n_tokens = T if valid is None else n_valid
         p_mean = s.mean(0) if valid is None else s.sum(0) / n_valid   # P_e over the valid tokens
-        if cfg.load_balancing_type == "aux_loss":
-            aux_loss = cfg.aux_loss_coeff * E * ((load / (n_tokens * k)) * p_mean).sum()
-        elif cfg.load_balancing_type == "global_aux_loss":
-            g_load = load if global_tokens_per_expert is None else global_tokens_per_expert.float()
-            g_T = n_tokens if global_num_tokens is None else global_num_tokens
-            aux_loss = cfg.aux_loss_coeff * E * ((g_load / (g_T * k)) * p_mean).sum()
-        else:
+        if "aux_loss" in aux:
+            aux_losses["aux_loss"] = aux["aux_loss"] * E * ((counts_all / (n_tokens * k)) * p_mean).sum()
+        if "global_aux_loss" in aux:
+            if global_tokens_per_expert is not None:
+                g_load = global_tokens_per_expert.float()
+                g_T = n_tokens if global_num_tokens is None else global_num_tokens
+            elif reduce_counts is not None:
+                n_here = vf.sum() if valid is not None else torch.full((), float(T), device=logits.device)
+                g_load, g_T = reduce_counts(counts_all.detach(), n_here)
+            else:
+                g_load = counts_all
+                g_T = n_tokens if global_num_tokens is None else global_num_tokens
+            aux_losses["global_aux_loss"] = aux["global_aux_loss"] * E * ((g_load / (g_T * k)) * p_mean).sum()
+        if "seq_aux_loss" in aux:
             seq_ids = seq_ids.to(logits.device).long()
             S = num_seqs if num_seqs is not None else (int(seq_ids.max()) + 1 if T else 0)
             counts = torch.zeros(S, E, device=logits.device)
-            counts.index_put_((seq_ids[:, None].expand(T, k), indices),
+            counts.index_put_((seq_ids[:, None].expand(T, k), aux_idx),
                               torch.ones(T, k, device=logits.device) if valid is None
                               else vf[:, None].expand(T, k), accumulate=True)
             prob_sum = torch.zeros(S, E, device=logits.device).index_add(0, seq_ids, s)
@@ -545,7 +653,10 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
             # mean valid length may be below one token, so empty sequences divide by 1, not a clamp
             present = (n_tok > 0).float()
             per_seq = E * (counts * prob_sum).sum(-1) / (k * torch.where(n_tok > 0, n_tok, 1.0) ** 2)
-            aux_loss = cfg.aux_loss_coeff * (per_seq * present).sum() / present.sum().clamp(min=1.0)
+            aux_losses["seq_aux_loss"] = aux["seq_aux_loss"] * (per_seq * present).sum() \
+                / present.sum().clamp(min=1.0)
+    aux_losses = {t: aux_losses[t] for t in aux}   # in the configured order
+    aux_loss = sum(aux_losses.values()) if aux_losses else zero
     z_loss = zero
     if cfg.z_loss_coeff:
         z = torch.logsumexp(logits, dim=-1).square()
@@ -561,4 +672,33 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     tokens_per_expert = chosen if capacity is None else expert_counts(indices, E, kept)
     return RoutingResult(probs=probs, indices=indices, kept=kept,
                          tokens_per_expert=tokens_per_expert, load=load, aux_loss=aux_loss,
-                         z_loss=z_loss, capacity=capacity)
+                         z_loss=z_loss, capacity=capacity, aux_losses=aux_losses,
+                         qb_quantile=qb_quantile)
+
+
+def _quantile_balance(logits: Tensor, k: int, beta: Tensor, estimate: bool
+                      ) -> Tuple[Tensor, Optional[Tensor]]:
+    """Quantile balancing on fp32 ``logits`` [T, E]: the top-k of ``logits - beta`` [T, k] and,
+    when ``estimate``, the per-expert bias that would give each expert ``T*k/E`` tokens of this
+    batch: the ``T*k/E + 1``-th largest over tokens of ``logits - alpha`` (``alpha_t`` the token's
+    ``k+1``-th largest ``logits - beta``); see the module doc."""
+    T, E = logits.shape
+    top = (logits - beta).topk(k + 1, dim=1)
+    indices = top.indices[:, :k]
+    if not estimate:
+        return indices, None
+    if (T * k) % E:
+        raise ValueError(f"tokens={T}: quantile balancing gives every expert tokens*topk/num_experts "
+                         f"= {T}*{k}/{E} tokens, not a whole number; use a micro-batch (seq_length x "
+                         f"micro_batch_size) whose tokens*topk is a multiple of {E}")
+    share = T * k // E
+    alpha = top.values[:, k:]
+    return indices, (logits - alpha).topk(share + 1, dim=0).values[share].contiguous()
+
+
+def update_qb_beta(beta: Tensor, quantile: Tensor, ema: float) -> Tensor:
+    """Quantile balancing's once-per-step move: ``ema * beta + (1 - ema) * quantile`` (the
+    quantile averaged over the step's micro-batches and the data-parallel ranks), re-centred to
+    mean 0 (only differences between experts choose). Returns a new fp32 tensor."""
+    new = ema * beta.float() + (1.0 - ema) * quantile.float()
+    return (new - new.mean()).detach()
