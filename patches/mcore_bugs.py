@@ -249,3 +249,31 @@ def _checkpoint_without_output_no_te():
 
     if not getattr(rnd, "HAVE_TE", False):
         after_init(rnd.CheckpointWithoutOutput, lambda self: setattr(self, "fp8", False))
+
+
+@patch("fused_moe_unflattened_for_packed_batches", lane="any", min_version="0.19.0",
+       reason="transformer_layer.TransformerLayer un-flattens a packed micro-batch of mbs > 1 "
+              "([mbs*S, 1, h] -> [S, mbs, h], PackedSeqParams.tokens_per_sample) before an MoE layer "
+              "only when the MLP is isinstance(mlp, MoELayer), so the fused MoE layer saw one "
+              "sequence of mbs*S tokens and its seq_aux_loss spanned the whole micro-batch. The fused "
+              "layer is un-flattened by the same code (is_moe_layer itself stays as Megatron set it: "
+              "its CUDA-graph scopes reach into Megatron's MoELayer)")
+def _fused_moe_unflattened_for_packed_batches():
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    if not hasattr(TransformerLayer, "_maybe_unflatten_for_moe"):
+        return
+    original = TransformerLayer._maybe_unflatten_for_moe
+
+    def unflatten(self, hidden_states, padding_mask, packed_seq_params):
+        if self.is_moe_layer or not isinstance(getattr(self, "mlp", None), FusedMoELayer):
+            return original(self, hidden_states, padding_mask, packed_seq_params)
+        self.is_moe_layer = True
+        try:
+            return original(self, hidden_states, padding_mask, packed_seq_params)
+        finally:
+            self.is_moe_layer = False
+
+    TransformerLayer._maybe_unflatten_for_moe = unflatten

@@ -592,6 +592,41 @@ def test_moe_layer_freq_errors_name_the_field(freq, message):
     assert message in str(e.value)
 
 
+def test_packed_micro_batch_reaches_the_fused_layer_unflattened(megatron_world):
+    """megatron-core >= 0.19 un-flattens a packed micro-batch of mbs > 1 ([mbs*S, 1, h]) to
+    [S, mbs, h] before an MoE layer, so the per-sequence aux loss sees each sample; it did so for
+    its own MoELayer only (patch fused_moe_unflattened_for_packed_batches). The output goes back
+    flattened, the same values as the layer on the un-flattened input."""
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from layer_specs.moe import moe_block_spec
+
+    if not hasattr(TransformerLayer, "_maybe_unflatten_for_moe"):
+        pytest.skip(f"megatron-core {compat.mcore_version()} does not un-flatten packed batches for MoE")
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cfg = _tconfig(moe_router_score_function="sigmoid", moe_router_load_balancing_type="seq_aux_loss",
+                   moe_aux_loss_coeff=0.1)
+    layer = build_module(moe_block_spec(cfg).layer_specs[0], config=cfg, layer_number=1)
+    seen = []
+    forward = layer.mlp.forward
+
+    def spy(h, **kw):
+        seen.append(tuple(h.shape))
+        return forward(h, **kw)
+
+    layer.mlp.forward = spy
+    mbs = 2
+    h = torch.randn(mbs * S, 1, H, generator=torch.Generator().manual_seed(12))
+    out = layer._forward_mlp(h, packed_seq_params=PackedSeqParams(qkv_format="thd", tokens_per_sample=S))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert seen == [(S, mbs, H)] and tuple(out.shape) == (mbs * S, 1, H)
+    assert not layer.is_moe_layer   # Megatron's flag (its CUDA-graph scopes) as it was
+    y, _ = forward(layer.pre_mlp_layernorm(h).view(mbs, S, H).transpose(0, 1).contiguous())
+    torch.testing.assert_close(out - h, y.transpose(0, 1).reshape(mbs * S, 1, H))
+
+
 def test_moe_layer_freq_makes_dense_layers_in_every_block_spec(megatron_world):
     """Megatron's ``moe_layer_freq`` (read from the TransformerConfig under --spec, or set by
     ``megatron-ext train --moe-layer-freq``): the 0 layers get the dense MLP in the GPT, MoE, mHC and
