@@ -277,3 +277,28 @@ def _fused_moe_unflattened_for_packed_batches():
             self.is_moe_layer = False
 
     TransformerLayer._maybe_unflatten_for_moe = unflatten
+
+
+@patch("expert_bias_load_with_padding_mask", lane="any",
+       reason="moe.router.TopKRouter._apply_expert_bias counts the load that moves the aux-loss-free "
+              "bias as routing_map & ~padding_mask, a [T, E] map against a [T] mask: with a padding "
+              "mask (padded fine-tuning batches) Megatron's own MoELayer failed to broadcast unless "
+              "T == E, and then masked experts instead of tokens. The mask now drops the padding "
+              "tokens' rows (the fused layer counts the same)")
+def _expert_bias_load_with_padding_mask():
+    import inspect
+
+    import torch
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if "routing_map & (~padding_mask)" not in inspect.getsource(TopKRouter._apply_expert_bias):
+        return   # a version that masks the rows itself
+
+    def _apply_expert_bias(self, routing_map, padding_mask=None):
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & (~padding_mask.reshape(-1, 1).bool())
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
+    TopKRouter._apply_expert_bias = _apply_expert_bias

@@ -295,19 +295,19 @@ def test_quantile_balancing_bias_moves_once_per_step(megatron_world):
 
 
 def test_padding_mask_leaves_padding_out_of_the_load_and_the_bias_update(megatron_world):
-    """With the aux-loss-free bias the load that moves it counts only real tokens (Megatron's
-    own bias update cannot take a padding mask in 0.16-0.19: it broadcasts [T] against [T, E]);
-    a bad mask shape is an error naming it."""
-    from megatron_ext.modules.moe import FusedMoELayer
-
-    layer = FusedMoELayer(_tconfig(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True))
-    layer.set_layer_number(1)
+    """With the aux-loss-free bias the load that moves it counts only real tokens, the same load as
+    Megatron's router counts given the mask (its own count could not take one in 0.16-0.19: it
+    broadcast [T] against [T, E]; patch expert_bias_load_with_padding_mask); a bad mask shape is an
+    error naming it."""
+    stock, layer = _layers(_tconfig(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True))
     torch.manual_seed(6)
     x = torch.randn(S, B, H)
     pad = torch.zeros(B, S, dtype=torch.bool)
     pad[1, 2:] = True
-    layer(x.clone().requires_grad_(), padding_mask=pad)[0].sum().backward()
+    for m in (stock, layer):
+        m(x.clone().requires_grad_(), padding_mask=pad)[0].sum().backward()
     masked = layer.router_load_accum.clone()
+    assert torch.equal(masked, stock.router.local_tokens_per_expert.float())
     layer.router_load_accum.zero_()
     layer(x.clone().requires_grad_())[0].sum().backward()
     full = layer.router_load_accum.clone()
