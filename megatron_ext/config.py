@@ -673,6 +673,8 @@ REFUSED_MEGATRON_MOE_OPTIONS = {
     "moe_router_force_load_balancing": "replaces the router's choices by random ones (a benchmark mode)",
     "moe_router_force_biased": "adds a random bias to the router logits",
     "moe_expert_rank_capacity_factor": "drops tokens by a per-rank capacity of Megatron's flex dispatcher",
+    "expert_gtp_weight_remat_size": "shards each expert's weights over a further generalized-TP axis "
+                                    "(expert_tensor_parallel_num_weight_shards), gathered again for every use",
     "moe_enable_routing_replay": "is Megatron's own routing replay (this project's: --moe-routing-trace-out "
                                  "and --moe-routing-replay, knobs moe.routing_trace_out / moe.routing_replay)",
 }
@@ -706,6 +708,12 @@ IGNORED_MEGATRON_MOE_OPTIONS = {
                                            "bf16 and jagged",
     "moe_pad_experts_for_cuda_graph_inference": "an inference option of Megatron's MoE layer",
     "moe_paged_stash": "a memory option of Megatron's MoE layer",
+    "moe_paged_stash_page_size": "a memory option of Megatron's MoE layer",
+    "moe_paged_stash_buffer_size_factor_cuda": "a memory option of Megatron's MoE layer",
+    "moe_paged_stash_buffer_size_factor_cpu": "a memory option of Megatron's MoE layer",
+    "use_grouped_gemm_for_shared_expert": "the fused layer runs the shared expert as two GEMMs of its own",
+    "overlap_dispatch_backward_with_experts_wgrad": "delays Transformer Engine's grouped-GEMM expert weight "
+                                                    "gradients under FSDP; the fused layer's experts are its own",
     "moe_per_layer_logging": "the fused layer logs per layer always (receipt['moe'], metrics.jsonl)",
     "overlap_moe_expert_parallel_comm": "Megatron's combined 1F1B schedule splits only its own MoELayer "
                                         "into dispatch / experts / combine nodes; the fused layer runs "
@@ -714,6 +722,27 @@ IGNORED_MEGATRON_MOE_OPTIONS = {
                                         "not run on GPUs here)",
 }
 
+
+# Megatron MoE options the fused layer reads as Megatron reads them, beyond the router's
+# (MOE_ROUTER_FIELDS): with REFUSED_ and IGNORED_MEGATRON_MOE_OPTIONS every moe_* / expert field of
+# the supported TransformerConfigs is accounted for (a test checks it, so a field a new Megatron
+# adds is noticed)
+READ_MEGATRON_MOE_OPTIONS = (
+    "num_moe_experts", "moe_ffn_hidden_size", "moe_layer_freq", "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate", "expert_tensor_parallel_size", "moe_layer_recompute",
+    # the tokens' gates and the aux-loss scale: the layer runs through Megatron's MoEAuxLossAutoScaler
+    "moe_grad_scale_func",
+    # Megatron turns it into groups of EP size before the layer is built
+    "moe_router_topk_limited_devices",
+    # recorded as running in fp32 (check_megatron_moe_options)
+    "moe_router_dtype",
+    # the implied shard count; expert_gtp_weight_remat_size != 1 is what is refused
+    "expert_tensor_parallel_num_weight_shards",
+    # "currently unsupported so should remain False" (Megatron's own doc); capacity is moe_expert_capacity_factor
+    "moe_token_dropping",
+    # 0.16.1: "deprecated from MCore v0.10. This flag is ignored" (Megatron's own doc)
+    "moe_extended_tp",
+)
 
 # Megatron's --recompute-modules entries that concern an MoE layer, as the fused layer honours them
 MOE_RECOMPUTE_MODULES = {

@@ -706,13 +706,25 @@ def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(mega
     from megatron_ext.config import IGNORED_MEGATRON_MOE_OPTIONS, REFUSED_MEGATRON_MOE_OPTIONS, ConfigError
     from megatron_ext.modules.moe import FusedMoELayer
 
+    import dataclasses
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron_ext.config import MOE_ROUTER_FIELDS, READ_MEGATRON_MOE_OPTIONS
+
     fields = set(vars(_tconfig()))
     known = set(REFUSED_MEGATRON_MOE_OPTIONS) | set(IGNORED_MEGATRON_MOE_OPTIONS)
+    # every MoE field of this megatron-core is read, refused or recorded as ignored
+    moe_fields = {f.name for f in dataclasses.fields(TransformerConfig) if f.name.startswith("moe_")
+                  or "expert" in f.name}
+    unaccounted = moe_fields - known - set(MOE_ROUTER_FIELDS) - set(READ_MEGATRON_MOE_OPTIONS)
+    assert not unaccounted, f"Megatron MoE options the fused layer neither reads, refuses nor records: {unaccounted}"
     # every table entry that this megatron-core has is a real field (0.19.2 has all of them)
     assert {name for name in known if name in fields} >= {"moe_router_force_load_balancing", "moe_grouped_gemm",
                                                              "moe_apply_probs_on_input", "moe_permute_fusion"}
     for name, value in (("moe_latent_size", 16), ("moe_apply_probs_on_input", True),
-                        ("moe_router_force_load_balancing", True)):
+                        ("moe_router_force_load_balancing", True), ("expert_gtp_weight_remat_size", 2)):
+        if name not in fields:
+            continue
         tconfig = _tconfig()
         setattr(tconfig, name, value)
         with pytest.raises(ConfigError, match=rf"^{name}={value}: .*which the fused MoE layer does not implement"):
