@@ -22,10 +22,15 @@ def megatron_world():
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron_ext.training.distributed import init_distributed
 
+    from megatron_ext.observability.moe_stats import STATE
+
     init_distributed("cpu")
     patches.apply_patches("cpu")
     compat.initialize_model_parallel(1, 1, 1)
     compat.seed_model_parallel(1234)
+    # an earlier in-process training run may have left its trace / replay / log folders set: the
+    # layers here run outside any training loop
+    STATE.reset()
     yield
     compat.destroy_model_parallel()
     compat.clear_moe_aux_loss_tracker()
