@@ -135,11 +135,13 @@ class RouterConfig:
         t = self.load_balancing_type
         return (t,) if isinstance(t, str) else tuple(t)
 
+    def _coeffs(self) -> Tuple[float, ...]:
+        c = self.aux_loss_coeff
+        return (c,) if isinstance(c, (int, float)) else tuple(c)
+
     def aux_coeffs(self) -> Dict[str, float]:
         """The aux-loss types this router computes, each with its coefficient (> 0), in order."""
-        c = self.aux_loss_coeff
-        coeffs = (c,) if isinstance(c, (int, float)) else tuple(c)
-        return {t: float(v) for t, v in zip(self.balancing_types(), coeffs) if t in _AUX_TYPES and v > 0}
+        return {t: float(v) for t, v in zip(self.balancing_types(), self._coeffs()) if t in _AUX_TYPES and v > 0}
 
     @property
     def selection(self) -> str:
@@ -245,6 +247,7 @@ class RouterConfig:
         """``load_balancing_type`` / ``aux_loss_coeff``: one type and one coefficient, or lists
         of aux-loss types with one coefficient each (stored as tuples)."""
         t, c = self.load_balancing_type, self.aux_loss_coeff
+        types, coeffs = self.balancing_types(), self._coeffs()
         if isinstance(t, str):
             if t not in LOAD_BALANCING_TYPES:
                 raise _bad("load_balancing_type", t, "unknown balancing type",
@@ -253,15 +256,12 @@ class RouterConfig:
                 raise _bad("aux_loss_coeff", c, f"a list of coefficients needs a list of "
                            f"balancing types (got load_balancing_type={t!r})",
                            "one float, or one type per coefficient")
-            types, coeffs = (t,), (c,)
         else:
-            types = tuple(t)
             combinable = _AUX_TYPES + ("none",)
             if not types or any(x not in combinable for x in types) or len(set(types)) < len(types):
                 raise _bad("load_balancing_type", list(types), "a list combines distinct aux-loss "
                            "types (Megatron's router ignores sinkhorn or quantile_balancing in a list)",
                            f"distinct entries of {list(combinable)}, or one type")
-            coeffs = (c,) if isinstance(c, (int, float)) else tuple(c)
             if len(coeffs) != len(types):
                 raise _bad("aux_loss_coeff", c, f"one coefficient per balancing type "
                            f"({len(types)}: {list(types)})", f"a list of {len(types)} floats")
@@ -602,8 +602,10 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
             raise ValueError(f"valid.shape={tuple(valid.shape)}: one flag per token; use [{T}]")
         vf = valid.float()
         n_valid = vf.sum().clamp(min=1.0)
-        load = expert_counts(indices, E, valid[:, None].expand(T, k)).float()
+        pair_valid = valid[:, None].expand(T, k)
+        load = expert_counts(indices, E, pair_valid).float()
     else:
+        pair_valid = None
         load = chosen.float()
 
     # --- losses (fp32 scalars with grad to the logits)
@@ -616,24 +618,19 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         plain = expert_bias is None and cfg.num_groups is None and replay_indices is None \
             and cfg.selection == "topk"
         aux_idx = indices if plain else s.detach().topk(k, dim=-1).indices
+        counts_all = load if plain else expert_counts(aux_idx, E, pair_valid).float()
         if valid is not None:
             s = s * vf[:, None]
-            counts_all = load if plain else expert_counts(aux_idx, E, valid[:, None].expand(T, k)).float()
-        else:
-            counts_all = load if plain else expert_counts(aux_idx, E).float()
         n_tokens = T if valid is None else n_valid
         p_mean = s.mean(0) if valid is None else s.sum(0) / n_valid   # P_e over the valid tokens
         if "aux_loss" in aux:
             aux_losses["aux_loss"] = aux["aux_loss"] * E * ((counts_all / (n_tokens * k)) * p_mean).sum()
         if "global_aux_loss" in aux:
-            if global_tokens_per_expert is not None:
-                g_load = global_tokens_per_expert.float()
-                g_T = n_tokens if global_num_tokens is None else global_num_tokens
-            elif reduce_counts is not None:
+            if reduce_counts is not None:
                 n_here = vf.sum() if valid is not None else torch.full((), float(T), device=logits.device)
                 g_load, g_T = reduce_counts(counts_all.detach(), n_here)
             else:
-                g_load = counts_all
+                g_load = counts_all if global_tokens_per_expert is None else global_tokens_per_expert.float()
                 g_T = n_tokens if global_num_tokens is None else global_num_tokens
             aux_losses["global_aux_loss"] = aux["global_aux_loss"] * E * ((g_load / (g_T * k)) * p_mean).sum()
         if "seq_aux_loss" in aux:
@@ -642,7 +639,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
             counts = torch.zeros(S, E, device=logits.device)
             counts.index_put_((seq_ids[:, None].expand(T, k), aux_idx),
                               torch.ones(T, k, device=logits.device) if valid is None
-                              else vf[:, None].expand(T, k), accumulate=True)
+                              else pair_valid.float(), accumulate=True)
             prob_sum = torch.zeros(S, E, device=logits.device).index_add(0, seq_ids, s)
             if valid is not None:
                 # Megatron: every sequence weighted by the batch's mean valid length
