@@ -82,6 +82,23 @@ def _layers(tconfig):
     return stock, fused
 
 
+def _router_weight(layer):
+    """The router weight of the fused layer or of Megatron's MoELayer."""
+    return layer.router_weight if hasattr(layer, "router_weight") else layer.router.weight
+
+
+def aux_router_grads(stock, fused, x):
+    """(Megatron's, ours): each layer's router-weight gradient from its balancing losses alone
+    (a zero output gradient) for the input ``x``."""
+    grads = []
+    for layer in (stock, fused):
+        layer.zero_grad()
+        y, _ = layer(x.clone())
+        y.backward(torch.zeros_like(y))
+        grads.append(_router_weight(layer).grad.clone())
+    return tuple(grads)
+
+
 @pytest.mark.parametrize("moe", [
     dict(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001),
     dict(moe_router_score_function="sigmoid", moe_router_topk_scaling_factor=2.5,
@@ -174,7 +191,7 @@ def test_padding_mask_leaves_padding_out_of_the_losses_as_megatron(megatron_worl
         xi = x.clone().requires_grad_()
         y, _ = layer(xi, padding_mask=mask)
         y.backward(g)
-        w = layer.router.weight.grad if layer is stock else layer.router_weight.grad
+        w = _router_weight(layer).grad
         grads.append((y.detach(), xi.grad, w.clone()))
     (ys, dxs, dws), (yf, dxf, dwf), (_, _, dw_unmasked) = grads
     torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-6)
@@ -198,30 +215,20 @@ def test_global_aux_loss_averages_the_steps_micro_batches_as_megatron(megatron_w
     gen = torch.Generator().manual_seed(8)
     xs = [torch.randn(S, B, H, generator=gen) * (1 + i) for i in range(3)]
 
-    def micro_batch(x):
-        grads = []
-        for layer in (stock, fused):
-            layer.zero_grad()
-            y, _ = layer(x.clone())
-            y.backward(torch.zeros_like(y))   # only the aux loss reaches the router weight
-            w = layer.router.weight if layer is stock else layer.router_weight
-            grads.append(w.grad.clone())
-        return grads
-
-    first = micro_batch(xs[0])
-    second = micro_batch(xs[1])   # f_e: the mean of both micro-batches' counts
-    for ours, theirs in (first, second):
+    first = aux_router_grads(stock, fused, xs[0])
+    second = aux_router_grads(stock, fused, xs[1])   # f_e: the mean of both micro-batches' counts
+    for theirs, ours in (first, second):
         assert theirs.abs().max() > 0
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
     assert fused.router_global_steps.item() == 2
     _finalize_module().reset_model_temporary_tensors(cfg, [stock, fused])
     assert fused.router_global_steps.item() == 0 and fused.router_global_load.abs().sum() == 0
-    ours, theirs = micro_batch(xs[2])   # a new step: this micro-batch's counts alone
+    theirs, ours = aux_router_grads(stock, fused, xs[2])   # a new step: this micro-batch's counts alone
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-8)
     fused.zero_grad()
     y, _ = fused(xs[0].clone())   # the first micro-batch's input, now averaged with xs[2]'s counts
     y.backward(torch.zeros_like(y))
-    assert not torch.allclose(fused.router_weight.grad, first[0], rtol=1e-3, atol=0)
+    assert not torch.allclose(fused.router_weight.grad, first[1], rtol=1e-3, atol=0)
 
 
 def test_expert_bias_moves_once_per_step_under_megatrons_finalize(megatron_world):

@@ -35,9 +35,9 @@ def test_router_at_two_ranks_matches_megatron():
     assert proc.stdout.count("TP2-QUANTILE-OK") + proc.stdout.count("TP2-QUANTILE-SKIPPED") == 2
 
 
-def _world(tp: int, S: int, B: int, H: int, **moe):
+def _world(tp: int, **moe):
     """Parallel state at TP=tp (DP = 2 / tp) and Megatron's MoELayer + the fused layer with the same
-    weights (tests.test_moe_layer's builder; sequence parallel when tp > 1)."""
+    weights (tests.test_moe_layer's builder and shapes; sequence parallel when tp > 1)."""
     from megatron_ext import compat
     from tests import test_moe_layer as t
 
@@ -45,15 +45,15 @@ def _world(tp: int, S: int, B: int, H: int, **moe):
     compat.initialize_model_parallel(tp, 1, 1)
     compat.seed_model_parallel(1234)
     par = dict(tensor_model_parallel_size=tp, sequence_parallel=True) if tp > 1 else {}
-    t.S, t.B, t.H = S, B, H
     return t._layers(t._tconfig(**par, **moe))
 
 
-def _router_grad_over_tp(layer, stock: bool, tp_group) -> torch.Tensor:
+def _router_grad_over_tp(layer, tp_group) -> torch.Tensor:
     """The router weight's gradient summed over TP (Megatron's finalize sums a sequence-parallel
     parameter's per-rank parts)."""
-    w = layer.router.weight if stock else layer.router_weight
-    g = w.grad.clone()
+    from tests.test_moe_layer import _router_weight
+
+    g = _router_weight(layer).grad.clone()
     torch.distributed.all_reduce(g, group=tp_group)
     return g
 
@@ -69,21 +69,15 @@ def _worker():
     dist.init_process_group("gloo")
     patches.apply_patches("cpu")
     MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    from tests.test_moe_layer import B, H, S, aux_router_grads
+
     rank = dist.get_rank()
-    S, B, H = 8, 2, 32
 
     # -- DP=2, global_aux_loss, two micro-batches
-    stock, fused = _world(1, S, B, H, moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1)
+    stock, fused = _world(1, moe_router_load_balancing_type="global_aux_loss", moe_aux_loss_coeff=0.1)
     gen = torch.Generator().manual_seed(100 + rank)   # each rank its own tokens
     for mb in range(2):
-        x = torch.randn(S, B, H, generator=gen) * (1 + mb)
-        grads = []
-        for layer in (stock, fused):
-            layer.zero_grad()
-            y, _ = layer(x.clone())
-            y.backward(torch.zeros_like(y))   # only the aux loss reaches the router weight
-            grads.append((layer.router.weight if layer is stock else layer.router_weight).grad.clone())
-        theirs, ours = grads
+        theirs, ours = aux_router_grads(stock, fused, torch.randn(S, B, H, generator=gen) * (1 + mb))
         assert theirs.abs().max() > 0
         torch.testing.assert_close(ours, 2 * theirs, rtol=1e-5, atol=1e-9, msg=f"micro-batch {mb}")
     assert fused.router_global_steps.item() == 2
@@ -100,7 +94,7 @@ def _worker():
     # shard; the fused layer's is the mean over all real tokens, as at TP = 1.
     for moe, pads in ((dict(moe_aux_loss_coeff=0.05), (2, 3)), (seq, (2, 3)),
                       (dict(moe_aux_loss_coeff=0.05, **z), (2, 2)), ({**seq, **z}, (1, 1))):
-        stock, fused = _world(2, S, B, H, **moe)
+        stock, fused = _world(2, **moe)
         gen = torch.Generator().manual_seed(7)   # the same sequence on both ranks, sharded by SP
         x = torch.randn(S, B, H, generator=gen)
         g = torch.randn(S, B, H, generator=gen)
@@ -114,7 +108,7 @@ def _worker():
             xi = x[part].clone().requires_grad_()
             y, _ = layer(xi, padding_mask=pad[:, part].contiguous())
             y.backward(g[part])
-            out.append((y.detach(), xi.grad, _router_grad_over_tp(layer, layer is stock, tp_group)))
+            out.append((y.detach(), xi.grad, _router_grad_over_tp(layer, tp_group)))
         (ys, dxs, dws), (yf, dxf, dwf) = out
         torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dxf, dxs, rtol=1e-5, atol=1e-6)
@@ -125,7 +119,7 @@ def _worker():
     if not compat.mcore_has_quantile_balancing():
         print("TP2-QUANTILE-SKIPPED", flush=True)
     else:
-        stock, fused = _world(2, S, B, H, moe_router_load_balancing_type="quantile_balancing",
+        stock, fused = _world(2, moe_router_load_balancing_type="quantile_balancing",
                               moe_router_score_function="sigmoid")
         gen = torch.Generator().manual_seed(11)
         x = torch.randn(S, B, H, generator=gen)
