@@ -210,6 +210,11 @@ def adapt_args(args: List[Arg], attention: Optional[str] = None, moe: Optional[s
             if a.get(flag) is not None:
                 raise ConfigError(f"{flag}: {what}, which the fused MoE layer does not implement; "
                                   "drop it from the recipe, or adapt without --moe fused (Megatron's MoELayer)")
+        if a.get("--disable-bias-linear") is None:
+            raise ConfigError("add_bias_linear=True: the recipe leaves Megatron's default on, which gives the "
+                              "router and every expert a learned bias that the fused MoE layer does not "
+                              "implement; add --disable-bias-linear to the recipe (as Megatron's MoE recipes "
+                              "have it), or adapt without --moe fused (Megatron's MoELayer)")
         for flag in sorted(_MOE_SPEC_FLAGS):
             a.remove(flag, "the fused MoE layer has its own grouped GEMM")
         dispatcher = a.get("--moe-token-dispatcher-type")

@@ -95,11 +95,16 @@ def mcore_score_functions() -> Tuple[str, ...]:
     return tuple(fn for fn in ("softmax", "sigmoid", "sqrtsoftplus") if f"'{fn}'" in annotation)
 
 
-def mcore_has_quantile_balancing() -> bool:
-    """Whether this megatron-core's router knows ``quantile_balancing`` (from 0.19)."""
+def mcore_has_field(name: str) -> bool:
+    """Whether this megatron-core's TransformerConfig has the field ``name``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return "moe_router_quantile_balancing_ema" in {f.name for f in dataclasses.fields(TransformerConfig)}
+    return name in {f.name for f in dataclasses.fields(TransformerConfig)}
+
+
+def mcore_has_quantile_balancing() -> bool:
+    """Whether this megatron-core's router knows ``quantile_balancing`` (from 0.19)."""
+    return mcore_has_field("moe_router_quantile_balancing_ema")
 
 
 def make_transformer_config(config_cls=None, **fields: Any):
@@ -117,9 +122,14 @@ def make_transformer_config(config_cls=None, **fields: Any):
     config = _known_fields(config_cls or TransformerConfig, fields)
     if stand_in:
         config.moe_router_score_function = score
-    if "moe_router_quantile_balancing_ema" in fields:   # read by the fused layer on any version
-        config.moe_router_quantile_balancing_ema = fields["moe_router_quantile_balancing_ema"]
+    for name in _FUSED_LAYER_FIELDS:   # read by the fused layer on any version
+        if name in fields:
+            setattr(config, name, fields[name])
     return config
+
+
+# router fields of a newer megatron-core that the fused MoE layer reads on an older one too
+_FUSED_LAYER_FIELDS = ("moe_router_quantile_balancing_ema", "moe_router_force_biased")
 
 
 def mla_transformer_config_class():

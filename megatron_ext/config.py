@@ -7,6 +7,7 @@ one line and exit non-zero before a process group, a model or a run folder exist
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Dict, List, Optional, Union
 
@@ -320,6 +321,10 @@ class TrainConfig:
     moe_router_group_topk: Optional[int] = None
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_shared_expert_gate: bool = False  # Megatron's: the shared output scaled by sigmoid(x . w_g) (Qwen-MoE)
+    moe_apply_probs_on_input: bool = False  # Megatron's: the gate scales the expert's input (top-1, Llama-4 style)
+    moe_latent_size: Optional[int] = None  # Megatron's latent MoE: experts run at this width, projected in and out
+    moe_router_force_load_balancing: bool = False  # Megatron's benchmark mode: random router logits
+    moe_router_force_biased: Optional[float] = None  # Megatron's benchmark mode: random logits + a random bias
     moe_backend: str = "auto"  # auto | triton | grouped_mm | te | torch
     moe_deterministic: bool = False
     moe_pregather: Optional[bool] = None  # Triton experts: rows copied to expert order once (None: the tiles' choice)
@@ -668,10 +673,6 @@ def moe_layer_numbers(cfg: "TrainConfig") -> List[int]:
 # option picks one of Megatron's implementations (kernels, dispatcher, memory layout, logging) and
 # the fused layer computes the same model its own way; logged once and listed in the receipt.
 REFUSED_MEGATRON_MOE_OPTIONS = {
-    "moe_apply_probs_on_input": "scales the experts' inputs by the gates instead of their outputs",
-    "moe_latent_size": "runs the experts in a projected latent space",
-    "moe_router_force_load_balancing": "replaces the router's choices by random ones (a benchmark mode)",
-    "moe_router_force_biased": "adds a random bias to the router logits",
     "moe_expert_rank_capacity_factor": "drops tokens by a per-rank capacity of Megatron's flex dispatcher",
     "expert_gtp_weight_remat_size": "shards each expert's weights over a further generalized-TP axis "
                                     "(expert_tensor_parallel_num_weight_shards), gathered again for every use",
@@ -742,6 +743,9 @@ READ_MEGATRON_MOE_OPTIONS = (
     "moe_token_dropping",
     # 0.16.1: "deprecated from MCore v0.10. This flag is ignored" (Megatron's own doc)
     "moe_extended_tp",
+    # the gate on the expert's input (top-1), the latent projections, Megatron's two benchmark
+    # routers (random logits, plus a random bias): the fused layer does what Megatron's does
+    "moe_apply_probs_on_input", "moe_latent_size", "moe_router_force_load_balancing", "moe_router_force_biased",
 )
 
 # Megatron's --recompute-modules entries that concern an MoE layer, as the fused layer honours them
@@ -791,6 +795,30 @@ def check_megatron_moe_options(config) -> None:
     if getattr(config, "moe_router_dtype", None) == "fp64":
         backends.fallback("megatron_option.moe_router_dtype", "'fp64'", "fp32",
                           "the fused layer routes in fp32")
+    if getattr(config, "add_bias_linear", False):
+        # Megatron's default: its router and every expert linear then carry a learned bias
+        raise ConfigError("add_bias_linear=True: Megatron's MoE layer then adds a learned bias to the router's "
+                          "logits and to every expert's linear layers, which the fused MoE layer does not "
+                          "implement; pass --disable-bias-linear (as Megatron's MoE recipes do), or use "
+                          "Megatron's MoELayer (knob moe.impl: megatron, megatron-ext train --moe-impl megatron)")
+    check_moe_forms(getattr(config, "moe_apply_probs_on_input", False), config.moe_router_topk,
+                    getattr(config, "moe_latent_size", None), getattr(config, "moe_router_force_biased", None))
+
+
+def check_moe_forms(probs_on_input: bool, topk: int, latent_size: Optional[int],
+                    force_biased: Optional[float]) -> None:
+    """The expert-input gate, the latent width and the forced bias as Megatron defines them."""
+    if probs_on_input and topk != 1:
+        raise _err("moe_apply_probs_on_input", True, f"scales each token's expert input by its gate, which "
+                   f"Megatron defines for one expert per token (moe_router_topk={topk})",
+                   "moe_router_topk=1, or leave moe_apply_probs_on_input off")
+    if latent_size is not None and (isinstance(latent_size, bool) or not isinstance(latent_size, int)
+                                    or latent_size < 1):
+        raise _err("moe_latent_size", latent_size, "the experts' width in the latent space must be a positive "
+                   "integer", "None (no latent projections) or an integer >= 1")
+    if force_biased is not None and not (isinstance(force_biased, (int, float)) and math.isfinite(force_biased)):
+        raise _err("moe_router_force_biased", force_biased, "the random bias's standard deviation must be a finite "
+                   "number (negative: drawn once per layer)", "None or a float")
 
 
 def router_config_from(src: Any, num_experts: int):
@@ -821,6 +849,8 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
     if cfg.moe_shared_expert_intermediate_size is not None and cfg.moe_shared_expert_intermediate_size < 1:
         raise _err("moe_shared_expert_intermediate_size", cfg.moe_shared_expert_intermediate_size,
                    "must be positive", "None or an integer >= 1")
+    check_moe_forms(cfg.moe_apply_probs_on_input, cfg.moe_router_topk, cfg.moe_latent_size,
+                    cfg.moe_router_force_biased)
     router = router_config_from(cfg, cfg.num_experts)
     if router.selection == "quantile_balancing":
         tokens = cfg.seq_length * cfg.micro_batch_size
@@ -842,6 +872,13 @@ def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
             raise _err("moe_router_load_balancing_type", "quantile_balancing",
                        f"Megatron's router in megatron-core {compat.mcore_version()} has no quantile "
                        "balancing (it came with 0.19)", "--moe-impl fused, or megatron-core >= 0.19")
+        if cfg.moe_latent_size and not compat.HAVE_TE:
+            raise _err("moe_latent_size", cfg.moe_latent_size, "Megatron's MoELayer builds its latent "
+                       "projections from Transformer Engine, which is not installed", "--moe-impl fused")
+        if cfg.moe_router_force_biased is not None and not compat.mcore_has_field("moe_router_force_biased"):
+            raise _err("moe_router_force_biased", cfg.moe_router_force_biased, f"Megatron's router in "
+                       f"megatron-core {compat.mcore_version()} has no forced bias (it came with 0.19)",
+                       "--moe-impl fused, or megatron-core >= 0.19")
         known = compat.mcore_score_functions()
         if cfg.moe_router_score_function not in known:
             raise _err("moe_router_score_function", cfg.moe_router_score_function,

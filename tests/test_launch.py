@@ -137,15 +137,18 @@ def test_adapter_deepseek_mla_becomes_gqla(tmp_path, capsys):
     (["--from", "deepseek_v2_lite"], "multi_latent_attention=True: the recipe asks for MLA"),
     (["--from", "missing"], "cannot read the argument file"),
     (["--from", "mixtral_8x7b", "--mhc", "0"], "mhc=0: the stream count must be positive"),
-    (["--from", "probs_on_input", "--moe", "fused"],
-     "--moe-apply-probs-on-input: scales the experts' inputs by the gates instead of their outputs, which the"),
+    (["--from", "routing_replay", "--moe", "fused"],
+     "--moe-enable-routing-replay: is Megatron's own routing replay (this project's: --moe-routing-trace-out"),
+    (["--from", "biased", "--moe", "fused"],
+     "add_bias_linear=True: the recipe leaves Megatron's default on"),
 ])
 def test_adapter_errors(tmp_path, capsys, argv, expected):
-    if "probs_on_input" in argv:  # a Llama-4-style option the fused layer does not implement
-        text = (RECIPES / "mixtral_8x7b.args").read_text()
-        (tmp_path / "probs_on_input.args").write_text(text + "\n--moe-apply-probs-on-input\n")
-    argv = [a if a not in ("deepseek_v2_lite", "missing", "mixtral_8x7b", "probs_on_input") else
-            str((tmp_path if a == "probs_on_input" else RECIPES) / f"{a}.args") for a in argv]
+    mixtral = (RECIPES / "mixtral_8x7b.args").read_text()
+    # an option the fused layer does not implement; a recipe without --disable-bias-linear
+    (tmp_path / "routing_replay.args").write_text(mixtral + "\n--moe-enable-routing-replay\n")
+    (tmp_path / "biased.args").write_text(mixtral.replace("--disable-bias-linear", ""))
+    argv = [a if a not in ("deepseek_v2_lite", "missing", "mixtral_8x7b", "routing_replay", "biased") else
+            str((tmp_path if a in ("routing_replay", "biased") else RECIPES) / f"{a}.args") for a in argv]
     assert main(["adapt", *argv, "--out", str(tmp_path / "x.args")]) == 2
     assert expected in capsys.readouterr().err
 
@@ -307,6 +310,15 @@ PRETRAIN_CASES = [
     ("moe_quantile_balancing", ["layer_specs.moe", "moe_block_spec"], None,
      ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "quantile_balancing"],
      None),
+    # Megatron's latent MoE (which its own MoELayer builds from Transformer Engine only) with the
+    # gate on the expert input (Llama-4 style, top-1) and a shared expert, and its random-logit
+    # benchmark router
+    ("moe_latent_probs_on_input", ["layer_specs.moe", "moe_block_spec"], None,
+     ["--num-experts", "4", "--moe-router-topk", "1", "--moe-apply-probs-on-input", "--moe-latent-size", "128",
+      "--moe-router-score-function", "sigmoid", "--moe-shared-expert-intermediate-size", "256"], None),
+    ("moe_forced_balance", ["layer_specs.moe", "moe_block_spec"], None,
+     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-force-load-balancing",
+      "--moe-aux-loss-coeff", "1e-2"], None),
 ]
 ROUTER_STATE = {"moe_expert_bias": "router_expert_bias", "moe_quantile_balancing": "router_qb_beta"}
 
@@ -382,7 +394,7 @@ def _pretrain_runs(tmp_path, runs):
 
 @pytest.mark.gpu
 def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
-    """Eight `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    """Twelve `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
     start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
     (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
     stores the optimizer state against the model's sharded tensors); the mHC run under Megatron's
@@ -448,6 +460,10 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
             assert torch.allclose(ticks, ticks.round(), atol=1e-3) and ticks.abs().max() <= 10, value
         else:   # re-centred every step
             assert value.sum(dim=1).abs().max() < 1e-5, value
+
+    # the latent projections in the checkpoint, one [hidden, latent] / [latent, hidden] per layer
+    latent = _checkpoint_tensors(tmp_path / "moe_latent_probs_on_input" / "ckpt" / "iter_0000010", "latent_w1")
+    assert sorted(tuple(v.shape) for v in latent.values()) in ([(2, 256, 128)], [(256, 128), (256, 128)]), latent
 
     resumed = []
     for name, _, knob_text, _, channel in PRETRAIN_CASES:

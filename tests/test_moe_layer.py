@@ -3,6 +3,7 @@ SequentialMLP, replay, deterministic batch invariance, config errors, and traini
 exercise the router options, monitoring, trace/replay and deterministic mode end to end."""
 
 import json
+from typing import Callable
 
 import pytest
 import torch
@@ -44,7 +45,7 @@ def _tconfig(**moe):
     from megatron_ext.training.model import transformer_config
 
     cfg = from_preset("test", hidden_size=H, num_attention_heads=4, num_experts=E, moe_ffn_hidden_size=F,
-                      moe_router_topk=2, **moe)
+                      **{"moe_router_topk": 2, **moe})
     return transformer_config(cfg, "cpu", False)
 
 
@@ -122,9 +123,15 @@ def aux_router_grads(stock, fused, x):
     dict(moe_router_load_balancing_type="quantile_balancing", moe_router_score_function="sigmoid",
          moe_router_topk_scaling_factor=2.0, moe_z_loss_coeff=0.001),
     dict(moe_router_load_balancing_type="quantile_balancing", moe_router_pre_softmax=True),
+    # Llama-4's MoE: top-1 sigmoid gate on the expert's input, a shared expert on the raw input
+    dict(moe_router_topk=1, moe_apply_probs_on_input=True, moe_router_score_function="sigmoid",
+         moe_shared_expert_intermediate_size=24, moe_aux_loss_coeff=0.01),
+    # the gate on the input with tokens dropped at capacity (a dropped token's expert input is 0)
+    dict(moe_router_topk=1, moe_apply_probs_on_input=True, moe_router_pre_softmax=True,
+         moe_expert_capacity_factor=0.5, moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.001),
 ], ids=["softmax_aux_z", "sigmoid_groups_scaled", "pre_softmax_capacity", "shared_expert", "shared_expert_gate",
         "sqrtsoftplus_aux", "dsv3_bias_groups_seq_aux", "sigmoid_bias_aux", "listed_aux_types",
-        "quantile_sigmoid", "quantile_pre_softmax"])
+        "quantile_sigmoid", "quantile_pre_softmax", "probs_on_input_shared", "probs_on_input_capacity"])
 def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
     from megatron_ext import compat
 
@@ -135,9 +142,18 @@ def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
     if quantile and not compat.mcore_has_quantile_balancing():
         pytest.skip(f"Megatron's router in megatron-core {compat.mcore_version()} has no quantile balancing")
     stock, fused = _layers(_tconfig(**moe))
-    x = torch.randn(S, B, H, dtype=torch.float64).float()
+    _assert_matches_stock(stock, fused, torch.randn(S, B, H, dtype=torch.float64).float())
+    if quantile:   # the step's quantile estimate, as Megatron accumulates it
+        torch.testing.assert_close(fused.qb_beta_accum, stock.router.qb_beta_accum, rtol=1e-6, atol=1e-7)
+        assert fused.qb_beta_count.item() == stock.router.qb_beta_count.item() == 1
+
+
+def _assert_matches_stock(stock, fused, x, between: Callable[[], None] = lambda: None):
+    """Megatron's layer and the fused one on ``x``: the same output, input gradient and every
+    weight gradient; ``between`` runs after Megatron's forward (to rewind an RNG both draw from)."""
     xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ys, _ = stock(xs)
+    between()
     yf, bias = fused(xf)
     assert bias is None and yf.shape == (S, B, H)
     torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-6)
@@ -157,9 +173,38 @@ def test_fused_layer_matches_megatron_stock_layer(megatron_world, moe):
         if shared.gate_weight is not None:
             assert fused.shared_gate_weight.grad.abs().sum() > 0
             torch.testing.assert_close(fused.shared_gate_weight.grad, shared.gate_weight.grad, rtol=1e-5, atol=1e-6)
-    if quantile:   # the step's quantile estimate, as Megatron accumulates it
-        torch.testing.assert_close(fused.qb_beta_accum, stock.router.qb_beta_accum, rtol=1e-6, atol=1e-7)
-        assert fused.qb_beta_count.item() == stock.router.qb_beta_count.item() == 1
+
+
+@pytest.mark.parametrize("moe", [
+    dict(moe_router_force_load_balancing=True, moe_aux_loss_coeff=0.05),
+    dict(moe_router_force_biased=0.5, moe_router_score_function="sigmoid", moe_aux_loss_coeff=0.05),
+    dict(moe_router_force_biased=-1.0, moe_router_force_load_balancing=True),
+], ids=["random_logits", "random_bias_each_forward", "random_bias_once_per_layer"])
+def test_forced_benchmark_routers_match_megatron(megatron_world, moe):
+    """Megatron's benchmark routers (moe_router_force_load_balancing: random logits;
+    moe_router_force_biased: random logits plus a random per-expert bias) draw from Megatron's
+    model-parallel RNG tracker as Megatron's router does: with the tracker rewound between the two
+    layers, the same routing, output and gradients (the random logits hand their gradient to the
+    real ones, so the router weight learns from the balancing losses)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron_ext import compat
+
+    if "moe_router_force_biased" in moe and not compat.mcore_has_field("moe_router_force_biased"):
+        pytest.skip(f"Megatron's router in megatron-core {compat.mcore_version()} has no forced bias")
+    if "moe_router_force_biased" in moe:
+        from megatron.core.transformer.moe.moe_utils import RandomSTEShared
+
+        RandomSTEShared._cache.clear()   # Megatron keeps a once-per-layer bias per process, by layer number
+    stock, fused = _layers(_tconfig(**moe))
+    tracker = get_cuda_rng_tracker()
+    for step in range(2):   # a negative std keeps the first forward's bias
+        states = tracker.get_states()
+        _assert_matches_stock(stock, fused, torch.randn(S, B, H), between=lambda: tracker.set_states(states))
+        assert fused.router_weight.grad.abs().max() > 0   # through the gates and the random logits
+        if step == 0:
+            first = fused._forced_bias
+    if moe.get("moe_router_force_biased", 0) < 0:
+        assert first is not None and fused._forced_bias is first
 
 
 @pytest.mark.parametrize("moe", [
@@ -481,6 +526,63 @@ def test_listed_aux_losses_and_quantile_balancing_train(tmp_path, capsys):
         assert "moe_router_load_balancing_type='quantile_balancing'" in capsys.readouterr().err
 
 
+def test_latent_moe_with_the_gate_on_the_input_trains_and_resumes(tmp_path):
+    """`megatron-ext train` with Megatron's --moe-latent-size (experts at width 16 of hidden 32)
+    and --moe-apply-probs-on-input (top-1, Llama-4 style) plus a shared expert: learns, records
+    both in the receipt, and resumes from its iteration-3 checkpoint with the same losses."""
+    import shutil
+
+    from megatron_ext.training import checkpoint
+
+    opts = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-latent-size", "16",
+            "--moe-router-topk", "1", "--moe-apply-probs-on-input", "--moe-router-score-function", "sigmoid",
+            "--moe-shared-expert-intermediate-size", "24", "--moe-aux-loss-coeff", "0.01"]
+    a = tmp_path / "latent"
+    assert train_inprocess(a, *opts) == 0
+    losses = train_losses(a)
+    assert losses[-1] < losses[0] - 0.3
+    assert receipt(a)["moe"]["options"] == {"apply_probs_on_input": True, "latent_size": 16,
+                                            "force_load_balancing": False, "force_biased": None}
+    b = tmp_path / "resumed"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "iter_0000006")
+    (b / "checkpoints" / checkpoint.TRACKER).write_text("3")
+    assert train_inprocess(b, *opts, "--resume") == 0
+    assert receipt(b)["loss"]["start_iteration"] == 3
+    assert train_losses(b) == pytest.approx(losses, rel=1e-5)   # iterations 1-3 kept, 4-6 run again
+
+
+def test_forced_benchmark_routers_train_on_both_implementations(tmp_path, capsys):
+    """Megatron's benchmark routers through `megatron-ext train`: random logits
+    (--moe-router-force-load-balancing) with the fused layer and with Megatron's MoELayer, which
+    spread the tokens evenly whatever the router; the forced router is logged and in the receipt's
+    backend records. The random bias (--moe-router-force-biased) trains on every megatron-core
+    with the fused layer; Megatron's own router has it from 0.19."""
+    from megatron_ext.cli import main
+
+    run = tmp_path / "forced"
+    assert train_inprocess(run, *RUN, "--num-experts", "4", "--moe-router-force-load-balancing",
+                           "--moe-aux-loss-coeff", "0.01") == 0
+    rec = receipt(run)
+    assert rec["moe"]["options"]["force_load_balancing"] is True
+    assert any(r["op"] == "moe.router_logits" and r["observed"] == "random logits" for r in rec["backends"])
+    for n in ("1", "2"):
+        load = rec["moe"]["layers"][n]["load"]
+        assert max(load) / (sum(load) / len(load)) < 1.3   # 6 steps x 2 micro-batches x 64 tokens x top-2
+    biased = tmp_path / "biased"
+    assert train_inprocess(biased, *RUN, "--num-experts", "4", "--moe-router-force-biased", "-1.0") == 0
+    assert receipt(biased)["moe"]["options"]["force_biased"] == -1.0
+    base = ["train", "--preset", "test", "--device", "cpu", "--runs-root", str(tmp_path), "--num-experts", "4",
+            "--moe-impl", "megatron", "--train-iters", "2", "--eval-iters", "0", "--lr-warmup-iters", "0"]
+    assert main([*base, "--moe-router-force-load-balancing", "--run-dir", str(tmp_path / "stock")]) == 0
+    stock_biased = [*base, "--moe-router-force-biased", "0.5", "--run-dir", str(tmp_path / "stock_biased")]
+    if compat.mcore_has_field("moe_router_force_biased"):
+        assert main(stock_biased) == 0
+    else:
+        assert main(stock_biased) != 0
+        assert "moe_router_force_biased=0.5: Megatron's router in megatron-core" in capsys.readouterr().err
+
+
 def test_pregather_flag_reaches_the_layer_config():
     from megatron_ext.cli import parse
     from megatron_ext.config import TrainConfig, moe_config
@@ -731,15 +833,27 @@ def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(mega
     unaccounted = moe_fields - known - set(MOE_ROUTER_FIELDS) - set(READ_MEGATRON_MOE_OPTIONS)
     assert not unaccounted, f"Megatron MoE options the fused layer neither reads, refuses nor records: {unaccounted}"
     # every table entry that this megatron-core has is a real field (0.19.2 has all of them)
-    assert {name for name in known if name in fields} >= {"moe_router_force_load_balancing", "moe_grouped_gemm",
-                                                             "moe_apply_probs_on_input", "moe_permute_fusion"}
-    for name, value in (("moe_latent_size", 16), ("moe_apply_probs_on_input", True),
-                        ("moe_router_force_load_balancing", True), ("expert_gtp_weight_remat_size", 2)):
+    assert {name for name in known if name in fields} >= {"moe_enable_routing_replay", "moe_grouped_gemm",
+                                                             "moe_permute_fusion"}
+    for name, value in (("moe_enable_routing_replay", True), ("expert_gtp_weight_remat_size", 2)):
         if name not in fields:
             continue
         tconfig = _tconfig()
         setattr(tconfig, name, value)
         with pytest.raises(ConfigError, match=rf"^{name}={value}: .*which the fused MoE layer does not implement"):
+            FusedMoELayer(tconfig)
+    # Megatron's default add_bias_linear=True gives its router and experts biases the fused layer lacks
+    tconfig = _tconfig()
+    tconfig.add_bias_linear = True
+    with pytest.raises(ConfigError, match=r"^add_bias_linear=True: .*pass --disable-bias-linear"):
+        FusedMoELayer(tconfig)
+    # the forms Megatron gives the new options
+    for name, value, why in (("moe_apply_probs_on_input", True, "one expert per token \\(moe_router_topk=2\\)"),
+                             ("moe_latent_size", 0, "must be a positive integer"),
+                             ("moe_router_force_biased", float("nan"), "must be a finite number")):
+        tconfig = _tconfig()
+        setattr(tconfig, name, value)
+        with pytest.raises(ConfigError, match=rf"^{name}={value!r}: .*{why}"):
             FusedMoELayer(tconfig)
     tconfig = _tconfig()
     tconfig.moe_shared_expert_gate = True  # a gate needs a shared expert
@@ -937,6 +1051,9 @@ _NO_SYNC_CONFIGS = {
     "sigmoid_bias_groups": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                                 moe_router_num_groups=2, moe_router_group_topk=1),
     "seq_aux": dict(moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.01),
+    "latent_probs_on_input": dict(moe_latent_size=32, moe_router_topk=1, moe_apply_probs_on_input=True,
+                                  moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=64),
+    "forced_balance": dict(moe_router_force_load_balancing=True, moe_aux_loss_coeff=0.01),
 }
 
 # Run in a fresh process: this suite's CPU fixtures patch torch.cuda for Megatron's CPU lane.
@@ -949,7 +1066,7 @@ from megatron_ext.modules.moe import FusedMoELayer
 from megatron_ext.training.model import transformer_config
 for name, moe in json.loads(sys.argv[1]).items():
     cfg = from_preset("test", hidden_size=64, num_attention_heads=4, num_experts=8,
-                      moe_ffn_hidden_size=96, moe_router_topk=2, **moe)
+                      moe_ffn_hidden_size=96, **{"moe_router_topk": 2, **moe})
     layer = FusedMoELayer(transformer_config(cfg, "cuda", True)).to(device="cuda", dtype=torch.bfloat16).train()
     layer.set_layer_number(1)
     x = torch.randn(64, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -975,7 +1092,7 @@ def test_gpu_fused_layer_step_has_no_host_sync():
     waits for the GPU nowhere (``set_sync_debug_mode('error')`` raises on any synchronising
     call), so the step overlaps host and device and can be captured in a CUDA graph; for the
     default top-k router and for aux/z losses, capacity dropping, sigmoid + expert bias + groups,
-    and the per-sequence aux loss."""
+    the per-sequence aux loss, latent MoE with the gate on the input, and the random-logit router."""
     import subprocess
     import sys
 
@@ -986,3 +1103,108 @@ def test_gpu_fused_layer_step_has_no_host_sync():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("no-sync")] == \
         list(_NO_SYNC_CONFIGS)
+
+
+_LATENT_GPU_SCRIPT = r"""
+import torch
+from bench.parallel import ensure_model_parallel
+ensure_model_parallel(cpu=False)
+from megatron_ext import backends
+from megatron_ext.config import from_preset
+from megatron_ext.modules.moe import FusedMoELayer
+from megatron_ext.training.model import transformer_config
+for moe in (dict(moe_latent_size=256, moe_shared_expert_intermediate_size=512, moe_router_topk=4),
+            dict(moe_latent_size=256, moe_router_topk=1, moe_apply_probs_on_input=True,
+                 moe_router_score_function="sigmoid")):
+    layers = {}
+    for name, backend, dtype in (("fused", "auto", torch.bfloat16), ("ref", "torch", torch.float64)):
+        cfg = from_preset("test", hidden_size=1024, num_attention_heads=8, num_experts=16, moe_ffn_hidden_size=704,
+                          moe_backend=backend, **moe)
+        torch.manual_seed(0)
+        layers[name] = FusedMoELayer(transformer_config(cfg, "cuda", True)).to(device="cuda", dtype=dtype).train()
+        layers[name].set_layer_number(1)
+    with torch.no_grad():   # the reference: the bf16 layer's weights in fp64
+        for (n, p), q in zip(layers["fused"].named_parameters(), layers["ref"].parameters()):
+            q.copy_(p.double())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    # bf16 values in both: the two layers route the same tokens (ties aside)
+    x = torch.randn(512, 4, 1024, device="cuda", generator=g).bfloat16().double()
+    dy = torch.randn(512, 4, 1024, device="cuda", generator=g).bfloat16().double()
+    out = {}
+    for name, layer in layers.items():
+        xi = x.to(next(layer.parameters()).dtype).requires_grad_()
+        y, _ = layer(xi)
+        y.backward(dy.to(y.dtype))
+        out[name] = [y, xi.grad] + [p.grad for p in layer.parameters()]
+    names = ["y", "dx"] + [n for n, _ in layers["fused"].named_parameters()]
+    for n, a, b in zip(names, out["fused"], out["ref"]):
+        err = (a.double() - b).abs().max().item() / b.abs().max().item()
+        assert err < 3e-2, (moe, n, err)
+    used = {r["observed"] for r in backends.records() if r["op"] == "moe_ffn"}
+    assert "triton" in used, used
+    print("latent-ok", moe, flush=True)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_latent_moe_bf16_triton_matches_fp64():
+    """Latent MoE (experts at width 256 of hidden 1024), with a shared expert and with the gate
+    on the input (top-1), on the Triton experts in bf16: output, input gradient and every weight
+    gradient within 3 % (of each tensor's largest entry) of the same layer in fp64 on the torch
+    reference experts. A fresh process (this suite's CPU fixtures patch torch.cuda)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", _LATENT_GPU_SCRIPT], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("latent-ok") == 2, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("moe", [
+    dict(moe_latent_size=16, moe_shared_expert_intermediate_size=24, moe_router_score_function="sigmoid",
+         moe_router_topk_scaling_factor=2.0),
+    dict(moe_latent_size=16, moe_router_topk=1, moe_apply_probs_on_input=True, moe_router_pre_softmax=True),
+    dict(moe_latent_size=16, moe_deterministic=True, moe_shared_expert_intermediate_size=24),
+], ids=["latent_shared", "latent_probs_on_input", "latent_deterministic"])
+def test_latent_moe_equals_its_definition(megatron_world, moe):
+    """Megatron's latent MoE (moe_latent_size L): the router and the shared expert read the hidden
+    state, the routed experts run at width L between the projections ``latent_w1 [H, L]`` (before
+    the dispatch) and ``latent_w2 [L, H]`` (after the combine). Output and every gradient equal the
+    definition written out with torch ops on copies of the layer's parameters (fp32); with
+    moe_apply_probs_on_input the gate scales the latent expert input (Megatron's order)."""
+    from megatron_ext.modules.moe import FusedMoELayer
+    from megatron_ext.ops.moe import moe_ffn
+    from megatron_ext.ops.moe.reference import expert_activation
+    from megatron_ext.ops.moe.routing import route
+
+    fused = FusedMoELayer(_tconfig(**moe))
+    fused.set_layer_number(1)
+    assert fused.w1.shape == (E, 16, 2 * F) and fused.w2.shape == (E, F, 16)
+    assert fused.latent_w1.shape == (H, 16) and fused.latent_w2.shape == (16, H)
+    torch.manual_seed(9)
+    x = torch.randn(S, B, H, requires_grad=True)
+    g = torch.randn(S, B, H)
+    y, _ = fused(x)
+    y.backward(g)
+
+    p = {n: t.detach().clone().requires_grad_() for n, t in fused.named_parameters()}
+    xr = x.detach().clone().requires_grad_()
+    x2 = xr.reshape(-1, H)
+    res = route(x2 @ p["router_weight"].t(), fused.router_cfg, training=True, num_seqs=B, backend="torch")
+    lat, gates = x2 @ p["latent_w1"], res.probs
+    if moe.get("moe_apply_probs_on_input"):
+        lat, gates = lat * res.probs, torch.ones_like(res.probs)
+    ref = moe_ffn(lat, gates, res.indices, p["w1"], p["w2"], fused.activation, backend="torch") @ p["latent_w2"]
+    if "shared_w1" in p:
+        ref = ref + expert_activation(x2 @ p["shared_w1"], fused.activation) @ p["shared_w2"]
+    ref = ref.view(S, B, H)
+    ref.backward(g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    for name, t in fused.named_parameters():
+        assert t.grad is not None and t.grad.abs().max() > 0, name
+        torch.testing.assert_close(t.grad, p[name].grad, rtol=1e-5, atol=1e-6, msg=name)

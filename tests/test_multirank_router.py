@@ -11,7 +11,11 @@ this file as the worker), with the same weights:
   the z-loss where the two shards hold as many real tokens (Megatron's z-loss at TP > 1 averages
   the ranks' own means; ours is the mean over all real tokens, as at TP = 1);
 * TP=2 + SP with quantile balancing (megatron-core >= 0.19): the quantile over the whole
-  gathered sequence, as Megatron's; output shards and the step's estimate equal Megatron's.
+  gathered sequence, as Megatron's; output shards and the step's estimate equal Megatron's;
+* TP=2 + SP with moe_apply_probs_on_input (top-1, the gate on the expert's input): as Megatron's;
+* latent MoE (moe_latent_size) with a shared expert and with the gate on the input, at TP=2 + SP
+  with expert TP, at TP=2 + SP without it, and at EP=2: output shards and the gradients of the
+  input, the router, the latent projections and the experts equal the same layer at one rank.
 """
 
 import subprocess
@@ -29,7 +33,7 @@ def test_router_at_two_ranks_matches_megatron():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    for case in ("DP2-GLOBAL-AUX-OK", "TP2-PADDING-MASK-OK"):
+    for case in ("DP2-GLOBAL-AUX-OK", "TP2-PADDING-MASK-OK", "LATENT-LAYOUTS-OK"):
         assert proc.stdout.count(case) == 2, (case, proc.stdout[-3000:])
     # quantile balancing: compared where Megatron has it, said so where it has not
     assert proc.stdout.count("TP2-QUANTILE-OK") + proc.stdout.count("TP2-QUANTILE-SKIPPED") == 2
@@ -46,6 +50,84 @@ def _world(tp: int, **moe):
     compat.seed_model_parallel(1234)
     par = dict(tensor_model_parallel_size=tp, sequence_parallel=True) if tp > 1 else {}
     return t._layers(t._tconfig(**par, **moe))
+
+
+def _fused_at(tp: int, ep: int, etp: int, **moe):
+    """The fused layer alone at TP=tp, EP=ep, expert TP=etp (sequence parallel when tp > 1)."""
+    from megatron_ext import compat
+    from megatron_ext.modules.moe import FusedMoELayer
+    from tests import test_moe_layer as t
+
+    compat.destroy_model_parallel()
+    compat.initialize_model_parallel(tp, 1, ep, etp=etp)
+    compat.seed_model_parallel(1234)
+    torch.manual_seed(1234)   # the CPU generator the initialisation draws from: the same on every rank
+    par = dict(tensor_model_parallel_size=tp, sequence_parallel=True, expert_tensor_parallel_size=etp) \
+        if tp > 1 else {}
+    layer = FusedMoELayer(t._tconfig(**par, **moe))
+    layer.set_layer_number(1)
+    return layer
+
+
+def _copy_weights(layer, ref, r: int, n: int, first_expert: int) -> None:
+    """``ref``'s weights (one rank's layer) into ``layer``: its experts from ``first_expert`` on,
+    and expert TP rank r of n's F slice of those and of the shared expert."""
+    from megatron_ext.modules.moe import _tp_cols
+
+    with torch.no_grad():
+        for name in ("router_weight", "latent_w1", "latent_w2"):
+            if getattr(ref, name) is not None:
+                getattr(layer, name).copy_(getattr(ref, name))
+        experts = range(first_expert, first_expert + layer.w1.shape[0])
+        Fl = layer.w2.shape[1]
+        layer.w1.copy_(torch.stack([_tp_cols(ref.w1[e], ref.parts, r, n) for e in experts]))
+        layer.w2.copy_(ref.w2[first_expert:first_expert + len(experts), r * Fl:(r + 1) * Fl])
+        if ref.shared_w1 is not None:
+            Fsl = layer.shared_w2.shape[0]
+            layer.shared_w1.copy_(_tp_cols(ref.shared_w1, ref.parts, r, n))
+            layer.shared_w2.copy_(ref.shared_w2[r * Fsl:(r + 1) * Fsl])
+
+
+def _latent_layouts(rank: int) -> None:
+    """Latent MoE at three layouts against one rank's layer on the same tokens (each rank's own
+    tokens at EP=2, one sequence split by SP at TP=2)."""
+    from megatron.core import parallel_state as ps
+    from tests.test_moe_layer import B, E, H, S
+
+    for moe in (dict(moe_latent_size=16, moe_shared_expert_intermediate_size=16, moe_aux_loss_coeff=0.01),
+                dict(moe_latent_size=16, moe_router_topk=1, moe_apply_probs_on_input=True,
+                     moe_router_score_function="sigmoid")):
+        for tp, ep, etp in ((2, 1, 2), (2, 1, 1), (1, 2, 1)):
+            gen = torch.Generator().manual_seed(21 + (rank if ep > 1 else 0))
+            x = torch.randn(S, B, H, generator=gen)
+            g = torch.randn(S, B, H, generator=gen)
+            ref = _fused_at(1, 1, 1, **moe)
+            xr = x.clone().requires_grad_()
+            yr, _ = ref(xr)
+            yr.backward(g)
+            layer = _fused_at(tp, ep, etp, **moe)
+            _copy_weights(layer, ref, rank if etp > 1 else 0, etp, rank * E // ep if ep > 1 else 0)
+            part = slice(rank * S // tp, (rank + 1) * S // tp) if tp > 1 else slice(None)
+            xi = x[part].clone().requires_grad_()
+            y, _ = layer(xi)
+            y.backward(g[part])
+            where = f"{moe} tp={tp} ep={ep} etp={etp}"
+            torch.testing.assert_close(y, yr[part], rtol=1e-5, atol=1e-6, msg=where)
+            torch.testing.assert_close(xi.grad, xr.grad[part], rtol=1e-5, atol=1e-6, msg=where)
+            names = ["router_weight", "latent_w1", "latent_w2"]
+            if etp == 1:   # whole experts: each rank's expert gradients over its own tokens
+                names += ["w1", "w2"]
+            for name in names:
+                grad = getattr(layer, name).grad.clone()
+                if tp > 1:   # Megatron sums these over TP (sequence-parallel or expert-DP reduction)
+                    torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+                want = getattr(ref, name).grad
+                if name in ("w1", "w2") and ep > 1:
+                    # an expert's rows come from both ranks' tokens: the two one-rank layers' sum
+                    want = want.clone()
+                    torch.distributed.all_reduce(want, group=ps.get_expert_model_parallel_group())
+                    want = want[rank * E // ep:(rank + 1) * E // ep]
+                torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{where} {name}")
 
 
 def _router_grad_over_tp(layer, tp_group) -> torch.Tensor:
@@ -92,8 +174,12 @@ def _worker():
     # many real tokens. Megatron's z-loss at TP x CP > 1 is the mean of each rank's own mean (its
     # coefficient divided by TP x CP), so it weights a token by how much padding shares its rank's
     # shard; the fused layer's is the mean over all real tokens, as at TP = 1.
+    # the gate on the expert's input (top-1), as Megatron applies it to its dispatched tokens
+    probs_on_input = dict(moe_router_topk=1, moe_apply_probs_on_input=True, moe_router_pre_softmax=True,
+                          moe_aux_loss_coeff=0.05)
     for moe, pads in ((dict(moe_aux_loss_coeff=0.05), (2, 3)), (seq, (2, 3)),
-                      (dict(moe_aux_loss_coeff=0.05, **z), (2, 2)), ({**seq, **z}, (1, 1))):
+                      (dict(moe_aux_loss_coeff=0.05, **z), (2, 2)), ({**seq, **z}, (1, 1)),
+                      (probs_on_input, (1, 2))):
         stock, fused = _world(2, **moe)
         gen = torch.Generator().manual_seed(7)   # the same sequence on both ranks, sharded by SP
         x = torch.randn(S, B, H, generator=gen)
@@ -129,6 +215,9 @@ def _worker():
         torch.testing.assert_close(yf, ys, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(fused.qb_beta_accum, stock.router.qb_beta_accum, rtol=1e-6, atol=1e-7)
         print("TP2-QUANTILE-OK", flush=True)
+
+    _latent_layouts(rank)
+    print("LATENT-LAYOUTS-OK", flush=True)
     compat.destroy_model_parallel()
     dist.destroy_process_group()
 

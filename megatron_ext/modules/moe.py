@@ -8,6 +8,14 @@ Math (Switch Transformer eq. 1-2, arXiv 2101.03961; DeepSeekMoE shared experts, 
     g_t = sigmoid(x_t . w_g) with Megatron's moe_shared_expert_gate, else 1
     FFN_e(x) = (act(x W1_e[:, :F]) * x W1_e[:, F:]) W2_e      (Megatron's GLU order [gate | up])
 
+Megatron's variants, as its MoELayer has them: ``moe_apply_probs_on_input`` (top-1: ``y_t =
+FFN_e(p_t x_t)``, the gate on the expert's input); ``moe_latent_size`` L (the routed experts run at
+width L between ``latent_w1 [H, L]`` before the dispatch and ``latent_w2 [L, H]`` after the
+combine; the router and the shared expert read ``x``); the benchmark routers
+``moe_router_force_load_balancing`` (random logits from Megatron's expert-parallel RNG, the
+gradient handed to the real logits) and ``moe_router_force_biased`` (random logits plus a random
+per-expert bias shared by all ranks).
+
 Drop-in for the ``mlp`` submodule of a TransformerLayer spec on megatron-core 0.16.1 and 0.19.2:
 called as ``mlp(hidden_states [s, b, h], padding_mask=...)``, returns ``(output [s, b, h], None)``.
 ``padding_mask`` (``[b, s]``, True = padding, as Megatron passes it) leaves padding tokens out of
@@ -65,6 +73,7 @@ routers whose selection is per token (no capacity dropping, Sinkhorn or training
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import time
@@ -138,6 +147,29 @@ def _chunks_mm(padded: Tensor, w: Tensor, n: int) -> Tensor:
     a = padded.view(-1, DET_CHUNK, padded.shape[1])
     out = torch.cat([a[i] @ w for i in range(a.shape[0])], dim=0) if a.shape[0] else a.new_zeros(0, w.shape[1])
     return out[:n]
+
+
+def _rng_fork(name: str):
+    """Megatron's model-parallel RNG tracker forked to ``name`` where it was seeded (training and
+    tests seed it), else the default generator."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    return tracker.fork(name) if name in tracker.get_states() else contextlib.nullcontext()
+
+
+class _RandomLogits(torch.autograd.Function):
+    """Random router logits (Megatron's RandomSTE: ``normal_`` on a copy, from the expert-parallel
+    RNG); backward hands the gradient to the real logits unchanged."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        with _rng_fork("expert-parallel-rng"):
+            return logits.clone().normal_()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -396,6 +428,26 @@ class FusedMoELayer(MegatronModule):
         check_expert_widths(self.etp_size, {"moe_ffn_hidden_size": Fe, "moe_shared_expert_intermediate_size": Fs})
         gated = self.activation in GATED_ACTIVATIONS
         self.parts = 2 if gated else 1
+        # Megatron's latent MoE: the routed experts run at width L between two replicated
+        # projections (H -> L before the dispatch, L -> H after the combine); the router and the
+        # shared expert see the full hidden state
+        L = getattr(config, "moe_latent_size", None)
+        Hx = L or H
+        # Megatron's moe_apply_probs_on_input (top-1): the gate scales the expert's input, the
+        # expert's output is taken whole
+        self.probs_on_input = bool(getattr(config, "moe_apply_probs_on_input", False))
+        # Megatron's benchmark routers: random logits (expert-parallel RNG, as Megatron's), plus a
+        # random per-expert bias shared by all ranks (data-parallel RNG; drawn once per layer when
+        # the std is negative)
+        self.force_balance = bool(getattr(config, "moe_router_force_load_balancing", False))
+        self.force_bias_std = getattr(config, "moe_router_force_biased", None)
+        self._forced_bias: Optional[Tensor] = None
+        if self.force_balance or self.force_bias_std is not None:
+            forced = "random logits" + ("" if self.force_bias_std is None else
+                                        f" + a random bias (std {abs(self.force_bias_std)})")
+            backends.fallback("moe.router_logits", "the router's logits", forced,
+                              "Megatron's benchmark routers (moe_router_force_load_balancing / "
+                              "moe_router_force_biased): the experts do not follow the learned router")
         dtype = config.params_dtype
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         # this rank's slice of F: (rank, count) over expert TP; with etp = 1 every rank holds all
@@ -407,9 +459,9 @@ class FusedMoELayer(MegatronModule):
         self.router_weight = torch.nn.Parameter(torch.empty(E, H, dtype=dtype, device=device))
         config.init_method(self.router_weight.data)
         setattr(self.router_weight, "sequence_parallel", config.sequence_parallel)
-        self.w1 = torch.nn.Parameter(torch.empty(self.num_local_experts, H, self.parts * Fl,
+        self.w1 = torch.nn.Parameter(torch.empty(self.num_local_experts, Hx, self.parts * Fl,
                                                  dtype=dtype, device=device))
-        self.w2 = torch.nn.Parameter(torch.empty(self.num_local_experts, Fl, H, dtype=dtype, device=device))
+        self.w2 = torch.nn.Parameter(torch.empty(self.num_local_experts, Fl, Hx, dtype=dtype, device=device))
         for p, dim in ((self.w1, 2), (self.w2, 1)):
             # expert-parallel: grads reduced over the expert-DP group (with etp = 1 it holds the TP
             # ranks, so their per-rank partial sums over different tokens add up there)
@@ -448,6 +500,20 @@ class FusedMoELayer(MegatronModule):
                 self.shared_gate_weight = torch.nn.Parameter(torch.empty(1, H, dtype=dtype, device=device))
                 config.init_method(self.shared_gate_weight.data)
                 setattr(self.shared_gate_weight, "sequence_parallel", self.tp_size > 1)
+        self.latent_w1 = self.latent_w2 = None
+        if L:
+            # stored as x @ w ([in, out]); drawn in Megatron's [out, in] layout with its init methods.
+            # Replicated over TP: each rank's gradient covers its own tokens (etp = 1), or its F
+            # slice's share of all of them (etp = tp), so Megatron sums it over TP as for any
+            # `sequence_parallel` parameter
+            down = torch.empty(L, H, dtype=dtype, device=device)
+            up = torch.empty(H, L, dtype=dtype, device=device)
+            config.init_method(down)
+            config.output_layer_init_method(up)
+            self.latent_w1 = torch.nn.Parameter(down.t().contiguous())
+            self.latent_w2 = torch.nn.Parameter(up.t().contiguous())
+            for p in (self.latent_w1, self.latent_w2):
+                setattr(p, "sequence_parallel", self.tp_size > 1)
         # The router's running state, kept in fp32 whatever the module is cast to (see _apply) and
         # also reachable under the names Megatron's finalize_model_grads looks for (the
         # properties below), so its once-per-step updates reach this layer under Megatron's own
@@ -570,6 +636,8 @@ class FusedMoELayer(MegatronModule):
         training = self.training
         tracked = training and torch.is_grad_enabled()  # once per micro-batch, even under recompute
         logits = router_logits(hidden_states.reshape(s_local * b, h), self.router_weight, det)
+        if self.force_balance or self.force_bias_std is not None:
+            logits = self._forced_logits(logits)
         if self.tp_size > 1:
             # [s/tp, b] -> [s, b]: every TP rank routes all tokens of the sequence identically
             logits = gather_from_sequence_parallel_region(logits.view(s_local, b, -1), group=self.tp_group)
@@ -631,18 +699,22 @@ class FusedMoELayer(MegatronModule):
                     return torch.utils.checkpoint.checkpoint(shared_ffn, x, use_reentrant=False,
                                                              preserve_rng_state=False)
                 return shared_ffn(x)
-        probs, indices = res.probs, res.indices
+        probs, indices, kept = res.probs, res.indices, res.kept
         if self.tp_size > 1 and self.etp_size == 1:
             # whole experts: this rank's own tokens, rows [r*s/tp*b, (r+1)*s/tp*b) of the [s, b] order
             mine = slice(self.tp_rank * s_local * b, (self.tp_rank + 1) * s_local * b)
-            probs, indices = probs[mine], indices[mine]
+            probs, indices, kept = probs[mine], indices[mine], kept[mine]
+        in_scale = None
+        if self.probs_on_input:
+            # the gate (0 where dropped) scales the expert's input; the output is weighted by 1 (0 where dropped)
+            in_scale, probs = probs, kept.to(probs.dtype)
         if self.recompute_layer and grad:
             # everything after the router, recomputed in backward (the EP exchanges included, as
             # Megatron's moe recompute does); the router, its losses, trace and statistics run once
-            out = torch.utils.checkpoint.checkpoint(self._routed, x, probs, indices, shared,
+            out = torch.utils.checkpoint.checkpoint(self._routed, x, probs, indices, shared, in_scale,
                                                     use_reentrant=False, preserve_rng_state=False)
         else:
-            out = self._routed(x, probs, indices, shared)
+            out = self._routed(x, probs, indices, shared, in_scale)
         out = out.to(hidden_states.dtype).view(-1, b, h)
         if self.etp_size > 1:
             out = reduce_scatter_to_sequence_parallel_region(out, group=self.tp_group)
@@ -708,15 +780,21 @@ class FusedMoELayer(MegatronModule):
         return out
 
     def _routed(self, x: Tensor, probs: Tensor, indices: Tensor,
-                shared: Optional[Callable[[], Tensor]] = None) -> Tensor:
+                shared: Optional[Callable[[], Tensor]] = None, in_scale: Optional[Tensor] = None) -> Tensor:
         """Sum over choices of prob * expert FFN (+ the shared expert), ``[T, H]``: fp32 where
         something is summed after it (the shared expert, the expert-TP partial sums), else (the
-        fused experts alone, no expert TP) the experts' output in the model dtype."""
+        fused experts alone, no expert TP) the experts' output in the model dtype. With latent
+        projections the experts run on ``x @ latent_w1`` and their sum goes through ``latent_w2``;
+        ``in_scale [T, 1]`` (moe_apply_probs_on_input) scales the experts' input rows."""
         det = self.moe.deterministic
         T, k = indices.shape
+        if self.latent_w1 is not None:
+            x = rows_mm(x, self.latent_w1, det)
+        if in_scale is not None:
+            x = (x.float() * in_scale).to(x.dtype)   # Megatron's order: fp32 product, then the model dtype
         if self.ep_size == 1 and not det:
-            out = moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend,
-                          pregather=self.moe.pregather, recompute_activation=self.recompute_act)
+            out = self._latent_up(moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend,
+                                          pregather=self.moe.pregather, recompute_activation=self.recompute_act))
             if shared is None and self.etp_size == 1:
                 return out   # nothing to sum: the model dtype, no fp32 round trip (2 passes each way)
             out = out.float()
@@ -735,9 +813,41 @@ class FusedMoELayer(MegatronModule):
             y, shared_out = self._expert_parallel(rows, p_rows, e_rows, shared)
         # fp32 [T, H]: each token's k rows summed j = 0..k-1, read through inv (no fp32 pair rows)
         out = combine_rows(y, order, inv, k)
+        if self.latent_w2 is not None:
+            out = self._latent_up(out.to(x.dtype)).float()
         if shared is not None:
             out = out + (shared_out if shared_out is not None else shared())
         return out
+
+    def options(self) -> Dict[str, object]:
+        """The layer's Megatron options beyond the router's, for the run receipt."""
+        return {"apply_probs_on_input": self.probs_on_input,
+                "latent_size": None if self.latent_w1 is None else self.latent_w1.shape[1],
+                "force_load_balancing": self.force_balance, "force_biased": self.force_bias_std}
+
+    def _latent_up(self, out: Tensor) -> Tensor:
+        """The experts' combined output back to the hidden width (latent MoE), else as it is."""
+        return out if self.latent_w2 is None else rows_mm(out, self.latent_w2, self.moe.deterministic)
+
+    def _forced_logits(self, logits: Tensor) -> Tensor:
+        """Megatron's benchmark routers: random N(0, 1) logits from the expert-parallel RNG (its
+        RandomSTE; the gradient passes to the real logits), plus, with moe_router_force_biased,
+        a random per-expert bias from the RNG every rank shares (a new one each forward, or one
+        per layer when the std is negative). With both options Megatron draws the logits twice;
+        so does this, so that the RNG streams stay Megatron's."""
+        if self.force_balance:
+            logits = _RandomLogits.apply(logits)
+        std = self.force_bias_std
+        if std is None:
+            return logits
+        logits = _RandomLogits.apply(logits)
+        bias = self._forced_bias if std < 0 else None
+        if bias is None:
+            with _rng_fork("data-parallel-rng"):
+                bias = torch.empty(logits.shape[-1], device=logits.device, dtype=logits.dtype).normal_(std=abs(std))
+            if std < 0:
+                self._forced_bias = bias
+        return logits + bias
 
     def _expert_parallel(self, rows: Tensor, p_rows: Tensor, e_rows: Tensor,
                          shared: Optional[Callable[[], Tensor]] = None):
@@ -793,7 +903,8 @@ class FusedMoELayer(MegatronModule):
     # ---- distributed checkpointing
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         """Expert weights sharded along the expert axis over EP and along F over TP (global
-        ``w1 [E, H, 2, F]`` for gated activations, else ``[E, H, F]``; ``w2 [E, F, H]``), the
+        ``w1 [E, H, 2, F]`` for gated activations, else ``[E, H, F]``; ``w2 [E, F, H]``; H the
+        latent width under latent MoE, whose projections are replicated like the router), the
         shared expert along F over TP: a checkpoint saved at one (EP, TP) layout loads at
         another. The router and the bias are replicated."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -809,10 +920,11 @@ class FusedMoELayer(MegatronModule):
             "w2": ((E_l, Fl, H), [ep, (1, r, n)], (0, 0, self.edp_rank)),
         }
         if self.shared_w1 is not None:
-            Fsl = self.shared_w2.shape[0]
+            # the hidden width (the routed experts' H above is the latent width under latent MoE)
+            Fsl, Hs = self.shared_w2.shape
             rep = (0, 0 if n > 1 else self.tp_rank, self.dp_rank)
-            specs["shared_w1"] = ((H, 2, Fsl) if g else (H, Fsl), [(2 if g else 1, r, n)], rep)
-            specs["shared_w2"] = ((Fsl, H), [(0, r, n)], rep)
+            specs["shared_w1"] = ((Hs, 2, Fsl) if g else (Hs, Fsl), [(2 if g else 1, r, n)], rep)
+            specs["shared_w2"] = ((Fsl, Hs), [(0, r, n)], rep)
         for name, (view, axes, replica) in specs.items():
             key = f"{prefix}{name}"
             sd[key] = _reshaping_factory(key, getattr(self, name), view, axes, sharded_offsets, replica)

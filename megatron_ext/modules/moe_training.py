@@ -91,5 +91,6 @@ class MoETrainingHooks:
             "monitor_interval": self.moe.monitor_interval, "steps": self.steps,
             "router": None if first is None else {k: v for k, v in vars(first.router_cfg).items()},
             "activation": None if first is None else first.activation,
+            "options": None if first is None else first.options(),
             "layers": STATE.summary(),
         }

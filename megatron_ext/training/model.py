@@ -82,6 +82,10 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
             moe_router_group_topk=cfg.moe_router_group_topk,
             moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
             moe_shared_expert_gate=bool(cfg.moe_shared_expert_gate),
+            moe_apply_probs_on_input=bool(cfg.moe_apply_probs_on_input),
+            moe_latent_size=cfg.moe_latent_size,
+            moe_router_force_load_balancing=bool(cfg.moe_router_force_load_balancing),
+            moe_router_force_biased=cfg.moe_router_force_biased,
             moe_token_dispatcher_type="alltoall",
             # Megatron accepts moe_act only with grouped-GEMM experts, which the fused layer is
             moe_grouped_gemm="moe_act" in recompute_modules,
