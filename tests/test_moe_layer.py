@@ -565,7 +565,7 @@ def test_forced_benchmark_routers_train_on_both_implementations(tmp_path, capsys
                            "--moe-aux-loss-coeff", "0.01") == 0
     rec = receipt(run)
     assert rec["moe"]["options"]["force_load_balancing"] is True
-    assert any(r["op"] == "moe.router_logits" and r["observed"] == "random logits" for r in rec["backends"])
+    assert any(r["op"] == "moe.forced_router" and r["observed"] == "random logits" for r in rec["backends"])
     for n in ("1", "2"):
         load = rec["moe"]["layers"][n]["load"]
         assert max(load) / (sum(load) / len(load)) < 1.3   # 6 steps x 2 micro-batches x 64 tokens x top-2
@@ -1137,12 +1137,13 @@ for moe in (dict(moe_latent_size=256, moe_shared_expert_intermediate_size=512, m
         y.backward(dy.to(y.dtype))
         out[name] = [y, xi.grad] + [p.grad for p in layer.parameters()]
     names = ["y", "dx"] + [n for n, _ in layers["fused"].named_parameters()]
+    errs = {}
     for n, a, b in zip(names, out["fused"], out["ref"]):
-        err = (a.double() - b).abs().max().item() / b.abs().max().item()
-        assert err < 3e-2, (moe, n, err)
+        errs[n] = (a.double() - b).abs().max().item() / b.abs().max().item()
+        assert errs[n] < 3e-2, (moe, n, errs[n])
     used = {r["observed"] for r in backends.records() if r["op"] == "moe_ffn"}
     assert "triton" in used, used
-    print("latent-ok", moe, flush=True)
+    print("latent-ok", moe, {n: f"{e:.1e}" for n, e in errs.items()}, flush=True)
 """
 
 

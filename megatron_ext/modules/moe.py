@@ -445,7 +445,7 @@ class FusedMoELayer(MegatronModule):
         if self.force_balance or self.force_bias_std is not None:
             forced = "random logits" + ("" if self.force_bias_std is None else
                                         f" + a random bias (std {abs(self.force_bias_std)})")
-            backends.fallback("moe.router_logits", "the router's logits", forced,
+            backends.fallback("moe.forced_router", "the router's logits", forced,
                               "Megatron's benchmark routers (moe_router_force_load_balancing / "
                               "moe_router_force_biased): the experts do not follow the learned router")
         dtype = config.params_dtype
