@@ -13,6 +13,9 @@ this file as the worker), with the same weights:
 * TP=2 + SP with quantile balancing (megatron-core >= 0.19): the quantile over the whole
   gathered sequence, as Megatron's; output shards and the step's estimate equal Megatron's;
 * TP=2 + SP with moe_apply_probs_on_input (top-1, the gate on the expert's input): as Megatron's;
+* TP=2 + SP with router jitter under Megatron's full-layer recompute (``tensor_parallel.checkpoint``,
+  which rewinds the RNG tracker for the recompute): the recomputed forward draws the forward's
+  noise, so its gradients are those of the plain forward from the same RNG state;
 * latent MoE (moe_latent_size) with a shared expert and with the gate on the input, at TP=2 + SP
   with expert TP, at TP=2 + SP without it, and at EP=2: output shards and the gradients of the
   input, the router, the latent projections and the experts equal the same layer at one rank.
@@ -33,7 +36,7 @@ def test_router_at_two_ranks_matches_megatron():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    for case in ("DP2-GLOBAL-AUX-OK", "TP2-PADDING-MASK-OK", "LATENT-LAYOUTS-OK"):
+    for case in ("DP2-GLOBAL-AUX-OK", "TP2-PADDING-MASK-OK", "TP2-JITTER-RECOMPUTE-OK", "LATENT-LAYOUTS-OK"):
         assert proc.stdout.count(case) == 2, (case, proc.stdout[-3000:])
     # quantile balancing: compared where Megatron has it, said so where it has not
     assert proc.stdout.count("TP2-QUANTILE-OK") + proc.stdout.count("TP2-QUANTILE-SKIPPED") == 2
@@ -130,6 +133,34 @@ def _latent_layouts(rank: int) -> None:
                 torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{where} {name}")
 
 
+def _jitter_under_recompute(rank: int) -> None:
+    """Two identical TP=2 + SP layers with strong router jitter from the same RNG state: one run
+    plainly, one inside Megatron's full-layer recompute; same output, input and weight gradients."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from tests.test_moe_layer import B, H, S
+
+    moe = dict(moe_input_jitter_eps=0.5, moe_router_score_function="sigmoid")
+    plain, checkpointed = _fused_at(2, 1, 2, **moe), _fused_at(2, 1, 2, **moe)
+    checkpointed.load_state_dict(plain.state_dict())
+    gen = torch.Generator().manual_seed(31)
+    x, g = torch.randn(S, B, H, generator=gen), torch.randn(S, B, H, generator=gen)
+    part = slice(rank * S // 2, (rank + 1) * S // 2)
+    tracker = get_cuda_rng_tracker()
+    states, cpu = tracker.get_states(), torch.get_rng_state()
+    out = []
+    for layer, recompute in ((plain, False), (checkpointed, True)):
+        tracker.set_states(dict(states))   # a copy: forking writes the states back into the dict
+        torch.set_rng_state(cpu)
+        xi = x[part].clone().requires_grad_()
+        fn = lambda t, layer=layer: layer(t)[0]
+        y = tensor_parallel.checkpoint(fn, False, xi) if recompute else fn(xi)
+        y.backward(g[part])
+        out.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def _router_grad_over_tp(layer, tp_group) -> torch.Tensor:
     """The router weight's gradient summed over TP (Megatron's finalize sums a sequence-parallel
     parameter's per-rank parts)."""
@@ -216,6 +247,8 @@ def _worker():
         torch.testing.assert_close(fused.qb_beta_accum, stock.router.qb_beta_accum, rtol=1e-6, atol=1e-7)
         print("TP2-QUANTILE-OK", flush=True)
 
+    _jitter_under_recompute(rank)
+    print("TP2-JITTER-RECOMPUTE-OK", flush=True)
     _latent_layouts(rank)
     print("LATENT-LAYOUTS-OK", flush=True)
     compat.destroy_model_parallel()

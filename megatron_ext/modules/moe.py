@@ -535,7 +535,6 @@ class FusedMoELayer(MegatronModule):
         self.register_buffer("router_qb_accum", torch.zeros(E, **f32) if qb else None, persistent=False)
         self.register_buffer("router_qb_count", torch.zeros((), **f32) if qb else None, persistent=False)
         self.comm_timer: Optional[CommTimer] = None
-        self._noise_gen = None
         self.layer_number = None
         self._init_experts(layer_number or 0)
         if layer_number is not None:
@@ -618,16 +617,6 @@ class FusedMoELayer(MegatronModule):
             out.update(shared_w1=self.shared_w1, shared_w2=self.shared_w2)
         return out
 
-    def _noise_generator(self, device) -> Optional[torch.Generator]:
-        """Training noise must be the same on the TP ranks (they route the same tokens): with
-        TP > 1 it comes from a generator of this layer seeded by (seed, layer, DP rank)."""
-        if self.tp_size == 1 or self.router_cfg.input_jitter_eps is None:
-            return None
-        if self._noise_gen is None:
-            self._noise_gen = torch.Generator(device=device).manual_seed(
-                _expert_seed(self.moe.seed, self.layer_number or 0, self.dp_rank, "noise"))
-        return self._noise_gen
-
     # ---- forward
     def forward(self, hidden_states: Tensor, padding_mask: Optional[Tensor] = None, **_ignored):
         s_local, b, h = hidden_states.shape
@@ -665,13 +654,18 @@ class FusedMoELayer(MegatronModule):
             bias = self.router_expert_bias.float()
         aux = cfg.aux_coeffs()
         seq_ids = seq_ids_for_layout(s, b, device=x.device) if "seq_aux_loss" in aux else None
-        gen = self._noise_generator(x.device)
         # the fused top-k gate unless the torch reference path was asked for
         gate = "torch" if self.moe.backend == "torch" else "auto"
         reduce_counts = self._global_counts if "global_aux_loss" in aux and tracked else None
-        res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
-                    replay_indices=replay, reduce_counts=reduce_counts, generator=gen, num_seqs=b,
-                    valid=valid, qb_beta=self.router_qb_beta, backend=gate)
+        # Training noise (jitter) must be the same on the TP ranks, which route the same tokens, and
+        # again in a recomputed forward: with TP > 1 it comes from Megatron's data-parallel RNG
+        # (seeded alike on the TP ranks; Megatron's recompute rewinds its tracker), at TP = 1 from
+        # the default generator (which that recompute rewinds too)
+        noisy = training and (cfg.input_jitter_eps is not None or cfg.noise_std) and self.tp_size > 1
+        with _rng_fork("data-parallel-rng") if noisy else contextlib.nullcontext():
+            res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
+                        replay_indices=replay, reduce_counts=reduce_counts, num_seqs=b,
+                        valid=valid, qb_beta=self.router_qb_beta, backend=gate)
         if tracked and res.qb_quantile is not None:
             with torch.no_grad():
                 self.router_qb_accum += res.qb_quantile
