@@ -257,7 +257,11 @@ def _checkpoint_without_output_no_te():
               "only when the MLP is isinstance(mlp, MoELayer), so the fused MoE layer saw one "
               "sequence of mbs*S tokens and its seq_aux_loss spanned the whole micro-batch. The fused "
               "layer is un-flattened by the same code (is_moe_layer itself stays as Megatron set it: "
-              "its CUDA-graph scopes reach into Megatron's MoELayer)")
+              "its CUDA-graph scopes reach into Megatron's MoELayer). Under sequence parallelism "
+              "Megatron's count, local tokens // tokens_per_sample on the [mbs*S/tp, 1, h] shard, "
+              "groups the wrong tokens (nothing un-flattened at mbs = tp; samples of different "
+              "ranks joined by the gather otherwise; its own MoELayer too): there the fused layer "
+              "is told tokens_per_sample and groups the gathered tokens by sample itself")
 def _fused_moe_unflattened_for_packed_batches():
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -268,8 +272,14 @@ def _fused_moe_unflattened_for_packed_batches():
     original = TransformerLayer._maybe_unflatten_for_moe
 
     def unflatten(self, hidden_states, padding_mask, packed_seq_params):
-        if self.is_moe_layer or not isinstance(getattr(self, "mlp", None), FusedMoELayer):
+        mlp = getattr(self, "mlp", None)
+        if self.is_moe_layer or not isinstance(mlp, FusedMoELayer):
             return original(self, hidden_states, padding_mask, packed_seq_params)
+        tokens = getattr(packed_seq_params, "tokens_per_sample", None) if packed_seq_params is not None else None
+        if mlp.tp_size > 1:
+            # the sequence-parallel shard: left flat, the layer groups its gathered tokens by sample
+            mlp.packed_tokens_per_sample = tokens
+            return hidden_states, padding_mask, None
         self.is_moe_layer = True
         try:
             return original(self, hidden_states, padding_mask, packed_seq_params)

@@ -13,6 +13,9 @@ this file as the worker), with the same weights:
 * TP=2 + SP with quantile balancing (megatron-core >= 0.19): the quantile over the whole
   gathered sequence, as Megatron's; output shards and the step's estimate equal Megatron's;
 * TP=2 + SP with moe_apply_probs_on_input (top-1, the gate on the expert's input): as Megatron's;
+* TP=2 + SP with a packed micro-batch of two samples (megatron-core >= 0.19, ``tokens_per_sample``;
+  ``[mbs*S/tp, 1, h]`` per rank): the per-sequence aux loss groups the gathered tokens by sample,
+  the same output and router gradient as at TP=1 (where Megatron un-flattens to ``[S, mbs, h]``);
 * TP=2 + SP with router jitter under Megatron's full-layer recompute (``tensor_parallel.checkpoint``,
   which rewinds the RNG tracker for the recompute): the recomputed forward draws the forward's
   noise, so its gradients are those of the plain forward from the same RNG state;
@@ -38,8 +41,9 @@ def test_router_at_two_ranks_matches_megatron():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     for case in ("DP2-GLOBAL-AUX-OK", "TP2-PADDING-MASK-OK", "TP2-JITTER-RECOMPUTE-OK", "LATENT-LAYOUTS-OK"):
         assert proc.stdout.count(case) == 2, (case, proc.stdout[-3000:])
-    # quantile balancing: compared where Megatron has it, said so where it has not
-    assert proc.stdout.count("TP2-QUANTILE-OK") + proc.stdout.count("TP2-QUANTILE-SKIPPED") == 2
+    # quantile balancing and packed batches: compared where Megatron has them, said so where it has not
+    for case in ("TP2-QUANTILE", "TP2-PACKED"):
+        assert proc.stdout.count(f"{case}-OK") + proc.stdout.count(f"{case}-SKIPPED") == 2, case
 
 
 def _world(tp: int, **moe):
@@ -131,6 +135,56 @@ def _latent_layouts(rank: int) -> None:
                     torch.distributed.all_reduce(want, group=ps.get_expert_model_parallel_group())
                     want = want[rank * E // ep:(rank + 1) * E // ep]
                 torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{where} {name}")
+
+
+def _packed_under_sequence_parallel(rank: int) -> bool:
+    """A packed micro-batch of two samples through Megatron's TransformerLayer MLP path (this
+    project's MoE block spec) at TP=2 + SP against TP=1; False where Megatron does not un-flatten
+    packed batches for MoE (before 0.19)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from layer_specs.moe import moe_block_spec
+    from megatron_ext import compat
+    from tests import test_moe_layer as t
+    from tests.test_moe_layer import H, S
+
+    if not hasattr(TransformerLayer, "_maybe_unflatten_for_moe"):
+        return False
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    moe = dict(moe_router_score_function="sigmoid", moe_router_load_balancing_type="seq_aux_loss",
+               moe_aux_loss_coeff=0.1)
+    mbs = 2
+    h = torch.randn(mbs * S, 1, H, generator=torch.Generator().manual_seed(41))
+    params = PackedSeqParams(qkv_format="thd", tokens_per_sample=S)
+    out, ref = [], None
+    for tp in (1, 2):
+        compat.destroy_model_parallel()
+        compat.initialize_model_parallel(tp, 1, 1)
+        compat.seed_model_parallel(1234)
+        torch.manual_seed(1234)   # the CPU generator the initialisation draws from: the same on every rank
+        par = dict(tensor_model_parallel_size=tp, sequence_parallel=True) if tp > 1 else {}
+        cfg = t._tconfig(**par, **moe)
+        layer = build_module(moe_block_spec(cfg).layer_specs[0], config=cfg, layer_number=1)
+        if ref is None:
+            ref = layer
+        else:
+            _copy_weights(layer.mlp, ref.mlp, rank, tp, 0)
+        part = slice(rank * mbs * S // tp, (rank + 1) * mbs * S // tp) if tp > 1 else slice(None)
+        y = layer._forward_mlp(h[part].clone(), packed_seq_params=params)
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        y.backward(torch.zeros_like(y))   # the balancing loss's gradient alone
+        g = layer.mlp.router_weight.grad.clone()
+        if tp > 1:
+            torch.distributed.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+        out.append((y.detach(), g, part))
+    (y1, g1, _), (y2, g2, part) = out
+    assert g1.abs().max() > 0
+    torch.testing.assert_close(y2, y1[part], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+    return True
 
 
 def _jitter_under_recompute(rank: int) -> None:
@@ -247,6 +301,7 @@ def _worker():
         torch.testing.assert_close(fused.qb_beta_accum, stock.router.qb_beta_accum, rtol=1e-6, atol=1e-7)
         print("TP2-QUANTILE-OK", flush=True)
 
+    print("TP2-PACKED-OK" if _packed_under_sequence_parallel(rank) else "TP2-PACKED-SKIPPED", flush=True)
     _jitter_under_recompute(rank)
     print("TP2-JITTER-RECOMPUTE-OK", flush=True)
     _latent_layouts(rank)

@@ -535,6 +535,10 @@ class FusedMoELayer(MegatronModule):
         self.register_buffer("router_qb_accum", torch.zeros(E, **f32) if qb else None, persistent=False)
         self.register_buffer("router_qb_count", torch.zeros((), **f32) if qb else None, persistent=False)
         self.comm_timer: Optional[CommTimer] = None
+        # Megatron's packed micro-batch ([mbs*S, 1] tokens, PackedSeqParams.tokens_per_sample) under
+        # sequence parallelism, set per call by the patch fused_moe_unflattened_for_packed_batches:
+        # the gathered tokens are grouped into samples of this many for the per-sequence aux loss
+        self.packed_tokens_per_sample: Optional[int] = None
         self.layer_number = None
         self._init_experts(layer_number or 0)
         if layer_number is not None:
@@ -653,7 +657,16 @@ class FusedMoELayer(MegatronModule):
         if self.router_expert_bias is not None:
             bias = self.router_expert_bias.float()
         aux = cfg.aux_coeffs()
-        seq_ids = seq_ids_for_layout(s, b, device=x.device) if "seq_aux_loss" in aux else None
+        seq_ids, num_seqs = None, b
+        if "seq_aux_loss" in aux:
+            per = self.packed_tokens_per_sample
+            if per and b == 1 and s > per:
+                if s % per:
+                    raise ValueError(f"tokens_per_sample={per}: the packed micro-batch's {s} tokens do not "
+                                     f"split into samples of {per}; use a sequence length that is a multiple")
+                seq_ids, num_seqs = torch.arange(s, device=x.device) // per, s // per
+            else:
+                seq_ids = seq_ids_for_layout(s, b, device=x.device)
         # the fused top-k gate unless the torch reference path was asked for
         gate = "torch" if self.moe.backend == "torch" else "auto"
         reduce_counts = self._global_counts if "global_aux_loss" in aux and tracked else None
@@ -664,7 +677,7 @@ class FusedMoELayer(MegatronModule):
         noisy = training and (cfg.input_jitter_eps is not None or cfg.noise_std) and self.tp_size > 1
         with _rng_fork("data-parallel-rng") if noisy else contextlib.nullcontext():
             res = route(logits, cfg, training=training, expert_bias=bias, seq_ids=seq_ids,
-                        replay_indices=replay, reduce_counts=reduce_counts, num_seqs=b,
+                        replay_indices=replay, reduce_counts=reduce_counts, num_seqs=num_seqs,
                         valid=valid, qb_beta=self.router_qb_beta, backend=gate)
         if tracked and res.qb_quantile is not None:
             with torch.no_grad():
