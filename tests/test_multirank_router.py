@@ -46,32 +46,35 @@ def test_router_at_two_ranks_matches_megatron():
         assert proc.stdout.count(f"{case}-OK") + proc.stdout.count(f"{case}-SKIPPED") == 2, case
 
 
-def _world(tp: int, **moe):
-    """Parallel state at TP=tp (DP = 2 / tp) and Megatron's MoELayer + the fused layer with the same
-    weights (tests.test_moe_layer's builder and shapes; sequence parallel when tp > 1)."""
+def _config_at(tp: int, ep: int = 1, etp=None, **moe):
+    """Fresh parallel state at TP=tp, EP=ep, expert TP=etp (None: = tp), seeded alike on every rank,
+    and the TransformerConfig of tests.test_moe_layer's shapes there (sequence parallel when tp > 1)."""
     from megatron_ext import compat
-    from tests import test_moe_layer as t
-
-    compat.destroy_model_parallel()
-    compat.initialize_model_parallel(tp, 1, 1)
-    compat.seed_model_parallel(1234)
-    par = dict(tensor_model_parallel_size=tp, sequence_parallel=True) if tp > 1 else {}
-    return t._layers(t._tconfig(**par, **moe))
-
-
-def _fused_at(tp: int, ep: int, etp: int, **moe):
-    """The fused layer alone at TP=tp, EP=ep, expert TP=etp (sequence parallel when tp > 1)."""
-    from megatron_ext import compat
-    from megatron_ext.modules.moe import FusedMoELayer
     from tests import test_moe_layer as t
 
     compat.destroy_model_parallel()
     compat.initialize_model_parallel(tp, 1, ep, etp=etp)
     compat.seed_model_parallel(1234)
     torch.manual_seed(1234)   # the CPU generator the initialisation draws from: the same on every rank
-    par = dict(tensor_model_parallel_size=tp, sequence_parallel=True, expert_tensor_parallel_size=etp) \
-        if tp > 1 else {}
-    layer = FusedMoELayer(t._tconfig(**par, **moe))
+    par = dict(tensor_model_parallel_size=tp, sequence_parallel=True) if tp > 1 else {}
+    if tp > 1 and etp is not None:
+        par["expert_tensor_parallel_size"] = etp
+    return t._tconfig(**par, **moe)
+
+
+def _world(tp: int, **moe):
+    """Parallel state at TP=tp (DP = 2 / tp) and Megatron's MoELayer + the fused layer with the same
+    weights (tests.test_moe_layer's builder and shapes; sequence parallel when tp > 1)."""
+    from tests import test_moe_layer as t
+
+    return t._layers(_config_at(tp, **moe))
+
+
+def _fused_at(tp: int, ep: int, etp: int, **moe):
+    """The fused layer alone at TP=tp, EP=ep, expert TP=etp (sequence parallel when tp > 1)."""
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    layer = FusedMoELayer(_config_at(tp, ep, etp, **moe))
     layer.set_layer_number(1)
     return layer
 
@@ -146,8 +149,6 @@ def _packed_under_sequence_parallel(rank: int) -> bool:
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from layer_specs.moe import moe_block_spec
-    from megatron_ext import compat
-    from tests import test_moe_layer as t
     from tests.test_moe_layer import H, S
 
     if not hasattr(TransformerLayer, "_maybe_unflatten_for_moe"):
@@ -161,12 +162,7 @@ def _packed_under_sequence_parallel(rank: int) -> bool:
     params = PackedSeqParams(qkv_format="thd", tokens_per_sample=S)
     out, ref = [], None
     for tp in (1, 2):
-        compat.destroy_model_parallel()
-        compat.initialize_model_parallel(tp, 1, 1)
-        compat.seed_model_parallel(1234)
-        torch.manual_seed(1234)   # the CPU generator the initialisation draws from: the same on every rank
-        par = dict(tensor_model_parallel_size=tp, sequence_parallel=True) if tp > 1 else {}
-        cfg = t._tconfig(**par, **moe)
+        cfg = _config_at(tp, **moe)
         layer = build_module(moe_block_spec(cfg).layer_specs[0], config=cfg, layer_number=1)
         if ref is None:
             ref = layer

@@ -317,8 +317,8 @@ def test_global_aux_loss_uses_global_counts():
     cfg = RouterConfig(num_experts=E, topk=k, pre_softmax=True,
                        load_balancing_type="global_aux_loss", aux_loss_coeff=0.5)
     gcounts = torch.tensor([10.0, 30.0, 0.0, 60.0])
-    r = route(logits, cfg.validate(), training=True, global_tokens_per_expert=gcounts,
-              global_num_tokens=100)
+    r = route(logits, cfg.validate(), training=True,
+              reduce_counts=lambda counts, n: (gcounts, torch.tensor(100.0)))
     P = torch.softmax(logits.double(), -1).mean(0)
     want = 0.5 * E * float((gcounts.double() / (100 * k) * P).sum())
     assert r.aux_loss.item() == pytest.approx(want, rel=1e-6)

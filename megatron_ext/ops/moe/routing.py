@@ -479,8 +479,6 @@ def _fused_selection(logits: Tensor, cfg: RouterConfig, expert_bias: Optional[Te
 
 def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
           expert_bias: Optional[Tensor] = None, seq_ids: Optional[Tensor] = None,
-          global_tokens_per_expert: Optional[Tensor] = None,
-          global_num_tokens: Optional[int] = None,
           generator: Optional[torch.Generator] = None,
           replay_indices: Optional[Tensor] = None,
           num_seqs: Optional[int] = None, valid: Optional[Tensor] = None,
@@ -491,11 +489,11 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
     ``expert_bias`` [E]: needed iff ``cfg.enable_expert_bias``; added to the sigmoid/sqrtsoftplus scores for
     selection only. ``seq_ids`` [T] int: sequence of each token, needed for ``seq_aux_loss``
     (see :func:`seq_ids_for_layout`, :func:`seq_ids_from_lengths`); ``num_seqs``: how many sequences
-    ``seq_ids`` numbers (default: its largest id + 1, read on the host). ``global_tokens_per_expert``
-    [E] and ``global_num_tokens``: counts over the global batch for ``global_aux_loss`` (default:
-    this batch); or ``reduce_counts(counts [E], num_tokens 0-d)``, called with this batch's counts
-    of the plain top-k and its (valid) token count, returns the pair f_e is taken over (the layer
-    sums them over the data-parallel replicas and averages the step's micro-batches, as Megatron).
+    ``seq_ids`` numbers (default: its largest id + 1, read on the host). ``reduce_counts(counts
+    [E], num_tokens 0-d)``: for ``global_aux_loss``, called with this batch's counts of the plain
+    top-k and its (valid) token count, returns the pair f_e is taken over (the layer sums them over
+    the data-parallel replicas and averages the step's micro-batches, as Megatron; default: this
+    batch's).
     ``qb_beta`` [E] fp32: the bias of ``quantile_balancing`` (needed iff that is the type).
     ``generator`` drives the training noise. ``replay_indices`` [T, k] int: use these
     expert ids instead of selecting (routing replay); gates, losses and capacity are computed for
@@ -520,8 +518,6 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
         raise ValueError(f"qb_beta={'a tensor' if qb_beta is not None else None}: load_balancing_type="
                          f"{cfg.load_balancing_type!r}; use "
                          f"{'a [num_experts] fp32 tensor' if qb_beta is None else 'None'}")
-    if global_tokens_per_expert is not None and reduce_counts is not None:
-        raise ValueError("global_tokens_per_expert and reduce_counts: f_e comes from one of them; pass one")
     aux = cfg.aux_coeffs()
     if "seq_aux_loss" in aux and seq_ids is None:
         raise ValueError("seq_ids=None: load_balancing_type='seq_aux_loss' needs each token's "
@@ -630,8 +626,7 @@ def route(logits: Tensor, cfg: RouterConfig, *, training: bool,
                 n_here = vf.sum() if valid is not None else torch.full((), float(T), device=logits.device)
                 g_load, g_T = reduce_counts(counts_all.detach(), n_here)
             else:
-                g_load = counts_all if global_tokens_per_expert is None else global_tokens_per_expert.float()
-                g_T = n_tokens if global_num_tokens is None else global_num_tokens
+                g_load, g_T = counts_all, n_tokens
             aux_losses["global_aux_loss"] = aux["global_aux_loss"] * E * ((g_load / (g_T * k)) * p_mean).sum()
         if "seq_aux_loss" in aux:
             seq_ids = seq_ids.to(logits.device).long()
