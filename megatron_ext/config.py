@@ -676,8 +676,6 @@ REFUSED_MEGATRON_MOE_OPTIONS = {
     "moe_expert_rank_capacity_factor": "drops tokens by a per-rank capacity of Megatron's flex dispatcher",
     "expert_gtp_weight_remat_size": "shards each expert's weights over a further generalized-TP axis "
                                     "(expert_tensor_parallel_num_weight_shards), gathered again for every use",
-    "moe_enable_routing_replay": "is Megatron's own routing replay (this project's: --moe-routing-trace-out "
-                                 "and --moe-routing-replay, knobs moe.routing_trace_out / moe.routing_replay)",
 }
 _OWN_GEMMS = "the fused layer runs its own grouped GEMMs"
 _OWN_DISPATCH = "the fused layer has its own dispatch (sort by expert; all-to-all over EP)"
@@ -746,6 +744,8 @@ READ_MEGATRON_MOE_OPTIONS = (
     # the gate on the expert's input (top-1), the latent projections, Megatron's two benchmark
     # routers (random logits, plus a random bias): the fused layer does what Megatron's does
     "moe_apply_probs_on_input", "moe_latent_size", "moe_router_force_load_balancing", "moe_router_force_biased",
+    # Megatron's RouterReplay (one instance per layer, driven by its static methods)
+    "moe_enable_routing_replay",
 )
 
 # Megatron's --recompute-modules entries that concern an MoE layer, as the fused layer honours them

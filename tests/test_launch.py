@@ -137,18 +137,18 @@ def test_adapter_deepseek_mla_becomes_gqla(tmp_path, capsys):
     (["--from", "deepseek_v2_lite"], "multi_latent_attention=True: the recipe asks for MLA"),
     (["--from", "missing"], "cannot read the argument file"),
     (["--from", "mixtral_8x7b", "--mhc", "0"], "mhc=0: the stream count must be positive"),
-    (["--from", "routing_replay", "--moe", "fused"],
-     "--moe-enable-routing-replay: is Megatron's own routing replay (this project's: --moe-routing-trace-out"),
+    (["--from", "rank_capacity", "--moe", "fused"],
+     "--moe-expert-rank-capacity-factor: drops tokens by a per-rank capacity of Megatron's flex dispatcher"),
     (["--from", "biased", "--moe", "fused"],
      "add_bias_linear=True: the recipe leaves Megatron's default on"),
 ])
 def test_adapter_errors(tmp_path, capsys, argv, expected):
     mixtral = (RECIPES / "mixtral_8x7b.args").read_text()
     # an option the fused layer does not implement; a recipe without --disable-bias-linear
-    (tmp_path / "routing_replay.args").write_text(mixtral + "\n--moe-enable-routing-replay\n")
+    (tmp_path / "rank_capacity.args").write_text(mixtral + "\n--moe-expert-rank-capacity-factor 1.5\n")
     (tmp_path / "biased.args").write_text(mixtral.replace("--disable-bias-linear", ""))
-    argv = [a if a not in ("deepseek_v2_lite", "missing", "mixtral_8x7b", "routing_replay", "biased") else
-            str((tmp_path if a in ("routing_replay", "biased") else RECIPES) / f"{a}.args") for a in argv]
+    argv = [a if a not in ("deepseek_v2_lite", "missing", "mixtral_8x7b", "rank_capacity", "biased") else
+            str((tmp_path if a in ("rank_capacity", "biased") else RECIPES) / f"{a}.args") for a in argv]
     assert main(["adapt", *argv, "--out", str(tmp_path / "x.args")]) == 2
     assert expected in capsys.readouterr().err
 

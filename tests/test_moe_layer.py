@@ -207,6 +207,157 @@ def test_forced_benchmark_routers_match_megatron(megatron_world, moe):
         assert first is not None and fused._forced_bias is first
 
 
+def _replay_config(**moe):
+    """A TransformerConfig with Megatron's moe_enable_routing_replay (a TransformerConfig field set
+    by the RL frameworks that drive RouterReplay, not a flag of megatron-ext train)."""
+    tconfig = _tconfig(**moe)
+    tconfig.moe_enable_routing_replay = True
+    return tconfig
+
+
+def _replay_targets(T: int, k: int, seed: int) -> torch.Tensor:
+    """[T, k] distinct random expert ids per token (int64, as Megatron's top-k gives them)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k].contiguous()
+
+
+@pytest.mark.parametrize("moe", [
+    dict(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001),
+    dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=2,
+         moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5,
+         moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.05),
+    dict(moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0, moe_aux_loss_coeff=0.1,
+         moe_shared_expert_intermediate_size=24),
+], ids=["softmax_aux_z", "dsv3_bias_groups_seq_aux", "pre_softmax_capacity_shared"])
+def test_megatron_router_replay_drives_the_fused_layer_as_megatrons(megatron_world, moe):
+    """moe_enable_routing_replay (RL frameworks: record a rollout's routing, replay it in training)
+    through Megatron's own RouterReplay API, the global list holding Megatron's layer's instance and
+    the fused layer's: RECORD records the same expert ids; REPLAY_FORWARD routes both to the targets
+    of RouterReplay.set_replay_data (gates, losses and capacity from the current logits) with the same
+    output and every gradient, away from the layers' own routing; REPLAY_BACKWARD (a recompute) pops
+    the oldest target; missing targets and a wrong shape are errors naming what to set."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    RouterReplay.clear_global_router_replay_instances()
+    try:
+        stock, fused = _layers(_replay_config(**moe))
+        assert RouterReplay.global_router_replay_instances == [stock.router.router_replay, fused.router_replay]
+        assert getattr(fused.router_replay, "layer_number", 1) == 1
+        k = stock.router.topk
+        x = torch.randn(S, B, H, dtype=torch.float64).float()
+        # the layers' own routing, recorded by both
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        _assert_matches_stock(stock, fused, x)
+        theirs, ours = RouterReplay.get_recorded_data()
+        assert ours.shape == (S * B, k) and ours.dtype == torch.int64
+        assert torch.equal(ours, theirs)
+        with torch.no_grad():
+            own, _ = fused(x)
+        # replayed targets: one per layer, in the global list's order
+        target = _replay_targets(S * B, k, seed=11)
+        assert not torch.equal(target.sort(dim=1).values, ours.sort(dim=1).values)
+        RouterReplay.set_replay_data([target.clone(), target.clone()])
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        for layer in (stock, fused):
+            layer.zero_grad()
+        _assert_matches_stock(stock, fused, x)
+        with torch.no_grad():
+            replayed, _ = fused(x)
+        # the targets, not the layer's own choice
+        assert (replayed - own).abs().max() > 0.1 * own.abs().max()
+        # a recompute under REPLAY_BACKWARD takes the oldest target not replayed yet, once
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+        with torch.no_grad():
+            again, _ = fused(x)
+        torch.testing.assert_close(again, replayed, rtol=0, atol=0)
+        assert fused.router_replay.replay_backward_list == []
+        with pytest.raises(ValueError, match=r"^RouterReplay action REPLAY_BACKWARD on MoE layer 1: every target"):
+            fused(x)
+        RouterReplay.clear_global_indices()
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        with pytest.raises(ValueError, match=r"^RouterReplay action REPLAY_FORWARD on MoE layer 1: no target "
+                                             r"indices; set them with RouterReplay.set_replay_data"):
+            fused(x)
+        fused.router_replay.set_target_indices(target[: S * B - 1])
+        with pytest.raises(ValueError, match=rf"shape \({S * B - 1}, {k}\); this rank routes {S * B} tokens .* "
+                                             rf"use \[{S * B}, {k}\]"):
+            fused(x)
+        # no action: the layer's own routing again
+        RouterReplay.clear_global_router_replay_action()
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x)[0], own, rtol=0, atol=0)
+    finally:
+        RouterReplay.clear_global_router_replay_instances()
+
+
+@pytest.mark.parametrize("moe", [dict(moe_router_load_balancing_type="sinkhorn", moe_router_topk=1),
+                                 dict(moe_router_load_balancing_type="quantile_balancing")],
+                         ids=["sinkhorn", "quantile"])
+def test_megatron_router_replay_acts_on_every_selection_type(megatron_world, moe):
+    """Megatron's RouterReplay acts on its top-k selection only: its Sinkhorn and quantile-balancing
+    routers neither record nor replay. The fused layer's does both there too: replaying what it
+    recorded gives the recorded run's output, a random target another one."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    if moe["moe_router_load_balancing_type"] == "quantile_balancing" and not compat.mcore_has_quantile_balancing():
+        pytest.skip(f"megatron-core {compat.mcore_version()} has no quantile balancing")
+    RouterReplay.clear_global_router_replay_instances()
+    try:
+        fused = _layers(_replay_config(**moe))[1]
+        RouterReplay.clear_global_router_replay_instances()
+        RouterReplay.global_router_replay_instances.append(fused.router_replay)
+        x = torch.randn(S, B, H)
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+        own = fused(x)[0].detach()
+        recorded = RouterReplay.get_recorded_data()[0].clone()
+        outs = []
+        for target in (recorded, _replay_targets(S * B, recorded.shape[1], seed=15)):
+            RouterReplay.clear_global_indices()
+            RouterReplay.set_replay_data([target])
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+            outs.append(fused(x)[0].detach())
+        torch.testing.assert_close(outs[0], own, rtol=0, atol=0)
+        assert (outs[1] - own).abs().max() > 0.1 * own.abs().max()
+    finally:
+        RouterReplay.clear_global_router_replay_instances()
+
+
+def test_megatron_router_replay_under_full_layer_recompute(megatron_world):
+    """The RL frameworks' order with Megatron's full recompute: the forward under REPLAY_FORWARD,
+    the backward under REPLAY_BACKWARD, whose recomputed forward pops the same target: the output
+    and every gradient equal the replayed layer without recompute."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+    RouterReplay.clear_global_router_replay_instances()
+    try:
+        _, fused = _layers(_replay_config(moe_aux_loss_coeff=0.05))
+        RouterReplay.clear_global_router_replay_instances()
+        RouterReplay.global_router_replay_instances.append(fused.router_replay)
+        target = _replay_targets(S * B, 2, seed=12)
+        x = torch.randn(S, B, H)
+        g = torch.randn(S, B, H)
+        runs = []
+        for recompute in (False, True):
+            fused.zero_grad()
+            RouterReplay.clear_global_indices()
+            RouterReplay.set_replay_data([target])
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+            xi = x.clone().requires_grad_()
+            if recompute:
+                y = tensor_parallel.checkpoint(lambda t: fused(t)[0], False, xi)
+            else:
+                y, _ = fused(xi)
+            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+            y.backward(g)
+            runs.append((y.detach(), xi.grad, fused.router_weight.grad.clone(), fused.w1.grad.clone()))
+            assert fused.router_replay.replay_backward_list == ([] if recompute else [target])
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        RouterReplay.clear_global_router_replay_instances()
+
+
 @pytest.mark.parametrize("moe", [
     dict(moe_aux_loss_coeff=0.05, moe_z_loss_coeff=0.01),
     dict(moe_router_score_function="sigmoid", moe_router_load_balancing_type="seq_aux_loss",
@@ -833,9 +984,8 @@ def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(mega
     unaccounted = moe_fields - known - set(MOE_ROUTER_FIELDS) - set(READ_MEGATRON_MOE_OPTIONS)
     assert not unaccounted, f"Megatron MoE options the fused layer neither reads, refuses nor records: {unaccounted}"
     # every table entry that this megatron-core has is a real field (0.19.2 has all of them)
-    assert {name for name in known if name in fields} >= {"moe_enable_routing_replay", "moe_grouped_gemm",
-                                                             "moe_permute_fusion"}
-    for name, value in (("moe_enable_routing_replay", True), ("expert_gtp_weight_remat_size", 2)):
+    assert {name for name in known if name in fields} >= {"moe_grouped_gemm", "moe_permute_fusion"}
+    for name, value in (("moe_expert_rank_capacity_factor", 1.5), ("expert_gtp_weight_remat_size", 2)):
         if name not in fields:
             continue
         tconfig = _tconfig()
@@ -1103,6 +1253,77 @@ def test_gpu_fused_layer_step_has_no_host_sync():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("no-sync")] == \
         list(_NO_SYNC_CONFIGS)
+
+
+_REPLAY_GPU_SCRIPT = r"""
+import torch
+from bench.parallel import ensure_model_parallel
+ensure_model_parallel(cpu=False)
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+from megatron_ext import backends
+from megatron_ext.config import from_preset
+from megatron_ext.modules.moe import FusedMoELayer
+from megatron_ext.training.model import transformer_config
+for moe in (dict(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001),
+            dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+                 moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5)):
+    RouterReplay.clear_global_router_replay_instances()
+    tconfig = transformer_config(from_preset("test", hidden_size=256, num_attention_heads=4, num_experts=16,
+                                             moe_ffn_hidden_size=192, moe_router_topk=4, **moe), "cuda", True)
+    tconfig.moe_enable_routing_replay = True
+    layer = FusedMoELayer(tconfig).to(device="cuda", dtype=torch.bfloat16).train()
+    layer.set_layer_number(1)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(256, 4, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    dy = torch.randn(256, 4, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    def step():
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = layer(xi)[0]
+        y.backward(dy)
+        return [y.detach(), xi.grad, layer.router_weight.grad.clone(), layer.w1.grad.clone()]
+    step()                                    # compiles and probes (host work allowed)
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+    own = step()
+    ids = RouterReplay.get_recorded_data()[0].clone()
+    assert ids.shape == (1024, 4) and ids.dtype == torch.int64 and ids.is_cuda, (ids.shape, ids.dtype)
+    RouterReplay.set_replay_data([ids])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(own, again):              # replaying the recorded ids: the recorded run, bitwise
+        assert torch.equal(a, b)
+    target = torch.rand(1024, 16, device="cuda", generator=g).argsort(dim=1)[:, :4]
+    RouterReplay.clear_global_indices()
+    RouterReplay.set_replay_data([target])
+    other = step()
+    assert (other[0].float() - own[0].float()).abs().max() > 0.1 * own[0].float().abs().max()
+    gates = {r["observed"] for r in backends.records() if r["op"] == "moe.route"}
+    assert "triton" in gates, gates
+    print("replay-ok", sorted(moe), flush=True)
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_megatron_router_replay_on_the_fused_gate_without_host_syncs():
+    """Megatron's RouterReplay on CUDA in bf16, through the fused top-k gate: the recorded ids are
+    int64 on the GPU; replaying them (REPLAY_FORWARD) runs forward + backward without a host
+    synchronisation and gives the recorded step's output and gradients bitwise; a random target
+    routes elsewhere. A fresh process (this suite's CPU fixtures patch torch.cuda)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    proc = subprocess.run([sys.executable, "-c", _REPLAY_GPU_SCRIPT], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("replay-ok") == 2, proc.stdout[-2000:]
 
 
 _LATENT_GPU_SCRIPT = r"""

@@ -21,7 +21,9 @@ this file as the worker), with the same weights:
   noise, so its gradients are those of the plain forward from the same RNG state;
 * latent MoE (moe_latent_size) with a shared expert and with the gate on the input, at TP=2 + SP
   with expert TP, at TP=2 + SP without it, and at EP=2: output shards and the gradients of the
-  input, the router, the latent projections and the experts equal the same layer at one rank.
+  input, the router, the latent projections and the experts equal the same layer at one rank;
+* Megatron's RouterReplay at TP=2 + SP, with expert TP and without: the recorded ids (each rank its
+  own tokens) and a replayed target's output shards and gradients equal Megatron's.
 """
 
 import subprocess
@@ -39,7 +41,8 @@ def test_router_at_two_ranks_matches_megatron():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    for case in ("DP2-GLOBAL-AUX-OK", "TP2-PADDING-MASK-OK", "TP2-JITTER-RECOMPUTE-OK", "LATENT-LAYOUTS-OK"):
+    for case in ("DP2-GLOBAL-AUX-OK", "TP2-PADDING-MASK-OK", "TP2-JITTER-RECOMPUTE-OK", "LATENT-LAYOUTS-OK",
+                 "TP2-ROUTER-REPLAY-OK"):
         assert proc.stdout.count(case) == 2, (case, proc.stdout[-3000:])
     # quantile balancing and packed batches: compared where Megatron has them, said so where it has not
     for case in ("TP2-QUANTILE", "TP2-PACKED"):
@@ -211,6 +214,43 @@ def _jitter_under_recompute(rank: int) -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _router_replay_over_tp(rank: int, tp_group) -> None:
+    """Megatron's RouterReplay at TP=2 + SP, with expert TP and without: each rank records its own
+    tokens' ids as Megatron's router does, and a replayed target (each rank its own rows) gives
+    Megatron's output shards, input gradients and TP-summed router gradient."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+    from tests import test_moe_layer as t
+
+    part = slice(rank * t.S // 2, (rank + 1) * t.S // 2)
+    for etp in (None, 1):
+        RouterReplay.clear_global_router_replay_instances()
+        cfg = _config_at(2, etp=etp, moe_aux_loss_coeff=0.05, moe_router_score_function="sigmoid")
+        cfg.moe_enable_routing_replay = True
+        stock, fused = t._layers(cfg)
+        gen = torch.Generator().manual_seed(13)   # the same sequence on both ranks, sharded by SP
+        x = torch.randn(t.S, t.B, t.H, generator=gen)
+        g = torch.randn(t.S, t.B, t.H, generator=gen)
+        target = t._replay_targets(t.S * t.B, 2, seed=14).view(t.S, t.B, 2)[part].reshape(-1, 2)
+        for action in (RouterReplayAction.RECORD, RouterReplayAction.REPLAY_FORWARD):
+            if action == RouterReplayAction.REPLAY_FORWARD:
+                RouterReplay.set_replay_data([target.clone(), target.clone()])
+            RouterReplay.set_global_router_replay_action(action)
+            out = []
+            for layer in (stock, fused):
+                layer.zero_grad()
+                xi = x[part].clone().requires_grad_()
+                y, _ = layer(xi)
+                y.backward(g[part])
+                out.append((y.detach(), xi.grad, _router_grad_over_tp(layer, tp_group)))
+            for a, b in zip(*out):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            if action == RouterReplayAction.RECORD:
+                theirs, ours = RouterReplay.get_recorded_data()
+                assert ours.shape == (t.S // 2 * t.B, 2) and torch.equal(ours, theirs), (etp, ours, theirs)
+                assert not torch.equal(ours, target)
+    RouterReplay.clear_global_router_replay_instances()
+
+
 def _router_grad_over_tp(layer, tp_group) -> torch.Tensor:
     """The router weight's gradient summed over TP (Megatron's finalize sums a sequence-parallel
     parameter's per-rank parts)."""
@@ -302,6 +342,8 @@ def _worker():
     print("TP2-JITTER-RECOMPUTE-OK", flush=True)
     _latent_layouts(rank)
     print("LATENT-LAYOUTS-OK", flush=True)
+    _router_replay_over_tp(rank, tp_group)
+    print("TP2-ROUTER-REPLAY-OK", flush=True)
     compat.destroy_model_parallel()
     dist.destroy_process_group()
 

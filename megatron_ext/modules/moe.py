@@ -16,6 +16,11 @@ combine; the router and the shared expert read ``x``); the benchmark routers
 gradient handed to the real logits) and ``moe_router_force_biased`` (random logits plus a random
 per-expert bias shared by all ranks).
 
+Megatron's RouterReplay (``moe_enable_routing_replay``): the layer registers an instance as
+Megatron's router does, and its RECORD / REPLAY_FORWARD / REPLAY_BACKWARD actions act on this
+layer's selection; each rank records and replays its own ``[s/tp * b, k]`` tokens (see
+``_replayed_ids``).
+
 Drop-in for the ``mlp`` submodule of a TransformerLayer spec on megatron-core 0.16.1 and 0.19.2:
 called as ``mlp(hidden_states [s, b, h], padding_mask=...)``, returns ``(output [s, b, h], None)``.
 ``padding_mask`` (``[b, s]``, True = padding, as Megatron passes it) leaves padding tokens out of
@@ -448,6 +453,17 @@ class FusedMoELayer(MegatronModule):
             backends.fallback("moe.forced_router", "the router's logits", forced,
                               "Megatron's benchmark routers (moe_router_force_load_balancing / "
                               "moe_router_force_biased): the experts do not follow the learned router")
+        # Megatron's RouterReplay (moe_enable_routing_replay; RL frameworks record a rollout's
+        # routing and replay it in training): one instance per MoE layer, registered in build order
+        # in Megatron's global list, driven by RouterReplay's static methods (see _replayed_ids)
+        self.router_replay = None
+        if getattr(config, "moe_enable_routing_replay", False):
+            from megatron.core.transformer.moe.router_replay import RouterReplay
+
+            self.router_replay = RouterReplay()
+            backends.note("moe.router_replay", "RouterReplay", "RouterReplay",
+                          "Megatron's moe_enable_routing_replay: RouterReplay's RECORD / REPLAY_FORWARD / "
+                          "REPLAY_BACKWARD act on this layer's top-k selection (every selection type)")
         dtype = config.params_dtype
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         # this rank's slice of F: (rank, count) over expert TP; with etp = 1 every rank holds all
@@ -614,6 +630,8 @@ class FusedMoELayer(MegatronModule):
         if layer_number != self.layer_number:
             self._init_experts(layer_number)
         self.layer_number = layer_number
+        if self.router_replay is not None:
+            self.router_replay.layer_number = layer_number   # as Megatron's router sets it
 
     def expert_weights(self) -> Dict[str, Tensor]:
         out = {"w1": self.w1, "w2": self.w2}
@@ -652,6 +670,13 @@ class FusedMoELayer(MegatronModule):
             if STATE.replay is not None:
                 ids = STATE.read_trace(self.layer_number, mb, (b, s, cfg.topk))
                 replay = ids.permute(1, 0, 2).reshape(s * b, cfg.topk)  # route() checks, moves
+        rr_action = getattr(self.router_replay, "router_replay_action", None)
+        rr_action = getattr(rr_action, "name", None)   # RECORD / REPLAY_FORWARD / REPLAY_BACKWARD
+        if rr_action in ("REPLAY_FORWARD", "REPLAY_BACKWARD"):
+            if replay is not None:
+                raise ValueError(f"RouterReplay action {rr_action} on MoE layer {self.layer_number} while "
+                                 "--moe-routing-replay replays a trace: two routing replays at once; use one")
+            replay = self._replayed_ids(rr_action, s_local, b, cfg.topk, logits.device)
 
         bias = None
         if self.router_expert_bias is not None:
@@ -684,6 +709,11 @@ class FusedMoELayer(MegatronModule):
                 self.router_qb_accum += res.qb_quantile
                 self.router_qb_count += 1
 
+        if rr_action == "RECORD":
+            # this rank's own tokens ([s/tp * b, k] under sequence parallel), as Megatron's router
+            # records them (into RouterReplay's static buffer when one is set)
+            own = res.indices.view(-1, s_local * b, cfg.topk)[self.tp_rank if self.tp_size > 1 else 0]
+            self.router_replay.record_indices(own.detach())
         if mb is not None and tracked:
             if STATE.trace_out is not None:
                 STATE.write_trace(self.layer_number, mb, res.indices.view(s, b, cfg.topk).permute(1, 0, 2))
@@ -736,6 +766,35 @@ class FusedMoELayer(MegatronModule):
                 STATE.record(self.layer_number or 0, res.load, (~res.kept).sum(), res.kept.numel(),
                              res.aux_loss, res.z_loss, sat)
         return out, None
+
+    def _replayed_ids(self, action: str, s_local: int, b: int, k: int, device) -> Tensor:
+        """The expert ids Megatron's RouterReplay hands this layer: REPLAY_FORWARD its target
+        (``RouterReplay.set_replay_data``), REPLAY_BACKWARD the oldest target not yet replayed by a
+        recompute (popped, as Megatron's router pops it). Each rank's target covers its own tokens
+        ``[s/tp * b, k]``; under TP they are gathered like the logits, so every TP rank routes the
+        whole sequence with them."""
+        rr = self.router_replay
+        where = f"MoE layer {self.layer_number}"
+        if action == "REPLAY_FORWARD":
+            ids = rr.target_topk_idx
+            if ids is None:
+                raise ValueError(f"RouterReplay action REPLAY_FORWARD on {where}: no target indices; set "
+                                 "them with RouterReplay.set_replay_data([...]) (one [tokens, topk] tensor "
+                                 "per MoE layer) before the forward")
+        else:
+            if not rr.replay_backward_list:
+                raise ValueError(f"RouterReplay action REPLAY_BACKWARD on {where}: every target set with "
+                                 "RouterReplay.set_replay_data has been replayed by a recompute already; "
+                                 "set the targets again, or use REPLAY_FORWARD outside the recompute")
+            ids = rr.replay_backward_list.pop(0)
+        if tuple(ids.shape) != (s_local * b, k):
+            raise ValueError(f"RouterReplay target indices of {where}: shape {tuple(ids.shape)}; this rank "
+                             f"routes {s_local * b} tokens ([s/tp * b] = [{s_local} * {b}]) with moe_router_topk"
+                             f"={k}; use [{s_local * b}, {k}]")
+        ids = ids.to(device=device, dtype=torch.int64)
+        if self.tp_size > 1:
+            ids = gather_from_sequence_parallel_region(ids.view(s_local, b, k), group=self.tp_group)
+        return ids.reshape(-1, k)
 
     def _global_counts(self, counts: Tensor, num_tokens: Tensor):
         """``global_aux_loss``'s f_e counts (arXiv 2501.11873, as Megatron): this micro-batch's
