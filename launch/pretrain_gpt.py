@@ -113,6 +113,13 @@ def describe_layers(model_chunks) -> str:
                 kinds.append([1, kind])
         body = ", ".join(f"{n} x {kind}" for n, kind in kinds)
         lines.append(f"megatron-ext: model chunk {i}: {body}; final norm {name(getattr(decoder, 'final_layernorm', None))}")
+        mtp = getattr(chunk, "mtp", None)
+        for depth, module in enumerate(getattr(mtp, "layers", None) or (), 1):
+            # megatron-core 0.19 names the MTP module's inner layer mtp_model_layer, 0.16.1 transformer_layer
+            layer = getattr(module, "mtp_model_layer", None) or getattr(module, "transformer_layer", None)
+            attn = getattr(layer, "self_attention", None)
+            lines.append(f"megatron-ext: model chunk {i}: MTP depth {depth}: {name(layer)}(attention={name(attn)}/"
+                         f"{name(getattr(attn, 'core_attention', None))}, mlp={name(getattr(layer, 'mlp', None))})")
     return "\n".join(lines)
 
 

@@ -91,7 +91,32 @@ def block_spec(config, layer_spec, vp_stage: Optional[int] = None,
     else:
         offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         specs = [layer_spec(offset + i + 1) for i in range(n)]
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+    block = TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+    block.megatron_ext = True   # built here: the pretrain driver builds MTP layers from this project's specs too
+    return block
+
+
+def mtp_block_spec(config, vp_stage: Optional[int] = None):
+    """Megatron's ``mtp_block_spec`` (``--mtp-num-layers``; DeepSeek-V3's multi-token prediction)
+    for this project's blocks: Megatron's MTP module (the embedding and hidden-state norms, their
+    projection, its final norm) around this project's layer as the last decoder layer has it (its
+    attention, and its MLP or fused MoE layer), with a plain residual under mHC: the MTP layer
+    takes the one ``[s, b, h]`` stream its projection makes. The module's norms are this
+    project's norm, as in the decoder (Megatron's local torch norm refuses its own default
+    ``persist_layer_norm``, so without Transformer Engine its MTP did not build). None where this
+    pipeline stage builds no MTP layer (as Megatron's)."""
+    from megatron.core.models.backends import LocalSpecProvider
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
+
+    class _Backend(LocalSpecProvider):
+        def layer_norm(self, *args, **kwargs) -> type:
+            return Norm
+
+    if not getattr(config, "mtp_num_layers", None):
+        return None
+    n = config.num_layers
+    layer = dense_layer_spec(mlp=mlp_spec_for(config, n), attention=attention_spec_for(config, n))
+    return get_gpt_mtp_block_spec_for_backend(config, layer, backend=_Backend(), vp_stage=vp_stage)
 
 
 def attention_spec_for(config, layer_number: int = 1) -> ModuleSpec:

@@ -270,6 +270,21 @@ def clear_moe_aux_loss_tracker() -> None:
         moe_utils.clear_aux_losses_tracker()
 
 
+def drop_moe_aux_loss_tracker() -> None:
+    """Drop Megatron's aux-loss tracker entries: each is sized by the layer count of the first
+    model that logs into it, so a process that builds a model with more layers (an MTP layer
+    adds slots) after another one must start it afresh."""
+    from megatron.core.transformer.moe import moe_utils
+
+    tracker = getattr(moe_utils, "get_moe_metrics_tracker", None)
+    if tracker is not None:
+        metrics = getattr(tracker(), "_metrics", None)
+        if isinstance(metrics, dict):
+            metrics.clear()
+    else:
+        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
 def record_moe_aux_loss(name: str, value, layer_number: int, num_layers: int) -> None:
     """Log an aux loss (divided by its coefficient, as Megatron logs it) into Megatron's tracker."""
     from megatron.core.transformer.moe import moe_utils

@@ -319,6 +319,10 @@ PRETRAIN_CASES = [
     ("moe_forced_balance", ["layer_specs.moe", "moe_block_spec"], None,
      ["--num-experts", "4", "--moe-router-topk", "2", "--moe-router-force-load-balancing",
       "--moe-aux-loss-coeff", "1e-2"], None),
+    # DeepSeek-V3's multi-token prediction under mHC with the fused MoE: the MTP layer is this
+    # project's layer (its attention, the fused MoE, a plain residual), not Megatron's default one
+    ("mhc_moe_mtp", ["layer_specs.pretrain", "mhc_block_spec"], "mhc:\n  num_streams: 2\nmoe:\n  impl: fused\n",
+     ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2", "--mtp-num-layers", "1"], "env"),
 ]
 ROUTER_STATE = {"moe_expert_bias": "router_expert_bias", "moe_quantile_balancing": "router_qb_beta"}
 
@@ -394,7 +398,7 @@ def _pretrain_runs(tmp_path, runs):
 
 @pytest.mark.gpu
 def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
-    """Twelve `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
+    """Thirteen `-m launch.pretrain_gpt --spec ...` runs on one GPU, launched together (each is mostly
     start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
     (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
     stores the optimizer state against the model's sharded tensors); the mHC run under Megatron's
@@ -432,6 +436,9 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
     mlps = re.findall(r"mlp=(\w+)\)", layers["mhc_sparse_moe"])  # launch.pretrain_gpt.describe_layers
     assert mlps == ["MLP", "FusedMoELayer"], mlps
     assert "MHCTransformerLayer" not in layers["gpt_dense"] and "SDPACoreAttention" in layers["gpt_dense"]
+    assert "MTP depth 1: TransformerLayer(attention=SelfAttention/SDPACoreAttention, mlp=FusedMoELayer)" in \
+        layers["mhc_moe_mtp"], layers["mhc_moe_mtp"][-3000:]
+    assert re.search(r"mtp_1 loss: [0-9.eE+-]+", layers["mhc_moe_mtp"]), layers["mhc_moe_mtp"][-2000:]
     # Megatron's local CUDA graphs (--cuda-graph-impl local) capture both mHC layers (forward and
     # backward graphs) after their warm-up steps and replay the same kernels: the eager run's losses
     for eager_run, graphed_run in (("pretrain_mhc", "mhc_cuda_graphs"), ("mhc_sparse_moe", "mhc_sparse_moe_cuda_graphs")):

@@ -32,6 +32,7 @@ def megatron_world():
     # an earlier in-process training run may have left its trace / replay / log folders set: the
     # layers here run outside any training loop
     STATE.reset()
+    compat.drop_moe_aux_loss_tracker()   # sized by the first model that logs: the MTP tests add a slot
     yield
     compat.destroy_model_parallel()
     compat.clear_moe_aux_loss_tracker()
@@ -49,17 +50,17 @@ def _tconfig(**moe):
     return transformer_config(cfg, "cpu", False)
 
 
-def _layers(tconfig):
+def _layers(tconfig, **build):
     """Megatron's stock MoELayer (SequentialMLP experts, SharedExpertMLP when the config has a shared
-    expert) and the fused layer with the same weights."""
+    expert) and the fused layer with the same weights (``build``: more constructor arguments)."""
     from layer_specs.gpt import stock_moe_spec
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron_ext.modules.moe import FusedMoELayer
 
-    stock = build_module(stock_moe_spec(), config=tconfig, pg_collection=get_default_pg_collection())
+    stock = build_module(stock_moe_spec(), config=tconfig, pg_collection=get_default_pg_collection(), **build)
     stock.set_layer_number(1)
-    fused = FusedMoELayer(tconfig)
+    fused = FusedMoELayer(tconfig, **build)
     fused.set_layer_number(1)
     with torch.no_grad():
         fused.router_weight.copy_(stock.router.weight)
@@ -356,6 +357,151 @@ def test_megatron_router_replay_under_full_layer_recompute(megatron_world):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     finally:
         RouterReplay.clear_global_router_replay_instances()
+
+
+def _mtp_model(tconfig, mtp_spec):
+    """A GPTModel of the fused MoE block with ``mtp_spec`` as its multi-token-prediction block."""
+    from layer_specs.moe import moe_block_spec
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(config=tconfig, transformer_layer_spec=moe_block_spec(tconfig), vocab_size=64,
+                    max_sequence_length=S, mtp_block_spec=mtp_spec)
+
+
+def _mtp_config(**moe):
+    tconfig = _tconfig(**moe)
+    tconfig.mtp_num_layers, tconfig.mtp_loss_scaling_factor = 1, 0.1
+    return tconfig
+
+
+@pytest.mark.parametrize("built_by", ["layer_specs", "megatron"])
+def test_fused_moe_in_a_multi_token_prediction_layer(megatron_world, monkeypatch, built_by):
+    """DeepSeek-V3's multi-token prediction (mtp_num_layers) with the fused MoE layer in the MTP
+    layer, whose block comes from layer_specs.gpt.mtp_block_spec or from Megatron's
+    get_gpt_mtp_block_spec on this project's block. The MTP layer's MoE is number num_layers + 1
+    (megatron-core 0.19 numbers it 1 within its depth and passes is_mtp_layer; 0.16.1 numbers it
+    num_layers + 1): its experts are its own, not decoder layer 1's, and its aux loss goes to its own
+    slot of Megatron's tracker of num_layers + 1 slots (0.16.1 raised an IndexError there, 0.19.2
+    added it to layer 1's). The model's loss reaches the MTP layer's router."""
+    from layer_specs.gpt import mtp_block_spec
+    from layer_specs.moe import moe_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    tconfig = _mtp_config(moe_aux_loss_coeff=0.01)
+    if built_by == "layer_specs":
+        # Megatron's pretrain CLI default, which its local torch norm refuses: this project's norm
+        # in the MTP module, as in the decoder
+        tconfig.persist_layer_norm = True
+    mtp = mtp_block_spec(tconfig) if built_by == "layer_specs" else \
+        get_gpt_mtp_block_spec(tconfig, moe_block_spec(tconfig), use_transformer_engine=False)
+    model = _mtp_model(tconfig, mtp)
+    if built_by == "layer_specs":
+        assert {type(model.mtp.layers[0].enorm).__name__, type(model.mtp.layers[0].hnorm).__name__} == {"Norm"}
+    moes = [m for m in model.modules() if isinstance(m, FusedMoELayer)]
+    assert [m.layer_number for m in moes] == [1, 2, 3]
+    assert not torch.equal(moes[2].w1, moes[0].w1) and not torch.equal(moes[2].w1, moes[1].w1)
+    logged = []
+    record = compat.record_moe_aux_loss
+    monkeypatch.setattr(compat, "record_moe_aux_loss", lambda name, value, layer, n: (
+        logged.append((name, layer, n, float(value))), record(name, value, layer, n)))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    tokens = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(4))
+    loss = model(tokens, torch.arange(S).expand(B, S), None, labels=tokens)
+    loss.float().mean().backward()
+    assert [(name, layer, n) for name, layer, n, _ in logged] == \
+        [("load_balancing_loss", layer, 3) for layer in (1, 2, 3)]
+    assert all(v > 0 for *_, v in logged)
+    assert moes[2].router_weight.grad.abs().max() > 0
+
+
+def test_mtp_layer_under_mhc_takes_one_stream(megatron_world):
+    """Under mHC the decoder hands the MTP module its final norm's one [s, b, h] stream, so
+    layer_specs.gpt.mtp_block_spec gives the MTP layer this project's attention and fused MoE
+    with a plain residual (an mHC layer would expect n streams); the model trains through it."""
+    from layer_specs.gpt import mtp_block_spec
+    from layer_specs.mhc import mhc_block_spec
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron_ext.config import from_preset
+    from megatron_ext.training.model import transformer_config
+
+    cfg = from_preset("test", hidden_size=H, num_attention_heads=4, num_experts=E, moe_ffn_hidden_size=F,
+                      moe_router_topk=2, moe_aux_loss_coeff=0.01, mhc_num_streams=4)
+    tconfig = transformer_config(cfg, "cpu", False)
+    tconfig.mtp_num_layers, tconfig.mtp_loss_scaling_factor = 1, 0.1
+    model = GPTModel(config=tconfig, transformer_layer_spec=mhc_block_spec(tconfig), vocab_size=64,
+                     max_sequence_length=S, mtp_block_spec=mtp_block_spec(tconfig))
+    inner = model.mtp.layers[0]
+    inner = getattr(inner, "mtp_model_layer", None) or inner.transformer_layer   # 0.19 / 0.16.1 name
+    assert type(inner).__name__ == "TransformerLayer" and type(inner.mlp).__name__ == "FusedMoELayer"
+    assert type(model.decoder.layers[0]).__name__ == "MHCTransformerLayer"
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    tokens = torch.randint(0, 64, (B, S), generator=torch.Generator().manual_seed(6))
+    model(tokens, torch.arange(S).expand(B, S), None, labels=tokens).float().mean().backward()
+    assert inner.mlp.router_weight.grad.abs().max() > 0 and inner.self_attention.linear_qkv.weight.grad.abs().max() > 0
+
+
+def test_fused_moe_as_megatrons_repeated_mtp_layer(megatron_world):
+    """Megatron 0.19's mtp_use_repeated_layer runs one MTP layer mtp_num_layers times a step, and its
+    router adds 1/mtp_num_layers of the aux loss each time: with is_mtp_layer the fused layer's
+    output and every gradient equal Megatron's MoELayer's. The z-loss is scaled the same way in the
+    fused layer (its router gradient half the plain layer's at mtp_num_layers = 2), where Megatron's
+    router scales only the logged value."""
+    if not compat.mcore_has_field("mtp_use_repeated_layer"):
+        pytest.skip(f"megatron-core {compat.mcore_version()} has no repeated MTP layer")
+    tconfig = _tconfig(moe_aux_loss_coeff=0.05)
+    tconfig.mtp_num_layers, tconfig.mtp_use_repeated_layer = 2, True
+    stock, fused = _layers(tconfig, is_mtp_layer=True)
+    assert fused.layer_number == 1 + tconfig.num_layers
+    _assert_matches_stock(stock, fused, torch.randn(S, B, H))
+    x = torch.randn(S, B, H)
+    grads = []
+    router = torch.randn(E, H) * 0.1
+    for is_mtp in (True, False):
+        tconfig = _tconfig(moe_z_loss_coeff=0.01)
+        tconfig.mtp_num_layers, tconfig.mtp_use_repeated_layer = 2, True
+        layer = _layers(tconfig, is_mtp_layer=is_mtp)[1]
+        with torch.no_grad():
+            layer.router_weight.copy_(router)
+        y, _ = layer(x)
+        y.backward(torch.zeros_like(y))   # the z-loss's gradient alone
+        grads.append(layer.router_weight.grad)
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1] / 2, rtol=1e-6, atol=0)
+
+
+def test_pretrain_driver_builds_mtp_layers_from_this_projects_spec(megatron_world, monkeypatch):
+    """megatron.training (0.19) builds the MTP layers from Megatron's default specs whatever --spec
+    names: under this project's MoE block the MTP layer got Megatron's MoELayer. The patch
+    mtp_layers_from_the_spec builds it from the spec's own layer (the fused MoE layer), and leaves
+    other specs to Megatron."""
+    import types
+
+    import patches
+    from layer_specs.moe import moe_block_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    if not compat.has_megatron_training():
+        pytest.skip(f"megatron-core {compat.mcore_version()} has no megatron.training")
+    try:
+        import megatron.training.models.gpt as gpt
+    except ImportError as e:   # 0.19's megatron.training needs Python >= 3.12 (runs on the GPU machines)
+        pytest.skip(f"megatron.training does not import here: {e}")
+
+    # Megatron's function (the patch keeps it as __wrapped__ where this process applied it), restored after the test
+    monkeypatch.setattr(gpt, "mtp_block_spec", getattr(gpt.mtp_block_spec, "__wrapped__", gpt.mtp_block_spec))
+    tconfig = _mtp_config(moe_aux_loss_coeff=0.01)
+    model_config = types.SimpleNamespace(transformer=tconfig)   # what the driver's provider passes
+    kinds = []
+    for patched in (False, True):
+        if patched:
+            patches.registered()["mtp_layers_from_the_spec"].fn()
+        model = _mtp_model(tconfig, gpt.mtp_block_spec(model_config, moe_block_spec(tconfig), vp_stage=None))
+        kinds.append([type(m).__name__ for m in model.mtp.modules() if isinstance(m, (MoELayer, FusedMoELayer))])
+    assert kinds == [["MoELayer"], ["FusedMoELayer"]]
 
 
 @pytest.mark.parametrize("moe", [

@@ -396,8 +396,11 @@ class FusedMoELayer(MegatronModule):
     """Megatron ``mlp`` submodule: router + grouped experts (+ shared expert); see module doc."""
 
     def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
-                 pg_collection=None, **_ignored):
+                 pg_collection=None, is_mtp_layer: bool = False, **_ignored):
         super().__init__(config=config)
+        # inside a multi-token-prediction layer (megatron-core 0.19 says so and numbers the layer
+        # from 1 within its MTP depth; 0.16.1 numbers it num_layers + depth): see _global_number
+        self.is_mtp_layer = bool(is_mtp_layer)
         self.moe: MoEConfig = getattr(config, "moe", None) or MoEConfig()
         check_megatron_moe_options(config)
         # Megatron's selective recompute of MoE parts (--recompute-modules moe / moe_act /
@@ -556,9 +559,19 @@ class FusedMoELayer(MegatronModule):
         # the gathered tokens are grouped into samples of this many for the per-sequence aux loss
         self.packed_tokens_per_sample: Optional[int] = None
         self.layer_number = None
-        self._init_experts(layer_number or 0)
+        self._init_experts(self._global_number(layer_number) or 0)
         if layer_number is not None:
-            self.layer_number = layer_number
+            self.layer_number = self._global_number(layer_number)
+
+    def _global_number(self, layer_number: Optional[int]) -> Optional[int]:
+        """The layer's number across the decoder and its MTP layers: 1..num_layers for the decoder,
+        num_layers + depth for an MTP layer (as Megatron's router numbers MTP layers in its
+        aux-loss tracker). ``layer_number`` holds it: the expert initialisation, the aux-loss
+        tracker, the routing trace / replay / log and the per-layer statistics are keyed by it, so
+        an MTP layer neither repeats decoder layer 1's experts nor logs into its slot."""
+        if layer_number and self.is_mtp_layer and layer_number <= self.config.num_layers:
+            return layer_number + self.config.num_layers
+        return layer_number
 
     # ---- construction helpers
     def _init_experts(self, layer: int) -> None:
@@ -627,11 +640,12 @@ class FusedMoELayer(MegatronModule):
 
     def set_layer_number(self, layer_number: int) -> None:
         """Megatron calls this after construction (0.16.1 passes no layer number to ``mlp``)."""
+        if self.router_replay is not None:
+            self.router_replay.layer_number = layer_number   # as Megatron's router sets it
+        layer_number = self._global_number(layer_number)
         if layer_number != self.layer_number:
             self._init_experts(layer_number)
         self.layer_number = layer_number
-        if self.router_replay is not None:
-            self.router_replay.layer_number = layer_number   # as Megatron's router sets it
 
     def expert_weights(self) -> Dict[str, Tensor]:
         out = {"w1": self.w1, "w2": self.w2}
@@ -829,20 +843,22 @@ class FusedMoELayer(MegatronModule):
         """The TP ranks hold the same losses and the logits' gather sums their gradients over TP,
         so each rank attaches ``1/tp`` of each loss."""
         cfg = self.router_cfg
-        num_layers = self.config.num_layers
-        share = 1.0 / self.tp_size
+        mtp = getattr(self.config, "mtp_num_layers", None) or 0
+        num_layers = self.config.num_layers + mtp   # the tracker's slots: the decoder's, then MTP's
+        # one MTP layer run mtp_num_layers times a step: each run adds 1/mtp of its losses, as
+        # Megatron's router scales its aux loss (its z-loss only in the log: see docs/moe.md)
+        runs = mtp if self.is_mtp_layer and mtp and getattr(self.config, "mtp_use_repeated_layer", False) else 1
+        share = 1.0 / (self.tp_size * runs)
         if res.aux_losses:
             out = MoEAuxLossAutoScaler.apply(out, res.aux_loss * share if share != 1.0 else res.aux_loss)
             if self.layer_number:
                 coeffs = cfg.aux_coeffs()
                 for name, term in res.aux_losses.items():
-                    compat.record_moe_aux_loss(_AUX_NAMES[name], term.detach() / coeffs[name],
-                                               self.layer_number, num_layers)
+                    compat.record_moe_aux_loss(_AUX_NAMES[name], term.detach() / (coeffs[name] * runs), self.layer_number, num_layers)
         if cfg.z_loss_coeff:
             out = MoEAuxLossAutoScaler.apply(out, res.z_loss * share if share != 1.0 else res.z_loss)
             if self.layer_number:
-                compat.record_moe_aux_loss("z_loss", res.z_loss.detach() / cfg.z_loss_coeff,
-                                           self.layer_number, num_layers)
+                compat.record_moe_aux_loss("z_loss", res.z_loss.detach() / (cfg.z_loss_coeff * runs), self.layer_number, num_layers)
         return out
 
     def _routed(self, x: Tensor, probs: Tensor, indices: Tensor,
