@@ -847,18 +847,21 @@ class FusedMoELayer(MegatronModule):
         num_layers = self.config.num_layers + mtp   # the tracker's slots: the decoder's, then MTP's
         # one MTP layer run mtp_num_layers times a step: each run adds 1/mtp of its losses, as
         # Megatron's router scales its aux loss (its z-loss only in the log: see docs/moe.md)
-        runs = mtp if self.is_mtp_layer and mtp and getattr(self.config, "mtp_use_repeated_layer", False) else 1
+        repeated = self.is_mtp_layer and mtp and getattr(self.config, "mtp_use_repeated_layer", False)
+        runs = mtp if repeated else 1
         share = 1.0 / (self.tp_size * runs)
         if res.aux_losses:
             out = MoEAuxLossAutoScaler.apply(out, res.aux_loss * share if share != 1.0 else res.aux_loss)
             if self.layer_number:
                 coeffs = cfg.aux_coeffs()
                 for name, term in res.aux_losses.items():
-                    compat.record_moe_aux_loss(_AUX_NAMES[name], term.detach() / (coeffs[name] * runs), self.layer_number, num_layers)
+                    compat.record_moe_aux_loss(_AUX_NAMES[name], term.detach() / (coeffs[name] * runs),
+                                               self.layer_number, num_layers)
         if cfg.z_loss_coeff:
             out = MoEAuxLossAutoScaler.apply(out, res.z_loss * share if share != 1.0 else res.z_loss)
             if self.layer_number:
-                compat.record_moe_aux_loss("z_loss", res.z_loss.detach() / (cfg.z_loss_coeff * runs), self.layer_number, num_layers)
+                compat.record_moe_aux_loss("z_loss", res.z_loss.detach() / (cfg.z_loss_coeff * runs),
+                                           self.layer_number, num_layers)
         return out
 
     def _routed(self, x: Tensor, probs: Tensor, indices: Tensor,
