@@ -259,30 +259,25 @@ def megatron_router_updates() -> frozenset:
     return frozenset(out)
 
 
-def clear_moe_aux_loss_tracker() -> None:
-    """Reset Megatron's per-layer aux-loss tracker (0.16.1: a dict; 0.19: a metrics object)."""
+def clear_moe_aux_loss_tracker(drop: bool = False) -> None:
+    """Reset Megatron's per-layer aux-loss tracker (0.16.1: a dict; 0.19: a metrics object).
+    ``drop``: remove its entries instead of zeroing them. Each entry is sized by the layer count
+    of the first model that logs into it, so a process that builds a model with more layers (an
+    MTP layer adds slots) after another one must start it afresh."""
     from megatron.core.transformer.moe import moe_utils
 
     tracker = getattr(moe_utils, "get_moe_metrics_tracker", None)
-    if tracker is not None:
-        tracker().clear()
-    else:
-        moe_utils.clear_aux_losses_tracker()
-
-
-def drop_moe_aux_loss_tracker() -> None:
-    """Drop Megatron's aux-loss tracker entries: each is sized by the layer count of the first
-    model that logs into it, so a process that builds a model with more layers (an MTP layer
-    adds slots) after another one must start it afresh."""
-    from megatron.core.transformer.moe import moe_utils
-
-    tracker = getattr(moe_utils, "get_moe_metrics_tracker", None)
-    if tracker is not None:
+    if tracker is None:
+        if drop:
+            moe_utils.get_moe_layer_wise_logging_tracker().clear()
+        else:
+            moe_utils.clear_aux_losses_tracker()
+    elif drop:
         metrics = getattr(tracker(), "_metrics", None)
         if isinstance(metrics, dict):
             metrics.clear()
     else:
-        moe_utils.get_moe_layer_wise_logging_tracker().clear()
+        tracker().clear()
 
 
 def record_moe_aux_loss(name: str, value, layer_number: int, num_layers: int) -> None:

@@ -32,7 +32,7 @@ def megatron_world():
     # an earlier in-process training run may have left its trace / replay / log folders set: the
     # layers here run outside any training loop
     STATE.reset()
-    compat.drop_moe_aux_loss_tracker()   # sized by the first model that logs: the MTP tests add a slot
+    compat.clear_moe_aux_loss_tracker(drop=True)   # sized by the first model that logs: the MTP tests add a slot
     yield
     compat.destroy_model_parallel()
     compat.clear_moe_aux_loss_tracker()
@@ -208,6 +208,16 @@ def test_forced_benchmark_routers_match_megatron(megatron_world, moe):
         assert first is not None and fused._forced_bias is first
 
 
+@pytest.fixture
+def router_replay_registry():
+    """Megatron's global list of RouterReplay instances, empty before the test and after it."""
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    RouterReplay.clear_global_router_replay_instances()
+    yield
+    RouterReplay.clear_global_router_replay_instances()
+
+
 def _replay_config(**moe):
     """A TransformerConfig with Megatron's moe_enable_routing_replay (a TransformerConfig field set
     by the RL frameworks that drive RouterReplay, not a flag of megatron-ext train)."""
@@ -230,7 +240,7 @@ def _replay_targets(T: int, k: int, seed: int) -> torch.Tensor:
     dict(moe_router_pre_softmax=True, moe_expert_capacity_factor=1.0, moe_aux_loss_coeff=0.1,
          moe_shared_expert_intermediate_size=24),
 ], ids=["softmax_aux_z", "dsv3_bias_groups_seq_aux", "pre_softmax_capacity_shared"])
-def test_megatron_router_replay_drives_the_fused_layer_as_megatrons(megatron_world, moe):
+def test_megatron_router_replay_drives_the_fused_layer_as_megatrons(megatron_world, router_replay_registry, moe):
     """moe_enable_routing_replay (RL frameworks: record a rollout's routing, replay it in training)
     through Megatron's own RouterReplay API, the global list holding Megatron's layer's instance and
     the fused layer's: RECORD records the same expert ids; REPLAY_FORWARD routes both to the targets
@@ -239,62 +249,58 @@ def test_megatron_router_replay_drives_the_fused_layer_as_megatrons(megatron_wor
     the oldest target; missing targets and a wrong shape are errors naming what to set."""
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-    RouterReplay.clear_global_router_replay_instances()
-    try:
-        stock, fused = _layers(_replay_config(**moe))
-        assert RouterReplay.global_router_replay_instances == [stock.router.router_replay, fused.router_replay]
-        assert getattr(fused.router_replay, "layer_number", 1) == 1
-        k = stock.router.topk
-        x = torch.randn(S, B, H, dtype=torch.float64).float()
-        # the layers' own routing, recorded by both
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
-        _assert_matches_stock(stock, fused, x)
-        theirs, ours = RouterReplay.get_recorded_data()
-        assert ours.shape == (S * B, k) and ours.dtype == torch.int64
-        assert torch.equal(ours, theirs)
-        with torch.no_grad():
-            own, _ = fused(x)
-        # replayed targets: one per layer, in the global list's order
-        target = _replay_targets(S * B, k, seed=11)
-        assert not torch.equal(target.sort(dim=1).values, ours.sort(dim=1).values)
-        RouterReplay.set_replay_data([target.clone(), target.clone()])
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-        for layer in (stock, fused):
-            layer.zero_grad()
-        _assert_matches_stock(stock, fused, x)
-        with torch.no_grad():
-            replayed, _ = fused(x)
-        # the targets, not the layer's own choice
-        assert (replayed - own).abs().max() > 0.1 * own.abs().max()
-        # a recompute under REPLAY_BACKWARD takes the oldest target not replayed yet, once
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
-        with torch.no_grad():
-            again, _ = fused(x)
-        torch.testing.assert_close(again, replayed, rtol=0, atol=0)
-        assert fused.router_replay.replay_backward_list == []
-        with pytest.raises(ValueError, match=r"^RouterReplay action REPLAY_BACKWARD on MoE layer 1: every target"):
-            fused(x)
-        RouterReplay.clear_global_indices()
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-        with pytest.raises(ValueError, match=r"^RouterReplay action REPLAY_FORWARD on MoE layer 1: no target "
-                                             r"indices; set them with RouterReplay.set_replay_data"):
-            fused(x)
-        fused.router_replay.set_target_indices(target[: S * B - 1])
-        with pytest.raises(ValueError, match=rf"shape \({S * B - 1}, {k}\); this rank routes {S * B} tokens .* "
-                                             rf"use \[{S * B}, {k}\]"):
-            fused(x)
-        # no action: the layer's own routing again
-        RouterReplay.clear_global_router_replay_action()
-        with torch.no_grad():
-            torch.testing.assert_close(fused(x)[0], own, rtol=0, atol=0)
-    finally:
-        RouterReplay.clear_global_router_replay_instances()
+    stock, fused = _layers(_replay_config(**moe))
+    assert RouterReplay.global_router_replay_instances == [stock.router.router_replay, fused.router_replay]
+    assert getattr(fused.router_replay, "layer_number", 1) == 1
+    k = stock.router.topk
+    x = torch.randn(S, B, H, dtype=torch.float64).float()
+    # the layers' own routing, recorded by both
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+    _assert_matches_stock(stock, fused, x)
+    theirs, ours = RouterReplay.get_recorded_data()
+    assert ours.shape == (S * B, k) and ours.dtype == torch.int64
+    assert torch.equal(ours, theirs)
+    with torch.no_grad():
+        own, _ = fused(x)
+    # replayed targets: one per layer, in the global list's order
+    target = _replay_targets(S * B, k, seed=11)
+    assert not torch.equal(target.sort(dim=1).values, ours.sort(dim=1).values)
+    RouterReplay.set_replay_data([target.clone(), target.clone()])
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    for layer in (stock, fused):
+        layer.zero_grad()
+    _assert_matches_stock(stock, fused, x)
+    with torch.no_grad():
+        replayed, _ = fused(x)
+    # the targets, not the layer's own choice
+    assert (replayed - own).abs().max() > 0.1 * own.abs().max()
+    # a recompute under REPLAY_BACKWARD takes the oldest target not replayed yet, once
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+    with torch.no_grad():
+        again, _ = fused(x)
+    torch.testing.assert_close(again, replayed, rtol=0, atol=0)
+    assert fused.router_replay.replay_backward_list == []
+    with pytest.raises(ValueError, match=r"^RouterReplay action REPLAY_BACKWARD on MoE layer 1: every target"):
+        fused(x)
+    RouterReplay.clear_global_indices()
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    with pytest.raises(ValueError, match=r"^RouterReplay action REPLAY_FORWARD on MoE layer 1: no target "
+                                         r"indices; set them with RouterReplay.set_replay_data"):
+        fused(x)
+    fused.router_replay.set_target_indices(target[: S * B - 1])
+    with pytest.raises(ValueError, match=rf"shape \({S * B - 1}, {k}\); this rank routes {S * B} tokens .* "
+                                         rf"use \[{S * B}, {k}\]"):
+        fused(x)
+    # no action: the layer's own routing again
+    RouterReplay.clear_global_router_replay_action()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x)[0], own, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("moe", [dict(moe_router_load_balancing_type="sinkhorn", moe_router_topk=1),
                                  dict(moe_router_load_balancing_type="quantile_balancing")],
                          ids=["sinkhorn", "quantile"])
-def test_megatron_router_replay_acts_on_every_selection_type(megatron_world, moe):
+def test_megatron_router_replay_acts_on_every_selection_type(megatron_world, router_replay_registry, moe):
     """Megatron's RouterReplay acts on its top-k selection only: its Sinkhorn and quantile-balancing
     routers neither record nor replay. The fused layer's does both there too: replaying what it
     recorded gives the recorded run's output, a random target another one."""
@@ -302,61 +308,53 @@ def test_megatron_router_replay_acts_on_every_selection_type(megatron_world, moe
 
     if moe["moe_router_load_balancing_type"] == "quantile_balancing" and not compat.mcore_has_quantile_balancing():
         pytest.skip(f"megatron-core {compat.mcore_version()} has no quantile balancing")
+    fused = _layers(_replay_config(**moe))[1]
     RouterReplay.clear_global_router_replay_instances()
-    try:
-        fused = _layers(_replay_config(**moe))[1]
-        RouterReplay.clear_global_router_replay_instances()
-        RouterReplay.global_router_replay_instances.append(fused.router_replay)
-        x = torch.randn(S, B, H)
-        RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
-        own = fused(x)[0].detach()
-        recorded = RouterReplay.get_recorded_data()[0].clone()
-        outs = []
-        for target in (recorded, _replay_targets(S * B, recorded.shape[1], seed=15)):
-            RouterReplay.clear_global_indices()
-            RouterReplay.set_replay_data([target])
-            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-            outs.append(fused(x)[0].detach())
-        torch.testing.assert_close(outs[0], own, rtol=0, atol=0)
-        assert (outs[1] - own).abs().max() > 0.1 * own.abs().max()
-    finally:
-        RouterReplay.clear_global_router_replay_instances()
+    RouterReplay.global_router_replay_instances.append(fused.router_replay)
+    x = torch.randn(S, B, H)
+    RouterReplay.set_global_router_replay_action(RouterReplayAction.RECORD)
+    own = fused(x)[0].detach()
+    recorded = RouterReplay.get_recorded_data()[0].clone()
+    outs = []
+    for target in (recorded, _replay_targets(S * B, recorded.shape[1], seed=15)):
+        RouterReplay.clear_global_indices()
+        RouterReplay.set_replay_data([target])
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        outs.append(fused(x)[0].detach())
+    torch.testing.assert_close(outs[0], own, rtol=0, atol=0)
+    assert (outs[1] - own).abs().max() > 0.1 * own.abs().max()
 
 
-def test_megatron_router_replay_under_full_layer_recompute(megatron_world):
+def test_megatron_router_replay_under_full_layer_recompute(megatron_world, router_replay_registry):
     """The RL frameworks' order with Megatron's full recompute: the forward under REPLAY_FORWARD,
     the backward under REPLAY_BACKWARD, whose recomputed forward pops the same target: the output
     and every gradient equal the replayed layer without recompute."""
     from megatron.core import tensor_parallel
     from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
+    _, fused = _layers(_replay_config(moe_aux_loss_coeff=0.05))
     RouterReplay.clear_global_router_replay_instances()
-    try:
-        _, fused = _layers(_replay_config(moe_aux_loss_coeff=0.05))
-        RouterReplay.clear_global_router_replay_instances()
-        RouterReplay.global_router_replay_instances.append(fused.router_replay)
-        target = _replay_targets(S * B, 2, seed=12)
-        x = torch.randn(S, B, H)
-        g = torch.randn(S, B, H)
-        runs = []
-        for recompute in (False, True):
-            fused.zero_grad()
-            RouterReplay.clear_global_indices()
-            RouterReplay.set_replay_data([target])
-            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
-            xi = x.clone().requires_grad_()
-            if recompute:
-                y = tensor_parallel.checkpoint(lambda t: fused(t)[0], False, xi)
-            else:
-                y, _ = fused(xi)
-            RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
-            y.backward(g)
-            runs.append((y.detach(), xi.grad, fused.router_weight.grad.clone(), fused.w1.grad.clone()))
-            assert fused.router_replay.replay_backward_list == ([] if recompute else [target])
-        for a, b in zip(*runs):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    finally:
-        RouterReplay.clear_global_router_replay_instances()
+    RouterReplay.global_router_replay_instances.append(fused.router_replay)
+    target = _replay_targets(S * B, 2, seed=12)
+    x = torch.randn(S, B, H)
+    g = torch.randn(S, B, H)
+    runs = []
+    for recompute in (False, True):
+        fused.zero_grad()
+        RouterReplay.clear_global_indices()
+        RouterReplay.set_replay_data([target])
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        xi = x.clone().requires_grad_()
+        if recompute:
+            y = tensor_parallel.checkpoint(lambda t: fused(t)[0], False, xi)
+        else:
+            y, _ = fused(xi)
+        RouterReplay.set_global_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+        y.backward(g)
+        runs.append((y.detach(), xi.grad, fused.router_weight.grad.clone(), fused.w1.grad.clone()))
+        assert fused.router_replay.replay_backward_list == ([] if recompute else [target])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def _mtp_model(tconfig, mtp_spec):

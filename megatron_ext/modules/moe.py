@@ -723,11 +723,11 @@ class FusedMoELayer(MegatronModule):
                 self.router_qb_accum += res.qb_quantile
                 self.router_qb_count += 1
 
+        # this rank's own tokens: rows [r*s/tp*b, (r+1)*s/tp*b) of the gathered [s, b] order (all at TP = 1)
+        mine = slice(self.tp_rank * s_local * b, (self.tp_rank + 1) * s_local * b)
         if rr_action == "RECORD":
-            # this rank's own tokens ([s/tp * b, k] under sequence parallel), as Megatron's router
-            # records them (into RouterReplay's static buffer when one is set)
-            own = res.indices.view(-1, s_local * b, cfg.topk)[self.tp_rank if self.tp_size > 1 else 0]
-            self.router_replay.record_indices(own.detach())
+            # as Megatron's router records them (into RouterReplay's static buffer when one is set)
+            self.router_replay.record_indices(res.indices[mine].detach())
         if mb is not None and tracked:
             if STATE.trace_out is not None:
                 STATE.write_trace(self.layer_number, mb, res.indices.view(s, b, cfg.topk).permute(1, 0, 2))
@@ -752,8 +752,7 @@ class FusedMoELayer(MegatronModule):
                 return shared_ffn(x)
         probs, indices, kept = res.probs, res.indices, res.kept
         if self.tp_size > 1 and self.etp_size == 1:
-            # whole experts: this rank's own tokens, rows [r*s/tp*b, (r+1)*s/tp*b) of the [s, b] order
-            mine = slice(self.tp_rank * s_local * b, (self.tp_rank + 1) * s_local * b)
+            # whole experts: each rank runs its own tokens
             probs, indices, kept = probs[mine], indices[mine], kept[mine]
         in_scale = None
         if self.probs_on_input:
