@@ -24,6 +24,10 @@ _HELP = {
     "moe_aux_loss_coeff": "one coefficient, or one per --moe-router-load-balancing-type entry",
     "moe_router_quantile_balancing_ema": "quantile_balancing: the bias moves to ema * bias + (1 - ema) * the "
                                          "step's quantile (default 0: replaced each step)",
+    "mtp_num_layers": "Megatron's multi-token prediction (DeepSeek-V3): this many MTP layers after the decoder, "
+                      "on the last pipeline stage, each with the last decoder layer's attention and MLP/MoE "
+                      "(a plain residual under mHC); their losses are logged as mtp_N loss",
+    "mtp_loss_scaling_factor": "the MTP layers' mean loss joins the LM loss times this (Megatron's default 0.1)",
     "preset": f"embedded preset: {', '.join(sorted(PRESETS))} (default tiny)",
     "data_path": "a .txt file or a Megatron .bin/.idx prefix (default: the corpus shipped in the package)",
     "run_dir": "run folder (default: <runs-root>/<preset>-<timestamp>)",

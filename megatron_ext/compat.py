@@ -280,6 +280,29 @@ def clear_moe_aux_loss_tracker(drop: bool = False) -> None:
         tracker().clear()
 
 
+def take_mtp_losses(drop: bool = False):
+    """This rank's multi-token-prediction losses since the last call, one per MTP depth (each the
+    sum over micro-batches of a micro-batch's mean token loss, not yet reduced over ranks), as a
+    float64 copy on the tracker's device; None where nothing was recorded (a rank without
+    the MTP layers, an evaluation-only forward). Zeroes Megatron's MTP tracker (0.16.1 keeps the
+    losses under ``values``, 0.19 under ``loss_values`` beside prediction counts); ``drop`` empties
+    it instead, as a run must whose MTP depth differs from an earlier run's in the same process
+    (the tracker is a class attribute, sized by the first model that logs into it)."""
+    import torch
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    values = tracker.get("loss_values", tracker.get("values"))
+    out = None if values is None else values.detach().double().clone()
+    if drop:
+        tracker.clear()
+    else:
+        for key in ("loss_values", "values", "correct_values", "total_values"):
+            if torch.is_tensor(tracker.get(key)):
+                tracker[key].zero_()
+    return out
+
+
 def record_moe_aux_loss(name: str, value, layer_number: int, num_layers: int) -> None:
     """Log an aux loss (divided by its coefficient, as Megatron logs it) into Megatron's tracker."""
     from megatron.core.transformer.moe import moe_utils

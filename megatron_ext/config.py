@@ -295,6 +295,10 @@ class TrainConfig:
     untie_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
+    # Megatron's multi-token prediction (DeepSeek-V3): MTP layers after the decoder, on the last
+    # pipeline stage; depth d predicts the token d + 1 places further on
+    mtp_num_layers: Optional[int] = None
+    mtp_loss_scaling_factor: float = 0.1
     num_experts: Optional[int] = None  # MoE layers when set (every layer unless moe_layer_freq says)
     # Megatron's --moe-layer-freq: N (an MoE layer every N layers, from layer 1) or a 0/1 list, one
     # entry per layer, as a list expression, e.g. "([0]+[1]*26)": 1 = MoE, 0 = dense MLP (ffn_hidden_size)
@@ -663,8 +667,11 @@ def moe_layer_pattern(freq: Any, num_layers: int) -> List[int]:
 
 
 def moe_layer_numbers(cfg: "TrainConfig") -> List[int]:
-    """The 1-based numbers of the MoE layers of a run (``moe_layer_freq``)."""
-    return [n for n, v in enumerate(moe_layer_pattern(cfg.moe_layer_freq, cfg.num_layers), 1) if v]
+    """The 1-based numbers of the MoE layers of a run (``moe_layer_freq``). The MTP layers, numbered
+    after the decoder's, have the last decoder layer's MLP, so they are MoE when it is."""
+    pattern = moe_layer_pattern(cfg.moe_layer_freq, cfg.num_layers)
+    pattern += pattern[-1:] * (cfg.mtp_num_layers or 0)
+    return [n for n, v in enumerate(pattern, 1) if v]
 
 
 # Megatron MoE options (TransformerConfig fields) the fused layer meets under ``--spec``, and what it
@@ -1087,6 +1094,12 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
     if cfg.bf16 and lane == "cpu" and backends.triton_interpret_env():
         raise _err("bf16", True, "under TRITON_INTERPRET=1 the CPU lane runs the Triton kernels in the "
                    "interpreter, whose tl.dot is wrong on bf16 inputs", "--no-bf16, or unset TRITON_INTERPRET")
+    if cfg.mtp_num_layers is not None and (not isinstance(cfg.mtp_num_layers, int) or cfg.mtp_num_layers < 1):
+        raise _err("mtp_num_layers", cfg.mtp_num_layers, "must be a positive integer",
+                   "an integer >= 1 (DeepSeek-V3 uses 1), or leave it unset for no MTP layers")
+    if not (math.isfinite(cfg.mtp_loss_scaling_factor) and cfg.mtp_loss_scaling_factor >= 0):
+        raise _err("mtp_loss_scaling_factor", cfg.mtp_loss_scaling_factor, "must be a finite number >= 0",
+                   "e.g. 0.1 (Megatron's default; DeepSeek-V3 used 0.3, then 0.1)")
     if cfg.exit_after_iters is not None and cfg.exit_after_iters < 1:
         raise _err("exit_after_iters", cfg.exit_after_iters, "must be positive", "an integer >= 1")
     if cfg.hang_dump_seconds is not None and not cfg.hang_dump_seconds > 0:

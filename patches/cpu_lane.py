@@ -54,6 +54,30 @@ def _current_device():
     torch.cuda.current_device = lambda: torch.device("cpu")
 
 
+@patch("cpu_embedding_copy", lane="cpu",
+       reason="models/common/language_module/language_module.py setup_embeddings_and_output_layer moves "
+              "the last stage's copy of the word embeddings with .cuda() before the all-reduce that "
+              "makes it equal the first stage's (pipeline parallel with tied embeddings or --mtp-num-layers); "
+              "the copy stays on the CPU")
+def _embedding_copy():
+    import functools
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *args, **kwargs: t   # only for the duration of this call
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 @patch("cpu_default_causal_mask", lane="cpu",
        reason="transformer/utils.py get_default_causal_mask builds the mask with device='cuda'")
 def _causal_mask():

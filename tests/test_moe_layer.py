@@ -961,6 +961,9 @@ def test_trace_replay_and_deterministic_runs(tmp_path):
     for f in files:
         assert torch.equal(torch.load(tmp_path / "trace_c" / f), torch.load(tmp_path / "trace_a" / f))
     assert receipt(c)["moe"]["routing_replay"] == str(tmp_path / "trace_a")
+    # the chunked experts stand in for the fused backend: the receipt says so
+    ffn = [b for b in receipt(a)["backends"] if b["op"] == "moe_ffn"]
+    assert [(b["requested"], b["observed"]) for b in ffn] == [("auto", "deterministic_chunks")], ffn
 
 
 def test_specs_pick_the_fused_layer_unless_megatron_is_asked(megatron_world):

@@ -7,6 +7,7 @@ by resuming a world-size-1 checkpoint on two stages (Megatron's distributed chec
 across lanes) and checking that the next iterations equal world size 1's.
 """
 
+import json
 import shutil
 
 import pytest
@@ -29,6 +30,7 @@ def _tp2_matches_ws1(tmp_path, tag, *model):
     assert train_losses(tp2) == pytest.approx(train_losses(ws1), rel=2e-5)
     lane = receipt(tp2)["lane"]
     assert (lane["tp"], lane["sp"], lane["dp"], lane["world_size"]) == (2, True, 1, 2)
+    return ws1, tp2
 
 
 def _pp2_continues_ws1(tmp_path, tag, *model):
@@ -43,6 +45,7 @@ def _pp2_continues_ws1(tmp_path, tag, *model):
     assert receipt(pp2)["lane"]["pp"] == 2 and receipt(pp2)["loss"]["start_iteration"] == 5
     assert train_losses(pp2) == pytest.approx(train_losses(ws1), rel=2e-5)
     assert train_losses(pp2)[-1] < train_losses(pp2)[0] - 0.5
+    return ws1, pp2
 
 
 def test_tp2_sequence_parallel_matches_world_size_1(tmp_path):
@@ -59,6 +62,27 @@ def test_mhc_tp2_sequence_parallel_matches_world_size_1(tmp_path):
 
 def test_mhc_pp2_carries_the_streams_between_stages(tmp_path):
     _pp2_continues_ws1(tmp_path, "mhc", "--mhc-num-streams", "4", "--mhc-backend", "torch")
+
+
+def _mtp_losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["mtp_1 loss"] for r in rows if r["kind"] == "train"]
+
+
+def test_mtp_tp2_sequence_parallel_matches_world_size_1(tmp_path):
+    """--mtp-num-layers at TP=2 + SP, with a fused MoE layer in the MTP layer: the MTP layer's
+    shifted labels and its embedding of the next tokens are split over the sequence like the decoder's."""
+    ws1, tp2 = _tp2_matches_ws1(tmp_path, "mtp", "--mtp-num-layers", "1", "--num-experts", "4")
+    assert _mtp_losses(tp2) == pytest.approx(_mtp_losses(ws1), rel=2e-5)
+
+
+def test_mtp_pp2_keeps_the_last_stages_embedding_copy_in_step(tmp_path):
+    """--mtp-num-layers at PP=2: the MTP layer runs on the last stage, which keeps its own copy of
+    the word embeddings (Megatron all-reduces its gradient with the first stage's); resumed from a
+    world-size-1 checkpoint, the LM and MTP losses follow world size 1's."""
+    ws1, pp2 = _pp2_continues_ws1(tmp_path, "mtp", "--mtp-num-layers", "1", "--num-experts", "4")
+    assert _mtp_losses(pp2) == pytest.approx(_mtp_losses(ws1), rel=2e-5)
+    assert "cpu_embedding_copy" in receipt(pp2)["patches"]
 
 
 @pytest.mark.parametrize("lane,model", [

@@ -143,3 +143,61 @@ def test_distributed_optimizer_resumes_in_megatrons_default_format(tmp_path, mon
     assert train_inprocess(killed, *args, "--exit-after-iters", "5") == 0
     assert train_inprocess(killed, *args, "--resume") == 0
     assert train_losses(killed) == pytest.approx(train_losses(whole), rel=1e-6)
+
+
+def _rows(run, kind="train"):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+            if line and json.loads(line)["kind"] == kind]
+
+
+def test_mtp_layers_log_their_losses_and_resume_onto_the_same_curves(tmp_path):
+    """--mtp-num-layers 2 (DeepSeek-V3's multi-token prediction) on fused MoE layers under mHC
+    streams: every step logs Megatron's `mtp_1 loss` and `mtp_2 loss` beside the LM loss, both
+    fall, the receipt keeps the last ones, and a killed run resumes onto the uninterrupted curves
+    of all three (the MTP layers, their MoE and their Adam states are in the checkpoint)."""
+    args = ["--mtp-num-layers", "2", "--num-experts", "4", "--mhc-num-streams", "2", "--mhc-backend", "torch",
+            "--train-iters", "8", "--save-interval", "4", "--eval-iters", "0", "--moe-backend", "torch",
+            "--moe-aux-loss-coeff", "0.01"]
+    # an earlier run in this process with fewer MoE layers sized Megatron's aux-loss tracker
+    assert train_inprocess(tmp_path / "two_layers", "--num-experts", "4", "--moe-aux-loss-coeff", "0.01",
+                           "--train-iters", "1", "--eval-iters", "0", "--lr-warmup-iters", "0") == 0
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert train_inprocess(whole, *args, "--moe-routing-trace-out", str(tmp_path / "trace")) == 0
+    assert train_inprocess(killed, *args, "--exit-after-iters", "6") == 0
+    assert checkpoint.latest_iteration(killed / "checkpoints") == 4
+    assert train_inprocess(killed, *args, "--resume") == 0
+
+    rows = _rows(whole)
+    assert len(rows) == 8
+    for name in ("loss", "mtp_1 loss", "mtp_2 loss"):
+        curve = [r[name] for r in rows]
+        assert curve[0] == pytest.approx(5.95, abs=0.15)   # ln(384): uniform over the padded vocab
+        assert curve[-1] < curve[0] - 0.8, name
+        assert [r[name] for r in _rows(killed)] == pytest.approx(curve, rel=1e-5), name
+    assert rows[-1]["mtp_1 loss"] != rows[-1]["mtp_2 loss"] != rows[-1]["loss"]
+    r = receipt(killed)
+    assert r["loss"]["final_mtp"] == pytest.approx([rows[-1]["mtp_1 loss"], rows[-1]["mtp_2 loss"]], rel=1e-5)
+    assert r["config"]["mtp_num_layers"] == 2
+    # the MTP layers' MoE layers are numbers 3 and 4, after the decoder's 2: their statistics and
+    # routing traces are written with the decoder's
+    moe = _rows(whole, "moe")[-1]["layers"]
+    assert sorted(int(k) for k in moe) == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "trace" / "meta.json").read_text())["moe_layers"] == [1, 2, 3, 4]
+    traced = sorted(p.name for p in (tmp_path / "trace" / "rank000" / "iter0000008").iterdir())
+    assert traced == [f"layer{n:03d}_mb{m:03d}.pt" for n in (1, 2, 3, 4) for m in (0, 1)]
+
+
+def test_mtp_loss_scaled_to_zero_leaves_the_lm_curve_alone(tmp_path):
+    """--mtp-loss-scaling-factor 0: the MTP layer runs and logs its loss, but its gradient is zero,
+    so the LM loss follows the run without MTP layers (same seed; the MTP layer is built after the
+    decoder and the output layer shares the embedding, so the decoder's initial weights agree);
+    with Megatron's default 0.1 the MTP gradient reaches the shared trunk and the curve moves."""
+    args = ["--train-iters", "6", "--eval-iters", "0"]
+    plain, zero, tenth = tmp_path / "plain", tmp_path / "zero", tmp_path / "tenth"
+    assert train_inprocess(plain, *args) == 0
+    assert train_inprocess(zero, *args, "--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "0") == 0
+    assert train_inprocess(tenth, *args, "--mtp-num-layers", "1") == 0
+    assert train_losses(zero) == pytest.approx(train_losses(plain), rel=1e-6)
+    assert all(r["mtp_1 loss"] > 5.0 for r in _rows(zero))   # logged, not trained
+    assert train_losses(tenth)[1:] != pytest.approx(train_losses(plain)[1:], rel=1e-4)
+    assert "mtp_1 loss" not in _rows(plain)[0]

@@ -200,7 +200,7 @@ def load_model(cfg: TrainConfig, root: Path, iteration: int):
 
     model = build_model(cfg)
     path = checkpoint.iteration_dir(root, iteration)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    loaded = dist_checkpointing.load({"model": checkpoint.model_state(model)}, str(path))
     model.load_state_dict(loaded["model"])
     return model.eval()
 

@@ -871,6 +871,11 @@ class FusedMoELayer(MegatronModule):
         projections the experts run on ``x @ latent_w1`` and their sum goes through ``latent_w2``;
         ``in_scale [T, 1]`` (moe_apply_probs_on_input) scales the experts' input rows."""
         det = self.moe.deterministic
+        if det:   # recorded in the receipt like any backend choice; a backend asked by name is not run
+            (backends.note if self.moe.backend == "auto" else backends.fallback)(
+                "moe_ffn", self.moe.backend, "deterministic_chunks",
+                "--moe-deterministic: each expert's GEMMs on fixed 16-row chunks, so a row's result does "
+                "not depend on its batch (docs/moe.md, Deterministic mode)")
         T, k = indices.shape
         if self.latent_w1 is not None:
             x = rows_mm(x, self.latent_w1, det)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Dict, Optional
 
 
 class Progress:
@@ -18,7 +19,9 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, tokens_per_s: float, lr: float, grad_norm) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, lr: float, grad_norm,
+               losses: Optional[Dict[str, float]] = None) -> None:
+        """``losses``: further named losses of the step (the MTP depths'), shown after the loss."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -29,7 +32,8 @@ class Progress:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(done, 1) * (self.total - step)
             gn = f"{grad_norm:.3f}" if grad_norm is not None else "n/a"
-            self.write(f"iter {step:>6}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | grad norm {gn} "
+            more = "".join(f" | {name} {value:.4f}" for name, value in (losses or {}).items())
+            self.write(f"iter {step:>6}/{self.total} | loss {loss:.4f}{more} | lr {lr:.3e} | grad norm {gn} "
                        f"| {tokens_per_s:,.0f} tok/s | ETA {eta:,.0f} s")
 
     def write(self, msg: str) -> None:

@@ -48,8 +48,17 @@ def latest_iteration(root: Path) -> Optional[int]:
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+def model_state(model) -> Dict[str, Any]:
+    """The model's sharded state dict with the metadata Megatron's training passes: the
+    data-parallel group, which megatron-core 0.16.1's GPTModel reads unguarded where the last
+    pipeline stage keeps a copy of the word embeddings for its MTP layers (PP > 1)."""
+    from megatron.core import parallel_state as ps
+
+    return model.sharded_state_dict(metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)})
+
+
 def _state(model, optimizer, is_loading: bool) -> Dict[str, Any]:
-    model_sd = model.sharded_state_dict()
+    model_sd = model_state(model)
     return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                                          metadata=OPTIMIZER_METADATA)}
 
@@ -88,7 +97,7 @@ def save_weights_only(root: Path, iteration: int, model, extra: Dict[str, Any]) 
     """A checkpoint of the model weights alone (as written by ``megatron-ext convert``): ``load``
     restores the weights and leaves the optimizer and LR schedule fresh, like Megatron's
     ``--finetune``. Same folder layout, tracker and atomic rename as :func:`save`."""
-    return _write(root, iteration, {"model": model.sharded_state_dict(), "iteration": iteration,
+    return _write(root, iteration, {"model": model_state(model), "iteration": iteration,
                                     "extra": extra, WEIGHTS_ONLY: True})
 
 
@@ -111,7 +120,7 @@ def load(root: Path, model, optimizer, scheduler,
     path = iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(path))
     if common.get(WEIGHTS_ONLY):
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        loaded = dist_checkpointing.load({"model": model_state(model)}, str(path))
         model.load_state_dict(loaded["model"])
         logging.getLogger("megatron_ext.train").info(
             "%s holds weights only: the optimizer and the LR schedule start fresh", path)

@@ -138,10 +138,11 @@ class FullyShardedGPT(torch.nn.Module):
                 unit.reshard()
         return self._layout
 
-    def sharded_state_dict(self) -> Dict[str, Any]:
+    def sharded_state_dict(self, metadata=None) -> Dict[str, Any]:
         """The DDP lane's model sharded state dict with every parameter as this rank's rows (bf16
         copies under bf16, as the DDP lane stores bf16 model weights next to fp32 masters);
-        persistent buffers as they are now."""
+        persistent buffers as they are now. ``metadata`` (Megatron's, for the DDP lane's call
+        signature) changes nothing here: the layout was taken at wrap time, with one pipeline stage."""
         templates = self._templates()
         params = dict(self.module.named_parameters())
         buffers = dict(self.module.named_buffers())

@@ -84,7 +84,9 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    # loss_mask: the MTP layers' losses (--mtp-num-layers) mask the same tokens as the LM loss
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                   loss_mask=batch["loss_mask"])
     return output, functools.partial(_loss_func, batch["loss_mask"])
 
 
@@ -100,6 +102,22 @@ def _reduce_loss(losses: List[dict], env: DistEnv) -> float:
         value[1] = 1.0
     torch.distributed.all_reduce(value)
     return float(value[0] / value[1].clamp(min=1))
+
+
+def _reduce_mtp_losses(depths: int, num_micro: int, env: DistEnv) -> List[float]:
+    """The step's loss of each MTP depth (a micro-batch's mean token loss, averaged over
+    micro-batches and data-parallel replicas; unscaled, as Megatron logs ``mtp_N loss``), visible
+    on every rank. Every rank calls it: the MTP layers live on the last pipeline stage, whose
+    tensor-parallel rank 0s contribute. Empties Megatron's MTP tracker for the next step."""
+    from megatron.core import parallel_state as ps
+
+    value = torch.zeros(depths + 1, dtype=torch.float64, device=env.device)
+    mine = compat.take_mtp_losses()
+    if mine is not None and ps.get_tensor_model_parallel_rank() == 0:
+        value[:depths] = mine.to(value.device) / num_micro
+        value[depths] = 1.0
+    torch.distributed.all_reduce(value)
+    return (value[:depths] / value[depths].clamp(min=1)).tolist()
 
 
 def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
@@ -229,6 +247,11 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
 
     from megatron_ext.modules.moe_training import MoETrainingHooks
 
+    # Megatron's MTP and MoE aux-loss trackers are class-level, sized by the first model that logs
+    # into them: start them afresh for this run's layer count (an earlier run in this process may
+    # have had fewer layers, or no MTP layers)
+    compat.take_mtp_losses(drop=True)
+    compat.clear_moe_aux_loss_tracker(drop=True)
     moe_hooks = MoETrainingHooks(cfg, tconfig, env.rank, env.world_size, [ddp.module], run_dir)
     from megatron_ext.modules import indexer as indexer_hooks  # top-k layers: warm-up step + KL log
     tokens_per_step = gbs * cfg.seq_length
@@ -246,6 +269,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     step_times: List[float] = []
     first_loss: Optional[float] = None
     loss = float("nan")
+    mtp_losses: List[float] = []
     eval_loss: Optional[float] = None
     stop_at = cfg.train_iters if cfg.exit_after_iters is None else min(cfg.train_iters, cfg.exit_after_iters)
     iteration = start_iter
@@ -271,6 +295,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         indexer_hooks.end_step(iteration + 1, metrics_path if rank0 else None)
         scheduler.step(increment=gbs)
         loss = _reduce_loss(losses, env)
+        mtp_losses = _reduce_mtp_losses(cfg.mtp_num_layers, num_micro, env) if cfg.mtp_num_layers else []
+        mtp_named = {f"mtp_{d} loss": v for d, v in enumerate(mtp_losses, 1)}   # Megatron's names
         watchdog.disarm()
         iteration += 1
         consumed += gbs
@@ -284,8 +310,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         lr = optimizer.param_groups[0]["lr"]
         if rank0:
             append_jsonl(metrics_path, {"kind": "train", "step": iteration, "loss": loss, "lr": lr,
-                                         "grad_norm": grad_norm, "step_s": dt})
-        progress.update(iteration, loss, tokens_per_step / dt, lr, grad_norm)
+                                         "grad_norm": grad_norm, "step_s": dt, **mtp_named})
+        progress.update(iteration, loss, tokens_per_step / dt, lr, grad_norm, mtp_named)
         if cfg.eval_iters and (iteration % cfg.eval_interval == 0 or iteration == cfg.train_iters):
             with clock.phase("eval"):
                 eval_loss = _evaluate(cfg, ddp, fwd_bwd, valid_ds, env, dp_rank, dp_size, num_micro)
@@ -325,7 +351,8 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         step_times=step_times,
         tokens_per_step=tokens_per_step,
         losses={"first": first_loss, "final": loss, "final_validation": eval_loss,
-                "start_iteration": start_iter, "final_iteration": iteration},
+                "start_iteration": start_iter, "final_iteration": iteration,
+                **({"final_mtp": mtp_losses} if cfg.mtp_num_layers else {})},
         memory=peak_memory_bytes(env.lane),
     )
     moe_receipt = moe_hooks.receipt()

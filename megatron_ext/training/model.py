@@ -53,6 +53,8 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
     )
+    if cfg.mtp_num_layers:
+        fields.update(mtp_num_layers=cfg.mtp_num_layers, mtp_loss_scaling_factor=cfg.mtp_loss_scaling_factor)
     recompute_modules = parse_recompute_modules(cfg.recompute_modules)
     if cfg.recompute_granularity is not None:
         fields.update(recompute_granularity=cfg.recompute_granularity)
@@ -109,7 +111,7 @@ def build_gpt(cfg: TrainConfig, tconfig, vocab_size: int):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
-    from layer_specs.gpt import gpt_block_spec
+    from layer_specs.gpt import gpt_block_spec, mtp_block_spec
     from layer_specs.mhc import mhc_block_spec
 
     spec_fn = mhc_block_spec if tconfig.mhc is not None else gpt_block_spec
@@ -128,6 +130,8 @@ def build_gpt(cfg: TrainConfig, tconfig, vocab_size: int):
         share_embeddings_and_output_weights=(not cfg.untie_embeddings_and_output_weights
                                              and cfg.pipeline_model_parallel_size == 1),
         position_embedding_type=cfg.position_embedding_type,
+        # None without --mtp-num-layers and on every stage but the last
+        mtp_block_spec=mtp_block_spec(tconfig),
     )
     return model
 
