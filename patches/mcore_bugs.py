@@ -29,23 +29,26 @@ def _mla_have_te():
 
 
 @patch("pp_p2p_stream_width", lane="any",
-       reason="pipeline_parallel/schedules.get_tensor_shapes sizes p2p buffers with config.hidden_size; "
-              "mHC layers exchange n streams ([s, b, n*hidden]), so multiply by config.mhc_num_streams "
-              "(absent: 1, no change). Upstream Megatron refuses mHC with PP>1 for this reason")
+       reason="pipeline p2p buffers are sized from config.hidden_size (schedules.get_tensor_shapes for "
+              "1F1B, a local [s, b, hidden_size] in the interleaved schedule, the CUDA-graph runner); mHC "
+              "layers exchange n streams ([s, b, n*hidden]), so P2PCommunicator._communicate, which all of "
+              "them call, multiplies the last dim by config.mhc_num_streams (absent: 1, no change). "
+              "Upstream Megatron refuses mHC with PP>1 for this reason")
 def _pp_stream_width():
     import functools
 
-    import megatron.core.pipeline_parallel.schedules as sch
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-    original = sch.get_tensor_shapes
+    original = P2PCommunicator._communicate
 
     @functools.wraps(original)
-    def get_tensor_shapes(*args, **kwargs):
-        shapes = original(*args, **kwargs)
-        n = getattr(kwargs.get("config"), "mhc_num_streams", None) or 1
-        return [tuple(shape[:-1]) + (shape[-1] * n,) for shape in shapes] if n > 1 else shapes
+    def _communicate(self, *, tensor_shape, **kwargs):
+        n = getattr(self.config, "mhc_num_streams", None) or 1
+        if n > 1 and tensor_shape is not None:
+            tensor_shape = tuple(tensor_shape[:-1]) + (tensor_shape[-1] * n,)
+        return original(self, tensor_shape=tensor_shape, **kwargs)
 
-    sch.get_tensor_shapes = get_tensor_shapes
+    P2PCommunicator._communicate = _communicate
 
 
 @patch("dist_optimizer_fresh_state_dict", lane="any",
