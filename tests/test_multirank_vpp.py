@@ -44,8 +44,9 @@ def _tconfig(pp: int, vpp=None):
     tconfig.virtual_pipeline_model_parallel_size = vpp
     if vpp:
         # Megatron's pretrain defaults with virtual stages: overlapped, unbatched p2p (even/odd
-        # ordered). Batched p2p at PP = 2 posts a stage's activation and gradient to the one peer
-        # in an order the peer does not receive them in: on gloo the two swap (same shape)
+        # ordered). Its argument check refuses batched p2p with virtual stages at PP <= 2 (a batch
+        # would hold two sends between the same two ranks); on gloo the activation and the
+        # gradient, of one shape, then arrive swapped
         tconfig.overlap_p2p_comm, tconfig.batch_p2p_comm = True, False
     return tconfig
 
