@@ -78,6 +78,30 @@ def _embedding_copy():
     LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
 
+@patch("cpu_p2p_send_copy", lane="cpu",
+       reason="pipeline_parallel/schedules.py deallocate_output_tensor swaps a sent activation's storage "
+              "for a 1-element one right after the send is posted; with the interleaved schedule's "
+              "overlapped p2p nothing waits for the send first, and gloo sends from a background thread, "
+              "which then read freed memory (NCCL's stream-ordered allocator keeps it alive): the CPU "
+              "lane sends a copy")
+def _p2p_send_copy():
+    import functools
+
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    original = P2PCommunicator._communicate
+
+    def copy(t):
+        return None if t is None else t.detach().clone()
+
+    @functools.wraps(original)
+    def _communicate(self, *, tensor_send_next, tensor_send_prev, **kwargs):
+        return original(self, tensor_send_next=copy(tensor_send_next), tensor_send_prev=copy(tensor_send_prev),
+                        **kwargs)
+
+    P2PCommunicator._communicate = _communicate
+
+
 @patch("cpu_default_causal_mask", lane="cpu",
        reason="transformer/utils.py get_default_causal_mask builds the mask with device='cuda'")
 def _causal_mask():

@@ -7,7 +7,8 @@ rank 1 layers 2 and 4) with the whole model's weights. Four micro-batches throug
 interleaved 1F1B give the losses of the whole model run through Megatron's no-pipelining
 schedule, and every chunk's parameter gradients equal the whole model's (fp64). The stages
 exchange ``[s, b, n * hidden]`` streams: the interleaved schedule sizes its p2p buffers from
-``config.hidden_size`` as the plain 1F1B does, which the patch ``pp_p2p_stream_width`` widens.
+``config.hidden_size`` as the plain 1F1B does, which the patch ``pp_p2p_stream_width`` widens;
+on gloo the CPU-lane patch ``cpu_p2p_send_copy`` keeps the overlapped sends' data alive.
 """
 
 import subprocess
@@ -137,7 +138,7 @@ def _worker():
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-10, atol=0)
     for n, p in names:
         torch.testing.assert_close(p.grad, ref[n][1], rtol=1e-9, atol=1e-12, msg=lambda m: f"{n}: {m}")
-    assert "pp_p2p_stream_width" in patches.applied()
+    assert {"pp_p2p_stream_width", "cpu_p2p_send_copy"} <= set(patches.applied())
     print("MHC-VPP-OK", rank, flush=True)
     dist.destroy_process_group()
 
