@@ -231,14 +231,18 @@ def _megatron_setup(d: Dims, device: str):
     return _layer_step(build, d, device)
 
 
-def _ours_layer_setup(d: Dims, device: str):
+def _ours_layer_setup(d: Dims, device: str, deterministic: bool = False):
     """Our Megatron layer (``FusedMoELayer``, what ``--spec`` builds) on the anchor's config:
-    fp32 router logits and routing (``route``), the fused experts, the layer's glue."""
+    fp32 router logits and routing (``route``), the fused experts, the layer's glue;
+    ``deterministic``: ``--moe-deterministic`` (batch-invariant GEMMs)."""
     def build(config):
+        from megatron_ext.config import MoEConfig
         from megatron_ext.modules.moe import FusedMoELayer
         from megatron_ext.observability.moe_stats import STATE
 
         STATE.reset()   # the per-step monitor sums each layer's load; a new shape starts it afresh
+        if deterministic:
+            config.moe = MoEConfig(deterministic=True)
         return FusedMoELayer(config)
 
     return _layer_step(build, d, device)
@@ -269,6 +273,10 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
     cases.append(Case(name="ours_layer",
                       label="ours: FusedMoELayer (Megatron layer: fp32 router + fused experts)",
                       role="ours", setup=lambda: _ours_layer_setup(d, device), flops=flops))
+    cases.append(Case(name="ours_layer_det",
+                      label="ours: FusedMoELayer, --moe-deterministic (bitwise repeatable, batch-invariant)",
+                      role="ours", setup=lambda: _ours_layer_setup(d, device, deterministic=True),
+                      flops=flops))
     if not cpu:
         # the memory-saving lane: rows gathered inside the GEMMs, x saved instead of its k copies
         cases.append(Case(name="ours_triton_no_pregather",

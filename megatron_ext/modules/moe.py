@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import math
 import time
 from typing import Callable, Dict, Iterable, List, Optional
@@ -100,7 +101,7 @@ from megatron_ext.config import (ConfigError, MoEConfig, check_expert_tp, check_
                                  check_megatron_moe_options, moe_recompute_modules,
                                  router_config_from)
 from megatron_ext.observability.moe_stats import STATE, fp8_saturation
-from megatron_ext.ops.moe import moe_ffn
+from megatron_ext.ops.moe import batch_invariant, moe_ffn
 from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order
 from megatron_ext.ops.moe.recompute import recomputed_activation
 from megatron_ext.ops.moe.reference import GATED_ACTIVATIONS, expert_activation
@@ -135,10 +136,18 @@ def _expert_seed(seed: int, layer: int, expert: int, which: str) -> int:
 
 
 def rows_mm(a: Tensor, w: Tensor, deterministic: bool) -> Tensor:
-    """``a [n, K] @ w [K, N]``; deterministic: on zero-padded fixed 16-row chunks, so a row's
-    result does not depend on how many rows come with it."""
+    """``a [n, K] @ w [K, N]``; deterministic: a row's result does not depend on how many rows
+    come with it. On CUDA one Triton GEMM of fixed tiling (``ops.moe.invariant_mm``), elsewhere
+    one library GEMM per zero-padded 16-row chunk."""
     if not deterministic:
         return a @ w
+    if a.is_cuda and importlib.util.find_spec("triton") is not None:
+        from megatron_ext.ops.moe import invariant_mm
+
+        if invariant_mm.usable(a):
+            backends.note("moe.deterministic_gemm", "auto", "triton",
+                          "router, shared-expert and latent GEMMs on one fixed tiling")
+            return invariant_mm.invariant_mm(a, w)
     return _chunks_mm(_pad_rows(a), w, a.shape[0])
 
 
@@ -871,19 +880,28 @@ class FusedMoELayer(MegatronModule):
         projections the experts run on ``x @ latent_w1`` and their sum goes through ``latent_w2``;
         ``in_scale [T, 1]`` (moe_apply_probs_on_input) scales the experts' input rows."""
         det = self.moe.deterministic
-        if det:   # recorded in the receipt like any backend choice; a backend asked by name is not run
-            (backends.note if self.moe.backend == "auto" else backends.fallback)(
-                "moe_ffn", self.moe.backend, "deterministic_chunks",
-                "--moe-deterministic: each expert's GEMMs on fixed 16-row chunks, so a row's result does "
-                "not depend on its batch (docs/moe.md, Deterministic mode)")
         T, k = indices.shape
         if self.latent_w1 is not None:
             x = rows_mm(x, self.latent_w1, det)
         if in_scale is not None:
             x = (x.float() * in_scale).to(x.dtype)   # Megatron's order: fp32 product, then the model dtype
-        if self.ep_size == 1 and not det:
-            out = self._latent_up(moe_ffn(x, probs, indices, self.w1, self.w2, self.activation, self.moe.backend,
-                                          pregather=self.moe.pregather, recompute_activation=self.recompute_act))
+        # The Triton experts are deterministic and batch-invariant as they are, so the deterministic
+        # mode runs them (EP = 1) and keeps the fixed-chunk GEMMs for the other lanes
+        fused = self.ep_size == 1 and (not det or batch_invariant(x, self.w1, self.w2, self.moe.backend))
+        if det:   # recorded in the receipt like any backend choice; a backend asked by name is not run
+            if fused:
+                backends.note("moe_ffn.deterministic", "auto", "triton",
+                              "--moe-deterministic: the Triton experts (no atomics, fixed K order, tiles "
+                              "independent of the token count) are batch-invariant as they are")
+            else:
+                (backends.note if self.moe.backend == "auto" else backends.fallback)(
+                    "moe_ffn", self.moe.backend, "deterministic_chunks",
+                    "--moe-deterministic: each expert's GEMMs on fixed 16-row chunks, so a row's result "
+                    "does not depend on its batch (docs/moe.md, Deterministic mode)")
+        if fused:
+            out = self._latent_up(moe_ffn(x, probs, indices, self.w1, self.w2, self.activation,
+                                          self.moe.backend, pregather=self.moe.pregather,
+                                          recompute_activation=self.recompute_act))
             if shared is None and self.etp_size == 1:
                 return out   # nothing to sum: the model dtype, no fp32 round trip (2 passes each way)
             out = out.float()

@@ -33,7 +33,7 @@ from megatron_ext.ops.moe.routing import (RouterConfig, RoutingResult, expert_co
                                           seq_ids_from_lengths, sinkhorn_balance,
                                           update_expert_bias, update_qb_beta)
 
-__all__ = ["moe_ffn", "moe_ffn_reference", "permute", "unpermute", "expert_activation",
+__all__ = ["moe_ffn", "batch_invariant", "moe_ffn_reference", "permute", "unpermute", "expert_activation",
            "RouterConfig", "RoutingResult", "route", "expert_counts", "sinkhorn_balance",
            "update_expert_bias", "update_qb_beta",
            "seq_ids_for_layout", "seq_ids_from_lengths", "ACTIVATIONS"]
@@ -172,6 +172,17 @@ def _triton_probe(x: Tensor, w1: Tensor, w2: Tensor, requested: str) -> Callable
                     "was set only after triton_moe was imported")
         return None
     return probe
+
+
+def batch_invariant(x: Tensor, w1: Tensor, w2: Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`moe_ffn` with ``backend`` runs, on these tensors, a lane whose results are
+    bitwise the same across runs and whose output / ``dx`` / ``dprobs`` rows do not depend on
+    the rest of the batch: the Triton kernels on CUDA (no atomics, fixed K order, tiles that do
+    not depend on T; docs/moe_kernels.md). Not the interpreter (its dot is numpy's BLAS), not
+    the library GEMMs (their kernel choice follows the problem size)."""
+    if backend not in ("auto", "triton") or not all(t.is_cuda for t in (x, w1, w2)):
+        return False
+    return _triton_probe(x, w1, w2, backend)() is None
 
 
 def _check(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
