@@ -24,6 +24,9 @@ _HELP = {
     "moe_aux_loss_coeff": "one coefficient, or one per --moe-router-load-balancing-type entry",
     "moe_router_quantile_balancing_ema": "quantile_balancing: the bias moves to ema * bias + (1 - ema) * the "
                                          "step's quantile (default 0: replaced each step)",
+    "deterministic_mode": "Megatron's: bitwise-repeatable steps (the fused MoE and mHC deterministic modes, torch's "
+                          "deterministic algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8 and NCCL_ALGO=Ring unless set; "
+                          "docs/training.md)",
     "mtp_num_layers": "Megatron's multi-token prediction (DeepSeek-V3): this many MTP layers after the decoder, "
                       "on the last pipeline stage, each with the last decoder layer's attention and MLP/MoE "
                       "(a plain residual under mHC); their losses are logged as mtp_N loss",

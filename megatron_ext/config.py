@@ -345,6 +345,9 @@ class TrainConfig:
     mhc_fp32_params: bool = False  # mixer weights stay fp32 in a --bf16/--fp16 model
     mhc_fold_norm: bool = True  # sublayer input RMSNorms fused into the sites' pre mix
     mhc_deterministic: bool = False  # fused kernels' tilings pinned: bitwise-equal runs
+    # Megatron's --deterministic-mode: bitwise-equal runs of the whole step (both flags above, torch's
+    # deterministic algorithms, cuBLAS workspace and NCCL algorithm pinned; docs/training.md)
+    deterministic_mode: bool = False
     # sparse MQA attention: on when sparse_attention or attention_pattern is set
     sparse_attention: Optional[bool] = None  # None: implied by attention_pattern
     attention_pattern: Optional[str] = None  # per-layer letters, cyclic: D dense, W window, T top-k
@@ -475,7 +478,7 @@ def mhc_config(cfg: TrainConfig) -> Optional[MHCConfig]:
         return None
     return MHCConfig(num_streams=cfg.mhc_num_streams, sinkhorn_iters=cfg.mhc_sinkhorn_iters,
                      mode=cfg.mhc_mode, backend=cfg.mhc_backend, fp32_params=cfg.mhc_fp32_params,
-                     fold_norm=cfg.mhc_fold_norm, deterministic=cfg.mhc_deterministic)
+                     fold_norm=cfg.mhc_fold_norm, deterministic=cfg.mhc_deterministic or cfg.deterministic_mode)
 
 
 def sparse_attention_config(cfg: TrainConfig) -> Optional[SparseAttentionConfig]:
@@ -594,7 +597,8 @@ def moe_load_balancing_type(cfg: TrainConfig) -> Union[str, List[str]]:
 def moe_config(cfg: TrainConfig) -> Optional[MoEConfig]:
     if not cfg.num_experts:
         return None
-    return MoEConfig(impl=cfg.moe_impl, backend=cfg.moe_backend, deterministic=bool(cfg.moe_deterministic),
+    return MoEConfig(impl=cfg.moe_impl, backend=cfg.moe_backend,
+                     deterministic=bool(cfg.moe_deterministic or cfg.deterministic_mode),
                      routing_trace_out=cfg.moe_routing_trace_out, routing_replay=cfg.moe_routing_replay,
                      routing_log=cfg.moe_routing_log, pregather=cfg.moe_pregather,
                      monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
@@ -1100,6 +1104,8 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
     if not (math.isfinite(cfg.mtp_loss_scaling_factor) and cfg.mtp_loss_scaling_factor >= 0):
         raise _err("mtp_loss_scaling_factor", cfg.mtp_loss_scaling_factor, "must be a finite number >= 0",
                    "e.g. 0.1 (Megatron's default; DeepSeek-V3 used 0.3, then 0.1)")
+    if cfg.deterministic_mode:
+        check_determinism_env(os.environ)
     if cfg.exit_after_iters is not None and cfg.exit_after_iters < 1:
         raise _err("exit_after_iters", cfg.exit_after_iters, "must be positive", "an integer >= 1")
     if cfg.hang_dump_seconds is not None and not cfg.hang_dump_seconds > 0:
@@ -1124,6 +1130,23 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
         except DataError as e:
             raise ConfigError(str(e)) from None
     return check_lanes(cfg, world_size, gpus_per_node)
+
+
+# --deterministic-mode: the environment settings a bitwise-repeatable step needs, read by the libraries
+# when they start (cuBLAS at its first handle, NCCL at its first communicator). Unset ones are set to
+# the first value listed; a value set to anything else is refused.
+DETERMINISM_ENV = {
+    "CUBLAS_WORKSPACE_CONFIG": (":4096:8", ":16:8"),   # cuBLAS's two deterministic workspace layouts
+    "NCCL_ALGO": ("Ring",),                              # a fixed reduction order (Megatron's default)
+}
+
+
+def check_determinism_env(env) -> None:
+    for name, allowed in DETERMINISM_ENV.items():
+        value = env.get(name)
+        if value is not None and value not in allowed:
+            raise _err("deterministic_mode", True, f"{name}={value!r} in the environment does not give "
+                       "bitwise-repeatable steps", f"{name} unset or one of {list(allowed)}")
 
 
 def _check_fsdp2(cfg: TrainConfig) -> None:

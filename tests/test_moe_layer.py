@@ -708,11 +708,17 @@ def test_replay_forces_the_recorded_experts(megatron_world, monkeypatch):
 
 
 @pytest.mark.parametrize("shared", [None, 24])
-def test_deterministic_output_does_not_depend_on_the_batch(megatron_world, shared):
+@pytest.mark.parametrize("asked_by", ["moe_deterministic", "megatron_deterministic_mode"])
+def test_deterministic_output_does_not_depend_on_the_batch(megatron_world, shared, asked_by):
+    """The layer's deterministic mode, asked for by its own flag or by Megatron's deterministic_mode
+    (its pretrain CLI's --deterministic-mode under --spec)."""
     from megatron_ext.modules.moe import FusedMoELayer
 
-    tconfig = _tconfig(moe_deterministic=True, moe_shared_expert_intermediate_size=shared)
+    own = asked_by == "moe_deterministic"
+    tconfig = _tconfig(moe_deterministic=own, moe_shared_expert_intermediate_size=shared)
+    tconfig.deterministic_mode = not own
     layer = FusedMoELayer(tconfig)
+    assert layer.moe.deterministic
     layer.set_layer_number(1)
     layer.eval()
     x2 = torch.randn(S, 2, H)

@@ -201,3 +201,39 @@ def test_mtp_loss_scaled_to_zero_leaves_the_lm_curve_alone(tmp_path):
     assert all(r["mtp_1 loss"] > 5.0 for r in _rows(zero))   # logged, not trained
     assert train_losses(tenth)[1:] != pytest.approx(train_losses(plain)[1:], rel=1e-4)
     assert "mtp_1 loss" not in _rows(plain)[0]
+
+
+def test_deterministic_mode_repeats_bit_for_bit_and_leaves_the_process_as_it_was(tmp_path):
+    """Megatron's --deterministic-mode in train: the fused MoE and mHC deterministic modes, torch's
+    deterministic algorithms and the cuBLAS / NCCL settings for the run; two runs give the same
+    losses bit for bit, and the process's torch mode and environment are put back after each."""
+    import os
+
+    import torch
+
+    args = ["--deterministic-mode", "--num-experts", "4", "--mhc-num-streams", "2", "--mhc-backend", "torch",
+            "--moe-backend", "torch", "--train-iters", "4", "--eval-iters", "0"]
+    before = {k: os.environ.get(k) for k in ("CUBLAS_WORKSPACE_CONFIG", "NCCL_ALGO")}
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train_inprocess(a, *args) == 0
+    assert train_inprocess(b, *args) == 0
+    assert train_losses(a) == train_losses(b)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert {k: os.environ.get(k) for k in before} == before
+    r = receipt(a)
+    assert r["runtime"]["deterministic_algorithms"] is True and r["config"]["deterministic_mode"] is True
+    lanes = {(x["op"], x["observed"]) for x in r["backends"]}
+    assert ("moe_ffn", "deterministic_chunks") in lanes and ("mhc_tilings", "pinned") in lanes, lanes
+
+
+def test_deterministic_mode_refuses_a_nondeterministic_environment(tmp_path, capsys, monkeypatch):
+    from megatron_ext.cli import main
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    runs = tmp_path / "runs"
+    assert main(["train", "--runs-root", str(runs), "--deterministic-mode"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("megatron-ext: error: deterministic_mode=True: CUBLAS_WORKSPACE_CONFIG=':0:0' in the "
+                   "environment does not give bitwise-repeatable steps; use CUBLAS_WORKSPACE_CONFIG unset "
+                   "or one of [':4096:8', ':16:8']")
+    assert not runs.exists()

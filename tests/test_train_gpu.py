@@ -59,3 +59,26 @@ def test_gpu_lane_trains_mtp_layers_on_fused_moe_under_mhc(tmp_path):
     assert r["runtime"]["dtype"] == "bf16"
     observed = {b["op"]: b["observed"] for b in r["backends"]}
     assert [observed.get(op) for op in ("moe_ffn", "mhc_mix_pre", "mhc_post_res")] == ["triton"] * 3, observed
+
+
+def test_gpu_deterministic_mode_repeats_bit_for_bit(tmp_path):
+    """Megatron's --deterministic-mode on the GPU, with fused MoE layers (Triton experts and
+    fixed-tiling GEMMs), Triton mHC mixers (pinned tilings) and an MTP layer in bf16: two runs give
+    the same LM and MTP losses bit for bit."""
+    rows = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "megatron_ext", "train", "--preset", "test", "--device", "cuda",
+               "--nproc-per-node", "1", "--runs-root", str(tmp_path), "--run-dir", str(tmp_path / name),
+               "--train-iters", "12", "--lr-warmup-iters", "2", "--progress", "log", "--eval-iters", "0",
+               "--deterministic-mode", "--num-experts", "4", "--mhc-num-streams", "4", "--mtp-num-layers", "1"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows.append([(r["loss"], r["mtp_1 loss"]) for r in map(json.loads, (tmp_path / name / "metrics.jsonl")
+                                                                 .read_text().splitlines()) if r["kind"] == "train"])
+    assert len(rows[0]) == 12 and rows[0] == rows[1]
+    assert rows[0][-1][0] < rows[0][0][0] - 1.0
+    r = receipt(tmp_path / "a")
+    assert r["runtime"]["deterministic_algorithms"] is True
+    lanes = {(b["op"], b["observed"]) for b in r["backends"]}
+    assert {("moe_ffn.deterministic", "triton"), ("moe.deterministic_gemm", "triton"),
+            ("mhc_tilings", "pinned")} <= lanes, lanes

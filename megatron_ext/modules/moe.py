@@ -79,6 +79,7 @@ routers whose selection is per token (no capacity dropping, Sinkhorn or training
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import math
@@ -411,6 +412,11 @@ class FusedMoELayer(MegatronModule):
         # from 1 within its MTP depth; 0.16.1 numbers it num_layers + depth): see _global_number
         self.is_mtp_layer = bool(is_mtp_layer)
         self.moe: MoEConfig = getattr(config, "moe", None) or MoEConfig()
+        if getattr(config, "deterministic_mode", False) and not self.moe.deterministic:
+            # Megatron's --deterministic-mode (its pretrain CLI under --spec): this layer's as well
+            self.moe = dataclasses.replace(self.moe, deterministic=True)
+            backends.note("moe.deterministic", "deterministic_mode", "on",
+                          "Megatron's deterministic_mode turns the fused layer's deterministic mode on")
         check_megatron_moe_options(config)
         # Megatron's selective recompute of MoE parts (--recompute-modules moe / moe_act /
         # shared_experts; --moe-layer-recompute is "moe"): see moe_recompute_modules

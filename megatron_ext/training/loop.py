@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -121,6 +122,30 @@ def _reduce_mtp_losses(depths: int, num_micro: int, env: DistEnv) -> List[float]
 
 
 def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
+    """One training run (every rank calls it). With ``deterministic_mode`` torch's deterministic
+    algorithms and the determinism environment hold for the run and are put back after it, so a
+    later run in the same process (tests) starts as it would in a fresh one."""
+    if not cfg.deterministic_mode:
+        return _train(cfg, dp_size)
+    from megatron_ext.config import DETERMINISM_ENV
+
+    saved_env = {name: os.environ.get(name) for name in DETERMINISM_ENV}
+    saved_mode = torch.are_deterministic_algorithms_enabled()
+    for name, allowed in DETERMINISM_ENV.items():   # before cuBLAS / NCCL start in this process
+        os.environ.setdefault(name, allowed[0])
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(cfg, dp_size)
+    finally:
+        torch.use_deterministic_algorithms(saved_mode)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
     clock = Clock()
     startup = time.perf_counter()
     backends.reset()  # the receipt lists this run's choices, not an earlier run's in this process
@@ -338,6 +363,7 @@ def train(cfg: TrainConfig, dp_size: int) -> Dict[str, Any]:
         config=dataclasses.asdict(cfg),
         versions=compat.package_versions(),
         runtime={**compat.runtime_flags(), "python": _python_version(),
+                 "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
                  "parameters_on_rank0": n_params, "dtype": "bf16" if bf16 else "fp32"},
         device=device_name(env.lane),
         lane={"tp": cfg.tensor_model_parallel_size, "pp": cfg.pipeline_model_parallel_size,

@@ -52,6 +52,7 @@ def transformer_config(cfg: TrainConfig, lane: str, bf16: bool):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        deterministic_mode=cfg.deterministic_mode,
     )
     if cfg.mtp_num_layers:
         fields.update(mtp_num_layers=cfg.mtp_num_layers, mtp_loss_scaling_factor=cfg.mtp_loss_scaling_factor)
