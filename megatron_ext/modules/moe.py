@@ -147,7 +147,7 @@ def rows_mm(a: Tensor, w: Tensor, deterministic: bool) -> Tensor:
 
         if invariant_mm.usable(a):
             backends.note("moe.deterministic_gemm", "auto", "triton",
-                          "router, shared-expert and latent GEMMs on one fixed tiling")
+                          "the deterministic mode's GEMMs outside the Triton experts on one fixed tiling")
             return invariant_mm.invariant_mm(a, w)
     return _chunks_mm(_pad_rows(a), w, a.shape[0])
 
