@@ -271,6 +271,9 @@ PRETRAIN = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 
 # model (Float16 optimizer in one, the distributed optimizer in the other); the wrappers with the env channel, the spec modules
 # themselves with the flag channel (mHC + sparse attention + fused MoE, layer 1 dense by Megatron's
 # --moe-layer-freq), and the plain dense block
+# the deterministic cases' fused MoE layers: Megatron's --deterministic-mode turns their deterministic
+# mode on (Triton experts, fixed-tiling router GEMM) under torch's deterministic algorithms
+DET_MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2"]
 PRETRAIN_CASES = [
     ("pretrain_mhc", ["layer_specs.pretrain", "mhc_block_spec"], "mhc:\n  num_streams: 4\n  fp32_params: true\n",
      [], "env"),
@@ -293,14 +296,16 @@ PRETRAIN_CASES = [
     # twice under Megatron's --deterministic-mode (the first also with the mhc knob): pinned
     # tilings, so the two runs' losses are equal to every printed digit
     ("mhc_deterministic", ["layer_specs.pretrain", "mhc_block_spec"],
-     "mhc:\n  num_streams: 4\n  deterministic: true\n", ["--deterministic-mode"], "env"),
+     "mhc:\n  num_streams: 4\n  deterministic: true\nmoe:\n  impl: fused\n", ["--deterministic-mode", *DET_MOE],
+     "env"),
     ("mhc_deterministic_again", ["layer_specs.pretrain", "mhc_block_spec"],
-     "mhc:\n  num_streams: 4\n", ["--deterministic-mode"], "env"),
+     "mhc:\n  num_streams: 4\nmoe:\n  impl: fused\n", ["--deterministic-mode", *DET_MOE], "env"),
     # and once more replayed by Megatron's local CUDA graphs: the same tilings, so the eager runs'
     # losses bit for bit (autotuned, a graphed run can differ from its eager twin in the last
     # digits: each process times its own tilings)
     ("mhc_deterministic_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],
-     "mhc:\n  num_streams: 4\n", ["--deterministic-mode", "--cuda-graph-impl", "local"], "env"),
+     "mhc:\n  num_streams: 4\nmoe:\n  impl: fused\n", ["--deterministic-mode", "--cuda-graph-impl", "local",
+                                                          *DET_MOE], "env"),
     # the fused MoE layer's router state under Megatron's own loop: its finalize_model_grads moves
     # the aux-loss-free bias and the quantile-balancing bias, which stay fp32 in the bf16 model
     ("moe_expert_bias", ["layer_specs.moe", "moe_block_spec"], None,
@@ -402,8 +407,9 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
     start-up): 10 steps, finite falling loss, the layers the knobs ask for, a distributed checkpoint
     (the fused-MoE run with Megatron's distributed optimizer, whose default checkpoint format
     stores the optimizer state against the model's sharded tensors); the mHC run under Megatron's
-    CUDA graphs gives the eager run's losses (also with sparse attention and the fused MoE), and three mHC runs under Megatron's --deterministic-mode
-    (pinned kernel tilings; one replayed as CUDA graphs) give equal losses. Then two of them resume from that checkpoint for
+    CUDA graphs gives the eager run's losses (also with sparse attention and the fused MoE), and three mHC + fused MoE runs under
+    Megatron's --deterministic-mode (pinned mixer tilings, the MoE layer's deterministic mode; one replayed as CUDA graphs)
+    give equal losses. Then two of them resume from that checkpoint for
     steps 11-12."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
@@ -446,6 +452,7 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
         eager, graphed = (_pretrain_log(layers[n])[1] for n in (eager_run, graphed_run))
         assert max(abs(a - b) / abs(a) for a, b in zip(eager, graphed)) < 1e-3, (graphed_run, eager, graphed)
     assert "built 4 cuda graph(s)" in layers["mhc_deterministic_cuda_graphs"]
+    assert all("FusedMoELayer" in layers[n] for n in ("mhc_deterministic", "mhc_deterministic_cuda_graphs"))
     det = [_pretrain_log(layers[n])[1]  # the printed losses (one fixed format): equal digits
            for n in ("mhc_deterministic", "mhc_deterministic_again", "mhc_deterministic_cuda_graphs")]
     assert len(det[0]) == 10 and det[0] == det[1] == det[2], det
