@@ -28,7 +28,8 @@ _INTERPRETER_TILE = (16, 16, 16, 1, 1)
 def _rows_mm_kernel(a_ptr, w_ptr, out_ptr, M, N, K, s_am, s_ak, s_wk, s_wn, s_om, s_on,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     PRECISION: tl.constexpr):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 row offsets: n * K can pass 2**31 elements (the EP lane's expert rows at a wide hidden size)
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
