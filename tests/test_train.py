@@ -237,3 +237,18 @@ def test_deterministic_mode_refuses_a_nondeterministic_environment(tmp_path, cap
                    "environment does not give bitwise-repeatable steps; use CUBLAS_WORKSPACE_CONFIG unset "
                    "or one of [':4096:8', ':16:8']")
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("recompute", [["--recompute-granularity", "full"],
+                                       ["--recompute-granularity", "selective", "--recompute-modules", "moe,core_attn"]],
+                         ids=["full", "selective_moe"])
+def test_mtp_layers_under_activation_recompute_repeat_the_plain_run(tmp_path, recompute):
+    """Megatron's activation recompute with an MTP layer on fused MoE layers: the recomputed
+    forward (the MTP layer's included) gives the plain run's LM and MTP losses bit for bit."""
+    args = ["--mtp-num-layers", "1", "--num-experts", "4", "--moe-aux-loss-coeff", "0.01", "--train-iters", "4",
+            "--eval-iters", "0"]
+    plain, again = tmp_path / "plain", tmp_path / "recompute"
+    assert train_inprocess(plain, *args) == 0
+    assert train_inprocess(again, *args, *recompute) == 0
+    rows = [[(r["loss"], r["mtp_1 loss"]) for r in _rows(run)] for run in (plain, again)]
+    assert len(rows[0]) == 4 and rows[0] == rows[1]
