@@ -81,7 +81,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import math
 import time
 from typing import Callable, Dict, Iterable, List, Optional
@@ -142,7 +141,7 @@ def rows_mm(a: Tensor, w: Tensor, deterministic: bool) -> Tensor:
     one library GEMM per zero-padded 16-row chunk."""
     if not deterministic:
         return a @ w
-    if a.is_cuda and importlib.util.find_spec("triton") is not None:
+    if a.is_cuda and compat.HAVE_TRITON:
         from megatron_ext.ops.moe import invariant_mm
 
         if invariant_mm.usable(a):
