@@ -1,6 +1,9 @@
 """Fused MoE layer fwd+bwd with and without --moe-deterministic, and the deterministic mode's
 chunked lanes (every GEMM on zero-padded 16-row chunks: what the mode ran everywhere before the
-Triton lanes, and still runs on CPU), at the MoE benchmark's shape. CUDA only.
+Triton lanes, and still runs on CPU), at the MoE benchmark's shape; then one EP=8 rank's expert
+compute after the dispatch (its 8 local experts on the rows of 8 ranks of 8192 tokens, top-6),
+deterministic, through the Triton experts (the lane now) and through one fixed-tiling GEMM per
+expert (the lane before). CUDA only.
 
     PYTHONPATH=. python scripts/moe_deterministic_speed.py [--chunked-steps 3]
 """
@@ -27,6 +30,32 @@ def _median_ms(step, steps: int, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _ep_rank_rows(steps: int):
+    """(name, ms) of one EP=8 rank's deterministic expert compute, fwd+bwd, both lanes."""
+    from megatron_ext.modules.moe import _ffn_rows_deterministic
+    from megatron_ext.ops.moe import moe_ffn
+
+    H, F, E_local, n = 2048, 1408, 8, 8 * 8192 * 6 // 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(n, H, generator=g, device="cuda").to(torch.bfloat16).requires_grad_()
+    local = torch.sort(torch.randint(0, E_local, (n,), generator=g, device="cuda")).values
+    p = torch.rand(n, generator=g, device="cuda").requires_grad_()
+    w1 = (torch.randn(E_local, H, 2 * F, generator=g, device="cuda") * H ** -0.5).to(**dev).requires_grad_()
+    w2 = (torch.randn(E_local, F, H, generator=g, device="cuda") * F ** -0.5).to(**dev).requires_grad_()
+    dy = torch.randn(n, H, generator=g, device="cuda").to(torch.bfloat16)
+
+    def triton_lane():
+        moe_ffn(x, p[:, None], local[:, None], w1, w2, "swiglu").backward(dy)
+
+    def per_expert_lane():
+        (_ffn_rows_deterministic(x, local, w1, w2, "swiglu").float() * p[:, None]).backward(dy.float())
+
+    return [(f"EP=8 rank's experts ({n} rows, {E_local} experts), Triton experts (now)",
+             _median_ms(triton_lane, steps)),
+            ("the same, one fixed-tiling GEMM per expert (before)", _median_ms(per_expert_lane, steps))]
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -43,6 +72,7 @@ def main(argv=None) -> None:
             ("FusedMoELayer --moe-deterministic (Triton experts, fixed-tiling GEMMs)",
              _median_ms(bm._ours_layer_setup(d, "cuda", deterministic=True), args.steps))]
     # the chunked lanes, as on CPU: neither Triton lane is offered to the layer
+    invariant_bi, usable = layer_module.batch_invariant, invariant_mm.usable
     layer_module.batch_invariant = lambda *a, **k: False
     invariant_mm.usable = lambda a: False
     rows.append(("FusedMoELayer --moe-deterministic, chunked lanes",
@@ -52,6 +82,11 @@ def main(argv=None) -> None:
     print("| layer | ms | x plain |\n|---|---:|---:|")
     for name, ms in rows:
         print(f"| {name} | {ms:.3f} | {ms / rows[0][1]:.2f} |")
+    layer_module.batch_invariant, invariant_mm.usable = invariant_bi, usable
+    ep = _ep_rank_rows(args.steps)
+    print("\n| one EP=8 rank, deterministic, after the dispatch | ms | x Triton |\n|---|---:|---:|")
+    for name, ms in ep:
+        print(f"| {name} | {ms:.3f} | {ms / ep[0][1]:.2f} |")
 
 
 if __name__ == "__main__":

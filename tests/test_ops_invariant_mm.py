@@ -133,3 +133,99 @@ def test_gpu_deterministic_moe_layer_runs_the_fused_lanes_batch_invariant():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "det-layer-ok" in proc.stdout
+
+
+# Two ranks on one GPU: NCCL refuses two ranks on a device, gloo carries the CUDA tensors through
+# the host. DEV=cpu runs the same script on the CPU lane (the chunked experts), which checks the
+# script itself where no GPU is.
+_EP_SCRIPT = r"""
+import os, torch, torch.distributed as dist
+dev = os.environ.get("DEV", "cuda")
+if dev == "cuda":
+    torch.cuda.set_device(0)
+dist.init_process_group("gloo")
+from patches import apply_patches
+apply_patches(dev)
+from megatron_ext import backends, compat
+compat.initialize_model_parallel(1, 1, 2)
+compat.seed_model_parallel(1234)
+from megatron_ext.config import from_preset
+from megatron_ext.modules import moe as moe_mod
+from megatron_ext.training.model import transformer_config
+rank = dist.get_rank()
+tconfig = transformer_config(from_preset("test", hidden_size=256, num_attention_heads=4, num_experts=8,
+                                         moe_ffn_hidden_size=192, moe_router_topk=2,
+                                         moe_shared_expert_intermediate_size=256, moe_deterministic=True,
+                                         expert_model_parallel_size=2), dev, True)
+torch.manual_seed(0)
+dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+layer = moe_mod.FusedMoELayer(tconfig).to(device=dev, dtype=dtype).train()
+layer.set_layer_number(1)
+assert layer.ep_size == 2 and layer.num_local_experts == 4
+g = torch.Generator(device=dev).manual_seed(5 + rank)   # each rank its own tokens
+x = torch.randn(96, 2, 256, device=dev, generator=g).to(dtype)
+dy = torch.randn(96, 2, 256, device=dev, generator=g).to(dtype)
+def step(xs, dys):
+    layer.zero_grad()
+    xi = xs.clone().requires_grad_()
+    y = layer(xi)[0]
+    y.backward(dys)
+    return [y.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters()]
+first, second = step(x, dy), step(x, dy)
+assert all(torch.equal(a, b) for a, b in zip(first, second)), "two identical steps differ"
+# the first 3 sequence positions alone: the same output and input-gradient rows, bitwise
+part = step(x[:3].contiguous(), dy[:3].contiguous())
+assert torch.equal(part[0], first[0][:3]) and torch.equal(part[1], first[1][:3]), "rows changed with the batch"
+seen = {(r["op"], r["observed"]) for r in backends.records()}
+if dev == "cuda":
+    assert ("moe_ffn.deterministic", "triton") in seen, seen
+    assert not any(o == "deterministic_chunks" for _, o in seen), seen
+    # the lane it replaced at EP > 1 (each expert's rows through the fixed-tiling GEMM, fp32 back)
+    # gives the same values up to bf16 rounding
+    moe_mod.batch_invariant = lambda *a, **k: False
+    ref = step(x, dy)
+    for i, (a, b) in enumerate(zip(first, ref)):
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        assert err < 2e-2, (i, err)
+else:
+    assert ("moe_ffn", "deterministic_chunks") in seen, seen
+print(f"ep-det-ok rank {rank}", flush=True)
+"""
+
+
+def _run_ep_script(dev: str, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    script = tmp_path / "ep_det.py"
+    script.write_text(_EP_SCRIPT)
+    env = dict(subprocess_env(), DEV=dev, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(_free_port()), str(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert proc.stdout.count("ep-det-ok") == 2, proc.stdout[-2000:]
+
+
+def _free_port() -> int:
+    from megatron_ext.training.distributed import free_port
+
+    return free_port()
+
+
+@pytest.mark.multirank
+def test_ep2_deterministic_layer_repeats_and_is_batch_invariant_on_cpu(tmp_path):
+    """--moe-deterministic at EP=2 (gloo, CPU lane: the chunked experts): two steps bitwise
+    equal, a token's rows the same in a smaller batch."""
+    _run_ep_script("cpu", tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+def test_gpu_ep2_deterministic_layer_runs_the_triton_experts(tmp_path):
+    """--moe-deterministic at EP=2 on the GPU (two ranks on one device over gloo): the Triton
+    experts after the dispatch, bitwise repeatable and batch-invariant, within bf16 rounding of
+    the per-expert fixed-tiling lane they replace."""
+    _run_ep_script("cuda", tmp_path)

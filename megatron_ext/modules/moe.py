@@ -891,18 +891,20 @@ class FusedMoELayer(MegatronModule):
         if in_scale is not None:
             x = (x.float() * in_scale).to(x.dtype)   # Megatron's order: fp32 product, then the model dtype
         # The Triton experts are deterministic and batch-invariant as they are, so the deterministic
-        # mode runs them (EP = 1) and keeps the fixed-chunk GEMMs for the other lanes
-        fused = self.ep_size == 1 and (not det or batch_invariant(x, self.w1, self.w2, self.moe.backend))
+        # mode runs them (at any EP) and keeps the fixed-chunk GEMMs for the other lanes
+        lane_ok = not det or batch_invariant(x, self.w1, self.w2, self.moe.backend)
+        fused = self.ep_size == 1 and lane_ok
         if det:   # recorded in the receipt like any backend choice; a backend asked by name is not run
-            if fused:
+            if lane_ok:
                 backends.note("moe_ffn.deterministic", "auto", "triton",
                               "--moe-deterministic: the Triton experts (no atomics, fixed K order, tiles "
                               "independent of the token count) are batch-invariant as they are")
             else:
                 (backends.note if self.moe.backend == "auto" else backends.fallback)(
                     "moe_ffn", self.moe.backend, "deterministic_chunks",
-                    "--moe-deterministic: each expert's GEMMs on fixed 16-row chunks, so a row's result "
-                    "does not depend on its batch (docs/moe.md, Deterministic mode)")
+                    "--moe-deterministic: each expert's rows through a GEMM of fixed tiling (CUDA) or "
+                    "on fixed 16-row chunks, so a row's result does not depend on its batch "
+                    "(docs/moe.md, Deterministic mode)")
         if fused:
             out = self._latent_up(moe_ffn(x, probs, indices, self.w1, self.w2, self.activation,
                                           self.moe.backend, pregather=self.moe.pregather,
@@ -922,7 +924,7 @@ class FusedMoELayer(MegatronModule):
             y = _ffn_rows_deterministic(rows, e_rows, self.w1, self.w2, self.activation, self.recompute_act)
             y = y.float() * p_rows[:, None].float()
         else:
-            y, shared_out = self._expert_parallel(rows, p_rows, e_rows, shared)
+            y, shared_out = self._expert_parallel(rows, p_rows, e_rows, shared, chunked=not lane_ok)
         # fp32 [T, H]: each token's k rows summed j = 0..k-1, read through inv (no fp32 pair rows)
         out = combine_rows(y, order, inv, k)
         if self.latent_w2 is not None:
@@ -962,10 +964,11 @@ class FusedMoELayer(MegatronModule):
         return logits + bias
 
     def _expert_parallel(self, rows: Tensor, p_rows: Tensor, e_rows: Tensor,
-                         shared: Optional[Callable[[], Tensor]] = None):
+                         shared: Optional[Callable[[], Tensor]] = None, chunked: bool = False):
         """Rows sorted by global expert -> (their weighted expert outputs, the shared expert's
         output or None). The dispatch exchanges run asynchronously while the shared expert
-        computes."""
+        computes. ``chunked``: the deterministic mode off the Triton lane (each expert's rows
+        through the fixed-chunk GEMMs)."""
         group, n_local = self.ep_group, self.num_local_experts
         send_counts = torch.bincount(e_rows // n_local, minlength=self.ep_size)
         recv_counts = torch.empty_like(send_counts)
@@ -996,12 +999,14 @@ class FusedMoELayer(MegatronModule):
             # exchange would not run in this rank's backward while the other ranks wait in it:
             # a hang on NCCL, an abort on gloo.
             y = x_in.new_zeros(0, x_in.shape[1]) + (x_in.sum() + p_in.sum()).to(x_in.dtype) * 0
-        elif self.moe.deterministic:
-            # fp32 on the way back: the fixed-order combine stays bitwise batch-invariant
+        elif chunked:
+            # fp32 on the way back, as the EP = 1 chunked lane sums them
             y = _ffn_rows_deterministic(x_in, local, self.w1, self.w2, self.activation,
                                         self.recompute_act).float() * p_in[:, None]
         else:
-            # the model dtype on the way back, like Megatron's combine (half the bytes of fp32)
+            # the model dtype on the way back, like Megatron's combine (half the bytes of fp32).
+            # The deterministic mode runs this lane too: a row's result depends on that row alone
+            # and the combine sums a token's k rows in a fixed order
             y = moe_ffn(x_in, p_in[:, None], local[:, None], self.w1, self.w2, self.activation,
                         self.moe.backend, pregather=self.moe.pregather,
                         recompute_activation=self.recompute_act)
