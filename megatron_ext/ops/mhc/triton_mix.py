@@ -55,6 +55,9 @@ Backward, four kernels (the per-token reduction must finish before any dx can be
     warps, the four raw tiles held or re-loaded, the 16 weights one coalesced row load): the best
     raw dx was 209-212 us against 169-179 us for the linked one at the same bytes, the site
     0.707-0.712 ms against 0.716-0.719. 6-10 us for a side channel: not kept.
+  - this dx pass fused with the previous site's post/res backward (whose new-streams gradient the
+    dx tiles are; 2026-11-24): 488 us at best against 200 + 163 us for the two kernels, the
+    per-token dots of every tile alone ~200 us (docs/mhc.md, "Tried and dropped").
   - dh and this rows kernel as one kernel, one token per program (as the forward's maps + pre):
     110-113 us against 60 + 20 us. The Sinkhorn adjoint of one token (40 dependent rounds through
     the scratch) is exposed per program where 8 tokens per program hide it.
