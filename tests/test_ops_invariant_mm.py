@@ -81,6 +81,25 @@ def test_gpu_rows_are_bitwise_batch_invariant_and_runs_repeat(dtype):
     print("library GEMM rows bitwise equal across batch sizes:", torch.equal(*lib))
 
 
+# The layer scripts' shared part: given `layer`, `x`, `dy`, two identical steps must agree bit for
+# bit, and the first 3 sequence positions alone must give the same output and input-gradient rows
+# (no aux loss in these layers: its gradient is a function of the whole batch's load by definition);
+# `first` holds the steps' tensors and `seen` the (op, observed backend) pairs of the receipt.
+_DET_STEPS = r"""
+def step(xs, dys):
+    layer.zero_grad()
+    xi = xs.clone().requires_grad_()
+    y = layer(xi)[0]
+    y.backward(dys)
+    return [y.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters()]
+first, second = step(x, dy), step(x, dy)
+assert all(torch.equal(a, b) for a, b in zip(first, second)), "two identical steps differ"
+part = step(x[:3].contiguous(), dy[:3].contiguous())
+assert torch.equal(part[0], first[0][:3]) and torch.equal(part[1], first[1][:3]), "rows changed with the batch"
+seen = {(r["op"], r["observed"]) for r in backends.records()}
+"""
+
+
 _LAYER_GPU_SCRIPT = r"""
 import time, torch
 from bench.parallel import ensure_model_parallel
@@ -99,19 +118,7 @@ layer.set_layer_number(1)
 g = torch.Generator(device="cuda").manual_seed(5)
 x = torch.randn(512, 4, 512, device="cuda", generator=g, dtype=torch.bfloat16)
 dy = torch.randn(512, 4, 512, device="cuda", generator=g, dtype=torch.bfloat16)
-def step(xs, dys):
-    layer.zero_grad()
-    xi = xs.clone().requires_grad_()
-    y = layer(xi)[0]
-    y.backward(dys)
-    return [y.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters()]
-first, second = step(x, dy), step(x, dy)
-assert all(torch.equal(a, b) for a, b in zip(first, second)), "two identical steps differ"
-# the first 3 sequence positions alone: the same rows of output and input gradient, bitwise (no
-# aux loss here: its gradient is a function of the whole batch's load by definition)
-part = step(x[:3].contiguous(), dy[:3].contiguous())
-assert torch.equal(part[0], first[0][:3]) and torch.equal(part[1], first[1][:3]), "rows changed with the batch"
-seen = {(r["op"], r["observed"]) for r in backends.records()}
+""" + _DET_STEPS + r"""
 assert ("moe_ffn", "triton") in seen and ("moe.deterministic_gemm", "triton") in seen, seen
 assert not any(o == "deterministic_chunks" for _, o in seen), seen
 print("det-layer-ok", flush=True)
@@ -165,18 +172,7 @@ assert layer.ep_size == 2 and layer.num_local_experts == 4
 g = torch.Generator(device=dev).manual_seed(5 + rank)   # each rank its own tokens
 x = torch.randn(96, 2, 256, device=dev, generator=g).to(dtype)
 dy = torch.randn(96, 2, 256, device=dev, generator=g).to(dtype)
-def step(xs, dys):
-    layer.zero_grad()
-    xi = xs.clone().requires_grad_()
-    y = layer(xi)[0]
-    y.backward(dys)
-    return [y.detach(), xi.grad] + [p.grad.clone() for p in layer.parameters()]
-first, second = step(x, dy), step(x, dy)
-assert all(torch.equal(a, b) for a, b in zip(first, second)), "two identical steps differ"
-# the first 3 sequence positions alone: the same output and input-gradient rows, bitwise
-part = step(x[:3].contiguous(), dy[:3].contiguous())
-assert torch.equal(part[0], first[0][:3]) and torch.equal(part[1], first[1][:3]), "rows changed with the batch"
-seen = {(r["op"], r["observed"]) for r in backends.records()}
+""" + _DET_STEPS + r"""
 if dev == "cuda":
     assert ("moe_ffn.deterministic", "triton") in seen, seen
     assert not any(o == "deterministic_chunks" for _, o in seen), seen
