@@ -891,7 +891,8 @@ class FusedMoELayer(MegatronModule):
         if in_scale is not None:
             x = (x.float() * in_scale).to(x.dtype)   # Megatron's order: fp32 product, then the model dtype
         # The Triton experts are deterministic and batch-invariant as they are, so the deterministic
-        # mode runs them (at any EP) and keeps the fixed-chunk GEMMs for the other lanes
+        # mode runs them (at any EP); elsewhere each expert's rows go through rows_mm's deterministic
+        # GEMMs (one fixed tiling on CUDA, 16-row chunks on CPU)
         lane_ok = not det or batch_invariant(x, self.w1, self.w2, self.moe.backend)
         fused = self.ep_size == 1 and lane_ok
         if det:   # recorded in the receipt like any backend choice; a backend asked by name is not run
@@ -968,7 +969,7 @@ class FusedMoELayer(MegatronModule):
         """Rows sorted by global expert -> (their weighted expert outputs, the shared expert's
         output or None). The dispatch exchanges run asynchronously while the shared expert
         computes. ``chunked``: the deterministic mode off the Triton lane (each expert's rows
-        through the fixed-chunk GEMMs)."""
+        through ``rows_mm``'s deterministic GEMMs, one expert at a time)."""
         group, n_local = self.ep_group, self.num_local_experts
         send_counts = torch.bincount(e_rows // n_local, minlength=self.ep_size)
         recv_counts = torch.empty_like(send_counts)
