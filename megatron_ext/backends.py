@@ -40,6 +40,18 @@ def triton_interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+def built_for_interpreter(*kernels) -> bool:
+    """Whether these ``triton.jit`` kernels (or autotuners around them) were built for the Triton
+    CPU interpreter: ``triton.jit`` decides when the kernel's module is first imported, from
+    TRITON_INTERPRET at that moment, so this can differ from :func:`triton_interpret_env` now."""
+    def interpreted(k) -> bool:
+        return type(k).__name__ == "InterpretedFunction"
+
+    # an autotuner (or this project's TunedKernel) holds its kernel as ``fn``; a kernel's own
+    # ``fn`` is the Python function, so look at the object first
+    return all(interpreted(k) or interpreted(getattr(k, "fn", None)) for k in kernels)
+
+
 def resolve(op: str, requested: str, candidates: Sequence[Tuple[str, Probe]]) -> str:
     """Pick the backend for ``op``.
 

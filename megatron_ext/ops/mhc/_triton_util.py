@@ -23,7 +23,7 @@ def kernels_interpreted() -> bool:
 
     kernels = (triton_mix._mix_proj_kernel, triton_streams._pre_fwd_kernel,
                triton_sinkhorn._sinkhorn_fwd_kernel)
-    return all(type(getattr(k, "fn", k)).__name__ == "InterpretedFunction" for k in kernels)
+    return backends.built_for_interpreter(*kernels)
 
 
 def tuned(configs, key, pin, **kwargs):

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megatron_ext.backends import built_for_interpreter
+
 Tensor = torch.Tensor
 
 # one tiling for every shape (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); the interpreter's is small
@@ -46,7 +48,7 @@ def _rows_mm_kernel(a_ptr, w_ptr, out_ptr, M, N, K, s_am, s_ak, s_wk, s_wn, s_om
 
 def interpreted() -> bool:
     """True when the kernel was built for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_rows_mm_kernel).__name__ == "InterpretedFunction"
+    return built_for_interpreter(_rows_mm_kernel)
 
 
 def _launch(a: Tensor, w: Tensor) -> Tensor:

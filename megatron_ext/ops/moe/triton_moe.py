@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import fallback
+from ...backends import built_for_interpreter, fallback
 from .._tma import tensor_desc
 
 Tensor = torch.Tensor
@@ -250,7 +250,7 @@ INTERPRETER_CONFIG = TileConfig(
 
 def interpreted() -> bool:
     """True when these kernels were built for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_up_kernel).__name__ == "InterpretedFunction"
+    return built_for_interpreter(_up_kernel)
 
 
 def default_config(dtype: torch.dtype) -> TileConfig:

@@ -221,7 +221,7 @@ def _combine_kernel(OP, LSEP, SINK, OUT, s_ob, s_oh, hq, n_splits, dv,
 
 def interpreted() -> bool:
     """True when these kernels were built for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_split_kernel).__name__ == "InterpretedFunction"
+    return backends.built_for_interpreter(_split_kernel)
 
 
 def unusable_reason(q: torch.Tensor, *, auto: bool = False, head_dims=()) -> Optional[str]:

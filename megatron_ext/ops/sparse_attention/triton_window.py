@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...backends import fallback
+from ...backends import built_for_interpreter, fallback
 from .._tma import sm90_or_later, tensor_desc
 
 LOG2E = 1.4426950408889634
@@ -656,7 +656,7 @@ def _bwd_dkdv_reduce_kernel(DKP, DVP, DKS, DVS, DK, DV,
 
 def interpreted() -> bool:
     """True when these kernels were built for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+    return built_for_interpreter(_fwd_kernel)
 
 
 def _group_tiling(group: int, block_m: int) -> Tuple[int, int, int]:
