@@ -15,19 +15,18 @@ import argparse
 import torch
 
 
-def _median_ms(step, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _median_ms(step, steps: int) -> float:
+    """The bench harness's CUDA-event median (L2 flushed before each call) over ``steps`` calls."""
+    from bench.timing import time_cuda
+
+    return time_cuda(step, min_reps=steps, max_reps=steps).median_ms
+
+
+def _print_table(header: str, rows) -> None:
+    """``rows`` of (name, ms) as a markdown table, each against the first row."""
+    print(f"| {header} | ms | x first |\n|---|---:|---:|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.3f} | {ms / rows[0][1]:.2f} |")
 
 
 def _ep_rank_rows(steps: int):
@@ -78,15 +77,12 @@ def main(argv=None) -> None:
     rows.append(("FusedMoELayer --moe-deterministic, chunked lanes",
                  _median_ms(bm._ours_layer_setup(d, "cuda", deterministic=True), args.chunked_steps)))
     print(f"T={d.tokens} H={d.hidden} F={d.ffn} E={d.experts} top-{d.topk} bf16 fwd+bwd, "
-          f"{torch.cuda.get_device_name()}, CUDA-event median")
-    print("| layer | ms | x plain |\n|---|---:|---:|")
-    for name, ms in rows:
-        print(f"| {name} | {ms:.3f} | {ms / rows[0][1]:.2f} |")
+          f"{torch.cuda.get_device_name()}, CUDA-event median, L2 flushed before each call")
+    _print_table("layer", rows)
     layer_module.batch_invariant, invariant_mm.usable = invariant_bi, usable
     ep = _ep_rank_rows(args.steps)
-    print("\n| one EP=8 rank, deterministic, after the dispatch | ms | x Triton |\n|---|---:|---:|")
-    for name, ms in ep:
-        print(f"| {name} | {ms:.3f} | {ms / ep[0][1]:.2f} |")
+    print()
+    _print_table("one EP=8 rank, deterministic, after the dispatch", ep)
 
 
 if __name__ == "__main__":
