@@ -44,6 +44,23 @@ def train_torchrun(run_dir: Path, nproc: int, *extra: str, timeout: int = 300) -
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun_script(script: str, tmp_path: Path, nproc: int, marker: str, timeout: int = 600,
+                    **env_extra: str) -> subprocess.CompletedProcess:
+    """Run ``script`` (Python source) on ``nproc`` ranks under torchrun from the repository root
+    and check that every rank printed ``marker``."""
+    from megatron_ext.training.distributed import free_port
+
+    path = tmp_path / "torchrun_script.py"
+    path.write_text(script)
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1", **env_extra)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           "--master-port", str(free_port()), str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert proc.stdout.count(marker) == nproc, proc.stdout[-2000:]
+    return proc
+
+
 def train_losses(run_dir: Path) -> List[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     return [r["loss"] for r in rows if r["kind"] == "train"]

@@ -1214,6 +1214,90 @@ def test_gpu_fused_moe_trains_in_bf16(tmp_path):
     assert train_losses(det)[-1] < train_losses(det)[0] - 1.0
 
 
+# EP=2 with both ranks on one GPU (gloo carries the CUDA tensors through the host; NCCL refuses two
+# ranks on one device): the Triton experts after the dispatch, the shared expert computed while the
+# dispatch is in flight, and a rank that receives no rows, each against the torch reference on the
+# global experts in fp32.
+_EP2_GPU_SCRIPT = r"""
+import torch, torch.distributed as dist
+torch.cuda.set_device(0)
+dist.init_process_group("gloo")
+from patches import apply_patches
+apply_patches("cuda")
+from megatron_ext import backends, compat
+compat.initialize_model_parallel(1, 1, 2)
+compat.seed_model_parallel(1234)
+from megatron_ext.config import from_preset
+from megatron_ext.modules.moe import FusedMoELayer
+from megatron_ext.ops.moe import moe_ffn
+from megatron_ext.training.model import transformer_config
+rank, H, T, k, E = dist.get_rank(), 256, 200, 2, 8
+tconfig = transformer_config(from_preset("test", hidden_size=H, num_attention_heads=4, num_experts=E,
+                                         moe_ffn_hidden_size=192, moe_router_topk=k,
+                                         expert_model_parallel_size=2), "cuda", True)
+torch.manual_seed(0)
+layer = FusedMoELayer(tconfig).to(device="cuda", dtype=torch.bfloat16).train()
+assert layer.ep_size == 2 and layer.num_local_experts == E // 2 and layer.etp_size == 1
+
+
+def gathered(t):
+    parts = [torch.empty_like(t) for _ in range(2)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def rel(a, b):   # relative norm error; absolute where the reference is zero
+    if a is None:   # a weight no row reached: no gradient, where the reference has zeros
+        a = torch.zeros_like(b)
+    d, n = (a.float() - b.float()).norm().item(), b.float().norm().item()
+    return d / n if n > 0 else d
+
+
+W1, W2 = gathered(layer.w1.detach()).float(), gathered(layer.w2.detach()).float()
+g = torch.Generator(device="cuda").manual_seed(5 + rank)   # each rank its own tokens
+x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
+dy = torch.randn(T, H, device="cuda", generator=g)
+probs = torch.rand(T, k, device="cuda", generator=g)
+w_shared = torch.randn(H, H, device="cuda", generator=g) / H ** 0.5
+spread = torch.rand(T, E, device="cuda", generator=g).argsort(-1)[:, :k]
+first_half = torch.rand(T, E // 2, device="cuda", generator=g).argsort(-1)[:, :k]  # rank 0's experts only
+for name, idx in (("spread", spread), ("rank 1 receives nothing", first_half)):
+    for p in layer.parameters():
+        p.grad = None
+    xi, pi = x.detach().clone().requires_grad_(), probs.detach().clone().requires_grad_()
+    y = layer._routed(xi, pi, idx, lambda: xi.float() @ w_shared)
+    y.backward(dy)
+    assert (layer.last_recv_rows == 0) == (name != "spread" and rank == 1), (name, layer.last_recv_rows)
+    xr, pr = x.detach().float().clone().requires_grad_(), probs.detach().clone().requires_grad_()
+    w1r, w2r = W1.clone().requires_grad_(), W2.clone().requires_grad_()
+    ref = moe_ffn(xr, pr, idx, w1r, w2r, layer.activation, backend="torch") + xr @ w_shared
+    ref.backward(dy)
+    for t in (w1r.grad, w2r.grad):   # a rank's experts take both ranks' tokens
+        dist.all_reduce(t)
+    mine = slice(layer.local_offset, layer.local_offset + layer.num_local_experts)
+    errs = {"out": rel(y, ref), "dx": rel(xi.grad, xr.grad), "dprobs": rel(pi.grad, pr.grad),
+            "dw1": rel(layer.w1.grad, w1r.grad[mine]), "dw2": rel(layer.w2.grad, w2r.grad[mine])}
+    assert max(errs.values()) < 2e-2, (name, rank, errs)
+    print(f"rank {rank} {name}: {errs}", flush=True)
+seen = {(r["op"], r["observed"]) for r in backends.records()}
+assert ("moe_ffn", "triton") in seen, seen
+print(f"ep2-gpu-ok rank {rank}", flush=True)
+compat.destroy_model_parallel()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_ep2_triton_experts_match_the_reference(tmp_path):
+    """EP=2 on the GPU (two ranks on one device over gloo): the dispatched rows through the
+    Triton experts, the overlapped shared expert and an empty rank match the torch reference on
+    the global experts: output, input, gate and both weight gradients."""
+    from tests.helpers import torchrun_script
+
+    torchrun_script(_EP2_GPU_SCRIPT, tmp_path, 2, "ep2-gpu-ok")
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("moe_ffn_hidden_size", 33, "moe_ffn_hidden_size=33"),
     ("moe_shared_expert_intermediate_size", 15, "moe_shared_expert_intermediate_size=15"),

@@ -192,25 +192,9 @@ dist.destroy_process_group()   # a rank that exits with the group alive can abor
 
 
 def _run_ep_script(dev: str, tmp_path):
-    import subprocess
-    import sys
+    from tests.helpers import torchrun_script
 
-    from tests.helpers import ROOT, subprocess_env
-
-    script = tmp_path / "ep_det.py"
-    script.write_text(_EP_SCRIPT)
-    env = dict(subprocess_env(), DEV=dev, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_free_port()), str(script)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    assert proc.stdout.count("ep-det-ok") == 2, proc.stdout[-2000:]
-
-
-def _free_port() -> int:
-    from megatron_ext.training.distributed import free_port
-
-    return free_port()
+    torchrun_script(_EP_SCRIPT, tmp_path, 2, "ep-det-ok", DEV=dev)
 
 
 @pytest.mark.multirank

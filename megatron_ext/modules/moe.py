@@ -244,9 +244,10 @@ def router_logits(x: Tensor, w: Tensor, deterministic: bool = False) -> Tensor:
     return rows_mm(x.float(), w.float().t(), deterministic)
 
 
-def _ffn_rows_deterministic(rows: Tensor, local_ids: Tensor, w1: Tensor, w2: Tensor,
+def _ffn_rows_deterministic(rows: Tensor, local_ids: Tensor, probs: Tensor, w1: Tensor, w2: Tensor,
                             activation: str, recompute_activation: bool = False) -> Tensor:
-    """Unweighted expert FFN of each row ``rows [n, H]`` for its expert ``local_ids [n]``;
+    """Expert FFN of each row ``rows [n, H]`` for its expert ``local_ids [n]``, weighted by its
+    gate ``probs [n]`` in fp32 (``[n, H]`` fp32: the caller sums a token's rows in that dtype);
     ``recompute_activation``: the padded activation output the chunked GEMM saves is rebuilt in
     backward instead of kept (``ops.moe.recompute``)."""
     out = rows.new_zeros(rows.shape[0], w2.shape[2])
@@ -261,7 +262,7 @@ def _ffn_rows_deterministic(rows: Tensor, local_ids: Tensor, w1: Tensor, w2: Ten
         else:
             y = rows_mm(expert_activation(a, activation), w2[e], True)
         out = out.index_copy(0, sel, y)
-    return out
+    return out.float() * probs[:, None].float()
 
 
 class _Pending:
@@ -922,8 +923,8 @@ class FusedMoELayer(MegatronModule):
         e_rows = flat_e[order]
         shared_out = None
         if self.ep_size == 1:
-            y = _ffn_rows_deterministic(rows, e_rows, self.w1, self.w2, self.activation, self.recompute_act)
-            y = y.float() * p_rows[:, None].float()
+            y = _ffn_rows_deterministic(rows, e_rows, p_rows, self.w1, self.w2, self.activation,
+                                        self.recompute_act)
         else:
             y, shared_out = self._expert_parallel(rows, p_rows, e_rows, shared, chunked=not lane_ok)
         # fp32 [T, H]: each token's k rows summed j = 0..k-1, read through inv (no fp32 pair rows)
@@ -1002,8 +1003,8 @@ class FusedMoELayer(MegatronModule):
             y = x_in.new_zeros(0, x_in.shape[1]) + (x_in.sum() + p_in.sum()).to(x_in.dtype) * 0
         elif chunked:
             # fp32 on the way back, as the EP = 1 chunked lane sums them
-            y = _ffn_rows_deterministic(x_in, local, self.w1, self.w2, self.activation,
-                                        self.recompute_act).float() * p_in[:, None]
+            y = _ffn_rows_deterministic(x_in, local, p_in, self.w1, self.w2, self.activation,
+                                        self.recompute_act)
         else:
             # the model dtype on the way back, like Megatron's combine (half the bytes of fp32).
             # The deterministic mode runs this lane too: a row's result depends on that row alone
