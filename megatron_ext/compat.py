@@ -5,11 +5,13 @@ never for a version number.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import logging
-from typing import Any, Dict, Tuple
+import queue
+from typing import Any, Dict, Iterator, Tuple
 
 from packaging.version import Version
 
@@ -28,6 +30,37 @@ def _has(module: str) -> bool:
 HAVE_TE = _has("transformer_engine") and _has("transformer_engine.pytorch")
 HAVE_APEX = _has("apex")
 HAVE_TRITON = _has("triton")
+
+
+def _eager_compile(model=None, **kwargs):
+    """``torch.compile`` as it behaves with compilation switched off: the function itself."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def import_megatron_core():
+    """Import megatron-core. Where torch.compile is switched off (``TORCH_COMPILE_DISABLE=1``: the
+    CPU lane and the tests), its import-time ``torch.compile`` decorators (``megatron.core.jit``'s
+    ``jit_fuser``, about 40 fused functions) are given the plain functions they would run anyway:
+    otherwise each call imports TorchDynamo and Inductor first, 1.4 s of every process's start on
+    a 2-core CPU, for code that then runs eagerly. torch.compile itself is put back afterwards."""
+    import os
+    import sys
+
+    if "megatron.core" in sys.modules or os.environ.get("TORCH_COMPILE_DISABLE") != "1":
+        import megatron.core
+
+        return megatron.core
+    import torch
+
+    compile_fn = torch.compile
+    torch.compile = _eager_compile
+    try:
+        import megatron.core
+    finally:
+        torch.compile = compile_fn
+    log.debug("megatron-core imported with torch.compile off (TORCH_COMPILE_DISABLE=1): its fused "
+              "functions run eagerly, as torch.compile would run them")
+    return megatron.core
 
 
 @functools.lru_cache(maxsize=None)
@@ -313,3 +346,26 @@ def record_moe_aux_loss(name: str, value, layer_number: int, num_layers: int) ->
                          reduce_group=None, avg_group=None, needs_dp_avg=True)
     else:
         moe_utils.save_to_aux_losses_tracker(name, value, layer_number, num_layers)
+
+
+@contextlib.contextmanager
+def in_process_save_results() -> Iterator[None]:
+    """A synchronous ``dist_checkpointing.save`` hands its write results back through an in-process
+    queue instead of the ``multiprocessing`` manager Megatron's file writer starts for them (both
+    0.16.1 and 0.19.2 keep it in ``filesystem_async._results_queue``). That manager is a "spawn"
+    server that has to import torch to unpickle the results: about 2 s on the first save of every
+    process, while a synchronous save reads them back in the same process. Megatron's own queue is
+    put back afterwards, so its asynchronous saves, which need the manager, keep it."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        fa = None
+    if fa is None or not hasattr(fa, "_results_queue"):
+        yield
+        return
+    previous = fa._results_queue
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = previous

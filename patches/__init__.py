@@ -86,6 +86,9 @@ def apply_patches(lane: str) -> List[str]:
 
     Returns the names applied by this call (earlier calls' patches are not repeated).
     """
+    from megatron_ext.compat import import_megatron_core
+
+    import_megatron_core()
     from megatron.core import package_info
 
     _load_all()

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from megatron_ext import compat
 from megatron_ext.observability.files import write_text_atomic
 from megatron_ext.training.distributed import barrier
 
@@ -76,7 +77,8 @@ def _write(root: Path, iteration: int, state: Dict[str, Any]) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
     barrier()
-    dist_checkpointing.save(state, str(partial))
+    with compat.in_process_save_results():
+        dist_checkpointing.save(state, str(partial))
     barrier()
     if _is_rank0():
         shutil.rmtree(final, ignore_errors=True)
