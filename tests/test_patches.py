@@ -76,3 +76,50 @@ def test_the_megatron_core_under_test_is_the_one_asked_for():
     if expected:
         assert version == Version(expected), f"imported megatron-core {version} from {megatron.core.__file__}"
         assert compat.package_versions().get("megatron-core") == expected
+
+
+def test_megatron_core_imports_without_dynamo_when_compile_is_off():
+    """With TORCH_COMPILE_DISABLE=1, ``compat.import_megatron_core`` gives Megatron's import-time
+    torch.compile decorators the plain functions (a fresh process: this one has Megatron already),
+    so TorchDynamo and Inductor are not imported, torch.compile is put back, and a fused function
+    computes what its unfused expression does."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, subprocess_env
+
+    script = (
+        "import sys, torch\n"
+        "compile_fn = torch.compile\n"
+        "from megatron_ext.compat import import_megatron_core, _eager_compile\n"
+        "import_megatron_core()\n"
+        "from megatron.core import jit\n"
+        "from megatron.core.fusions.fused_bias_gelu import bias_gelu\n"
+        "assert 'torch._dynamo' not in sys.modules and 'torch._inductor' not in sys.modules\n"
+        "assert torch.compile is compile_fn and jit.jit_fuser is _eager_compile\n"
+        "assert type(bias_gelu).__name__ == 'function', type(bias_gelu)   # not a compile wrapper\n"
+        "b, y = torch.randn(8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)\n"
+        "x = b + y\n"
+        "ref = x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))\n"
+        "assert torch.allclose(bias_gelu(b, y), ref, rtol=1e-12, atol=1e-12)\n"
+        "print('eager-import-ok')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(subprocess_env(), TORCH_COMPILE_DISABLE="1"), timeout=120)
+    assert proc.returncode == 0 and "eager-import-ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_synchronous_saves_read_their_results_in_process():
+    """``compat.in_process_save_results``: inside, Megatron's file writer hands its results through
+    an in-process queue (no manager process); Megatron's own queue is back afterwards, also after
+    an error."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    before = fa._results_queue
+    with compat.in_process_save_results():
+        assert isinstance(fa._results_queue, queue.Queue)
+    assert fa._results_queue is before
+    with pytest.raises(RuntimeError), compat.in_process_save_results():
+        raise RuntimeError("save failed")
+    assert fa._results_queue is before
