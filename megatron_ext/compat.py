@@ -232,19 +232,23 @@ def seed_model_parallel(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_model_parallel() -> None:
+def destroy_model_parallel(destroy_groups: bool = False) -> None:
     """Megatron's ``destroy_model_parallel``, which forgets its groups but leaves the torch process
-    groups alive (about 23 per call on megatron-core 0.19.2, even at world size 1). On gloo they
-    are destroyed here: destroyed together at the end of a process that initialised many times
-    (the tests: hundreds of in-process runs and layers), they took 5 ms each, up to 20 s in one
-    call. On NCCL they are left to the process group's own destroy, which the caller may have to
-    turn into an abort after a failure (``training.distributed.shutdown``)."""
+    groups alive (23 a call on megatron-core 0.19.2, even at world size 1) until the default group
+    is destroyed. A process that initialises many times (the tests' in-process layers) piles them
+    up, and destroying hundreds at once took 5 ms each (up to 20 s in one call).
+    ``destroy_groups``: destroy the gloo groups the last :func:`initialize_model_parallel` made
+    now. Only where nothing built on them outlives this call: torch's DTensor keeps device meshes
+    in caches that compare meshes by their ranks, so a later FSDP2 mesh over the same ranks can be
+    handed the destroyed group. NCCL groups are never destroyed here (the caller may have to abort
+    them after a failure: ``training.distributed.shutdown``)."""
     import torch
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
     groups, _MODEL_PARALLEL_GROUPS[:] = list(_MODEL_PARALLEL_GROUPS), []
-    if not torch.distributed.is_initialized() or torch.distributed.get_backend() != "gloo":
+    if (not destroy_groups or not torch.distributed.is_initialized()
+            or torch.distributed.get_backend() != "gloo"):
         return
     live = set(_live_process_groups())
     for g in groups:

@@ -91,7 +91,7 @@ def cpu_model_parallel(seed: Optional[int] = None):
     try:
         yield
     finally:
-        compat.destroy_model_parallel()
+        compat.destroy_model_parallel(destroy_groups=True)
         if created:
             dist.destroy_process_group()
 

@@ -453,7 +453,7 @@ def cuda_parallel_state():
     try:
         yield
     finally:
-        compat.destroy_model_parallel()
+        compat.destroy_model_parallel(destroy_groups=True)
 
 
 @pytest.mark.gpu

@@ -34,7 +34,7 @@ def megatron_world():
     STATE.reset()
     compat.clear_moe_aux_loss_tracker(drop=True)   # sized by the first model that logs: the MTP tests add a slot
     yield
-    compat.destroy_model_parallel()
+    compat.destroy_model_parallel(destroy_groups=True)
     compat.clear_moe_aux_loss_tracker()
     # A backward without a schedule makes Megatron create a 0-d loss scale that the schedule's
     # later set_loss_scale (a [1] tensor) cannot copy into: leave none behind for in-process runs.

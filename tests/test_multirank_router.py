@@ -55,7 +55,7 @@ def _config_at(tp: int, ep: int = 1, etp=None, **moe):
     from megatron_ext import compat
     from tests import test_moe_layer as t
 
-    compat.destroy_model_parallel()
+    compat.destroy_model_parallel(destroy_groups=True)
     compat.initialize_model_parallel(tp, 1, ep, etp=etp)
     compat.seed_model_parallel(1234)
     torch.manual_seed(1234)   # the CPU generator the initialisation draws from: the same on every rank
