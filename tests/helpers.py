@@ -44,6 +44,31 @@ def train_torchrun(run_dir: Path, nproc: int, *extra: str, timeout: int = 300) -
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+# The ends of a script run by torchrun_script on two ranks that share one device over gloo at EP=2
+# (DEV=cuda, the default: both ranks on GPU 0, where NCCL refuses two ranks on one device and gloo
+# carries the CUDA tensors through the host; DEV=cpu: the CPU lane). The preamble defines ``dev``,
+# ``rank``, ``dist``, ``backends``, ``compat``, ``from_preset`` and ``transformer_config``.
+EP2_ONE_DEVICE_PREAMBLE = r"""
+import os, torch, torch.distributed as dist
+dev = os.environ.get("DEV", "cuda")
+if dev == "cuda":
+    torch.cuda.set_device(0)
+dist.init_process_group("gloo")
+from patches import apply_patches
+apply_patches(dev)
+from megatron_ext import backends, compat
+compat.initialize_model_parallel(1, 1, 2)
+compat.seed_model_parallel(1234)
+from megatron_ext.config import from_preset
+from megatron_ext.training.model import transformer_config
+rank = dist.get_rank()
+"""
+EP2_ONE_DEVICE_TEARDOWN = r"""
+compat.destroy_model_parallel()
+dist.destroy_process_group()   # a rank that exits with the group alive can abort in gloo's teardown
+"""
+
+
 def torchrun_script(script: str, tmp_path: Path, nproc: int, marker: str, timeout: int = 600,
                     **env_extra: str) -> subprocess.CompletedProcess:
     """Run ``script`` (Python source) on ``nproc`` ranks under torchrun from the repository root

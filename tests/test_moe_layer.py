@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_ext import compat
-from tests.helpers import receipt, train_inprocess, train_losses
+from tests.helpers import (EP2_ONE_DEVICE_PREAMBLE, EP2_ONE_DEVICE_TEARDOWN, receipt, train_inprocess,
+                           train_losses)
 
 S, B, H, E, F = 8, 2, 32, 4, 48
 RUN = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "100",
@@ -1214,24 +1215,13 @@ def test_gpu_fused_moe_trains_in_bf16(tmp_path):
     assert train_losses(det)[-1] < train_losses(det)[0] - 1.0
 
 
-# EP=2 with both ranks on one GPU (gloo carries the CUDA tensors through the host; NCCL refuses two
-# ranks on one device): the Triton experts after the dispatch, the shared expert computed while the
-# dispatch is in flight, and a rank that receives no rows, each against the torch reference on the
-# global experts in fp32.
-_EP2_GPU_SCRIPT = r"""
-import torch, torch.distributed as dist
-torch.cuda.set_device(0)
-dist.init_process_group("gloo")
-from patches import apply_patches
-apply_patches("cuda")
-from megatron_ext import backends, compat
-compat.initialize_model_parallel(1, 1, 2)
-compat.seed_model_parallel(1234)
-from megatron_ext.config import from_preset
+# EP=2 with both ranks on one GPU (tests.helpers.EP2_ONE_DEVICE_PREAMBLE): the Triton experts after
+# the dispatch, the shared expert computed while the dispatch is in flight, and a rank that receives
+# no rows, each against the torch reference on the global experts in fp32.
+_EP2_GPU_SCRIPT = EP2_ONE_DEVICE_PREAMBLE + r"""
 from megatron_ext.modules.moe import FusedMoELayer
 from megatron_ext.ops.moe import moe_ffn
-from megatron_ext.training.model import transformer_config
-rank, H, T, k, E = dist.get_rank(), 256, 200, 2, 8
+H, T, k, E = 256, 200, 2, 8
 tconfig = transformer_config(from_preset("test", hidden_size=H, num_attention_heads=4, num_experts=E,
                                          moe_ffn_hidden_size=192, moe_router_topk=k,
                                          expert_model_parallel_size=2), "cuda", True)
@@ -1282,9 +1272,7 @@ for name, idx in (("spread", spread), ("rank 1 receives nothing", first_half)):
 seen = {(r["op"], r["observed"]) for r in backends.records()}
 assert ("moe_ffn", "triton") in seen, seen
 print(f"ep2-gpu-ok rank {rank}", flush=True)
-compat.destroy_model_parallel()
-dist.destroy_process_group()
-"""
+""" + EP2_ONE_DEVICE_TEARDOWN
 
 
 @pytest.mark.gpu

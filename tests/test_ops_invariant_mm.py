@@ -7,6 +7,8 @@ from tests.kernel_lane import DEVICE, NO_CUDA, clean_backend_records, triton_mar
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.helpers import EP2_ONE_DEVICE_PREAMBLE, EP2_ONE_DEVICE_TEARDOWN  # noqa: E402
+
 needs_triton = triton_mark("megatron_ext.ops.moe.invariant_mm")
 
 
@@ -142,24 +144,10 @@ def test_gpu_deterministic_moe_layer_runs_the_fused_lanes_batch_invariant():
     assert "det-layer-ok" in proc.stdout
 
 
-# Two ranks on one GPU: NCCL refuses two ranks on a device, gloo carries the CUDA tensors through
-# the host. DEV=cpu runs the same script on the CPU lane (the chunked experts), which checks the
-# script itself where no GPU is.
-_EP_SCRIPT = r"""
-import os, torch, torch.distributed as dist
-dev = os.environ.get("DEV", "cuda")
-if dev == "cuda":
-    torch.cuda.set_device(0)
-dist.init_process_group("gloo")
-from patches import apply_patches
-apply_patches(dev)
-from megatron_ext import backends, compat
-compat.initialize_model_parallel(1, 1, 2)
-compat.seed_model_parallel(1234)
-from megatron_ext.config import from_preset
+# Two ranks on one GPU (tests.helpers.EP2_ONE_DEVICE_PREAMBLE). DEV=cpu runs the same script on the
+# CPU lane (the chunked experts), which checks the script itself where no GPU is.
+_EP_SCRIPT = EP2_ONE_DEVICE_PREAMBLE + r"""
 from megatron_ext.modules import moe as moe_mod
-from megatron_ext.training.model import transformer_config
-rank = dist.get_rank()
 tconfig = transformer_config(from_preset("test", hidden_size=256, num_attention_heads=4, num_experts=8,
                                          moe_ffn_hidden_size=192, moe_router_topk=2,
                                          moe_shared_expert_intermediate_size=256, moe_deterministic=True,
@@ -186,9 +174,7 @@ if dev == "cuda":
 else:
     assert ("moe_ffn", "deterministic_chunks") in seen, seen
 print(f"ep-det-ok rank {rank}", flush=True)
-compat.destroy_model_parallel()
-dist.destroy_process_group()   # a rank that exits with the group alive can abort in gloo's teardown
-"""
+""" + EP2_ONE_DEVICE_TEARDOWN
 
 
 def _run_ep_script(dev: str, tmp_path):

@@ -38,7 +38,7 @@ def maybe_kill(rank: int, iteration: int) -> None:
         sys.stderr.flush()
         if os.getpgid(0) == os.getpid():
             # torchrun starts each worker as a process-group leader: take the rank's helpers with it
-            # (the checkpoint writer's multiprocessing manager), as losing its node would. Orphaned,
+            # (the checkpoint writer's forked file writers), as losing its node would. Orphaned,
             # they would hold the launcher's stdout open forever.
             os.killpg(os.getpid(), signal.SIGKILL)
         os._exit(KILLED_EXIT_CODE)
