@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from launch.hardware import PROFILES, detect, get_profile
 from launch.lanes import parse_lanes, pins_spec
-from launch.plan import TARGETS, Cluster, LaunchPlan, Planner
+from launch.plan import TARGETS, Cluster, LaunchPlan, Planner, recompute_lane
 from megatron_ext.config import ConfigError, TrainConfig
 
 # The byte-level tokenizer of megatron_ext.data (256 bytes + end-of-document + pad).
@@ -37,14 +37,20 @@ def pins_from(cfg: TrainConfig, explicit: Dict[str, Any]) -> Dict[str, object]:
         if field not in explicit:
             continue
         value = explicit[field]
+        if lane == "recompute":   # selective with moe among --recompute-modules is the moe lane
+            value = recompute_lane(cfg)
         if lane in pins and pins[lane] != value:
             flag = "--" + field.replace("_", "-")
             shown = flag if isinstance(value, bool) else f"{flag} {value}"
             if value is False:
                 shown = "--no-" + field.replace("_", "-")
+            if value == "moe":
+                shown = f"--recompute-granularity selective --recompute-modules {cfg.recompute_modules}"
             raise ConfigError(f"lanes={cfg.lanes!r}: pins {pins_spec({lane: pins[lane]})} but {shown} was "
                               f"also given; use one of them")
         pins.setdefault(lane, value)
+    if pins.get("recompute") == "selective" and recompute_lane(cfg) == "moe":
+        pins["recompute"] = "moe"   # recompute-selective in the lanes, moe among --recompute-modules
     return pins
 
 

@@ -17,9 +17,10 @@ from megatron_ext.config import ConfigError
 # token prefix -> Lanes field (sized lanes take an integer suffix)
 _SIZED = {"tp": "tp", "pp": "pp", "vpp": "vpp", "cp": "cp", "ep": "ep", "etp": "etp", "dp": "dp",
           "mbs": "micro_batch_size"}
-_RECOMPUTE = {"recompute-none": None, "recompute-selective": "selective", "recompute-full": "full"}
+_RECOMPUTE = {"recompute-none": None, "recompute-selective": "selective", "recompute-moe": "moe",
+              "recompute-full": "full"}
 GRAMMAR = ("comma-separated tokens: tpN, sp|nosp, ppN, vppN, cpN, epN, etpN, dp|dpN|fsdp2, mbsN, "
-           "recompute-none|recompute-selective|recompute-full (or 'auto')")
+           "recompute-none|recompute-selective|recompute-moe|recompute-full (or 'auto')")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,9 @@ class Lanes:
     dp: int = 1
     fsdp2: bool = False
     micro_batch_size: int = 1
-    recompute: Optional[str] = None  # None | "selective" | "full"
+    # None | "selective" (attention core) | "moe" (the MoE blocks: Megatron's selective recompute
+    # with --recompute-modules moe) | "full"
+    recompute: Optional[str] = None
 
     @property
     def world_size(self) -> int:

@@ -20,6 +20,11 @@ Memory per GPU (bytes, the fullest pipeline stage):
   ``kv = groups x head_dim``, projection input, dropout mask), MLP ``3 sbh + 6 sbf`` for SwiGLU
   (``3 sbh + 4 sbf`` for GELU: 19 sbh at f = 4h, as in the paper), MoE ``3 sbh + 4 sbE +
   k (4 sbh + 6 sb·f_moe)`` (router logits in fp32, k routed copies), norms ``4 sbh``, mHC ``4 n sbh``.
+  MoE recompute (``recompute-moe``: Megatron's ``--recompute-granularity selective
+  --recompute-modules moe``, which the fused layer honours) keeps of the MoE block only its input,
+  the router logits and the gates and expert ids, ``3 sbh + 4 sbE + 12 k sb``; the rest is rebuilt
+  in backward, one layer at a time (that layer's share is counted once on top, as under full
+  recompute); dense layers keep everything (``core_attn`` too when attention is not flash).
   With flash attention (this project's SDPA core attention and TE both use it) the ``5as/h`` score
   term is never stored; only the fp32 log-sum-exp ``4 a s b`` is. Under 1F1B the first stage holds
   ``min(pp, m)`` micro-batches of its ``L/pp`` layers, times ``1 + (pp-1)/(pp*vpp)`` when
@@ -30,11 +35,13 @@ Memory per GPU (bytes, the fullest pipeline stage):
   fragmentation).
 
 Step time (s): compute ``FLOPs / (world x peak x achievable)`` with FLOPs = ``6 N_active tokens`` plus
-causal attention ``6 L s h tokens`` (x 4/3 under full recompute), GEMM-shape factors ``x/(x+256)`` on
+causal attention ``6 L s h tokens`` (x 4/3 under full recompute; MoE recompute runs the experts'
+forward twice, ``4 x`` instead of ``3 x`` their forward FLOPs), GEMM-shape factors ``x/(x+256)`` on
 the token and per-rank width dimensions; the pipeline bubble ``(pp-1)/(vpp m)`` of compute; TP (or
 SP's all-gather + reduce-scatter, the same volume) ``4`` all-reduces of ``2sbh`` per layer and
-micro-batch on NVLink (6 with full recompute); CP ring exchange of K and V; EP ``4`` all-to-alls of
-``k sbh/t x 2`` bytes (NVLink while the EP group stays in one node, else IB); DP gradient
+micro-batch on NVLink (6 with full recompute, 5 in an MoE layer under MoE recompute); CP ring exchange
+of K and V; EP ``4`` all-to-alls of ``k sbh/t x 2`` bytes (6 with full or MoE recompute; NVLink while
+the EP group stays in one node, else IB); DP gradient
 reduce-scatter + parameter all-gather (all-reduce without the distributed optimizer; FSDP2 gathers
 weights in forward and backward) on IB when the group spans nodes, 70% hidden behind backward when
 the target overlaps it. Collective costs use ring formulas ``2(n-1)/n`` (all-reduce) and ``(n-1)/n``.
@@ -52,7 +59,8 @@ from typing import Dict, List, Optional, Tuple
 
 from launch.hardware import HardwareProfile
 from launch.lanes import Lanes, parse_lanes, pins_spec
-from megatron_ext.config import ConfigError, TrainConfig, check_lanes, ffn_hidden_size, moe_layer_pattern
+from megatron_ext.config import (ConfigError, TrainConfig, check_lanes, ffn_hidden_size, moe_layer_pattern,
+                                 parse_recompute_modules)
 
 GIB = float(2**30)
 _OVERHEAD_FIXED = 3 * GIB
@@ -292,8 +300,19 @@ class Candidate:
         return self.time.total if self.time else 0.0
 
 
+RECOMPUTE_ORDER = {None: 0, "selective": 1, "moe": 2, "full": 3}   # least recompute first
+
+
+def recompute_lane(cfg: TrainConfig) -> Optional[str]:
+    """The recompute lane a configuration asks for: Megatron's selective recompute with ``moe``
+    among ``--recompute-modules`` is the ``moe`` lane, other selective sets the ``selective`` one."""
+    if cfg.recompute_granularity == "selective" and "moe" in parse_recompute_modules(cfg.recompute_modules):
+        return "moe"
+    return cfg.recompute_granularity
+
+
 def _simplicity(lanes: Lanes) -> Tuple:
-    rc = {None: 0, "selective": 1, "full": 2}[lanes.recompute]
+    rc = RECOMPUTE_ORDER[lanes.recompute]
     return (lanes.fsdp2, lanes.pp, lanes.vpp, lanes.cp, lanes.tp, lanes.ep, lanes.etp, rc, lanes.micro_batch_size)
 
 
@@ -332,11 +351,15 @@ def _layer_activations(m: ModelShape, L: Lanes, moe: Optional[bool] = None) -> D
     sbh = s * b * h
     attn = 7 * sbh + 4 * s * b * m.kv_dim
     scores = 4 * a * s * b if m.flash_attention else 5 * a * s * s * b
-    if m.num_experts and (moe is None or moe):
+    moe_layer = bool(m.num_experts and (moe is None or moe))
+    if moe_layer:
         k, fm, E = m.moe_router_topk, m.moe_ffn_hidden_size, m.num_experts
         mlp = 3 * sbh + 4 * s * b * E + k * (4 * sbh + (6 if m.swiglu else 4) * s * b * fm)
+        # under MoE recompute: the block's input, the fp32 router logits, fp32 gates + int64 ids
+        mlp_kept = 3 * sbh + 4 * s * b * E + 12 * k * s * b
     else:
         mlp = 3 * sbh + (6 if m.swiglu else 4) * s * b * m.ffn_hidden_size
+        mlp_kept = mlp
     mhc = 4 * (m.mhc_num_streams or 0) * sbh
     # Korthikanti's "10 sbh" that TP alone does not split: norm inputs (4), attention/MLP inputs (4),
     # the two dropout masks (2); sequence parallelism splits them too. mHC streams live there as well.
@@ -347,7 +370,14 @@ def _layer_activations(m: ModelShape, L: Lanes, moe: Optional[bool] = None) -> D
     none = selective + scores / t
     streams = m.mhc_num_streams or 1
     full = 2 * sbh * streams / seq_div
-    return {"none": none, "selective": selective, "full": full}
+    out = {"none": none, "selective": selective, "full": full}
+    if m.num_experts:
+        # recompute-moe: --recompute-modules moe (plus core_attn where attention is not flash);
+        # "moe_rebuilt": what one MoE layer rebuilds in its backward (held while it runs)
+        rebuilt = (mlp - mlp_kept) / t
+        out["moe"] = (none if m.flash_attention else selective) - rebuilt
+        out["moe_rebuilt"] = rebuilt
+    return out
 
 
 def estimate_memory(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> MemoryEstimate:
@@ -384,6 +414,10 @@ def estimate_memory(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -
             # the stored layer inputs, plus one layer's activations while it is recomputed
             stored = (sum(by_kind[k]["full"] for k in kinds) * n_micro
                       + max(by_kind[k]["none"] for k in kinds))
+        elif policy == "moe":
+            # what the layers keep, plus one MoE layer's rebuilt experts while its backward runs
+            stored = (sum(by_kind[k]["moe"] for k in kinds) * n_micro
+                      + max(by_kind[k]["moe_rebuilt"] for k in kinds))
         else:
             stored = sum(by_kind[k][policy] for k in kinds) * n_micro
         return stored + (logits if stage == "last" or L.pp == 1 else 0.0)
@@ -394,7 +428,7 @@ def estimate_memory(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -
         w, g, o = state(dense)
         stages.append((w + g + o + acts(policy, stage), stage, w, g, o))
     _, worst, w, g, o = max(stages)
-    by_policy = {p: acts(p, worst) for p in ("none", "selective", "full")}
+    by_policy = {p: acts(p, worst) for p in ("none", "selective", "full") + (("moe",) if m.num_experts else ())}
     s = m.seq_length / L.cp
     if m.flash_attention:
         workspace = 4 * s * L.micro_batch_size * m.hidden_size / L.tp
@@ -427,10 +461,12 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     attn_core_fwd = 2.0 * m.num_layers * s_full * h
     dense_fwd = 2.0 * m.active_params() - expert_fwd + attn_core_fwd
     model_flops = 3.0 * tokens * (dense_fwd + expert_fwd)
-    extra = {None: 0.0, "selective": attn_core_fwd, "full": dense_fwd + expert_fwd}[L.recompute]
-    dense_hw = tokens * (3.0 * dense_fwd + (extra if L.recompute == "selective" else
-                                            (dense_fwd if L.recompute == "full" else 0.0)))
-    expert_hw = tokens * (3.0 + (1.0 if L.recompute == "full" else 0.0)) * expert_fwd
+    # forward work run again in backward: selective recomputes the attention core, moe the MoE
+    # blocks (their experts; the attention core too where it is not flash), full everything
+    dense_again = {None: 0.0, "selective": attn_core_fwd,
+                   "moe": 0.0 if m.flash_attention else attn_core_fwd, "full": dense_fwd}[L.recompute]
+    dense_hw = tokens * (3.0 * dense_fwd + dense_again)
+    expert_hw = tokens * (4.0 if L.recompute in ("full", "moe") else 3.0) * expert_fwd
     m_tokens = L.micro_batch_size * s_full / L.cp
     eff_dense = hw.achievable_fraction * _shape_factor(m_tokens) * _shape_factor(h / L.tp)
     compute = dense_hw / world / (peak * eff_dense)
@@ -446,10 +482,12 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     s = s_full / L.cp
     sbh_bytes = 2.0 * s * L.micro_batch_size * h
     passes = 6 if L.recompute == "full" else 4
+    stage_moe = m.busiest_stage_moe_layers(L.pp) if m.num_experts else 0
     tp_comm = 0.0
     if L.tp > 1:
         allreduce = 2 * (L.tp - 1) / L.tp * sbh_bytes / nvlink
-        tp_comm = micro * layers * passes * allreduce
+        # MoE recompute: each MoE block's forward exchange (one all-reduce's volume) runs again
+        tp_comm = micro * (layers * passes + (stage_moe if L.recompute == "moe" else 0)) * allreduce
     cp_comm = 0.0
     if L.cp > 1:
         kv_bytes = 2.0 * 2 * s * L.micro_batch_size * m.kv_dim / L.tp
@@ -459,7 +497,8 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     if m.num_experts and L.ep > 1:
         a2a = m.moe_router_topk * sbh_bytes / L.tp * (L.ep - 1) / L.ep
         bw = nvlink if L.tp * L.cp * L.ep <= gpn else ib
-        ep_comm = micro * m.busiest_stage_moe_layers(L.pp) * passes * a2a / bw
+        ep_passes = 6 if L.recompute in ("full", "moe") else 4
+        ep_comm = micro * stage_moe * ep_passes * a2a / bw
     pp_p2p = 0.0
     if L.pp > 1:
         bw = ib if cluster.nodes > 1 else nvlink
@@ -469,27 +508,29 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     dense = max(first, last)
     dp_comm = 0.0
 
-    def reduce_time(params: float, group: int, span: int) -> float:
+    def reduce_time(params: float, group: int, span: int, again: bool) -> float:
+        """``again``: these parameters' forward runs again in backward (FSDP2 gathers them again)."""
         if group <= 1:
             return 0.0
         bw = ib if span > gpn else nvlink
         frac = (group - 1) / group
         if L.fsdp2:
-            gathers = 3 if L.recompute == "full" else 2
+            gathers = 3 if again else 2
             return frac * (2.0 * gathers + 4.0) * params / bw
         if target.distributed_optimizer:
             return frac * (4.0 + 2.0) * params / bw
         return 2 * frac * 4.0 * params / bw
 
     d = L.dp * L.cp
-    dp_comm += reduce_time(dense, d, L.tp * d)
+    dp_comm += reduce_time(dense, d, L.tp * d, L.recompute == "full")
     edp = max(1, world // (L.pp * L.ep * L.etp))
-    dp_comm += reduce_time(experts, edp, L.etp * L.ep * edp)
+    dp_comm += reduce_time(experts, edp, L.etp * L.ep * edp, L.recompute in ("full", "moe"))
     if target.overlap_grad_reduce:
         dp_comm *= 0.3
-    # each rank issues its stage's layers for every micro-batch (full recompute: one more forward)
-    host = (micro * layers * target.host_s_per_layer * (4.0 / 3.0 if L.recompute == "full" else 1.0)
-            + target.host_s_per_step)
+    # each rank issues its stage's layers for every micro-batch (full recompute: one more forward;
+    # MoE recompute: one more forward of the MoE blocks, about half of a layer's launches)
+    again = {"full": 1.0 / 3.0, "moe": stage_moe / layers / 6.0}.get(L.recompute, 0.0)
+    host = micro * layers * target.host_s_per_layer * (1.0 + again) + target.host_s_per_step
     return TimeEstimate(compute=compute, pp_bubble=bubble, tp_comm=tp_comm, cp_comm=cp_comm, ep_comm=ep_comm,
                         pp_p2p=pp_p2p, dp_comm=dp_comm, model_flops=model_flops, tokens=tokens,
                         peak_flops=peak * world, host=host)
@@ -578,6 +619,9 @@ class Planner:
                         f"balancing splits it into 2*cp chunks); use a cp with seq_length % (2*cp) == 0")
         # an MoE model's etp went through check_lanes above (the fused layer's 1-or-tp rule, its
         # widths, the expert grid); left here: a dense model, and the stock layer's widths
+        if L.recompute == "moe" and not m.num_experts:
+            return ("recompute-moe recomputes the MoE blocks and this model has no experts; use "
+                    "recompute-selective or recompute-full")
         if L.etp > 1 or (m.num_experts and L.etp != L.tp):
             if not m.num_experts:
                 return f"etp={L.etp}: expert tensor parallelism needs an MoE model; use etp1"
@@ -607,10 +651,11 @@ class Planner:
         choices["fsdp2"] = [False, True] if t.fsdp2 else [False]
         if c.profile is None:  # nothing to size them against: keep the configuration's
             choices["micro_batch_size"] = [self.cfg.micro_batch_size]
-            choices["recompute"] = [self.cfg.recompute_granularity]
+            choices["recompute"] = [recompute_lane(self.cfg)]
         else:
             choices["micro_batch_size"] = [1, 2, 4, 8, 16]
-            choices["recompute"] = [None, "full"] + ([] if m.flash_attention else ["selective"])
+            choices["recompute"] = ([None, "full"] + ([] if m.flash_attention else ["selective"])
+                                    + (["moe"] if m.num_experts else []))
         choices["sp"] = None
         choices["dp"] = None
         for field, value in pins.items():
@@ -749,9 +794,14 @@ class LaunchPlan:
         values = dict(use_torch_fsdp2=L.fsdp2, tensor_model_parallel_size=L.tp, pipeline_model_parallel_size=L.pp,
                       context_parallel_size=L.cp, expert_model_parallel_size=L.ep, sequence_parallel=L.sp,
                       expert_tensor_parallel_size=L.etp if cfg.num_experts else None,
-                      micro_batch_size=L.micro_batch_size, recompute_granularity=L.recompute)
+                      micro_batch_size=L.micro_batch_size,
+                      recompute_granularity="selective" if L.recompute == "moe" else L.recompute)
         if L.recompute == "full" and cfg.recompute_granularity != "full":
             values.update(recompute_method="uniform", recompute_num_layers=1)
+        if L.recompute == "moe":
+            mods = parse_recompute_modules(cfg.recompute_modules) if cfg.recompute_granularity == "selective" else []
+            want = ["moe"] + ([] if self.model.flash_attention else ["core_attn"])
+            values["recompute_modules"] = ",".join(mods + [x for x in want if x not in mods])
         return dataclasses.replace(cfg, **values)
 
     # -- output ------------------------------------------------------------------------------------
@@ -818,7 +868,8 @@ class LaunchPlan:
         lines.append(f"memory per GPU (GiB): weights {mem.weights / GIB:.2f} | grads {mem.grads / GIB:.2f} | "
                      f"optimizer {mem.optimizer / GIB:.2f} | activations {mem.activations / GIB:.2f} "
                      f"(recompute none {by['none'] / GIB:.2f}, selective {by['selective'] / GIB:.2f}, "
-                     f"full {by['full'] / GIB:.2f}) | attention workspace {mem.attention_workspace / GIB:.2f} | "
+                     + (f"moe {by['moe'] / GIB:.2f}, " if "moe" in by else "")
+                     + f"full {by['full'] / GIB:.2f}) | attention workspace {mem.attention_workspace / GIB:.2f} | "
                      f"overhead {mem.overhead / GIB:.2f} | total {mem.total / GIB:.2f}{cap}")
         if tm is not None:
             lines.append(f"step time (s): compute {tm.compute:.3f} | pp bubble {tm.pp_bubble:.3f} | "
@@ -885,11 +936,12 @@ def _reasons(planner: Planner, chosen: Candidate, pins: Dict[str, object], pool:
     else:
         out["pp"] = "one stage: no pipeline bubble"
     if L.vpp > 1:
-        out["vpp"] = "interleaving shrinks the bubble to (pp-1)/(vpp*m); " + versus(lambda x: x.vpp < L.vpp, "vpp=1")
+        out["vpp"] = _joined("interleaving shrinks the bubble to (pp-1)/(vpp*m)",
+                             versus(lambda x: x.vpp < L.vpp, "vpp=1"))
     else:
         out["vpp"] = "no interleaving" + (" (target does not support it)" if not planner.target.vpp else "")
     if L.cp > 1:
-        out["cp"] = f"seq {m.seq_length} split over {L.cp} ranks; " + versus(lambda x: x.cp < L.cp, f"CP<{L.cp}")
+        out["cp"] = _joined(f"seq {m.seq_length} split over {L.cp} ranks", versus(lambda x: x.cp < L.cp, f"CP<{L.cp}"))
     else:
         out["cp"] = "whole sequence on each rank"
     if m.num_experts:
@@ -897,7 +949,7 @@ def _reasons(planner: Planner, chosen: Candidate, pins: Dict[str, object], pool:
         head = f"experts are {100 * share:.0f}% of the parameters; "
         if L.ep > 1:
             where = "NVLink" if L.tp * L.cp * L.ep <= c.gpus_per_node else "IB"
-            out["ep"] = head + f"all-to-all over {where}; " + versus(lambda x: x.ep < L.ep, f"EP<{L.ep}")
+            out["ep"] = head + _joined(f"all-to-all over {where}", versus(lambda x: x.ep < L.ep, f"EP<{L.ep}"))
         else:
             out["ep"] = head + "replicated experts fit and skip the all-to-all"
         out["etp"] = ("experts split by TP too" if L.etp > 1 else "whole experts per EP rank (no expert TP)")
@@ -918,9 +970,19 @@ def _reasons(planner: Planner, chosen: Candidate, pins: Dict[str, object], pool:
         why_mbs += " (host-bound: fewer micro-batches, fewer kernel launches per token)"
     out["micro_batch_size"] = why_mbs + (f"; {alt}" if alt else "")
     if L.recompute == "full":
-        out["recompute"] = "full: " + versus(lambda x: x.recompute is None, "no recompute")
+        out["recompute"] = "full: " + (_joined(
+            versus(lambda x: x.recompute is None, "no recompute"),
+            versus(lambda x: x.recompute == "moe", "MoE recompute") if m.num_experts else "")
+            or "every layer's forward runs again in backward")
     elif L.recompute == "selective":
         out["recompute"] = "selective: attention scores recomputed"
+    elif L.recompute == "moe":
+        by = chosen.memory.activations_by_policy
+        out["recompute"] = _joined(
+            f"moe: the MoE blocks run their forward again in backward (--recompute-granularity selective "
+            f"--recompute-modules moe), activations {by['moe'] / GIB:.1f} GiB",
+            versus(lambda x: x.recompute is None, "no recompute"),
+            versus(lambda x: x.recompute == "full", "full recompute"))
     else:
         by = chosen.memory.activations_by_policy
         out["recompute"] = (f"activations fit ({by['none'] / GIB:.1f} GiB); full recompute would cost "
@@ -929,6 +991,12 @@ def _reasons(planner: Planner, chosen: Candidate, pins: Dict[str, object], pool:
         if _pinned(lane, pins):
             out[lane] = "pinned; " + out[lane]
     return out
+
+
+def _joined(*parts: str) -> str:
+    """Reason parts that are not empty, "; "-separated (a comparison is empty when the pins leave
+    nothing to compare with)."""
+    return "; ".join(p for p in parts if p)
 
 
 def _pinned(lane: str, pins: Dict[str, object]) -> bool:

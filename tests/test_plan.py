@@ -8,7 +8,7 @@ import pytest
 from launch.hardware import PROFILES, detect, get_profile
 from launch.lanes import Lanes, parse_lanes
 from launch.plan import Cluster, ModelShape, Planner, PlanError, _layer_activations
-from megatron_ext.config import ConfigError, from_preset
+from megatron_ext.config import ConfigError, from_preset, validate
 
 VOCAB = 32000
 DENSE_7B = dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
@@ -250,3 +250,87 @@ def test_moe_layer_freq_counts_dense_layers_as_dense():
     assert e_half == pytest.approx(e_every / 2)
     first, last, _, _ = _stage_params(mixed, lanes)
     assert first > last  # the dense MLP (and the embedding) sit on the first stage
+
+
+def test_moe_recompute_keeps_the_block_input_gates_and_ids():
+    """recompute-moe (Megatron's selective recompute with ``moe``): an MoE layer keeps the block's
+    input, the fp32 router logits and the gates + expert ids; what it rebuilds is held for one
+    layer at a time. Dense layers keep everything (core_attn is recomputed where not flash)."""
+    s, b, h, E, k, fm, t = 4096, 2, 2048, 64, 6, 1408, 2
+    shape = dict(num_layers=4, hidden_size=h, num_attention_heads=16, num_query_groups=16, ffn_hidden_size=4 * h,
+                 vocab_size=VOCAB, seq_length=s, global_batch_size=8, num_experts=E, moe_router_topk=k,
+                 moe_ffn_hidden_size=fm)
+    sb, sbh = s * b, s * b * h
+    mlp = 3 * sbh + 4 * sb * E + k * (4 * sbh + 6 * sb * fm)
+    kept = 3 * sbh + 4 * sb * E + 12 * k * sb
+    for flash in (True, False):
+        m = ModelShape(**shape, flash_attention=flash)
+        for lanes in (Lanes(micro_batch_size=b), Lanes(tp=t, sp=True, ep=2, micro_batch_size=b)):
+            tp = lanes.tp
+            acts = _layer_activations(m, lanes, moe=True)
+            base = acts["none"] if flash else acts["selective"]
+            assert acts["moe_rebuilt"] == pytest.approx((mlp - kept) / tp)
+            assert acts["moe"] == pytest.approx(base - (mlp - kept) / tp)
+            assert acts["full"] < acts["moe"] < 0.35 * acts["none"]
+            dense = _layer_activations(m, lanes, moe=False)
+            assert dense["moe"] == (dense["none"] if flash else dense["selective"]) and dense["moe_rebuilt"] == 0
+    assert "moe" not in _layer_activations(ModelShape(**dict(shape, num_experts=None)), Lanes())
+
+
+def test_moe_recompute_is_planned_where_experts_do_not_fit_and_full_costs_more():
+    """With the lanes pinned so that an MoE model's activations do not fit, the plan recomputes
+    the MoE blocks rather than whole layers (the experts' forward runs twice instead of every
+    forward), says why against both alternatives, and hands Megatron's flags to the config."""
+    cfg = from_preset("tiny", **MOE_23B)
+    planner = Planner(cfg, Cluster(1, 8, PROFILES["h100-80g"]), VOCAB, "train")
+    plan = planner.plan("tp1,ep8,mbs2")
+    L = plan.lanes
+    assert L.recompute == "moe" and L.spec().endswith("recompute-moe"), plan.table()
+    why = plan.reasons["recompute"]
+    assert why.startswith("moe: the MoE blocks run their forward again in backward"), why
+    assert "no recompute needs" in why and "full recompute est." in why, why
+    by = plan.memory.activations_by_policy
+    assert by["full"] < by["moe"] < by["none"] and plan.memory.activations == by["moe"]
+    assert f"moe {by['moe'] / 2**30:.2f}, full" in plan.table()
+    # ep is pinned: nothing to compare it with, and the reason says so without a dangling separator
+    assert plan.reasons["ep"].endswith("all-to-all over NVLink"), plan.reasons["ep"]
+    none, full = (planner.evaluate(dataclasses.replace(L, recompute=r)) for r in (None, "full"))
+    assert not none.memory.fits and full.memory.fits and plan.time.total < full.time.total
+    # the extra work: the experts' forward once more, and the block's all-to-alls (6 instead of 4)
+    assert plan.time.ep_comm == pytest.approx(none.time.ep_comm * 6 / 4)
+    assert none.time.compute < plan.time.compute < full.time.compute
+    # twice the micro-batch: the experts' rebuilt activations no longer fit either, so full it is
+    full4 = planner.plan("tp1,ep8,mbs4")
+    assert full4.lanes.recompute == "full"
+    assert "MoE recompute needs" in full4.reasons["recompute"], full4.reasons["recompute"]
+    assert planner.plan("tp1,ep8,mbs2,recompute-full").reasons["recompute"] == \
+        "pinned; full: every layer's forward runs again in backward"
+    applied = plan.apply(cfg)
+    assert (applied.recompute_granularity, applied.recompute_modules) == ("selective", "moe")
+    assert validate(applied, 8) == 8
+    # modules already chosen stay, moe is added
+    mixed = dataclasses.replace(cfg, recompute_granularity="selective", recompute_modules="moe_act")
+    assert plan.apply(mixed).recompute_modules == "moe_act,moe"
+
+
+def test_moe_recompute_pins():
+    from launch.commands import pins_from
+
+    cfg = from_preset("tiny", **MOE_23B, recompute_granularity="selective", recompute_modules="core_attn,moe")
+    assert pins_from(cfg, {"recompute_granularity": "selective"}) == {"recompute": "moe"}
+    assert pins_from(dataclasses.replace(cfg, lanes="recompute-selective"), {}) == {"recompute": "moe"}
+    with pytest.raises(ConfigError, match=r"pins recompute-full but --recompute-granularity selective "
+                                          r"--recompute-modules core_attn,moe was also given"):
+        pins_from(dataclasses.replace(cfg, lanes="recompute-full"), {"recompute_granularity": "selective"})
+    attn_only = dataclasses.replace(cfg, recompute_modules="core_attn")
+    assert pins_from(attn_only, {"recompute_granularity": "selective"}) == {"recompute": "selective"}
+    # without a hardware profile the configuration's choice is kept, read the same way
+    plain = Planner(cfg, Cluster(1, 8, None), VOCAB, "megatron").plan()
+    assert plain.lanes.recompute == "moe"
+    assert parse_lanes("recompute-moe") == {"recompute": "moe"}
+    L = Lanes(ep=8, dp=8, recompute="moe")
+    assert Lanes(**{**dataclasses.asdict(L), **parse_lanes(L.spec())}) == L
+    with pytest.raises(PlanError, match=r"recompute-moe recomputes the MoE blocks and this model has no "
+                                        r"experts; use recompute-selective or recompute-full"):
+        _planner(DENSE_7B, 1, "h100-80g", "megatron").plan("recompute-moe")
+    assert "moe" not in _planner(DENSE_7B, 1, "h100-80g", "megatron").plan().memory.activations_by_policy
