@@ -175,11 +175,13 @@ def test_train_with_moe_recompute_gives_the_same_losses(tmp_path):
              "--moe-aux-loss-coeff", "0.01", "--moe-z-loss-coeff", "0.001", "--moe-backend", "torch"]
     plain = tmp_path / "plain"
     assert train_inprocess(plain, *model) == 0
-    for name, modules, recorded in (("parts", "moe_act,shared_experts,core_attn", "moe_act,shared_experts"),
-                                    ("layer", "moe", "moe")):
+    selective = ["--recompute-granularity", "selective", "--recompute-modules"]
+    # the last: the lane planner's recompute-moe lane, which sets the same Megatron options
+    for name, flags, recorded in (("parts", [*selective, "moe_act,shared_experts,core_attn"], "moe_act,shared_experts"),
+                                  ("layer", [*selective, "moe"], "moe"),
+                                  ("lanes", ["--lanes", "recompute-moe"], "moe")):
         run = tmp_path / name
-        assert train_inprocess(run, *model, "--recompute-granularity", "selective",
-                               "--recompute-modules", modules) == 0
+        assert train_inprocess(run, *model, *flags) == 0
         assert train_losses(run) == train_losses(plain), name
         records = {r["op"]: r for r in receipt(run)["backends"]}
         assert records["moe_recompute"]["requested"] == recorded
