@@ -45,6 +45,9 @@ the EP group stays in one node, else IB); DP gradient
 reduce-scatter + parameter all-gather (all-reduce without the distributed optimizer; FSDP2 gathers
 weights in forward and backward) on IB when the group spans nodes, 70% hidden behind backward when
 the target overlaps it. Collective costs use ring formulas ``2(n-1)/n`` (all-reduce) and ``(n-1)/n``.
+The mHC stream mixers (with ``mhc_num_streams``) are memory-bound: ``35.5 B`` of HBM traffic per
+stream element per site, two sites per layer, at the datasheet HBM rate (the fused lane's measured
+0.71 ms per site on an H100), split by TP only under SP (x 1.31 under full recompute).
 The sum of those is the GPU time; the step is the longer of it and the host floor, ``micro-batches x
 layers per stage x Target.host_s_per_layer + Target.host_s_per_step`` (the host issues every
 layer's kernels for every micro-batch; fitted 3.2 ms per layer pass + 24 ms per step for the train
@@ -66,6 +69,10 @@ GIB = float(2**30)
 _OVERHEAD_FIXED = 3 * GIB
 _OVERHEAD_FRACTION = 0.05
 _TIE = 0.03  # plans within 3% of the fastest count as equally fast (the estimate is no finer); the simplest wins
+# HBM bytes per stream element of one mHC site, forward + backward, at the datasheet HBM rate:
+# 0.71 ms per site at T = 8192 tokens, C = 2048, n = 4 on an H100 (3.35 TB/s; docs/mhc.md, the
+# fused lane replayed as a CUDA graph) = 35.5 B per element
+_MHC_SITE_BYTES = 35.5
 
 
 class PlanError(ConfigError):
@@ -266,11 +273,12 @@ class TimeEstimate:
     tokens: int
     peak_flops: float  # of the whole cluster
     host: float = 0.0  # host floor: layer passes per step x Target.host_s_per_layer + per step
+    mhc: float = 0.0   # the mHC stream mixers (memory-bound; see _MHC_SITE_BYTES)
 
     @property
     def gpu(self) -> float:
-        return (self.compute + self.pp_bubble + self.tp_comm + self.cp_comm + self.ep_comm + self.pp_p2p
-                + self.dp_comm)
+        return (self.compute + self.mhc + self.pp_bubble + self.tp_comm + self.cp_comm + self.ep_comm
+                + self.pp_p2p + self.dp_comm)
 
     @property
     def host_bound(self) -> bool:
@@ -476,9 +484,18 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
                    * _shape_factor(m.moe_ffn_hidden_size / L.etp))
         compute += expert_hw / world / (peak * eff_exp)
 
+    mhc = 0.0
+    if m.mhc_num_streams:
+        # two mixer sites per layer, each fwd + bwd moving _MHC_SITE_BYTES per stream element; the
+        # sequence shard with SP, the whole sequence on every TP rank without it; full recompute
+        # runs the sites' forward (~31 % of their time) again
+        elements = tokens * m.num_layers * 2 * m.mhc_num_streams * h / world * (1 if L.sp else L.tp)
+        again = 1.31 if L.recompute == "full" else 1.0
+        mhc = elements * _MHC_SITE_BYTES * again / (hw.hbm_tbps * 1e12)
+
     micro = max(1, m.global_batch_size // (L.micro_batch_size * L.dp))
     layers = m.num_layers // L.pp
-    bubble = compute * (L.pp - 1) / (L.vpp * micro)
+    bubble = (compute + mhc) * (L.pp - 1) / (L.vpp * micro)
     s = s_full / L.cp
     sbh_bytes = 2.0 * s * L.micro_batch_size * h
     passes = 6 if L.recompute == "full" else 4
@@ -533,7 +550,7 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     host = micro * layers * target.host_s_per_layer * (1.0 + again) + target.host_s_per_step
     return TimeEstimate(compute=compute, pp_bubble=bubble, tp_comm=tp_comm, cp_comm=cp_comm, ep_comm=ep_comm,
                         pp_p2p=pp_p2p, dp_comm=dp_comm, model_flops=model_flops, tokens=tokens,
-                        peak_flops=peak * world, host=host)
+                        peak_flops=peak * world, host=host, mhc=mhc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -841,7 +858,7 @@ class LaunchPlan:
             "time_s": None,
         }
         if tm is not None:
-            out["time_s"] = {"compute": tm.compute, "pp_bubble": tm.pp_bubble, "tp_comm": tm.tp_comm,
+            out["time_s"] = {"compute": tm.compute, "mhc": tm.mhc, "pp_bubble": tm.pp_bubble, "tp_comm": tm.tp_comm,
                              "cp_comm": tm.cp_comm, "ep_comm": tm.ep_comm, "pp_p2p": tm.pp_p2p,
                              "dp_comm": tm.dp_comm, "gpu": tm.gpu, "host": tm.host,
                              "host_bound": tm.host_bound, "step": tm.total}
@@ -872,7 +889,9 @@ class LaunchPlan:
                      + f"full {by['full'] / GIB:.2f}) | attention workspace {mem.attention_workspace / GIB:.2f} | "
                      f"overhead {mem.overhead / GIB:.2f} | total {mem.total / GIB:.2f}{cap}")
         if tm is not None:
-            lines.append(f"step time (s): compute {tm.compute:.3f} | pp bubble {tm.pp_bubble:.3f} | "
+            lines.append(f"step time (s): compute {tm.compute:.3f} | "
+                         + (f"mhc mixers {tm.mhc:.3f} | " if tm.mhc else "")
+                         + f"pp bubble {tm.pp_bubble:.3f} | "
                          f"tp {tm.tp_comm:.3f} | cp {tm.cp_comm:.3f} | ep a2a {tm.ep_comm:.3f} | "
                          f"pp p2p {tm.pp_p2p:.3f} | dp reduce {tm.dp_comm:.3f} | GPU {tm.gpu:.3f} | "
                          f"host floor {tm.host:.3f} | step {tm.total:.3f}"

@@ -334,3 +334,28 @@ def test_moe_recompute_pins():
                                         r"experts; use recompute-selective or recompute-full"):
         _planner(DENSE_7B, 1, "h100-80g", "megatron").plan("recompute-moe")
     assert "moe" not in _planner(DENSE_7B, 1, "h100-80g", "megatron").plan().memory.activations_by_policy
+
+
+def test_mhc_mixers_cost_their_memory_traffic():
+    """The mHC sites are memory-bound: 35.5 B of HBM traffic per stream element per site (the fused
+    lane's 0.71 ms per site at T = 8192, C = 2048, n = 4 on an H100), two sites per layer. The
+    benchmark's site comes out at its measured time; SP splits the streams over TP, and without
+    SP every TP rank mixes its data-parallel shard's whole sequence."""
+    bench = dict(num_layers=1, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=8192, seq_length=4096,
+                 global_batch_size=2, mhc_num_streams=4)
+    one = Planner(from_preset("tiny", **bench), Cluster(1, 1, PROFILES["h100-80g"]), VOCAB, "megatron")
+    tm = one.plan("tp1,mbs2").time
+    assert tm.mhc == pytest.approx(2 * 0.71e-3, rel=0.01)   # two sites of the measured 0.71 ms
+    assert tm.gpu == pytest.approx(tm.compute + tm.mhc + tm.tp_comm + tm.dp_comm + tm.ep_comm + tm.cp_comm
+                                   + tm.pp_p2p + tm.pp_bubble)
+    plain = Planner(from_preset("tiny", **dict(bench, mhc_num_streams=None)), Cluster(1, 1, PROFILES["h100-80g"]),
+                    VOCAB, "megatron").plan("tp1,mbs2").time
+    assert plain.mhc == 0 and "mhc mixers" not in _planner(DENSE_7B).plan().table()
+    model = dict(DENSE_7B, mhc_num_streams=4)
+    p = _planner(model)
+    sp, nosp, tp1 = (p.evaluate(L).time for L in (Lanes(tp=2, sp=True, dp=4), Lanes(tp=2, dp=4), Lanes(dp=8)))
+    # per GPU: with SP a TP rank mixes 1/tp of the tokens, as a DP rank does; without, all of them
+    assert sp.mhc == pytest.approx(tp1.mhc) and nosp.mhc == pytest.approx(2 * tp1.mhc)
+    assert p.evaluate(Lanes(dp=8, recompute="full")).time.mhc == pytest.approx(1.31 * tp1.mhc)
+    plan = p.plan()
+    assert f"mhc mixers {plan.time.mhc:.3f}" in plan.table() and plan.to_json()["time_s"]["mhc"] == plan.time.mhc
