@@ -3,6 +3,7 @@ SequentialMLP, replay, deterministic batch invariance, config errors, and traini
 exercise the router options, monitoring, trace/replay and deterministic mode end to end."""
 
 import json
+import threading
 from typing import Callable
 
 import pytest
@@ -957,6 +958,8 @@ def test_trace_replay_and_deterministic_runs(tmp_path):
     assert train_inprocess(a, *opts, "--moe-routing-trace-out", str(tmp_path / "trace_a")) == 0
     assert train_inprocess(b, *opts, "--moe-routing-trace-out", str(tmp_path / "trace_b")) == 0
     assert train_losses(a) == train_losses(b)
+    # each run's end wrote its traces and ended the writer thread (none left idle per run)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("moe-")]
     files = sorted(p.relative_to(tmp_path / "trace_a") for p in (tmp_path / "trace_a").rglob("*.pt"))
     assert len(files) == 6 * 2 * 2  # iterations x micro-batches x layers
     for f in files:
@@ -1372,10 +1375,16 @@ def test_routing_log_writes_jsonl_records_off_the_forward_pass(tmp_path):
         probs = torch.rand(S, B, 2)
         STATE.log_routing(2, 1, ids, probs)
         STATE.log_routing(1, 0, ids.flip(0), probs)
-        STATE.flush()
+        writer = STATE._log_writer.thread
+        STATE.close()   # the run's end: the records are written and the writer thread has ended
+        assert not writer.is_alive() and STATE._log_writer is None
         rows = [json.loads(line) for line in (tmp_path / "log" / "rank00003.jsonl").read_text().splitlines()]
+        STATE.log_routing(3, 0, ids, probs)   # a forward after the end starts a writer again
+        STATE.flush()
+        assert len((tmp_path / "log" / "rank00003.jsonl").read_text().splitlines()) == 3
     finally:
         STATE.reset()
+    assert STATE._log_writer is None and not [t for t in threading.enumerate() if t.name.startswith("moe-")]
     assert [(r["iteration"], r["micro_batch"], r["layer"], r["rank"]) for r in rows] == [(7, 1, 2, 3), (7, 0, 1, 3)]
     assert (rows[0]["batch"], rows[0]["seq"], rows[0]["topk"]) == (B, S, 2)
     # [batch][seq][k]: the token at batch row i, position j

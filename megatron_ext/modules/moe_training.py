@@ -78,7 +78,7 @@ class MoETrainingHooks:
     def receipt(self) -> Optional[Dict[str, Any]]:
         if not self.active:
             return None
-        STATE.flush()
+        STATE.close()   # the run is over: traces and routing log written, writer threads ended
         if self.tb is not None:
             self.tb.close()
         from megatron_ext.modules.moe import fused_moe_layers

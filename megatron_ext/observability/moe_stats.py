@@ -108,6 +108,12 @@ class _BackgroundWriter:
     def flush(self):
         self.q.join()
 
+    def close(self):
+        """Write what is queued, then end the thread (a process that trains several times, or a
+        notebook, would otherwise keep one idle thread per run)."""
+        self.q.put(None)
+        self.thread.join()
+
 
 def _save_trace(path: Path, ids: torch.Tensor):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +142,7 @@ class MoERunState:
         self.reset()
 
     def reset(self):
+        self.close()
         self.iteration = 0
         self.rank = 0
         self.trace_out: Optional[str] = None
@@ -181,6 +188,14 @@ class MoERunState:
             if w is not None:
                 w.flush()
 
+    def close(self):
+        """The run is over: write what is queued and stop the writer threads."""
+        for name in ("_writer", "_log_writer"):
+            w = getattr(self, name, None)
+            if w is not None:
+                w.close()
+                setattr(self, name, None)
+
     # ---- per-layer calls from the forward pass
     def micro_batch(self, layer: int, advance: bool) -> int:
         """Index of the current micro-batch at ``layer`` this step. ``advance=False`` peeks (the
@@ -192,12 +207,16 @@ class MoERunState:
 
     def write_trace(self, layer: int, micro_batch: int, ids_bsk: torch.Tensor):
         path = trace_file(self.trace_out, self.rank, self.iteration, micro_batch, layer)
+        if self._writer is None:   # closed at the run's end; a forward after it starts one again
+            self._writer = _BackgroundWriter("moe-trace-writer", TRACE_QUEUE_SIZE)
         self._writer.put(lambda ids: _save_trace(path, ids), ids_bsk.to(torch.int32))
 
     def log_routing(self, layer: int, micro_batch: int, ids_sbk: torch.Tensor, probs_sbk: torch.Tensor):
         """Enqueue one routing-log record; ``ids_sbk``/``probs_sbk`` ``[s, b, k]`` (Megatron's
         layout), written as ``[b, s, k]``."""
         head = {"iteration": self.iteration, "micro_batch": micro_batch, "layer": layer}
+        if self._log_writer is None:
+            self._log_writer = _BackgroundWriter("moe-routing-log", LOG_QUEUE_SIZE)
         self._log_writer.put(lambda ids, probs: self._log.write(head, ids, probs),
                              ids_sbk.permute(1, 0, 2).to(torch.int32), probs_sbk.permute(1, 0, 2).float())
 
