@@ -1375,11 +1375,13 @@ def test_routing_log_writes_jsonl_records_off_the_forward_pass(tmp_path):
         probs = torch.rand(S, B, 2)
         STATE.log_routing(2, 1, ids, probs)
         STATE.log_routing(1, 0, ids.flip(0), probs)
-        writer = STATE._log_writer.thread
+        writer = STATE._log_writer
+        thread = writer.thread
         STATE.close()   # the run's end: the records are written and the writer thread has ended
-        assert not writer.is_alive() and STATE._log_writer is None
+        assert not thread.is_alive() and not writer.thread.is_alive()
         rows = [json.loads(line) for line in (tmp_path / "log" / "rank00003.jsonl").read_text().splitlines()]
-        STATE.log_routing(3, 0, ids, probs)   # a forward after the end starts a writer again
+        STATE.log_routing(3, 0, ids, probs)   # a forward after the end starts the writer again
+        assert writer.thread.is_alive() and writer.thread is not thread
         STATE.flush()
         assert len((tmp_path / "log" / "rank00003.jsonl").read_text().splitlines()) == 3
     finally:

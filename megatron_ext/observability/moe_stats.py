@@ -70,8 +70,12 @@ class _BackgroundWriter:
     bounded so a slow disk cannot pile up host memory: ``put`` then blocks until room frees."""
 
     def __init__(self, name: str, maxsize: int):
+        self.name = name
         self.q: "queue.Queue" = queue.Queue(maxsize=maxsize)
-        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._start()
+
+    def _start(self):
+        self.thread = threading.Thread(target=self._run, daemon=True, name=self.name)
         self.thread.start()
 
     def _run(self):
@@ -103,6 +107,8 @@ class _BackgroundWriter:
         if any(t.is_cuda for t in tensors):
             event = torch.cuda.Event()
             event.record()
+        if not self.thread.is_alive():   # closed at the run's end; a put after it starts it again
+            self._start()
         self.q.put((write, hosts, event))
 
     def flush(self):
@@ -110,9 +116,10 @@ class _BackgroundWriter:
 
     def close(self):
         """Write what is queued, then end the thread (a process that trains several times, or a
-        notebook, would otherwise keep one idle thread per run)."""
-        self.q.put(None)
-        self.thread.join()
+        notebook, would otherwise keep one idle thread per run). A later ``put`` starts it again."""
+        if self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
 
 
 def _save_trace(path: Path, ids: torch.Tensor):
@@ -190,11 +197,9 @@ class MoERunState:
 
     def close(self):
         """The run is over: write what is queued and stop the writer threads."""
-        for name in ("_writer", "_log_writer"):
-            w = getattr(self, name, None)
+        for w in (getattr(self, "_writer", None), getattr(self, "_log_writer", None)):
             if w is not None:
                 w.close()
-                setattr(self, name, None)
 
     # ---- per-layer calls from the forward pass
     def micro_batch(self, layer: int, advance: bool) -> int:
@@ -207,16 +212,12 @@ class MoERunState:
 
     def write_trace(self, layer: int, micro_batch: int, ids_bsk: torch.Tensor):
         path = trace_file(self.trace_out, self.rank, self.iteration, micro_batch, layer)
-        if self._writer is None:   # closed at the run's end; a forward after it starts one again
-            self._writer = _BackgroundWriter("moe-trace-writer", TRACE_QUEUE_SIZE)
         self._writer.put(lambda ids: _save_trace(path, ids), ids_bsk.to(torch.int32))
 
     def log_routing(self, layer: int, micro_batch: int, ids_sbk: torch.Tensor, probs_sbk: torch.Tensor):
         """Enqueue one routing-log record; ``ids_sbk``/``probs_sbk`` ``[s, b, k]`` (Megatron's
         layout), written as ``[b, s, k]``."""
         head = {"iteration": self.iteration, "micro_batch": micro_batch, "layer": layer}
-        if self._log_writer is None:
-            self._log_writer = _BackgroundWriter("moe-routing-log", LOG_QUEUE_SIZE)
         self._log_writer.put(lambda ids, probs: self._log.write(head, ids, probs),
                              ids_sbk.permute(1, 0, 2).to(torch.int32), probs_sbk.permute(1, 0, 2).float())
 
