@@ -359,8 +359,7 @@ def _layer_activations(m: ModelShape, L: Lanes, moe: Optional[bool] = None) -> D
     sbh = s * b * h
     attn = 7 * sbh + 4 * s * b * m.kv_dim
     scores = 4 * a * s * b if m.flash_attention else 5 * a * s * s * b
-    moe_layer = bool(m.num_experts and (moe is None or moe))
-    if moe_layer:
+    if m.num_experts and (moe is None or moe):
         k, fm, E = m.moe_router_topk, m.moe_ffn_hidden_size, m.num_experts
         mlp = 3 * sbh + 4 * s * b * E + k * (4 * sbh + (6 if m.swiglu else 4) * s * b * fm)
         # under MoE recompute: the block's input, the fp32 router logits, fp32 gates + int64 ids
@@ -474,7 +473,8 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     dense_again = {None: 0.0, "selective": attn_core_fwd,
                    "moe": 0.0 if m.flash_attention else attn_core_fwd, "full": dense_fwd}[L.recompute]
     dense_hw = tokens * (3.0 * dense_fwd + dense_again)
-    expert_hw = tokens * (4.0 if L.recompute in ("full", "moe") else 3.0) * expert_fwd
+    experts_again = L.recompute in ("full", "moe")   # the MoE blocks' forward runs again in backward
+    expert_hw = tokens * (4.0 if experts_again else 3.0) * expert_fwd
     m_tokens = L.micro_batch_size * s_full / L.cp
     eff_dense = hw.achievable_fraction * _shape_factor(m_tokens) * _shape_factor(h / L.tp)
     compute = dense_hw / world / (peak * eff_dense)
@@ -490,8 +490,7 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
         # sequence shard with SP, the whole sequence on every TP rank without it; full recompute
         # runs the sites' forward (~31 % of their time) again
         elements = tokens * m.num_layers * 2 * m.mhc_num_streams * h / world * (1 if L.sp else L.tp)
-        again = 1.31 if L.recompute == "full" else 1.0
-        mhc = elements * _MHC_SITE_BYTES * again / (hw.hbm_tbps * 1e12)
+        mhc = elements * _MHC_SITE_BYTES * (1.31 if L.recompute == "full" else 1.0) / (hw.hbm_tbps * 1e12)
 
     micro = max(1, m.global_batch_size // (L.micro_batch_size * L.dp))
     layers = m.num_layers // L.pp
@@ -514,7 +513,7 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     if m.num_experts and L.ep > 1:
         a2a = m.moe_router_topk * sbh_bytes / L.tp * (L.ep - 1) / L.ep
         bw = nvlink if L.tp * L.cp * L.ep <= gpn else ib
-        ep_passes = 6 if L.recompute in ("full", "moe") else 4
+        ep_passes = 6 if experts_again else 4
         ep_comm = micro * stage_moe * ep_passes * a2a / bw
     pp_p2p = 0.0
     if L.pp > 1:
@@ -541,13 +540,13 @@ def estimate_time(m: ModelShape, L: Lanes, cluster: Cluster, target: Target) -> 
     d = L.dp * L.cp
     dp_comm += reduce_time(dense, d, L.tp * d, L.recompute == "full")
     edp = max(1, world // (L.pp * L.ep * L.etp))
-    dp_comm += reduce_time(experts, edp, L.etp * L.ep * edp, L.recompute in ("full", "moe"))
+    dp_comm += reduce_time(experts, edp, L.etp * L.ep * edp, experts_again)
     if target.overlap_grad_reduce:
         dp_comm *= 0.3
     # each rank issues its stage's layers for every micro-batch (full recompute: one more forward;
     # MoE recompute: one more forward of the MoE blocks, about half of a layer's launches)
-    again = {"full": 1.0 / 3.0, "moe": stage_moe / layers / 6.0}.get(L.recompute, 0.0)
-    host = micro * layers * target.host_s_per_layer * (1.0 + again) + target.host_s_per_step
+    host_again = {"full": 1.0 / 3.0, "moe": stage_moe / layers / 6.0}.get(L.recompute, 0.0)
+    host = micro * layers * target.host_s_per_layer * (1.0 + host_again) + target.host_s_per_step
     return TimeEstimate(compute=compute, pp_bubble=bubble, tp_comm=tp_comm, cp_comm=cp_comm, ep_comm=ep_comm,
                         pp_p2p=pp_p2p, dp_comm=dp_comm, model_flops=model_flops, tokens=tokens,
                         peak_flops=peak * world, host=host, mhc=mhc)
