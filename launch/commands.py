@@ -33,6 +33,8 @@ def pins_from(cfg: TrainConfig, explicit: Dict[str, Any]) -> Dict[str, object]:
     """The lanes ``cfg.lanes`` pins, merged with lane flags given explicitly; a lane given both ways
     with different values is an error naming both."""
     pins = parse_lanes(cfg.lanes)
+    if pins.get("recompute") == "selective" and recompute_lane(cfg) == "moe":
+        pins["recompute"] = "moe"   # recompute-selective in the lanes, moe among --recompute-modules
     for field, lane in FIELD_TO_LANE.items():
         if field not in explicit:
             continue
@@ -49,8 +51,6 @@ def pins_from(cfg: TrainConfig, explicit: Dict[str, Any]) -> Dict[str, object]:
             raise ConfigError(f"lanes={cfg.lanes!r}: pins {pins_spec({lane: pins[lane]})} but {shown} was "
                               f"also given; use one of them")
         pins.setdefault(lane, value)
-    if pins.get("recompute") == "selective" and recompute_lane(cfg) == "moe":
-        pins["recompute"] = "moe"   # recompute-selective in the lanes, moe among --recompute-modules
     return pins
 
 

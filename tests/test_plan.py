@@ -319,6 +319,11 @@ def test_moe_recompute_pins():
     cfg = from_preset("tiny", **MOE_23B, recompute_granularity="selective", recompute_modules="core_attn,moe")
     assert pins_from(cfg, {"recompute_granularity": "selective"}) == {"recompute": "moe"}
     assert pins_from(dataclasses.replace(cfg, lanes="recompute-selective"), {}) == {"recompute": "moe"}
+    # the lane and the flags name the same selective set with moe in it: no conflict
+    both = dataclasses.replace(cfg, lanes="recompute-selective")
+    assert pins_from(both, {"recompute_granularity": "selective"}) == {"recompute": "moe"}
+    assert pins_from(dataclasses.replace(cfg, lanes="recompute-moe"),
+                     {"recompute_granularity": "selective"}) == {"recompute": "moe"}
     with pytest.raises(ConfigError, match=r"pins recompute-full but --recompute-granularity selective "
                                           r"--recompute-modules core_attn,moe was also given"):
         pins_from(dataclasses.replace(cfg, lanes="recompute-full"), {"recompute_granularity": "selective"})
