@@ -1,6 +1,6 @@
 """Where the time of one benchmark case goes: per-kernel GPU time under torch.profiler.
 
-    python scripts/profile_bench.py mhc ours [--iters 10] [--rows 25] [--graph] [--timeline]
+    python scripts/profile_bench.py mhc ours [--iters 10] [--rows 25] [--graph] [--timeline] [--host]
 
 Builds the case exactly as ``python -m bench`` does (same shapes, same setup), warms it up, then
 profiles ``--iters`` calls and prints the kernels sorted by total device time, with their share of
@@ -9,7 +9,10 @@ the call back to back (no L2 flush) eagerly and replayed from a CUDA graph: wher
 much faster, launch overhead (the host) is part of the time; where it is not, the kernels are.
 ``--timeline`` prints the GPU work of one call in launch order (each kernel, its time and the idle
 gap before it), replayed from a CUDA graph when the call can be captured: where span and kernel
-time agree, the step has no gaps to close. (A short burst like this runs at the boost clock; the
+time agree, the step has no gaps to close. ``--host`` measures the host side alone: the calls are
+queued behind a long GPU sleep, so the host never waits for the GPU, and the script prints the
+host milliseconds per call and the Python functions that take them (cProfile, by own time). Where
+the host time per call exceeds the kernel time, an eager step is host-bound. (A short burst like this runs at the boost clock; the
 benchmark's sustained figure can be slower on a GPU at its power limit, see bench/clocks.py.)
 """
 
@@ -29,6 +32,9 @@ def main(argv=None) -> int:
                    help="also time the call eagerly and as a CUDA graph replay, back to back")
     p.add_argument("--timeline", action="store_true",
                    help="also print one call's kernels in launch order with the gaps between them")
+    p.add_argument("--host", action="store_true",
+                   help="also measure the host time per call (calls queued behind a GPU sleep) and "
+                        "where it goes (cProfile)")
     args = p.parse_args(argv)
 
     from bench import harness
@@ -50,6 +56,8 @@ def main(argv=None) -> int:
         _eager_vs_graph(fn, args.iters)
     if args.timeline:
         _timeline(fn, rows=max(args.rows, 60))
+    if args.host:
+        _host(fn, args.iters, args.rows)
     return 0
 
 
@@ -65,6 +73,52 @@ def _timeline(fn, rows: int, calls: int = 3) -> None:
     events = profiled_gpu_events(profile_calls(call, calls))
     print(f"timeline of one call ({how}, the middle of {calls}):")
     print(one_call(events, calls).format(rows=rows))
+
+
+def _queued_host_seconds(fn, iters: int, profiler=None) -> float:
+    """Host seconds for ``iters`` calls queued behind a GPU sleep long enough that none of them
+    waits for the GPU (checked: the sleep must still be running when the last call returns)."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(4_000_000_000)   # ~2 s at the boost clock
+    asleep = torch.cuda.Event()
+    asleep.record()
+    if profiler is not None:
+        profiler.enable()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    seconds = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
+    waited = asleep.query()
+    torch.cuda.synchronize()
+    if waited:
+        raise RuntimeError("the GPU sleep ended before the queued calls did; the host time includes "
+                           "waits for the GPU: use fewer --iters")
+    return seconds
+
+
+def _host(fn, iters: int, rows: int) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    plain = min(_queued_host_seconds(fn, iters) for _ in range(3))
+    print(f"host time, {iters} calls queued behind a GPU sleep (best of 3): "
+          f"{plain / iters * 1e3:.3f} ms per call")
+    prof = cProfile.Profile()
+    profiled = _queued_host_seconds(fn, iters, prof)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(rows)
+    print(f"under cProfile ({profiled / iters * 1e3:.3f} ms per call, inflated by the profiler), "
+          f"by own time, totals over {iters} calls:")
+    print("\n".join(line for line in out.getvalue().splitlines()
+                    if line.strip() and "Ordered by" not in line and "function calls" not in line))
 
 
 def _per_call_ms(fn, iters: int) -> float:
