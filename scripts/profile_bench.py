@@ -12,8 +12,9 @@ gap before it), replayed from a CUDA graph when the call can be captured: where 
 time agree, the step has no gaps to close. ``--host`` measures the host side alone: the calls are
 queued behind a long GPU sleep, so the host never waits for the GPU, and the script prints the
 host milliseconds per call and the Python functions that take them (cProfile, by own time). Where
-the host time per call exceeds the kernel time, an eager step is host-bound. (A short burst like this runs at the boost clock; the
-benchmark's sustained figure can be slower on a GPU at its power limit, see bench/clocks.py.)
+the host time per call exceeds the kernel time, an eager step is host-bound. (A short burst like
+this runs at the boost clock; the benchmark's sustained figure can be slower on a GPU at its power
+limit, see bench/clocks.py.)
 """
 
 from __future__ import annotations
