@@ -68,6 +68,11 @@ _HELP = {
     "moe_pregather": "Triton experts: copy each layer's token rows into expert order once and keep that "
                      "[tokens*topk, hidden] copy for backward (faster GEMMs, topk x the layer input's "
                      "activation memory); --no-moe-pregather saves the memory (default: on with the H100 tiles)",
+    "moe_gradient_accumulation_fusion": "Triton experts under Megatron's DDP: the weight-gradient kernel adds "
+                                        "into each expert weight's main_grad itself instead of the DDP hook's "
+                                        "separate add (Megatron's gradient-accumulation fusion, for the experts; "
+                                        "no apex needed); --no-moe-gradient-accumulation-fusion leaves it to "
+                                        "the hook (default: on)",
 }
 
 

@@ -332,6 +332,7 @@ class TrainConfig:
     moe_backend: str = "auto"  # auto | triton | grouped_mm | te | torch
     moe_deterministic: bool = False
     moe_pregather: Optional[bool] = None  # Triton experts: rows copied to expert order once (None: the tiles' choice)
+    moe_gradient_accumulation_fusion: bool = True  # Triton experts: weight grads added into DDP's main_grad in-kernel
     moe_routing_trace_out: Optional[str] = None
     moe_routing_replay: Optional[str] = None
     moe_routing_log: Optional[str] = None  # DIR: async JSONL log of expert ids + gates per token
@@ -527,6 +528,9 @@ class MoEConfig:
     # Triton experts: x's rows copied into expert order once (faster GEMMs; the [T*k, H] copy is
     # kept for backward instead of x). None: the tiles' choice (on for the H100 tiles)
     pregather: Optional[bool] = None
+    # Triton experts under Megatron's DDP: the weight-gradient kernel adds into each expert
+    # weight's main_grad itself (Megatron's gradient-accumulation fusion, for the experts only)
+    gradient_accumulation_fusion: bool = True
     monitor_interval: int = 10
     seed: int = 1234
 
@@ -550,6 +554,9 @@ class MoEConfig:
         if not isinstance(self.monitor_interval, int) or self.monitor_interval < 1:
             raise _err(prefix + "monitor_interval", self.monitor_interval, "must be a positive integer",
                        "an integer >= 1")
+        if not isinstance(self.gradient_accumulation_fusion, bool):
+            raise _err(prefix + "gradient_accumulation_fusion", self.gradient_accumulation_fusion,
+                       "must be a boolean", "true / false (--no-moe-gradient-accumulation-fusion turns it off)")
         if self.pregather is not None:
             if not isinstance(self.pregather, bool):
                 raise _err(prefix + "pregather", self.pregather, "must be a boolean",
@@ -601,6 +608,7 @@ def moe_config(cfg: TrainConfig) -> Optional[MoEConfig]:
                      deterministic=bool(cfg.moe_deterministic or cfg.deterministic_mode),
                      routing_trace_out=cfg.moe_routing_trace_out, routing_replay=cfg.moe_routing_replay,
                      routing_log=cfg.moe_routing_log, pregather=cfg.moe_pregather,
+                     gradient_accumulation_fusion=cfg.moe_gradient_accumulation_fusion,
                      monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
 
 

@@ -897,6 +897,19 @@ def test_pregather_flag_reaches_the_layer_config():
     assert moe_config(TrainConfig(num_experts=4)).pregather is None
 
 
+def test_gradient_accumulation_fusion_flag_reaches_the_layer_config():
+    from megatron_ext.cli import parse
+    from megatron_ext.config import ConfigError, MoEConfig, TrainConfig, moe_config
+
+    assert parse(["train", "--no-moe-gradient-accumulation-fusion"]).moe_gradient_accumulation_fusion is False
+    assert parse(["train"]).moe_gradient_accumulation_fusion is None   # unset: the TrainConfig default
+    assert moe_config(TrainConfig(num_experts=4)).gradient_accumulation_fusion is True
+    off = TrainConfig(num_experts=4, moe_gradient_accumulation_fusion=False)
+    assert moe_config(off).gradient_accumulation_fusion is False
+    with pytest.raises(ConfigError, match=r"moe.gradient_accumulation_fusion='yes': must be a boolean"):
+        MoEConfig(gradient_accumulation_fusion="yes").validate(prefix="moe.")
+
+
 def test_replay_shape_mismatch_is_a_config_error(tmp_path, capsys):
     from megatron_ext.cli import main
 
@@ -1191,7 +1204,10 @@ def test_megatron_moe_options_the_fused_layer_lacks_are_refused_or_recorded(mega
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_fused_moe_trains_in_bf16(tmp_path):
     """Subprocess runs (see tests/test_train_gpu.py why): bf16 fused MoE learns with the auto
-    backend and with --moe-deterministic."""
+    backend and with --moe-deterministic; the experts' weight gradients added into Megatron DDP's
+    fp32 buffers by the kernel (the default) and by the DDP hook
+    (--no-moe-gradient-accumulation-fusion) give the same first loss and nearly the same last one
+    (the fused sum is rounded once, the hook's twice)."""
     import subprocess
     import sys
 
@@ -1212,6 +1228,11 @@ def test_gpu_fused_moe_trains_in_bf16(tmp_path):
     assert train_losses(fast)[-1] < train_losses(fast)[0] - 1.0
     used = {r["observed"] for r in receipt(fast)["backends"] if r["op"] == "moe_ffn"}
     assert used and used <= {"triton", "grouped_mm", "torch"}
+    assert not [r for r in receipt(fast)["backends"] if r["op"] == "moe_ffn.weight_grad_accumulation"]
+    hook = run("hook", "--no-moe-gradient-accumulation-fusion")
+    fused_losses, hook_losses = train_losses(fast), train_losses(hook)
+    assert abs(fused_losses[0] - hook_losses[0]) <= 1e-4 * abs(hook_losses[0])
+    assert abs(fused_losses[-1] - hook_losses[-1]) <= 2e-2 * abs(hook_losses[-1]), (fused_losses, hook_losses)
     # the rest of the model (embedding grads, SDPA) is not bitwise deterministic on CUDA, so the
     # GPU check is that the chunked deterministic path runs and learns; bitwise tests are on CPU
     det = run("det", "--moe-deterministic")

@@ -15,6 +15,7 @@ from megatron_ext import backends  # noqa: E402
 from megatron_ext.ops import moe  # noqa: E402
 from megatron_ext.ops.moe import triton_moe  # noqa: E402
 from megatron_ext.ops.moe.autograd import triton_moe_ffn  # noqa: E402
+from tests.test_moe_layer import megatron_world  # noqa: E402,F401  (fixture)
 
 needs_triton = triton_mark("megatron_ext.ops.moe.triton_moe")
 
@@ -291,6 +292,127 @@ def test_triton_without_flattened_loops_is_refused_with_the_version(monkeypatch,
     assert rec[0]["observed"] != "triton" and "Triton >= 3.3" in rec[0]["reason"]
 
 
+def _ddp_weight(t, main_grad=None, **attrs):
+    """A parameter as Megatron's DDP leaves it: ``main_grad`` (its gradient buffer, here holding
+    an earlier micro-batch's sum) and ``grad_added_to_main_grad`` (False until something adds)."""
+    p = torch.nn.Parameter(t.clone())
+    if main_grad is not None:
+        p.main_grad = main_grad.clone()
+        p.grad_added_to_main_grad = False
+    for k_, v in attrs.items():
+        setattr(p, k_, v)
+    return p
+
+
+@needs_triton
+@pytest.mark.parametrize("name,pre,buf_dtype", [("random", False, torch.float32),
+                                                ("empty_experts", True, torch.float32),
+                                                ("odd_dims", True, torch.float16)])
+def test_weight_grads_accumulate_into_megatron_main_grad(name, pre, buf_dtype):
+    """``accumulate_wgrad``: where a weight carries Megatron DDP's buffer, the weight-gradient
+    kernel adds into it: main_grad = earlier sum + the fp64 gradient (one rounding to the
+    buffer's dtype), ``grad_added_to_main_grad`` set, autograd handed a placeholder (zeros where
+    ``zero_out_wgrad`` asks the hook to add it); an expert with no rows keeps its buffer bit for
+    bit; dx and dprobs are those of the unfused call."""
+    import dataclasses
+
+    x, probs, idx, w1, w2 = _case(name, "swiglu", seed=9)
+    gout = _randn(*x.shape, g=_gen(109))
+    want = _run(lambda *a: _dense_fp64(*a, "swiglu"), x, probs, idx, w1, w2, gout)
+    cfg = dataclasses.replace(triton_moe.default_config(torch.float32), pregather=pre)
+    dev = lambda t: t.to(device=DEVICE, dtype=torch.float32)  # noqa: E731
+    old1 = _randn(*w1.shape, g=_gen(1)).to(device=DEVICE, dtype=buf_dtype)
+    old2 = _randn(*w2.shape, g=_gen(2)).to(device=DEVICE, dtype=buf_dtype)
+    p1 = _ddp_weight(dev(w1), old1)
+    p2 = _ddp_weight(dev(w2), old2, zero_out_wgrad=True)
+    xin, pin = dev(x).requires_grad_(), dev(probs).requires_grad_()
+    triton_moe_ffn(xin, pin, idx.to(DEVICE), p1, p2, "swiglu", cfg,
+                   accumulate_wgrad=True).backward(dev(gout))
+    plain = _run(lambda *a: triton_moe_ffn(*a, "swiglu", cfg), dev(x), dev(probs), idx.to(DEVICE),
+                 dev(w1), dev(w2), dev(gout))
+    assert p1.grad_added_to_main_grad and p2.grad_added_to_main_grad
+    assert p1.grad.shape == p1.shape and torch.equal(p2.grad, torch.zeros_like(p2))
+    tol = 1e-4 if buf_dtype == torch.float32 else 2e-3
+    for what, p, old, w_ in (("dw1", p1, old1, want[3]), ("dw2", p2, old2, want[4])):
+        assert p.main_grad.dtype == buf_dtype
+        expect = old.double().cpu() + w_
+        err = (p.main_grad.double().cpu() - expect).abs().max().item()
+        assert err <= tol * max(1.0, expect.abs().max().item()), f"{what}: err {err:.3g}"
+        assert (p.main_grad.double().cpu() != old.double().cpu()).any(), what
+        empty = torch.bincount(idx.flatten(), minlength=w1.shape[0]) == 0
+        assert torch.equal(p.main_grad[empty.to(DEVICE)], old[empty.to(DEVICE)]), what
+    assert torch.allclose(xin.grad, plain[1], rtol=1e-6, atol=1e-6)
+    assert torch.allclose(pin.grad, plain[2], rtol=1e-6, atol=1e-6)
+    assert not [r for r in backends.records() if r["op"] == "moe_ffn.weight_grad_accumulation"]
+
+
+@needs_triton
+def test_weight_grad_accumulation_leaves_other_weights_to_autograd():
+    """Weights without Megatron DDP's buffer get ordinary gradients (no record: nothing to fuse);
+    a Megatron-FSDP weight (buffer allocated by its own hook) and a misshapen buffer also get
+    them, each recorded as a fallback with its reason; a backend without the fusion records that
+    its gradients go to the hook."""
+    x, probs, idx, w1, w2 = (t.float().to(DEVICE) if t.is_floating_point() else t.to(DEVICE)
+                             for t in _case("random", "swiglu", seed=4))
+    gout = torch.randn_like(x)
+    cfg = triton_moe.default_config(torch.float32)
+    want = _run(lambda *a: triton_moe_ffn(*a, "swiglu", cfg), x, probs, idx, w1, w2, gout)
+    fsdp = _ddp_weight(w1, torch.zeros_like(w1), get_main_grad=lambda: None)
+    odd = _ddp_weight(w2, torch.zeros(w2.shape[0], w2.shape[2], w2.shape[1], device=DEVICE))
+    for p1, p2 in ((_ddp_weight(w1), _ddp_weight(w2)), (fsdp, odd)):
+        triton_moe_ffn(x, probs, idx, p1, p2, "swiglu", cfg, accumulate_wgrad=True).backward(gout)
+        assert torch.allclose(p1.grad, want[3], rtol=1e-6, atol=1e-6)
+        assert torch.allclose(p2.grad, want[4], rtol=1e-6, atol=1e-6)
+    assert not fsdp.main_grad.any() and not odd.main_grad.any()
+    assert not fsdp.grad_added_to_main_grad and not odd.grad_added_to_main_grad
+    recs = [r for r in backends.records() if r["op"] == "moe_ffn.weight_grad_accumulation"]
+    assert [(r["requested"], r["observed"]) for r in recs] == [("fused", "ddp_hook")]
+    assert "Megatron-FSDP" in recs[0]["reason"]
+    backends.reset()
+    p1, p2 = (_ddp_weight(w.cpu(), torch.zeros(w.shape)) for w in (w1, w2))
+    moe.moe_ffn(x.cpu(), probs.cpu(), idx.cpu(), p1, p2, backend="torch", accumulate_wgrad=True)
+    recs = [r for r in backends.records() if r["op"] == "moe_ffn.weight_grad_accumulation"]
+    assert len(recs) == 1 and "backend 'torch'" in recs[0]["reason"], recs
+
+
+@needs_triton
+@pytest.mark.skipif(not NO_CUDA, reason="CPU lane: the megatron_world fixture applies the CPU patches, "
+                    "which would stay on for this process's GPU tests; on the GPU the fused "
+                    "accumulation trains under DDP in test_gpu_fused_moe_trains_in_bf16")
+def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world):
+    """The fused layer on the Triton experts under Megatron's DistributedDataParallel (fp32
+    gradient buffers), two micro-batches accumulated: with the fusion the experts' main_grad is
+    written by the weight-gradient kernel (the hook finds ``grad_added_to_main_grad`` set and
+    skips its add), without it by the hook; every parameter's main_grad agrees."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    from megatron_ext import compat
+    from megatron_ext.config import MoEConfig
+    from megatron_ext.modules.moe import FusedMoELayer
+    from tests.test_moe_layer import B, H, S, _tconfig
+
+    got = {}
+    for fuse in (True, False):
+        tconfig = _tconfig()
+        tconfig.moe = MoEConfig(backend="triton", gradient_accumulation_fusion=fuse)
+        torch.manual_seed(0)
+        layer = FusedMoELayer(tconfig)
+        layer.set_layer_number(1)
+        ddp = DistributedDataParallel(
+            tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=False), layer)
+        ddp.zero_grad_buffer()
+        g = _gen(21)
+        for _ in range(2):
+            y, _ = ddp(torch.randn(S, B, H, generator=g))
+            y.backward(torch.randn(S, B, H, generator=g))
+            assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (fuse, fuse)
+            assert layer.w1.grad is None and layer.w2.grad is None   # the hook let them go
+        got[fuse] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
+        assert got[fuse]["w1"].abs().sum() > 0 and got[fuse]["w2"].abs().sum() > 0
+    for n in got[True]:
+        torch.testing.assert_close(got[True][n], got[False][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: bf16 at real sizes, compiled kernels, determinism
 # --------------------------------------------------------------------------------------------------
@@ -341,6 +463,37 @@ def test_gpu_bf16_matches_reference(T, E, k, H, Fd, activation, skew):
         lanes = {r["observed"] for r in backends.records()
                  if r["op"] == "moe_ffn.triton.weight_grads"}
         assert lanes == {"grouped_mm"}, backends.records()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T,E,k,H,Fd,buf_dtype", [(4096, 64, 6, 1024, 704, torch.float32),
+                                                  (3001, 128, 8, 512, 352, torch.bfloat16)])
+def test_gpu_bf16_weight_grads_accumulate_into_main_grad(T, E, k, H, Fd, buf_dtype):
+    """The H100 tiles' accumulating weight-gradient kernel (bf16 operands, TMA): main_grad = the
+    earlier sum + the fp32 reference gradient within bf16 rounding; the last expert gets no
+    row, and its buffer stays as it was."""
+    x, _, _, w1, w2 = _gpu_inputs(T, E, k, H, Fd, seed=6)
+    logits = torch.randn(T, E, device="cuda")
+    logits[:, E - 1] = float("-inf")
+    vals, idx = logits.topk(k, dim=-1)
+    probs = torch.softmax(vals, -1)
+    gout = torch.randn_like(x)
+    ref = _run(lambda *a: moe.moe_ffn_reference(*a, "swiglu"),
+               x.float(), probs, idx, w1.float(), w2.float(), gout.float())
+    olds = [torch.randn(w.shape, device="cuda").to(buf_dtype) for w in (w1, w2)]
+    p1, p2 = (_ddp_weight(w, old) for w, old in zip((w1, w2), olds))
+    moe.moe_ffn(x, probs, idx, p1, p2, backend="triton", accumulate_wgrad=True).backward(gout)
+    empty = torch.bincount(idx.flatten(), minlength=E) == 0
+    assert empty[E - 1]
+    for what, p, old, r_ in (("dw1", p1, olds[0], ref[3]), ("dw2", p2, olds[1], ref[4])):
+        assert p.grad_added_to_main_grad, what
+        expect = old.float() + r_
+        err = (p.main_grad.float() - expect).abs().max().item()
+        assert err <= 3e-2 * max(1.0, expect.abs().max().item()), f"{what}: err {err:.3g}"
+        rel = ((p.main_grad.float() - expect).norm() / expect.norm()).item()
+        assert rel <= 1e-2, f"{what}: relative L2 error {rel:.3g}"
+        assert torch.equal(p.main_grad[empty], old[empty]), what
 
 
 @pytest.mark.gpu

@@ -18,6 +18,10 @@ ours   = ``megatron_ext.ops.moe.moe_ffn(backend="triton")`` and ``backend="group
          is installed (row ``ours_te``; absent otherwise); ``ours_layer`` = our Megatron layer
          ``FusedMoELayer`` on the anchor's config (its fp32 router and routing function, the
          fused experts, the layer's glue): the row to set beside the Megatron anchor;
+         ``ours_layer_ddp`` / ``ours_layer_ddp_hook`` = that layer inside Megatron's DDP with fp32
+         gradient buffers (one training micro-batch per call), the experts' weight gradients
+         added into ``main_grad`` by the weight-gradient kernel (the default) or by the DDP hook
+         (``--no-moe-gradient-accumulation-fusion``);
 ref    = the six Triton GEMM kernels of one fwd+bwd alone (up, down, dh, dx, dW1, dW2) on
          precomputed routing metadata: ``1 - ref ms / ours ms`` is the share of time outside the
          GEMMs (routing kernels, the d(h) row pass (activation backward, dprobs), combine
@@ -198,16 +202,28 @@ def fused_moe_layer(d: Dims, lane: str, bf16: bool, **fields):
     return layer
 
 
-def _layer_step(build, d: Dims, device: str):
+def _layer_step(build, d: Dims, device: str, ddp: bool = False):
     """fwd + bwd of a Megatron MoE layer on ``[T, 1, H]`` bf16: ``build(config)`` makes the layer
-    (after the world-size-1 model-parallel setup it needs) on the anchor's config."""
+    (after the world-size-1 model-parallel setup it needs) on the anchor's config. ``ddp``: the
+    layer inside Megatron's ``DistributedDataParallel`` with fp32 gradient buffers, as Megatron
+    trains bf16 models: each step is one more micro-batch whose weight gradients reach
+    ``main_grad`` (through the DDP hook's add, or the layer's own fused accumulation)."""
     import torch
 
     from bench.parallel import ensure_model_parallel
 
     ensure_model_parallel(cpu=device == "cpu")
-    layer = build(megatron_moe_config(d)).to(device=device, dtype=torch.bfloat16).train()
+    config = megatron_moe_config(d)
+    layer = build(config).to(device=device, dtype=torch.bfloat16).train()
     params = list(layer.parameters())
+    if ddp:
+        from megatron.core.distributed import DistributedDataParallel
+
+        from megatron_ext.compat import ddp_config
+
+        layer = DistributedDataParallel(
+            config, ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=False), layer)
+        layer.zero_grad_buffer()
     x = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(d.tokens, 1, d.hidden, device=device, dtype=torch.bfloat16)
 
@@ -231,21 +247,22 @@ def _megatron_setup(d: Dims, device: str):
     return _layer_step(build, d, device)
 
 
-def _ours_layer_setup(d: Dims, device: str, deterministic: bool = False):
+def _ours_layer_setup(d: Dims, device: str, deterministic: bool = False, ddp: bool = False,
+                      fusion: bool = True):
     """Our Megatron layer (``FusedMoELayer``, what ``--spec`` builds) on the anchor's config:
     fp32 router logits and routing (``route``), the fused experts, the layer's glue;
-    ``deterministic``: ``--moe-deterministic`` (batch-invariant GEMMs)."""
+    ``deterministic``: ``--moe-deterministic`` (batch-invariant GEMMs); ``ddp``: under Megatron's
+    DDP (see :func:`_layer_step`), with the experts' gradient-accumulation fusion on or off."""
     def build(config):
         from megatron_ext.config import MoEConfig
         from megatron_ext.modules.moe import FusedMoELayer
         from megatron_ext.observability.moe_stats import STATE
 
         STATE.reset()   # the per-step monitor sums each layer's load; a new shape starts it afresh
-        if deterministic:
-            config.moe = MoEConfig(deterministic=True)
+        config.moe = MoEConfig(deterministic=deterministic, gradient_accumulation_fusion=fusion)
         return FusedMoELayer(config)
 
-    return _layer_step(build, d, device)
+    return _layer_step(build, d, device, ddp=ddp)
 
 
 def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
@@ -278,6 +295,18 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
                       role="ours", setup=lambda: _ours_layer_setup(d, device, deterministic=True),
                       flops=flops))
     if not cpu:
+        # a training micro-batch: Megatron's DDP with fp32 gradient buffers around the layer
+        cases.append(Case(name="ours_layer_ddp",
+                          label="ours: FusedMoELayer under Megatron DDP (fp32 main_grad; expert "
+                                "grads added in the weight-gradient kernel)",
+                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True),
+                          flops=flops))
+        cases.append(Case(name="ours_layer_ddp_hook",
+                          label="ours: FusedMoELayer under Megatron DDP, "
+                                "--no-moe-gradient-accumulation-fusion (the DDP hook adds)",
+                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True,
+                                                                       fusion=False),
+                          flops=flops))
         # the memory-saving lane: rows gathered inside the GEMMs, x saved instead of its k copies
         cases.append(Case(name="ours_triton_no_pregather",
                           label="ours: moe_ffn backend=triton, --no-moe-pregather", role="ours",
@@ -393,6 +422,21 @@ def _breakdown_rows(name: str, d: Dims):
         (f"dW2: (p h)^T @ dout (jagged; {lane})",
          lambda: tm.weight_grads(xd, da, hp, grad, w1d, w2d, r, cfg, (False, True),
                                  x_sorted=xs, dout_sorted=ds), gemm),
+    ]
+    # under Megatron's DDP (fp32 gradient buffers): the grouped GEMM's bf16 dW then the hook's
+    # main_grad += grad, against the kernel adding into main_grad itself (wgrad_accum)
+    bufs = [torch.zeros(w.shape, device="cuda") for w in (w1d, w2d)]
+
+    def unfused():
+        for buf, gw in zip(bufs, tm.weight_grads(xd, da, hp, grad, w1d, w2d, r, cfg,
+                                                 x_sorted=xs, dout_sorted=ds)):
+            buf.add_(gw)
+
+    kernels += [
+        (f"dW1 + dW2 ({lane}) + DDP hook's fp32 main_grad add", unfused, 3 * gemm),
+        ("dW1 + dW2 added into fp32 main_grad in the kernel (wgrad_accum)",
+         lambda: tm.weight_grads(xd, da, hp, grad, w1d, w2d, r, cfg, x_sorted=xs,
+                                 dout_sorted=ds, accumulate_into=tuple(bufs)), 3 * gemm),
     ]
     rows = []
     for label, fn, flops in kernels:

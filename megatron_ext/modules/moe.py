@@ -910,7 +910,8 @@ class FusedMoELayer(MegatronModule):
         if fused:
             out = self._latent_up(moe_ffn(x, probs, indices, self.w1, self.w2, self.activation,
                                           self.moe.backend, pregather=self.moe.pregather,
-                                          recompute_activation=self.recompute_act))
+                                          recompute_activation=self.recompute_act,
+                                          accumulate_wgrad=self.moe.gradient_accumulation_fusion))
             if shared is None and self.etp_size == 1:
                 return out   # nothing to sum: the model dtype, no fp32 round trip (2 passes each way)
             out = out.float()
@@ -1011,7 +1012,8 @@ class FusedMoELayer(MegatronModule):
             # and the combine sums a token's k rows in a fixed order
             y = moe_ffn(x_in, p_in[:, None], local[:, None], self.w1, self.w2, self.activation,
                         self.moe.backend, pregather=self.moe.pregather,
-                        recompute_activation=self.recompute_act)
+                        recompute_activation=self.recompute_act,
+                        accumulate_wgrad=self.moe.gradient_accumulation_fusion)
         if timer is not None:
             timer.start("combine", rows.device)
         y = _AllToAll.apply(y, send, recv, group)

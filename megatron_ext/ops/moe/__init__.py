@@ -245,9 +245,24 @@ def _triton_config(x: Tensor, pregather: Optional[bool]):
         dataclasses.replace(base, pregather=bool(pregather))
 
 
+def _unfused_accumulation(backend: str, w1: Tensor, w2: Tensor) -> None:
+    """Record (in the receipt, logged once at info level) that gradient-accumulation fusion was
+    asked of a backend without it, where a weight has a buffer it could have gone to: the
+    option's default asks on every backend, and only the Triton kernels have it, so this is the
+    expected lane on CPU runs rather than a warning."""
+    from megatron_ext.ops.moe.autograd import main_grad_target
+
+    if any(w.requires_grad and main_grad_target(w)[0] is not None for w in (w1, w2)):
+        backends.note("moe_ffn.weight_grad_accumulation", "fused", "ddp_hook",
+                          f"backend {backend!r} returns the weight gradients to autograd; "
+                          f"Megatron's DDP hook adds them to main_grad (only the Triton "
+                          f"kernels add in their epilogue)")
+
+
 def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
             activation: str = "swiglu", backend: str = "auto",
-            pregather: Optional[bool] = None, recompute_activation: bool = False) -> Tensor:
+            pregather: Optional[bool] = None, recompute_activation: bool = False,
+            accumulate_wgrad: bool = False) -> Tensor:
     """Routed expert FFN, see the module docstring for shapes; differentiable in x, probs,
     w1, w2 on every backend. ``pregather`` (Triton backend only; None = its tiles' choice, on
     for the H100 tiles): copy x's rows into expert order once, which speeds up the grouped
@@ -255,7 +270,14 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
     memory); False = gather inside the GEMMs and save x only. Other backends ignore it.
     ``recompute_activation`` (Megatron's ``moe_act`` recompute): keep the pre-activation
     ``[T*k, 2F]`` only and rebuild the activation's output in backward. The Triton kernels always
-    work that way; the other backends do it when asked (:mod:`.recompute`)."""
+    work that way; the other backends do it when asked (:mod:`.recompute`).
+    ``accumulate_wgrad`` (Megatron's gradient-accumulation fusion for the experts): where a weight
+    carries Megatron DDP's gradient buffer (``main_grad`` + ``grad_added_to_main_grad``), the
+    Triton backend's weight-gradient kernel adds the gradient into that buffer in its epilogue
+    (one fp32 sum, rounded once) and hands autograd a placeholder the DDP hook skips, as
+    Megatron's fused-wgrad linears do; this saves the hook's separate ``main_grad += grad`` pass
+    over the expert weights. Other backends return the gradient to autograd (a fallback record
+    says so) and the hook adds it; weights without such a buffer are unaffected."""
     _check(x, probs, indices, w1, w2, activation)
     name = backends.resolve("moe_ffn", backend, [("triton", _triton_probe(x, w1, w2, backend)),
                                                  ("grouped_mm", _grouped_mm_probe(x, w1, w2)),
@@ -265,7 +287,10 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
         from megatron_ext.ops.moe.autograd import triton_moe_ffn
 
         return triton_moe_ffn(x, probs, indices, w1, w2, activation,
-                              config=_triton_config(x, pregather))
+                              config=_triton_config(x, pregather),
+                              accumulate_wgrad=accumulate_wgrad)
+    if accumulate_wgrad and torch.is_grad_enabled():
+        _unfused_accumulation(name, w1, w2)
     if name == "grouped_mm":
         return _moe_ffn_grouped_mm(x, probs, indices, w1, w2, activation, recompute_activation)
     if name == "te":

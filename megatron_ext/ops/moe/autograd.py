@@ -13,9 +13,42 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
+_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def main_grad_target(w):
+    """``(buffer, None)`` where weight ``w`` follows Megatron DDP's gradient-buffer protocol (a
+    persistent ``main_grad`` of w's shape that its backward hook adds ``w.grad`` into unless
+    ``grad_added_to_main_grad`` is set), so the weight-gradient kernel can add into the buffer
+    itself; else ``(None, why)`` (``why`` None where there is no such buffer at all, e.g. plain
+    autograd or torch FSDP2). Megatron-FSDP's buffers (``get_main_grad``, allocated by its hook)
+    are left to that hook."""
+    mg = getattr(w, "main_grad", None)
+    if mg is None or not hasattr(w, "grad_added_to_main_grad"):
+        return None, None
+    if hasattr(w, "get_main_grad"):
+        return None, "Megatron-FSDP allocates main_grad in its own hook"
+    if tuple(mg.shape) != tuple(w.shape) or mg.device != w.device or not mg.is_contiguous() \
+            or mg.dtype not in _GRAD_DTYPES:
+        return None, (f"main_grad {tuple(mg.shape)} {mg.dtype} on {mg.device} (contiguous: "
+                      f"{mg.is_contiguous()}) is not a contiguous fp32/16-bit buffer of the "
+                      f"weight's shape {tuple(w.shape)} on {w.device}")
+    return mg, None
+
+
+def _placeholder_grad(w):
+    """What Megatron's fused-wgrad linears hand autograd once the gradient is in ``main_grad``:
+    an unread tensor of w's shape (zeros where ``zero_out_wgrad`` asks the hook to add it), with
+    ``grad_added_to_main_grad`` set so the DDP hook does not add it."""
+    w.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(w, "zero_out_wgrad", False) else torch.empty
+    return make(w.shape, dtype=w.dtype, device=w.device)
+
+
 class TritonMoEFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, probs, indices, w1, w2, activation: str, config=None):
+    def forward(ctx, x, probs, indices, w1, w2, activation: str, config=None,
+                accumulate_wgrad: bool = False):
         from megatron_ext.ops.moe import triton_moe
 
         out, a, routing, xs = triton_moe.moe_ffn_fwd(x, probs, indices, w1, w2, activation,
@@ -24,27 +57,44 @@ class TritonMoEFFN(torch.autograd.Function):
         ctx.sorted_x = xs is not None
         ctx.save_for_backward(xs if xs is not None else x, w1, w2, a)
         ctx.routing = routing
-        ctx.args = (activation, config, probs.dtype)
+        ctx.args = (activation, config, probs.dtype, accumulate_wgrad)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
+        from megatron_ext import backends
         from megatron_ext.ops.moe import triton_moe
 
         xin, w1, w2, a = ctx.saved_tensors
-        activation, config, probs_dtype = ctx.args
+        activation, config, probs_dtype, accumulate_wgrad = ctx.args
         need = ctx.needs_input_grad
         x, xs = (None, xin) if ctx.sorted_x else (xin, None)
+        into = [None, None]
+        if accumulate_wgrad:
+            for i, (w, wanted) in enumerate(((w1, need[3]), (w2, need[4]))):
+                buf, why = main_grad_target(w) if wanted else (None, None)
+                into[i] = buf
+                if why is not None:
+                    backends.fallback("moe_ffn.weight_grad_accumulation", "fused", "ddp_hook",
+                                      f"w{i + 1}: {why}; the gradient goes to autograd and the "
+                                      f"hook adds it")
         dx, dprobs, dw1, dw2 = triton_moe.moe_ffn_bwd(
             dout, x, w1, w2, a, ctx.routing, activation,
-            needs=(need[0], need[1], need[3], need[4]), config=config, x_sorted=xs)
+            needs=(need[0], need[1], need[3], need[4]), config=config, x_sorted=xs,
+            accumulate_into=tuple(into))
+        if into[0] is not None:
+            dw1 = _placeholder_grad(w1)
+        if into[1] is not None:
+            dw2 = _placeholder_grad(w2)
         if dprobs is not None:
             dprobs = dprobs.to(probs_dtype)
-        return dx, dprobs, None, dw1, dw2, None, None
+        return dx, dprobs, None, dw1, dw2, None, None, None
 
 
 def triton_moe_ffn(x, probs, indices, w1, w2, activation: str = "swiglu",
-                   config=None) -> torch.Tensor:
-    """Differentiable Triton path; ``config``: a ``triton_moe.TileConfig`` (None = default)."""
-    return TritonMoEFFN.apply(x, probs, indices, w1, w2, activation, config)
+                   config=None, accumulate_wgrad: bool = False) -> torch.Tensor:
+    """Differentiable Triton path; ``config``: a ``triton_moe.TileConfig`` (None = default);
+    ``accumulate_wgrad``: add the weight gradients into ``w.main_grad`` in the kernel where the
+    weight carries Megatron DDP's gradient buffer (:func:`main_grad_target`)."""
+    return TritonMoEFFN.apply(x, probs, indices, w1, w2, activation, config, accumulate_wgrad)

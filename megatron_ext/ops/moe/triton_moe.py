@@ -124,13 +124,15 @@ class TileConfig:
     """Tiles per kernel. ``up``: x -> a, h (gated: ``block_n`` gate AND ``block_n`` up columns);
     ``down``: h -> y rows; ``dh``: dout -> g (split) or da (+ dprobs partials, fused);
     ``dx``: da -> dx rows;
-    ``wgrad``: dW1 and dW2 (``block_k`` = rows per step of the jagged reduction)."""
+    ``wgrad``: dW1 and dW2 (``block_k`` = rows per step of the jagged reduction);
+    ``wgrad_accum``: the same kernel adding into a gradient buffer (None: the ``wgrad`` tile)."""
 
     up: GemmTile
     down: GemmTile
     dh: GemmTile
     dx: GemmTile
     wgrad: GemmTile
+    wgrad_accum: Optional[GemmTile] = None
     combine_t: int = 16
     combine_h: int = 256
     # row gather of the pregather lane (rows x cols per program step)
@@ -202,7 +204,17 @@ class TileConfig:
 #         this kernel (picked: ``wgrad_grouped_mm``; the kernel stays the fallback). A persistent
 #         variant of this kernel with every row step of a program's tiles in one flat loop (the
 #         item switch and the store as branches in the loop) ran 106-243 TFLOP/s: the branch
-#         with the bounds loads stops the software pipeline; not kept.
+#         with the bounds loads stops the software pipeline; not kept. On the pregather lane
+#         (both operands in sorted rows) A now comes through TMA and B masked: 1.71-1.78 ms for
+#         dW1 + dW2 with the picked tile (2026-11-24), still behind the grouped GEMM's 1.58.
+#   wgrad_accum (the kernel adding into a gradient buffer, Megatron DDP's main_grad: the
+#         buffer's read-modify-write in the epilogue; dW1 + dW2 ms with an fp32 / bf16 buffer,
+#         2026-11-24): 128x128 k64 w4 s3 tma: 2.58-2.63 / 2.00 (picked)   k32 w4 s4: 2.65 / 2.00
+#         k64 w4 s4: 3.05   k64 w8 s3: 3.21 / 2.02   k64 w8 s4: 2.97 / 2.50   k32 w8 s4: 3.46
+#         128x256 k64 w8 s3: 3.04 / 2.05   256x128 k64 w8 s3: 2.87 / 2.09   64x128 k64 w4:
+#         2.93-3.09 / 2.56   128x64 k64 w4 s3: 3.03; the old tile loaded before the K loop and
+#         held across it: slower with every tile (2.92-3.72). The unfused way, the grouped GEMM's
+#         bf16 dW (1.59) then the DDP hook's add (fp32 buffer 2.25, bf16 1.09): 3.65 / 2.54.
 #   flatten (``tl.range(flatten=True)``: tile loop and K loop as one pipelined loop) on the
 #         persistent GEMMs: down 0.543 -> 0.497 ms (s4), dx 0.997 -> 0.952 (s4), dh GEMM + row
 #         pass 0.855 -> 0.837 (picked); up 1.107 -> 1.279 (not picked: its two accumulators)
@@ -224,6 +236,7 @@ H100_CONFIG = TileConfig(
     dh=GemmTile(128, 256, 64, 8, 3, tma=True, flatten=True),
     dx=GemmTile(128, 256, 64, 8, 4, tma=True, flatten=True),
     wgrad=GemmTile(128, 128, 32, 4, 4, tma=True),
+    wgrad_accum=GemmTile(128, 128, 64, 4, 3, tma=True),
     wgrad_grouped_mm=True,
     pregather=True,
     gather_r=128,
@@ -767,13 +780,14 @@ def _wgrad_kernel(A, B, A_DESC, B_DESC, C, A_IDX, B_IDX, BOUNDS, m_dim, n_dim, s
                   GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   A_TMA: tl.constexpr, B_TMA: tl.constexpr,
-                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                  UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, ACCUM: tl.constexpr):
     """``C[e] = A_e^T @ B_e`` over expert ``e``'s sorted rows ``[bounds[e], bounds[e+1])`` in row
-    order (one program per output tile: deterministic, no split-K). ``A_e`` rows are
-    ``A[A_IDX[r]]`` if GATHER_A else ``A[r]``; likewise B. ``A_TMA`` / ``B_TMA`` (only for a
-    non-gathered operand whose partner is gathered): its ``[BK, BM|BN]`` row block comes through a
-    descriptor unmasked; rows past the expert's end meet the partner's zero-masked rows, so they
-    add exact zeros."""
+    order (one program per output tile: deterministic, no split-K); ``ACCUM``: ``C[e] += ...``
+    instead (the fp32 sum plus C's old value, rounded once to C's dtype; an expert with no rows
+    leaves its block untouched). ``A_e`` rows are ``A[A_IDX[r]]`` if GATHER_A else ``A[r]``;
+    likewise B. ``A_TMA`` / ``B_TMA`` (at most one of the two, for a non-gathered operand): its
+    ``[BK, BM|BN]`` row block comes through a descriptor unmasked; rows past the expert's end meet
+    the partner's zero-masked rows, so they add exact zeros."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_tn = tl.cdiv(n_dim, BLOCK_N)
@@ -807,8 +821,14 @@ def _wgrad_kernel(A, B, A_DESC, B_DESC, C, A_IDX, B_IDX, BOUNDS, m_dim, n_dim, s
             b = tl.load(B + rb[:, None] * stride_b + n[None, :],
                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
         acc = _dot(a_t, b, acc, UPCAST, DOT_PREC)
-    tl.store(C + e.to(tl.int64) * stride_ce + m[:, None] * stride_cm + n[None, :] * stride_cn,
-             acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    c_ptr = C + e.to(tl.int64) * stride_ce + m[:, None] * stride_cm + n[None, :] * stride_cn
+    c_ok = m_ok[:, None] & n_ok[None, :]
+    if ACCUM:
+        if end > start:
+            acc += tl.load(c_ptr, mask=c_ok, other=0.0).to(tl.float32)
+            tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=c_ok)
+    else:
+        tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
@@ -941,17 +961,19 @@ def launch_act_bwd(g, a, da, hp, dprobs, r: Routing, activation: str, cfg: TileC
 
 
 def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: Optional[Tensor],
-                 cfg: TileConfig) -> None:
-    """``out[e] = a_src[rows_e]^T @ b_src[rows_e]`` (rows gathered through the index if given)."""
-    t = cfg.wgrad
+                 cfg: TileConfig, accumulate: bool = False) -> None:
+    """``out[e] = a_src[rows_e]^T @ b_src[rows_e]`` (rows gathered through the index if given);
+    ``accumulate``: ``out[e] +=`` that (fp32 sum, one rounding to ``out``'s dtype)."""
+    t = (cfg.wgrad_accum or cfg.wgrad) if accumulate else cfg.wgrad
     E, m_dim, n_dim = out.shape
     upcast, prec = _flags(a_src.dtype)
-    # TMA only for the contiguous operand of a gathered pair: its unmasked rows past the expert
-    # then meet the gathered partner's zero rows
+    # TMA for one contiguous operand whose partner is loaded through masked pointers: its unmasked
+    # rows past the expert then meet the partner's zero rows (the gathered one where one is
+    # gathered, else B)
     a_desc = _tma_desc(a_src, a_src.shape[0], (t.block_k, t.block_m),
-                       t.tma and a_idx is None and b_idx is not None)
+                       t.tma and a_idx is None)
     b_desc = _tma_desc(b_src, b_src.shape[0], (t.block_k, t.block_n),
-                       t.tma and b_idx is None and a_idx is not None)
+                       t.tma and b_idx is None and a_desc is None and a_idx is not None)
     grid = (triton.cdiv(m_dim, t.block_m) * triton.cdiv(n_dim, t.block_n), E)
     _wgrad_kernel[grid](
         a_src, b_src, a_desc if a_desc is not None else a_src,
@@ -960,7 +982,7 @@ def launch_wgrad(a_src, b_src, out, r: Routing, a_idx: Optional[Tensor], b_idx: 
         a_src.stride(0), b_src.stride(0), out.stride(0), out.stride(1), out.stride(2),
         GATHER_A=a_idx is not None, GATHER_B=b_idx is not None,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, A_TMA=a_desc is not None,
-        B_TMA=b_desc is not None, UPCAST=upcast, DOT_PREC=prec,
+        B_TMA=b_desc is not None, UPCAST=upcast, DOT_PREC=prec, ACCUM=accumulate,
         num_warps=t.warps, num_stages=t.stages)
 
 
@@ -1024,9 +1046,12 @@ def moe_ffn_fwd(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tenso
 
 def moe_ffn_bwd(dout: Tensor, x: Optional[Tensor], w1: Tensor, w2: Tensor, a: Tensor, r: Routing,
                 activation: str, needs=(True, True, True, True),
-                config: Optional[TileConfig] = None, x_sorted: Optional[Tensor] = None):
+                config: Optional[TileConfig] = None, x_sorted: Optional[Tensor] = None,
+                accumulate_into: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)):
     """``(dx, dprobs [T, k] fp32, dw1, dw2)``; None where ``needs`` says the grad is not wanted.
-    ``x`` (token order) or ``x_sorted`` (what the forward's pregather kept) feeds dW1."""
+    ``x`` (token order) or ``x_sorted`` (what the forward's pregather kept) feeds dW1.
+    ``accumulate_into``: per weight a buffer its gradient is added into instead (see
+    :func:`weight_grads`); that grad is returned as None."""
     cfg = config or default_config(w1.dtype)
     dout = _contig(dout).to(w1.dtype)
     w1, w2 = _contig(w1), _contig(w2)
@@ -1068,17 +1093,38 @@ def moe_ffn_bwd(dout: Tensor, x: Optional[Tensor], w1: Tensor, w2: Tensor, a: Te
             dp_pairs[r.order.long()] = dpp.sum(0)  # fixed-order sum over F tiles; unique targets
         dprobs = dp_pairs.view(T, r.topk)
     dw1, dw2 = weight_grads(x, da, hp, dout, w1, w2, r, cfg, (need_w1, need_w2),
-                            x_sorted=x_sorted, dout_sorted=ds)
+                            x_sorted=x_sorted, dout_sorted=ds, accumulate_into=accumulate_into)
     return dx, dprobs, dw1, dw2
 
 
 def weight_grads(x: Optional[Tensor], da: Tensor, hp: Tensor, dout: Tensor, w1: Tensor,
                  w2: Tensor, r: Routing, cfg: TileConfig, needs=(True, True),
-                 x_sorted: Optional[Tensor] = None, dout_sorted: Optional[Tensor] = None
+                 x_sorted: Optional[Tensor] = None, dout_sorted: Optional[Tensor] = None,
+                 accumulate_into: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
                  ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(dW1, dW2)``: ``dW1[e] = x_e^T @ da_e`` and ``dW2[e] = (p h)_e^T @ dout_e`` over expert
     ``e``'s sorted rows (``x``/``dout`` rows gathered by token, or taken from ``x_sorted`` /
-    ``dout_sorted`` where the caller has them in sorted order); None where ``needs`` says so."""
+    ``dout_sorted`` where the caller has them in sorted order); None where ``needs`` says so.
+    ``accumulate_into``: a buffer of the weight's shape (fp32 or 16-bit, contiguous) per weight,
+    or None; a given buffer gets the gradient added in the kernel's epilogue (``_wgrad_kernel``
+    with ``ACCUM``: the fp32 sum and the old value rounded once) and that grad is returned as
+    None."""
+    acc1, acc2 = accumulate_into
+    if acc1 is not None or acc2 is not None:
+        if acc1 is not None and needs[0]:
+            if x_sorted is not None:
+                launch_wgrad(x_sorted, da, acc1, r, None, None, cfg, accumulate=True)
+            else:
+                launch_wgrad(x, da, acc1, r, r.token, None, cfg, accumulate=True)
+        if acc2 is not None and needs[1]:
+            if dout_sorted is not None:
+                launch_wgrad(hp, dout_sorted, acc2, r, None, None, cfg, accumulate=True)
+            else:
+                launch_wgrad(hp, dout, acc2, r, None, r.token, cfg, accumulate=True)
+        rest = weight_grads(x, da, hp, dout, w1, w2, r, cfg,
+                            (needs[0] and acc1 is None, needs[1] and acc2 is None),
+                            x_sorted=x_sorted, dout_sorted=dout_sorted)
+        return rest
     need_w1, need_w2 = needs
     dw1 = dw2 = None
     if (need_w1 or need_w2) and _wgrad_lane(x_sorted if x is None else x, w1, w2, cfg) == \
