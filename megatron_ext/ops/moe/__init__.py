@@ -254,9 +254,9 @@ def _unfused_accumulation(backend: str, w1: Tensor, w2: Tensor) -> None:
 
     if any(w.requires_grad and main_grad_target(w)[0] is not None for w in (w1, w2)):
         backends.note("moe_ffn.weight_grad_accumulation", "fused", "ddp_hook",
-                          f"backend {backend!r} returns the weight gradients to autograd; "
-                          f"Megatron's DDP hook adds them to main_grad (only the Triton "
-                          f"kernels add in their epilogue)")
+                      f"backend {backend!r} returns the weight gradients to autograd; "
+                      f"Megatron's DDP hook adds them to main_grad (only the Triton "
+                      f"kernels add in their epilogue)")
 
 
 def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
@@ -276,8 +276,8 @@ def moe_ffn(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tensor,
     Triton backend's weight-gradient kernel adds the gradient into that buffer in its epilogue
     (one fp32 sum, rounded once) and hands autograd a placeholder the DDP hook skips, as
     Megatron's fused-wgrad linears do; this saves the hook's separate ``main_grad += grad`` pass
-    over the expert weights. Other backends return the gradient to autograd (a fallback record
-    says so) and the hook adds it; weights without such a buffer are unaffected."""
+    over the expert weights. Other backends return the gradient to autograd (an info record in
+    the receipt says so) and the hook adds it; weights without such a buffer are unaffected."""
     _check(x, probs, indices, w1, w2, activation)
     name = backends.resolve("moe_ffn", backend, [("triton", _triton_probe(x, w1, w2, backend)),
                                                  ("grouped_mm", _grouped_mm_probe(x, w1, w2)),
