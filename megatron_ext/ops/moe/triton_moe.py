@@ -213,7 +213,9 @@ class TileConfig:
 #         k64 w4 s4: 3.05   k64 w8 s3: 3.21 / 2.02   k64 w8 s4: 2.97 / 2.50   k32 w8 s4: 3.46
 #         128x256 k64 w8 s3: 3.04 / 2.05   256x128 k64 w8 s3: 2.87 / 2.09   64x128 k64 w4:
 #         2.93-3.09 / 2.56   128x64 k64 w4 s3: 3.03; the old tile loaded before the K loop and
-#         held across it: slower with every tile (2.92-3.72). The unfused way, the grouped GEMM's
+#         held across it: slower with every tile (2.92-3.72); consecutive programs cycling over
+#         2 / 4 / 8 experts (to mix the programs' phases): 2.63 / 2.98 / 3.76 (L2 reuse lost); dW1
+#         and dW2 on two streams: 2.58. The unfused way, the grouped GEMM's
 #         bf16 dW (1.59) then the DDP hook's add (fp32 buffer 2.25, bf16 1.09): 3.65 / 2.54.
 #   flatten (``tl.range(flatten=True)``: tile loop and K loop as one pipelined loop) on the
 #         persistent GEMMs: down 0.543 -> 0.497 ms (s4), dx 0.997 -> 0.952 (s4), dh GEMM + row
