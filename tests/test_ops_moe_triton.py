@@ -379,11 +379,15 @@ def test_weight_grad_accumulation_leaves_other_weights_to_autograd():
 @pytest.mark.skipif(not NO_CUDA, reason="CPU lane: the megatron_world fixture applies the CPU patches, "
                     "which would stay on for this process's GPU tests; on the GPU the fused "
                     "accumulation trains under DDP in test_gpu_fused_moe_trains_in_bf16")
-def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world):
+@pytest.mark.parametrize("dist_opt,overlap", [(False, False), (True, True)],
+                         ids=["ddp", "distributed_optimizer_overlap_grad_reduce"])
+def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, dist_opt, overlap):
     """The fused layer on the Triton experts under Megatron's DistributedDataParallel (fp32
-    gradient buffers), two micro-batches accumulated: with the fusion the experts' main_grad is
-    written by the weight-gradient kernel (the hook finds ``grad_added_to_main_grad`` set and
-    skips its add), without it by the hook; every parameter's main_grad agrees."""
+    gradient buffers; also with the distributed optimizer's buffers and the overlapped grad
+    reduce, whose hook needs a grad on every parameter), two micro-batches accumulated: with the
+    fusion the experts' main_grad is written by the weight-gradient kernel (the hook finds
+    ``grad_added_to_main_grad`` set and skips its add), without it by the hook; every
+    parameter's main_grad agrees."""
     from megatron.core.distributed import DistributedDataParallel
 
     from megatron_ext import compat
@@ -399,7 +403,8 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world):
         layer = FusedMoELayer(tconfig)
         layer.set_layer_number(1)
         ddp = DistributedDataParallel(
-            tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=False), layer)
+            tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                       use_distributed_optimizer=dist_opt), layer)
         ddp.zero_grad_buffer()
         g = _gen(21)
         for _ in range(2):
@@ -407,6 +412,8 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world):
             y.backward(torch.randn(S, B, H, generator=g))
             assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (fuse, fuse)
             assert layer.w1.grad is None and layer.w2.grad is None   # the hook let them go
+        if overlap:
+            ddp.finish_grad_sync()
         got[fuse] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
         assert got[fuse]["w1"].abs().sum() > 0 and got[fuse]["w2"].abs().sum() > 0
     for n in got[True]:
