@@ -1111,23 +1111,24 @@ def weight_grads(x: Optional[Tensor], da: Tensor, hp: Tensor, dout: Tensor, w1: 
     or None; a given buffer gets the gradient added in the kernel's epilogue (``_wgrad_kernel``
     with ``ACCUM``: the fp32 sum and the old value rounded once) and that grad is returned as
     None."""
+    def dw1_kernel(out: Tensor, accumulate: bool = False) -> None:
+        if x_sorted is not None:
+            launch_wgrad(x_sorted, da, out, r, None, None, cfg, accumulate)
+        else:
+            launch_wgrad(x, da, out, r, r.token, None, cfg, accumulate)
+
+    def dw2_kernel(out: Tensor, accumulate: bool = False) -> None:
+        if dout_sorted is not None:
+            launch_wgrad(hp, dout_sorted, out, r, None, None, cfg, accumulate)
+        else:
+            launch_wgrad(hp, dout, out, r, None, r.token, cfg, accumulate)
+
     acc1, acc2 = accumulate_into
-    if acc1 is not None or acc2 is not None:
-        if acc1 is not None and needs[0]:
-            if x_sorted is not None:
-                launch_wgrad(x_sorted, da, acc1, r, None, None, cfg, accumulate=True)
-            else:
-                launch_wgrad(x, da, acc1, r, r.token, None, cfg, accumulate=True)
-        if acc2 is not None and needs[1]:
-            if dout_sorted is not None:
-                launch_wgrad(hp, dout_sorted, acc2, r, None, None, cfg, accumulate=True)
-            else:
-                launch_wgrad(hp, dout, acc2, r, None, r.token, cfg, accumulate=True)
-        rest = weight_grads(x, da, hp, dout, w1, w2, r, cfg,
-                            (needs[0] and acc1 is None, needs[1] and acc2 is None),
-                            x_sorted=x_sorted, dout_sorted=dout_sorted)
-        return rest
-    need_w1, need_w2 = needs
+    if acc1 is not None and needs[0]:
+        dw1_kernel(acc1, accumulate=True)
+    if acc2 is not None and needs[1]:
+        dw2_kernel(acc2, accumulate=True)
+    need_w1, need_w2 = needs[0] and acc1 is None, needs[1] and acc2 is None
     dw1 = dw2 = None
     if (need_w1 or need_w2) and _wgrad_lane(x_sorted if x is None else x, w1, w2, cfg) == \
             "grouped_mm":
@@ -1144,16 +1145,10 @@ def weight_grads(x: Optional[Tensor], da: Tensor, hp: Tensor, dout: Tensor, w1: 
         return dw1, dw2
     if need_w1:
         dw1 = torch.empty(w1.shape, dtype=w1.dtype, device=da.device)
-        if x_sorted is not None:
-            launch_wgrad(x_sorted, da, dw1, r, None, None, cfg)
-        else:
-            launch_wgrad(x, da, dw1, r, r.token, None, cfg)
+        dw1_kernel(dw1)
     if need_w2:
         dw2 = torch.empty(w2.shape, dtype=w2.dtype, device=da.device)
-        if dout_sorted is not None:
-            launch_wgrad(hp, dout_sorted, dw2, r, None, None, cfg)
-        else:
-            launch_wgrad(hp, dout, dw2, r, None, r.token, cfg)
+        dw2_kernel(dw2)
     return dw1, dw2
 
 
