@@ -73,6 +73,9 @@ _HELP = {
                                         "separate add (Megatron's gradient-accumulation fusion, for the experts; "
                                         "no apex needed); --no-moe-gradient-accumulation-fusion leaves it to "
                                         "the hook (default: on)",
+    "moe_checkpoint_format": "fused MoE layers' checkpoint entries: fused (their grouped weights, the default) "
+                             "or megatron (the keys and layouts of Megatron's MoELayer with SequentialMLP / "
+                             "TEGroupedMLP experts, to resume from or hand over to such a checkpoint; docs/moe.md)",
 }
 
 

@@ -333,6 +333,7 @@ class TrainConfig:
     moe_deterministic: bool = False
     moe_pregather: Optional[bool] = None  # Triton experts: rows copied to expert order once (None: the tiles' choice)
     moe_gradient_accumulation_fusion: bool = True  # Triton experts: weight grads added into DDP's main_grad in-kernel
+    moe_checkpoint_format: str = "fused"  # fused (grouped w1/w2 keys) | megatron (Megatron MoELayer's keys and layouts)
     moe_routing_trace_out: Optional[str] = None
     moe_routing_replay: Optional[str] = None
     moe_routing_log: Optional[str] = None  # DIR: async JSONL log of expert ids + gates per token
@@ -515,6 +516,9 @@ MOE_ROUTER_FIELDS = {
 }
 
 
+CHECKPOINT_FORMATS = ("fused", "megatron")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """The fused MoE layer's own knobs (not router math), attached as ``tconfig.moe``."""
@@ -531,6 +535,10 @@ class MoEConfig:
     # Triton experts under Megatron's DDP: the weight-gradient kernel adds into each expert
     # weight's main_grad itself (Megatron's gradient-accumulation fusion, for the experts only)
     gradient_accumulation_fusion: bool = True
+    # the layer's distributed-checkpoint entries: "fused" (its grouped weights under its own names)
+    # or "megatron" (the keys and layouts of Megatron's MoELayer: SequentialMLP / TEGroupedMLP
+    # experts, router, shared expert), so checkpoints move between the two layers
+    checkpoint_format: str = "fused"
     monitor_interval: int = 10
     seed: int = 1234
 
@@ -554,6 +562,10 @@ class MoEConfig:
         if not isinstance(self.monitor_interval, int) or self.monitor_interval < 1:
             raise _err(prefix + "monitor_interval", self.monitor_interval, "must be a positive integer",
                        "an integer >= 1")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            raise _err(prefix + "checkpoint_format", self.checkpoint_format, "unknown checkpoint layout",
+                       "'fused' (the layer's own grouped weights) or 'megatron' (Megatron MoELayer's keys, "
+                       "to load or write checkpoints of its SequentialMLP / TEGroupedMLP layers)")
         if not isinstance(self.gradient_accumulation_fusion, bool):
             raise _err(prefix + "gradient_accumulation_fusion", self.gradient_accumulation_fusion,
                        "must be a boolean", "true / false (--no-moe-gradient-accumulation-fusion turns it off)")
@@ -609,6 +621,7 @@ def moe_config(cfg: TrainConfig) -> Optional[MoEConfig]:
                      routing_trace_out=cfg.moe_routing_trace_out, routing_replay=cfg.moe_routing_replay,
                      routing_log=cfg.moe_routing_log, pregather=cfg.moe_pregather,
                      gradient_accumulation_fusion=cfg.moe_gradient_accumulation_fusion,
+                     checkpoint_format=cfg.moe_checkpoint_format,
                      monitor_interval=cfg.moe_monitor_interval, seed=cfg.seed)
 
 

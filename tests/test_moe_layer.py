@@ -910,6 +910,17 @@ def test_gradient_accumulation_fusion_flag_reaches_the_layer_config():
         MoEConfig(gradient_accumulation_fusion="yes").validate(prefix="moe.")
 
 
+def test_checkpoint_format_flag_reaches_the_layer_config():
+    from megatron_ext.cli import parse
+    from megatron_ext.config import ConfigError, MoEConfig, TrainConfig, moe_config
+
+    assert parse(["train", "--moe-checkpoint-format", "megatron"]).moe_checkpoint_format == "megatron"
+    assert moe_config(TrainConfig(num_experts=4)).checkpoint_format == "fused"
+    assert moe_config(TrainConfig(num_experts=4, moe_checkpoint_format="megatron")).checkpoint_format == "megatron"
+    with pytest.raises(ConfigError, match=r"moe_checkpoint_format='te': unknown checkpoint layout.*'megatron'"):
+        MoEConfig(checkpoint_format="te").validate()
+
+
 def test_replay_shape_mismatch_is_a_config_error(tmp_path, capsys):
     from megatron_ext.cli import main
 
@@ -1687,3 +1698,100 @@ def test_latent_moe_equals_its_definition(megatron_world, moe):
     for name, t in fused.named_parameters():
         assert t.grad is not None and t.grad.abs().max() > 0, name
         torch.testing.assert_close(t.grad, p[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _perturbed(layer):
+    """``layer`` with every parameter and persistent buffer overwritten by fresh random values (so
+    a load that leaves anything out shows)."""
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for t in layer.state_dict().values():
+            if torch.is_tensor(t) and t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=gen))
+    return layer
+
+
+def _dist_save_load(source, target, path, prefix="decoder.layers.0.mlp."):
+    """``source``'s distributed checkpoint written to ``path`` and read into ``target``, as
+    Megatron's save and load do for a layer (its sharded state dict; ``load_state_dict`` strict)."""
+    from megatron.core import dist_checkpointing
+
+    path.mkdir()
+    dist_checkpointing.save(source.sharded_state_dict(prefix=prefix), str(path))
+    loaded = dist_checkpointing.load(target.sharded_state_dict(prefix=prefix), str(path))
+    target.load_state_dict({k[len(prefix):]: v for k, v in loaded.items()}, strict=True)
+
+
+@pytest.mark.parametrize("swiglu", [True, False], ids=["swiglu", "gelu"])
+def test_megatron_checkpoint_layout_moves_both_ways(megatron_world, tmp_path, swiglu):
+    """moe.checkpoint_format='megatron': a distributed checkpoint of Megatron's MoELayer
+    (SequentialMLP experts, a gated shared expert, a sigmoid router with its expert bias) loads
+    into the fused layer, and the fused layer's checkpoint into Megatron's layer: every weight
+    bitwise, and the layers then compute the same output and gradients. The default layout keeps
+    the fused layer's own keys."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron_ext.modules.moe import FusedMoELayer
+
+    moe = dict(moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True, swiglu=swiglu,
+               moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True)
+    stock, fused = _layers(_tconfig(**moe))   # the same weights
+    tconfig = _tconfig(**moe)
+    assert tconfig.moe.checkpoint_format == "fused"
+    assert "decoder.layers.0.mlp.w1" in {v.key for v in fused.sharded_state_dict("decoder.layers.0.mlp.").values()}
+    tconfig.moe = dataclasses.replace(tconfig.moe, checkpoint_format="megatron")
+
+    # Megatron's layer -> the fused one
+    target = _perturbed(FusedMoELayer(tconfig))
+    target.set_layer_number(1)
+    _dist_save_load(stock, target, tmp_path / "from_megatron")
+    for name, want in fused.state_dict().items():
+        assert torch.equal(target.state_dict()[name], want), name
+    # the layouts: the keys and global shapes of Megatron's layer
+    theirs = {v.key for v in stock.sharded_state_dict("p.").values()}
+    ours = target.sharded_state_dict("p.")
+    assert {v.key for v in ours.values()} == theirs
+    w1 = ours["p.w1"]
+    assert isinstance(w1, ShardedTensorFactory) and w1.key == "p.experts.experts.linear_fc1.weight"
+    assert {tuple(t.global_shape) for t in w1.build()} == {(E, (2 if swiglu else 1) * F, H)}
+    _assert_matches_stock(stock, target, torch.randn(S, B, H, dtype=torch.float64).float())
+
+    # the fused layer -> Megatron's
+    again = _perturbed(_layers(_tconfig(**moe))[0])
+    _dist_save_load(target, again, tmp_path / "to_megatron")
+    for name, want in stock.state_dict().items():
+        if torch.is_tensor(want):
+            assert torch.equal(again.state_dict()[name], want), name
+    stock.zero_grad()
+    target.zero_grad()
+    _assert_matches_stock(again, target, torch.randn(S, B, H, dtype=torch.float64).float())
+
+
+def test_fused_run_in_the_megatron_layout_resumes(tmp_path):
+    """`megatron-ext train --moe-checkpoint-format megatron`: the fused layer's weights, expert bias
+    and optimizer state go through Megatron MoELayer's checkpoint keys (transposed on the way out,
+    back on the way in) and the run resumes from its iteration-3 checkpoint with the same losses."""
+    import shutil
+
+    from megatron.core import dist_checkpointing
+    from megatron_ext.training import checkpoint
+
+    opts = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "24",
+            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+            "--moe-aux-loss-coeff", "0.01", "--moe-checkpoint-format", "megatron"]
+    a = tmp_path / "megatron_layout"
+    assert train_inprocess(a, *opts) == 0
+    losses = train_losses(a)
+    keys = {k.split("/")[0] for k in dist_checkpointing.load_tensors_metadata(str(a / "checkpoints" / "iter_0000003"))}
+    for key in ("decoder.layers.mlp.experts.experts.linear_fc1.weight", "decoder.layers.mlp.router.expert_bias",
+                "decoder.layers.mlp.shared_experts.linear_fc2.weight"):
+        assert key in keys, sorted(keys)
+    assert not any(k.startswith("decoder.layers.mlp.w1") for k in keys)
+    b = tmp_path / "resumed"
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "checkpoints" / "iter_0000006")
+    (b / "checkpoints" / checkpoint.TRACKER).write_text("3")
+    assert train_inprocess(b, *opts, "--resume") == 0
+    assert receipt(b)["loss"]["start_iteration"] == 3
+    assert train_losses(b) == pytest.approx(losses, rel=1e-5)

@@ -412,6 +412,7 @@ class FusedMoELayer(MegatronModule):
         # from 1 within its MTP depth; 0.16.1 numbers it num_layers + depth): see _global_number
         self.is_mtp_layer = bool(is_mtp_layer)
         self.moe: MoEConfig = getattr(config, "moe", None) or MoEConfig()
+        self._register_load_state_dict_pre_hook(self._drop_megatron_extra_state)
         if getattr(config, "deterministic_mode", False) and not self.moe.deterministic:
             # Megatron's --deterministic-mode (its pretrain CLI under --spec): this layer's as well
             self.moe = dataclasses.replace(self.moe, deterministic=True)
@@ -1027,8 +1028,11 @@ class FusedMoELayer(MegatronModule):
         ``w1 [E, H, 2, F]`` for gated activations, else ``[E, H, F]``; ``w2 [E, F, H]``; H the
         latent width under latent MoE, whose projections are replicated like the router), the
         shared expert along F over TP: a checkpoint saved at one (EP, TP) layout loads at
-        another. The router and the bias are replicated."""
+        another. The router and the bias are replicated. ``moe.checkpoint_format="megatron"``:
+        Megatron MoELayer's entries instead (:meth:`_megatron_layout`)."""
         sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.moe.checkpoint_format == "megatron":
+            return self._megatron_layout(sd, prefix, sharded_offsets)
         ep = (0, self.ep_rank, self.ep_size)
         r, n = self.etp_rank, self.etp_size
         g = self.parts == 2
@@ -1050,6 +1054,107 @@ class FusedMoELayer(MegatronModule):
             key = f"{prefix}{name}"
             sd[key] = _reshaping_factory(key, getattr(self, name), view, axes, sharded_offsets, replica)
         return sd
+
+    # this layer's persistent entries kept as they are -> Megatron MoELayer's names for them
+    _MEGATRON_NAMES = {"router_weight": "router.weight", "router_expert_bias": "router.expert_bias",
+                       "router_qb_beta": "router.qb_beta", "shared_gate_weight": "shared_experts.gate_weight"}
+
+    def _megatron_layout(self, sd: dict, prefix: str, sharded_offsets) -> dict:
+        """The checkpoint entries of Megatron's MoELayer (SequentialMLP experts; its TEGroupedMLP
+        and GroupedMLP write the same): ``experts.experts.linear_fc1.weight [E, 2F, H]`` (``[gate;
+        up]`` rows, each half sharded over expert TP as Megatron's SwiGLU factory does),
+        ``linear_fc2 [E, H, F]``, the router as ``router.*``, the shared expert as
+        ``shared_experts.*`` (``[out, in]`` weights), latent projections as ``fc1_latent_proj`` /
+        ``fc2_latent_proj``, plus the empty ``_extra_state`` objects of those linears that Megatron's
+        layer asks for when it loads. The state-dict keys stay this layer's (what
+        ``load_state_dict`` takes); only the checkpoint keys and layouts change. The transposed
+        entries are copies while a checkpoint is written, as in Megatron's GroupedMLP."""
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        ep = (0, self.ep_rank, self.ep_size)
+        r, n = self.etp_rank, self.etp_size
+
+        def rows(axis):   # the out axis: [gate; up] halves each sharded over expert TP, or one part
+            return [[(axis, r + i * n, 2 * n)] for i in range(2)] if self.parts == 2 else [[(axis, r, n)]]
+
+        shared_rep = (0, 0 if n > 1 else self.tp_rank, self.dp_rank)
+        # name -> (Megatron key, per part of the [.., out, in] tensor: [(axis, rank, fragments)])
+        specs = {"w1": ("experts.experts.linear_fc1.weight", [[ep] + a for a in rows(1)]),
+                 "w2": ("experts.experts.linear_fc2.weight", [[ep, (2, r, n)]]),
+                 "shared_w1": ("shared_experts.linear_fc1.weight", rows(0)),
+                 "shared_w2": ("shared_experts.linear_fc2.weight", [[(1, r, n)]]),
+                 "latent_w1": ("fc1_latent_proj.weight", [[]]),
+                 "latent_w2": ("fc2_latent_proj.weight", [[]])}
+        out = {}
+        for name, t in sd.items():
+            own = name[len(prefix):]
+            if own in specs:
+                key, parts = specs[own]
+                # as the fused layout: routed experts by expert-DP rank; the shared expert by TP rank
+                # unless split over TP; the latent projections as Megatron replicates them
+                replica = {"w1": (0, 0, self.edp_rank), "w2": (0, 0, self.edp_rank),
+                           "shared_w1": shared_rep, "shared_w2": shared_rep}.get(own, t.replica_id)
+                out[name] = _transposed_factory(f"{prefix}{key}", getattr(self, own), parts,
+                                                sharded_offsets, replica)
+            elif own in self._MEGATRON_NAMES:
+                t.key = f"{prefix}{self._MEGATRON_NAMES[own]}"
+                out[name] = t
+            else:
+                raise NotImplementedError(f"moe.checkpoint_format='megatron': no Megatron name for the "
+                                          f"fused layer's entry {own!r}; use checkpoint_format='fused'")
+        # the linears' _extra_state objects (None without Transformer Engine): one per expert, one
+        # per shared-expert and latent linear, at the offsets Megatron's layer gives them. Loaded
+        # back they are dropped (_drop_megatron_extra_state): the fused layer has no such state
+        E = self.num_local_experts * self.ep_size
+        objs = [(f"experts.experts.linear_fc{i}", [(E, self.local_offset + j) for j in range(self.num_local_experts)],
+                 (0, r, self.edp_rank)) for i in (1, 2)]
+        if self.shared_w1 is not None:
+            objs += [(f"shared_experts.linear_fc{i}", [(1, 0)], (0, self.tp_rank, self.dp_rank)) for i in (1, 2)]
+        if self.latent_w1 is not None:
+            objs += [(f"fc{i}_latent_proj", [(1, 0)], (0, self.tp_rank, self.dp_rank)) for i in (1, 2)]
+        lead_shape = tuple(size for _, _, size in sharded_offsets)
+        lead_off = tuple(rank for _, rank, _ in sharded_offsets)
+        for name, places, replica in objs:
+            for j, (count, at) in enumerate(places):
+                out[f"{prefix}{_MEGATRON_EXTRA}{name}.{j}"] = ShardedObject(
+                    f"{prefix}{name}._extra_state", None, lead_shape + (count,), lead_off + (at,), replica)
+        return out
+
+    @staticmethod
+    def _drop_megatron_extra_state(state_dict, prefix, *_args):
+        """Load pre-hook: the linears' ``_extra_state`` objects of a Megatron-layout checkpoint
+        (see :meth:`_megatron_layout`) come back under keys the layer does not have."""
+        for key in [k for k in state_dict if k.startswith(prefix + _MEGATRON_EXTRA)]:
+            del state_dict[key]
+
+
+# the state-dict keys under which _megatron_layout puts the linears' _extra_state objects
+_MEGATRON_EXTRA = "megatron_extra_state."
+
+
+def _transposed_factory(key: str, param: Tensor, parts, sharded_offsets, replica_id):
+    """A checkpoint entry holding ``param`` with its last two axes swapped (``[.., in, out]``
+    stored as Megatron's ``[.., out, in]``), the out axis cut into ``len(parts)`` equal parts (a
+    GLU's gate and up halves), part ``i`` sharded along ``parts[i]`` = [(axis of the swapped
+    tensor, rank, fragments)]. Loading swaps back."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    prepend = len(sharded_offsets)
+
+    def build(k, t, rid, flattened_range):
+        if flattened_range is not None:
+            raise NotImplementedError(f"{k}: flattened (distributed-optimizer) checkpoint shards of "
+                                      "fused MoE weights are not supported; use the plain optimizer")
+        halves = t.transpose(-1, -2).chunk(len(parts), dim=-2)
+        return [ShardedTensor.from_rank_offsets(k, h.contiguous(), *sharded_offsets,
+                                                *[(prepend + a, rk, fr) for a, rk, fr in axes],
+                                                replica_id=rid, prepend_axis_num=prepend)
+                for h, axes in zip(halves, parts)]
+
+    def merge(loaded):
+        return torch.cat(list(loaded), dim=-2).transpose(-1, -2)
+
+    return ShardedTensorFactory(key, param, build, merge, replica_id)
 
 
 def fused_moe_layers(model_chunks: Iterable[torch.nn.Module]) -> Dict[int, FusedMoELayer]:
