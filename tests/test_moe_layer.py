@@ -829,14 +829,26 @@ def test_listed_aux_losses_and_quantile_balancing_train(tmp_path, capsys):
         assert "moe_router_load_balancing_type='quantile_balancing'" in capsys.readouterr().err
 
 
-def test_latent_moe_with_the_gate_on_the_input_trains_and_resumes(tmp_path):
-    """`megatron-ext train` with Megatron's --moe-latent-size (experts at width 16 of hidden 32)
-    and --moe-apply-probs-on-input (top-1, Llama-4 style) plus a shared expert: learns, records
-    both in the receipt, and resumes from its iteration-3 checkpoint with the same losses."""
+def _resumes_from_iteration_3(run, copy, opts, losses):
+    """``run`` (six iterations, checkpoints at 3 and 6) copied to ``copy`` without its last
+    checkpoint resumes from iteration 3 with ``opts`` and repeats ``losses`` (iterations 1-3 kept,
+    4-6 run again)."""
     import shutil
 
     from megatron_ext.training import checkpoint
 
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "iter_0000006")
+    (copy / "checkpoints" / checkpoint.TRACKER).write_text("3")
+    assert train_inprocess(copy, *opts, "--resume") == 0
+    assert receipt(copy)["loss"]["start_iteration"] == 3
+    assert train_losses(copy) == pytest.approx(losses, rel=1e-5)
+
+
+def test_latent_moe_with_the_gate_on_the_input_trains_and_resumes(tmp_path):
+    """`megatron-ext train` with Megatron's --moe-latent-size (experts at width 16 of hidden 32)
+    and --moe-apply-probs-on-input (top-1, Llama-4 style) plus a shared expert: learns, records
+    both in the receipt, and resumes from its iteration-3 checkpoint with the same losses."""
     opts = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-latent-size", "16",
             "--moe-router-topk", "1", "--moe-apply-probs-on-input", "--moe-router-score-function", "sigmoid",
             "--moe-shared-expert-intermediate-size", "24", "--moe-aux-loss-coeff", "0.01"]
@@ -846,13 +858,7 @@ def test_latent_moe_with_the_gate_on_the_input_trains_and_resumes(tmp_path):
     assert losses[-1] < losses[0] - 0.3
     assert receipt(a)["moe"]["options"] == {"apply_probs_on_input": True, "latent_size": 16,
                                             "force_load_balancing": False, "force_biased": None}
-    b = tmp_path / "resumed"
-    shutil.copytree(a, b)
-    shutil.rmtree(b / "checkpoints" / "iter_0000006")
-    (b / "checkpoints" / checkpoint.TRACKER).write_text("3")
-    assert train_inprocess(b, *opts, "--resume") == 0
-    assert receipt(b)["loss"]["start_iteration"] == 3
-    assert train_losses(b) == pytest.approx(losses, rel=1e-5)   # iterations 1-3 kept, 4-6 run again
+    _resumes_from_iteration_3(a, tmp_path / "resumed", opts, losses)
 
 
 def test_forced_benchmark_routers_train_on_both_implementations(tmp_path, capsys):
@@ -1772,10 +1778,7 @@ def test_fused_run_in_the_megatron_layout_resumes(tmp_path):
     """`megatron-ext train --moe-checkpoint-format megatron`: the fused layer's weights, expert bias
     and optimizer state go through Megatron MoELayer's checkpoint keys (transposed on the way out,
     back on the way in) and the run resumes from its iteration-3 checkpoint with the same losses."""
-    import shutil
-
     from megatron.core import dist_checkpointing
-    from megatron_ext.training import checkpoint
 
     opts = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "24",
             "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
@@ -1788,10 +1791,4 @@ def test_fused_run_in_the_megatron_layout_resumes(tmp_path):
                 "decoder.layers.mlp.shared_experts.linear_fc2.weight"):
         assert key in keys, sorted(keys)
     assert not any(k.startswith("decoder.layers.mlp.w1") for k in keys)
-    b = tmp_path / "resumed"
-    shutil.copytree(a, b)
-    shutil.rmtree(b / "checkpoints" / "iter_0000006")
-    (b / "checkpoints" / checkpoint.TRACKER).write_text("3")
-    assert train_inprocess(b, *opts, "--resume") == 0
-    assert receipt(b)["loss"]["start_iteration"] == 3
-    assert train_losses(b) == pytest.approx(losses, rel=1e-5)
+    _resumes_from_iteration_3(a, tmp_path / "resumed", opts, losses)
