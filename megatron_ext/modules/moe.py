@@ -377,6 +377,13 @@ def _tp_cols(full: Tensor, parts: int, rank: int, size: int) -> Tensor:
     return full.unflatten(-1, (parts, size, per)).select(-2, rank).flatten(-2)
 
 
+def _refuse_flattened(key: str, flattened_range) -> None:
+    """The expert weights' checkpoint factories build whole shards only."""
+    if flattened_range is not None:
+        raise NotImplementedError(f"{key}: flattened (distributed-optimizer) checkpoint shards of "
+                                  "fused MoE weights are not supported; use the plain optimizer")
+
+
 def _reshaping_factory(key: str, param: Tensor, view_shape, axes, sharded_offsets, replica_id):
     """A checkpoint entry for ``param`` saved as ``param.view(view_shape)`` sharded along
     ``axes`` = [(view axis, rank, fragments)]: the GLU's ``[gate_r | up_r]`` columns become a
@@ -389,9 +396,7 @@ def _reshaping_factory(key: str, param: Tensor, view_shape, axes, sharded_offset
     shape = tuple(param.shape)
 
     def build(k, t, rid, flattened_range):
-        if flattened_range is not None:
-            raise NotImplementedError(f"{k}: flattened (distributed-optimizer) checkpoint shards of "
-                                      "fused MoE weights are not supported; use the plain optimizer")
+        _refuse_flattened(k, flattened_range)
         return ShardedTensor.from_rank_offsets(
             k, t.view(view_shape), *sharded_offsets, *[(prepend + a, r, n) for a, r, n in axes],
             replica_id=rid, prepend_axis_num=prepend)
@@ -1037,23 +1042,29 @@ class FusedMoELayer(MegatronModule):
         r, n = self.etp_rank, self.etp_size
         g = self.parts == 2
         E_l, H, Fl = self.num_local_experts, self.w1.shape[1], self.w2.shape[1]
-        # the F axis is sharded over expert TP (one fragment with etp = 1). With etp = 1 the routed
-        # experts' copies on the TP ranks differ in expert-DP rank, and the shared expert's in TP
-        # rank: one copy of each is saved
+        # the F axis is sharded over expert TP (one fragment with etp = 1)
+        rep = self._expert_replicas()
         specs = {
-            "w1": ((E_l, H, 2, Fl) if g else (E_l, H, Fl), [ep, (3 if g else 2, r, n)], (0, 0, self.edp_rank)),
-            "w2": ((E_l, Fl, H), [ep, (1, r, n)], (0, 0, self.edp_rank)),
+            "w1": ((E_l, H, 2, Fl) if g else (E_l, H, Fl), [ep, (3 if g else 2, r, n)], rep["w1"]),
+            "w2": ((E_l, Fl, H), [ep, (1, r, n)], rep["w2"]),
         }
         if self.shared_w1 is not None:
             # the hidden width (the routed experts' H above is the latent width under latent MoE)
             Fsl, Hs = self.shared_w2.shape
-            rep = (0, 0 if n > 1 else self.tp_rank, self.dp_rank)
-            specs["shared_w1"] = ((Hs, 2, Fsl) if g else (Hs, Fsl), [(2 if g else 1, r, n)], rep)
-            specs["shared_w2"] = ((Fsl, Hs), [(0, r, n)], rep)
+            specs["shared_w1"] = ((Hs, 2, Fsl) if g else (Hs, Fsl), [(2 if g else 1, r, n)], rep["shared_w1"])
+            specs["shared_w2"] = ((Fsl, Hs), [(0, r, n)], rep["shared_w2"])
         for name, (view, axes, replica) in specs.items():
             key = f"{prefix}{name}"
             sd[key] = _reshaping_factory(key, getattr(self, name), view, axes, sharded_offsets, replica)
         return sd
+
+    def _expert_replicas(self) -> Dict[str, tuple]:
+        """Checkpoint replica ids of the expert weights, in either layout. With etp = 1 the routed
+        experts' copies on the TP ranks differ in expert-DP rank, and the shared expert's (whole on
+        every TP rank) in TP rank: one copy of each is saved; split over TP, each rank's part is."""
+        routed = (0, 0, self.edp_rank)
+        shared = (0, 0 if self.etp_size > 1 else self.tp_rank, self.dp_rank)
+        return {"w1": routed, "w2": routed, "shared_w1": shared, "shared_w2": shared}
 
     # this layer's persistent entries kept as they are -> Megatron MoELayer's names for them
     _MEGATRON_NAMES = {"router_weight": "router.weight", "router_expert_bias": "router.expert_bias",
@@ -1077,7 +1088,7 @@ class FusedMoELayer(MegatronModule):
         def rows(axis):   # the out axis: [gate; up] halves each sharded over expert TP, or one part
             return [[(axis, r + i * n, 2 * n)] for i in range(2)] if self.parts == 2 else [[(axis, r, n)]]
 
-        shared_rep = (0, 0 if n > 1 else self.tp_rank, self.dp_rank)
+        replicas = self._expert_replicas()
         # name -> (Megatron key, per part of the [.., out, in] tensor: [(axis, rank, fragments)])
         specs = {"w1": ("experts.experts.linear_fc1.weight", [[ep] + a for a in rows(1)]),
                  "w2": ("experts.experts.linear_fc2.weight", [[ep, (2, r, n)]]),
@@ -1090,10 +1101,8 @@ class FusedMoELayer(MegatronModule):
             own = name[len(prefix):]
             if own in specs:
                 key, parts = specs[own]
-                # as the fused layout: routed experts by expert-DP rank; the shared expert by TP rank
-                # unless split over TP; the latent projections as Megatron replicates them
-                replica = {"w1": (0, 0, self.edp_rank), "w2": (0, 0, self.edp_rank),
-                           "shared_w1": shared_rep, "shared_w2": shared_rep}.get(own, t.replica_id)
+                # the latent projections as Megatron replicates them (super()'s ids)
+                replica = replicas.get(own, t.replica_id)
                 out[name] = _transposed_factory(f"{prefix}{key}", getattr(self, own), parts,
                                                 sharded_offsets, replica)
             elif own in self._MEGATRON_NAMES:
@@ -1142,9 +1151,7 @@ def _transposed_factory(key: str, param: Tensor, parts, sharded_offsets, replica
     prepend = len(sharded_offsets)
 
     def build(k, t, rid, flattened_range):
-        if flattened_range is not None:
-            raise NotImplementedError(f"{k}: flattened (distributed-optimizer) checkpoint shards of "
-                                      "fused MoE weights are not supported; use the plain optimizer")
+        _refuse_flattened(k, flattened_range)
         halves = t.transpose(-1, -2).chunk(len(parts), dim=-2)
         return [ShardedTensor.from_rank_offsets(k, h.contiguous(), *sharded_offsets,
                                                 *[(prepend + a, rk, fr) for a, rk, fr in axes],
