@@ -682,7 +682,16 @@ def test_expert_weights_are_drawn_per_global_expert_and_layer(megatron_world):
     b.set_layer_number(3)
     assert not torch.equal(a.w1, b.w1)
     assert not torch.equal(a.w1[0], a.w1[1])
-    assert getattr(a.w1, "allreduce") is False and getattr(a.router_weight, "allreduce", True)
+    # EP = 1, expert TP = TP: plain parameters, as Megatron's expert linears are there
+    assert getattr(a.w1, "allreduce") is True and getattr(a.router_weight, "allreduce", True)
+
+
+def test_expert_weights_are_expert_parallel_where_megatrons_are():
+    from megatron_ext.modules.moe import expert_parallel_tag
+
+    # (EP, expert TP, TP): Megatron's experts use the expert groups when EP > 1 or expert TP != TP
+    assert [expert_parallel_tag(*lane) for lane in ((1, 1, 1), (1, 2, 2), (2, 1, 1), (2, 2, 2), (1, 1, 2))] == \
+        [False, False, True, True, True]
 
 
 def test_replay_forces_the_recorded_experts(megatron_world, monkeypatch):
@@ -1792,3 +1801,51 @@ def test_fused_run_in_the_megatron_layout_resumes(tmp_path):
         assert key in keys, sorted(keys)
     assert not any(k.startswith("decoder.layers.mlp.w1") for k in keys)
     _resumes_from_iteration_3(a, tmp_path / "resumed", opts, losses)
+
+
+MOVE = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "24",
+        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-aux-loss-coeff", "0.01"]
+
+
+@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+def test_a_run_moves_between_megatrons_moe_layer_and_the_fused_one_with_its_optimizer_state(tmp_path, optimizer):
+    """A run of Megatron's MoELayer (--moe-impl megatron) resumes from its iteration-3 checkpoint
+    with the fused layer in Megatron's layout, Adam state and step included, and a fused run goes
+    back the same way: iterations 4-6 repeat the source run's losses (a fresh optimizer would not:
+    Adam's first step after a reset moves every weight by about the learning rate)."""
+    opt = ["--use-distributed-optimizer"] if optimizer == "distributed" else []
+    megatron = [*MOVE, *opt, "--moe-impl", "megatron"]
+    fused = [*MOVE, *opt, "--moe-checkpoint-format", "megatron"]
+    for name, src, dst in (("from_megatron", megatron, fused), ("from_fused", fused, megatron)):
+        run = tmp_path / name
+        assert train_inprocess(run, *src) == 0
+        _resumes_from_iteration_3(run, tmp_path / f"{name}_moved", dst, train_losses(run))
+
+
+@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+def test_optimizer_state_moves_between_one_optimizer_and_a_chain(tmp_path, monkeypatch, caplog, optimizer):
+    """Megatron's optimizer is one optimizer without expert-parallel parameters and a chain [dense,
+    expert] with them, each part's state under a ``chained_<i>.`` prefix. A run whose checkpoint
+    has the other shape (EP > 1 resumed at EP = 1, or a fused run saved before its experts followed
+    Megatron's tag) loads each parameter's state by its key, with the step counter: the resumed
+    run repeats the source run's losses, both ways."""
+    import logging
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_ext.modules import moe
+
+    opts = [*MOVE, *(["--use-distributed-optimizer"] if optimizer == "distributed" else [])]
+    tag = moe.expert_parallel_tag
+    for name, chained_first in (("chained", True), ("one", False)):
+        monkeypatch.setattr(moe, "expert_parallel_tag", (lambda *lane: True) if chained_first else tag)
+        run = tmp_path / name
+        assert train_inprocess(run, *opts) == 0
+        keys = dist_checkpointing.load_tensors_metadata(str(run / "checkpoints" / "iter_0000003"))
+        assert any(k.startswith("chained_1.optimizer.") for k in keys) is chained_first
+        monkeypatch.setattr(moe, "expert_parallel_tag", tag if chained_first else (lambda *lane: True))
+        with caplog.at_level(logging.INFO, logger="megatron_ext.train"):
+            _resumes_from_iteration_3(run, tmp_path / f"{name}_moved", opts, train_losses(run))
+        want = ("a chain of 2 optimizers", "one optimizer") if chained_first else ("one optimizer", "a chain of 2")
+        assert any(f"written by {want[0]}, loaded into {want[1]}" in r.getMessage() for r in caplog.records)
+        caplog.clear()

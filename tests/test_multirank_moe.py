@@ -11,7 +11,9 @@ checked on every lane below too.
   along F) reproduces world size 1, routes the same tokens to the same experts (routing logs),
   and its checkpoint (experts sharded over TP) resumes at TP=1;
 * TP=2 + SP without expert TP (--expert-tensor-parallel-size 1), alone and with EP=2 over the
-  same ranks, reproduces world size 1, and the EP=2 run's checkpoint resumes at world size 1.
+  same ranks, reproduces world size 1, and the EP=2 run's checkpoint resumes at world size 1;
+* checkpoints in Megatron MoELayer's layout (--moe-checkpoint-format megatron) written on two
+  ranks move between the fused layer and Megatron's, optimizer state included.
 
 Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * TP, so every run
 here pads to 256 (128 * 2 for the TP=2 run)."""
@@ -157,6 +159,24 @@ def test_tp2_without_expert_tp_matches_ws1_and_resumes_at_world_size_1(ws1, tmp_
                                    rtol=1e-4, atol=1e-6, msg=name)
     resumed = _resume_at_world_size_1(runs["etp1_ep2"], tmp_path / "etp1_ep2_to_ws1", *VOCAB_256)
     assert resumed == pytest.approx(train_losses(ws1), rel=2e-5)
+
+
+def test_megatron_layout_across_ranks_moves_between_the_two_layers(tmp_path):
+    """--moe-checkpoint-format megatron on two ranks, optimizer state included: the fused layer at
+    TP=2 + SP (every expert split along F, the [gate; up] halves of linear_fc1 sharded as Megatron's
+    SwiGLU factory shards them) resumes at world size 1 as Megatron's MoELayer, and Megatron's
+    MoELayer at EP=2 (its optimizer a chain [dense, expert]) resumes at world size 1 as the fused
+    layer (one optimizer): each repeats its source run's losses."""
+    fused = ["--moe-checkpoint-format", "megatron", *VOCAB_256]
+    megatron = ["--moe-impl", "megatron", *VOCAB_256]
+    for name, src, lane, dst in (
+            ("fused_tp2", fused, ["--tensor-model-parallel-size", "2", "--sequence-parallel"], megatron),
+            ("megatron_ep2", megatron, ["--expert-model-parallel-size", "2"], fused)):
+        run = tmp_path / name
+        proc = train_torchrun(run, 2, *MODEL, *src, *lane)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        resumed = _resume_at_world_size_1(run, tmp_path / f"{name}_to_ws1", *dst)
+        assert resumed == pytest.approx(train_losses(run), rel=2e-5), name
 
 
 def test_ep_scaling_script_runs_on_gloo(tmp_path):

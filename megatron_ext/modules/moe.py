@@ -27,8 +27,10 @@ called as ``mlp(hidden_states [s, b, h], padding_mask=...)``, returns ``(output 
 the load, the aux losses and the z-loss, as Megatron's router does; they are still routed.
 Experts live as grouped weights ``w1 [E_local, H, 2F]``, ``w2 [E_local, F, H]`` drawn from a
 generator seeded by (seed, layer, *global* expert id), so every EP size builds the same model;
-they carry ``allreduce=False`` (Megatron's expert-parallel tag), so DDP reduces their grads over
-the expert-data-parallel group. The aux-loss-free expert bias (DeepSeek-V3 §2.1.2) and the
+they carry Megatron's expert-parallel tag (``allreduce=False``) where Megatron's expert linears do
+(:func:`expert_parallel_tag`), so DDP reduces their grads over the expert-data-parallel group and
+Megatron's optimizer keeps them in its expert part; elsewhere that group is the dense one and they
+are plain parameters, so a checkpoint's optimizer state has the shape Megatron's MoELayer gives it. The aux-loss-free expert bias (DeepSeek-V3 §2.1.2) and the
 quantile-balancing bias are fp32 buffers moved once per optimizer step from the step's load (or
 quantile) over the data-parallel ranks: by Megatron's ``finalize_model_grads``, which finds them
 under its own router's attribute names, or by :func:`moe_step_end` where that did not run.
@@ -128,6 +130,13 @@ def activation_name(config) -> str:
                              f"the fused MoE layer; use silu (swiglu) or gelu (geglu)")
         return gated
     return base
+
+
+def expert_parallel_tag(ep_size: int, etp_size: int, tp_size: int) -> bool:
+    """Whether expert weights are expert-parallel parameters (``allreduce=False``): Megatron's rule
+    for its expert linears (megatron-core 0.19's; 0.16 looks at EP alone), EP > 1 or an expert TP
+    other than TP. Only then does the expert-data-parallel group differ from the dense one."""
+    return ep_size > 1 or etp_size != tp_size
 
 
 def _expert_seed(seed: int, layer: int, expert: int, which: str) -> int:
@@ -492,6 +501,7 @@ class FusedMoELayer(MegatronModule):
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         # this rank's slice of F: (rank, count) over expert TP; with etp = 1 every rank holds all
         self.etp_rank = self.tp_rank if self.etp_size > 1 else 0
+        self.expert_pgs = expert_parallel_tag(self.ep_size, self.etp_size, self.tp_size)
         Fl = Fe // self.etp_size
 
         # Router: replicated over TP/EP/DP like Megatron's (a normal, all-reduced parameter; with
@@ -503,9 +513,11 @@ class FusedMoELayer(MegatronModule):
                                                  dtype=dtype, device=device))
         self.w2 = torch.nn.Parameter(torch.empty(self.num_local_experts, Fl, Hx, dtype=dtype, device=device))
         for p, dim in ((self.w1, 2), (self.w2, 1)):
-            # expert-parallel: grads reduced over the expert-DP group (with etp = 1 it holds the TP
-            # ranks, so their per-rank partial sums over different tokens add up there)
-            setattr(p, "allreduce", False)
+            # expert-parallel where Megatron's expert linears are (EP > 1 or etp != tp): grads
+            # reduced over the expert-DP group (with etp = 1 it holds the TP ranks, so their
+            # per-rank partial sums over different tokens add up there). Otherwise that group is
+            # the dense DP group and the weights are plain parameters, in the dense optimizer.
+            setattr(p, "allreduce", not self.expert_pgs)
             # marked TP-parallel at any etp, as Megatron's expert linears are: the expert
             # optimizer counts a parameter in its grad norm on every rank only if so (it dedups
             # unmarked ones over the dense TP group, and with etp = 1 would drop them on TP rank 1)
@@ -1115,18 +1127,22 @@ class FusedMoELayer(MegatronModule):
         # per shared-expert and latent linear, at the offsets Megatron's layer gives them. Loaded
         # back they are dropped (_drop_megatron_extra_state): the fused layer has no such state
         E = self.num_local_experts * self.ep_size
-        objs = [(f"experts.experts.linear_fc{i}", [(E, self.local_offset + j) for j in range(self.num_local_experts)],
+        objs = [(f"experts.experts.linear_fc{i}", [[(E, self.local_offset + j)] for j in range(self.num_local_experts)],
                  (0, r, self.edp_rank)) for i in (1, 2)]
+        # a linear outside the experts has no axis of its own: one place at the layer's offsets,
+        # or (1,) / (0,) without any (Megatron's make_sharded_object_for_checkpoint)
+        single = [] if sharded_offsets else [(1, 0)]
         if self.shared_w1 is not None:
-            objs += [(f"shared_experts.linear_fc{i}", [(1, 0)], (0, self.tp_rank, self.dp_rank)) for i in (1, 2)]
+            objs += [(f"shared_experts.linear_fc{i}", [single], (0, self.tp_rank, self.dp_rank)) for i in (1, 2)]
         if self.latent_w1 is not None:
-            objs += [(f"fc{i}_latent_proj", [(1, 0)], (0, self.tp_rank, self.dp_rank)) for i in (1, 2)]
+            objs += [(f"fc{i}_latent_proj", [single], (0, self.tp_rank, self.dp_rank)) for i in (1, 2)]
         lead_shape = tuple(size for _, _, size in sharded_offsets)
         lead_off = tuple(rank for _, rank, _ in sharded_offsets)
         for name, places, replica in objs:
-            for j, (count, at) in enumerate(places):
+            for j, place in enumerate(places):
+                shape, offset = lead_shape + tuple(c for c, _ in place), lead_off + tuple(a for _, a in place)
                 out[f"{prefix}{_MEGATRON_EXTRA}{name}.{j}"] = ShardedObject(
-                    f"{prefix}{name}._extra_state", None, lead_shape + (count,), lead_off + (at,), replica)
+                    f"{prefix}{name}._extra_state", None, shape, offset, replica)
         return out
 
     @staticmethod

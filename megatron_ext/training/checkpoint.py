@@ -136,10 +136,150 @@ def load(root: Path, model, optimizer, scheduler,
             f"use_distributed_optimizer={distributed_optimizer}: {path} holds optimizer state written "
             f"{'with' if saved else 'without'} {flag}, whose layout this run's optimizer cannot load; "
             f"resume {'with' if saved else 'without'} {flag}")
-    # Non-sharded entries (scheduler, iteration, extra) come back from the common state file.
-    state = _state(model, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(state, str(path))
-    model.load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    subs = _sub_optimizers(optimizer)
+    saved_subs = _saved_sub_optimizers(common["optimizer"])
+    if len(subs) == len(saved_subs):
+        # Non-sharded entries (scheduler, iteration, extra) come back from the common state file.
+        state = _state(model, optimizer, is_loading=True)
+        loaded = dist_checkpointing.load(state, str(path))
+        model.load_state_dict(loaded["model"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        loaded = _load_regrouped(path, model, optimizer, subs, saved_subs)
     scheduler.load_state_dict(loaded["scheduler"])
     return int(loaded["iteration"]), dict(loaded["extra"])
+
+
+# -- optimizer state between one optimizer and a chain of them ---------------------------------
+# Megatron's get_megatron_optimizer returns one optimizer for a model without expert-parallel
+# parameters and a ChainedOptimizer [dense, expert] for one with them (EP > 1, or expert TP != TP),
+# which writes each part's state under a ``chained_<i>.`` prefix and its counters as a list. The
+# state of every parameter is keyed by the parameter's checkpoint key either way, so a run that
+# changes between the two (EP=2 -> EP=1, or a checkpoint of a fused MoE run written before its
+# experts followed Megatron's expert-parallel rule) loads each part's tensors under the names
+# the checkpoint holds them by, and its step counter and loss scale from the checkpoint.
+
+def _sub_optimizers(optimizer) -> list:
+    chained = getattr(optimizer, "chained_optimizers", None)
+    return list(chained) if chained is not None else [optimizer]
+
+
+def _saved_sub_optimizers(saved: Any) -> list:
+    """The common (non-tensor) optimizer state of each part of a checkpoint's optimizer."""
+    if isinstance(saved, dict) and saved and all(isinstance(k, int) for k in saved):
+        return [saved[k] for k in sorted(saved)]
+    if isinstance(saved, (list, tuple)):
+        return list(saved)
+    return [saved]
+
+
+def _counters(tree: Any, found: Dict[str, list]) -> None:
+    """Collect the step counters (``common_step``, a param group's ``step``) and the grad scaler."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "common_step":
+                found["step"].append(float(v))
+            elif k == "grad_scaler" and v is not None:
+                found["grad_scaler"].append(v)
+            elif k == "param_groups":
+                found["step"].extend(float(g["step"]) for g in v if isinstance(g, dict) and "step" in g)
+            else:
+                _counters(v, found)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            _counters(v, found)
+
+
+def _set_counters(tree: Any, step: Optional[float], grad_scaler: Any) -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            if k == "common_step" and step is not None:
+                tree[k] = torch.as_tensor(step, dtype=v.dtype if torch.is_tensor(v) else torch.float32)
+            elif k == "grad_scaler" and grad_scaler is not None:
+                tree[k] = grad_scaler
+            elif k == "param_groups" and step is not None:
+                for g in v:
+                    if isinstance(g, dict) and "step" in g:
+                        g["step"] = type(g["step"])(step) if not torch.is_tensor(g["step"]) else \
+                            torch.as_tensor(step, dtype=g["step"].dtype)
+            else:
+                _set_counters(v, step, grad_scaler)
+    elif isinstance(tree, list):
+        for v in tree:
+            _set_counters(v, step, grad_scaler)
+
+
+def _load_regrouped(path: Path, model, optimizer, subs: list, saved_subs: list) -> Dict[str, Any]:
+    """Load ``path`` into ``optimizer`` (its parts ``subs``) when the checkpoint's optimizer was
+    chained differently (``saved_subs``): each part's sharded entries are looked up by their own
+    key or under one of the checkpoint's ``chained_<i>.`` prefixes; the parts' other entries
+    (parameter groups, which Megatron matches by their options) stay this run's, with the
+    checkpoint's step counter and grad scaler."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    names = set()
+    for key in dist_checkpointing.load_tensors_metadata(str(path)):
+        names.add(key.split("/")[0])
+    prefixes = [""] if len(saved_subs) <= 1 else [f"chained_{i}." for i in range(len(saved_subs))]
+
+    model_sd = model_state(model)
+    parts = {}
+    for idx, sub in enumerate(subs):
+        sd = sub.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
+        for entry in nested_values(sd):
+            if not isinstance(entry, ShardedBase):
+                continue
+            found = [p + entry.key for p in prefixes if p + entry.key in names]
+            if not found:
+                from megatron_ext.config import ConfigError
+
+                raise ConfigError(
+                    f"{path}: holds no optimizer state for {entry.key!r} (looked under "
+                    f"{[p + entry.key for p in prefixes]}); the checkpoint's optimizer covers other "
+                    "parameters than this run's - resume with the model it was written with")
+            entry.key = found[0]
+        parts[idx] = sd
+    loaded = dist_checkpointing.load({"model": model_sd, "regrouped_optimizer": parts}, str(path))
+    model.load_state_dict(loaded["model"])
+
+    counters: Dict[str, list] = {"step": [], "grad_scaler": []}
+    _counters(saved_subs, counters)
+    step = max(counters["step"]) if counters["step"] else None
+    scaler = counters["grad_scaler"][0] if counters["grad_scaler"] else None
+    states = []
+    for idx, sub in enumerate(subs):
+        # this part's own entries (its parameter groups), the checkpoint's counters, its tensors
+        state = loaded["regrouped_optimizer"][idx]
+        _fill_missing(state, sub.sharded_state_dict(model_state(model), is_loading=True,
+                                                     metadata=OPTIMIZER_METADATA))
+        _fill_missing(state, saved_subs[0], skip=("param_groups",))
+        _set_counters(state, step, scaler)
+        states.append(state)
+    optimizer.load_state_dict(states[0] if len(subs) == 1 else states)
+    logging.getLogger("megatron_ext.train").info(
+        "%s: optimizer state written by %s, loaded into %s by parameter key", path,
+        "one optimizer" if len(saved_subs) <= 1 else f"a chain of {len(saved_subs)} optimizers",
+        "one optimizer" if len(subs) == 1 else f"a chain of {len(subs)} optimizers")
+    return loaded
+
+
+def _fill_missing(dst: Any, src: Any, skip: Tuple[str, ...] = ()) -> None:
+    """Copy into ``dst`` the plain entries of ``src`` it lacks, through nested dicts and lists of
+    equal length (sharded entries are left out; they came from the checkpoint)."""
+    import copy
+
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    if isinstance(dst, dict) and isinstance(src, dict):
+        for k, v in src.items():
+            if k in skip or isinstance(v, ShardedBase):
+                continue
+            if k not in dst:
+                dst[k] = v.unwrap() if isinstance(v, LocalNonpersistentObject) else copy.deepcopy(v)
+            else:
+                _fill_missing(dst[k], v, skip)
+    elif isinstance(dst, list) and isinstance(src, list) and len(dst) == len(src):
+        for d, v in zip(dst, src):
+            _fill_missing(d, v, skip)
