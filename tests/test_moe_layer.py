@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_ext import compat
-from tests.helpers import (EP2_ONE_DEVICE_PREAMBLE, EP2_ONE_DEVICE_TEARDOWN, receipt, train_inprocess,
-                           train_losses)
+from tests.helpers import (EP2_ONE_DEVICE_PREAMBLE, EP2_ONE_DEVICE_TEARDOWN, receipt, resume_from,
+                           train_inprocess, train_losses)
 
 S, B, H, E, F = 8, 2, 32, 4, 48
 RUN = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "100",
@@ -842,13 +842,7 @@ def _resumes_from_iteration_3(run, copy, opts, losses):
     """``run`` (six iterations, checkpoints at 3 and 6) copied to ``copy`` without its last
     checkpoint resumes from iteration 3 with ``opts`` and repeats ``losses`` (iterations 1-3 kept,
     4-6 run again)."""
-    import shutil
-
-    from megatron_ext.training import checkpoint
-
-    shutil.copytree(run, copy)
-    shutil.rmtree(copy / "checkpoints" / "iter_0000006")
-    (copy / "checkpoints" / checkpoint.TRACKER).write_text("3")
+    resume_from(run, copy, 3)
     assert train_inprocess(copy, *opts, "--resume") == 0
     assert receipt(copy)["loss"]["start_iteration"] == 3
     assert train_losses(copy) == pytest.approx(losses, rel=1e-5)

@@ -6,7 +6,7 @@ checked on every lane below too.
 * expert parallel EP=2 (one expert half per rank, tokens exchanged by all-to-all, the dispatch
   overlapped with the shared expert), with the MoE layer recomputed in backward, reproduces
   world size 1, and its checkpoint (experts sharded over EP) resumes at EP=1 with world size
-  1's losses;
+  1's losses, and world size 1's at EP=2 (the optimizer one way a chain, the other one);
 * expert tensor parallel TP=2 + sequence parallel (every expert and the shared expert split
   along F) reproduces world size 1, routes the same tokens to the same experts (routing logs),
   and its checkpoint (experts sharded over TP) resumes at TP=1;
@@ -19,15 +19,14 @@ Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * TP,
 here pads to 256 (128 * 2 for the TP=2 run)."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from megatron_ext.training import checkpoint
-from tests.helpers import ROOT, receipt, subprocess_env, train_inprocess, train_losses, train_torchrun
+from tests.helpers import (ROOT, receipt, resume_from, subprocess_env, train_inprocess, train_losses,
+                           train_torchrun)
 
 pytestmark = pytest.mark.multirank
 MODEL = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "3",
@@ -47,9 +46,7 @@ def ws1(tmp_path_factory):
 
 
 def _resume_at_world_size_1(src, dst, *extra):
-    shutil.copytree(src, dst)
-    shutil.rmtree(dst / "checkpoints" / "iter_0000006")
-    (dst / "checkpoints" / checkpoint.TRACKER).write_text("3")
+    resume_from(src, dst, 3)
     assert train_inprocess(dst, *MODEL, *extra, "--resume") == 0
     assert receipt(dst)["loss"]["start_iteration"] == 3
     return train_losses(dst)
@@ -96,6 +93,14 @@ def test_ep2_matches_ep1_and_its_checkpoint_resumes_at_ep1(ws1, tmp_path):
     assert bias2 == pytest.approx(bias1, rel=1e-5, abs=1e-7)
     resumed = _resume_at_world_size_1(ep2, tmp_path / "ep2_to_ep1", *VOCAB_256)
     assert resumed == pytest.approx(train_losses(ws1), rel=1e-5)
+
+    # and back: world size 1's checkpoint (one optimizer) resumes at EP=2 (a chain [dense, expert])
+    up = resume_from(ws1, tmp_path / "ep1_to_ep2", 3)
+    proc = train_torchrun(up, 2, *MODEL, *VOCAB_256, "--expert-model-parallel-size", "2", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "optimizer state written by one optimizer, loaded into a chain of 2 optimizers" in proc.stdout + proc.stderr
+    assert receipt(up)["loss"]["start_iteration"] == 3
+    assert train_losses(up) == pytest.approx(train_losses(ws1), rel=1e-5)
 
 
 def test_tp2_sequence_parallel_matches_ws1_routes_alike_and_resumes_at_tp1(ws1, tmp_path):

@@ -30,10 +30,11 @@ generator seeded by (seed, layer, *global* expert id), so every EP size builds t
 they carry Megatron's expert-parallel tag (``allreduce=False``) where Megatron's expert linears do
 (:func:`expert_parallel_tag`), so DDP reduces their grads over the expert-data-parallel group and
 Megatron's optimizer keeps them in its expert part; elsewhere that group is the dense one and they
-are plain parameters, so a checkpoint's optimizer state has the shape Megatron's MoELayer gives it. The aux-loss-free expert bias (DeepSeek-V3 §2.1.2) and the
-quantile-balancing bias are fp32 buffers moved once per optimizer step from the step's load (or
-quantile) over the data-parallel ranks: by Megatron's ``finalize_model_grads``, which finds them
-under its own router's attribute names, or by :func:`moe_step_end` where that did not run.
+are plain parameters, so a checkpoint's optimizer state has the shape Megatron's MoELayer gives it.
+The aux-loss-free expert bias (DeepSeek-V3 §2.1.2) and the quantile-balancing bias are fp32
+buffers moved once per optimizer step from the step's load (or quantile) over the data-parallel
+ranks: by Megatron's ``finalize_model_grads``, which finds them under its own router's attribute
+names, or by :func:`moe_step_end` where that did not run.
 
 EP > 1 (token dispatch like Megatron's alltoall dispatcher, GShard §3.2): pairs sorted by expert,
 per-rank counts exchanged (the one host sync: ``all_to_all_single`` needs split sizes on the
