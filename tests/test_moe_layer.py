@@ -1843,3 +1843,19 @@ def test_optimizer_state_moves_between_one_optimizer_and_a_chain(tmp_path, monke
         want = ("a chain of 2 optimizers", "one optimizer") if chained_first else ("one optimizer", "a chain of 2")
         assert any(f"written by {want[0]}, loaded into {want[1]}" in r.getMessage() for r in caplog.records)
         caplog.clear()
+
+
+def test_a_chain_without_the_runs_parameters_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """A checkpoint whose optimizer holds no state for one of this run's parameters (a dense run's,
+    resumed by an MoE run whose optimizer is a chain) fails naming the entry and what to do."""
+    from megatron_ext.modules import moe
+
+    dense = tmp_path / "dense"
+    assert train_inprocess(dense, *RUN, "--save-interval", "3") == 0
+    monkeypatch.setattr(moe, "expert_parallel_tag", lambda *lane: True)
+    moved = resume_from(dense, tmp_path / "moved", 3)
+    capsys.readouterr()
+    assert train_inprocess(moved, *RUN, "--save-interval", "3", "--num-experts", "4", "--resume") != 0
+    err = capsys.readouterr().err
+    assert "holds no optimizer state for 'optimizer.state.exp_avg.decoder.layers.mlp." in err
+    assert "resume with the model it was written with" in err
