@@ -1816,7 +1816,7 @@ def test_a_run_moves_between_megatrons_moe_layer_and_the_fused_one_with_its_opti
         _resumes_from_iteration_3(run, tmp_path / f"{name}_moved", dst, train_losses(run))
 
 
-@pytest.mark.parametrize("optimizer", ["plain", "distributed"])
+@pytest.mark.parametrize("optimizer", ["plain", "distributed", "bf16"])
 def test_optimizer_state_moves_between_one_optimizer_and_a_chain(tmp_path, monkeypatch, caplog, optimizer):
     """Megatron's optimizer is one optimizer without expert-parallel parameters and a chain [dense,
     expert] with them, each part's state under a ``chained_<i>.`` prefix. A run whose checkpoint
@@ -1829,7 +1829,9 @@ def test_optimizer_state_moves_between_one_optimizer_and_a_chain(tmp_path, monke
 
     from megatron_ext.modules import moe
 
-    opts = [*MOVE, *(["--use-distributed-optimizer"] if optimizer == "distributed" else [])]
+    # bf16: Megatron's mixed-precision optimizer, its fp32 masters and its grad scaler too
+    opts = [*MOVE, *{"plain": [], "distributed": ["--use-distributed-optimizer"], "bf16": ["--bf16"]}[optimizer]]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # bf16 is refused under the interpreter
     tag = moe.expert_parallel_tag
     for name, chained_first in (("chained", True), ("one", False)):
         monkeypatch.setattr(moe, "expert_parallel_tag", (lambda *lane: True) if chained_first else tag)

@@ -252,8 +252,7 @@ def _load_regrouped(path: Path, model, optimizer, subs: list, saved_subs: list) 
     for idx, sub in enumerate(subs):
         # this part's own entries (its parameter groups), the checkpoint's counters, its tensors
         state = loaded["regrouped_optimizer"][idx]
-        _fill_missing(state, sub.sharded_state_dict(model_state(model), is_loading=True,
-                                                     metadata=OPTIMIZER_METADATA))
+        _fill_missing(state, parts[idx])  # the request keeps this part's plain entries
         _fill_missing(state, saved_subs[0], skip=("param_groups",))
         _set_counters(state, step, scaler)
         states.append(state)
