@@ -218,10 +218,10 @@ def _load_regrouped(path: Path, model, optimizer, subs: list, saved_subs: list) 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    names = set()
-    for key in dist_checkpointing.load_tensors_metadata(str(path)):
-        names.add(key.split("/")[0])
+    # the checkpoint's tensor and object keys (an object's key carries its "/shard_..." suffix)
+    names = {key.split("/")[0] for key in load_sharded_metadata(str(path))}
     prefixes = [""] if len(saved_subs) <= 1 else [f"chained_{i}." for i in range(len(saved_subs))]
 
     model_sd = model_state(model)
