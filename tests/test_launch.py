@@ -462,10 +462,7 @@ def test_megatron_pretrain_with_our_spec_and_knob_file(tmp_path):
         assert len(found) == 1, (name, sorted(found))
         experts.append(next(iter(found.values())).float()[-1])   # the MoE layer (layer 2)
     drift = ((experts[1] - experts[0]).norm() / experts[0].norm()).item()
-    qkv = [next(iter(_checkpoint_tensors(tmp_path / name / "ckpt" / "iter_0000010", "linear_qkv.weight").values())).float()
-           for name in ("mhc_sparse_moe", "mhc_sparse_moe_cuda_graphs")]
-    print(f"fused MoE experts, eager vs Megatron's CUDA graphs after 10 steps: relative drift {drift:.2e} "
-          f"(attention qkv: {((qkv[1] - qkv[0]).norm() / qkv[0].norm()).item():.2e})")
+    print(f"fused MoE experts, eager vs Megatron's CUDA graphs after 10 steps: relative drift {drift:.2e}")
     assert drift < 1e-2, drift   # measured 0 (H100): the replay repeats the eager run bit for bit
     assert "built 4 cuda graph(s)" in layers["mhc_deterministic_cuda_graphs"]
     assert all("FusedMoELayer" in layers[n] for n in ("mhc_deterministic", "mhc_deterministic_cuda_graphs"))

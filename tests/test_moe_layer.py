@@ -1777,15 +1777,18 @@ def test_megatron_checkpoint_layout_moves_both_ways(megatron_world, tmp_path, sw
     _assert_matches_stock(again, target, torch.randn(S, B, H, dtype=torch.float64).float())
 
 
+# a fused MoE run with a shared expert and the expert bias, checkpointed at iterations 3 and 6
+MOVE = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "24",
+        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-aux-loss-coeff", "0.01"]
+
+
 def test_fused_run_in_the_megatron_layout_resumes(tmp_path):
     """`megatron-ext train --moe-checkpoint-format megatron`: the fused layer's weights, expert bias
     and optimizer state go through Megatron MoELayer's checkpoint keys (transposed on the way out,
     back on the way in) and the run resumes from its iteration-3 checkpoint with the same losses."""
     from megatron.core import dist_checkpointing
 
-    opts = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "24",
-            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
-            "--moe-aux-loss-coeff", "0.01", "--moe-checkpoint-format", "megatron"]
+    opts = [*MOVE, "--moe-checkpoint-format", "megatron"]
     a = tmp_path / "megatron_layout"
     assert train_inprocess(a, *opts) == 0
     losses = train_losses(a)
@@ -1795,10 +1798,6 @@ def test_fused_run_in_the_megatron_layout_resumes(tmp_path):
         assert key in keys, sorted(keys)
     assert not any(k.startswith("decoder.layers.mlp.w1") for k in keys)
     _resumes_from_iteration_3(a, tmp_path / "resumed", opts, losses)
-
-
-MOVE = [*RUN, "--save-interval", "3", "--num-experts", "4", "--moe-shared-expert-intermediate-size", "24",
-        "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-aux-loss-coeff", "0.01"]
 
 
 def test_a_run_moves_between_megatrons_moe_layer_and_the_fused_one_with_its_optimizer_state(tmp_path):

@@ -502,7 +502,6 @@ class FusedMoELayer(MegatronModule):
         device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
         # this rank's slice of F: (rank, count) over expert TP; with etp = 1 every rank holds all
         self.etp_rank = self.tp_rank if self.etp_size > 1 else 0
-        self.expert_pgs = expert_parallel_tag(self.ep_size, self.etp_size, self.tp_size)
         Fl = Fe // self.etp_size
 
         # Router: replicated over TP/EP/DP like Megatron's (a normal, all-reduced parameter; with
@@ -513,12 +512,13 @@ class FusedMoELayer(MegatronModule):
         self.w1 = torch.nn.Parameter(torch.empty(self.num_local_experts, Hx, self.parts * Fl,
                                                  dtype=dtype, device=device))
         self.w2 = torch.nn.Parameter(torch.empty(self.num_local_experts, Fl, Hx, dtype=dtype, device=device))
+        expert_pgs = expert_parallel_tag(self.ep_size, self.etp_size, self.tp_size)
         for p, dim in ((self.w1, 2), (self.w2, 1)):
             # expert-parallel where Megatron's expert linears are (EP > 1 or etp != tp): grads
             # reduced over the expert-DP group (with etp = 1 it holds the TP ranks, so their
             # per-rank partial sums over different tokens add up there). Otherwise that group is
             # the dense DP group and the weights are plain parameters, in the dense optimizer.
-            setattr(p, "allreduce", not self.expert_pgs)
+            setattr(p, "allreduce", not expert_pgs)
             # marked TP-parallel at any etp, as Megatron's expert linears are: the expert
             # optimizer counts a parameter in its grad norm on every rank only if so (it dedups
             # unmarked ones over the dense TP group, and with etp = 1 would drop them on TP rank 1)

@@ -166,10 +166,8 @@ def _sub_optimizers(optimizer) -> list:
 
 def _saved_sub_optimizers(saved: Any) -> list:
     """The common (non-tensor) optimizer state of each part of a checkpoint's optimizer."""
-    if isinstance(saved, dict) and saved and all(isinstance(k, int) for k in saved):
+    if isinstance(saved, dict) and saved and all(isinstance(k, int) for k in saved):  # a chain
         return [saved[k] for k in sorted(saved)]
-    if isinstance(saved, (list, tuple)):
-        return list(saved)
     return [saved]
 
 
