@@ -1078,7 +1078,8 @@ def validate(cfg: TrainConfig, world_size: int, gpus_per_node: Optional[int] = N
         raise _err("min_lr", cfg.min_lr, f"must lie in [0, lr={cfg.lr}]", "a value <= lr")
     if cfg.lr_warmup_iters and cfg.lr_warmup_iters >= cfg.train_iters:
         raise _err("lr_warmup_iters", cfg.lr_warmup_iters,
-                   f"must be smaller than train_iters={cfg.train_iters}", "fewer warm-up iterations")
+                   f"must be smaller than train_iters={cfg.train_iters} (a preset brings its own "
+                   "warm-up)", f"--lr-warmup-iters below {cfg.train_iters} (0 for none)")
     if cfg.clip_grad < 0:
         raise _err("clip_grad", cfg.clip_grad, "must not be negative", "0 (off) or a norm > 0")
     if cfg.hidden_size % cfg.num_attention_heads:

@@ -22,6 +22,7 @@ CASES = [
     (["--num-experts", "4", "--moe-router-topk", "5"], "moe_router_topk=5", "1 <= k <= num_experts"),
     (["--normalization", "BatchNorm"], "normalization='BatchNorm'", "'LayerNorm', 'RMSNorm'"),
     (["--lr", "0"], "lr=0.0", "a learning rate > 0"),
+    (["--preset", "test", "--train-iters", "2"], "lr_warmup_iters=2", "--lr-warmup-iters below 2"),
     (["--nproc-per-node", "zero"], "nproc_per_node='zero'", "'auto' or an integer >= 1"),
     (["--mtp-num-layers", "0"], "mtp_num_layers=0", "an integer >= 1 (DeepSeek-V3 uses 1)"),
     (["--mtp-num-layers", "1", "--mtp-loss-scaling-factor", "-0.1"], "mtp_loss_scaling_factor=-0.1",
