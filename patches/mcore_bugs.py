@@ -315,3 +315,28 @@ def _expert_bias_load_with_padding_mask():
                 self.local_tokens_per_expert += routing_map.sum(dim=0)
 
     TopKRouter._apply_expert_bias = _apply_expert_bias
+
+
+UNKNOWN_MLP_TEXT = ("Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>. "
+                    "Using default kwargs.")
+
+
+class _DropSpecTypeWarning:
+    """A logging filter that drops the one record whose text is ``UNKNOWN_MLP_TEXT``."""
+
+    def filter(self, record) -> bool:
+        return record.getMessage() != UNKNOWN_MLP_TEXT
+
+
+@patch("unknown_mlp_type_warning", lane="any", max_version="0.19",
+       reason="TransformerLayer.__init__ (0.16) logs 'Unknown MLP type: <class ModuleSpec>. Using "
+              "default kwargs.' at WARNING once per layer whose MLP module is not one of Megatron's "
+              "classes (the fused MoE layer, the mHC sublayers): the text names the spec's type, not "
+              "the module, and the default kwargs are what those modules take. That exact record is "
+              "dropped; any other record of the logger passes")
+def _quiet_unknown_mlp_type():
+    import logging
+
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _DropSpecTypeWarning) for f in logger.filters):
+        logger.addFilter(_DropSpecTypeWarning())

@@ -1021,6 +1021,24 @@ def test_specs_pick_the_fused_layer_unless_megatron_is_asked(megatron_world):
     assert mlp_spec_for(_tconfig(moe_impl="megatron")).module is MoELayer
 
 
+def test_building_the_fused_layer_logs_no_unknown_mlp_warning(megatron_world, caplog):
+    """megatron-core 0.16's TransformerLayer warns "Unknown MLP type: <ModuleSpec>" for every layer
+    whose MLP is not Megatron's own; the patch drops that one record and nothing else."""
+    import logging
+
+    from layer_specs.moe import moe_block_spec
+    from megatron.core.transformer.spec_utils import build_module
+    from patches.mcore_bugs import UNKNOWN_MLP_TEXT
+
+    tconfig = _tconfig()
+    name = "megatron.core.transformer.transformer_layer"
+    with caplog.at_level(logging.INFO, logger=name):
+        build_module(moe_block_spec(tconfig).layer_specs[0], config=tconfig, layer_number=1)
+        logging.getLogger(name).warning("another record")
+    texts = [r.getMessage() for r in caplog.records if r.name == name]
+    assert UNKNOWN_MLP_TEXT not in texts and "another record" in texts
+
+
 @pytest.mark.parametrize("freq,pattern", [
     ("1", [1, 1, 1, 1]), ("2", [1, 0, 1, 0]), (3, [1, 0, 0, 1]), ("([0]+[1]*3)", [0, 1, 1, 1]),
     (" ( [0]*2 + [1]*2 ) ", [0, 0, 1, 1]), ("([1]*1+[0]*1)*2", [1, 0, 1, 0]), ("2*[0,1]", [0, 1, 0, 1]),
