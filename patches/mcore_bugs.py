@@ -331,7 +331,7 @@ class _DropSpecTypeWarning:
 @patch("unknown_mlp_type_warning", lane="any", max_version="0.19",
        reason="TransformerLayer.__init__ (0.16) logs 'Unknown MLP type: <class ModuleSpec>. Using "
               "default kwargs.' at WARNING once per layer whose MLP module is not one of Megatron's "
-              "classes (the fused MoE layer, the mHC sublayers): the text names the spec's type, not "
+              "classes (the fused MoE layer): the text names the spec's type, not "
               "the module, and the default kwargs are what those modules take. That exact record is "
               "dropped; any other record of the logger passes")
 def _quiet_unknown_mlp_type():
