@@ -78,7 +78,7 @@ def applied() -> List[str]:
 
 def _load_all():
     # Importing registers the patches; the modules import megatron lazily inside each patch.
-    from patches import cpu_lane, mcore_bugs, pretrain_cli  # noqa: F401
+    from patches import cpu_lane, grad_buffers, mcore_bugs, pretrain_cli  # noqa: F401
 
 
 def apply_patches(lane: str) -> List[str]:

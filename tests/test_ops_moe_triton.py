@@ -347,6 +347,53 @@ def test_weight_grads_accumulate_into_megatron_main_grad(name, pre, buf_dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.float16])
+def test_a_zeroed_buffer_gets_the_gradient_stored_not_added(buf_dtype):
+    """A weight whose buffer Megatron's DDP has just zeroed (the mark ``zero_grad_buffer`` sets,
+    ``grad_added_to_main_grad`` clear) gets the step's first gradient stored: the kernel does not
+    read the buffer (filled here with stale values a store must replace), the values equal those
+    of adding to zero, and the mark is gone afterwards, so the next micro-batch adds. A mark left
+    after a gradient went to autograd (a weight without the fused lane, which the DDP hook adds)
+    is cleared by the weight's post-accumulate hook."""
+    import dataclasses
+
+    from megatron_ext.ops.moe.autograd import ZEROED, track_zeroed_main_grad
+
+    x, probs, idx, w1, w2 = _case("random", "swiglu", seed=12)
+    gout = _randn(*x.shape, g=_gen(112))
+    cfg = dataclasses.replace(triton_moe.default_config(torch.float32), pregather=True)
+    dev = lambda t: t.to(device=DEVICE, dtype=torch.float32)  # noqa: E731
+    ps = [_ddp_weight(dev(w), torch.full(w.shape, 7.0, dtype=buf_dtype, device=DEVICE))
+          for w in (w1, w2)]
+    for p in ps:
+        track_zeroed_main_grad(p)
+        setattr(p, ZEROED, True)
+    zeroed = [_ddp_weight(dev(w), torch.zeros(w.shape, dtype=buf_dtype, device=DEVICE)) for w in (w1, w2)]
+    calls = []
+    launch = triton_moe.launch_wgrad
+    triton_moe.launch_wgrad = lambda *a, **k: (calls.append(a[-1] if len(a) > 7 else k.get("accumulate")),
+                                               launch(*a, **k))[1]
+    try:
+        for weights in (ps, zeroed, ps):
+            triton_moe_ffn(dev(x), dev(probs), idx.to(DEVICE), *weights, "swiglu", cfg,
+                           accumulate_wgrad=True).backward(dev(gout))
+    finally:
+        triton_moe.launch_wgrad = launch
+    # first call: stored (no read of the 7s); the zero buffer without a mark: added; then added
+    assert calls == [False, False, True, True, True, True]
+    for p, z in zip(ps, zeroed):
+        assert not getattr(p, ZEROED) and p.grad_added_to_main_grad
+        torch.testing.assert_close(p.main_grad, (2 * z.main_grad.double()).to(buf_dtype),
+                                   rtol=2e-3 if buf_dtype == torch.float16 else 1e-6, atol=1e-6)
+    # a gradient through autograd (the unfused lane; the DDP hook would add it) clears the mark
+    q = _ddp_weight(dev(w1), torch.zeros(w1.shape, device=DEVICE))
+    track_zeroed_main_grad(q)
+    setattr(q, ZEROED, True)
+    (q * 2).sum().backward()
+    assert not getattr(q, ZEROED) and q.grad is not None
+
+
+@needs_triton
 def test_weight_grad_accumulation_leaves_other_weights_to_autograd():
     """Weights without Megatron DDP's buffer get ordinary gradients (no record: nothing to fuse);
     a Megatron-FSDP weight (buffer allocated by its own hook) and a misshapen buffer also get
@@ -384,10 +431,13 @@ def test_weight_grad_accumulation_leaves_other_weights_to_autograd():
 def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, dist_opt, overlap):
     """The fused layer on the Triton experts under Megatron's DistributedDataParallel (fp32
     gradient buffers; also with the distributed optimizer's buffers and the overlapped grad
-    reduce, whose hook needs a grad on every parameter), two micro-batches accumulated: with the
-    fusion the experts' main_grad is written by the weight-gradient kernel (the hook finds
-    ``grad_added_to_main_grad`` set and skips its add), without it by the hook; every
-    parameter's main_grad agrees."""
+    reduce, whose hook needs a grad on every parameter), two steps of two and one micro-batches:
+    with the fusion the experts' main_grad is written by the weight-gradient kernel (the hook
+    finds ``grad_added_to_main_grad`` set and skips its add), without it by the hook; every
+    parameter's main_grad agrees after each step. With the fusion each step's first micro-batch
+    stores into the buffer ``zero_grad_buffer`` has just zeroed, the next one adds."""
+    import contextlib
+
     from megatron.core.distributed import DistributedDataParallel
 
     from megatron_ext import compat
@@ -395,29 +445,79 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, di
     from megatron_ext.modules.moe import FusedMoELayer
     from tests.test_moe_layer import B, H, S, _tconfig
 
-    got = {}
-    for fuse in (True, False):
-        tconfig = _tconfig()
-        tconfig.moe = MoEConfig(backend="triton", gradient_accumulation_fusion=fuse)
-        torch.manual_seed(0)
-        layer = FusedMoELayer(tconfig)
-        layer.set_layer_number(1)
-        ddp = DistributedDataParallel(
-            tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
-                                       use_distributed_optimizer=dist_opt), layer)
-        ddp.zero_grad_buffer()
-        g = _gen(21)
-        for _ in range(2):
-            y, _ = ddp(torch.randn(S, B, H, generator=g))
-            y.backward(torch.randn(S, B, H, generator=g))
-            assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (fuse, fuse)
-            assert layer.w1.grad is None and layer.w2.grad is None   # the hook let them go
-        if overlap:
-            ddp.finish_grad_sync()
-        got[fuse] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
-        assert got[fuse]["w1"].abs().sum() > 0 and got[fuse]["w2"].abs().sum() > 0
-    for n in got[True]:
-        torch.testing.assert_close(got[True][n], got[False][n], rtol=1e-5, atol=1e-6, msg=n)
+    got, adds, fusing = {}, [], [True]
+    launch = triton_moe.launch_wgrad
+    triton_moe.launch_wgrad = lambda *a, **k: (adds.append((fusing[0], a[-1])), launch(*a, **k))[1]
+    try:
+        for fuse in (True, False):
+            fusing[0] = fuse
+            tconfig = _tconfig()
+            tconfig.moe = MoEConfig(backend="triton", gradient_accumulation_fusion=fuse)
+            torch.manual_seed(0)
+            layer = FusedMoELayer(tconfig)
+            layer.set_layer_number(1)
+            ddp = DistributedDataParallel(
+                tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                           use_distributed_optimizer=dist_opt), layer)
+            g = _gen(21)
+            for step, micro_batches in enumerate((2, 1)):
+                ddp.zero_grad_buffer()
+                for i in range(micro_batches):   # the reduce waits for the step's last one
+                    with ddp.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
+                        y, _ = ddp(torch.randn(S, B, H, generator=g))
+                        y.backward(torch.randn(S, B, H, generator=g))
+                    assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (fuse, fuse)
+                    assert layer.w1.grad is None and layer.w2.grad is None   # the hook let them go
+                if overlap:
+                    ddp.finish_grad_sync()
+                got[fuse, step] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
+                assert got[fuse, step]["w1"].abs().sum() > 0 and got[fuse, step]["w2"].abs().sum() > 0
+    finally:
+        triton_moe.launch_wgrad = launch
+    # dW1, dW2 into the buffers per micro-batch: stored, then added; the second step stores again
+    assert [acc for fused, acc in adds if fused] == [False, False, True, True, False, False], adds
+    for step in (0, 1):
+        for n in got[True, step]:
+            torch.testing.assert_close(got[True, step][n], got[False, step][n], rtol=1e-5, atol=1e-6,
+                                       msg=f"step {step}: {n}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs CUDA")
+def test_gpu_a_captured_backward_adds_even_into_a_zeroed_buffer():
+    """Under CUDA-graph capture the weight-gradient kernel adds, whatever the zeroed-buffer mark
+    says: a replay runs for every micro-batch of a step, so a captured store would overwrite the
+    earlier micro-batches' gradients. Two replays leave twice the gradient."""
+    from megatron_ext.ops.moe.autograd import ZEROED, track_zeroed_main_grad
+
+    x, probs, idx, w1, w2 = _gpu_inputs(512, 8, 2, 256, 128)
+    gout = torch.randn_like(x)
+    ps = [_ddp_weight(w, torch.zeros(w.shape, device="cuda")) for w in (w1, w2)]
+    for p in ps:
+        track_zeroed_main_grad(p)
+
+    def step():
+        triton_moe_ffn(x, probs, idx, *ps, "swiglu", accumulate_wgrad=True).backward(gout)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()   # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    once = [p.main_grad.clone() for p in ps]
+    graph = torch.cuda.CUDAGraph()
+    for p in ps:
+        p.main_grad.zero_()
+        p.grad_added_to_main_grad = False
+        setattr(p, ZEROED, True)
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for p, o in zip(ps, once):
+        torch.testing.assert_close(p.main_grad, 2 * o, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

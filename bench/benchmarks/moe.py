@@ -202,12 +202,14 @@ def fused_moe_layer(d: Dims, lane: str, bf16: bool, **fields):
     return layer
 
 
-def _layer_step(build, d: Dims, device: str, ddp: bool = False):
+def _layer_step(build, d: Dims, device: str, ddp: bool = False, first: bool = False):
     """fwd + bwd of a Megatron MoE layer on ``[T, 1, H]`` bf16: ``build(config)`` makes the layer
     (after the world-size-1 model-parallel setup it needs) on the anchor's config. ``ddp``: the
     layer inside Megatron's ``DistributedDataParallel`` with fp32 gradient buffers, as Megatron
     trains bf16 models: each step is one more micro-batch whose weight gradients reach
-    ``main_grad`` (through the DDP hook's add, or the layer's own fused accumulation)."""
+    ``main_grad`` (through the DDP hook's add, or the layer's own fused accumulation).
+    ``first``: each call is a training step's first micro-batch instead, its ``zero_grad_buffer``
+    (the memset of every buffer) included."""
     import torch
 
     from bench.parallel import ensure_model_parallel
@@ -229,6 +231,8 @@ def _layer_step(build, d: Dims, device: str, ddp: bool = False):
 
     def step():
         _zero(x, *params)
+        if first:
+            layer.zero_grad_buffer()
         out = layer(x)
         out = out[0] if isinstance(out, tuple) else out
         out.backward(grad)
@@ -248,11 +252,12 @@ def _megatron_setup(d: Dims, device: str):
 
 
 def _ours_layer_setup(d: Dims, device: str, deterministic: bool = False, ddp: bool = False,
-                      fusion: bool = True):
+                      fusion: bool = True, first: bool = False):
     """Our Megatron layer (``FusedMoELayer``, what ``--spec`` builds) on the anchor's config:
     fp32 router logits and routing (``route``), the fused experts, the layer's glue;
     ``deterministic``: ``--moe-deterministic`` (batch-invariant GEMMs); ``ddp``: under Megatron's
-    DDP (see :func:`_layer_step`), with the experts' gradient-accumulation fusion on or off."""
+    DDP (see :func:`_layer_step`), with the experts' gradient-accumulation fusion on or off;
+    ``first``: each call a step's first micro-batch."""
     def build(config):
         from megatron_ext.config import MoEConfig
         from megatron_ext.modules.moe import FusedMoELayer
@@ -262,7 +267,7 @@ def _ours_layer_setup(d: Dims, device: str, deterministic: bool = False, ddp: bo
         config.moe = MoEConfig(deterministic=deterministic, gradient_accumulation_fusion=fusion)
         return FusedMoELayer(config)
 
-    return _layer_step(build, d, device, ddp=ddp)
+    return _layer_step(build, d, device, ddp=ddp, first=first)
 
 
 def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
@@ -306,6 +311,21 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
                                 "--no-moe-gradient-accumulation-fusion (the DDP hook adds)",
                           role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True,
                                                                        fusion=False),
+                          flops=flops))
+        # a step's first micro-batch (zero_grad_buffer included): the fused lane stores the
+        # experts' gradients into the zeroed buffers instead of adding to them
+        cases.append(Case(name="ours_layer_ddp_first",
+                          label="ours: FusedMoELayer under Megatron DDP, a step's first micro-batch "
+                                "(zero_grad_buffer + fwd + bwd; expert grads stored into the "
+                                "zeroed buffer)",
+                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True,
+                                                                       first=True),
+                          flops=flops))
+        cases.append(Case(name="ours_layer_ddp_first_hook",
+                          label="ours: FusedMoELayer under Megatron DDP, a step's first micro-batch, "
+                                "--no-moe-gradient-accumulation-fusion (the DDP hook adds)",
+                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True,
+                                                                       fusion=False, first=True),
                           flops=flops))
         # the memory-saving lane: rows gathered inside the GEMMs, x saved instead of its k copies
         cases.append(Case(name="ours_triton_no_pregather",

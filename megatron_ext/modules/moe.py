@@ -105,6 +105,7 @@ from megatron_ext.config import (ConfigError, MoEConfig, check_expert_tp, check_
                                  router_config_from)
 from megatron_ext.observability.moe_stats import STATE, fp8_saturation
 from megatron_ext.ops.moe import batch_invariant, moe_ffn
+from megatron_ext.ops.moe.autograd import track_zeroed_main_grad
 from megatron_ext.ops.moe.pairs import combine_rows, gather_rows, inverse_order
 from megatron_ext.ops.moe.recompute import recomputed_activation
 from megatron_ext.ops.moe.reference import GATED_ACTIVATIONS, expert_activation
@@ -523,6 +524,10 @@ class FusedMoELayer(MegatronModule):
             # optimizer counts a parameter in its grad norm on every rank only if so (it dedups
             # unmarked ones over the dense TP group, and with etp = 1 would drop them on TP rank 1)
             set_tensor_model_parallel_attributes(p, True, dim, 1)
+            if self.moe.gradient_accumulation_fusion:
+                # the step's first micro-batch stores its gradient into Megatron DDP's freshly
+                # zeroed buffer instead of adding to it (docs/moe.md, gradient-accumulation fusion)
+                track_zeroed_main_grad(p)
         self.shared_w1 = self.shared_w2 = self.shared_gate_weight = None
         if getattr(config, "moe_shared_expert_gate", False) and not Fs:
             raise ConfigError("moe_shared_expert_gate=True: gates the shared expert, but the layer has none; "

@@ -36,11 +36,43 @@ def main_grad_target(w):
     return mg, None
 
 
+# Set on a weight by :func:`track_zeroed_main_grad`; True from Megatron DDP's
+# ``zero_grad_buffer`` (the ``ddp_zeroed_grad_buffer_mark`` patch) until something writes the
+# weight's ``main_grad``.
+ZEROED = "_mx_main_grad_zeroed"
+
+
+def track_zeroed_main_grad(w) -> None:
+    """Opt weight ``w`` in to the zeroed-buffer mark: Megatron's ``zero_grad_buffer`` sets it (the
+    patch), the fused weight-gradient kernel clears it when it stores the step's first gradient,
+    and a gradient that reaches ``main_grad`` any other way (the DDP hook's add, which runs
+    whenever ``grad_added_to_main_grad`` is clear) clears it through a post-accumulate hook."""
+    setattr(w, ZEROED, False)
+
+    def hook(p):
+        if not getattr(p, "grad_added_to_main_grad", True):
+            setattr(p, ZEROED, False)
+
+    w.register_post_accumulate_grad_hook(hook)
+
+
+def main_grad_zeroed(w) -> bool:
+    """True where ``w``'s ``main_grad`` is known to hold zeros: Megatron's DDP zeroed it at this
+    step's start (and cleared ``grad_added_to_main_grad`` with it) and nothing has written it
+    since. Never while a CUDA graph is captured: the replays would store over the gradients of
+    the step's later micro-batches."""
+    if not getattr(w, ZEROED, False) or getattr(w, "grad_added_to_main_grad", True):
+        return False
+    return not (w.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _placeholder_grad(w):
     """What Megatron's fused-wgrad linears hand autograd once the gradient is in ``main_grad``:
     an unread tensor of w's shape (zeros where ``zero_out_wgrad`` asks the hook to add it), with
     ``grad_added_to_main_grad`` set so the DDP hook does not add it."""
     w.grad_added_to_main_grad = True
+    if hasattr(w, ZEROED):
+        setattr(w, ZEROED, False)
     make = torch.zeros if getattr(w, "zero_out_wgrad", False) else torch.empty
     return make(w.shape, dtype=w.dtype, device=w.device)
 
@@ -71,10 +103,12 @@ class TritonMoEFFN(torch.autograd.Function):
         need = ctx.needs_input_grad
         x, xs = (None, xin) if ctx.sorted_x else (xin, None)
         into = [None, None]
+        zeroed = [False, False]
         if accumulate_wgrad:
             for i, (w, wanted) in enumerate(((w1, need[3]), (w2, need[4]))):
                 buf, why = main_grad_target(w) if wanted else (None, None)
                 into[i] = buf
+                zeroed[i] = buf is not None and main_grad_zeroed(w)
                 if why is not None:
                     backends.fallback("moe_ffn.weight_grad_accumulation", "fused", "ddp_hook",
                                       f"w{i + 1}: {why}; the gradient goes to autograd and the "
@@ -82,7 +116,7 @@ class TritonMoEFFN(torch.autograd.Function):
         dx, dprobs, dw1, dw2 = triton_moe.moe_ffn_bwd(
             dout, x, w1, w2, a, ctx.routing, activation,
             needs=(need[0], need[1], need[3], need[4]), config=config, x_sorted=xs,
-            accumulate_into=tuple(into))
+            accumulate_into=tuple(into), zeroed=tuple(zeroed))
         if into[0] is not None:
             dw1 = _placeholder_grad(w1)
         if into[1] is not None:

@@ -1049,11 +1049,13 @@ def moe_ffn_fwd(x: Tensor, probs: Tensor, indices: Tensor, w1: Tensor, w2: Tenso
 def moe_ffn_bwd(dout: Tensor, x: Optional[Tensor], w1: Tensor, w2: Tensor, a: Tensor, r: Routing,
                 activation: str, needs=(True, True, True, True),
                 config: Optional[TileConfig] = None, x_sorted: Optional[Tensor] = None,
-                accumulate_into: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)):
+                accumulate_into: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
+                zeroed: Tuple[bool, bool] = (False, False)):
     """``(dx, dprobs [T, k] fp32, dw1, dw2)``; None where ``needs`` says the grad is not wanted.
     ``x`` (token order) or ``x_sorted`` (what the forward's pregather kept) feeds dW1.
     ``accumulate_into``: per weight a buffer its gradient is added into instead (see
-    :func:`weight_grads`); that grad is returned as None."""
+    :func:`weight_grads`); that grad is returned as None. ``zeroed``: per weight, its buffer is
+    known to hold zeros, so the gradient is stored into it (same values, no read)."""
     cfg = config or default_config(w1.dtype)
     dout = _contig(dout).to(w1.dtype)
     w1, w2 = _contig(w1), _contig(w2)
@@ -1095,14 +1097,16 @@ def moe_ffn_bwd(dout: Tensor, x: Optional[Tensor], w1: Tensor, w2: Tensor, a: Te
             dp_pairs[r.order.long()] = dpp.sum(0)  # fixed-order sum over F tiles; unique targets
         dprobs = dp_pairs.view(T, r.topk)
     dw1, dw2 = weight_grads(x, da, hp, dout, w1, w2, r, cfg, (need_w1, need_w2),
-                            x_sorted=x_sorted, dout_sorted=ds, accumulate_into=accumulate_into)
+                            x_sorted=x_sorted, dout_sorted=ds, accumulate_into=accumulate_into,
+                            zeroed=zeroed)
     return dx, dprobs, dw1, dw2
 
 
 def weight_grads(x: Optional[Tensor], da: Tensor, hp: Tensor, dout: Tensor, w1: Tensor,
                  w2: Tensor, r: Routing, cfg: TileConfig, needs=(True, True),
                  x_sorted: Optional[Tensor] = None, dout_sorted: Optional[Tensor] = None,
-                 accumulate_into: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None)
+                 accumulate_into: Tuple[Optional[Tensor], Optional[Tensor]] = (None, None),
+                 zeroed: Tuple[bool, bool] = (False, False)
                  ) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """``(dW1, dW2)``: ``dW1[e] = x_e^T @ da_e`` and ``dW2[e] = (p h)_e^T @ dout_e`` over expert
     ``e``'s sorted rows (``x``/``dout`` rows gathered by token, or taken from ``x_sorted`` /
@@ -1110,7 +1114,9 @@ def weight_grads(x: Optional[Tensor], da: Tensor, hp: Tensor, dout: Tensor, w1: 
     ``accumulate_into``: a buffer of the weight's shape (fp32 or 16-bit, contiguous) per weight,
     or None; a given buffer gets the gradient added in the kernel's epilogue (``_wgrad_kernel``
     with ``ACCUM``: the fp32 sum and the old value rounded once) and that grad is returned as
-    None."""
+    None. ``zeroed[i]``: buffer ``i`` holds zeros (Megatron's DDP zeroed it at the step's start and
+    nothing has written it since), so the kernel stores the gradient there without reading it:
+    the same values as adding to zero, one read of the buffer less."""
     def dw1_kernel(out: Tensor, accumulate: bool = False) -> None:
         if x_sorted is not None:
             launch_wgrad(x_sorted, da, out, r, None, None, cfg, accumulate)
@@ -1125,9 +1131,9 @@ def weight_grads(x: Optional[Tensor], da: Tensor, hp: Tensor, dout: Tensor, w1: 
 
     acc1, acc2 = accumulate_into
     if acc1 is not None and needs[0]:
-        dw1_kernel(acc1, accumulate=True)
+        dw1_kernel(acc1, accumulate=not zeroed[0])
     if acc2 is not None and needs[1]:
-        dw2_kernel(acc2, accumulate=True)
+        dw2_kernel(acc2, accumulate=not zeroed[1])
     need_w1, need_w2 = needs[0] and acc1 is None, needs[1] and acc2 is None
     dw1 = dw2 = None
     if (need_w1 or need_w2) and _wgrad_lane(x_sorted if x is None else x, w1, w2, cfg) == \
