@@ -300,33 +300,22 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
                       role="ours", setup=lambda: _ours_layer_setup(d, device, deterministic=True),
                       flops=flops))
     if not cpu:
-        # a training micro-batch: Megatron's DDP with fp32 gradient buffers around the layer
-        cases.append(Case(name="ours_layer_ddp",
-                          label="ours: FusedMoELayer under Megatron DDP (fp32 main_grad; expert "
-                                "grads added in the weight-gradient kernel)",
-                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True),
-                          flops=flops))
-        cases.append(Case(name="ours_layer_ddp_hook",
-                          label="ours: FusedMoELayer under Megatron DDP, "
-                                "--no-moe-gradient-accumulation-fusion (the DDP hook adds)",
-                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True,
-                                                                       fusion=False),
-                          flops=flops))
-        # a step's first micro-batch (zero_grad_buffer included): the fused lane stores the
-        # experts' gradients into the zeroed buffers instead of adding to them
-        cases.append(Case(name="ours_layer_ddp_first",
-                          label="ours: FusedMoELayer under Megatron DDP, a step's first micro-batch "
-                                "(zero_grad_buffer + fwd + bwd; expert grads stored into the "
-                                "zeroed buffer)",
-                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True,
-                                                                       first=True),
-                          flops=flops))
-        cases.append(Case(name="ours_layer_ddp_first_hook",
-                          label="ours: FusedMoELayer under Megatron DDP, a step's first micro-batch, "
-                                "--no-moe-gradient-accumulation-fusion (the DDP hook adds)",
-                          role="ours", setup=lambda: _ours_layer_setup(d, device, ddp=True,
-                                                                       fusion=False, first=True),
-                          flops=flops))
+        # Megatron's DDP with fp32 gradient buffers around the layer: one more micro-batch of a
+        # step, or a step's first one (zero_grad_buffer included; the fused lane then stores the
+        # experts' gradients into the zeroed buffers instead of adding to them)
+        under = "ours: FusedMoELayer under Megatron DDP"
+        hook = "--no-moe-gradient-accumulation-fusion (the DDP hook adds)"
+        first_mb = "a step's first micro-batch"
+        for name, label, first, fusion in (
+                ("ours_layer_ddp", f"{under} (fp32 main_grad; expert grads added in the "
+                                   "weight-gradient kernel)", False, True),
+                ("ours_layer_ddp_hook", f"{under}, {hook}", False, False),
+                ("ours_layer_ddp_first", f"{under}, {first_mb} (zero_grad_buffer + fwd + bwd; "
+                                         "expert grads stored into the zeroed buffer)", True, True),
+                ("ours_layer_ddp_first_hook", f"{under}, {first_mb}, {hook}", True, False)):
+            cases.append(Case(name=name, label=label, role="ours", flops=flops,
+                              setup=lambda first=first, fusion=fusion: _ours_layer_setup(
+                                  d, device, ddp=True, fusion=fusion, first=first)))
         # the memory-saving lane: rows gathered inside the GEMMs, x saved instead of its k copies
         cases.append(Case(name="ours_triton_no_pregather",
                           label="ours: moe_ffn backend=triton, --no-moe-pregather", role="ours",
