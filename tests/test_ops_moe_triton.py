@@ -304,6 +304,19 @@ def _ddp_weight(t, main_grad=None, **attrs):
     return p
 
 
+def _wgrad_modes(monkeypatch):
+    """A list that records, per launch of the weight-gradient kernel, whether it added into its
+    output (True) or stored (False)."""
+    modes, launch = [], triton_moe.launch_wgrad
+
+    def spy(*args, **kwargs):
+        modes.append(args[7] if len(args) > 7 else kwargs.get("accumulate", False))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(triton_moe, "launch_wgrad", spy)
+    return modes
+
+
 @needs_triton
 @pytest.mark.parametrize("name,pre,buf_dtype", [("random", False, torch.float32),
                                                 ("empty_experts", True, torch.float32),
@@ -348,7 +361,7 @@ def test_weight_grads_accumulate_into_megatron_main_grad(name, pre, buf_dtype):
 
 @needs_triton
 @pytest.mark.parametrize("buf_dtype", [torch.float32, torch.float16])
-def test_a_zeroed_buffer_gets_the_gradient_stored_not_added(buf_dtype):
+def test_a_zeroed_buffer_gets_the_gradient_stored_not_added(buf_dtype, monkeypatch):
     """A weight whose buffer Megatron's DDP has just zeroed (the mark ``zero_grad_buffer`` sets,
     ``grad_added_to_main_grad`` clear) gets the step's first gradient stored: the kernel does not
     read the buffer (filled here with stale values a store must replace), the values equal those
@@ -369,18 +382,12 @@ def test_a_zeroed_buffer_gets_the_gradient_stored_not_added(buf_dtype):
         track_zeroed_main_grad(p)
         setattr(p, ZEROED, True)
     zeroed = [_ddp_weight(dev(w), torch.zeros(w.shape, dtype=buf_dtype, device=DEVICE)) for w in (w1, w2)]
-    calls = []
-    launch = triton_moe.launch_wgrad
-    triton_moe.launch_wgrad = lambda *a, **k: (calls.append(a[-1] if len(a) > 7 else k.get("accumulate")),
-                                               launch(*a, **k))[1]
-    try:
-        for weights in (ps, zeroed, ps):
-            triton_moe_ffn(dev(x), dev(probs), idx.to(DEVICE), *weights, "swiglu", cfg,
-                           accumulate_wgrad=True).backward(dev(gout))
-    finally:
-        triton_moe.launch_wgrad = launch
+    modes = _wgrad_modes(monkeypatch)
+    for weights in (ps, zeroed, ps):
+        triton_moe_ffn(dev(x), dev(probs), idx.to(DEVICE), *weights, "swiglu", cfg,
+                       accumulate_wgrad=True).backward(dev(gout))
     # first call: stored (no read of the 7s); the zero buffer without a mark: added; then added
-    assert calls == [False, False, True, True, True, True]
+    assert modes == [False, False, True, True, True, True]
     for p, z in zip(ps, zeroed):
         assert not getattr(p, ZEROED) and p.grad_added_to_main_grad
         torch.testing.assert_close(p.main_grad, (2 * z.main_grad.double()).to(buf_dtype),
@@ -428,7 +435,8 @@ def test_weight_grad_accumulation_leaves_other_weights_to_autograd():
                     "accumulation trains under DDP in test_gpu_fused_moe_trains_in_bf16")
 @pytest.mark.parametrize("dist_opt,overlap", [(False, False), (True, True)],
                          ids=["ddp", "distributed_optimizer_overlap_grad_reduce"])
-def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, dist_opt, overlap):
+def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, dist_opt, overlap,
+                                                              monkeypatch):
     """The fused layer on the Triton experts under Megatron's DistributedDataParallel (fp32
     gradient buffers; also with the distributed optimizer's buffers and the overlapped grad
     reduce, whose hook needs a grad on every parameter), two steps of two and one micro-batches:
@@ -445,37 +453,32 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, di
     from megatron_ext.modules.moe import FusedMoELayer
     from tests.test_moe_layer import B, H, S, _tconfig
 
-    got, adds, fusing = {}, [], [True]
-    launch = triton_moe.launch_wgrad
-    triton_moe.launch_wgrad = lambda *a, **k: (adds.append((fusing[0], a[-1])), launch(*a, **k))[1]
-    try:
-        for fuse in (True, False):
-            fusing[0] = fuse
-            tconfig = _tconfig()
-            tconfig.moe = MoEConfig(backend="triton", gradient_accumulation_fusion=fuse)
-            torch.manual_seed(0)
-            layer = FusedMoELayer(tconfig)
-            layer.set_layer_number(1)
-            ddp = DistributedDataParallel(
-                tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
-                                           use_distributed_optimizer=dist_opt), layer)
-            g = _gen(21)
-            for step, micro_batches in enumerate((2, 1)):
-                ddp.zero_grad_buffer()
-                for i in range(micro_batches):   # the reduce waits for the step's last one
-                    with ddp.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
-                        y, _ = ddp(torch.randn(S, B, H, generator=g))
-                        y.backward(torch.randn(S, B, H, generator=g))
-                    assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (fuse, fuse)
-                    assert layer.w1.grad is None and layer.w2.grad is None   # the hook let them go
-                if overlap:
-                    ddp.finish_grad_sync()
-                got[fuse, step] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
-                assert got[fuse, step]["w1"].abs().sum() > 0 and got[fuse, step]["w2"].abs().sum() > 0
-    finally:
-        triton_moe.launch_wgrad = launch
-    # dW1, dW2 into the buffers per micro-batch: stored, then added; the second step stores again
-    assert [acc for fused, acc in adds if fused] == [False, False, True, True, False, False], adds
+    got, modes = {}, _wgrad_modes(monkeypatch)
+    for fuse in (True, False):
+        tconfig = _tconfig()
+        tconfig.moe = MoEConfig(backend="triton", gradient_accumulation_fusion=fuse)
+        torch.manual_seed(0)
+        layer = FusedMoELayer(tconfig)
+        layer.set_layer_number(1)
+        ddp = DistributedDataParallel(
+            tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+                                       use_distributed_optimizer=dist_opt), layer)
+        g = _gen(21)
+        for step, micro_batches in enumerate((2, 1)):
+            ddp.zero_grad_buffer()
+            for i in range(micro_batches):   # the reduce waits for the step's last one
+                with ddp.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
+                    y, _ = ddp(torch.randn(S, B, H, generator=g))
+                    y.backward(torch.randn(S, B, H, generator=g))
+                assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (fuse, fuse)
+                assert layer.w1.grad is None and layer.w2.grad is None   # the hook let them go
+            if overlap:
+                ddp.finish_grad_sync()
+            got[fuse, step] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
+            assert got[fuse, step]["w1"].abs().sum() > 0 and got[fuse, step]["w2"].abs().sum() > 0
+        if fuse:
+            # dW1, dW2 per micro-batch: stored, then added; the second step stores again
+            assert modes == [False, False, True, True, False, False], modes
     for step in (0, 1):
         for n in got[True, step]:
             torch.testing.assert_close(got[True, step][n], got[False, step][n], rtol=1e-5, atol=1e-6,
