@@ -222,6 +222,16 @@ def test_registry_lists_builtins_and_registered(toy_benchmark):
     assert list(registry.select([])) == list(names)
 
 
+def test_every_benchmark_builds_its_gpu_cases_under_its_own_name():
+    """Each registered benchmark, built for the GPU (construction only: no case is set up, so
+    this runs on a CPU), keeps its registered name and distinct case names; the CPU smoke runs
+    build only the CPU subset of the cases."""
+    for name, builder in registry.select([]).items():
+        bench = builder(small=False, device="cuda")
+        names = [c.name for c in bench.cases]
+        assert bench.name == name and names and len(names) == len(set(names)), (name, names)
+
+
 def test_registry_unknown_name_error():
     with pytest.raises(ValueError, match=r"benchmark='nope': unknown; use one of .*'dense_layer'"):
         registry.select(["calibration", "nope"])

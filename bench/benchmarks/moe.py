@@ -306,14 +306,14 @@ def _benchmark(name: str, full: Dims, small: bool, device: str) -> Benchmark:
         under = "ours: FusedMoELayer under Megatron DDP"
         hook = "--no-moe-gradient-accumulation-fusion (the DDP hook adds)"
         first_mb = "a step's first micro-batch"
-        for name, label, first, fusion in (
+        for case_name, label, first, fusion in (
                 ("ours_layer_ddp", f"{under} (fp32 main_grad; expert grads added in the "
                                    "weight-gradient kernel)", False, True),
                 ("ours_layer_ddp_hook", f"{under}, {hook}", False, False),
                 ("ours_layer_ddp_first", f"{under}, {first_mb} (zero_grad_buffer + fwd + bwd; "
                                          "expert grads stored into the zeroed buffer)", True, True),
                 ("ours_layer_ddp_first_hook", f"{under}, {first_mb}, {hook}", True, False)):
-            cases.append(Case(name=name, label=label, role="ours", flops=flops,
+            cases.append(Case(name=case_name, label=label, role="ours", flops=flops,
                               setup=lambda first=first, fusion=fusion: _ours_layer_setup(
                                   d, device, ddp=True, fusion=fusion, first=first)))
         # the memory-saving lane: rows gathered inside the GEMMs, x saved instead of its k copies
