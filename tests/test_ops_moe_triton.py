@@ -367,10 +367,11 @@ def test_a_zeroed_buffer_gets_the_gradient_stored_not_added(buf_dtype, monkeypat
     read the buffer (filled here with stale values a store must replace), the values equal those
     of adding to zero, and the mark is gone afterwards, so the next micro-batch adds. A mark left
     after a gradient went to autograd (a weight without the fused lane, which the DDP hook adds)
-    is cleared by the weight's post-accumulate hook."""
+    is cleared by the weight's post-accumulate hook. A buffer ``zero_grad_buffer`` left unwritten
+    (NaN here) is zeroed before anything but the kernel's store writes it."""
     import dataclasses
 
-    from megatron_ext.ops.moe.autograd import ZEROED, track_zeroed_main_grad
+    from megatron_ext.ops.moe.autograd import STALE, ZEROED, track_zeroed_main_grad
 
     x, probs, idx, w1, w2 = _case("random", "swiglu", seed=12)
     gout = _randn(*x.shape, g=_gen(112))
@@ -392,12 +393,27 @@ def test_a_zeroed_buffer_gets_the_gradient_stored_not_added(buf_dtype, monkeypat
         assert not getattr(p, ZEROED) and p.grad_added_to_main_grad
         torch.testing.assert_close(p.main_grad, (2 * z.main_grad.double()).to(buf_dtype),
                                    rtol=2e-3 if buf_dtype == torch.float16 else 1e-6, atol=1e-6)
-    # a gradient through autograd (the unfused lane; the DDP hook would add it) clears the mark
-    q = _ddp_weight(dev(w1), torch.zeros(w1.shape, device=DEVICE))
+    # a gradient through autograd (the unfused lane; the DDP hook would add it) clears the mark,
+    # and zeroes a buffer zero_grad_buffer left unwritten (STALE) before that hook adds
+    q = _ddp_weight(dev(w1), torch.full(w1.shape, float("nan"), device=DEVICE))
     track_zeroed_main_grad(q)
     setattr(q, ZEROED, True)
+    setattr(q, STALE, True)
     (q * 2).sum().backward()
-    assert not getattr(q, ZEROED) and q.grad is not None
+    assert not getattr(q, ZEROED) and not getattr(q, STALE) and q.grad is not None
+    assert not q.main_grad.any()
+    # a kernel that adds (the mark gone) into an unwritten buffer zeroes it first
+    stale = [_ddp_weight(dev(w), torch.full(w.shape, float("nan"), dtype=buf_dtype, device=DEVICE))
+             for w in (w1, w2)]
+    for p in stale:
+        track_zeroed_main_grad(p)
+        setattr(p, STALE, True)
+    triton_moe_ffn(dev(x), dev(probs), idx.to(DEVICE), *stale, "swiglu", cfg,
+                   accumulate_wgrad=True).backward(dev(gout))
+    assert modes[-2:] == [True, True]
+    for p, z in zip(stale, zeroed):
+        assert not getattr(p, STALE)
+        torch.testing.assert_close(p.main_grad, z.main_grad, rtol=0, atol=0)
 
 
 @needs_triton
@@ -443,7 +459,13 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, di
     with the fusion the experts' main_grad is written by the weight-gradient kernel (the hook
     finds ``grad_added_to_main_grad`` set and skips its add), without it by the hook; every
     parameter's main_grad agrees after each step. With the fusion each step's first micro-batch
-    stores into the buffer ``zero_grad_buffer`` has just zeroed, the next one adds."""
+    stores into the buffer ``zero_grad_buffer`` has just zeroed, the next one adds.
+
+    ``zero_grad_buffer`` leaves the opted-in expert weights' slices as they were (NaN here, put in
+    every buffer before each step) and zeroes the rest; the kernel's store overwrites them, and
+    where the experts' gradient goes through autograd instead (the torch backend with the fusion
+    asked for: Megatron's DDP hook adds it) the weight's post-accumulate hook zeroes the slice
+    first. A step in which no gradient reaches them leaves zeros after the grad sync."""
     import contextlib
 
     from megatron.core.distributed import DistributedDataParallel
@@ -451,38 +473,57 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, di
     from megatron_ext import compat
     from megatron_ext.config import MoEConfig
     from megatron_ext.modules.moe import FusedMoELayer
+    from megatron_ext.ops.moe.autograd import STALE
     from tests.test_moe_layer import B, H, S, _tconfig
 
     got, modes = {}, _wgrad_modes(monkeypatch)
-    for fuse in (True, False):
+    lanes = {"fused": ("triton", True), "hook": ("triton", False), "torch": ("torch", True)}
+    for lane, (backend, fuse) in lanes.items():
         tconfig = _tconfig()
-        tconfig.moe = MoEConfig(backend="triton", gradient_accumulation_fusion=fuse)
+        tconfig.moe = MoEConfig(backend=backend, gradient_accumulation_fusion=fuse)
         torch.manual_seed(0)
         layer = FusedMoELayer(tconfig)
         layer.set_layer_number(1)
         ddp = DistributedDataParallel(
             tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                        use_distributed_optimizer=dist_opt), layer)
+        experts = (layer.w1, layer.w2)
         g = _gen(21)
         for step, micro_batches in enumerate((2, 1)):
+            for p in layer.parameters():
+                p.main_grad.fill_(float("nan"))   # whatever the buffer holds from the last step
             ddp.zero_grad_buffer()
+            for p in experts:   # deferred where the fusion is on: the slice still holds NaN
+                assert getattr(p, STALE, False) == fuse and p.main_grad.isnan().all().item() == fuse
+            assert not layer.router_weight.main_grad.any()
             for i in range(micro_batches):   # the reduce waits for the step's last one
                 with ddp.no_sync() if i < micro_batches - 1 else contextlib.nullcontext():
                     y, _ = ddp(torch.randn(S, B, H, generator=g))
                     y.backward(torch.randn(S, B, H, generator=g))
-                assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (fuse, fuse)
+                added = lane == "fused"
+                assert (layer.w1.grad_added_to_main_grad, layer.w2.grad_added_to_main_grad) == (added, added)
                 assert layer.w1.grad is None and layer.w2.grad is None   # the hook let them go
+                assert not getattr(layer.w1, STALE, False) and not getattr(layer.w2, STALE, False)
             if overlap:
                 ddp.finish_grad_sync()
-            got[fuse, step] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
-            assert got[fuse, step]["w1"].abs().sum() > 0 and got[fuse, step]["w2"].abs().sum() > 0
-        if fuse:
+            got[lane, step] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
+            assert got[lane, step]["w1"].abs().sum() > 0 and got[lane, step]["w2"].abs().sum() > 0
+        if lane == "fused":
             # dW1, dW2 per micro-batch: stored, then added; the second step stores again
             assert modes == [False, False, True, True, False, False], modes
-    for step in (0, 1):
-        for n in got[True, step]:
-            torch.testing.assert_close(got[True, step][n], got[False, step][n], rtol=1e-5, atol=1e-6,
-                                       msg=f"step {step}: {n}")
+        if not overlap:
+            # a step whose backward never reaches the experts: the grad sync zeroes the deferred
+            # slices before it reduces them
+            for p in layer.parameters():
+                p.main_grad.fill_(float("nan"))
+            ddp.zero_grad_buffer()
+            ddp.finish_grad_sync()
+            assert all(not p.main_grad.any() for p in layer.parameters())
+    for lane in ("fused", "torch"):
+        for step in (0, 1):
+            for n in got[lane, step]:
+                torch.testing.assert_close(got[lane, step][n], got["hook", step][n], rtol=1e-5,
+                                           atol=1e-6, msg=f"{lane}, step {step}: {n}")
 
 
 @pytest.mark.gpu
@@ -490,8 +531,9 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, di
 def test_gpu_a_captured_backward_adds_even_into_a_zeroed_buffer():
     """Under CUDA-graph capture the weight-gradient kernel adds, whatever the zeroed-buffer mark
     says: a replay runs for every micro-batch of a step, so a captured store would overwrite the
-    earlier micro-batches' gradients. Two replays leave twice the gradient."""
-    from megatron_ext.ops.moe.autograd import ZEROED, track_zeroed_main_grad
+    earlier micro-batches' gradients. Two replays leave twice the gradient. A buffer left
+    unwritten by ``zero_grad_buffer`` is refused under capture with a message naming the fix."""
+    from megatron_ext.ops.moe.autograd import STALE, ZEROED, track_zeroed_main_grad
 
     x, probs, idx, w1, w2 = _gpu_inputs(512, 8, 2, 256, 128)
     gout = torch.randn_like(x)
@@ -521,6 +563,14 @@ def test_gpu_a_captured_backward_adds_even_into_a_zeroed_buffer():
     torch.cuda.synchronize()
     for p, o in zip(ps, once):
         torch.testing.assert_close(p.main_grad, 2 * o, rtol=1e-5, atol=1e-5)
+    # a buffer zero_grad_buffer left unwritten cannot be zeroed once per step by replays: refused
+    for p in ps:
+        p.grad_added_to_main_grad = False
+        setattr(p, ZEROED, True)
+        setattr(p, STALE, True)
+    with pytest.raises(RuntimeError, match="cuda_graph_impl"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            step()
 
 
 # --------------------------------------------------------------------------------------------------

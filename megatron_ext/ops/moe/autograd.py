@@ -37,20 +37,47 @@ def main_grad_target(w):
 
 
 # Set on a weight by :func:`track_zeroed_main_grad`; True from Megatron DDP's
-# ``zero_grad_buffer`` (the ``ddp_zeroed_grad_buffer_mark`` patch) until something writes the
+# ``zero_grad_buffer`` (the ``ddp_expert_grad_zeroing`` patch) until something writes the
 # weight's ``main_grad``.
 ZEROED = "_mx_main_grad_zeroed"
+# Set with ZEROED where that ``zero_grad_buffer`` left the weight's slice of the buffer as it was
+# (the same patch defers its zeroing): ``main_grad`` is zero by the buffer protocol but still
+# holds the last step's values in memory, until the fused kernel stores over all of it or
+# :func:`settle_main_grad` zeroes it.
+STALE = "_mx_main_grad_stale"
+
+
+def settle_main_grad(w) -> None:
+    """Zero ``w.main_grad`` now where ``zero_grad_buffer`` deferred it (:data:`STALE`): before
+    anything other than the fused kernel's store reads or adds into it (the kernel's add, the DDP
+    hook's add, the data-parallel reduce)."""
+    if not getattr(w, STALE, False):
+        return
+    if w.main_grad.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "the expert weight's main_grad was left unzeroed by DistributedDataParallel."
+            "zero_grad_buffer (deferred to the step's first fused weight-gradient store), and this "
+            "backward is being captured into a CUDA graph, whose replays cannot zero it once per "
+            "step; set the model config's cuda_graph_impl to the graph implementation in use (the "
+            "deferral is off under any), or pass --no-moe-gradient-accumulation-fusion")
+    w.main_grad.zero_()
+    setattr(w, STALE, False)
 
 
 def track_zeroed_main_grad(w) -> None:
     """Opt weight ``w`` in to the zeroed-buffer mark: Megatron's ``zero_grad_buffer`` sets it (the
-    patch), the fused weight-gradient kernel clears it when it stores the step's first gradient,
-    and a gradient that reaches ``main_grad`` any other way (the DDP hook's add, which runs
-    whenever ``grad_added_to_main_grad`` is clear) clears it through a post-accumulate hook."""
+    patch, which may also leave the weight's buffer slice for the kernel to overwrite), the fused
+    weight-gradient kernel clears it when it stores the step's first gradient, and a gradient that
+    reaches ``main_grad`` any other way (the DDP hook's add, which runs whenever
+    ``grad_added_to_main_grad`` is clear) clears it through a post-accumulate hook, which first
+    zeroes a deferred buffer. That hook runs inside autograd's AccumulateGrad, before the DDP
+    hook Megatron registers on the accumulator node."""
     setattr(w, ZEROED, False)
+    setattr(w, STALE, False)
 
     def hook(p):
         if not getattr(p, "grad_added_to_main_grad", True):
+            settle_main_grad(p)
             setattr(p, ZEROED, False)
 
     w.register_post_accumulate_grad_hook(hook)
@@ -72,7 +99,9 @@ def _placeholder_grad(w):
     ``grad_added_to_main_grad`` set so the DDP hook does not add it."""
     w.grad_added_to_main_grad = True
     if hasattr(w, ZEROED):
+        # the kernel has written every element (stored, or added after settle_main_grad)
         setattr(w, ZEROED, False)
+        setattr(w, STALE, False)
     make = torch.zeros if getattr(w, "zero_out_wgrad", False) else torch.empty
     return make(w.shape, dtype=w.dtype, device=w.device)
 
@@ -109,6 +138,8 @@ class TritonMoEFFN(torch.autograd.Function):
                 buf, why = main_grad_target(w) if wanted else (None, None)
                 into[i] = buf
                 zeroed[i] = buf is not None and main_grad_zeroed(w)
+                if buf is not None and not zeroed[i]:
+                    settle_main_grad(w)   # the kernel adds: a deferred buffer is zeroed first
                 if why is not None:
                     backends.fallback("moe_ffn.weight_grad_accumulation", "fused", "ddp_hook",
                                       f"w{i + 1}: {why}; the gradient goes to autograd and the "
