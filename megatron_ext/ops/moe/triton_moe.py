@@ -215,7 +215,10 @@ class TileConfig:
 #         2.93-3.09 / 2.56   128x64 k64 w4 s3: 3.03; the old tile loaded before the K loop and
 #         held across it: slower with every tile (2.92-3.72); consecutive programs cycling over
 #         2 / 4 / 8 experts (to mix the programs' phases): 2.63 / 2.98 / 3.76 (L2 reuse lost); dW1
-#         and dW2 on two streams: 2.58. The unfused way, the grouped GEMM's
+#         and dW2 on two streams: 2.58; the old tile prefetched into L2 before the K loop (PTX
+#         prefetch.global.L2 per 128-byte line, 2026-11-25): 2.96 / 1.99-2.09 against 2.59-2.60 /
+#         2.07-2.28 without, and 2.96-3.48 / 2.06-2.26 at k32 s4, w8, 128x256 and 256x128 (the
+#         early requests cost more than they hid). The unfused way, the grouped GEMM's
 #         bf16 dW (1.59) then the DDP hook's add (fp32 buffer 2.25, bf16 1.09): 3.65 / 2.54.
 #   flatten (``tl.range(flatten=True)``: tile loop and K loop as one pipelined loop) on the
 #         persistent GEMMs: down 0.543 -> 0.497 ms (s4), dx 0.997 -> 0.952 (s4), dh GEMM + row
