@@ -31,7 +31,7 @@ def _deferrable_spans(ddp, opted):
                 continue
             start, end = int(loc[0]), int(loc[1])
             if end - start == mg.numel() and mg.is_contiguous() and mg.dtype == grad.dtype \
-                    and mg.data_ptr() == grad[start:end].data_ptr():
+                    and mg.data_ptr() == grad.data_ptr() + start * grad.element_size():
                 spans.append((start, end))
                 ids.add(id(p))
         if spans:

@@ -488,11 +488,15 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, di
             tconfig, compat.ddp_config(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
                                        use_distributed_optimizer=dist_opt), layer)
         experts = (layer.w1, layer.w2)
-        g = _gen(21)
-        for step, micro_batches in enumerate((2, 1)):
+
+        def zero_grad_buffer_over_nan():
             for p in layer.parameters():
                 p.main_grad.fill_(float("nan"))   # whatever the buffer holds from the last step
             ddp.zero_grad_buffer()
+
+        g = _gen(21)
+        for step, micro_batches in enumerate((2, 1)):
+            zero_grad_buffer_over_nan()
             for p in experts:   # deferred where the fusion is on: the slice still holds NaN
                 assert getattr(p, STALE, False) == fuse and p.main_grad.isnan().all().item() == fuse
             assert not layer.router_weight.main_grad.any()
@@ -514,9 +518,7 @@ def test_megatron_ddp_takes_the_experts_grads_from_the_kernel(megatron_world, di
         if not overlap:
             # a step whose backward never reaches the experts: the grad sync zeroes the deferred
             # slices before it reduces them
-            for p in layer.parameters():
-                p.main_grad.fill_(float("nan"))
-            ddp.zero_grad_buffer()
+            zero_grad_buffer_over_nan()
             ddp.finish_grad_sync()
             assert all(not p.main_grad.any() for p in layer.parameters())
     for lane in ("fused", "torch"):

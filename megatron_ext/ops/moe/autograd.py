@@ -58,8 +58,9 @@ def settle_main_grad(w) -> None:
             "the expert weight's main_grad was left unzeroed by DistributedDataParallel."
             "zero_grad_buffer (deferred to the step's first fused weight-gradient store), and this "
             "backward is being captured into a CUDA graph, whose replays cannot zero it once per "
-            "step; set the model config's cuda_graph_impl to the graph implementation in use (the "
-            "deferral is off under any), or pass --no-moe-gradient-accumulation-fusion")
+            "step. The deferral happens only where the model config says no graphs "
+            "(cuda_graph_impl='none'); set cuda_graph_impl to the implementation in use ('local' "
+            "or 'transformer_engine'), or pass --no-moe-gradient-accumulation-fusion")
     w.main_grad.zero_()
     setattr(w, STALE, False)
 
