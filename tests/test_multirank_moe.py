@@ -25,8 +25,8 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import (ROOT, receipt, resume_from, subprocess_env, train_inprocess, train_losses,
-                           train_torchrun)
+from tests.helpers import (EP2_ONE_DEVICE_PREAMBLE, EP2_ONE_DEVICE_TEARDOWN, ROOT, receipt, resume_from,
+                           subprocess_env, torchrun_script, train_inprocess, train_losses, train_torchrun)
 
 pytestmark = pytest.mark.multirank
 MODEL = ["--train-iters", "6", "--eval-iters", "0", "--lr-warmup-iters", "1", "--save-interval", "3",
@@ -209,3 +209,75 @@ def test_ep_scaling_script_runs_on_gloo(tmp_path):
     assert rows_out > 0
     assert ep2["route_to_last_rank"] and ep2["min_rows_received"] == 0
     assert ep1["megatron_ms"] > 0 and ep2["megatron_ms"] > 0 and "x Megatron" in proc.stdout
+
+
+# EP=2 on two CPU ranks under Megatron's DistributedDataParallel: the deferred zeroing of the fused
+# experts' gradient slices (patches/grad_buffers.py) on a rank whose experts receive no rows in a
+# step after one in which they did. Every buffer is filled with NaN before each step's
+# zero_grad_buffer, so a slice that nothing settles shows up as NaN.
+_EP2_DEFERRED_ZEROING_SCRIPT = EP2_ONE_DEVICE_PREAMBLE + r"""
+from megatron.core.distributed import DistributedDataParallel
+from megatron_ext.config import MoEConfig
+from megatron_ext.modules.moe import FusedMoELayer
+from megatron_ext.ops.moe.autograd import STALE
+H, T, k, E = 32, 24, 2, 4
+ROUTES = ("spread", "rank 1 receives nothing", "spread")
+lanes = {"fused": ("triton", True), "unfused": ("torch", False), "torch": ("torch", True)}
+for dist_opt in (False, True):
+    got = {}
+    for lane, (backend, fuse) in lanes.items():
+        tconfig = transformer_config(from_preset("test", hidden_size=H, num_attention_heads=4, num_experts=E,
+                                                 moe_ffn_hidden_size=48, moe_router_topk=k,
+                                                 expert_model_parallel_size=2), dev, False)
+        tconfig.moe = MoEConfig(backend=backend, gradient_accumulation_fusion=fuse)
+        torch.manual_seed(0)
+        layer = FusedMoELayer(tconfig)
+        layer.set_layer_number(1)
+        assert layer.ep_size == 2 and layer.num_local_experts == E // 2
+        ddp = DistributedDataParallel(tconfig, compat.ddp_config(grad_reduce_in_fp32=True,
+                                                                 use_distributed_optimizer=dist_opt), layer)
+        g = torch.Generator().manual_seed(5 + rank)   # each rank its own tokens, the same in every lane
+        for step, route in enumerate(ROUTES):
+            for p in layer.parameters():
+                p.main_grad.fill_(float("nan"))   # whatever the buffer holds from the last step
+            ddp.zero_grad_buffer()
+            for p in (layer.w1, layer.w2):   # deferred: the slice still holds NaN
+                assert getattr(p, STALE, False) == fuse and p.main_grad.isnan().all().item() == fuse
+            x = torch.randn(T, H, generator=g, requires_grad=True)
+            probs = torch.rand(T, k, generator=g)
+            width = E if route == "spread" else E // 2   # E // 2: rank 0's experts only
+            idx = torch.rand(T, width, generator=g).argsort(-1)[:, :k]
+            layer._routed(x, probs, idx).backward(torch.randn(T, H, generator=g))
+            empty = route != "spread" and rank == 1
+            assert (layer.last_recv_rows == 0) == empty, (lane, step, layer.last_recv_rows)
+            stored = lane == "fused" and not empty   # the kernel wrote main_grad, not the DDP hook
+            assert all(p.grad_added_to_main_grad == stored for p in (layer.w1, layer.w2)), (lane, step)
+            ddp.finish_grad_sync()   # settles a slice no gradient reached, then reduces
+            got[lane, step] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
+            for n, v in got[lane, step].items():
+                assert v.isfinite().all(), (lane, dist_opt, step, n)
+            experts = (got[lane, step]["w1"], got[lane, step]["w2"])
+            assert all((not v.any()) if empty else v.abs().sum() > 0 for v in experts), (lane, step)
+    seen = {(r["op"], r["observed"]) for r in backends.records()}
+    assert ("moe_ffn", "triton") in seen and ("moe_ffn", "torch") in seen, seen
+    for lane in ("fused", "torch"):
+        for step in range(len(ROUTES)):
+            for n, want in got["unfused", step].items():
+                torch.testing.assert_close(got[lane, step][n], want, rtol=1e-5, atol=1e-6,
+                                           msg=f"{lane}, dist_opt={dist_opt}, step {step}: {n}")
+    print(f"rank {rank} dist_opt={dist_opt}: three lanes agree over {len(ROUTES)} steps", flush=True)
+print(f"ep2-deferred-ok rank {rank}", flush=True)
+""" + EP2_ONE_DEVICE_TEARDOWN
+
+
+def test_ep2_rank_without_rows_gets_zeros_not_last_steps_expert_grads(tmp_path):
+    """EP=2 under Megatron's DDP (plain buffers, then the distributed optimizer's), fp32 gradient
+    buffers: with the experts' gradient-accumulation fusion, ``zero_grad_buffer`` leaves their
+    slices unzeroed for the first micro-batch's store. A step in which rank 1's experts receive no
+    rows (after one in which they did, and before one in which they do again) must leave zeros
+    there after the grad sync, not the old contents. The fused Triton store (under its CPU
+    interpreter) and the torch backend with the fusion asked for (Megatron's DDP hook adds, after
+    the weight's own hook zeroed the slice) give in every step what the torch backend without the
+    fusion gives, whose buffers are zeroed as Megatron zeroes them."""
+    torchrun_script(_EP2_DEFERRED_ZEROING_SCRIPT, tmp_path, 2, "ep2-deferred-ok", DEV="cpu",
+                    TRITON_INTERPRET="1")
