@@ -217,6 +217,19 @@ def prepare_topk_indices(topk_indices: torch.Tensor, seqlen: int, window_size: O
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _program_heads(hkv, group, HB: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """What the program of grid ``(query t, head chunk, batch * KV group)`` works on: ``t``, ``b``
+    (int64), the KV group ``g``, its query heads ``h [HB]`` (``row_ok``: inside the group) and the
+    head-dim lanes ``d``."""
+    t = tl.program_id(0)
+    pid_bg = tl.program_id(2)
+    b = (pid_bg // hkv).to(tl.int64)
+    g = pid_bg % hkv
+    hl = tl.program_id(1) * HB + tl.arange(0, HB)
+    return t, b, g, g * group + hl, hl < group, tl.arange(0, HEAD_DIM)
+
+
+@triton.jit
 def _gather_kv(k_base, v_base, stride_ks, stride_vs, j, ok, d):
     """K and V rows ``[BLOCK_N, HEAD_DIM]`` of the listed keys ``j`` (padding reads as 0)."""
     jj = tl.where(ok, j, 0)
@@ -234,17 +247,7 @@ def _topk_fwd_kernel(Q, K, V, IDX, ROWLEN, SINK, PO, PLSE, O, LSE,
                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HB: tl.constexpr,
                      HAS_SINK: tl.constexpr, HAS_PREV: tl.constexpr, UPCAST: tl.constexpr,
                      DOT_PREC: tl.constexpr):
-    t = tl.program_id(0)
-    pid_hc = tl.program_id(1)
-    pid_bg = tl.program_id(2)
-    b = (pid_bg // hkv).to(tl.int64)
-    g = pid_bg % hkv
-    r = tl.arange(0, HB)
-    hl = pid_hc * HB + r
-    h = g * group + hl
-    row_ok = hl < group
-    d = tl.arange(0, HEAD_DIM)
-
+    t, b, g, h, row_ok, d = _program_heads(hkv, group, HB, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
     if HAS_PREV:  # the window kernel's result enters as one key of logit lse_w and value out_w
@@ -299,17 +302,7 @@ def _topk_bwd_kernel(Q, K, V, DO, LSE, DELTA, IDX, ROWLEN, DQ, DKA, DVA,
                      DOT_PREC: tl.constexpr):
     """dq of one (query, group, head chunk); with ``ATOMIC`` also the gathered keys' dk/dv,
     atomically added to fp32 ``DKA/DVA [b, s, hkv, d]`` (contiguous)."""
-    t = tl.program_id(0)
-    pid_hc = tl.program_id(1)
-    pid_bg = tl.program_id(2)
-    b = (pid_bg // hkv).to(tl.int64)
-    g = pid_bg % hkv
-    r = tl.arange(0, HB)
-    hl = pid_hc * HB + r
-    h = g * group + hl
-    row_ok = hl < group
-    d = tl.arange(0, HEAD_DIM)
-
+    t, b, g, h, row_ok, d = _program_heads(hkv, group, HB, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + t * stride_qs + h[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_dob + t * stride_dos + h[:, None] * stride_doh + d[None, :],
