@@ -9,6 +9,10 @@ ref    = the same mHC layer with separate norms (``fold_norm=False``), and with 
          reference mixers.
 The ratio column is anchor ms / ours ms, so the overhead of mHC is 1/ratio - 1. (Until
 2026-11-23 both layers used Megatron's default LayerNorm, which the sites do not fold.)
+
+``mhc_layer_c4096`` / ``mhc_layer_c7168``: ours and the anchor at wider hidden sizes (7168 is
+DeepSeek-V3's), 4096 tokens, head dim 128, ffn 4C: the mixers' stream traffic grows as n*C per
+token and the layer's matmuls as C^2, so the overhead shrinks with the width.
 """
 
 from __future__ import annotations
@@ -59,3 +63,35 @@ def mhc_layer(small: bool = False, device: str = "cuda") -> Benchmark:
             Case(name="anchor", label="anchor: same layer, plain residual", role="anchor",
                  setup=lambda: _setup(d, device, None), flops=flops, bound="compute"),
         ])
+
+
+
+def _wide(name: str, d: Dims, small: bool, device: str) -> Benchmark:
+    """Ours (folded norms) and the plain layer at the width of ``d`` (``small``: a CPU smoke size)."""
+    if small:
+        d = Dims(s=32, b=1, hidden=d.hidden // 32, heads=2, ffn=4 * (d.hidden // 32))
+    flops = layer_fwd_bwd_flops(d.s, d.b, d.hidden, d.heads, d.ffn, causal=True)
+    backend = "torch" if device == "cpu" else "triton"
+    return Benchmark(
+        name=name,
+        description=f"TransformerLayer fwd+bwd with mHC n=4 mixers vs a plain residual at C={d.hidden}",
+        shape=(f"x[s={d.s}, b={d.b}, C={d.hidden}] bf16 (mHC: {STREAMS} streams), {d.heads} heads, "
+               f"ffn {d.ffn} gelu, {NORM}, causal, TP=1, fwd+bwd; TFLOP/s counts the layer's "
+               f"matmuls only"),
+        cases=[
+            Case(name="ours", label=f"ours: mHC n=4 layer ({backend} mixers, norms folded)", role="ours",
+                 setup=lambda: _setup(d, device, backend), flops=flops, bound="compute"),
+            Case(name="anchor", label="anchor: same layer, plain residual", role="anchor",
+                 setup=lambda: _setup(d, device, None), flops=flops, bound="compute"),
+        ])
+
+
+@register
+def mhc_layer_c4096(small: bool = False, device: str = "cuda") -> Benchmark:
+    return _wide("mhc_layer_c4096", Dims(s=4096, b=1, hidden=4096, heads=32, ffn=16384), small, device)
+
+
+@register
+def mhc_layer_c7168(small: bool = False, device: str = "cuda") -> Benchmark:
+    """DeepSeek-V3's hidden size."""
+    return _wide("mhc_layer_c7168", Dims(s=4096, b=1, hidden=7168, heads=56, ffn=28672), small, device)
