@@ -212,8 +212,8 @@ def test_ep_scaling_script_runs_on_gloo(tmp_path):
 
 
 # EP=2 on two CPU ranks under Megatron's DistributedDataParallel: the deferred zeroing of the fused
-# experts' gradient slices (patches/grad_buffers.py) on a rank whose experts receive no rows in a
-# step after one in which they did. Every buffer is filled with NaN before each step's
+# experts' gradient slices (patches/grad_buffers.py), and the overlapped grad reduce, on a rank
+# whose experts receive no rows in a step after one in which they did. Every buffer is filled with NaN before each step's
 # zero_grad_buffer, so a slice that nothing settles shows up as NaN.
 _EP2_DEFERRED_ZEROING_SCRIPT = EP2_ONE_DEVICE_PREAMBLE + r"""
 from megatron.core.distributed import DistributedDataParallel
@@ -223,7 +223,7 @@ from megatron_ext.ops.moe.autograd import STALE
 H, T, k, E = 32, 24, 2, 4
 ROUTES = ("spread", "rank 1 receives nothing", "spread")
 lanes = {"fused": ("triton", True), "unfused": ("torch", False), "torch": ("torch", True)}
-for dist_opt in (False, True):
+for dist_opt, overlap in ((False, False), (True, True)):
     got = {}
     for lane, (backend, fuse) in lanes.items():
         tconfig = transformer_config(from_preset("test", hidden_size=H, num_attention_heads=4, num_experts=E,
@@ -235,7 +235,8 @@ for dist_opt in (False, True):
         layer.set_layer_number(1)
         assert layer.ep_size == 2 and layer.num_local_experts == E // 2
         ddp = DistributedDataParallel(tconfig, compat.ddp_config(grad_reduce_in_fp32=True,
-                                                                 use_distributed_optimizer=dist_opt), layer)
+                                                                 use_distributed_optimizer=dist_opt,
+                                                                 overlap_grad_reduce=overlap), layer)
         g = torch.Generator(device=dev).manual_seed(5 + rank)   # each rank its own tokens, the same in every lane
         for step, route in enumerate(ROUTES):
             for p in layer.parameters():
@@ -255,7 +256,7 @@ for dist_opt in (False, True):
             ddp.finish_grad_sync()   # settles a slice no gradient reached, then reduces
             got[lane, step] = {n: p.main_grad.clone() for n, p in layer.named_parameters()}
             for n, v in got[lane, step].items():
-                assert v.isfinite().all(), (lane, dist_opt, step, n)
+                assert v.isfinite().all(), (lane, dist_opt, overlap, step, n)
             experts = (got[lane, step]["w1"], got[lane, step]["w2"])
             assert all((not v.any()) if empty else v.abs().sum() > 0 for v in experts), (lane, step)
     seen = {(r["op"], r["observed"]) for r in backends.records()}
@@ -264,8 +265,9 @@ for dist_opt in (False, True):
         for step in range(len(ROUTES)):
             for n, want in got["unfused", step].items():
                 torch.testing.assert_close(got[lane, step][n], want, rtol=1e-5, atol=1e-6,
-                                           msg=f"{lane}, dist_opt={dist_opt}, step {step}: {n}")
-    print(f"rank {rank} dist_opt={dist_opt}: three lanes agree over {len(ROUTES)} steps", flush=True)
+                                           msg=f"{lane}, dist_opt={dist_opt}, overlap={overlap}, step {step}: {n}")
+    print(f"rank {rank} dist_opt={dist_opt} overlap={overlap}: three lanes agree over {len(ROUTES)} steps",
+          flush=True)
 print(f"ep2-deferred-ok rank {rank}", flush=True)
 """ + EP2_ONE_DEVICE_TEARDOWN
 
@@ -275,11 +277,14 @@ print(f"ep2-deferred-ok rank {rank}", flush=True)
                     "Megatron's grad sync over gloo, which refuses CUDA tensors); on the GPU the "
                     "deferral runs at world size 1 in test_ops_moe_triton.py and test_moe_layer.py")
 def test_ep2_rank_without_rows_gets_zeros_not_last_steps_expert_grads(tmp_path):
-    """EP=2 under Megatron's DDP (plain buffers, then the distributed optimizer's), fp32 gradient
-    buffers: with the experts' gradient-accumulation fusion, ``zero_grad_buffer`` leaves their
-    slices unzeroed for the first micro-batch's store. A step in which rank 1's experts receive no
-    rows (after one in which they did, and before one in which they do again) must leave zeros
-    there after the grad sync, not the old contents. The fused Triton store (under its CPU
+    """EP=2 under Megatron's DDP (plain buffers; then the distributed optimizer's with the
+    overlapped grad reduce), fp32 gradient buffers: with the experts' gradient-accumulation fusion,
+    ``zero_grad_buffer`` leaves their slices unzeroed for the first micro-batch's store. A step in
+    which rank 1's experts receive no rows (after one in which they did, and before one in which
+    they do again) must leave zeros there after the grad sync, not the old contents; and under the
+    overlapped reduce, which a bucket starts once every weight in it has had its gradient hook,
+    the empty rank's experts still get a (zero) gradient (without one, ``finish_grad_sync``
+    stopped: "Communication call has not been issued for this bucket"). The fused Triton store (under its CPU
     interpreter) and the torch backend with the fusion asked for (Megatron's DDP hook adds, after
     the weight's own hook zeroed the slice) give in every step what the torch backend without the
     fusion gives, whose buffers are zeroed as Megatron zeroes them."""

@@ -1024,8 +1024,14 @@ class FusedMoELayer(MegatronModule):
             # No rows for this rank's experts (routing sent every token elsewhere). The expert FFN
             # builds no graph on empty input, so without this link the dispatch's reverse
             # exchange would not run in this rank's backward while the other ranks wait in it:
-            # a hang on NCCL, an abort on gloo.
-            y = x_in.new_zeros(0, x_in.shape[1]) + (x_in.sum() + p_in.sum()).to(x_in.dtype) * 0
+            # a hang on NCCL, an abort on gloo. The expert weights are linked too, for a zero
+            # gradient: Megatron's DDP with --overlap-grad-reduce starts a bucket's reduce once
+            # every parameter in it has had its gradient hook, and finish_grad_sync stops on a
+            # bucket whose reduce never started ("Communication call has not been issued").
+            link = x_in.sum() + p_in.sum()
+            for w in (self.w1, self.w2):
+                link = link + w.reshape(-1)[0].float() * 0   # one element read; backward: zeros
+            y = x_in.new_zeros(0, x_in.shape[1]) + link.to(x_in.dtype) * 0
         elif chunked:
             # fp32 on the way back, as the EP = 1 chunked lane sums them
             y = _ffn_rows_deterministic(x_in, local, p_in, self.w1, self.w2, self.activation,
