@@ -301,6 +301,43 @@ def test_topk_layer_dense_warmup_then_topk_and_the_indexer_learns_only_from_its_
         hooks.indexer_loss_values()
 
 
+def test_indexer_without_kl_is_frozen_and_the_overlapped_grad_reduce_runs(parallel_state):
+    """``indexer_kl_coeff=0``: the indexer learns only from its KL, so with none its weights are
+    frozen (a pretrained indexer kept as it is: no weight decay, no optimizer state). Under
+    Megatron's DDP with the overlapped grad reduce, which records in the first step which
+    parameters have their gradient hook and waits for all of them afterwards, a T layer then
+    trains step after step (with trainable indexer weights that never got a gradient, the second
+    step's zero_grad_buffer stopped on Megatron's assertion). The main weights still learn and
+    the selection still runs."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    from megatron_ext.modules import indexer as hooks
+
+    sparse = SparseAttentionConfig(pattern="T", window_size=3, num_sink_tokens=1, topk=3, indexer_num_heads=2,
+                                   indexer_head_dim=8, indexer_kl_coeff=0.0, indexer_dense_warmup_iters=1,
+                                   backend="torch")
+    module = _attention(_config(sparse))
+    frozen = {n: p.detach().clone() for n, p in module.indexer.named_parameters()}
+    assert frozen and not any(p.requires_grad for p in module.indexer.parameters())
+    ddp = DistributedDataParallel(module.config, compat.ddp_config(grad_reduce_in_fp32=True,
+                                                                   overlap_grad_reduce=True), module)
+    table = _rope_table(13, module.config.kv_channels)
+    try:
+        for step in (1, 2, 3):   # the warm-up step, then two top-k steps
+            hooks.begin_step(step)
+            ddp.zero_grad_buffer()
+            out, _ = ddp(torch.randn(13, 2, 32, dtype=torch.float64), None, rotary_pos_emb=table)
+            out.backward(torch.randn_like(out))
+            ddp.finish_grad_sync()
+            assert module.linear_qkv.weight.main_grad.abs().sum() > 0
+        assert module.core_attention.topk_indices is not None
+        for n, p in module.indexer.named_parameters():
+            assert p.grad is None and torch.equal(p, frozen[n]), n
+    finally:
+        hooks.begin_step(0)
+        hooks.indexer_loss_values()
+
+
 def test_pattern_is_applied_per_layer_cyclically(parallel_state):
     from megatron.core.models.gpt import GPTModel
 

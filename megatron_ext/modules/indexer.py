@@ -12,7 +12,8 @@ on every tensor-parallel rank (no TP split); their input is the layer's ``hidden
 DETACHED, so the language-model loss never reaches them and the indexer never changes the main
 model's gradients: it learns only from its KL loss (DSA eqs. 3-4),
 ``KL(p_main || softmax(I))`` with ``p_main`` the main attention's probabilities summed over the
-query heads and L1-normalised, computed from the main attention's DETACHED q and k.
+query heads and L1-normalised, computed from the main attention's DETACHED q and k. With
+``indexer_kl_coeff = 0`` its weights are frozen (``requires_grad`` off).
 
 Contract for the attention module (``SparseMQAttention`` calls this for ``T`` layers)::
 
@@ -188,6 +189,13 @@ class LightningIndexer(MegatronModule):
         with torch.no_grad():
             for lin in (self.linear_q, self.linear_k, self.linear_w):
                 config.init_method(lin.weight)
+        if self.kl_coeff == 0:
+            # The KL is the indexer's only loss: without it the weights are frozen (a pretrained
+            # indexer kept as it is), so the optimizer does not decay them and Megatron's DDP,
+            # which with --overlap-grad-reduce waits for every trainable parameter's gradient
+            # hook, does not wait for theirs.
+            for p in self.parameters():
+                p.requires_grad_(False)
         self._saved = None  # (q_idx, k_idx, w, topk) of the last forward, for attach_kl_loss
         # Set by SparseMQAttention around its forward: the core attention then hands its q/k over
         # (note_main_qk) and the KL is attached after the whole attention, outside Megatron's
