@@ -41,49 +41,41 @@ def _setup(d: Dims, device: str, mhc_backend: str | None, fold_norm: bool = True
                         width=STREAMS * d.hidden, layer_number=2, normalization=NORM)
 
 
-@register
-def mhc_layer(small: bool = False, device: str = "cuda") -> Benchmark:
-    d = SMALL if small else FULL
+def _layer_benchmark(name: str, d: Dims, device: str, refs: bool) -> Benchmark:
+    """Ours (folded norms) and the plain layer (the anchor) at the dims ``d``; ``refs``: also the
+    separate-norm and torch-mixer layers."""
     flops = layer_fwd_bwd_flops(d.s, d.b, d.hidden, d.heads, d.ffn, causal=True)
     backend = "torch" if device == "cpu" else "triton"
-    return Benchmark(
-        name="mhc_layer",
-        description="TransformerLayer fwd+bwd with mHC n=4 mixers vs a plain residual",
-        shape=(f"x[s={d.s}, b={d.b}, C={d.hidden}] bf16 (mHC: {STREAMS} streams), {d.heads} heads, "
-               f"ffn {d.ffn} gelu, {NORM}, causal, TP=1, fwd+bwd; TFLOP/s counts the layer's "
-               f"matmuls only"),
-        cases=[
-            Case(name="ours", label=f"ours: mHC n=4 layer ({backend} mixers, norms folded)", role="ours",
-                 setup=lambda: _setup(d, device, backend), flops=flops, bound="compute"),
+    cases = [Case(name="ours", label=f"ours: mHC n=4 layer ({backend} mixers, norms folded)", role="ours",
+                  setup=lambda: _setup(d, device, backend), flops=flops, bound="compute")]
+    if refs:
+        cases += [
             Case(name="ref_unfolded", label=f"ref: mHC n=4 layer ({backend} mixers, separate norms)",
                  role="ref", setup=lambda: _setup(d, device, backend, fold_norm=False), flops=flops,
                  bound="compute"),
             Case(name="ref_torch", label="ref: mHC n=4 layer (torch reference mixers)", role="ref",
-                 setup=lambda: _setup(d, device, "torch"), flops=flops, bound="compute"),
-            Case(name="anchor", label="anchor: same layer, plain residual", role="anchor",
-                 setup=lambda: _setup(d, device, None), flops=flops, bound="compute"),
-        ])
-
-
-
-def _wide(name: str, d: Dims, small: bool, device: str) -> Benchmark:
-    """Ours (folded norms) and the plain layer at the width of ``d`` (``small``: a CPU smoke size)."""
-    if small:
-        d = Dims(s=32, b=1, hidden=d.hidden // 32, heads=2, ffn=4 * (d.hidden // 32))
-    flops = layer_fwd_bwd_flops(d.s, d.b, d.hidden, d.heads, d.ffn, causal=True)
-    backend = "torch" if device == "cpu" else "triton"
+                 setup=lambda: _setup(d, device, "torch"), flops=flops, bound="compute")]
+    cases.append(Case(name="anchor", label="anchor: same layer, plain residual", role="anchor",
+                      setup=lambda: _setup(d, device, None), flops=flops, bound="compute"))
     return Benchmark(
         name=name,
         description=f"TransformerLayer fwd+bwd with mHC n=4 mixers vs a plain residual at C={d.hidden}",
         shape=(f"x[s={d.s}, b={d.b}, C={d.hidden}] bf16 (mHC: {STREAMS} streams), {d.heads} heads, "
                f"ffn {d.ffn} gelu, {NORM}, causal, TP=1, fwd+bwd; TFLOP/s counts the layer's "
                f"matmuls only"),
-        cases=[
-            Case(name="ours", label=f"ours: mHC n=4 layer ({backend} mixers, norms folded)", role="ours",
-                 setup=lambda: _setup(d, device, backend), flops=flops, bound="compute"),
-            Case(name="anchor", label="anchor: same layer, plain residual", role="anchor",
-                 setup=lambda: _setup(d, device, None), flops=flops, bound="compute"),
-        ])
+        cases=cases)
+
+
+@register
+def mhc_layer(small: bool = False, device: str = "cuda") -> Benchmark:
+    return _layer_benchmark("mhc_layer", SMALL if small else FULL, device, refs=True)
+
+
+def _wide(name: str, d: Dims, small: bool, device: str) -> Benchmark:
+    """Ours and the anchor at the width of ``d`` (``small``: a CPU smoke size)."""
+    if small:
+        d = Dims(s=32, b=1, hidden=d.hidden // 32, heads=2, ffn=4 * (d.hidden // 32))
+    return _layer_benchmark(name, d, device, refs=False)
 
 
 @register
