@@ -135,3 +135,38 @@ def resume_from(src: Path, dst: Path, iteration: int) -> Path:
     (ckpts / checkpoint.TRACKER).write_text(str(iteration))
     (dst / "receipt.json").unlink(missing_ok=True)  # written at a run's end; this one "stopped" earlier
     return dst
+
+
+def forward_with_late_params(module, *args, **kwargs):
+    """``module(*args, **kwargs)`` with every parameter NaN until a forward pre-hook of the module
+    that owns it (directly) runs, which puts its value back: how Megatron's DDP with
+    ``--overlap-param-gather`` treats parameters (it waits for a bucket's all-gather in the
+    owning module's forward pre-hook), so a parameter read before its module is called shows as
+    NaN in the output. Returns ``(output, names of the parameters no hook reached)``; every value
+    is restored afterwards."""
+    import torch
+
+    saved = {}
+    with torch.no_grad():
+        for p in module.parameters():
+            saved[p] = p.detach().clone()
+            p.fill_(float("nan"))
+
+    def gathered(mod, *unused):
+        with torch.no_grad():
+            for p in mod.parameters(recurse=False):
+                if p in saved:
+                    p.copy_(saved.pop(p))
+
+    handles = [m.register_forward_pre_hook(gathered) for m in module.modules()]
+    names = {p: n for n, p in module.named_parameters()}
+    try:
+        out = module(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        missed = sorted(names[p] for p in saved)
+        with torch.no_grad():
+            for p, v in saved.items():
+                p.copy_(v)
+    return out, missed

@@ -271,7 +271,7 @@ PRETRAIN = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", 
 # model (Float16 optimizer in one, the distributed optimizer in the other); the wrappers with the env channel, the spec modules
 # themselves with the flag channel (mHC + sparse attention + fused MoE, layer 1 dense by Megatron's
 # --moe-layer-freq, under the distributed optimizer with the overlapped grad reduce, as the launch
-# scripts' Megatron target runs), and the plain dense block
+# scripts' Megatron target runs, and the overlapped param gather), and the plain dense block
 # the deterministic cases' fused MoE layers: Megatron's --deterministic-mode turns their deterministic
 # mode on (Triton experts, fixed-tiling router GEMM) under torch's deterministic algorithms
 DET_MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2"]
@@ -282,7 +282,8 @@ PRETRAIN_CASES = [
      ("mhc:\n  num_streams: 2\n  fp32_params: true\nsparse_attention:\n  pattern: WD\n  window_size: 32\n  num_sink_tokens: 2\n"
       "moe:\n  impl: fused\n"),
      ["--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
-      "--moe-layer-freq", "([0]+[1]*1)", "--use-distributed-optimizer", "--overlap-grad-reduce"], "flag"),
+      "--moe-layer-freq", "([0]+[1]*1)", "--use-distributed-optimizer", "--overlap-grad-reduce",
+      "--overlap-param-gather"], "flag"),
     ("gpt_dense", ["layer_specs.gpt", "gpt_block_spec"], None, [], None),
     # pretrain_mhc again with every layer captured and replayed by Megatron's own CUDA graphs
     ("mhc_cuda_graphs", ["layer_specs.pretrain", "mhc_block_spec"],

@@ -56,3 +56,37 @@ def test_dense_spec_matches_megatron_local_spec(parallel_state, normalization, g
 def test_unknown_config_fields_are_dropped_not_fatal(parallel_state):
     cfg = _config("RMSNorm", 4)
     assert not hasattr(cfg, "this_field_is_unknown")
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(mhc_num_streams=4, attention_pattern="WT", window_size=4, sparse_topk=4, num_query_groups=1,
+         num_experts=4, mtp_num_layers=1, sparse_attention_backend="torch", mhc_backend="torch",
+         moe_backend="torch"),
+    dict(mhc_num_streams=2, mhc_mode="static", num_experts=4, moe_shared_expert_intermediate_size=16),
+    dict(attention_type="gqla", num_query_groups=2),
+    dict(attention_type="gqla", num_query_groups=2, attention_pattern="T", sparse_topk=4, gqla_backend="torch",
+         sparse_attention_backend="torch"),
+    dict(attention_type="mla"),
+], ids=["mhc_sparse_moe_mtp", "mhc_static_moe", "gqla", "gqla_topk", "mla"])
+def test_every_parameter_is_read_after_its_modules_forward_pre_hooks(parallel_state, overrides):
+    """Megatron's DDP with --overlap-param-gather (the distributed optimizer) waits for a
+    parameter's all-gather in the forward pre-hook of the module that owns it; a parameter read
+    before that module is called would be last step's value on other ranks' shards. With every
+    parameter NaN until its module's hooks run (tests.helpers.forward_with_late_params), the whole
+    model gives exactly the plain forward's loss. (Before the fix, the mHC mixers' weights and
+    folded norms and GQLA's up-projection were read before their hooks.)"""
+    from megatron_ext.config import from_preset
+    from megatron_ext.training.model import build_gpt, transformer_config
+    from tests.helpers import forward_with_late_params
+
+    cfg = from_preset("test", **overrides)
+    torch.manual_seed(0)
+    model = build_gpt(cfg, transformer_config(cfg, "cpu", False), 256)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, cfg.seq_length), generator=g)
+    kw = dict(input_ids=ids, position_ids=torch.arange(cfg.seq_length).expand(2, -1), attention_mask=None,
+              labels=torch.randint(0, 256, (2, cfg.seq_length), generator=g))
+    want = model(**kw)
+    got, missed = forward_with_late_params(model, **kw)
+    assert missed == [] and got.isfinite().all(), missed
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -26,7 +26,7 @@ def _mixer(mode="dynamic", n=4):
 def test_initial_mappings_are_mean_in_identity_like_residual():
     mixer = _mixer()
     streams = torch.randn(3, 2, 4, 6, dtype=torch.float64)
-    u, h_post, h_res, linked = mixer.pre(streams)
+    u, h_post, h_res, linked = mixer(streams)
     assert torch.equal(linked, streams)
     # alpha=0.01 makes the token-dependent part small: near 1/n, 1 and an identity-like H_res
     torch.testing.assert_close(u, streams.mean(dim=2), atol=0.05, rtol=0.05)
@@ -50,7 +50,7 @@ def test_mixing_site_gradcheck(mode):
     params = [p for p in mixer.parameters()]
 
     def site(x, f, *ps):
-        u, h_post, h_res, x_link = mixer.pre(x)
+        u, h_post, h_res, x_link = mixer(x)
         return mixer.post(x_link, h_res, h_post, f * u.tanh())
 
     assert torch.autograd.gradcheck(site, (streams, branch, *params), eps=1e-6, atol=1e-5)
@@ -160,6 +160,29 @@ def test_folded_norm_layer_equals_the_layer_with_separate_norms(mode):
             torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("mode,fold", [("dynamic", True), ("static", True), ("dynamic", False)])
+def test_every_parameter_is_read_after_its_modules_forward_hooks(mode, fold):
+    """Megatron's DDP with --overlap-param-gather waits for a parameter's all-gather in the forward
+    pre-hook of the module that owns it, so the layer must read each parameter only after that
+    module was called. With every parameter NaN until its module's hooks run
+    (tests.helpers.forward_with_late_params), the mHC layer gives the same output as plainly (the
+    mixers are called as modules; the folded norm's hooks run before the site reads its weight)."""
+    from megatron.core.transformer.spec_utils import build_module
+
+    from layer_specs.mhc import mhc_layer_spec
+    from tests.helpers import cpu_model_parallel, forward_with_late_params
+
+    with cpu_model_parallel(5):
+        spec = mhc_layer_spec(MHCConfig(mode=mode, backend="torch", fold_norm=fold), normalization="RMSNorm")
+        layer = build_module(spec, config=_layer_config(), layer_number=2).double()
+        x = torch.randn(5, 2, 4 * 16, dtype=torch.float64)
+        want = layer(x, attention_mask=None)[0]
+        (got, _), missed = forward_with_late_params(layer, x, attention_mask=None)
+        assert got.isfinite().all(), (mode, fold)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert missed == [], missed
+
+
 def test_norm_fold_needs_rmsnorm():
     """With LayerNorm the spec keeps separate norms (recorded why); a folded norm built on a
     LayerNorm config says what to change."""
@@ -251,7 +274,7 @@ def test_fp32_params_survive_a_precision_cast_and_move_with_the_module():
     # a bf16 model step with fp32 mixer weights: bf16 branch input, fp32 gradients for the weights
     kept.float()
     streams = torch.randn(2, 1, 4, 6, dtype=torch.bfloat16)
-    u, h_post, h_res, link = kept.pre(streams)
+    u, h_post, h_res, link = kept(streams)
     assert u.dtype == torch.bfloat16
     kept.post(link, h_res, h_post, u).float().square().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in kept.parameters())

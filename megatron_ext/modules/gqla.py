@@ -46,6 +46,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_ext import backends
+from megatron_ext.modules.param_hooks import run_forward_pre_hooks
 from megatron_ext.ops.sparse_attention import sparse_attention
 
 PATHS = ("gqa", "absorb")
@@ -260,7 +261,10 @@ class GQLAttention(MegatronModule):
         positions = torch.arange(s, device=hidden.device)
         q_nope, q_rope = self.queries(hidden, positions)
         c, kr = self.latent_and_rope_key(hidden, positions)
-        kv = F.linear(c, self.linear_kv_up_proj.weight)  # c is already full-sequence on every rank
+        # c is already full-sequence on every rank, so the weight is applied here rather than by
+        # the module (which would gather the sequence again); its pre-hooks run first
+        run_forward_pre_hooks(self.linear_kv_up_proj)
+        kv = F.linear(c, self.linear_kv_up_proj.weight)
         kv = kv.view(*kv.shape[:2], self.groups_local, self.d_nope + self.d_v)
         k_nope, v = torch.split(kv, [self.d_nope, self.d_v], dim=-1)
         return q_nope, q_rope, c, kr, k_nope, v

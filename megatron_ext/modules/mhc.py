@@ -31,6 +31,7 @@ from megatron.core.utils import make_viewless_tensor
 from megatron_ext import backends
 from megatron_ext.config import MHCConfig
 from megatron_ext.modules.norm import Norm
+from megatron_ext.modules.param_hooks import run_forward_pre_hooks
 from megatron_ext.ops import mhc as mhc_ops
 
 
@@ -117,11 +118,18 @@ class StreamMixer(torch.nn.Module):
 
         return super()._apply(keep_fp32, recurse)
 
-    def pre(self, streams: torch.Tensor, norm: "MHCFoldedNorm | None" = None):
-        """streams ``[s, b, n, C]`` -> (u ``[s, b, C]``, h_post, h_res, streams for :meth:`post`)
+    def forward(self, streams: torch.Tensor, norm: "MHCFoldedNorm | None" = None):
+        """The pre mix, called through the module (``mixer(streams, norm)``) so that its forward
+        pre-hooks run before its weights are read: Megatron's DDP with --overlap-param-gather
+        waits there for the all-gather of a module's own parameters.
+
+        streams ``[s, b, n, C]`` -> (u ``[s, b, C]``, h_post, h_res, streams for :meth:`post`)
         (mappings per token or static). With ``norm`` (the sublayer's folded input norm) the
-        first output is the normed branch input, fused into the pre mix on the dynamic lane."""
+        first output is the normed branch input, fused into the pre mix on the dynamic lane; the
+        norm's forward pre-hooks run first, for the same reason."""
         m = self.mhc
+        if norm is not None:
+            run_forward_pre_hooks(norm)
         if m.mode == "dynamic":
             fold = {} if norm is None else dict(norm_weight=norm.effective_weight(), norm_eps=norm.eps)
             return mhc_ops.mhc_mix_pre_linked(streams, self.phi, self.alpha, self.bias,
@@ -165,7 +173,7 @@ class MHCTransformerLayer(TransformerLayer):
         return hidden_states.view(s, b, n, c)
 
     def _mix(self, mixer: StreamMixer, norm, streams, branch, *args, **kwargs):
-        u, h_post, h_res, streams = mixer.pre(streams, norm if isinstance(norm, MHCFoldedNorm) else None)
+        u, h_post, h_res, streams = mixer(streams, norm if isinstance(norm, MHCFoldedNorm) else None)
         out = branch(u, *args, **kwargs)
         extra = None
         if isinstance(out, tuple):
